@@ -1,0 +1,401 @@
+//! CPU reference implementations of the non-GEMM kernels (norms, RoPE, attention, loss).
+
+use super::gemm::{Op, sgemm};
+use super::{Cpu, new};
+use crate::backend::{AttentionSaved, SeqSpan, Tensor};
+use crate::error::{Error, Result};
+use rayon::prelude::*;
+
+/// `x * sigmoid(x)`.
+#[inline]
+pub(super) fn silu(x: f32) -> f32 {
+    x / (1.0 + (-x).exp())
+}
+
+/// Checks LoRA factor shapes against a base `[dout, din]`; returns r. Errors: r = 0 or
+/// mismatched factor shapes.
+pub(super) fn check_lora(
+    din: usize,
+    dout: usize,
+    a: &Tensor<Cpu>,
+    b: &Tensor<Cpu>,
+) -> Result<usize> {
+    let (r, ain) = a.dims2("lora_A")?;
+    if r == 0 {
+        return Err(Error::arg("r", "LoRA rank must be at least 1"));
+    }
+    if ain != din {
+        return Err(Error::shape("lora_A", format!("[r, {din}]"), a.shape()));
+    }
+    b.expect_shape("lora_B", &[dout, r])?;
+    Ok(r)
+}
+
+pub(super) fn rmsnorm(
+    x: &Tensor<Cpu>,
+    w: &Tensor<Cpu>,
+    eps: f32,
+) -> Result<(Tensor<Cpu>, Tensor<Cpu>)> {
+    let (t, d) = x.dims2("x")?;
+    w.expect_shape("weight", &[d])?;
+    let mut y = vec![0.0f32; t * d];
+    let mut rstd = vec![0.0f32; t];
+    y.par_chunks_mut(d.max(1))
+        .zip(rstd.par_iter_mut())
+        .zip(x.buf.par_chunks(d.max(1)))
+        .for_each(|((yr, rs), xr)| {
+            let ms = xr.iter().map(|v| v * v).sum::<f32>() / d as f32;
+            let r = 1.0 / (ms + eps).sqrt();
+            *rs = r;
+            for ((o, &xv), &wv) in yr.iter_mut().zip(xr).zip(&w.buf) {
+                *o = wv * (xv * r);
+            }
+        });
+    Ok((new(y, &[t, d]), new(rstd, &[t])))
+}
+
+pub(super) fn rmsnorm_backward(
+    dy: &Tensor<Cpu>,
+    x: &Tensor<Cpu>,
+    w: &Tensor<Cpu>,
+    rstd: &Tensor<Cpu>,
+    dweight: Option<&mut Tensor<Cpu>>,
+) -> Result<Tensor<Cpu>> {
+    let (t, d) = x.dims2("x")?;
+    dy.expect_shape("dy", &[t, d])?;
+    w.expect_shape("weight", &[d])?;
+    rstd.expect_shape("rstd", &[t])?;
+    // y = w * x * r with r = (mean(x^2) + eps)^(-1/2); dr/dx = -r^3 x / d.
+    // dx = r (dy*w) - x r^3 mean(dy*w*x)
+    let mut dx = vec![0.0f32; t * d];
+    dx.par_chunks_mut(d.max(1))
+        .zip(x.buf.par_chunks(d.max(1)))
+        .zip(dy.buf.par_chunks(d.max(1)))
+        .zip(rstd.buf.par_iter())
+        .for_each(|(((dxr, xr), dyr), &r)| {
+            let dot: f32 = xr
+                .iter()
+                .zip(dyr)
+                .zip(&w.buf)
+                .map(|((&xv, &g), &wv)| g * wv * xv)
+                .sum();
+            let c = r * r * r * dot / d as f32;
+            for (((o, &xv), &g), &wv) in dxr.iter_mut().zip(xr).zip(dyr).zip(&w.buf) {
+                *o = r * g * wv - c * xv;
+            }
+        });
+    if let Some(dw) = dweight {
+        dw.expect_shape("dweight", &[d])?;
+        for ((xr, dyr), &r) in x.buf.chunks(d.max(1)).zip(dy.buf.chunks(d.max(1))).zip(&rstd.buf)
+        {
+            for ((o, &xv), &g) in dw.buf.iter_mut().zip(xr).zip(dyr) {
+                *o += g * xv * r;
+            }
+        }
+    }
+    Ok(new(dx, &[t, d]))
+}
+
+/// transformers' default RoPE frequencies: `1 / theta^(2i/head_dim)` for `i < head_dim/2`,
+/// computed in f32 as `LlamaRotaryEmbedding` does.
+pub(crate) fn rope_inv_freq(head_dim: usize, theta: f32) -> Vec<f32> {
+    (0..head_dim / 2)
+        .map(|i| 1.0 / theta.powf((2 * i) as f32 / head_dim as f32))
+        .collect()
+}
+
+pub(super) fn rope(
+    x: &mut Tensor<Cpu>,
+    positions: &[u32],
+    head_dim: usize,
+    theta: f32,
+    inverse: bool,
+) -> Result<()> {
+    let (t, width) = x.dims2("x")?;
+    if head_dim == 0 || head_dim % 2 != 0 || width % head_dim != 0 {
+        return Err(Error::arg(
+            "head_dim",
+            format!("{head_dim} must be even and divide the row width {width}"),
+        ));
+    }
+    if positions.len() != t {
+        return Err(Error::arg(
+            "positions",
+            format!("{} positions for {t} rows", positions.len()),
+        ));
+    }
+    let half = head_dim / 2;
+    let inv_freq = rope_inv_freq(head_dim, theta);
+    let sign = if inverse { -1.0f32 } else { 1.0 };
+    x.buf
+        .par_chunks_mut(width)
+        .zip(positions.par_iter())
+        .for_each(|(row, &pos)| {
+            let (cos, sin): (Vec<f32>, Vec<f32>) = inv_freq
+                .iter()
+                .map(|&f| {
+                    let a = pos as f32 * f;
+                    (a.cos(), sign * a.sin())
+                })
+                .unzip();
+            for head in row.chunks_mut(head_dim) {
+                let (x1, x2) = head.split_at_mut(half);
+                for i in 0..half {
+                    let (a, b) = (x1[i], x2[i]);
+                    x1[i] = a * cos[i] - b * sin[i];
+                    x2[i] = b * cos[i] + a * sin[i];
+                }
+            }
+        });
+    Ok(())
+}
+
+/// Shape checks shared by attention forward and backward; returns `(T, head_dim, group)`.
+fn check_attention(
+    q: &Tensor<Cpu>,
+    k: &Tensor<Cpu>,
+    v: &Tensor<Cpu>,
+    seqs: &[SeqSpan],
+    n_heads: usize,
+    n_kv_heads: usize,
+) -> Result<(usize, usize, usize)> {
+    let (t, qw) = q.dims2("q")?;
+    if n_heads == 0 || n_kv_heads == 0 || n_heads % n_kv_heads != 0 || qw % n_heads != 0 {
+        return Err(Error::arg(
+            "n_heads",
+            format!("{n_heads} query heads, {n_kv_heads} kv heads for q width {qw}"),
+        ));
+    }
+    let hd = qw / n_heads;
+    k.expect_shape("k", &[t, n_kv_heads * hd])?;
+    v.expect_shape("v", &[t, n_kv_heads * hd])?;
+    for s in seqs {
+        if s.start + s.len > t {
+            return Err(Error::arg(
+                "seqs",
+                format!("span {}..{} beyond {t} rows", s.start, s.start + s.len),
+            ));
+        }
+    }
+    Ok((t, hd, n_heads / n_kv_heads))
+}
+
+/// Copies head `h` (width `hd`) of rows `span` of a `[T, H*hd]` buffer into `[len, hd]`.
+fn head_rows(src: &[f32], width: usize, span: SeqSpan, h: usize, hd: usize) -> Vec<f32> {
+    let mut out = Vec::with_capacity(span.len * hd);
+    for t in span.start..span.start + span.len {
+        out.extend_from_slice(&src[t * width + h * hd..t * width + (h + 1) * hd]);
+    }
+    out
+}
+
+/// Writes `[len, hd]` back into head `h` of rows `span` of a `[T, H*hd]` buffer.
+fn put_head_rows(dst: &mut [f32], width: usize, span: SeqSpan, h: usize, hd: usize, src: &[f32]) {
+    for (i, t) in (span.start..span.start + span.len).enumerate() {
+        dst[t * width + h * hd..t * width + (h + 1) * hd]
+            .copy_from_slice(&src[i * hd..(i + 1) * hd]);
+    }
+}
+
+/// Causal softmax of `scale * s` in place over `[n, n]` rows; returns each row's log-sum-exp.
+fn causal_softmax(s: &mut [f32], n: usize, scale: f32) -> Vec<f32> {
+    let mut lse = vec![0.0f32; n];
+    for i in 0..n {
+        let row = &mut s[i * n..(i + 1) * n];
+        let mut m = f32::NEG_INFINITY;
+        for v in row[..=i].iter_mut() {
+            *v *= scale;
+            m = m.max(*v);
+        }
+        let mut l = 0.0f32;
+        for v in row[..=i].iter_mut() {
+            *v = (*v - m).exp();
+            l += *v;
+        }
+        for v in row[..=i].iter_mut() {
+            *v /= l;
+        }
+        row[i + 1..].fill(0.0);
+        lse[i] = m + l.ln();
+    }
+    lse
+}
+
+/// One unit of attention work: a sequence and a kv head (with its group of query heads), so
+/// that kv gradients of a group are reduced inside one task.
+fn tasks(seqs: &[SeqSpan], n_kv_heads: usize) -> Vec<(SeqSpan, usize)> {
+    seqs.iter()
+        .filter(|s| s.len > 0)
+        .flat_map(|&s| (0..n_kv_heads).map(move |h| (s, h)))
+        .collect()
+}
+
+pub(super) fn attention(
+    q: &Tensor<Cpu>,
+    k: &Tensor<Cpu>,
+    v: &Tensor<Cpu>,
+    seqs: &[SeqSpan],
+    n_heads: usize,
+    n_kv_heads: usize,
+    scale: f32,
+) -> Result<AttentionSaved<Cpu>> {
+    let (t, hd, group) = check_attention(q, k, v, seqs, n_heads, n_kv_heads)?;
+    let (qw, kw) = (n_heads * hd, n_kv_heads * hd);
+    // Per task: outputs of the group's query heads, [group][len*hd] and lse [group][len].
+    let results: Vec<_> = tasks(seqs, n_kv_heads)
+        .into_par_iter()
+        .map(|(span, kvh)| {
+            let n = span.len;
+            let kh = head_rows(&k.buf, kw, span, kvh, hd);
+            let vh = head_rows(&v.buf, kw, span, kvh, hd);
+            let mut s = vec![0.0f32; n * n];
+            let mut outs = Vec::with_capacity(group);
+            for g in 0..group {
+                let h = kvh * group + g;
+                let qh = head_rows(&q.buf, qw, span, h, hd);
+                sgemm(Op::N, Op::T, n, n, hd, 1.0, &qh, &kh, 0.0, &mut s);
+                let lse = causal_softmax(&mut s, n, scale);
+                let mut o = vec![0.0f32; n * hd];
+                sgemm(Op::N, Op::N, n, hd, n, 1.0, &s, &vh, 0.0, &mut o);
+                outs.push((h, o, lse));
+            }
+            (span, outs)
+        })
+        .collect();
+    let mut out = vec![0.0f32; t * qw];
+    let mut lse = vec![0.0f32; n_heads * t];
+    for (span, outs) in results {
+        for (h, o, l) in outs {
+            put_head_rows(&mut out, qw, span, h, hd, &o);
+            lse[h * t + span.start..h * t + span.start + span.len].copy_from_slice(&l);
+        }
+    }
+    Ok(AttentionSaved {
+        out: new(out, &[t, qw]),
+        lse: new(lse, &[n_heads, t]),
+    })
+}
+
+#[allow(clippy::too_many_arguments)]
+pub(super) fn attention_backward(
+    d_out: &Tensor<Cpu>,
+    q: &Tensor<Cpu>,
+    k: &Tensor<Cpu>,
+    v: &Tensor<Cpu>,
+    saved: &AttentionSaved<Cpu>,
+    seqs: &[SeqSpan],
+    n_heads: usize,
+    n_kv_heads: usize,
+    scale: f32,
+) -> Result<(Tensor<Cpu>, Tensor<Cpu>, Tensor<Cpu>)> {
+    let (t, hd, group) = check_attention(q, k, v, seqs, n_heads, n_kv_heads)?;
+    let (qw, kw) = (n_heads * hd, n_kv_heads * hd);
+    d_out.expect_shape("d_out", q.shape())?;
+    saved.out.expect_shape("saved.out", q.shape())?;
+    saved.lse.expect_shape("saved.lse", &[n_heads, t])?;
+    let results: Vec<_> = tasks(seqs, n_kv_heads)
+        .into_par_iter()
+        .map(|(span, kvh)| {
+            let n = span.len;
+            let kh = head_rows(&k.buf, kw, span, kvh, hd);
+            let vh = head_rows(&v.buf, kw, span, kvh, hd);
+            let mut dk = vec![0.0f32; n * hd];
+            let mut dv = vec![0.0f32; n * hd];
+            let mut p = vec![0.0f32; n * n];
+            let mut dp = vec![0.0f32; n * n];
+            let mut dqs = Vec::with_capacity(group);
+            for g in 0..group {
+                let h = kvh * group + g;
+                let qh = head_rows(&q.buf, qw, span, h, hd);
+                let doh = head_rows(&d_out.buf, qw, span, h, hd);
+                let oh = head_rows(&saved.out.buf, qw, span, h, hd);
+                let lse = &saved.lse.buf[h * t + span.start..h * t + span.start + n];
+                // P recomputed from the saved log-sum-exp: p_ij = exp(scale q_i.k_j - lse_i).
+                sgemm(Op::N, Op::T, n, n, hd, 1.0, &qh, &kh, 0.0, &mut p);
+                for i in 0..n {
+                    let row = &mut p[i * n..(i + 1) * n];
+                    for v in row[..=i].iter_mut() {
+                        *v = (*v * scale - lse[i]).exp();
+                    }
+                    row[i + 1..].fill(0.0);
+                }
+                // dV += P^T dO;  dP = dO V^T
+                sgemm(Op::T, Op::N, n, hd, n, 1.0, &p, &doh, 1.0, &mut dv);
+                sgemm(Op::N, Op::T, n, n, hd, 1.0, &doh, &vh, 0.0, &mut dp);
+                // dS = P (dP - rowsum(dO * O)) * scale
+                for i in 0..n {
+                    let delta: f32 = doh[i * hd..(i + 1) * hd]
+                        .iter()
+                        .zip(&oh[i * hd..(i + 1) * hd])
+                        .map(|(a, b)| a * b)
+                        .sum();
+                    for j in 0..=i {
+                        dp[i * n + j] = p[i * n + j] * (dp[i * n + j] - delta) * scale;
+                    }
+                    dp[i * n + i + 1..(i + 1) * n].fill(0.0);
+                }
+                // dQ = dS K;  dK += dS^T Q
+                let mut dq = vec![0.0f32; n * hd];
+                sgemm(Op::N, Op::N, n, hd, n, 1.0, &dp, &kh, 0.0, &mut dq);
+                sgemm(Op::T, Op::N, n, hd, n, 1.0, &dp, &qh, 1.0, &mut dk);
+                dqs.push((h, dq));
+            }
+            (span, kvh, dqs, dk, dv)
+        })
+        .collect();
+    let mut dq = vec![0.0f32; t * qw];
+    let mut dk = vec![0.0f32; t * kw];
+    let mut dv = vec![0.0f32; t * kw];
+    for (span, kvh, dqs, dkh, dvh) in results {
+        for (h, d) in dqs {
+            put_head_rows(&mut dq, qw, span, h, hd, &d);
+        }
+        put_head_rows(&mut dk, kw, span, kvh, hd, &dkh);
+        put_head_rows(&mut dv, kw, span, kvh, hd, &dvh);
+    }
+    Ok((new(dq, &[t, qw]), new(dk, &[t, kw]), new(dv, &[t, kw])))
+}
+
+pub(super) fn cross_entropy(
+    logits: &Tensor<Cpu>,
+    labels: &[i32],
+    grad_scale: f32,
+) -> Result<(f64, Tensor<Cpu>)> {
+    let (n, vocab) = logits.dims2("logits")?;
+    if labels.len() != n {
+        return Err(Error::arg(
+            "labels",
+            format!("{} labels for {n} logit rows", labels.len()),
+        ));
+    }
+    if let Some(&bad) = labels.iter().find(|&&l| l >= 0 && l as usize >= vocab) {
+        return Err(Error::arg(
+            "labels",
+            format!("label {bad} out of range for vocab {vocab}"),
+        ));
+    }
+    let mut grad = vec![0.0f32; n * vocab];
+    let loss: f64 = grad
+        .par_chunks_mut(vocab.max(1))
+        .zip(logits.buf.par_chunks(vocab.max(1)))
+        .zip(labels.par_iter())
+        .map(|((g, row), &label)| {
+            if label < 0 {
+                return 0.0;
+            }
+            let m = row.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
+            let mut sum = 0.0f32;
+            for (gv, &x) in g.iter_mut().zip(row) {
+                let e = (x - m).exp();
+                *gv = e;
+                sum += e;
+            }
+            let inv = grad_scale / sum;
+            g.iter_mut().for_each(|gv| *gv *= inv);
+            g[label as usize] -= grad_scale;
+            let lse = m as f64 + (sum as f64).ln();
+            lse - row[label as usize] as f64
+        })
+        .sum();
+    Ok((loss, new(grad, &[n, vocab])))
+}

@@ -1,0 +1,302 @@
+//! The seam between math and hardware.
+//!
+//! [`Backend`] has one method per kernel. Each method's contract (shapes, layout, what is fused)
+//! is written on the trait; the CPU implementation ([`cpu::Cpu`]) is the specification that every
+//! other backend is tested against. Adapters, the model and the trainer are generic over
+//! `B: Backend` and never branch on the device.
+//!
+//! All tensors are row-major. Weights use torch's `nn.Linear` layout `[out, in]`; activations
+//! are `[tokens, features]`. Integer inputs (token ids, labels, sequence boundaries) are passed
+//! as host slices: they are small and every backend uploads them as it needs.
+
+pub mod cpu;
+
+use crate::error::{Error, Result};
+
+/// A backend buffer with a row-major shape. Storage is f32 on the CPU reference.
+pub struct Tensor<B: Backend + ?Sized> {
+    pub(crate) buf: B::Buf,
+    pub(crate) shape: Vec<usize>,
+}
+
+impl<B: Backend> Clone for Tensor<B> {
+    fn clone(&self) -> Self {
+        Tensor {
+            buf: self.buf.clone(),
+            shape: self.shape.clone(),
+        }
+    }
+}
+
+impl<B: Backend> std::fmt::Debug for Tensor<B> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Tensor{:?}", self.shape)
+    }
+}
+
+impl<B: Backend> Tensor<B> {
+    /// The row-major shape.
+    pub fn shape(&self) -> &[usize] {
+        &self.shape
+    }
+    /// Number of elements.
+    pub fn len(&self) -> usize {
+        self.shape.iter().product()
+    }
+    /// True when the tensor has no elements.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+    /// Size of dimension `i` (panics never: out-of-range dims read as 1).
+    pub fn dim(&self, i: usize) -> usize {
+        self.shape.get(i).copied().unwrap_or(1)
+    }
+    /// The backend buffer.
+    pub fn buf(&self) -> &B::Buf {
+        &self.buf
+    }
+    /// Checks that the shape equals `expected`, naming the tensor in the error.
+    pub fn expect_shape(&self, name: &str, expected: &[usize]) -> Result<()> {
+        if self.shape != expected {
+            return Err(Error::shape(name, format!("{expected:?}"), &self.shape));
+        }
+        Ok(())
+    }
+    /// Checks the tensor is 2-D and returns `(rows, cols)`.
+    pub fn dims2(&self, name: &str) -> Result<(usize, usize)> {
+        match self.shape[..] {
+            [r, c] => Ok((r, c)),
+            _ => Err(Error::shape(name, "2-D [rows, cols]", &self.shape)),
+        }
+    }
+}
+
+/// Saved state of a causal attention forward pass, needed by its backward.
+pub struct AttentionSaved<B: Backend> {
+    /// Attention output `[T, Hq*hd]` (before the output projection).
+    pub out: Tensor<B>,
+    /// Log-sum-exp of each softmax row, `[Hq, T]`.
+    pub lse: Tensor<B>,
+}
+
+/// Hyperparameters of one AdamW step, as `torch.optim.AdamW` (decoupled weight decay,
+/// bias-corrected moments, `eps` added after the square root).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct AdamWParams {
+    pub lr: f32,
+    pub beta1: f32,
+    pub beta2: f32,
+    pub eps: f32,
+    pub weight_decay: f32,
+    /// 1-based step number, for the bias corrections.
+    pub step: u64,
+}
+
+/// One packed sequence of a variable-length batch: rows `start..start+len` of the token axis.
+///
+/// Batches are packed without padding (the "varlen" layout of FlashAttention): attention is
+/// causal within each sequence and never crosses sequences, so results equal those of a
+/// right-padded batch at every real position, without computing the padding.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SeqSpan {
+    pub start: usize,
+    pub len: usize,
+}
+
+/// One method per kernel. The CPU implementation is the reference.
+///
+/// Every method checks its inputs' shapes and returns [`Error::Shape`] naming the argument when
+/// they do not agree; none panics on bad input.
+pub trait Backend: Clone + Send + Sync + Sized + 'static {
+    /// Device storage of one tensor.
+    type Buf: Clone + Send + Sync;
+
+    /// Short backend name (`cpu`, `cuda`, `wgpu`).
+    fn name(&self) -> &'static str;
+
+    // ---- memory -------------------------------------------------------------------------------
+
+    /// Copies host f32 data in. Errors: `data.len()` differs from the shape's element count.
+    fn upload(&self, data: &[f32], shape: &[usize]) -> Result<Tensor<Self>>;
+    /// Copies a tensor back to the host.
+    fn download(&self, t: &Tensor<Self>) -> Result<Vec<f32>>;
+    /// A zero-filled tensor.
+    fn zeros(&self, shape: &[usize]) -> Result<Tensor<Self>>;
+    /// Rows `idx` of a 2-D tensor `[n, d]`, gathered into `[idx.len(), d]`.
+    /// Also the embedding lookup. Errors: an index `>= n`.
+    fn gather_rows(&self, t: &Tensor<Self>, idx: &[u32]) -> Result<Tensor<Self>>;
+    /// `dst[idx[i]] += src[i]` row by row (the backward of [`Backend::gather_rows`]).
+    fn scatter_add_rows(&self, dst: &mut Tensor<Self>, idx: &[u32], src: &Tensor<Self>)
+    -> Result<()>;
+
+    // ---- dense linear algebra -----------------------------------------------------------------
+
+    /// `y = x W^T + bias`: x `[T, in]`, w `[out, in]`, bias `[out]` → y `[T, out]`.
+    fn linear(&self, x: &Tensor<Self>, w: &Tensor<Self>, bias: Option<&Tensor<Self>>)
+    -> Result<Tensor<Self>>;
+    /// `dx = dy W`: dy `[T, out]`, w `[out, in]` → dx `[T, in]`; with `acc`, adds into it.
+    fn linear_backward_input(
+        &self,
+        dy: &Tensor<Self>,
+        w: &Tensor<Self>,
+        acc: Option<&mut Tensor<Self>>,
+    ) -> Result<Option<Tensor<Self>>>;
+    /// `dW += dy^T x`: dy `[T, out]`, x `[T, in]`, dw `[out, in]` (weight gradient, accumulated).
+    fn linear_backward_weight(
+        &self,
+        dy: &Tensor<Self>,
+        x: &Tensor<Self>,
+        dw: &mut Tensor<Self>,
+    ) -> Result<()>;
+    /// `a += alpha * b`, elementwise, same shapes.
+    fn axpy(&self, a: &mut Tensor<Self>, alpha: f32, b: &Tensor<Self>) -> Result<()>;
+    /// `a *= alpha`, elementwise.
+    fn scale(&self, a: &mut Tensor<Self>, alpha: f32) -> Result<()>;
+    /// Sum of squares of all elements (for gradient-norm reporting and clipping), in f64.
+    fn sum_squares(&self, a: &Tensor<Self>) -> Result<f64>;
+
+    // ---- LoRA (PEFT `lora.Linear`, paper: Hu et al. 2021, eq. 3) ------------------------------
+
+    /// Fused LoRA forward `y = x W0^T + bias + s (x A^T) B^T`.
+    ///
+    /// x `[T, in]`, w0 `[out, in]`, bias `[out]`, lora_a `[r, in]`, lora_b `[out, r]`, scaling
+    /// `s`. Returns `(y [T, out], h [T, r])`, `h = x A^T` kept for the backward. Never forms
+    /// `B A` (which would cost `out*in*r` and an `[out, in]` temporary).
+    fn lora_forward(
+        &self,
+        x: &Tensor<Self>,
+        w0: &Tensor<Self>,
+        bias: Option<&Tensor<Self>>,
+        lora_a: &Tensor<Self>,
+        lora_b: &Tensor<Self>,
+        scaling: f32,
+    ) -> Result<(Tensor<Self>, Tensor<Self>)>;
+
+    /// Fused LoRA backward for a frozen base weight, from `dy [T, out]` and the saved
+    /// `x [T, in]`, `h [T, r]`. Returns `(dx [T, in], dA [r, in], dB [out, r])`:
+    /// `g = dy B` `[T, r]`, `dx = dy W0 + s g A`, `dA = s g^T x`, `dB = s dy^T h`.
+    #[allow(clippy::too_many_arguments)]
+    fn lora_backward(
+        &self,
+        dy: &Tensor<Self>,
+        x: &Tensor<Self>,
+        h: &Tensor<Self>,
+        w0: &Tensor<Self>,
+        lora_a: &Tensor<Self>,
+        lora_b: &Tensor<Self>,
+        scaling: f32,
+    ) -> Result<(Tensor<Self>, Tensor<Self>, Tensor<Self>)>;
+
+    /// In place `W += sign * s * B A` (merge with `sign = 1`, unmerge with `sign = -1`);
+    /// w `[out, in]`, lora_a `[r, in]`, lora_b `[out, r]`. This is the one place `B A` is formed,
+    /// added straight into W.
+    fn lora_merge(
+        &self,
+        w: &mut Tensor<Self>,
+        lora_a: &Tensor<Self>,
+        lora_b: &Tensor<Self>,
+        scaling: f32,
+        sign: f32,
+    ) -> Result<()>;
+
+    // ---- Llama block ops ----------------------------------------------------------------------
+
+    /// RMSNorm over the last dim: `y = x / sqrt(mean(x^2) + eps) * weight`.
+    /// x `[T, d]`, weight `[d]` → `(y [T, d], rstd [T])`.
+    fn rmsnorm(&self, x: &Tensor<Self>, weight: &Tensor<Self>, eps: f32)
+    -> Result<(Tensor<Self>, Tensor<Self>)>;
+    /// RMSNorm backward: returns `dx [T, d]` and adds `dweight [d]` into `dweight` if given.
+    fn rmsnorm_backward(
+        &self,
+        dy: &Tensor<Self>,
+        x: &Tensor<Self>,
+        weight: &Tensor<Self>,
+        rstd: &Tensor<Self>,
+        dweight: Option<&mut Tensor<Self>>,
+    ) -> Result<Tensor<Self>>;
+
+    /// Rotary embedding in place, transformers' `rotate_half` convention: within each head of
+    /// `head_dim`, the pair `(i, i + head_dim/2)` is rotated by angle `pos * theta^(-2i/head_dim)`.
+    /// x `[T, n_heads*head_dim]`, `positions[t]` the position of row t. `inverse` rotates by the
+    /// negative angle, which is the backward (rotation matrices are orthogonal).
+    fn rope(
+        &self,
+        x: &mut Tensor<Self>,
+        positions: &[u32],
+        head_dim: usize,
+        theta: f32,
+        inverse: bool,
+    ) -> Result<()>;
+
+    /// Causal grouped-query attention over packed sequences, online softmax, no `T x T` matrix
+    /// kept. q `[T, Hq*hd]`, k and v `[T, Hkv*hd]` (`Hq` a multiple of `Hkv`; query head `h`
+    /// reads kv head `h / (Hq/Hkv)`), `scale` usually `1/sqrt(hd)`.
+    fn attention(
+        &self,
+        q: &Tensor<Self>,
+        k: &Tensor<Self>,
+        v: &Tensor<Self>,
+        seqs: &[SeqSpan],
+        n_heads: usize,
+        n_kv_heads: usize,
+        scale: f32,
+    ) -> Result<AttentionSaved<Self>>;
+
+    /// Backward of [`Backend::attention`] from `d_out [T, Hq*hd]`; recomputes the softmax from
+    /// the saved log-sum-exp. Returns `(dq, dk, dv)` shaped like q, k, v.
+    #[allow(clippy::too_many_arguments)]
+    fn attention_backward(
+        &self,
+        d_out: &Tensor<Self>,
+        q: &Tensor<Self>,
+        k: &Tensor<Self>,
+        v: &Tensor<Self>,
+        saved: &AttentionSaved<Self>,
+        seqs: &[SeqSpan],
+        n_heads: usize,
+        n_kv_heads: usize,
+        scale: f32,
+    ) -> Result<(Tensor<Self>, Tensor<Self>, Tensor<Self>)>;
+
+    /// SwiGLU: `silu(gate) * up`, elementwise, gate and up `[T, inter]`.
+    fn swiglu(&self, gate: &Tensor<Self>, up: &Tensor<Self>) -> Result<Tensor<Self>>;
+    /// SwiGLU backward: `(dgate, dup)` from `d [T, inter]`.
+    fn swiglu_backward(
+        &self,
+        d: &Tensor<Self>,
+        gate: &Tensor<Self>,
+        up: &Tensor<Self>,
+    ) -> Result<(Tensor<Self>, Tensor<Self>)>;
+
+    /// Cross-entropy of `logits [N, V]` against `labels [N]`; label `-100` (or any negative)
+    /// is ignored. Returns `(sum of CE over counted rows, dlogits [N, V])` where dlogits is the
+    /// gradient of `grad_scale * sum` (`softmax - onehot`, zero on ignored rows): the softmax is
+    /// computed once and reused for the gradient. Errors: a label `>= V`.
+    fn cross_entropy(
+        &self,
+        logits: &Tensor<Self>,
+        labels: &[i32],
+        grad_scale: f32,
+    ) -> Result<(f64, Tensor<Self>)>;
+
+    // ---- optimizer ----------------------------------------------------------------------------
+
+    /// One AdamW step in place over `param`, with moments `m`, `v` (same shape as param).
+    fn adamw_step(
+        &self,
+        param: &mut Tensor<Self>,
+        grad: &Tensor<Self>,
+        m: &mut Tensor<Self>,
+        v: &mut Tensor<Self>,
+        p: &AdamWParams,
+    ) -> Result<()>;
+}
+
+/// Checks that `a` and `b` have equal shapes.
+pub(crate) fn same_shape<B: Backend>(
+    name: &str,
+    a: &Tensor<B>,
+    expected: &Tensor<B>,
+) -> Result<()> {
+    a.expect_shape(name, expected.shape())
+}

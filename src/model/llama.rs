@@ -1,0 +1,638 @@
+//! A Llama-architecture decoder (transformers' `LlamaForCausalLM`) with forward and backward
+//! written against [`Backend`], and LoRA adapters injected into its projections.
+//!
+//! Batches are packed without padding ([`SeqSpan`]s over one token axis): attention is causal
+//! within a sequence, so every real position gets the logits a right-padded batch would give,
+//! and no compute is spent on padding. The LM head runs only on the rows whose next token is a
+//! target, which is all the loss needs.
+
+use crate::adapter::{LoraConfig, LoraLayer, Linear};
+use crate::backend::{AttentionSaved, Backend, SeqSpan, Tensor};
+use crate::error::{Error, Result};
+use crate::model::LlamaConfig;
+use std::collections::HashMap;
+
+/// The seven projections of a Llama block, named as transformers names the modules.
+pub const PROJ_NAMES: [&str; 7] = [
+    "q_proj",
+    "k_proj",
+    "v_proj",
+    "o_proj",
+    "gate_proj",
+    "up_proj",
+    "down_proj",
+];
+
+/// Index of each projection in [`Block::proj`].
+const Q: usize = 0;
+const K: usize = 1;
+const V: usize = 2;
+const O: usize = 3;
+const GATE: usize = 4;
+const UP: usize = 5;
+const DOWN: usize = 6;
+
+/// The module path of projection `p` in layer `l` (`model.layers.{l}.self_attn.q_proj`).
+pub fn proj_path(layer: usize, p: usize) -> String {
+    let group = if p <= O { "self_attn" } else { "mlp" };
+    format!("model.layers.{layer}.{group}.{}", PROJ_NAMES[p])
+}
+
+/// A projection: a frozen base linear layer and, optionally, a LoRA adapter on it.
+#[derive(Clone, Debug)]
+pub struct Proj<B: Backend> {
+    pub base: Linear<B>,
+    pub lora: Option<LoraLayer<B>>,
+}
+
+impl<B: Backend> Proj<B> {
+    fn forward(&self, be: &B, x: &Tensor<B>) -> Result<(Tensor<B>, Option<Tensor<B>>)> {
+        match &self.lora {
+            Some(l) => {
+                let (y, h) = l.forward(be, &self.base, x)?;
+                Ok((y, Some(h)))
+            }
+            None => Ok((self.base.forward(be, x)?, None)),
+        }
+    }
+
+    /// dx, and pushes (dA, dB) to `grads` when adapted.
+    fn backward(
+        &self,
+        be: &B,
+        x: &Tensor<B>,
+        h: Option<&Tensor<B>>,
+        dy: &Tensor<B>,
+        grads: &mut Vec<Tensor<B>>,
+    ) -> Result<Tensor<B>> {
+        match (&self.lora, h) {
+            (Some(l), Some(h)) => {
+                let (dx, (da, db)) = l.backward(be, &self.base, x, h, dy)?;
+                grads.push(db);
+                grads.push(da);
+                Ok(dx)
+            }
+            _ => self.base.backward_input(be, dy),
+        }
+    }
+}
+
+/// One decoder layer.
+#[derive(Clone, Debug)]
+pub struct Block<B: Backend> {
+    pub input_layernorm: Tensor<B>,
+    pub post_attention_layernorm: Tensor<B>,
+    /// q, k, v, o, gate, up, down (order of [`PROJ_NAMES`]).
+    pub proj: [Proj<B>; 7],
+}
+
+/// The model: embedding, blocks, final norm, LM head (tied to the embedding when `None`).
+#[derive(Clone, Debug)]
+pub struct Llama<B: Backend> {
+    pub cfg: LlamaConfig,
+    pub embed_tokens: Tensor<B>,
+    pub layers: Vec<Block<B>>,
+    pub norm: Tensor<B>,
+    pub lm_head: Option<Tensor<B>>,
+}
+
+/// A packed batch: token ids of all sequences back to back, their spans, and the loss targets.
+#[derive(Clone, Debug, Default)]
+pub struct PackedBatch {
+    /// Token ids `[T]`.
+    pub ids: Vec<u32>,
+    /// Position of each token within its sequence `[T]`.
+    pub positions: Vec<u32>,
+    /// The sequences.
+    pub seqs: Vec<SeqSpan>,
+    /// Rows whose logits are scored (row t scores the token at t+1 of the same sequence).
+    pub target_rows: Vec<u32>,
+    /// The label of each target row.
+    pub target_labels: Vec<i32>,
+}
+
+impl PackedBatch {
+    /// Packs sequences `(input_ids, labels)` with labels `-100` on ignored tokens (the
+    /// transformers convention, shifted here: logits at t score label t+1).
+    /// Errors: ids and labels of different lengths, or an empty sequence.
+    pub fn from_examples<'a>(
+        examples: impl IntoIterator<Item = (&'a [u32], &'a [i32])>,
+    ) -> Result<Self> {
+        let mut b = PackedBatch::default();
+        for (i, (ids, labels)) in examples.into_iter().enumerate() {
+            if ids.len() != labels.len() || ids.is_empty() {
+                return Err(Error::arg(
+                    "examples",
+                    format!(
+                        "example {i}: {} ids and {} labels (need equal and non-zero)",
+                        ids.len(),
+                        labels.len()
+                    ),
+                ));
+            }
+            let start = b.ids.len();
+            b.seqs.push(SeqSpan {
+                start,
+                len: ids.len(),
+            });
+            b.ids.extend_from_slice(ids);
+            b.positions.extend(0..ids.len() as u32);
+            for t in 0..ids.len() - 1 {
+                if labels[t + 1] >= 0 {
+                    b.target_rows.push((start + t) as u32);
+                    b.target_labels.push(labels[t + 1]);
+                }
+            }
+        }
+        Ok(b)
+    }
+
+    /// Number of tokens (all sequences).
+    pub fn n_tokens(&self) -> usize {
+        self.ids.len()
+    }
+    /// Number of scored targets.
+    pub fn n_targets(&self) -> usize {
+        self.target_rows.len()
+    }
+}
+
+/// Activations of one layer kept for the backward pass.
+struct LayerCache<B: Backend> {
+    x: Tensor<B>,
+    xn1: Tensor<B>,
+    rstd1: Tensor<B>,
+    q: Tensor<B>,
+    k: Tensor<B>,
+    v: Tensor<B>,
+    att: AttentionSaved<B>,
+    x2: Tensor<B>,
+    xn2: Tensor<B>,
+    rstd2: Tensor<B>,
+    gate: Tensor<B>,
+    up: Tensor<B>,
+    act: Tensor<B>,
+    /// `h = x A^T` of each adapted projection.
+    h: [Option<Tensor<B>>; 7],
+}
+
+/// Output of a training forward + backward.
+pub struct LossAndGrads<B: Backend> {
+    /// Sum of cross-entropy over the batch's targets.
+    pub loss_sum: f64,
+    /// Number of targets.
+    pub n_targets: usize,
+    /// Gradients of the mean loss, in the order of [`Llama::trainable_params`].
+    pub grads: Vec<Tensor<B>>,
+}
+
+impl<B: Backend> Llama<B> {
+    /// Builds the model from tensors named as transformers names them (`model.embed_tokens.weight`,
+    /// `model.layers.N.self_attn.q_proj.weight`, ..., `model.norm.weight`, optionally
+    /// `lm_head.weight`), each `(data, shape)` in f32 row-major; q/k rows in transformers' order.
+    /// Errors: a missing tensor or a shape that disagrees with `cfg`.
+    pub fn from_tensors(
+        be: &B,
+        cfg: LlamaConfig,
+        mut tensors: HashMap<String, (Vec<f32>, Vec<usize>)>,
+    ) -> Result<Self> {
+        validate_config(&cfg)?;
+        let d = cfg.hidden_size;
+        let kv = cfg.num_key_value_heads * cfg.head_dim;
+        let qd = cfg.num_attention_heads * cfg.head_dim;
+        let inter = cfg.intermediate_size;
+        let mut take = |name: &str, shape: &[usize]| -> Result<Tensor<B>> {
+            let (data, s) = tensors.remove(name).ok_or_else(|| Error::Missing {
+                path: "model tensors".into(),
+                name: name.to_string(),
+            })?;
+            if s != shape {
+                return Err(Error::shape(name, format!("{shape:?}"), &s));
+            }
+            be.upload(&data, shape)
+        };
+        let embed_tokens = take("model.embed_tokens.weight", &[cfg.vocab_size, d])?;
+        let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
+        for l in 0..cfg.num_hidden_layers {
+            let shapes: [[usize; 2]; 7] = [
+                [qd, d],
+                [kv, d],
+                [kv, d],
+                [d, qd],
+                [inter, d],
+                [inter, d],
+                [d, inter],
+            ];
+            let mut projs = Vec::with_capacity(7);
+            for (p, shape) in shapes.iter().enumerate() {
+                let w = take(&format!("{}.weight", proj_path(l, p)), shape)?;
+                projs.push(Proj {
+                    base: Linear::dense(w)?,
+                    lora: None,
+                });
+            }
+            let Ok(proj) = <[Proj<B>; 7]>::try_from(projs) else {
+                unreachable!("seven projections pushed above")
+            };
+            layers.push(Block {
+                input_layernorm: take(&format!("model.layers.{l}.input_layernorm.weight"), &[d])?,
+                post_attention_layernorm: take(
+                    &format!("model.layers.{l}.post_attention_layernorm.weight"),
+                    &[d],
+                )?,
+                proj,
+            });
+        }
+        let norm = take("model.norm.weight", &[d])?;
+        let lm_head = if cfg.tie_word_embeddings {
+            None
+        } else {
+            Some(take("lm_head.weight", &[cfg.vocab_size, d])?)
+        };
+        Ok(Llama {
+            cfg,
+            embed_tokens,
+            layers,
+            norm,
+            lm_head,
+        })
+    }
+
+    /// Injects LoRA adapters (PEFT's default init, seeded) into every projection named in
+    /// `cfg.target_modules`. Errors: invalid config, or a target name that is not one of
+    /// [`PROJ_NAMES`].
+    pub fn add_lora(&mut self, be: &B, cfg: &LoraConfig, seed: u64) -> Result<()> {
+        cfg.validate()?;
+        let targets = target_indices(&cfg.target_modules)?;
+        for (l, block) in self.layers.iter_mut().enumerate() {
+            for &p in &targets {
+                let proj = &mut block.proj[p];
+                let s = seed
+                    .wrapping_mul(0x9E37_79B9_7F4A_7C15)
+                    .wrapping_add((l * 7 + p) as u64);
+                proj.lora = Some(LoraLayer::init(
+                    be,
+                    proj.base.in_features(),
+                    proj.base.out_features(),
+                    cfg,
+                    s,
+                )?);
+            }
+        }
+        Ok(())
+    }
+
+    /// Removes every adapter.
+    pub fn remove_adapters(&mut self) {
+        for b in &mut self.layers {
+            for p in &mut b.proj {
+                p.lora = None;
+            }
+        }
+    }
+
+    /// The trainable tensors, in a fixed order: for each layer, for each adapted projection in
+    /// [`PROJ_NAMES`] order, `lora_B` then `lora_A`. Gradients come back in this order.
+    pub fn trainable_params(&self) -> Vec<(String, &Tensor<B>)> {
+        let mut out = Vec::new();
+        for (l, b) in self.layers.iter().enumerate() {
+            for (p, proj) in b.proj.iter().enumerate() {
+                if let Some(lora) = &proj.lora {
+                    out.push((format!("{}.lora_B.weight", proj_path(l, p)), &lora.lora_b));
+                    out.push((format!("{}.lora_A.weight", proj_path(l, p)), &lora.lora_a));
+                }
+            }
+        }
+        out
+    }
+
+    /// Mutable access to the trainable tensors, same order as [`Llama::trainable_params`].
+    pub fn trainable_params_mut(&mut self) -> Vec<&mut Tensor<B>> {
+        let mut out = Vec::new();
+        for b in &mut self.layers {
+            for proj in &mut b.proj {
+                if let Some(lora) = &mut proj.lora {
+                    out.push(&mut lora.lora_b);
+                    out.push(&mut lora.lora_a);
+                }
+            }
+        }
+        out
+    }
+
+    /// Number of trainable parameters.
+    pub fn n_trainable(&self) -> usize {
+        self.trainable_params().iter().map(|(_, t)| t.len()).sum()
+    }
+
+    /// Number of parameters of the base model (tied head counted once).
+    pub fn n_base_params(&self) -> usize {
+        let mut n = self.embed_tokens.len() + self.norm.len();
+        n += self.lm_head.as_ref().map_or(0, |t| t.len());
+        for b in &self.layers {
+            n += b.input_layernorm.len() + b.post_attention_layernorm.len();
+            for p in &b.proj {
+                let (o, i) = p.base.weight.dims();
+                n += o * i;
+            }
+        }
+        n
+    }
+
+    fn head(&self) -> &Tensor<B> {
+        self.lm_head.as_ref().unwrap_or(&self.embed_tokens)
+    }
+
+    /// Runs the decoder over a packed batch, returning the final residual stream `[T, d]` and,
+    /// when `keep` is set, every layer's saved activations.
+    fn decoder(
+        &self,
+        be: &B,
+        batch: &PackedBatch,
+        keep: bool,
+    ) -> Result<(Tensor<B>, Vec<LayerCache<B>>)> {
+        let c = &self.cfg;
+        let mut x = be.gather_rows(&self.embed_tokens, &batch.ids)?;
+        let scale = 1.0 / (c.head_dim as f32).sqrt();
+        let mut caches = Vec::with_capacity(if keep { self.layers.len() } else { 0 });
+        for b in &self.layers {
+            let (xn1, rstd1) = be.rmsnorm(&x, &b.input_layernorm, c.rms_norm_eps)?;
+            let (mut q, hq) = b.proj[Q].forward(be, &xn1)?;
+            let (mut k, hk) = b.proj[K].forward(be, &xn1)?;
+            let (v, hv) = b.proj[V].forward(be, &xn1)?;
+            be.rope(&mut q, &batch.positions, c.head_dim, c.rope_theta, false)?;
+            be.rope(&mut k, &batch.positions, c.head_dim, c.rope_theta, false)?;
+            let att = be.attention(
+                &q,
+                &k,
+                &v,
+                &batch.seqs,
+                c.num_attention_heads,
+                c.num_key_value_heads,
+                scale,
+            )?;
+            let (o, ho) = b.proj[O].forward(be, &att.out)?;
+            let mut x2 = o;
+            be.axpy(&mut x2, 1.0, &x)?;
+            let (xn2, rstd2) = be.rmsnorm(&x2, &b.post_attention_layernorm, c.rms_norm_eps)?;
+            let (gate, hg) = b.proj[GATE].forward(be, &xn2)?;
+            let (up, hu) = b.proj[UP].forward(be, &xn2)?;
+            let act = be.swiglu(&gate, &up)?;
+            let (down, hd) = b.proj[DOWN].forward(be, &act)?;
+            let mut x3 = down;
+            be.axpy(&mut x3, 1.0, &x2)?;
+            if keep {
+                caches.push(LayerCache {
+                    x,
+                    xn1,
+                    rstd1,
+                    q,
+                    k,
+                    v,
+                    att,
+                    x2,
+                    xn2,
+                    rstd2,
+                    gate,
+                    up,
+                    act,
+                    h: [hq, hk, hv, ho, hg, hu, hd],
+                });
+            }
+            x = x3;
+        }
+        Ok((x, caches))
+    }
+
+    /// Logits `[rows.len(), vocab]` at the given rows of a packed batch (eval mode).
+    pub fn logits_at(&self, be: &B, batch: &PackedBatch, rows: &[u32]) -> Result<Tensor<B>> {
+        let (x, _) = self.decoder(be, batch, false)?;
+        let sel = be.gather_rows(&x, rows)?;
+        let (hn, _) = be.rmsnorm(&sel, &self.norm, self.cfg.rms_norm_eps)?;
+        be.linear(&hn, self.head(), None)
+    }
+
+    /// Final hidden state (after the final RMSNorm) `[rows.len(), d]` at the given rows.
+    pub fn final_hidden_at(&self, be: &B, batch: &PackedBatch, rows: &[u32]) -> Result<Tensor<B>> {
+        let (x, _) = self.decoder(be, batch, false)?;
+        let sel = be.gather_rows(&x, rows)?;
+        Ok(be.rmsnorm(&sel, &self.norm, self.cfg.rms_norm_eps)?.0)
+    }
+
+    /// Sum of cross-entropy over the batch's targets and their count (eval mode, no grads).
+    pub fn loss(&self, be: &B, batch: &PackedBatch) -> Result<(f64, usize)> {
+        if batch.n_targets() == 0 {
+            return Ok((0.0, 0));
+        }
+        let logits = self.logits_at(be, batch, &batch.target_rows)?;
+        let (sum, _) = be.cross_entropy(&logits, &batch.target_labels, 0.0)?;
+        Ok((sum, batch.n_targets()))
+    }
+
+    /// Forward and backward of the token-weighted mean cross-entropy over the batch's targets.
+    /// Gradients flow to the adapters only (the base is frozen). Errors: no target in the batch.
+    pub fn loss_and_grads(&self, be: &B, batch: &PackedBatch) -> Result<LossAndGrads<B>> {
+        let n = batch.n_targets();
+        if n == 0 {
+            return Err(Error::Data("batch has no target token".into()));
+        }
+        let c = &self.cfg;
+        let (x, caches) = self.decoder(be, batch, true)?;
+        // Final norm + LM head + CE only on the target rows. The norm is row-wise, so
+        // normalizing just those rows equals slicing after a full norm.
+        let sel = be.gather_rows(&x, &batch.target_rows)?;
+        let (hn, rstd_f) = be.rmsnorm(&sel, &self.norm, c.rms_norm_eps)?;
+        let logits = be.linear(&hn, self.head(), None)?;
+        let (loss_sum, dlogits) =
+            be.cross_entropy(&logits, &batch.target_labels, 1.0 / n as f32)?;
+        drop(logits);
+        let dhn = be
+            .linear_backward_input(&dlogits, self.head(), None)?
+            .expect("dx returned without acc");
+        let dsel = be.rmsnorm_backward(&dhn, &sel, &self.norm, &rstd_f, None)?;
+        let mut dx = be.zeros(&[batch.n_tokens(), c.hidden_size])?;
+        be.scatter_add_rows(&mut dx, &batch.target_rows, &dsel)?;
+
+        let scale = 1.0 / (c.head_dim as f32).sqrt();
+        // Gradients are produced last layer first; reversed at the end.
+        let mut grads_rev: Vec<Tensor<B>> = Vec::new();
+        for (b, lc) in self.layers.iter().zip(caches).rev() {
+            // MLP: x3 = x2 + down(swiglu(gate(xn2), up(xn2)))
+            let dact = b.proj[DOWN].backward(be, &lc.act, lc.h[DOWN].as_ref(), &dx, &mut grads_rev)?;
+            let (dgate, dup) = be.swiglu_backward(&dact, &lc.gate, &lc.up)?;
+            let mut dxn2 = b.proj[UP].backward(be, &lc.xn2, lc.h[UP].as_ref(), &dup, &mut grads_rev)?;
+            let dxn2g =
+                b.proj[GATE].backward(be, &lc.xn2, lc.h[GATE].as_ref(), &dgate, &mut grads_rev)?;
+            be.axpy(&mut dxn2, 1.0, &dxn2g)?;
+            let d = be.rmsnorm_backward(&dxn2, &lc.x2, &b.post_attention_layernorm, &lc.rstd2, None)?;
+            be.axpy(&mut dx, 1.0, &d)?; // dx is now d(x2)
+            // Attention: x2 = x + o_proj(attn(rope(q(xn1)), rope(k(xn1)), v(xn1)))
+            let datt = b.proj[O].backward(be, &lc.att.out, lc.h[O].as_ref(), &dx, &mut grads_rev)?;
+            let (mut dq, mut dk, dv) = be.attention_backward(
+                &datt,
+                &lc.q,
+                &lc.k,
+                &lc.v,
+                &lc.att,
+                &batch.seqs,
+                c.num_attention_heads,
+                c.num_key_value_heads,
+                scale,
+            )?;
+            be.rope(&mut dq, &batch.positions, c.head_dim, c.rope_theta, true)?;
+            be.rope(&mut dk, &batch.positions, c.head_dim, c.rope_theta, true)?;
+            let mut dxn1 = b.proj[V].backward(be, &lc.xn1, lc.h[V].as_ref(), &dv, &mut grads_rev)?;
+            let t = b.proj[K].backward(be, &lc.xn1, lc.h[K].as_ref(), &dk, &mut grads_rev)?;
+            be.axpy(&mut dxn1, 1.0, &t)?;
+            let t = b.proj[Q].backward(be, &lc.xn1, lc.h[Q].as_ref(), &dq, &mut grads_rev)?;
+            be.axpy(&mut dxn1, 1.0, &t)?;
+            let d = be.rmsnorm_backward(&dxn1, &lc.x, &b.input_layernorm, &lc.rstd1, None)?;
+            be.axpy(&mut dx, 1.0, &d)?; // dx is now d(x) of this layer's input
+        }
+        // grads_rev holds, per layer from last to first, per proj from down to q, (dB, dA):
+        // reversing gives first layer first, q first, (dA, dB) — swap each pair to (dB, dA).
+        grads_rev.reverse();
+        for pair in grads_rev.chunks_mut(2) {
+            pair.swap(0, 1);
+        }
+        Ok(LossAndGrads {
+            loss_sum,
+            n_targets: n,
+            grads: grads_rev,
+        })
+    }
+
+    /// Merges every adapter into its base weight and drops the adapters (PEFT
+    /// `merge_and_unload`).
+    pub fn merge_and_unload(&mut self, be: &B) -> Result<()> {
+        for b in &mut self.layers {
+            for p in &mut b.proj {
+                if let Some(l) = p.lora.take() {
+                    l.merge(be, &mut p.base)?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Greedy decoding: appends up to `max_new` tokens to `prompt`, stopping after `eos`.
+    /// Recomputes the whole prefix for each token (no KV cache): plain, and fast enough for
+    /// the short answers of a 135M model on the CPU.
+    pub fn generate_greedy(
+        &self,
+        be: &B,
+        prompt: &[u32],
+        max_new: usize,
+        eos: u32,
+    ) -> Result<Vec<u32>> {
+        if prompt.is_empty() {
+            return Err(Error::arg("prompt", "empty prompt"));
+        }
+        let mut ids = prompt.to_vec();
+        let mut out = Vec::new();
+        for _ in 0..max_new {
+            let labels = vec![-100i32; ids.len()];
+            let batch = PackedBatch::from_examples([(&ids[..], &labels[..])])?;
+            let logits = be.download(&self.logits_at(be, &batch, &[(ids.len() - 1) as u32])?)?;
+            let next = argmax(&logits) as u32;
+            out.push(next);
+            if next == eos {
+                break;
+            }
+            ids.push(next);
+        }
+        Ok(out)
+    }
+}
+
+/// Index of the largest value (first on ties).
+pub fn argmax(v: &[f32]) -> usize {
+    let mut best = 0;
+    for (i, &x) in v.iter().enumerate() {
+        if x > v[best] {
+            best = i;
+        }
+    }
+    best
+}
+
+/// Maps target module names to projection indices. Accepts the PEFT names (`q_proj`) and the
+/// short forms (`q`, `k`, `v`, `o`, `gate`, `up`, `down`). Errors: an unknown name.
+pub fn target_indices(names: &[String]) -> Result<Vec<usize>> {
+    let mut out = Vec::new();
+    for n in names {
+        let n = n.trim();
+        let idx = PROJ_NAMES
+            .iter()
+            .position(|p| *p == n || p.strip_suffix("_proj") == Some(n))
+            .ok_or_else(|| {
+                Error::arg(
+                    "target_modules",
+                    format!("unknown target module `{n}`; expected one of {PROJ_NAMES:?}"),
+                )
+            })?;
+        if !out.contains(&idx) {
+            out.push(idx);
+        }
+    }
+    out.sort_unstable();
+    Ok(out)
+}
+
+fn validate_config(c: &LlamaConfig) -> Result<()> {
+    let bad = |m: String| Err(Error::arg("config", m));
+    if c.num_attention_heads == 0
+        || c.num_key_value_heads == 0
+        || c.num_attention_heads % c.num_key_value_heads != 0
+    {
+        return bad(format!(
+            "{} attention heads is not a multiple of {} kv heads",
+            c.num_attention_heads, c.num_key_value_heads
+        ));
+    }
+    if c.head_dim == 0 || c.head_dim % 2 != 0 {
+        return bad(format!("head_dim {} must be even and non-zero", c.head_dim));
+    }
+    if c.vocab_size == 0 || c.hidden_size == 0 || c.intermediate_size == 0 {
+        return bad("zero-sized dimension".into());
+    }
+    Ok(())
+}
+
+/// A small random Llama for tests and examples (no download): weights N(0, 0.02)-like uniform,
+/// norms 1, tied head. Deterministic for `seed`.
+pub fn random_tensors(cfg: &LlamaConfig, seed: u64) -> HashMap<String, (Vec<f32>, Vec<usize>)> {
+    use rand::{RngExt, SeedableRng};
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+    let mut m = HashMap::new();
+    let mut rand_t = |shape: Vec<usize>, std: f32| -> (Vec<f32>, Vec<usize>) {
+        let n: usize = shape.iter().product();
+        let b = std * 3f32.sqrt();
+        ((0..n).map(|_| rng.random_range(-b..b)).collect(), shape)
+    };
+    let d = cfg.hidden_size;
+    let qd = cfg.num_attention_heads * cfg.head_dim;
+    let kv = cfg.num_key_value_heads * cfg.head_dim;
+    let i = cfg.intermediate_size;
+    m.insert(
+        "model.embed_tokens.weight".to_string(),
+        rand_t(vec![cfg.vocab_size, d], 0.5),
+    );
+    for l in 0..cfg.num_hidden_layers {
+        let shapes = [[qd, d], [kv, d], [kv, d], [d, qd], [i, d], [i, d], [d, i]];
+        for (p, s) in shapes.iter().enumerate() {
+            let std = 1.0 / (s[1] as f32).sqrt();
+            m.insert(format!("{}.weight", proj_path(l, p)), rand_t(s.to_vec(), std));
+        }
+        for n in ["input_layernorm", "post_attention_layernorm"] {
+            let (mut w, s) = rand_t(vec![d], 0.1);
+            w.iter_mut().for_each(|x| *x += 1.0);
+            m.insert(format!("model.layers.{l}.{n}.weight"), (w, s));
+        }
+    }
+    m.insert("model.norm.weight".to_string(), (vec![1.0; d], vec![d]));
+    if !cfg.tie_word_embeddings {
+        m.insert("lm_head.weight".to_string(), rand_t(vec![cfg.vocab_size, d], 0.1));
+    }
+    m
+}
