@@ -12,7 +12,9 @@ const EPS: f32 = 1e-2;
 
 /// Deterministic values in [-1, 1).
 fn vals(n: usize, seed: u64) -> Vec<f32> {
-    let mut s = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+    let mut s = seed
+        .wrapping_mul(6364136223846793005)
+        .wrapping_add(1442695040888963407);
     (0..n)
         .map(|_| {
             s = s
@@ -248,7 +250,10 @@ fn cross_entropy_gradient_matches_finite_differences() {
     // The ignored row has no loss and no gradient.
     assert!(grad.data()[v..2 * v].iter().all(|&g| g == 0.0));
     assert!(loss > 0.0);
-    assert!(Cpu.cross_entropy(&t(logits, &[n, v]), &[0, 0, 0, 11], 1.0).is_err());
+    assert!(
+        Cpu.cross_entropy(&t(logits, &[n, v]), &[0, 0, 0, 11], 1.0)
+            .is_err()
+    );
 }
 
 #[test]
@@ -259,13 +264,21 @@ fn linear_weight_gradient_matches_finite_differences() {
     let g = vals(tk * dout, 63);
     let f = |w: &[f32]| {
         let y = Cpu
-            .linear(&t(x.clone(), &[tk, din]), &t(w.to_vec(), &[dout, din]), None)
+            .linear(
+                &t(x.clone(), &[tk, din]),
+                &t(w.to_vec(), &[dout, din]),
+                None,
+            )
             .unwrap();
         dot(y.data(), &g)
     };
     let mut dw = Cpu.zeros(&[dout, din]).unwrap();
-    Cpu.linear_backward_weight(&t(g.clone(), &[tk, dout]), &t(x.clone(), &[tk, din]), &mut dw)
-        .unwrap();
+    Cpu.linear_backward_weight(
+        &t(g.clone(), &[tk, dout]),
+        &t(x.clone(), &[tk, din]),
+        &mut dw,
+    )
+    .unwrap();
     check("linear dW", &w, dw.data(), &f);
 }
 
@@ -311,7 +324,10 @@ fn whole_model_adapter_gradients_match_finite_differences() {
     assert_eq!(out.n_targets, 5);
     let mean = out.loss_sum / out.n_targets as f64;
     let (eval_sum, eval_n) = model.loss(&Cpu, &batch).unwrap();
-    assert!((eval_sum - out.loss_sum).abs() < 1e-4, "train and eval loss agree");
+    assert!(
+        (eval_sum - out.loss_sum).abs() < 1e-4,
+        "train and eval loss agree"
+    );
     assert_eq!(eval_n, 5);
     assert!(mean > 0.0);
     let names: Vec<String> = model

@@ -113,7 +113,11 @@ impl<B: Backend> LoraLayer<B> {
         let (out, inp) = base.weight.dims();
         let (r, ain) = lora_a.dims2("lora_A")?;
         if r == 0 || ain != inp {
-            return Err(Error::shape("lora_A", format!("[r >= 1, {inp}]"), lora_a.shape()));
+            return Err(Error::shape(
+                "lora_A",
+                format!("[r >= 1, {inp}]"),
+                lora_a.shape(),
+            ));
         }
         lora_b.expect_shape("lora_B", &[out, r])?;
         Ok(LoraLayer {
@@ -129,7 +133,12 @@ impl<B: Backend> LoraLayer<B> {
     }
 
     /// Fused forward over `base`: returns `(y [T, out], h [T, r])`.
-    pub fn forward(&self, be: &B, base: &Linear<B>, x: &Tensor<B>) -> Result<(Tensor<B>, Tensor<B>)> {
+    pub fn forward(
+        &self,
+        be: &B,
+        base: &Linear<B>,
+        x: &Tensor<B>,
+    ) -> Result<(Tensor<B>, Tensor<B>)> {
         match &base.weight {
             BaseWeight::Dense(w) => be.lora_forward(
                 x,

@@ -14,7 +14,7 @@ pub mod cpu;
 use crate::error::{Error, Result};
 
 /// A backend buffer with a row-major shape. Storage is f32 on the CPU reference.
-pub struct Tensor<B: Backend + ?Sized> {
+pub struct Tensor<B: Backend> {
     pub(crate) buf: B::Buf,
     pub(crate) shape: Vec<usize>,
 }
@@ -126,14 +126,22 @@ pub trait Backend: Clone + Send + Sync + Sized + 'static {
     /// Also the embedding lookup. Errors: an index `>= n`.
     fn gather_rows(&self, t: &Tensor<Self>, idx: &[u32]) -> Result<Tensor<Self>>;
     /// `dst[idx[i]] += src[i]` row by row (the backward of [`Backend::gather_rows`]).
-    fn scatter_add_rows(&self, dst: &mut Tensor<Self>, idx: &[u32], src: &Tensor<Self>)
-    -> Result<()>;
+    fn scatter_add_rows(
+        &self,
+        dst: &mut Tensor<Self>,
+        idx: &[u32],
+        src: &Tensor<Self>,
+    ) -> Result<()>;
 
     // ---- dense linear algebra -----------------------------------------------------------------
 
     /// `y = x W^T + bias`: x `[T, in]`, w `[out, in]`, bias `[out]` → y `[T, out]`.
-    fn linear(&self, x: &Tensor<Self>, w: &Tensor<Self>, bias: Option<&Tensor<Self>>)
-    -> Result<Tensor<Self>>;
+    fn linear(
+        &self,
+        x: &Tensor<Self>,
+        w: &Tensor<Self>,
+        bias: Option<&Tensor<Self>>,
+    ) -> Result<Tensor<Self>>;
     /// `dx = dy W`: dy `[T, out]`, w `[out, in]` → dx `[T, in]`; with `acc`, adds into it.
     fn linear_backward_input(
         &self,
@@ -203,8 +211,12 @@ pub trait Backend: Clone + Send + Sync + Sized + 'static {
 
     /// RMSNorm over the last dim: `y = x / sqrt(mean(x^2) + eps) * weight`.
     /// x `[T, d]`, weight `[d]` → `(y [T, d], rstd [T])`.
-    fn rmsnorm(&self, x: &Tensor<Self>, weight: &Tensor<Self>, eps: f32)
-    -> Result<(Tensor<Self>, Tensor<Self>)>;
+    fn rmsnorm(
+        &self,
+        x: &Tensor<Self>,
+        weight: &Tensor<Self>,
+        eps: f32,
+    ) -> Result<(Tensor<Self>, Tensor<Self>)>;
     /// RMSNorm backward: returns `dx [T, d]` and adds `dweight [d]` into `dweight` if given.
     fn rmsnorm_backward(
         &self,
@@ -231,6 +243,7 @@ pub trait Backend: Clone + Send + Sync + Sized + 'static {
     /// Causal grouped-query attention over packed sequences, online softmax, no `T x T` matrix
     /// kept. q `[T, Hq*hd]`, k and v `[T, Hkv*hd]` (`Hq` a multiple of `Hkv`; query head `h`
     /// reads kv head `h / (Hq/Hkv)`), `scale` usually `1/sqrt(hd)`.
+    #[allow(clippy::too_many_arguments)]
     fn attention(
         &self,
         q: &Tensor<Self>,

@@ -6,7 +6,7 @@
 //! and no compute is spent on padding. The LM head runs only on the rows whose next token is a
 //! target, which is all the loss needs.
 
-use crate::adapter::{LoraConfig, LoraLayer, Linear};
+use crate::adapter::{Linear, LoraConfig, LoraLayer};
 use crate::backend::{AttentionSaved, Backend, SeqSpan, Tensor};
 use crate::error::{Error, Result};
 use crate::model::LlamaConfig;
@@ -458,16 +458,20 @@ impl<B: Backend> Llama<B> {
         let mut grads_rev: Vec<Tensor<B>> = Vec::new();
         for (b, lc) in self.layers.iter().zip(caches).rev() {
             // MLP: x3 = x2 + down(swiglu(gate(xn2), up(xn2)))
-            let dact = b.proj[DOWN].backward(be, &lc.act, lc.h[DOWN].as_ref(), &dx, &mut grads_rev)?;
+            let dact =
+                b.proj[DOWN].backward(be, &lc.act, lc.h[DOWN].as_ref(), &dx, &mut grads_rev)?;
             let (dgate, dup) = be.swiglu_backward(&dact, &lc.gate, &lc.up)?;
-            let mut dxn2 = b.proj[UP].backward(be, &lc.xn2, lc.h[UP].as_ref(), &dup, &mut grads_rev)?;
+            let mut dxn2 =
+                b.proj[UP].backward(be, &lc.xn2, lc.h[UP].as_ref(), &dup, &mut grads_rev)?;
             let dxn2g =
                 b.proj[GATE].backward(be, &lc.xn2, lc.h[GATE].as_ref(), &dgate, &mut grads_rev)?;
             be.axpy(&mut dxn2, 1.0, &dxn2g)?;
-            let d = be.rmsnorm_backward(&dxn2, &lc.x2, &b.post_attention_layernorm, &lc.rstd2, None)?;
+            let d =
+                be.rmsnorm_backward(&dxn2, &lc.x2, &b.post_attention_layernorm, &lc.rstd2, None)?;
             be.axpy(&mut dx, 1.0, &d)?; // dx is now d(x2)
             // Attention: x2 = x + o_proj(attn(rope(q(xn1)), rope(k(xn1)), v(xn1)))
-            let datt = b.proj[O].backward(be, &lc.att.out, lc.h[O].as_ref(), &dx, &mut grads_rev)?;
+            let datt =
+                b.proj[O].backward(be, &lc.att.out, lc.h[O].as_ref(), &dx, &mut grads_rev)?;
             let (mut dq, mut dk, dv) = be.attention_backward(
                 &datt,
                 &lc.q,
@@ -481,7 +485,8 @@ impl<B: Backend> Llama<B> {
             )?;
             be.rope(&mut dq, &batch.positions, c.head_dim, c.rope_theta, true)?;
             be.rope(&mut dk, &batch.positions, c.head_dim, c.rope_theta, true)?;
-            let mut dxn1 = b.proj[V].backward(be, &lc.xn1, lc.h[V].as_ref(), &dv, &mut grads_rev)?;
+            let mut dxn1 =
+                b.proj[V].backward(be, &lc.xn1, lc.h[V].as_ref(), &dv, &mut grads_rev)?;
             let t = b.proj[K].backward(be, &lc.xn1, lc.h[K].as_ref(), &dk, &mut grads_rev)?;
             be.axpy(&mut dxn1, 1.0, &t)?;
             let t = b.proj[Q].backward(be, &lc.xn1, lc.h[Q].as_ref(), &dq, &mut grads_rev)?;
@@ -583,14 +588,14 @@ fn validate_config(c: &LlamaConfig) -> Result<()> {
     let bad = |m: String| Err(Error::arg("config", m));
     if c.num_attention_heads == 0
         || c.num_key_value_heads == 0
-        || c.num_attention_heads % c.num_key_value_heads != 0
+        || !c.num_attention_heads.is_multiple_of(c.num_key_value_heads)
     {
         return bad(format!(
             "{} attention heads is not a multiple of {} kv heads",
             c.num_attention_heads, c.num_key_value_heads
         ));
     }
-    if c.head_dim == 0 || c.head_dim % 2 != 0 {
+    if c.head_dim == 0 || !c.head_dim.is_multiple_of(2) {
         return bad(format!("head_dim {} must be even and non-zero", c.head_dim));
     }
     if c.vocab_size == 0 || c.hidden_size == 0 || c.intermediate_size == 0 {
@@ -622,7 +627,10 @@ pub fn random_tensors(cfg: &LlamaConfig, seed: u64) -> HashMap<String, (Vec<f32>
         let shapes = [[qd, d], [kv, d], [kv, d], [d, qd], [i, d], [i, d], [d, i]];
         for (p, s) in shapes.iter().enumerate() {
             let std = 1.0 / (s[1] as f32).sqrt();
-            m.insert(format!("{}.weight", proj_path(l, p)), rand_t(s.to_vec(), std));
+            m.insert(
+                format!("{}.weight", proj_path(l, p)),
+                rand_t(s.to_vec(), std),
+            );
         }
         for n in ["input_layernorm", "post_attention_layernorm"] {
             let (mut w, s) = rand_t(vec![d], 0.1);
@@ -632,7 +640,10 @@ pub fn random_tensors(cfg: &LlamaConfig, seed: u64) -> HashMap<String, (Vec<f32>
     }
     m.insert("model.norm.weight".to_string(), (vec![1.0; d], vec![d]));
     if !cfg.tie_word_embeddings {
-        m.insert("lm_head.weight".to_string(), rand_t(vec![cfg.vocab_size, d], 0.1));
+        m.insert(
+            "lm_head.weight".to_string(),
+            rand_t(vec![cfg.vocab_size, d], 0.1),
+        );
     }
     m
 }

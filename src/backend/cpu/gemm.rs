@@ -99,8 +99,16 @@ mod tests {
             for j in 0..n {
                 let mut s = 0.0f64;
                 for p in 0..k {
-                    let av = if ta == Op::N { a[i * k + p] } else { a[p * m + i] };
-                    let bv = if tb == Op::N { b[p * n + j] } else { b[j * k + p] };
+                    let av = if ta == Op::N {
+                        a[i * k + p]
+                    } else {
+                        a[p * m + i]
+                    };
+                    let bv = if tb == Op::N {
+                        b[p * n + j]
+                    } else {
+                        b[j * k + p]
+                    };
                     s += av as f64 * bv as f64;
                 }
                 c[i * n + j] = s as f32;
@@ -112,15 +120,22 @@ mod tests {
     #[test]
     fn all_transposes_match_naive() {
         let (m, n, k) = (37, 29, 71);
-        let a: Vec<f32> = (0..m * k).map(|i| ((i * 7919) % 97) as f32 / 97.0 - 0.5).collect();
-        let b: Vec<f32> = (0..k * n).map(|i| ((i * 104729) % 89) as f32 / 89.0 - 0.5).collect();
+        let a: Vec<f32> = (0..m * k)
+            .map(|i| ((i * 7919) % 97) as f32 / 97.0 - 0.5)
+            .collect();
+        let b: Vec<f32> = (0..k * n)
+            .map(|i| ((i * 104729) % 89) as f32 / 89.0 - 0.5)
+            .collect();
         for ta in [Op::N, Op::T] {
             for tb in [Op::N, Op::T] {
                 let want = naive(ta, tb, m, n, k, &a, &b);
                 let mut c = vec![1.0f32; m * n];
                 sgemm(ta, tb, m, n, k, 2.0, &a, &b, 1.0, &mut c);
                 for (x, w) in c.iter().zip(&want) {
-                    assert!((x - (1.0 + 2.0 * w)).abs() < 1e-4, "{ta:?}{tb:?}: {x} vs {w}");
+                    assert!(
+                        (x - (1.0 + 2.0 * w)).abs() < 1e-4,
+                        "{ta:?}{tb:?}: {x} vs {w}"
+                    );
                 }
                 sgemm(ta, tb, m, n, k, 1.0, &a, &b, 0.0, &mut c);
                 for (x, w) in c.iter().zip(&want) {

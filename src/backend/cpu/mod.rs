@@ -88,7 +88,10 @@ impl Backend for Cpu {
         for (row, &i) in out.chunks_mut(d.max(1)).zip(idx) {
             let i = i as usize;
             if i >= n {
-                return Err(Error::arg("idx", format!("row index {i} out of range 0..{n}")));
+                return Err(Error::arg(
+                    "idx",
+                    format!("row index {i} out of range 0..{n}"),
+                ));
             }
             row.copy_from_slice(&t.buf[i * d..(i + 1) * d]);
         }
@@ -106,7 +109,10 @@ impl Backend for Cpu {
         for (row, &i) in src.buf.chunks(d.max(1)).zip(idx) {
             let i = i as usize;
             if i >= n {
-                return Err(Error::arg("idx", format!("row index {i} out of range 0..{n}")));
+                return Err(Error::arg(
+                    "idx",
+                    format!("row index {i} out of range 0..{n}"),
+                ));
             }
             for (o, s) in dst.buf[i * d..(i + 1) * d].iter_mut().zip(row) {
                 *o += s;
@@ -130,7 +136,18 @@ impl Backend for Cpu {
             }
         }
         let beta = if bias.is_some() { 1.0 } else { 0.0 };
-        sgemm(Op::N, Op::T, t, dout, din, 1.0, &x.buf, &w.buf, beta, &mut y);
+        sgemm(
+            Op::N,
+            Op::T,
+            t,
+            dout,
+            din,
+            1.0,
+            &x.buf,
+            &w.buf,
+            beta,
+            &mut y,
+        );
         Ok(new(y, &[t, dout]))
     }
 
@@ -148,12 +165,34 @@ impl Backend for Cpu {
         match acc {
             Some(dx) => {
                 dx.expect_shape("dx", &[t, din])?;
-                sgemm(Op::N, Op::N, t, din, dout, 1.0, &dy.buf, &w.buf, 1.0, &mut dx.buf);
+                sgemm(
+                    Op::N,
+                    Op::N,
+                    t,
+                    din,
+                    dout,
+                    1.0,
+                    &dy.buf,
+                    &w.buf,
+                    1.0,
+                    &mut dx.buf,
+                );
                 Ok(None)
             }
             None => {
                 let mut dx = vec![0.0f32; t * din];
-                sgemm(Op::N, Op::N, t, din, dout, 1.0, &dy.buf, &w.buf, 0.0, &mut dx);
+                sgemm(
+                    Op::N,
+                    Op::N,
+                    t,
+                    din,
+                    dout,
+                    1.0,
+                    &dy.buf,
+                    &w.buf,
+                    0.0,
+                    &mut dx,
+                );
                 Ok(Some(new(dx, &[t, din])))
             }
         }
@@ -171,7 +210,18 @@ impl Backend for Cpu {
             return Err(Error::shape("x", format!("[{t}, in]"), x.shape()));
         }
         dw.expect_shape("dw", &[dout, din])?;
-        sgemm(Op::T, Op::N, dout, din, t, 1.0, &dy.buf, &x.buf, 1.0, &mut dw.buf);
+        sgemm(
+            Op::T,
+            Op::N,
+            dout,
+            din,
+            t,
+            1.0,
+            &dy.buf,
+            &x.buf,
+            1.0,
+            &mut dw.buf,
+        );
         Ok(())
     }
 
@@ -208,9 +258,31 @@ impl Backend for Cpu {
         let mut y = self.linear(x, w0, bias)?;
         // h = x A^T  [T, r]
         let mut h = vec![0.0f32; t * r];
-        sgemm(Op::N, Op::T, t, r, din, 1.0, &x.buf, &lora_a.buf, 0.0, &mut h);
+        sgemm(
+            Op::N,
+            Op::T,
+            t,
+            r,
+            din,
+            1.0,
+            &x.buf,
+            &lora_a.buf,
+            0.0,
+            &mut h,
+        );
         // y += s h B^T  (accumulated straight into y: no [T, out] temporary)
-        sgemm(Op::N, Op::T, t, dout, r, scaling, &h, &lora_b.buf, 1.0, &mut y.buf);
+        sgemm(
+            Op::N,
+            Op::T,
+            t,
+            dout,
+            r,
+            scaling,
+            &h,
+            &lora_b.buf,
+            1.0,
+            &mut y.buf,
+        );
         Ok((y, new(h, &[t, r])))
     }
 
@@ -230,16 +302,60 @@ impl Backend for Cpu {
         h.expect_shape("h", &[t, r])?;
         // g = dy B  [T, r]
         let mut g = vec![0.0f32; t * r];
-        sgemm(Op::N, Op::N, t, r, dout, 1.0, &dy.buf, &lora_b.buf, 0.0, &mut g);
+        sgemm(
+            Op::N,
+            Op::N,
+            t,
+            r,
+            dout,
+            1.0,
+            &dy.buf,
+            &lora_b.buf,
+            0.0,
+            &mut g,
+        );
         // dx = dy W0 + s g A
         let mut dx = vec![0.0f32; t * din];
-        sgemm(Op::N, Op::N, t, din, dout, 1.0, &dy.buf, &w0.buf, 0.0, &mut dx);
-        sgemm(Op::N, Op::N, t, din, r, scaling, &g, &lora_a.buf, 1.0, &mut dx);
+        sgemm(
+            Op::N,
+            Op::N,
+            t,
+            din,
+            dout,
+            1.0,
+            &dy.buf,
+            &w0.buf,
+            0.0,
+            &mut dx,
+        );
+        sgemm(
+            Op::N,
+            Op::N,
+            t,
+            din,
+            r,
+            scaling,
+            &g,
+            &lora_a.buf,
+            1.0,
+            &mut dx,
+        );
         // dA = s g^T x  [r, in];  dB = s dy^T h  [out, r]
         let mut da = vec![0.0f32; r * din];
         sgemm(Op::T, Op::N, r, din, t, scaling, &g, &x.buf, 0.0, &mut da);
         let mut db = vec![0.0f32; dout * r];
-        sgemm(Op::T, Op::N, dout, r, t, scaling, &dy.buf, &h.buf, 0.0, &mut db);
+        sgemm(
+            Op::T,
+            Op::N,
+            dout,
+            r,
+            t,
+            scaling,
+            &dy.buf,
+            &h.buf,
+            0.0,
+            &mut db,
+        );
         Ok((new(dx, &[t, din]), new(da, &[r, din]), new(db, &[dout, r])))
     }
 

@@ -86,7 +86,11 @@ pub(super) fn rmsnorm_backward(
         });
     if let Some(dw) = dweight {
         dw.expect_shape("dweight", &[d])?;
-        for ((xr, dyr), &r) in x.buf.chunks(d.max(1)).zip(dy.buf.chunks(d.max(1))).zip(&rstd.buf)
+        for ((xr, dyr), &r) in x
+            .buf
+            .chunks(d.max(1))
+            .zip(dy.buf.chunks(d.max(1)))
+            .zip(&rstd.buf)
         {
             for ((o, &xv), &g) in dw.buf.iter_mut().zip(xr).zip(dyr) {
                 *o += g * xv * r;
@@ -112,7 +116,7 @@ pub(super) fn rope(
     inverse: bool,
 ) -> Result<()> {
     let (t, width) = x.dims2("x")?;
-    if head_dim == 0 || head_dim % 2 != 0 || width % head_dim != 0 {
+    if head_dim == 0 || !head_dim.is_multiple_of(2) || width % head_dim != 0 {
         return Err(Error::arg(
             "head_dim",
             format!("{head_dim} must be even and divide the row width {width}"),
@@ -160,7 +164,7 @@ fn check_attention(
     n_kv_heads: usize,
 ) -> Result<(usize, usize, usize)> {
     let (t, qw) = q.dims2("q")?;
-    if n_heads == 0 || n_kv_heads == 0 || n_heads % n_kv_heads != 0 || qw % n_heads != 0 {
+    if n_heads == 0 || n_kv_heads == 0 || !n_heads.is_multiple_of(n_kv_heads) || qw % n_heads != 0 {
         return Err(Error::arg(
             "n_heads",
             format!("{n_heads} query heads, {n_kv_heads} kv heads for q width {qw}"),
