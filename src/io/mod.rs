@@ -1,0 +1,5 @@
+//! File formats: GGUF model files, PEFT adapter folders, safetensors helpers.
+
+pub mod fetch;
+pub mod gguf;
+pub mod peft;

@@ -1,0 +1,599 @@
+//! `adapter_config.json`: [`AdapterConfig`], read and written the way PEFT 0.21.2 does.
+
+use super::{CONFIG_NAME, PEFT_VERSION};
+use crate::adapter::LoraConfig;
+use crate::error::{Error, Result};
+use crate::model::llama::PROJ_NAMES;
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+use std::collections::BTreeMap;
+use std::io::Write;
+
+/// PEFT's `target_modules`: a list of module names, or one regex string.
+///
+/// A list entry matches a module whose path equals it or ends with `.` + it (PEFT
+/// `check_target_module_exists`); a string is a Python regex that must match the whole path.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum TargetModules {
+    /// Module names, e.g. `["q_proj", "v_proj"]` (PEFT keeps a set; lorafuse writes it sorted).
+    List(Vec<String>),
+    /// A regex over the full module path, kept verbatim. lorafuse has no regex engine, so it
+    /// does not check modules against it.
+    Regex(String),
+}
+
+impl TargetModules {
+    /// Whether a list entry names the module at `path` (PEFT's suffix rule). `None` for a regex.
+    pub fn matches(&self, path: &str) -> Option<bool> {
+        match self {
+            TargetModules::List(names) => Some(names.iter().any(|n| suffix_match(path, n))),
+            TargetModules::Regex(_) => None,
+        }
+    }
+}
+
+/// `path == name` or `path` ends with `.name`.
+pub(super) fn suffix_match(path: &str, name: &str) -> bool {
+    path == name
+        || path
+            .strip_suffix(name)
+            .is_some_and(|head| head.ends_with('.'))
+}
+
+/// The contents of a PEFT `adapter_config.json`.
+///
+/// The fields lorafuse reads are typed; every other key (and a `null` given for a typed key) is
+/// kept in [`extra`](Self::extra), so a config read and written back keeps all of its keys and
+/// values. A typed field left `None` means "absent from the file": the accessors ([`rank`],
+/// [`alpha`], ...) then give PEFT's `LoraConfig` default, and serialization leaves the key out
+/// (except the base `PeftConfig` keys `task_type` and `base_model_name_or_path`, written as
+/// `null`, as PEFT does).
+///
+/// Serde goes through a JSON object (`try_from`/`into` `Map<String, Value>`), which is how the
+/// typed keys and the kept ones (the flattened `extra`) share one object.
+///
+/// [`rank`]: Self::rank
+/// [`alpha`]: Self::alpha
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(try_from = "Map<String, Value>", into = "Map<String, Value>")]
+pub struct AdapterConfig {
+    /// `LORA`, `VERA`, `ADALORA`, ... (required, as in PEFT).
+    pub peft_type: String,
+    /// `CAUSAL_LM` etc.; `None` is written as `null`.
+    pub task_type: Option<String>,
+    /// The base model's hub id or path; `None` is written as `null`.
+    pub base_model_name_or_path: Option<String>,
+    /// PEFT sets this to `true` in every saved config; absent reads as `false`.
+    pub inference_mode: bool,
+    /// The PEFT version that wrote the file.
+    pub peft_version: Option<String>,
+    /// Rank r (PEFT default 8).
+    pub r: Option<usize>,
+    /// `lora_alpha` (PEFT default 8); written as an integer when it is one, like PEFT.
+    pub lora_alpha: Option<f64>,
+    /// rsLoRA: scaling `lora_alpha / sqrt(r)` instead of `lora_alpha / r` (default false).
+    pub use_rslora: Option<bool>,
+    /// DoRA (default false); not supported yet.
+    pub use_dora: Option<bool>,
+    /// The adapted modules.
+    pub target_modules: Option<TargetModules>,
+    /// Dropout on the LoRA input during training (default 0); no effect in eval.
+    pub lora_dropout: Option<f64>,
+    /// `none`, `all` or `lora_only` (default `none`); only `none` is supported.
+    pub bias: Option<String>,
+    /// GPT-2 `Conv1D` layout (default false); `true` is not supported.
+    pub fan_in_fan_out: Option<bool>,
+    /// Per-module ranks (default `{}`); must be empty for LoRA.
+    pub rank_pattern: Option<Map<String, Value>>,
+    /// Per-module alphas (default `{}`); must be empty for LoRA.
+    pub alpha_pattern: Option<Map<String, Value>>,
+    /// `true`, `false` or an init name (`gaussian`, `pissa`, ...); default `true`.
+    pub init_lora_weights: Option<Value>,
+    /// Every other key of the file, kept as it was.
+    pub extra: Map<String, Value>,
+}
+
+/// Removes `key` from `m` and parses it. A `null` stays in `m` (so it is written back) and
+/// reads as `None`.
+fn take<T: serde::de::DeserializeOwned>(
+    m: &mut Map<String, Value>,
+    key: &str,
+) -> Result<Option<T>, String> {
+    match m.remove(key) {
+        None => Ok(None),
+        Some(Value::Null) => {
+            m.insert(key.to_string(), Value::Null);
+            Ok(None)
+        }
+        Some(v) => serde_json::from_value(v.clone())
+            .map(Some)
+            .map_err(|e| format!("field `{key}`: {e} (got {v})")),
+    }
+}
+
+impl TryFrom<Map<String, Value>> for AdapterConfig {
+    type Error = String;
+
+    fn try_from(mut m: Map<String, Value>) -> Result<Self, String> {
+        let peft_type: String = take(&mut m, "peft_type")?
+            .ok_or_else(|| "missing field `peft_type` (every PEFT config has one)".to_string())?;
+        // `null` for these is written back from the typed field, no need to keep it in extra.
+        let task_type = take(&mut m, "task_type")?;
+        let base_model_name_or_path = take(&mut m, "base_model_name_or_path")?;
+        let inference_mode = take(&mut m, "inference_mode")?;
+        for k in ["task_type", "base_model_name_or_path", "inference_mode"] {
+            if m.get(k) == Some(&Value::Null) {
+                m.remove(k);
+            }
+        }
+        Ok(AdapterConfig {
+            peft_type,
+            task_type,
+            base_model_name_or_path,
+            inference_mode: inference_mode.unwrap_or(false),
+            peft_version: take(&mut m, "peft_version")?,
+            r: take(&mut m, "r")?,
+            lora_alpha: take(&mut m, "lora_alpha")?,
+            use_rslora: take(&mut m, "use_rslora")?,
+            use_dora: take(&mut m, "use_dora")?,
+            target_modules: take(&mut m, "target_modules")?,
+            lora_dropout: take(&mut m, "lora_dropout")?,
+            bias: take(&mut m, "bias")?,
+            fan_in_fan_out: take(&mut m, "fan_in_fan_out")?,
+            rank_pattern: take(&mut m, "rank_pattern")?,
+            alpha_pattern: take(&mut m, "alpha_pattern")?,
+            init_lora_weights: take(&mut m, "init_lora_weights")?,
+            extra: m,
+        })
+    }
+}
+
+/// A JSON number the way Python writes it: an integer when the value is one.
+fn py_number(x: f64) -> Value {
+    if x.is_finite() && x.fract() == 0.0 && x.abs() < 9.0e15 {
+        Value::from(x as i64)
+    } else {
+        Value::from(x)
+    }
+}
+
+impl From<AdapterConfig> for Map<String, Value> {
+    fn from(c: AdapterConfig) -> Self {
+        let mut m = c.extra;
+        let mut put = |k: &str, v: Option<Value>| {
+            if let Some(v) = v {
+                m.insert(k.to_string(), v);
+            }
+        };
+        put("peft_type", Some(Value::String(c.peft_type)));
+        put(
+            "task_type",
+            Some(c.task_type.map_or(Value::Null, Value::String)),
+        );
+        put(
+            "base_model_name_or_path",
+            Some(c.base_model_name_or_path.map_or(Value::Null, Value::String)),
+        );
+        put("inference_mode", Some(Value::Bool(c.inference_mode)));
+        put("peft_version", c.peft_version.map(Value::String));
+        put("r", c.r.map(Value::from));
+        put("lora_alpha", c.lora_alpha.map(py_number));
+        put("use_rslora", c.use_rslora.map(Value::Bool));
+        put("use_dora", c.use_dora.map(Value::Bool));
+        put(
+            "target_modules",
+            c.target_modules.map(|t| match t {
+                TargetModules::List(mut v) => {
+                    v.sort();
+                    v.dedup();
+                    Value::from(v)
+                }
+                TargetModules::Regex(s) => Value::String(s),
+            }),
+        );
+        put("lora_dropout", c.lora_dropout.map(Value::from));
+        put("bias", c.bias.map(Value::String));
+        put("fan_in_fan_out", c.fan_in_fan_out.map(Value::Bool));
+        put("rank_pattern", c.rank_pattern.map(Value::Object));
+        put("alpha_pattern", c.alpha_pattern.map(Value::Object));
+        put("init_lora_weights", c.init_lora_weights);
+        m
+    }
+}
+
+/// Every key PEFT 0.21.2 writes for a `LoraConfig`, with its default value (what
+/// `LoraConfig(...).save_pretrained` gives for keys the user did not set).
+fn lora_config_defaults() -> Map<String, Value> {
+    let v = serde_json::json!({
+        "alora_invocation_tokens": null,
+        "alpha_pattern": {},
+        "arrow_config": null,
+        "auto_mapping": null,
+        "base_model_name_or_path": null,
+        "bias": "none",
+        "corda_config": null,
+        "ensure_weight_tying": false,
+        "eva_config": null,
+        "exclude_modules": null,
+        "fan_in_fan_out": false,
+        "inference_mode": true,
+        "init_lora_weights": true,
+        "kasa_config": null,
+        "layer_replication": null,
+        "layers_pattern": null,
+        "layers_to_transform": null,
+        "loftq_config": {},
+        "lora_alpha": 8,
+        "lora_bias": false,
+        "lora_dropout": 0.0,
+        "lora_ga_config": null,
+        "megatron_config": null,
+        "megatron_core": "megatron.core",
+        "modules_to_save": null,
+        "monteclora_config": null,
+        "peft_type": "LORA",
+        "peft_version": PEFT_VERSION,
+        "qalora_group_size": 16,
+        "r": 8,
+        "rank_pattern": {},
+        "revision": null,
+        "target_modules": null,
+        "target_parameters": null,
+        "task_type": null,
+        "trainable_token_indices": null,
+        "use_bdlora": null,
+        "use_dora": false,
+        "use_qalora": false,
+        "use_rslora": false,
+        "velora_config": null
+    });
+    match v {
+        Value::Object(m) => m,
+        _ => unreachable!("a JSON object literal"),
+    }
+}
+
+/// True for JSON `null`, `false`, `{}`, `[]` and `""`: "not set" for a config switch.
+fn is_unset(v: &Value) -> bool {
+    match v {
+        Value::Null | Value::Bool(false) => true,
+        Value::Object(m) => m.is_empty(),
+        Value::Array(a) => a.is_empty(),
+        Value::String(s) => s.is_empty(),
+        Value::Number(_) | Value::Bool(true) => false,
+    }
+}
+
+impl AdapterConfig {
+    /// Rank r, or PEFT's default 8 when absent.
+    pub fn rank(&self) -> usize {
+        self.r.unwrap_or(8)
+    }
+
+    /// `lora_alpha`, or PEFT's default 8 when absent.
+    pub fn alpha(&self) -> f64 {
+        self.lora_alpha.unwrap_or(8.0)
+    }
+
+    /// Whether rsLoRA scaling is on (default false).
+    pub fn rslora(&self) -> bool {
+        self.use_rslora.unwrap_or(false)
+    }
+
+    /// The LoRA scaling, as PEFT's `LoraLayer.update_layer` computes it: `lora_alpha / r`, or
+    /// `lora_alpha / sqrt(r)` with `use_rslora`, in f64 and then rounded to f32 (the scalar is
+    /// applied to f32 tensors). Errors: r = 0 or a non-finite `lora_alpha`.
+    pub fn scaling(&self) -> Result<f32> {
+        let r = self.rank();
+        if r == 0 {
+            return Err(Error::arg("r", "LoRA rank r must be at least 1, got 0"));
+        }
+        let alpha = self.alpha();
+        if !alpha.is_finite() {
+            return Err(Error::arg(
+                "lora_alpha",
+                format!("must be finite, got {alpha}"),
+            ));
+        }
+        let s = if self.rslora() {
+            alpha / (r as f64).sqrt()
+        } else {
+            alpha / r as f64
+        };
+        Ok(s as f32)
+    }
+
+    /// Checks that lorafuse can apply this adapter exactly as PEFT would: a plain LoRA or rsLoRA
+    /// adapter on `nn.Linear` layers.
+    ///
+    /// Errors (each naming the setting): a `peft_type` other than `LORA` (DoRA, VeRA and AdaLoRA
+    /// say "not supported yet"), `use_dora` or another LoRA variant (aLoRA, VeLoRA, MonteCLoRA,
+    /// BD-LoRA, Arrow, KaSA, MiCA, QALoRA), `fan_in_fan_out: true`, `bias` other than `none`,
+    /// `lora_bias: true`, a non-empty `rank_pattern` or `alpha_pattern`, `layers_to_transform`,
+    /// `layer_replication`, `modules_to_save`, `trainable_token_indices`, `target_parameters`,
+    /// an `init_lora_weights` (PiSSA, OLoRA, CorDA, LoftQ, LoRA-GA) whose adapter only works on
+    /// the base weights PEFT rewrote, r = 0, or a non-finite `lora_alpha`.
+    /// `lora_dropout` is accepted: it has no effect outside training.
+    pub fn check_lora_supported(&self) -> Result<()> {
+        let later =
+            "lorafuse applies LoRA and rsLoRA adapters now; DoRA, VeRA and AdaLoRA come later";
+        match self.peft_type.as_str() {
+            "LORA" => {}
+            t @ ("VERA" | "ADALORA") => {
+                return Err(Error::arg(
+                    "peft_type",
+                    format!("peft_type `{t}` is not supported yet ({later})"),
+                ));
+            }
+            t => {
+                return Err(Error::arg(
+                    "peft_type",
+                    format!("peft_type `{t}` is not supported (lorafuse applies LoRA adapters)"),
+                ));
+            }
+        }
+        if self.use_dora == Some(true) {
+            return Err(Error::arg(
+                "use_dora",
+                format!("DoRA adapters (use_dora: true) are not supported yet ({later})"),
+            ));
+        }
+        for (key, what) in [
+            ("alora_invocation_tokens", "aLoRA"),
+            ("velora_config", "VeLoRA"),
+            ("monteclora_config", "MonteCLoRA"),
+            ("use_bdlora", "BD-LoRA"),
+            ("arrow_config", "Arrow routing"),
+            ("kasa_config", "KaSA"),
+            ("use_qalora", "QALoRA"),
+        ] {
+            if let Some(v) = self.extra.get(key).filter(|v| !is_unset(v)) {
+                return Err(Error::arg(
+                    key,
+                    format!("{what} adapters ({key}: {v}) are not supported yet ({later})"),
+                ));
+            }
+        }
+        if self.fan_in_fan_out == Some(true) {
+            return Err(Error::arg(
+                "fan_in_fan_out",
+                "fan_in_fan_out: true (GPT-2 Conv1D weight layout) is not supported; lorafuse \
+                 layers are nn.Linear [out, in]",
+            ));
+        }
+        if let Some(b) = self.bias.as_deref().filter(|b| *b != "none") {
+            return Err(Error::arg(
+                "bias",
+                format!("bias `{b}` (trained base biases) is not supported; only `none` is"),
+            ));
+        }
+        if self.extra.get("lora_bias").is_some_and(|v| !is_unset(v)) {
+            return Err(Error::arg(
+                "lora_bias",
+                "lora_bias: true (a bias on lora_B) is not supported",
+            ));
+        }
+        for (key, pat) in [
+            ("rank_pattern", &self.rank_pattern),
+            ("alpha_pattern", &self.alpha_pattern),
+        ] {
+            if let Some(p) = pat.as_ref().filter(|p| !p.is_empty()) {
+                let keys: Vec<&String> = p.keys().collect();
+                return Err(Error::arg(
+                    key,
+                    format!(
+                        "per-module {key} {keys:?} is not supported yet; every module must use \
+                         r and lora_alpha"
+                    ),
+                ));
+            }
+        }
+        for (key, what) in [
+            ("layers_to_transform", "adapting only some layers"),
+            ("layer_replication", "layer replication"),
+            ("modules_to_save", "fully trained extra modules"),
+            ("trainable_token_indices", "trainable tokens"),
+            ("target_parameters", "LoRA on nn.Parameter targets"),
+        ] {
+            if let Some(v) = self.extra.get(key).filter(|v| !is_unset(v)) {
+                return Err(Error::arg(
+                    key,
+                    format!("{key}: {v} ({what}) is not supported"),
+                ));
+            }
+        }
+        match &self.init_lora_weights {
+            None | Some(Value::Bool(_)) => {}
+            Some(Value::String(s)) if matches!(s.as_str(), "gaussian" | "eva" | "orthogonal") => {}
+            Some(Value::String(s))
+                if s.starts_with("pissa")
+                    || ["olora", "corda", "loftq", "lora_ga"]
+                        .contains(&s.to_lowercase().as_str()) =>
+            {
+                return Err(Error::arg(
+                    "init_lora_weights",
+                    format!(
+                        "init_lora_weights `{s}` rewrites the base weights, so this adapter only \
+                         fits PEFT's modified base model; save it from PEFT with \
+                         path_initial_model_for_weight_conversion to get a plain LoRA adapter"
+                    ),
+                ));
+            }
+            Some(v) => {
+                return Err(Error::arg(
+                    "init_lora_weights",
+                    format!("init_lora_weights {v} is not supported yet ({later})"),
+                ));
+            }
+        }
+        self.scaling()?;
+        Ok(())
+    }
+
+    /// The config as lorafuse's [`LoraConfig`]. Errors: as [`check_lora_supported`], and a
+    /// regex or missing `target_modules`.
+    ///
+    /// [`check_lora_supported`]: Self::check_lora_supported
+    pub fn to_lora_config(&self) -> Result<LoraConfig> {
+        self.check_lora_supported()?;
+        let target_modules = match &self.target_modules {
+            Some(TargetModules::List(v)) => v.clone(),
+            Some(TargetModules::Regex(s)) => {
+                return Err(Error::arg(
+                    "target_modules",
+                    format!("a regex ({s:?}) cannot be turned into a module list"),
+                ));
+            }
+            None => return Err(Error::arg("target_modules", "missing")),
+        };
+        let cfg = LoraConfig {
+            r: self.rank(),
+            lora_alpha: self.alpha() as f32,
+            use_rslora: self.rslora(),
+            target_modules,
+        };
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    /// The `adapter_config.json` text PEFT would write: `json.dumps(d, indent=2,
+    /// sort_keys=True)` (non-ASCII escaped, no trailing newline). For a `LORA` config, every key
+    /// PEFT 0.21.2 writes is present, missing ones filled with `LoraConfig`'s defaults.
+    pub fn to_peft_json(&self) -> Result<String> {
+        let mut m: Map<String, Value> = self.clone().into();
+        if self.peft_type == "LORA" {
+            for (k, v) in lora_config_defaults() {
+                m.entry(k).or_insert(v);
+            }
+        }
+        // Sort explicitly: serde_json's Map is only sorted without `preserve_order`.
+        let sorted: BTreeMap<String, Value> = m.into_iter().collect();
+        let mut out = Vec::new();
+        let mut ser = serde_json::Serializer::with_formatter(&mut out, PyJsonFormatter::new());
+        sorted.serialize(&mut ser).map_err(|e| Error::Json {
+            context: CONFIG_NAME.into(),
+            msg: e.to_string(),
+        })?;
+        String::from_utf8(out).map_err(|e| Error::Json {
+            context: CONFIG_NAME.into(),
+            msg: e.to_string(),
+        })
+    }
+}
+
+/// serde_json's pretty printer (2-space indent, `": "`) plus Python's `ensure_ascii=True`:
+/// non-ASCII characters are written as `\uXXXX` (UTF-16), as `json.dumps` does by default.
+struct PyJsonFormatter(serde_json::ser::PrettyFormatter<'static>);
+
+impl PyJsonFormatter {
+    fn new() -> Self {
+        PyJsonFormatter(serde_json::ser::PrettyFormatter::with_indent(b"  "))
+    }
+}
+
+impl serde_json::ser::Formatter for PyJsonFormatter {
+    fn begin_array<W: ?Sized + Write>(&mut self, w: &mut W) -> std::io::Result<()> {
+        self.0.begin_array(w)
+    }
+    fn end_array<W: ?Sized + Write>(&mut self, w: &mut W) -> std::io::Result<()> {
+        self.0.end_array(w)
+    }
+    fn begin_array_value<W: ?Sized + Write>(
+        &mut self,
+        w: &mut W,
+        first: bool,
+    ) -> std::io::Result<()> {
+        self.0.begin_array_value(w, first)
+    }
+    fn end_array_value<W: ?Sized + Write>(&mut self, w: &mut W) -> std::io::Result<()> {
+        self.0.end_array_value(w)
+    }
+    fn begin_object<W: ?Sized + Write>(&mut self, w: &mut W) -> std::io::Result<()> {
+        self.0.begin_object(w)
+    }
+    fn end_object<W: ?Sized + Write>(&mut self, w: &mut W) -> std::io::Result<()> {
+        self.0.end_object(w)
+    }
+    fn begin_object_key<W: ?Sized + Write>(
+        &mut self,
+        w: &mut W,
+        first: bool,
+    ) -> std::io::Result<()> {
+        self.0.begin_object_key(w, first)
+    }
+    fn begin_object_value<W: ?Sized + Write>(&mut self, w: &mut W) -> std::io::Result<()> {
+        self.0.begin_object_value(w)
+    }
+    fn end_object_value<W: ?Sized + Write>(&mut self, w: &mut W) -> std::io::Result<()> {
+        self.0.end_object_value(w)
+    }
+    fn write_string_fragment<W: ?Sized + Write>(
+        &mut self,
+        w: &mut W,
+        fragment: &str,
+    ) -> std::io::Result<()> {
+        for ch in fragment.chars() {
+            if ch.is_ascii() {
+                w.write_all(&[ch as u8])?;
+            } else {
+                let mut buf = [0u16; 2];
+                for unit in ch.encode_utf16(&mut buf) {
+                    write!(w, "\\u{unit:04x}")?;
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The PEFT config of a lorafuse LoRA: `peft_type` `LORA`, `task_type` `CAUSAL_LM`, r,
+/// `lora_alpha`, `use_rslora`, the target modules (sorted; the short forms `q`, `gate`, ...
+/// that lorafuse accepts become PEFT's `q_proj`, `gate_proj`, ...), `inference_mode: true` and
+/// `peft_version` [`PEFT_VERSION`]. Every other key takes `LoraConfig`'s default when saved.
+pub fn adapter_config_for(
+    lora: &LoraConfig,
+    base_model_name_or_path: Option<String>,
+) -> AdapterConfig {
+    let mut targets: Vec<String> = lora
+        .target_modules
+        .iter()
+        .map(|t| {
+            let t = t.trim();
+            let long = format!("{t}_proj");
+            if !PROJ_NAMES.contains(&t) && PROJ_NAMES.contains(&long.as_str()) {
+                long
+            } else {
+                t.to_string()
+            }
+        })
+        .collect();
+    targets.sort();
+    targets.dedup();
+    let mut cfg = AdapterConfig {
+        peft_type: "LORA".into(),
+        task_type: Some("CAUSAL_LM".into()),
+        base_model_name_or_path,
+        inference_mode: true,
+        peft_version: Some(PEFT_VERSION.into()),
+        r: Some(lora.r),
+        lora_alpha: Some(lora.lora_alpha as f64),
+        use_rslora: Some(lora.use_rslora),
+        use_dora: Some(false),
+        target_modules: Some(TargetModules::List(targets)),
+        lora_dropout: Some(0.0),
+        bias: Some("none".into()),
+        fan_in_fan_out: Some(false),
+        rank_pattern: Some(Map::new()),
+        alpha_pattern: Some(Map::new()),
+        init_lora_weights: Some(Value::Bool(true)),
+        extra: Map::new(),
+    };
+    // Every other key PEFT writes, with its default, so that this equals the config read back.
+    let typed: Map<String, Value> = cfg.clone().into();
+    cfg.extra = lora_config_defaults()
+        .into_iter()
+        .filter(|(k, _)| !typed.contains_key(k))
+        .collect();
+    cfg
+}
