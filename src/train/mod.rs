@@ -1,0 +1,7 @@
+//! Fine-tuning: datasets, optimizer, learning-rate schedule and the training loop.
+
+pub mod data;
+pub mod optim;
+pub mod report;
+pub mod schedule;
+pub mod trainer;

@@ -1,0 +1,119 @@
+//! Reports of a run: the loss-curve PNG (plotters) and atomic JSON writing.
+
+use crate::error::{Error, Result};
+use crate::train::trainer::Metrics;
+use plotters::prelude::*;
+use std::path::Path;
+
+/// DejaVu Sans Mono (Bitstream Vera licence, data/fonts/LICENSE-DejaVu.txt), embedded so the
+/// chart renders the same on every machine without system fonts.
+static FONT: &[u8] = include_bytes!("../../data/fonts/DejaVuSansMono.ttf");
+
+fn plot_err(path: &Path, e: impl std::fmt::Display) -> Error {
+    Error::format(path, format!("cannot draw chart: {e}"))
+}
+
+/// Draws the per-step training loss (and the eval losses before/after as markers) to a PNG of
+/// 900x540 pixels, written atomically. Errors: no steps, or drawing/writing failed.
+pub fn write_loss_png(path: &Path, metrics: &Metrics, title: &str) -> Result<()> {
+    if metrics.steps.is_empty() {
+        return Err(Error::arg("metrics", "no step to plot"));
+    }
+    // Registering twice is harmless; plotters keeps the first registration.
+    let _ = plotters::style::register_font("sans-serif", FontStyle::Normal, FONT);
+    let tmp = tmp_path(path);
+    {
+        let root = BitMapBackend::new(&tmp, (900, 540)).into_drawing_area();
+        root.fill(&WHITE).map_err(|e| plot_err(path, e))?;
+        let losses: Vec<(f64, f64)> = metrics
+            .steps
+            .iter()
+            .map(|s| (s.step as f64 + 1.0, s.loss))
+            .collect();
+        let mut lo = losses.iter().map(|p| p.1).fold(f64::INFINITY, f64::min);
+        let mut hi = losses.iter().map(|p| p.1).fold(f64::NEG_INFINITY, f64::max);
+        for e in [metrics.eval_loss_before, metrics.eval_loss_after]
+            .into_iter()
+            .flatten()
+        {
+            lo = lo.min(e);
+            hi = hi.max(e);
+        }
+        let pad = ((hi - lo) * 0.08).max(1e-3);
+        let n = losses.len() as f64;
+        let mut chart = ChartBuilder::on(&root)
+            .caption(title, ("sans-serif", 22))
+            .margin(12)
+            .x_label_area_size(40)
+            .y_label_area_size(60)
+            .build_cartesian_2d(0.0..n + 1.0, (lo - pad)..(hi + pad))
+            .map_err(|e| plot_err(path, e))?;
+        chart
+            .configure_mesh()
+            .x_desc("step")
+            .y_desc("loss (nats / target token)")
+            .draw()
+            .map_err(|e| plot_err(path, e))?;
+        chart
+            .draw_series(LineSeries::new(losses, &BLUE))
+            .map_err(|e| plot_err(path, e))?
+            .label("train loss (batch)")
+            .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], BLUE));
+        let evals: Vec<(f64, f64)> = [
+            metrics.eval_loss_before.map(|v| (0.0, v)),
+            metrics.eval_loss_after.map(|v| (n, v)),
+        ]
+        .into_iter()
+        .flatten()
+        .collect();
+        if !evals.is_empty() {
+            chart
+                .draw_series(evals.into_iter().map(|p| Circle::new(p, 6, RED.filled())))
+                .map_err(|e| plot_err(path, e))?
+                .label("eval loss (before, after)")
+                .legend(|(x, y)| Circle::new((x + 10, y), 5, RED.filled()));
+        }
+        chart
+            .configure_series_labels()
+            .border_style(BLACK)
+            .background_style(WHITE.mix(0.8))
+            .draw()
+            .map_err(|e| plot_err(path, e))?;
+        root.present().map_err(|e| plot_err(path, e))?;
+    }
+    std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e))
+}
+
+fn tmp_path(path: &Path) -> std::path::PathBuf {
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    // Keep the extension last: plotters picks the image format from it.
+    path.with_file_name(format!(".tmp-{}-{name}", std::process::id()))
+}
+
+/// Writes bytes to `path` atomically: a temporary sibling file, fsync, then rename.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    use std::io::Write;
+    let tmp = tmp_path(path);
+    let res = (|| {
+        let mut f = std::fs::File::create(&tmp)?;
+        f.write_all(bytes)?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, path)
+    })();
+    if res.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    res.map_err(|e| Error::io(path, e))
+}
+
+/// Writes a value as pretty JSON, atomically.
+pub fn write_json<T: serde::Serialize>(path: &Path, value: &T) -> Result<()> {
+    let s = serde_json::to_string_pretty(value).map_err(|e| Error::Json {
+        context: path.display().to_string(),
+        msg: e.to_string(),
+    })?;
+    write_atomic(path, s.as_bytes())
+}

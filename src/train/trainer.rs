@@ -1,0 +1,255 @@
+//! The training loop: batches in a seeded order, forward + backward, AdamW with a linear
+//! warmup/decay schedule, evaluation before and after, and the metrics written to JSON.
+
+use crate::backend::Backend;
+use crate::error::{Error, Result};
+use crate::model::llama::{Llama, PackedBatch};
+use crate::train::data::{Example, shuffled_order};
+use crate::train::optim::AdamW;
+use crate::train::schedule::LinearWarmupDecay;
+use serde::{Deserialize, Serialize};
+use std::time::Instant;
+
+/// Optimization hyperparameters. Defaults are lorafuse's `finetune` defaults.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct TrainConfig {
+    /// Optimizer steps.
+    pub steps: usize,
+    /// Examples per step.
+    pub batch_size: usize,
+    /// Peak learning rate.
+    pub lr: f32,
+    /// Linear warmup steps (transformers' `get_linear_schedule_with_warmup`).
+    pub warmup_steps: usize,
+    pub beta1: f32,
+    pub beta2: f32,
+    pub eps: f32,
+    pub weight_decay: f32,
+    /// Seed of the data order ([`shuffled_order`]).
+    pub seed: u64,
+    /// Examples per evaluation batch (does not change the eval loss, only the work per call).
+    pub eval_batch_size: usize,
+}
+
+impl Default for TrainConfig {
+    fn default() -> Self {
+        TrainConfig {
+            steps: 60,
+            batch_size: 8,
+            lr: 2e-4,
+            warmup_steps: 5,
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+            weight_decay: 0.0,
+            seed: 42,
+            eval_batch_size: 16,
+        }
+    }
+}
+
+impl TrainConfig {
+    /// Errors: zero steps or batch size, a non-finite or negative learning rate.
+    pub fn validate(&self) -> Result<()> {
+        if self.steps == 0 {
+            return Err(Error::arg("steps", "must be at least 1"));
+        }
+        if self.batch_size == 0 || self.eval_batch_size == 0 {
+            return Err(Error::arg("batch_size", "must be at least 1"));
+        }
+        if !self.lr.is_finite() || self.lr < 0.0 {
+            return Err(Error::arg(
+                "lr",
+                format!("{} is not a valid learning rate", self.lr),
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// What one optimizer step did.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct StepMetric {
+    /// 0-based step.
+    pub step: usize,
+    /// Token-weighted mean cross-entropy of the batch (nats).
+    pub loss: f64,
+    /// Learning rate used.
+    pub lr: f32,
+    /// Tokens in the batch (no padding exists in packed batches).
+    pub tokens: usize,
+    /// Target tokens in the batch.
+    pub targets: usize,
+    /// Wall-clock seconds of the step (forward, backward, optimizer).
+    pub seconds: f64,
+}
+
+/// Everything `lorafuse finetune` reports, written to `metrics.json`.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct Metrics {
+    pub steps: Vec<StepMetric>,
+    /// Token-weighted eval loss before training (nats).
+    pub eval_loss_before: Option<f64>,
+    /// Token-weighted eval loss after training (nats).
+    pub eval_loss_after: Option<f64>,
+    /// Training tokens per second over all steps.
+    pub tokens_per_s: f64,
+    /// Median seconds per step.
+    pub seconds_per_step_median: f64,
+    /// Mean seconds per step.
+    pub seconds_per_step_mean: f64,
+    /// Seconds of each evaluation pass.
+    pub eval_seconds: Vec<f64>,
+    /// Peak resident set size of the process (bytes), from /proc/self/status `VmHWM`.
+    pub peak_rss_bytes: Option<u64>,
+    pub trainable_params: usize,
+    pub total_params: usize,
+}
+
+/// Token-weighted mean cross-entropy over all targets of `examples` (eval mode).
+/// Errors: the examples hold no target token.
+pub fn evaluate<B: Backend>(
+    be: &B,
+    model: &Llama<B>,
+    examples: &[Example],
+    batch_size: usize,
+) -> Result<f64> {
+    let mut sum = 0.0;
+    let mut count = 0usize;
+    for chunk in examples.chunks(batch_size.max(1)) {
+        let batch = pack(chunk.iter())?;
+        let (s, n) = model.loss(be, &batch)?;
+        sum += s;
+        count += n;
+    }
+    if count == 0 {
+        return Err(Error::Data("evaluation set has no target token".into()));
+    }
+    Ok(sum / count as f64)
+}
+
+fn pack<'a>(examples: impl Iterator<Item = &'a Example>) -> Result<PackedBatch> {
+    PackedBatch::from_examples(examples.map(|e| (&e.input_ids[..], &e.labels[..])))
+}
+
+/// Trains the model's adapters on `train`, evaluating on `eval` before and after (skipped when
+/// `eval` is empty). `on_step` sees each step as it ends (for a progress bar).
+/// Errors: invalid config, an empty training set, a non-finite loss.
+pub fn train<B: Backend>(
+    be: &B,
+    model: &mut Llama<B>,
+    train: &[Example],
+    eval: &[Example],
+    cfg: &TrainConfig,
+    mut on_step: impl FnMut(&StepMetric),
+) -> Result<Metrics> {
+    cfg.validate()?;
+    if train.is_empty() {
+        return Err(Error::Data("training set is empty".into()));
+    }
+    let trainable = model.n_trainable();
+    if trainable == 0 {
+        return Err(Error::arg(
+            "model",
+            "no trainable parameter (no adapter attached)",
+        ));
+    }
+    let mut metrics = Metrics {
+        trainable_params: trainable,
+        total_params: model.n_base_params() + trainable,
+        ..Default::default()
+    };
+    if !eval.is_empty() {
+        let t = Instant::now();
+        metrics.eval_loss_before = Some(evaluate(be, model, eval, cfg.eval_batch_size)?);
+        metrics.eval_seconds.push(t.elapsed().as_secs_f64());
+    }
+    let shapes: Vec<Vec<usize>> = model
+        .trainable_params()
+        .iter()
+        .map(|(_, t)| t.shape().to_vec())
+        .collect();
+    let mut opt = AdamW::new(
+        be,
+        &shapes,
+        (cfg.beta1, cfg.beta2),
+        cfg.eps,
+        cfg.weight_decay,
+    )?;
+    let sched = LinearWarmupDecay {
+        peak_lr: cfg.lr,
+        warmup_steps: cfg.warmup_steps,
+        total_steps: cfg.steps,
+    };
+    // The data order: seeded permutations, one per epoch, consumed batch_size at a time.
+    let mut epoch = 0u64;
+    let mut order = shuffled_order(train.len(), cfg.seed, epoch);
+    let mut cursor = 0usize;
+    for step in 0..cfg.steps {
+        let t0 = Instant::now();
+        let mut picked = Vec::with_capacity(cfg.batch_size);
+        while picked.len() < cfg.batch_size {
+            if cursor == order.len() {
+                epoch += 1;
+                order = shuffled_order(train.len(), cfg.seed, epoch);
+                cursor = 0;
+            }
+            picked.push(&train[order[cursor]]);
+            cursor += 1;
+        }
+        let batch = pack(picked.into_iter())?;
+        let out = model.loss_and_grads(be, &batch)?;
+        let loss = out.loss_sum / out.n_targets as f64;
+        if !loss.is_finite() {
+            return Err(Error::Data(format!("loss became {loss} at step {step}")));
+        }
+        let lr = sched.lr(step);
+        opt.step(be, model.trainable_params_mut(), &out.grads, lr)?;
+        let m = StepMetric {
+            step,
+            loss,
+            lr,
+            tokens: batch.n_tokens(),
+            targets: out.n_targets,
+            seconds: t0.elapsed().as_secs_f64(),
+        };
+        on_step(&m);
+        metrics.steps.push(m);
+    }
+    if !eval.is_empty() {
+        let t = Instant::now();
+        metrics.eval_loss_after = Some(evaluate(be, model, eval, cfg.eval_batch_size)?);
+        metrics.eval_seconds.push(t.elapsed().as_secs_f64());
+    }
+    let secs: Vec<f64> = metrics.steps.iter().map(|s| s.seconds).collect();
+    let total: f64 = secs.iter().sum();
+    let tokens: usize = metrics.steps.iter().map(|s| s.tokens).sum();
+    metrics.tokens_per_s = tokens as f64 / total.max(1e-9);
+    metrics.seconds_per_step_mean = total / secs.len() as f64;
+    metrics.seconds_per_step_median = median(&secs);
+    metrics.peak_rss_bytes = peak_rss_bytes();
+    Ok(metrics)
+}
+
+/// Median of a non-empty slice (mean of the middle two for even lengths); 0 when empty.
+pub fn median(v: &[f64]) -> f64 {
+    if v.is_empty() {
+        return 0.0;
+    }
+    let mut s = v.to_vec();
+    s.sort_by(|a, b| a.total_cmp(b));
+    let n = s.len();
+    if n % 2 == 1 {
+        s[n / 2]
+    } else {
+        (s[n / 2 - 1] + s[n / 2]) / 2.0
+    }
+}
+
+/// Peak resident set size of this process in bytes (Linux `VmHWM`); `None` elsewhere.
+pub fn peak_rss_bytes() -> Option<u64> {
+    let s = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = s.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
+}
