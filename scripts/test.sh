@@ -12,4 +12,4 @@ if [ -z "${LORAFUSE_MODEL:-}" ]; then
   LORAFUSE_MODEL="$(target/release/lorafuse fetch)"
   export LORAFUSE_MODEL
 fi
-cargo test --release --all-targets
+cargo test --release
