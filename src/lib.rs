@@ -36,6 +36,7 @@ pub mod backend;
 pub mod error;
 pub mod io;
 pub mod model;
+pub mod quant;
 pub mod train;
 
 pub use backend::{Backend, Tensor, cpu::Cpu};

@@ -1,5 +1,6 @@
 //! File formats: GGUF model files, PEFT adapter folders, safetensors helpers.
 
+pub mod bnb;
 pub mod fetch;
 pub mod gguf;
 pub mod peft;
