@@ -273,7 +273,11 @@ fn finetune(a: FinetuneArgs) -> Result<()> {
             };
             let rep = data::load_records(p, policy)?;
             for (loc, why) in &rep.skipped {
-                eprintln!("skipped record at {loc} of {}: {why}", p.display());
+                eprintln!(
+                    "skipped record at {} {loc} of {}: {why}",
+                    rep.format.location_name(),
+                    p.display()
+                );
             }
             rep.records
         }
