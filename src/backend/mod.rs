@@ -103,6 +103,40 @@ pub struct SeqSpan {
     pub len: usize,
 }
 
+/// Saved state of a DoRA forward pass ([`Backend::dora_forward`]), needed by its backward.
+pub struct DoraSaved<B: Backend> {
+    /// `h = x A^T`, `[T, r]`.
+    pub h: Tensor<B>,
+    /// The unscaled adapted output `z = x W0^T + s h B^T`, `[T, out]` (no bias), so that
+    /// `dm = sum_T(dy ⊙ z) / n` needs no recomputation of the base product.
+    pub z: Tensor<B>,
+}
+
+/// Gradients of one DoRA layer ([`Backend::dora_backward`]).
+pub struct DoraGrads<B: Backend> {
+    /// `dL/dx`, `[T, in]`.
+    pub dx: Tensor<B>,
+    /// `dL/d lora_A`, `[r, in]`.
+    pub d_lora_a: Tensor<B>,
+    /// `dL/d lora_B`, `[out, r]`.
+    pub d_lora_b: Tensor<B>,
+    /// `dL/d lora_magnitude_vector`, `[out]`.
+    pub d_magnitude: Tensor<B>,
+}
+
+/// Gradients of one AdaLoRA layer ([`Backend::adalora_backward`]).
+pub struct AdaLoraGrads<B: Backend> {
+    /// `dL/dx`, `[T, in]`.
+    pub dx: Tensor<B>,
+    /// `dL/d lora_A`, `[r, in]`.
+    pub d_lora_a: Tensor<B>,
+    /// `dL/d lora_B`, `[out, r]`.
+    pub d_lora_b: Tensor<B>,
+    /// `dL/d lora_E`, `[r, 1]`; non-zero for masked ranks too (masking zeroes E, not its
+    /// gradient).
+    pub d_lora_e: Tensor<B>,
+}
+
 /// One method per kernel. The CPU implementation is the reference.
 ///
 /// Every method checks its inputs' shapes and returns [`Error::Shape`] naming the argument when
@@ -204,6 +238,197 @@ pub trait Backend: Clone + Send + Sync + Sized + 'static {
         lora_a: &Tensor<Self>,
         lora_b: &Tensor<Self>,
         scaling: f32,
+        sign: f32,
+    ) -> Result<()>;
+
+    // ---- DoRA (PEFT `DoraLinearLayer`, Liu et al. 2024) ---------------------------------------
+
+    /// Squared L2 norm of each row of `w [out, in]` → `[out]`, accumulated in f64. For DoRA,
+    /// `||W0||_row^2` is computed once per frozen base weight and passed to
+    /// [`Backend::dora_weight_norm`].
+    fn row_sq_norms(&self, w: &Tensor<Self>) -> Result<Tensor<Self>>;
+
+    /// DoRA's weight norm `n = ||W0 + s B A||_row` (one per OUTPUT row, PEFT's `dim=1`),
+    /// `[out]`, by the low-rank identity
+    /// `n^2 = ||W0||_row^2 + 2 s rowdot(W0 A^T, B) + s^2 rowdot(B (A A^T), B)`.
+    ///
+    /// w0 `[out, in]`, w0_row_sq `[out]` (= `row_sq_norms(w0)`), lora_a `[r, in]`, lora_b
+    /// `[out, r]`. Never forms `B A` or any `[out, in]` temporary: one `[out,in]x[in,r]`
+    /// product, memory `O(out r + r^2)`. The norm is a constant for autograd (PEFT detaches it).
+    /// Numerics: the three terms are summed in f64 and clamped at 0 before the square root;
+    /// the absolute error of `n^2` is about `eps_f32 * (||W0||^2 + s^2 ||B A||^2)`, so a row
+    /// where `W0 + s B A` nearly cancels is known only to that absolute accuracy.
+    fn dora_weight_norm(
+        &self,
+        w0: &Tensor<Self>,
+        w0_row_sq: &Tensor<Self>,
+        lora_a: &Tensor<Self>,
+        lora_b: &Tensor<Self>,
+        scaling: f32,
+    ) -> Result<Tensor<Self>>;
+
+    /// Fused DoRA forward `y = k ⊙ (x W0^T + s (x A^T) B^T) + bias`, `k = m / n` per output
+    /// feature; the bias is NOT scaled by k (PEFT).
+    ///
+    /// x `[T, in]`, w0 `[out, in]`, bias `[out]`, lora_a `[r, in]`, lora_b `[out, r]`,
+    /// magnitude `m [out]` (`lora_magnitude_vector`), weight_norm `n [out]` (from
+    /// [`Backend::dora_weight_norm`], treated as a constant). Returns `(y [T, out], saved)`.
+    #[allow(clippy::too_many_arguments)]
+    fn dora_forward(
+        &self,
+        x: &Tensor<Self>,
+        w0: &Tensor<Self>,
+        bias: Option<&Tensor<Self>>,
+        lora_a: &Tensor<Self>,
+        lora_b: &Tensor<Self>,
+        scaling: f32,
+        magnitude: &Tensor<Self>,
+        weight_norm: &Tensor<Self>,
+    ) -> Result<(Tensor<Self>, DoraSaved<Self>)>;
+
+    /// DoRA backward from `dy [T, out]` (n detached, as PEFT): with `g' = dy ⊙ k`,
+    /// `dx = g' W0 + s (g' B) A`, `dA = s (g' B)^T x`, `dB = s g'^T h`,
+    /// `dm = sum_T(dy ⊙ z) / n`.
+    #[allow(clippy::too_many_arguments)]
+    fn dora_backward(
+        &self,
+        dy: &Tensor<Self>,
+        x: &Tensor<Self>,
+        saved: &DoraSaved<Self>,
+        w0: &Tensor<Self>,
+        lora_a: &Tensor<Self>,
+        lora_b: &Tensor<Self>,
+        scaling: f32,
+        magnitude: &Tensor<Self>,
+        weight_norm: &Tensor<Self>,
+    ) -> Result<DoraGrads<Self>>;
+
+    /// DoRA merge in place: `W = (m / n)[:, None] ⊙ (W + s B A)`, where `n` must be the norm of
+    /// the UNmerged `W + s B A` (keep it for [`Backend::dora_unmerge`]). w `[out, in]`.
+    #[allow(clippy::too_many_arguments)]
+    fn dora_merge(
+        &self,
+        w: &mut Tensor<Self>,
+        lora_a: &Tensor<Self>,
+        lora_b: &Tensor<Self>,
+        scaling: f32,
+        magnitude: &Tensor<Self>,
+        weight_norm: &Tensor<Self>,
+    ) -> Result<()>;
+
+    /// Inverse of [`Backend::dora_merge`] (PEFT `unmerge`): `W = W / (m / n)[:, None] - s B A`,
+    /// with the same `n` that the merge used. Errors: an `m / n` that is zero or not finite
+    /// (not invertible). Numerics: each row's rounding error is scaled by `n / m`; the round
+    /// trip restores W0 to a few ulp of `max(|W0|, |s B A|)` when `m ≈ n`.
+    #[allow(clippy::too_many_arguments)]
+    fn dora_unmerge(
+        &self,
+        w: &mut Tensor<Self>,
+        lora_a: &Tensor<Self>,
+        lora_b: &Tensor<Self>,
+        scaling: f32,
+        magnitude: &Tensor<Self>,
+        weight_norm: &Tensor<Self>,
+    ) -> Result<()>;
+
+    // ---- VeRA (PEFT `vera.Linear`, Kopiczko et al. 2024) --------------------------------------
+
+    /// Fused VeRA forward `y = x W0^T + bias + lambda_b ⊙ ((lambda_d ⊙ (x As^T)) Bs^T)`, no
+    /// alpha scaling, with `As = vera_A[:, :in]` and `Bs = vera_B[:out, :]` sliced inside.
+    ///
+    /// x `[T, in]`, w0 `[out, in]`, bias `[out]`, vera_a `[r, max_in]` and vera_b
+    /// `[max_out, r]` (the full shared projections, `max_in >= in`, `max_out >= out`),
+    /// lambda_d `[r]`, lambda_b `[out]`. Returns `(y [T, out], h = x As^T [T, r])`.
+    #[allow(clippy::too_many_arguments)]
+    fn vera_forward(
+        &self,
+        x: &Tensor<Self>,
+        w0: &Tensor<Self>,
+        bias: Option<&Tensor<Self>>,
+        vera_a: &Tensor<Self>,
+        vera_b: &Tensor<Self>,
+        lambda_d: &Tensor<Self>,
+        lambda_b: &Tensor<Self>,
+    ) -> Result<(Tensor<Self>, Tensor<Self>)>;
+
+    /// VeRA backward from `dy [T, out]` and the saved `x`, `h`. Returns
+    /// `(dx [T, in], dlambda_d [r], dlambda_b [out])`: `q = (dy ⊙ lambda_b) Bs`,
+    /// `dlambda_d = sum_T(q ⊙ h)`, `dx = dy W0 + (q ⊙ lambda_d) As`,
+    /// `dlambda_b[o] = sum_j (dy^T h)[o, j] Bs[o, j] lambda_d[j]` (no `[T, out]` temporary).
+    #[allow(clippy::too_many_arguments)]
+    fn vera_backward(
+        &self,
+        dy: &Tensor<Self>,
+        x: &Tensor<Self>,
+        h: &Tensor<Self>,
+        w0: &Tensor<Self>,
+        vera_a: &Tensor<Self>,
+        vera_b: &Tensor<Self>,
+        lambda_d: &Tensor<Self>,
+        lambda_b: &Tensor<Self>,
+    ) -> Result<(Tensor<Self>, Tensor<Self>, Tensor<Self>)>;
+
+    /// In place `W += sign * (lambda_b[:, None] ⊙ Bs) (lambda_d[:, None] ⊙ As)` (merge with
+    /// `sign = 1`, unmerge with `sign = -1`); w `[out, in]`, slicing as in
+    /// [`Backend::vera_forward`].
+    fn vera_merge(
+        &self,
+        w: &mut Tensor<Self>,
+        vera_a: &Tensor<Self>,
+        vera_b: &Tensor<Self>,
+        lambda_d: &Tensor<Self>,
+        lambda_b: &Tensor<Self>,
+        sign: f32,
+    ) -> Result<()>;
+
+    // ---- AdaLoRA (PEFT `adalora.SVDLinear`, Zhang et al. 2023) --------------------------------
+
+    /// Fused AdaLoRA forward `y = x W0^T + bias + ((x (A ⊙ E)^T) B^T) * c` with
+    /// `c = scaling / (ranknum + 1e-5)` computed in f32 as PEFT does; `scaling` is PEFT's
+    /// (`lora_alpha`, not alpha/r), `ranknum` is `init_r` (never changed by masking).
+    ///
+    /// x `[T, in]`, w0 `[out, in]`, bias `[out]`, lora_a `[r, in]`, lora_b `[out, r]`, lora_e
+    /// `[r, 1]` (broadcast over A's rows). Returns `(y [T, out], h = x (A ⊙ E)^T [T, r])`.
+    #[allow(clippy::too_many_arguments)]
+    fn adalora_forward(
+        &self,
+        x: &Tensor<Self>,
+        w0: &Tensor<Self>,
+        bias: Option<&Tensor<Self>>,
+        lora_a: &Tensor<Self>,
+        lora_b: &Tensor<Self>,
+        lora_e: &Tensor<Self>,
+        scaling: f32,
+        ranknum: f32,
+    ) -> Result<(Tensor<Self>, Tensor<Self>)>;
+
+    /// AdaLoRA backward from `dy [T, out]` and the saved `x`, `h`: with `gB = dy B` and
+    /// `M = c gB^T x` `[r, in]`: `dx = dy W0 + c gB (A ⊙ E)`, `dB = c dy^T h`, `dA = M ⊙ E`,
+    /// `dE[j] = sum_i M[j, i] A[j, i]` (non-zero for masked ranks).
+    #[allow(clippy::too_many_arguments)]
+    fn adalora_backward(
+        &self,
+        dy: &Tensor<Self>,
+        x: &Tensor<Self>,
+        h: &Tensor<Self>,
+        w0: &Tensor<Self>,
+        lora_a: &Tensor<Self>,
+        lora_b: &Tensor<Self>,
+        lora_e: &Tensor<Self>,
+        scaling: f32,
+        ranknum: f32,
+    ) -> Result<AdaLoraGrads<Self>>;
+
+    /// In place `W += sign * c * B (A ⊙ E)` (PEFT `merge`/`unmerge`); w `[out, in]`.
+    #[allow(clippy::too_many_arguments)]
+    fn adalora_merge(
+        &self,
+        w: &mut Tensor<Self>,
+        lora_a: &Tensor<Self>,
+        lora_b: &Tensor<Self>,
+        lora_e: &Tensor<Self>,
+        scaling: f32,
+        ranknum: f32,
         sign: f32,
     ) -> Result<()>;
 

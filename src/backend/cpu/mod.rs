@@ -2,11 +2,15 @@
 //! rayon for the rest. Every other backend is tested against these functions, so they favour
 //! plain, obviously-correct loops around the GEMMs.
 
+mod adapters;
 pub mod gemm;
 mod ops;
 
 use self::gemm::{Op, sgemm};
-use super::{AdamWParams, AttentionSaved, Backend, SeqSpan, Tensor, same_shape};
+use super::{
+    AdaLoraGrads, AdamWParams, AttentionSaved, Backend, DoraGrads, DoraSaved, SeqSpan, Tensor,
+    same_shape,
+};
 use crate::error::{Error, Result};
 use rayon::prelude::*;
 
@@ -382,6 +386,165 @@ impl Backend for Cpu {
             &mut w.buf,
         );
         Ok(())
+    }
+
+    fn row_sq_norms(&self, w: &Tensor<Self>) -> Result<Tensor<Self>> {
+        adapters::row_sq_norms(w)
+    }
+
+    fn dora_weight_norm(
+        &self,
+        w0: &Tensor<Self>,
+        w0_row_sq: &Tensor<Self>,
+        lora_a: &Tensor<Self>,
+        lora_b: &Tensor<Self>,
+        scaling: f32,
+    ) -> Result<Tensor<Self>> {
+        adapters::dora_weight_norm(w0, w0_row_sq, lora_a, lora_b, scaling)
+    }
+
+    fn dora_forward(
+        &self,
+        x: &Tensor<Self>,
+        w0: &Tensor<Self>,
+        bias: Option<&Tensor<Self>>,
+        lora_a: &Tensor<Self>,
+        lora_b: &Tensor<Self>,
+        scaling: f32,
+        magnitude: &Tensor<Self>,
+        weight_norm: &Tensor<Self>,
+    ) -> Result<(Tensor<Self>, DoraSaved<Self>)> {
+        adapters::dora_forward(x, w0, bias, lora_a, lora_b, scaling, magnitude, weight_norm)
+    }
+
+    fn dora_backward(
+        &self,
+        dy: &Tensor<Self>,
+        x: &Tensor<Self>,
+        saved: &DoraSaved<Self>,
+        w0: &Tensor<Self>,
+        lora_a: &Tensor<Self>,
+        lora_b: &Tensor<Self>,
+        scaling: f32,
+        magnitude: &Tensor<Self>,
+        weight_norm: &Tensor<Self>,
+    ) -> Result<DoraGrads<Self>> {
+        adapters::dora_backward(
+            dy,
+            x,
+            saved,
+            w0,
+            lora_a,
+            lora_b,
+            scaling,
+            magnitude,
+            weight_norm,
+        )
+    }
+
+    fn dora_merge(
+        &self,
+        w: &mut Tensor<Self>,
+        lora_a: &Tensor<Self>,
+        lora_b: &Tensor<Self>,
+        scaling: f32,
+        magnitude: &Tensor<Self>,
+        weight_norm: &Tensor<Self>,
+    ) -> Result<()> {
+        adapters::dora_merge(w, lora_a, lora_b, scaling, magnitude, weight_norm)
+    }
+
+    fn dora_unmerge(
+        &self,
+        w: &mut Tensor<Self>,
+        lora_a: &Tensor<Self>,
+        lora_b: &Tensor<Self>,
+        scaling: f32,
+        magnitude: &Tensor<Self>,
+        weight_norm: &Tensor<Self>,
+    ) -> Result<()> {
+        adapters::dora_unmerge(w, lora_a, lora_b, scaling, magnitude, weight_norm)
+    }
+
+    fn vera_forward(
+        &self,
+        x: &Tensor<Self>,
+        w0: &Tensor<Self>,
+        bias: Option<&Tensor<Self>>,
+        vera_a: &Tensor<Self>,
+        vera_b: &Tensor<Self>,
+        lambda_d: &Tensor<Self>,
+        lambda_b: &Tensor<Self>,
+    ) -> Result<(Tensor<Self>, Tensor<Self>)> {
+        adapters::vera_forward(x, w0, bias, vera_a, vera_b, lambda_d, lambda_b)
+    }
+
+    fn vera_backward(
+        &self,
+        dy: &Tensor<Self>,
+        x: &Tensor<Self>,
+        h: &Tensor<Self>,
+        w0: &Tensor<Self>,
+        vera_a: &Tensor<Self>,
+        vera_b: &Tensor<Self>,
+        lambda_d: &Tensor<Self>,
+        lambda_b: &Tensor<Self>,
+    ) -> Result<(Tensor<Self>, Tensor<Self>, Tensor<Self>)> {
+        adapters::vera_backward(dy, x, h, w0, vera_a, vera_b, lambda_d, lambda_b)
+    }
+
+    fn vera_merge(
+        &self,
+        w: &mut Tensor<Self>,
+        vera_a: &Tensor<Self>,
+        vera_b: &Tensor<Self>,
+        lambda_d: &Tensor<Self>,
+        lambda_b: &Tensor<Self>,
+        sign: f32,
+    ) -> Result<()> {
+        adapters::vera_merge(w, vera_a, vera_b, lambda_d, lambda_b, sign)
+    }
+
+    fn adalora_forward(
+        &self,
+        x: &Tensor<Self>,
+        w0: &Tensor<Self>,
+        bias: Option<&Tensor<Self>>,
+        lora_a: &Tensor<Self>,
+        lora_b: &Tensor<Self>,
+        lora_e: &Tensor<Self>,
+        scaling: f32,
+        ranknum: f32,
+    ) -> Result<(Tensor<Self>, Tensor<Self>)> {
+        adapters::adalora_forward(x, w0, bias, lora_a, lora_b, lora_e, scaling, ranknum)
+    }
+
+    fn adalora_backward(
+        &self,
+        dy: &Tensor<Self>,
+        x: &Tensor<Self>,
+        h: &Tensor<Self>,
+        w0: &Tensor<Self>,
+        lora_a: &Tensor<Self>,
+        lora_b: &Tensor<Self>,
+        lora_e: &Tensor<Self>,
+        scaling: f32,
+        ranknum: f32,
+    ) -> Result<AdaLoraGrads<Self>> {
+        adapters::adalora_backward(dy, x, h, w0, lora_a, lora_b, lora_e, scaling, ranknum)
+    }
+
+    fn adalora_merge(
+        &self,
+        w: &mut Tensor<Self>,
+        lora_a: &Tensor<Self>,
+        lora_b: &Tensor<Self>,
+        lora_e: &Tensor<Self>,
+        scaling: f32,
+        ranknum: f32,
+        sign: f32,
+    ) -> Result<()> {
+        adapters::adalora_merge(w, lora_a, lora_b, lora_e, scaling, ranknum, sign)
     }
 
     fn rmsnorm(

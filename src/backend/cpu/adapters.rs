@@ -1,0 +1,640 @@
+//! CPU reference of the DoRA, VeRA and AdaLoRA kernels (PEFT 0.21 formulas, see
+//! `../shared/golden/README.md` sections 2-4). Plain loops around [`sgemm`]; every `[out, in]`
+//! product that PEFT forms (`B A`, the full-weight norm) is avoided except in the merges.
+
+use super::gemm::{Op, sgemm};
+use super::{Cpu, check_linear, new, ops};
+use crate::backend::{AdaLoraGrads, Backend, DoraGrads, DoraSaved, Tensor};
+use crate::error::{Error, Result};
+
+/// `x A^T` for x `[t, din]`, a `[r, din]` → `[t, r]`.
+fn shrink(x: &[f32], a: &[f32], t: usize, din: usize, r: usize) -> Vec<f32> {
+    let mut h = vec![0.0f32; t * r];
+    sgemm(Op::N, Op::T, t, r, din, 1.0, x, a, 0.0, &mut h);
+    h
+}
+
+/// Checks a per-output vector `[n]` named `name`.
+fn check_vec(name: &str, v: &Tensor<Cpu>, n: usize) -> Result<()> {
+    v.expect_shape(name, &[n])
+}
+
+// ---- DoRA --------------------------------------------------------------------------------------
+
+pub(super) fn row_sq_norms(w: &Tensor<Cpu>) -> Result<Tensor<Cpu>> {
+    let (dout, din) = w.dims2("w")?;
+    let out: Vec<f32> = (0..dout)
+        .map(|o| {
+            w.data()[o * din..(o + 1) * din]
+                .iter()
+                .map(|&v| v as f64 * v as f64)
+                .sum::<f64>() as f32
+        })
+        .collect();
+    Ok(new(out, &[dout]))
+}
+
+pub(super) fn dora_weight_norm(
+    w0: &Tensor<Cpu>,
+    w0_row_sq: &Tensor<Cpu>,
+    a: &Tensor<Cpu>,
+    b: &Tensor<Cpu>,
+    s: f32,
+) -> Result<Tensor<Cpu>> {
+    let (dout, din) = w0.dims2("w0")?;
+    let r = ops::check_lora(din, dout, a, b)?;
+    check_vec("w0_row_sq", w0_row_sq, dout)?;
+    // P = W0 A^T [out, r]; G = A A^T [r, r]; Q = B G [out, r].
+    let p = shrink(w0.data(), a.data(), dout, din, r);
+    let mut g = vec![0.0f32; r * r];
+    sgemm(
+        Op::N,
+        Op::T,
+        r,
+        r,
+        din,
+        1.0,
+        a.data(),
+        a.data(),
+        0.0,
+        &mut g,
+    );
+    let mut q = vec![0.0f32; dout * r];
+    sgemm(Op::N, Op::N, dout, r, r, 1.0, b.data(), &g, 0.0, &mut q);
+    let s = s as f64;
+    let n: Vec<f32> = (0..dout)
+        .map(|o| {
+            let br = &b.data()[o * r..(o + 1) * r];
+            let (mut cross, mut quad) = (0.0f64, 0.0f64);
+            for j in 0..r {
+                cross += p[o * r + j] as f64 * br[j] as f64;
+                quad += q[o * r + j] as f64 * br[j] as f64;
+            }
+            let sq = w0_row_sq.data()[o] as f64 + 2.0 * s * cross + s * s * quad;
+            sq.max(0.0).sqrt() as f32
+        })
+        .collect();
+    Ok(new(n, &[dout]))
+}
+
+#[allow(clippy::too_many_arguments)]
+pub(super) fn dora_forward(
+    x: &Tensor<Cpu>,
+    w0: &Tensor<Cpu>,
+    bias: Option<&Tensor<Cpu>>,
+    a: &Tensor<Cpu>,
+    b: &Tensor<Cpu>,
+    s: f32,
+    m: &Tensor<Cpu>,
+    n: &Tensor<Cpu>,
+) -> Result<(Tensor<Cpu>, DoraSaved<Cpu>)> {
+    let (t, din, dout) = check_linear(x, w0)?;
+    let r = ops::check_lora(din, dout, a, b)?;
+    check_vec("lora_magnitude_vector", m, dout)?;
+    check_vec("weight_norm", n, dout)?;
+    if let Some(bias) = bias {
+        check_vec("bias", bias, dout)?;
+    }
+    // z = x W0^T + s h B^T  (unscaled, no bias)
+    let h = shrink(x.data(), a.data(), t, din, r);
+    let mut z = vec![0.0f32; t * dout];
+    sgemm(
+        Op::N,
+        Op::T,
+        t,
+        dout,
+        din,
+        1.0,
+        x.data(),
+        w0.data(),
+        0.0,
+        &mut z,
+    );
+    sgemm(Op::N, Op::T, t, dout, r, s, &h, b.data(), 1.0, &mut z);
+    let k: Vec<f32> = m.data().iter().zip(n.data()).map(|(m, n)| m / n).collect();
+    let mut y = z.clone();
+    for row in y.chunks_mut(dout.max(1)) {
+        for (o, v) in row.iter_mut().enumerate() {
+            *v *= k[o];
+            if let Some(bias) = bias {
+                *v += bias.data()[o];
+            }
+        }
+    }
+    Ok((
+        new(y, &[t, dout]),
+        DoraSaved {
+            h: new(h, &[t, r]),
+            z: new(z, &[t, dout]),
+        },
+    ))
+}
+
+#[allow(clippy::too_many_arguments)]
+pub(super) fn dora_backward(
+    dy: &Tensor<Cpu>,
+    x: &Tensor<Cpu>,
+    saved: &DoraSaved<Cpu>,
+    w0: &Tensor<Cpu>,
+    a: &Tensor<Cpu>,
+    b: &Tensor<Cpu>,
+    s: f32,
+    m: &Tensor<Cpu>,
+    n: &Tensor<Cpu>,
+) -> Result<DoraGrads<Cpu>> {
+    let (t, din, dout) = check_linear(x, w0)?;
+    let r = ops::check_lora(din, dout, a, b)?;
+    check_vec("lora_magnitude_vector", m, dout)?;
+    check_vec("weight_norm", n, dout)?;
+    dy.expect_shape("dy", &[t, dout])?;
+    saved.h.expect_shape("saved.h", &[t, r])?;
+    saved.z.expect_shape("saved.z", &[t, dout])?;
+    let k: Vec<f32> = m.data().iter().zip(n.data()).map(|(m, n)| m / n).collect();
+    // dm = sum_T(dy ⊙ z) / n, in f64.
+    let mut dm = vec![0.0f64; dout];
+    for (gr, zr) in dy
+        .data()
+        .chunks(dout.max(1))
+        .zip(saved.z.data().chunks(dout.max(1)))
+    {
+        for o in 0..dout {
+            dm[o] += gr[o] as f64 * zr[o] as f64;
+        }
+    }
+    let dm: Vec<f32> = dm
+        .iter()
+        .zip(n.data())
+        .map(|(d, &n)| (d / n as f64) as f32)
+        .collect();
+    // g' = dy ⊙ k, then the LoRA backward with g'.
+    let mut gk = dy.data().to_vec();
+    for row in gk.chunks_mut(dout.max(1)) {
+        for (v, k) in row.iter_mut().zip(&k) {
+            *v *= k;
+        }
+    }
+    let mut gb = vec![0.0f32; t * r];
+    sgemm(Op::N, Op::N, t, r, dout, 1.0, &gk, b.data(), 0.0, &mut gb);
+    let mut dx = vec![0.0f32; t * din];
+    sgemm(
+        Op::N,
+        Op::N,
+        t,
+        din,
+        dout,
+        1.0,
+        &gk,
+        w0.data(),
+        0.0,
+        &mut dx,
+    );
+    sgemm(Op::N, Op::N, t, din, r, s, &gb, a.data(), 1.0, &mut dx);
+    let mut da = vec![0.0f32; r * din];
+    sgemm(Op::T, Op::N, r, din, t, s, &gb, x.data(), 0.0, &mut da);
+    let mut db = vec![0.0f32; dout * r];
+    sgemm(
+        Op::T,
+        Op::N,
+        dout,
+        r,
+        t,
+        s,
+        &gk,
+        saved.h.data(),
+        0.0,
+        &mut db,
+    );
+    Ok(DoraGrads {
+        dx: new(dx, &[t, din]),
+        d_lora_a: new(da, &[r, din]),
+        d_lora_b: new(db, &[dout, r]),
+        d_magnitude: new(dm, &[dout]),
+    })
+}
+
+/// Checks the merge inputs and returns `k = m / n` per row.
+fn dora_merge_factor(
+    w: &Tensor<Cpu>,
+    a: &Tensor<Cpu>,
+    b: &Tensor<Cpu>,
+    m: &Tensor<Cpu>,
+    n: &Tensor<Cpu>,
+) -> Result<(usize, usize, usize, Vec<f32>)> {
+    let (dout, din) = w.dims2("w")?;
+    let r = ops::check_lora(din, dout, a, b)?;
+    check_vec("lora_magnitude_vector", m, dout)?;
+    check_vec("weight_norm", n, dout)?;
+    let k = m.data().iter().zip(n.data()).map(|(m, n)| m / n).collect();
+    Ok((dout, din, r, k))
+}
+
+pub(super) fn dora_merge(
+    w: &mut Tensor<Cpu>,
+    a: &Tensor<Cpu>,
+    b: &Tensor<Cpu>,
+    s: f32,
+    m: &Tensor<Cpu>,
+    n: &Tensor<Cpu>,
+) -> Result<()> {
+    let (dout, din, r, k) = dora_merge_factor(w, a, b, m, n)?;
+    sgemm(
+        Op::N,
+        Op::N,
+        dout,
+        din,
+        r,
+        s,
+        b.data(),
+        a.data(),
+        1.0,
+        w.data_mut(),
+    );
+    for (row, k) in w.data_mut().chunks_mut(din.max(1)).zip(&k) {
+        row.iter_mut().for_each(|v| *v *= k);
+    }
+    Ok(())
+}
+
+pub(super) fn dora_unmerge(
+    w: &mut Tensor<Cpu>,
+    a: &Tensor<Cpu>,
+    b: &Tensor<Cpu>,
+    s: f32,
+    m: &Tensor<Cpu>,
+    n: &Tensor<Cpu>,
+) -> Result<()> {
+    let (dout, din, r, k) = dora_merge_factor(w, a, b, m, n)?;
+    if let Some(o) = k.iter().position(|k| *k == 0.0 || !k.is_finite()) {
+        return Err(Error::arg(
+            "lora_magnitude_vector",
+            format!(
+                "row {o}: m / weight_norm = {} is not invertible, cannot unmerge",
+                k[o]
+            ),
+        ));
+    }
+    // PEFT: weight / dora_factor - delta_weight (a division, as PEFT does, not a reciprocal).
+    for (row, k) in w.data_mut().chunks_mut(din.max(1)).zip(&k) {
+        row.iter_mut().for_each(|v| *v /= k);
+    }
+    sgemm(
+        Op::N,
+        Op::N,
+        dout,
+        din,
+        r,
+        -s,
+        b.data(),
+        a.data(),
+        1.0,
+        w.data_mut(),
+    );
+    Ok(())
+}
+
+// ---- VeRA --------------------------------------------------------------------------------------
+
+/// Checks the shared projections and lambdas against `(din, dout)`; returns r, the contiguous
+/// copy of `As = vera_A[:, :din]` (`[r, din]`) and `Bs = vera_B[:dout, :]` (a prefix slice).
+fn vera_slices<'a>(
+    din: usize,
+    dout: usize,
+    vera_a: &Tensor<Cpu>,
+    vera_b: &'a Tensor<Cpu>,
+    lambda_d: &Tensor<Cpu>,
+    lambda_b: &Tensor<Cpu>,
+) -> Result<(usize, Vec<f32>, &'a [f32])> {
+    let (r, max_in) = vera_a.dims2("vera_A")?;
+    if r == 0 || max_in < din {
+        return Err(Error::shape(
+            "vera_A",
+            format!("[r >= 1, max_in >= {din}]"),
+            vera_a.shape(),
+        ));
+    }
+    let (max_out, br) = vera_b.dims2("vera_B")?;
+    if br != r || max_out < dout {
+        return Err(Error::shape(
+            "vera_B",
+            format!("[max_out >= {dout}, {r}]"),
+            vera_b.shape(),
+        ));
+    }
+    check_vec("vera_lambda_d", lambda_d, r)?;
+    check_vec("vera_lambda_b", lambda_b, dout)?;
+    let a_s: Vec<f32> = vera_a
+        .data()
+        .chunks(max_in)
+        .flat_map(|row| &row[..din])
+        .copied()
+        .collect();
+    Ok((r, a_s, &vera_b.data()[..dout * r]))
+}
+
+#[allow(clippy::too_many_arguments)]
+pub(super) fn vera_forward(
+    x: &Tensor<Cpu>,
+    w0: &Tensor<Cpu>,
+    bias: Option<&Tensor<Cpu>>,
+    vera_a: &Tensor<Cpu>,
+    vera_b: &Tensor<Cpu>,
+    lambda_d: &Tensor<Cpu>,
+    lambda_b: &Tensor<Cpu>,
+) -> Result<(Tensor<Cpu>, Tensor<Cpu>)> {
+    let (t, din, dout) = check_linear(x, w0)?;
+    let (r, a_s, b_s) = vera_slices(din, dout, vera_a, vera_b, lambda_d, lambda_b)?;
+    let y0 = Cpu.linear(x, w0, bias)?;
+    let h = shrink(x.data(), &a_s, t, din, r);
+    // hd = lambda_d ⊙ h; u = hd Bs^T; y += lambda_b ⊙ u.
+    let mut hd = h.clone();
+    for row in hd.chunks_mut(r) {
+        row.iter_mut()
+            .zip(lambda_d.data())
+            .for_each(|(v, l)| *v *= l);
+    }
+    let mut u = vec![0.0f32; t * dout];
+    sgemm(Op::N, Op::T, t, dout, r, 1.0, &hd, b_s, 0.0, &mut u);
+    let mut y = y0.into_vec();
+    for (yr, ur) in y.chunks_mut(dout.max(1)).zip(u.chunks(dout.max(1))) {
+        for o in 0..dout {
+            yr[o] += lambda_b.data()[o] * ur[o];
+        }
+    }
+    Ok((new(y, &[t, dout]), new(h, &[t, r])))
+}
+
+#[allow(clippy::too_many_arguments)]
+pub(super) fn vera_backward(
+    dy: &Tensor<Cpu>,
+    x: &Tensor<Cpu>,
+    h: &Tensor<Cpu>,
+    w0: &Tensor<Cpu>,
+    vera_a: &Tensor<Cpu>,
+    vera_b: &Tensor<Cpu>,
+    lambda_d: &Tensor<Cpu>,
+    lambda_b: &Tensor<Cpu>,
+) -> Result<(Tensor<Cpu>, Tensor<Cpu>, Tensor<Cpu>)> {
+    let (t, din, dout) = check_linear(x, w0)?;
+    let (r, a_s, b_s) = vera_slices(din, dout, vera_a, vera_b, lambda_d, lambda_b)?;
+    dy.expect_shape("dy", &[t, dout])?;
+    h.expect_shape("h", &[t, r])?;
+    // q = (dy ⊙ lambda_b) Bs  [T, r]
+    let mut gl = dy.data().to_vec();
+    for row in gl.chunks_mut(dout.max(1)) {
+        row.iter_mut()
+            .zip(lambda_b.data())
+            .for_each(|(v, l)| *v *= l);
+    }
+    let mut q = vec![0.0f32; t * r];
+    sgemm(Op::N, Op::N, t, r, dout, 1.0, &gl, b_s, 0.0, &mut q);
+    // dlambda_d = sum_T(q ⊙ h)
+    let mut dld = vec![0.0f64; r];
+    for (qr, hr) in q.chunks(r).zip(h.data().chunks(r)) {
+        for j in 0..r {
+            dld[j] += qr[j] as f64 * hr[j] as f64;
+        }
+    }
+    // dx = dy W0 + (q ⊙ lambda_d) As
+    for row in q.chunks_mut(r) {
+        row.iter_mut()
+            .zip(lambda_d.data())
+            .for_each(|(v, l)| *v *= l);
+    }
+    let mut dx = vec![0.0f32; t * din];
+    sgemm(
+        Op::N,
+        Op::N,
+        t,
+        din,
+        dout,
+        1.0,
+        dy.data(),
+        w0.data(),
+        0.0,
+        &mut dx,
+    );
+    sgemm(Op::N, Op::N, t, din, r, 1.0, &q, &a_s, 1.0, &mut dx);
+    // dlambda_b[o] = sum_j (dy^T h)[o, j] Bs[o, j] lambda_d[j]
+    let mut gh = vec![0.0f32; dout * r];
+    sgemm(
+        Op::T,
+        Op::N,
+        dout,
+        r,
+        t,
+        1.0,
+        dy.data(),
+        h.data(),
+        0.0,
+        &mut gh,
+    );
+    let dlb: Vec<f32> = (0..dout)
+        .map(|o| {
+            (0..r)
+                .map(|j| gh[o * r + j] as f64 * b_s[o * r + j] as f64 * lambda_d.data()[j] as f64)
+                .sum::<f64>() as f32
+        })
+        .collect();
+    Ok((
+        new(dx, &[t, din]),
+        new(dld.iter().map(|&v| v as f32).collect(), &[r]),
+        new(dlb, &[dout]),
+    ))
+}
+
+pub(super) fn vera_merge(
+    w: &mut Tensor<Cpu>,
+    vera_a: &Tensor<Cpu>,
+    vera_b: &Tensor<Cpu>,
+    lambda_d: &Tensor<Cpu>,
+    lambda_b: &Tensor<Cpu>,
+    sign: f32,
+) -> Result<()> {
+    let (dout, din) = w.dims2("w")?;
+    let (r, mut a_s, b_s) = vera_slices(din, dout, vera_a, vera_b, lambda_d, lambda_b)?;
+    // (lambda_b[:, None] ⊙ Bs) [out, r] and (lambda_d[:, None] ⊙ As) [r, in], then one GEMM.
+    let mut bl = b_s.to_vec();
+    for (row, l) in bl.chunks_mut(r).zip(lambda_b.data()) {
+        row.iter_mut().for_each(|v| *v *= l);
+    }
+    for (row, l) in a_s.chunks_mut(din.max(1)).zip(lambda_d.data()) {
+        row.iter_mut().for_each(|v| *v *= l);
+    }
+    sgemm(
+        Op::N,
+        Op::N,
+        dout,
+        din,
+        r,
+        sign,
+        &bl,
+        &a_s,
+        1.0,
+        w.data_mut(),
+    );
+    Ok(())
+}
+
+// ---- AdaLoRA -----------------------------------------------------------------------------------
+
+/// PEFT's `scaling / (ranknum + 1e-5)`, in f32.
+fn adalora_factor(scaling: f32, ranknum: f32) -> Result<f32> {
+    if !(ranknum.is_finite() && ranknum > 0.0) {
+        return Err(Error::arg(
+            "ranknum",
+            format!("must be a positive number (init_r), got {ranknum}"),
+        ));
+    }
+    Ok(scaling / (ranknum + 1e-5))
+}
+
+/// Checks AdaLoRA factor shapes; returns `(r, A ⊙ E)`.
+fn adalora_ae(
+    din: usize,
+    dout: usize,
+    a: &Tensor<Cpu>,
+    b: &Tensor<Cpu>,
+    e: &Tensor<Cpu>,
+) -> Result<(usize, Vec<f32>)> {
+    let r = ops::check_lora(din, dout, a, b)?;
+    e.expect_shape("lora_E", &[r, 1])?;
+    let mut ae = a.data().to_vec();
+    for (row, e) in ae.chunks_mut(din.max(1)).zip(e.data()) {
+        row.iter_mut().for_each(|v| *v *= e);
+    }
+    Ok((r, ae))
+}
+
+#[allow(clippy::too_many_arguments)]
+pub(super) fn adalora_forward(
+    x: &Tensor<Cpu>,
+    w0: &Tensor<Cpu>,
+    bias: Option<&Tensor<Cpu>>,
+    a: &Tensor<Cpu>,
+    b: &Tensor<Cpu>,
+    e: &Tensor<Cpu>,
+    scaling: f32,
+    ranknum: f32,
+) -> Result<(Tensor<Cpu>, Tensor<Cpu>)> {
+    let (t, din, dout) = check_linear(x, w0)?;
+    let (r, ae) = adalora_ae(din, dout, a, b, e)?;
+    let c = adalora_factor(scaling, ranknum)?;
+    let mut y = Cpu.linear(x, w0, bias)?.into_vec();
+    let h = shrink(x.data(), &ae, t, din, r);
+    sgemm(Op::N, Op::T, t, dout, r, c, &h, b.data(), 1.0, &mut y);
+    Ok((new(y, &[t, dout]), new(h, &[t, r])))
+}
+
+#[allow(clippy::too_many_arguments)]
+pub(super) fn adalora_backward(
+    dy: &Tensor<Cpu>,
+    x: &Tensor<Cpu>,
+    h: &Tensor<Cpu>,
+    w0: &Tensor<Cpu>,
+    a: &Tensor<Cpu>,
+    b: &Tensor<Cpu>,
+    e: &Tensor<Cpu>,
+    scaling: f32,
+    ranknum: f32,
+) -> Result<AdaLoraGrads<Cpu>> {
+    let (t, din, dout) = check_linear(x, w0)?;
+    let (r, ae) = adalora_ae(din, dout, a, b, e)?;
+    let c = adalora_factor(scaling, ranknum)?;
+    dy.expect_shape("dy", &[t, dout])?;
+    h.expect_shape("h", &[t, r])?;
+    // gB = dy B [T, r]
+    let mut gb = vec![0.0f32; t * r];
+    sgemm(
+        Op::N,
+        Op::N,
+        t,
+        r,
+        dout,
+        1.0,
+        dy.data(),
+        b.data(),
+        0.0,
+        &mut gb,
+    );
+    // dx = dy W0 + c gB (A ⊙ E)
+    let mut dx = vec![0.0f32; t * din];
+    sgemm(
+        Op::N,
+        Op::N,
+        t,
+        din,
+        dout,
+        1.0,
+        dy.data(),
+        w0.data(),
+        0.0,
+        &mut dx,
+    );
+    sgemm(Op::N, Op::N, t, din, r, c, &gb, &ae, 1.0, &mut dx);
+    // dB = c dy^T h
+    let mut db = vec![0.0f32; dout * r];
+    sgemm(
+        Op::T,
+        Op::N,
+        dout,
+        r,
+        t,
+        c,
+        dy.data(),
+        h.data(),
+        0.0,
+        &mut db,
+    );
+    // M = c gB^T x [r, in]; dA = M ⊙ E; dE[j] = rowdot(M, A)[j]
+    let mut mm = vec![0.0f32; r * din];
+    sgemm(Op::T, Op::N, r, din, t, c, &gb, x.data(), 0.0, &mut mm);
+    let de: Vec<f32> = (0..r)
+        .map(|j| {
+            let (mr, ar) = (
+                &mm[j * din..(j + 1) * din],
+                &a.data()[j * din..(j + 1) * din],
+            );
+            mr.iter()
+                .zip(ar)
+                .map(|(m, a)| *m as f64 * *a as f64)
+                .sum::<f64>() as f32
+        })
+        .collect();
+    for (row, e) in mm.chunks_mut(din.max(1)).zip(e.data()) {
+        row.iter_mut().for_each(|v| *v *= e);
+    }
+    Ok(AdaLoraGrads {
+        dx: new(dx, &[t, din]),
+        d_lora_a: new(mm, &[r, din]),
+        d_lora_b: new(db, &[dout, r]),
+        d_lora_e: new(de, &[r, 1]),
+    })
+}
+
+#[allow(clippy::too_many_arguments)]
+pub(super) fn adalora_merge(
+    w: &mut Tensor<Cpu>,
+    a: &Tensor<Cpu>,
+    b: &Tensor<Cpu>,
+    e: &Tensor<Cpu>,
+    scaling: f32,
+    ranknum: f32,
+    sign: f32,
+) -> Result<()> {
+    let (dout, din) = w.dims2("w")?;
+    let (r, ae) = adalora_ae(din, dout, a, b, e)?;
+    let c = adalora_factor(scaling, ranknum)?;
+    sgemm(
+        Op::N,
+        Op::N,
+        dout,
+        din,
+        r,
+        sign * c,
+        b.data(),
+        &ae,
+        1.0,
+        w.data_mut(),
+    );
+    Ok(())
+}
