@@ -3,9 +3,15 @@
 //! A base layer is a [`Linear`] whose weight is a [`BaseWeight`]; adapters wrap it without
 //! touching it (PEFT's injection model), so the same adapter code runs over every base format.
 
+pub mod adalora;
+pub mod dora;
 pub mod lora;
+pub mod vera;
 
+pub use adalora::AdaLoraLayer;
+pub use dora::{DoraLayer, DoraLayerSaved};
 pub use lora::{LoraConfig, LoraLayer};
+pub use vera::{VeraLayer, VeraShared};
 
 use crate::backend::{Backend, Tensor};
 use crate::error::Result;

@@ -1,0 +1,207 @@
+//! VeRA (Kopiczko et al. 2024, "VeRA: Vector-based Random Matrix Adaptation",
+//! arXiv 2310.11454) as PEFT 0.21's `vera.Linear` computes it:
+//!
+//! ```text
+//! As = vera_A[:, :in]   Bs = vera_B[:out, :]     (one frozen pair shared by every layer)
+//! y  = x W0^T + bias + lambda_b ⊙ ((lambda_d ⊙ (x As^T)) Bs^T)     NO alpha/r scaling
+//! ```
+//!
+//! Only `vera_lambda_d [r]` and `vera_lambda_b [out]` are trained (r + out per layer).
+
+use super::{BaseWeight, Linear};
+use crate::backend::{Backend, Tensor};
+use crate::error::{Error, Result};
+use rand::{RngExt, SeedableRng};
+
+/// The frozen random projections shared by all VeRA layers of a model: `vera_A [r, max_in]`,
+/// `vera_B [max_out, r]` (state-dict keys `base_model.vera_A`, `base_model.vera_B`).
+#[derive(Clone, Debug)]
+pub struct VeraShared<B: Backend> {
+    pub vera_a: Tensor<B>,
+    pub vera_b: Tensor<B>,
+}
+
+impl<B: Backend> VeraShared<B> {
+    /// lorafuse's own init of the projections: `vera_A` then `vera_B`, uniform in
+    /// `±sqrt(6 / fan_in)` with PEFT's fan_in (`max_in` for A, but `r` for B), drawn from
+    /// ChaCha8 seeded by `seed`. PEFT draws them from torch's CPU generator seeded by
+    /// `projection_prng_key`, whose stream cannot be reproduced here: to continue a PEFT
+    /// adapter, load the saved projections (`save_projection=True`) with
+    /// [`VeraShared::from_tensors`] instead.
+    pub fn init(be: &B, r: usize, max_in: usize, max_out: usize, seed: u64) -> Result<Self> {
+        if r == 0 || max_in == 0 || max_out == 0 {
+            return Err(Error::arg(
+                "r",
+                format!("VeRA needs r, max_in, max_out >= 1, got {r}, {max_in}, {max_out}"),
+            ));
+        }
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+        let mut draw = |n: usize, fan_in: usize| -> Vec<f32> {
+            let bound = (6.0 / fan_in as f32).sqrt();
+            (0..n).map(|_| rng.random_range(-bound..bound)).collect()
+        };
+        let a = draw(r * max_in, max_in);
+        let b = draw(max_out * r, r);
+        Ok(VeraShared {
+            vera_a: be.upload(&a, &[r, max_in])?,
+            vera_b: be.upload(&b, &[max_out, r])?,
+        })
+    }
+
+    /// Wraps loaded projections, checking `vera_A [r, max_in]` and `vera_B [max_out, r]`.
+    pub fn from_tensors(vera_a: Tensor<B>, vera_b: Tensor<B>) -> Result<Self> {
+        let (r, _) = vera_a.dims2("vera_A")?;
+        let (_, br) = vera_b.dims2("vera_B")?;
+        if r == 0 || br != r {
+            return Err(Error::shape(
+                "vera_B",
+                format!("[max_out, {r}] (r from vera_A, r >= 1)"),
+                vera_b.shape(),
+            ));
+        }
+        Ok(VeraShared { vera_a, vera_b })
+    }
+
+    /// Rank r.
+    pub fn r(&self) -> usize {
+        self.vera_a.dim(0)
+    }
+}
+
+/// One VeRA adapter on a linear layer: `vera_lambda_d [r]`, `vera_lambda_b [out]`.
+#[derive(Clone, Debug)]
+pub struct VeraLayer<B: Backend> {
+    pub vera_lambda_d: Tensor<B>,
+    pub vera_lambda_b: Tensor<B>,
+}
+
+/// Gradients of one VeRA layer: `(dlambda_d [r], dlambda_b [out])`.
+pub type VeraGrads<B> = (Tensor<B>, Tensor<B>);
+
+fn dense<B: Backend>(base: &Linear<B>) -> &Tensor<B> {
+    match &base.weight {
+        BaseWeight::Dense(w) => w,
+    }
+}
+
+impl<B: Backend> VeraLayer<B> {
+    /// PEFT's init: `vera_lambda_b = 0`, `vera_lambda_d = d_initial` (PEFT default 0.1), so the
+    /// adapted layer starts equal to the base. Errors: the base is larger than the shared
+    /// projections.
+    pub fn init(be: &B, shared: &VeraShared<B>, base: &Linear<B>, d_initial: f32) -> Result<Self> {
+        let r = shared.r();
+        let layer = VeraLayer {
+            vera_lambda_d: be.upload(&vec![d_initial; r], &[r])?,
+            vera_lambda_b: be.zeros(&[base.out_features()])?,
+        };
+        layer.check(shared, base)?;
+        Ok(layer)
+    }
+
+    /// Wraps loaded vectors, checking them against the shared projections and the base.
+    pub fn from_vectors(
+        shared: &VeraShared<B>,
+        base: &Linear<B>,
+        vera_lambda_d: Tensor<B>,
+        vera_lambda_b: Tensor<B>,
+    ) -> Result<Self> {
+        let layer = VeraLayer {
+            vera_lambda_d,
+            vera_lambda_b,
+        };
+        layer.check(shared, base)?;
+        Ok(layer)
+    }
+
+    fn check(&self, shared: &VeraShared<B>, base: &Linear<B>) -> Result<()> {
+        let (out, inp) = base.weight.dims();
+        let r = shared.r();
+        if shared.vera_a.dim(1) < inp {
+            return Err(Error::shape(
+                "vera_A",
+                format!("[{r}, max_in >= {inp}]"),
+                shared.vera_a.shape(),
+            ));
+        }
+        if shared.vera_b.dim(0) < out {
+            return Err(Error::shape(
+                "vera_B",
+                format!("[max_out >= {out}, {r}]"),
+                shared.vera_b.shape(),
+            ));
+        }
+        self.vera_lambda_d.expect_shape("vera_lambda_d", &[r])?;
+        self.vera_lambda_b.expect_shape("vera_lambda_b", &[out])
+    }
+
+    /// Fused forward over `base`: `(y [T, out], h = x As^T [T, r])`.
+    pub fn forward(
+        &self,
+        be: &B,
+        shared: &VeraShared<B>,
+        base: &Linear<B>,
+        x: &Tensor<B>,
+    ) -> Result<(Tensor<B>, Tensor<B>)> {
+        be.vera_forward(
+            x,
+            dense(base),
+            base.bias.as_ref(),
+            &shared.vera_a,
+            &shared.vera_b,
+            &self.vera_lambda_d,
+            &self.vera_lambda_b,
+        )
+    }
+
+    /// Backward from `dy [T, out]` with the saved `x`, `h`: `(dx, (dlambda_d, dlambda_b))`.
+    pub fn backward(
+        &self,
+        be: &B,
+        shared: &VeraShared<B>,
+        base: &Linear<B>,
+        x: &Tensor<B>,
+        h: &Tensor<B>,
+        dy: &Tensor<B>,
+    ) -> Result<(Tensor<B>, VeraGrads<B>)> {
+        let (dx, dld, dlb) = be.vera_backward(
+            dy,
+            x,
+            h,
+            dense(base),
+            &shared.vera_a,
+            &shared.vera_b,
+            &self.vera_lambda_d,
+            &self.vera_lambda_b,
+        )?;
+        Ok((dx, (dld, dlb)))
+    }
+
+    /// PEFT `merge`: `W0 += (lambda_b[:, None] ⊙ Bs) (lambda_d[:, None] ⊙ As)` in place.
+    pub fn merge(&self, be: &B, shared: &VeraShared<B>, base: &mut Linear<B>) -> Result<()> {
+        self.merge_sign(be, shared, base, 1.0)
+    }
+
+    /// PEFT `unmerge`: subtracts the same product.
+    pub fn unmerge(&self, be: &B, shared: &VeraShared<B>, base: &mut Linear<B>) -> Result<()> {
+        self.merge_sign(be, shared, base, -1.0)
+    }
+
+    fn merge_sign(
+        &self,
+        be: &B,
+        shared: &VeraShared<B>,
+        base: &mut Linear<B>,
+        sign: f32,
+    ) -> Result<()> {
+        match &mut base.weight {
+            BaseWeight::Dense(w) => be.vera_merge(
+                w,
+                &shared.vera_a,
+                &shared.vera_b,
+                &self.vera_lambda_d,
+                &self.vera_lambda_b,
+                sign,
+            ),
+        }
+    }
+}
