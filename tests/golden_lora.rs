@@ -11,7 +11,7 @@
 
 mod common;
 
-use lorafuse::adapter::{BaseWeight, Linear, LoraConfig, LoraLayer};
+use lorafuse::adapter::{Adapter, BaseWeight, Linear, LoraConfig, LoraLayer};
 use lorafuse::backend::Backend;
 use lorafuse::io::peft::{
     self, AdapterConfig, AdapterTensor, TargetModules, adapter_config_for, apply_lora_adapter,
@@ -641,10 +641,9 @@ fn golden_tiny_llama_adapter_applies_and_resaves_identically() {
     assert_eq!(model.layers.len(), 2);
     for (l, block) in model.layers.iter().enumerate() {
         for (p, proj) in block.proj.iter().enumerate() {
-            let lora = proj
-                .lora
-                .as_ref()
-                .unwrap_or_else(|| panic!("{} has no LoRA", proj_path(l, p)));
+            let Some(Adapter::Lora(lora)) = proj.adapter.as_ref() else {
+                panic!("{} has no LoRA", proj_path(l, p))
+            };
             assert_eq!(lora.r(), 4, "{}", proj_path(l, p));
             assert_eq!(lora.scaling, 2.0, "{}", proj_path(l, p));
             let key = |f: &str| format!("base_model.model.{}.{f}.weight", proj_path(l, p));
@@ -1147,7 +1146,10 @@ fn save_replaces_an_existing_adapter_completely() {
     // And it applies back onto a model.
     let mut m2 = tiny_llama();
     apply_lora_adapter(&be, &mut m2, &cfg_back, &t_back).unwrap();
-    let s = m2.layers[0].proj[0].lora.as_ref().unwrap().scaling;
+    let Some(Adapter::Lora(l)) = m2.layers[0].proj[0].adapter.as_ref() else {
+        panic!("q_proj of layer 0 has no LoRA")
+    };
+    let s = l.scaling;
     assert_eq!(s, (4.0f64 / 2f64.sqrt()) as f32);
 }
 

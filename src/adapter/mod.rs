@@ -6,11 +6,13 @@
 pub mod adalora;
 pub mod dora;
 pub mod lora;
+pub mod method;
 pub mod vera;
 
 pub use adalora::AdaLoraLayer;
 pub use dora::{DoraLayer, DoraLayerSaved};
 pub use lora::{LoraConfig, LoraLayer};
+pub use method::{Adapter, AdapterSaved, MethodKind};
 pub use vera::{VeraLayer, VeraShared};
 
 use crate::backend::{Backend, Tensor};

@@ -638,7 +638,7 @@ pub fn apply_lora_adapter<B: Backend>(
     let layers = lora_layers_from_adapter(be, cfg, tensors, &modules)?;
     for (path, layer) in layers {
         if let Some(&(l, p)) = slots.get(&path) {
-            model.layers[l].proj[p].lora = Some(layer);
+            model.layers[l].proj[p].adapter = Some(crate::adapter::Adapter::Lora(layer));
         }
     }
     Ok(())

@@ -6,7 +6,10 @@
 //! and no compute is spent on padding. The LM head runs only on the rows whose next token is a
 //! target, which is all the loss needs.
 
-use crate::adapter::{Linear, LoraConfig, LoraLayer};
+use crate::adapter::{
+    AdaLoraLayer, Adapter, AdapterSaved, BaseWeight, DoraLayer, Linear, LoraConfig, LoraLayer,
+    MethodKind, VeraLayer, VeraShared,
+};
 use crate::backend::{AttentionSaved, Backend, SeqSpan, Tensor};
 use crate::error::{Error, Result};
 use crate::model::LlamaConfig;
@@ -38,43 +41,83 @@ pub fn proj_path(layer: usize, p: usize) -> String {
     format!("model.layers.{layer}.{group}.{}", PROJ_NAMES[p])
 }
 
-/// A projection: a frozen base linear layer and, optionally, a LoRA adapter on it.
+/// A projection: a base linear layer and, optionally, an adapter on it.
 #[derive(Clone, Debug)]
 pub struct Proj<B: Backend> {
     pub base: Linear<B>,
-    pub lora: Option<LoraLayer<B>>,
+    pub adapter: Option<Adapter<B>>,
+}
+
+/// What a projection's forward keeps for its backward.
+enum ProjSaved<B: Backend> {
+    Base,
+    Adapter(AdapterSaved<B>),
 }
 
 impl<B: Backend> Proj<B> {
-    fn forward(&self, be: &B, x: &Tensor<B>) -> Result<(Tensor<B>, Option<Tensor<B>>)> {
-        match &self.lora {
-            Some(l) => {
-                let (y, h) = l.forward(be, &self.base, x)?;
-                Ok((y, Some(h)))
+    fn forward(
+        &self,
+        be: &B,
+        shared: Option<&VeraShared<B>>,
+        x: &Tensor<B>,
+    ) -> Result<(Tensor<B>, ProjSaved<B>)> {
+        match &self.adapter {
+            Some(a) => {
+                let (y, s) = a.forward(be, &self.base, shared, x)?;
+                Ok((y, ProjSaved::Adapter(s)))
             }
-            None => Ok((self.base.forward(be, x)?, None)),
+            None => Ok((self.base.forward(be, x)?, ProjSaved::Base)),
         }
     }
 
-    /// dx, and pushes (dA, dB) to `grads` when adapted.
+    /// Returns dx; pushes the adapter's gradients (named `{path}.{suffix}`) and, when the
+    /// base weight is trained, `{path}.weight`.
+    #[allow(clippy::too_many_arguments)]
     fn backward(
         &self,
         be: &B,
+        shared: Option<&VeraShared<B>>,
+        path: &str,
+        train_base: bool,
         x: &Tensor<B>,
-        h: Option<&Tensor<B>>,
+        saved: &ProjSaved<B>,
         dy: &Tensor<B>,
-        grads: &mut Vec<Tensor<B>>,
+        grads: &mut Vec<(String, Tensor<B>)>,
     ) -> Result<Tensor<B>> {
-        match (&self.lora, h) {
-            (Some(l), Some(h)) => {
-                let (dx, (da, db)) = l.backward(be, &self.base, x, h, dy)?;
-                grads.push(db);
-                grads.push(da);
+        if train_base {
+            #[allow(irrefutable_let_patterns)] // NF4 bases join BaseWeight
+            let BaseWeight::Dense(w) = &self.base.weight else {
+                return Err(Error::arg(
+                    path,
+                    "only a dense base weight can be trained (full fine-tuning)",
+                ));
+            };
+            let mut dw = be.zeros(w.shape())?;
+            be.linear_backward_weight(dy, x, &mut dw)?;
+            grads.push((format!("{path}.weight"), dw));
+        }
+        match (&self.adapter, saved) {
+            (Some(a), ProjSaved::Adapter(s)) => {
+                let (dx, g) = a.backward(be, &self.base, shared, x, s, dy)?;
+                for ((suffix, _), t) in a.params().into_iter().zip(g) {
+                    grads.push((format!("{path}.{suffix}"), t));
+                }
                 Ok(dx)
             }
             _ => self.base.backward_input(be, dy),
         }
     }
+}
+
+/// Full fine-tuning: which base tensors are trained (Howard & Ruder 2018's gradual
+/// unfreezing is `trainable_from` moving down over training).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FullFinetune {
+    /// Keep `embed_tokens` (and the tied LM head) frozen.
+    pub freeze_embeddings: bool,
+    /// Layers `trainable_from..` (and the final norm) are trained; layers below are frozen.
+    /// 0 trains every layer (and the embeddings unless frozen).
+    pub trainable_from: usize,
 }
 
 /// One decoder layer.
@@ -94,6 +137,11 @@ pub struct Llama<B: Backend> {
     pub layers: Vec<Block<B>>,
     pub norm: Tensor<B>,
     pub lm_head: Option<Tensor<B>>,
+    /// VeRA's frozen projections shared by every layer (`vera_A [r, max_in]`,
+    /// `vera_B [max_out, r]`), when VeRA adapters are attached.
+    pub vera_shared: Option<VeraShared<B>>,
+    /// Set for full fine-tuning: base tensors that are trained.
+    pub full_finetune: Option<FullFinetune>,
 }
 
 /// A packed batch: token ids of all sequences back to back, their spans, and the loss targets.
@@ -172,8 +220,8 @@ struct LayerCache<B: Backend> {
     gate: Tensor<B>,
     up: Tensor<B>,
     act: Tensor<B>,
-    /// `h = x A^T` of each adapted projection.
-    h: [Option<Tensor<B>>; 7],
+    /// What each projection's forward kept.
+    saved: [ProjSaved<B>; 7],
 }
 
 /// Output of a training forward + backward.
@@ -184,6 +232,8 @@ pub struct LossAndGrads<B: Backend> {
     pub n_targets: usize,
     /// Gradients of the mean loss, in the order of [`Llama::trainable_params`].
     pub grads: Vec<Tensor<B>>,
+    /// Orthogonality regularizer value added to the loss (AdaLoRA), 0 otherwise.
+    pub reg: f64,
 }
 
 impl<B: Backend> Llama<B> {
@@ -228,7 +278,7 @@ impl<B: Backend> Llama<B> {
                 let w = take(&format!("{}.weight", proj_path(l, p)), shape)?;
                 projs.push(Proj {
                     base: Linear::dense(w)?,
-                    lora: None,
+                    adapter: None,
                 });
             }
             let Ok(proj) = <[Proj<B>; 7]>::try_from(projs) else {
@@ -255,28 +305,89 @@ impl<B: Backend> Llama<B> {
             layers,
             norm,
             lm_head,
+            vera_shared: None,
+            full_finetune: None,
         })
+    }
+
+    /// Per-projection seed derived from the run seed.
+    fn proj_seed(seed: u64, l: usize, p: usize) -> u64 {
+        seed.wrapping_mul(0x9E37_79B9_7F4A_7C15)
+            .wrapping_add((l * 7 + p) as u64)
     }
 
     /// Injects LoRA adapters (PEFT's default init, seeded) into every projection named in
     /// `cfg.target_modules`. Errors: invalid config, or a target name that is not one of
     /// [`PROJ_NAMES`].
     pub fn add_lora(&mut self, be: &B, cfg: &LoraConfig, seed: u64) -> Result<()> {
+        self.add_adapters(be, MethodKind::Lora, cfg, seed)
+    }
+
+    /// Injects adapters of `method` into every projection named in `cfg.target_modules`, with
+    /// each method's PEFT init (seeded; not torch's stream):
+    /// - LoRA: `lora_A` kaiming-uniform, `lora_B = 0`;
+    /// - DoRA: LoRA's init and `m = ||W0||_row`;
+    /// - VeRA: shared `vera_A [r, max_in]`, `vera_B [max_out, r]` over the targeted layers,
+    ///   `vera_lambda_b = 0`, `vera_lambda_d = d_initial` (`cfg.lora_alpha` is unused);
+    /// - AdaLoRA: `init_r = cfg.r`, `lora_E = 0`, A and B N(0, 0.02), scaling `lora_alpha`.
+    ///
+    /// Errors: invalid config, an unknown target name.
+    pub fn add_adapters(
+        &mut self,
+        be: &B,
+        method: MethodKind,
+        cfg: &LoraConfig,
+        seed: u64,
+    ) -> Result<()> {
+        self.add_adapters_with(be, method, cfg, seed, 0.1)
+    }
+
+    /// [`Llama::add_adapters`] with VeRA's `d_initial` given.
+    pub fn add_adapters_with(
+        &mut self,
+        be: &B,
+        method: MethodKind,
+        cfg: &LoraConfig,
+        seed: u64,
+        vera_d_initial: f32,
+    ) -> Result<()> {
         cfg.validate()?;
         let targets = target_indices(&cfg.target_modules)?;
+        if method == MethodKind::Vera {
+            let max_in = targets
+                .iter()
+                .map(|&p| self.layers[0].proj[p].base.in_features())
+                .max()
+                .unwrap_or(0);
+            let max_out = targets
+                .iter()
+                .map(|&p| self.layers[0].proj[p].base.out_features())
+                .max()
+                .unwrap_or(0);
+            self.vera_shared = Some(VeraShared::init(be, cfg.r, max_in, max_out, seed)?);
+        }
         for (l, block) in self.layers.iter_mut().enumerate() {
             for &p in &targets {
                 let proj = &mut block.proj[p];
-                let s = seed
-                    .wrapping_mul(0x9E37_79B9_7F4A_7C15)
-                    .wrapping_add((l * 7 + p) as u64);
-                proj.lora = Some(LoraLayer::init(
-                    be,
-                    proj.base.in_features(),
-                    proj.base.out_features(),
-                    cfg,
-                    s,
-                )?);
+                let s = Self::proj_seed(seed, l, p);
+                let (inp, out) = (proj.base.in_features(), proj.base.out_features());
+                proj.adapter = Some(match method {
+                    MethodKind::Lora => Adapter::Lora(LoraLayer::init(be, inp, out, cfg, s)?),
+                    MethodKind::Dora => Adapter::Dora(DoraLayer::init(be, &proj.base, cfg, s)?),
+                    MethodKind::Vera => {
+                        let shared = self.vera_shared.as_ref().ok_or_else(|| {
+                            Error::arg("vera_A", "VeRA projections were not created")
+                        })?;
+                        Adapter::Vera(VeraLayer::init(be, shared, &proj.base, vera_d_initial)?)
+                    }
+                    MethodKind::AdaLora => Adapter::AdaLora(AdaLoraLayer::init(
+                        be,
+                        &proj.base,
+                        cfg.r,
+                        cfg.lora_alpha,
+                        s,
+                    )?),
+                });
             }
         }
         Ok(())
@@ -286,36 +397,86 @@ impl<B: Backend> Llama<B> {
     pub fn remove_adapters(&mut self) {
         for b in &mut self.layers {
             for p in &mut b.proj {
-                p.lora = None;
+                p.adapter = None;
             }
         }
+        self.vera_shared = None;
     }
 
-    /// The trainable tensors, in a fixed order: for each layer, for each adapted projection in
-    /// [`PROJ_NAMES`] order, `lora_B` then `lora_A`. Gradients come back in this order.
+    /// Whether base layer `l`'s tensors are trained.
+    fn layer_trained(&self, l: usize) -> bool {
+        self.full_finetune.is_some_and(|f| l >= f.trainable_from)
+    }
+
+    /// Whether the embedding (and a tied LM head) is trained.
+    fn embeddings_trained(&self) -> bool {
+        self.full_finetune
+            .is_some_and(|f| !f.freeze_embeddings && f.trainable_from == 0)
+    }
+
+    /// The trainable tensors, named as transformers/PEFT name them (`model.layers.0.self_attn.
+    /// q_proj.lora_A.weight`, `model.embed_tokens.weight`, ...), in a fixed order: embeddings,
+    /// then per layer its norms and base weights (full fine-tuning) and its adapters (PEFT's
+    /// suffix order), then the final norm. Gradients come back in this order.
     pub fn trainable_params(&self) -> Vec<(String, &Tensor<B>)> {
         let mut out = Vec::new();
+        if self.embeddings_trained() {
+            out.push(("model.embed_tokens.weight".to_string(), &self.embed_tokens));
+        }
         for (l, b) in self.layers.iter().enumerate() {
+            let full = self.layer_trained(l);
+            if full {
+                out.push((
+                    format!("model.layers.{l}.input_layernorm.weight"),
+                    &b.input_layernorm,
+                ));
+                out.push((
+                    format!("model.layers.{l}.post_attention_layernorm.weight"),
+                    &b.post_attention_layernorm,
+                ));
+            }
             for (p, proj) in b.proj.iter().enumerate() {
-                if let Some(lora) = &proj.lora {
-                    out.push((format!("{}.lora_B.weight", proj_path(l, p)), &lora.lora_b));
-                    out.push((format!("{}.lora_A.weight", proj_path(l, p)), &lora.lora_a));
+                if full && let BaseWeight::Dense(w) = &proj.base.weight {
+                    out.push((format!("{}.weight", proj_path(l, p)), w));
+                }
+                if let Some(a) = &proj.adapter {
+                    for (suffix, t) in a.params() {
+                        out.push((format!("{}.{suffix}", proj_path(l, p)), t));
+                    }
                 }
             }
+        }
+        if self.full_finetune.is_some() {
+            out.push(("model.norm.weight".to_string(), &self.norm));
         }
         out
     }
 
     /// Mutable access to the trainable tensors, same order as [`Llama::trainable_params`].
     pub fn trainable_params_mut(&mut self) -> Vec<&mut Tensor<B>> {
+        let emb = self.embeddings_trained();
+        let full: Vec<bool> = (0..self.layers.len()).map(|l| self.layer_trained(l)).collect();
+        let norm = self.full_finetune.is_some();
         let mut out = Vec::new();
-        for b in &mut self.layers {
+        if emb {
+            out.push(&mut self.embed_tokens);
+        }
+        for (l, b) in self.layers.iter_mut().enumerate() {
+            if full[l] {
+                out.push(&mut b.input_layernorm);
+                out.push(&mut b.post_attention_layernorm);
+            }
             for proj in &mut b.proj {
-                if let Some(lora) = &mut proj.lora {
-                    out.push(&mut lora.lora_b);
-                    out.push(&mut lora.lora_a);
+                if full[l] && let BaseWeight::Dense(w) = &mut proj.base.weight {
+                    out.push(w);
+                }
+                if let Some(a) = &mut proj.adapter {
+                    out.extend(a.params_mut());
                 }
             }
+        }
+        if norm {
+            out.push(&mut self.norm);
         }
         out
     }
@@ -355,11 +516,12 @@ impl<B: Backend> Llama<B> {
         let mut x = be.gather_rows(&self.embed_tokens, &batch.ids)?;
         let scale = 1.0 / (c.head_dim as f32).sqrt();
         let mut caches = Vec::with_capacity(if keep { self.layers.len() } else { 0 });
+        let sh = self.vera_shared.as_ref();
         for b in &self.layers {
             let (xn1, rstd1) = be.rmsnorm(&x, &b.input_layernorm, c.rms_norm_eps)?;
-            let (mut q, hq) = b.proj[Q].forward(be, &xn1)?;
-            let (mut k, hk) = b.proj[K].forward(be, &xn1)?;
-            let (v, hv) = b.proj[V].forward(be, &xn1)?;
+            let (mut q, hq) = b.proj[Q].forward(be, sh, &xn1)?;
+            let (mut k, hk) = b.proj[K].forward(be, sh, &xn1)?;
+            let (v, hv) = b.proj[V].forward(be, sh, &xn1)?;
             be.rope(&mut q, &batch.positions, c.head_dim, c.rope_theta, false)?;
             be.rope(&mut k, &batch.positions, c.head_dim, c.rope_theta, false)?;
             let att = be.attention(
@@ -371,14 +533,14 @@ impl<B: Backend> Llama<B> {
                 c.num_key_value_heads,
                 scale,
             )?;
-            let (o, ho) = b.proj[O].forward(be, &att.out)?;
+            let (o, ho) = b.proj[O].forward(be, sh, &att.out)?;
             let mut x2 = o;
             be.axpy(&mut x2, 1.0, &x)?;
             let (xn2, rstd2) = be.rmsnorm(&x2, &b.post_attention_layernorm, c.rms_norm_eps)?;
-            let (gate, hg) = b.proj[GATE].forward(be, &xn2)?;
-            let (up, hu) = b.proj[UP].forward(be, &xn2)?;
+            let (gate, hg) = b.proj[GATE].forward(be, sh, &xn2)?;
+            let (up, hu) = b.proj[UP].forward(be, sh, &xn2)?;
             let act = be.swiglu(&gate, &up)?;
-            let (down, hd) = b.proj[DOWN].forward(be, &act)?;
+            let (down, hd) = b.proj[DOWN].forward(be, sh, &act)?;
             let mut x3 = down;
             be.axpy(&mut x3, 1.0, &x2)?;
             if keep {
@@ -396,7 +558,7 @@ impl<B: Backend> Llama<B> {
                     gate,
                     up,
                     act,
-                    h: [hq, hk, hv, ho, hg, hu, hd],
+                    saved: [hq, hk, hv, ho, hg, hu, hd],
                 });
             }
             x = x3;
@@ -430,14 +592,18 @@ impl<B: Backend> Llama<B> {
     }
 
     /// Forward and backward of the token-weighted mean cross-entropy over the batch's targets.
-    /// Gradients flow to the adapters only (the base is frozen). Errors: no target in the batch.
+    /// Gradients flow to the trainable tensors only ([`Llama::trainable_params`]): the
+    /// adapters, and with full fine-tuning the base tensors too. Errors: no target in the
+    /// batch, a trained base weight that is not dense.
     pub fn loss_and_grads(&self, be: &B, batch: &PackedBatch) -> Result<LossAndGrads<B>> {
         let n = batch.n_targets();
         if n == 0 {
             return Err(Error::Data("batch has no target token".into()));
         }
         let c = &self.cfg;
+        let sh = self.vera_shared.as_ref();
         let (x, caches) = self.decoder(be, batch, true)?;
+        let mut grads: Vec<(String, Tensor<B>)> = Vec::new();
         // Final norm + LM head + CE only on the target rows. The norm is row-wise, so
         // normalizing just those rows equals slicing after a full norm.
         let sel = be.gather_rows(&x, &batch.target_rows)?;
@@ -449,29 +615,68 @@ impl<B: Backend> Llama<B> {
         let dhn = be
             .linear_backward_input(&dlogits, self.head(), None)?
             .expect("dx returned without acc");
-        let dsel = be.rmsnorm_backward(&dhn, &sel, &self.norm, &rstd_f, None)?;
+        let head_trained = match &self.lm_head {
+            Some(_) => self.full_finetune.is_some(),
+            None => self.embeddings_trained(),
+        };
+        // With a tied head, dE collects the head's gradient and the embedding's.
+        let mut d_embed = if head_trained {
+            let mut dw = be.zeros(self.head().shape())?;
+            be.linear_backward_weight(&dlogits, &hn, &mut dw)?;
+            Some(dw)
+        } else {
+            None
+        };
+        drop(dlogits);
+        let mut d_norm = match self.full_finetune {
+            Some(_) => Some(be.zeros(self.norm.shape())?),
+            None => None,
+        };
+        let dsel = be.rmsnorm_backward(&dhn, &sel, &self.norm, &rstd_f, d_norm.as_mut())?;
+        if let Some(g) = d_norm {
+            grads.push(("model.norm.weight".into(), g));
+        }
         let mut dx = be.zeros(&[batch.n_tokens(), c.hidden_size])?;
         be.scatter_add_rows(&mut dx, &batch.target_rows, &dsel)?;
 
+        // Below the lowest layer with anything trainable, no gradient is needed.
+        let lowest = if self.embeddings_trained() {
+            0
+        } else {
+            (0..self.layers.len())
+                .find(|&l| self.layer_trained(l) || self.layers[l].proj.iter().any(|p| p.adapter.is_some()))
+                .unwrap_or(self.layers.len())
+        };
         let scale = 1.0 / (c.head_dim as f32).sqrt();
-        // Gradients are produced last layer first; reversed at the end.
-        let mut grads_rev: Vec<Tensor<B>> = Vec::new();
-        for (b, lc) in self.layers.iter().zip(caches).rev() {
+        for (l, (b, lc)) in self.layers.iter().zip(caches).enumerate().rev() {
+            if l < lowest {
+                break;
+            }
+            let full = self.layer_trained(l);
+            let path = |p: usize| proj_path(l, p);
+            let norm_grad = || -> Result<Option<Tensor<B>>> {
+                Ok(if full { Some(be.zeros(&[c.hidden_size])?) } else { None })
+            };
             // MLP: x3 = x2 + down(swiglu(gate(xn2), up(xn2)))
-            let dact =
-                b.proj[DOWN].backward(be, &lc.act, lc.h[DOWN].as_ref(), &dx, &mut grads_rev)?;
+            let bw = |p: usize, x: &Tensor<B>, s: &ProjSaved<B>, dy: &Tensor<B>, g: &mut Vec<_>| {
+                b.proj[p].backward(be, sh, &path(p), full, x, s, dy, g)
+            };
+            let dact = bw(DOWN, &lc.act, &lc.saved[DOWN], &dx, &mut grads)?;
             let (dgate, dup) = be.swiglu_backward(&dact, &lc.gate, &lc.up)?;
-            let mut dxn2 =
-                b.proj[UP].backward(be, &lc.xn2, lc.h[UP].as_ref(), &dup, &mut grads_rev)?;
-            let dxn2g =
-                b.proj[GATE].backward(be, &lc.xn2, lc.h[GATE].as_ref(), &dgate, &mut grads_rev)?;
-            be.axpy(&mut dxn2, 1.0, &dxn2g)?;
-            let d =
-                be.rmsnorm_backward(&dxn2, &lc.x2, &b.post_attention_layernorm, &lc.rstd2, None)?;
+            let mut dxn2 = bw(UP, &lc.xn2, &lc.saved[UP], &dup, &mut grads)?;
+            let t = bw(GATE, &lc.xn2, &lc.saved[GATE], &dgate, &mut grads)?;
+            be.axpy(&mut dxn2, 1.0, &t)?;
+            let mut dpost = norm_grad()?;
+            let d = be.rmsnorm_backward(
+                &dxn2,
+                &lc.x2,
+                &b.post_attention_layernorm,
+                &lc.rstd2,
+                dpost.as_mut(),
+            )?;
             be.axpy(&mut dx, 1.0, &d)?; // dx is now d(x2)
             // Attention: x2 = x + o_proj(attn(rope(q(xn1)), rope(k(xn1)), v(xn1)))
-            let datt =
-                b.proj[O].backward(be, &lc.att.out, lc.h[O].as_ref(), &dx, &mut grads_rev)?;
+            let datt = bw(O, &lc.att.out, &lc.saved[O], &dx, &mut grads)?;
             let (mut dq, mut dk, dv) = be.attention_backward(
                 &datt,
                 &lc.q,
@@ -485,35 +690,56 @@ impl<B: Backend> Llama<B> {
             )?;
             be.rope(&mut dq, &batch.positions, c.head_dim, c.rope_theta, true)?;
             be.rope(&mut dk, &batch.positions, c.head_dim, c.rope_theta, true)?;
-            let mut dxn1 =
-                b.proj[V].backward(be, &lc.xn1, lc.h[V].as_ref(), &dv, &mut grads_rev)?;
-            let t = b.proj[K].backward(be, &lc.xn1, lc.h[K].as_ref(), &dk, &mut grads_rev)?;
+            let mut dxn1 = bw(V, &lc.xn1, &lc.saved[V], &dv, &mut grads)?;
+            let t = bw(K, &lc.xn1, &lc.saved[K], &dk, &mut grads)?;
             be.axpy(&mut dxn1, 1.0, &t)?;
-            let t = b.proj[Q].backward(be, &lc.xn1, lc.h[Q].as_ref(), &dq, &mut grads_rev)?;
+            let t = bw(Q, &lc.xn1, &lc.saved[Q], &dq, &mut grads)?;
             be.axpy(&mut dxn1, 1.0, &t)?;
-            let d = be.rmsnorm_backward(&dxn1, &lc.x, &b.input_layernorm, &lc.rstd1, None)?;
+            let mut dinput = norm_grad()?;
+            let d =
+                be.rmsnorm_backward(&dxn1, &lc.x, &b.input_layernorm, &lc.rstd1, dinput.as_mut())?;
             be.axpy(&mut dx, 1.0, &d)?; // dx is now d(x) of this layer's input
+            if let (Some(gi), Some(gp)) = (dinput, dpost) {
+                grads.push((format!("model.layers.{l}.input_layernorm.weight"), gi));
+                grads.push((format!("model.layers.{l}.post_attention_layernorm.weight"), gp));
+            }
         }
-        // grads_rev holds, per layer from last to first, per proj from down to q, (dB, dA):
-        // reversing gives first layer first, q first, (dA, dB) — swap each pair to (dB, dA).
-        grads_rev.reverse();
-        for pair in grads_rev.chunks_mut(2) {
-            pair.swap(0, 1);
+        if self.embeddings_trained() {
+            let de = d_embed.get_or_insert(be.zeros(self.embed_tokens.shape())?);
+            be.scatter_add_rows(de, &batch.ids, &dx)?;
         }
+        match (d_embed, &self.lm_head) {
+            (Some(g), None) => grads.push(("model.embed_tokens.weight".into(), g)),
+            (Some(g), Some(_)) => grads.push(("lm_head.weight".into(), g)),
+            (None, _) => {}
+        }
+        // Put the gradients in the order of trainable_params().
+        let mut by_name: HashMap<String, Tensor<B>> = grads.into_iter().collect();
+        let ordered = self
+            .trainable_params()
+            .into_iter()
+            .map(|(name, _)| {
+                by_name.remove(&name).ok_or_else(|| {
+                    Error::arg("grads", format!("no gradient was computed for `{name}`"))
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
         Ok(LossAndGrads {
             loss_sum,
             n_targets: n,
-            grads: grads_rev,
+            grads: ordered,
+            reg: 0.0,
         })
     }
 
     /// Merges every adapter into its base weight and drops the adapters (PEFT
     /// `merge_and_unload`).
     pub fn merge_and_unload(&mut self, be: &B) -> Result<()> {
+        let shared = self.vera_shared.take();
         for b in &mut self.layers {
             for p in &mut b.proj {
-                if let Some(l) = p.lora.take() {
-                    l.merge(be, &mut p.base)?;
+                if let Some(mut a) = p.adapter.take() {
+                    a.merge(be, &mut p.base, shared.as_ref())?;
                 }
             }
         }
