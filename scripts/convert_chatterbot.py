@@ -29,8 +29,8 @@ prints them, and exits non-zero (writing nothing) if any of them differs.
 Usage::
 
     python3 scripts/convert_chatterbot.py \\
-        [--corpus-dir /work/cache/corpus/chatterbot_corpus/data/english] \\
-        [--stats /work/shared/golden/smollm2/data_stats.json] \\
+        --corpus-dir WHEEL_DIR/chatterbot_corpus/data/english \\
+        [--stats ../shared/golden/smollm2/data_stats.json] \\
         [--out data/chatterbot_en.jsonl]
 
 Requires PyYAML (``pip install pyyaml``; the reference used PyYAML 6.0.3).
@@ -48,7 +48,7 @@ from pathlib import Path
 import yaml
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-DEFAULT_CORPUS = Path("/work/cache/corpus/chatterbot_corpus/data/english")
+DEFAULT_CORPUS = None  # the unpacked wheel's chatterbot_corpus/data/english (required)
 DEFAULT_STATS = REPO_ROOT.parent / "shared" / "golden" / "smollm2" / "data_stats.json"
 DEFAULT_OUT = REPO_ROOT / "data" / "chatterbot_en.jsonl"
 
@@ -140,7 +140,7 @@ def convert(corpus_dir: Path) -> dict:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
-    ap.add_argument("--corpus-dir", type=Path, default=DEFAULT_CORPUS)
+    ap.add_argument("--corpus-dir", type=Path, default=DEFAULT_CORPUS, required=True)
     ap.add_argument("--stats", type=Path, default=DEFAULT_STATS)
     ap.add_argument("--out", type=Path, default=DEFAULT_OUT)
     args = ap.parse_args()
