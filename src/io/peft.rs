@@ -10,34 +10,46 @@
 //!   (`lora_A` is `[r, in]`, `lora_B` is `[out, r]`, torch `nn.Linear` layout), and the
 //!   safetensors metadata `{"format": "pt"}`.
 //!
-//! Supported now: LoRA and rsLoRA (`peft_type` `LORA`). Every other method or setting that would
-//! change what the adapter computes (DoRA, VeRA, AdaLoRA, `fan_in_fan_out`, trained biases,
-//! `rank_pattern`, PiSSA-style inits that rewrite the base weights ...) is read and kept on a
-//! round trip, but applying it gives a clear error ([`AdapterConfig::check_lora_supported`]),
-//! never a silently different model.
+//! Every method PEFT saves for `nn.Linear` layers that lorafuse trains is supported in and out:
+//! LoRA, rsLoRA, DoRA (`use_dora`), VeRA and AdaLoRA (key layouts in `methods.rs`;
+//! [`apply_adapter`], [`adapter_layers_from_adapter`], [`save_adapter`],
+//! [`adapter_config_for_method`], [`llama_adapter_export`]). Settings that would change what
+//! the adapter computes and that lorafuse does not implement (`fan_in_fan_out`, trained biases,
+//! LoRA `rank_pattern`/`alpha_pattern`, PiSSA-style inits that rewrite the base weights, VeRA
+//! saved without its projections ...) are read and kept on a round trip, but applying them
+//! gives a clear error ([`AdapterConfig::check_supported`]), never a silently different model.
 //!
 //! ```no_run
 //! # fn main() -> lorafuse::Result<()> {
 //! use lorafuse::Cpu;
-//! use lorafuse::io::peft::{apply_lora_adapter, load_adapter};
+//! use lorafuse::io::peft::{apply_adapter, load_adapter};
 //! # let mut model: lorafuse::model::llama::Llama<Cpu> = unimplemented!();
 //! let (cfg, tensors) = load_adapter("my-adapter".as_ref())?;
-//! apply_lora_adapter(&Cpu, &mut model, &cfg, &tensors)?;
+//! apply_adapter(&Cpu, &mut model, &cfg, &tensors)?;
 //! # Ok(()) }
 //! ```
 
 mod config;
 
-pub use config::{AdapterConfig, TargetModules, adapter_config_for};
+mod methods;
+
+pub use config::{
+    AdaLoraOptions, AdapterConfig, MethodOptions, TargetModules, VeraOptions, adapter_config_for,
+    adapter_config_for_method, rank_pattern_json,
+};
+pub use methods::{
+    AdaLoraMask, AdapterExport, AdapterLayers, VERA_A_KEY, VERA_B_KEY, adapter_layers_from_adapter,
+    apply_adapter, llama_adapter_export, save_adapter,
+};
 
 use crate::adapter::{Linear, LoraLayer};
 use crate::backend::Backend;
 use crate::error::{Error, Result};
-use crate::model::llama::{Llama, proj_path};
+use crate::model::llama::Llama;
 use config::suffix_match;
 use safetensors::{Dtype, SafeTensorError, SafeTensors, tensor::TensorView};
 use serde_json::Value;
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::fs;
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -84,57 +96,7 @@ pub fn save_lora_adapter(dir: &Path, cfg: &AdapterConfig, tensors: &[AdapterTens
             ),
         ));
     }
-    let r = cfg.rank();
-    cfg.scaling()?;
-    if tensors.is_empty() {
-        return Err(Error::arg("tensors", "no adapter tensor to save"));
-    }
-    let check_rank = cfg.rank_pattern.as_ref().is_none_or(|p| p.is_empty());
-    let mut seen = HashSet::new();
-    for (key, shape, data) in tensors {
-        if key.is_empty() {
-            return Err(Error::arg("tensors", "empty tensor key"));
-        }
-        if !seen.insert(key.as_str()) {
-            return Err(Error::arg(key.as_str(), "tensor key given twice"));
-        }
-        let n: usize = shape.iter().product();
-        if data.len() != n {
-            return Err(Error::arg(
-                key.as_str(),
-                format!("{} values for shape {shape:?}, which needs {n}", data.len()),
-            ));
-        }
-        if let Some(index) = data.iter().position(|v| !v.is_finite()) {
-            return Err(Error::NonFinite {
-                name: key.clone(),
-                index,
-            });
-        }
-        if let (true, Some((_, factor))) = (check_rank, lora_factor(key)) {
-            let rank = match (factor, &shape[..]) {
-                (Factor::A, &[rank, _]) | (Factor::B, &[_, rank]) => rank,
-                _ => return Err(Error::shape(key.as_str(), "a 2-D LoRA factor", shape)),
-            };
-            if rank != r {
-                let want = if factor == Factor::A {
-                    "[r, in]"
-                } else {
-                    "[out, r]"
-                };
-                return Err(Error::shape(
-                    key.as_str(),
-                    format!("{want} with rank r = {r} from the config"),
-                    shape,
-                ));
-            }
-        }
-    }
-    let mut cfg = cfg.clone();
-    cfg.inference_mode = true;
-    let json = cfg.to_peft_json()?;
-    let st = serialize_f32(dir, tensors)?;
-    write_dir_atomically(dir, &[(CONFIG_NAME, json.as_bytes()), (WEIGHTS_NAME, &st)])
+    methods::save_checked(dir, cfg, tensors)
 }
 
 /// Serializes f32 tensors to safetensors bytes with PEFT's metadata `{"format": "pt"}`.
@@ -591,55 +553,47 @@ pub fn lora_layers_from_adapter<B: Backend>(
     Ok(out)
 }
 
-/// The adapter tensors of a Llama model under PEFT's keys: for every adapted projection,
-/// `base_model.model.model.layers.N.{self_attn,mlp}.<proj>.lora_B.weight` (`[out, r]`) and
-/// `.lora_A.weight` (`[r, in]`), f32, in [`Llama::trainable_params`] order. The model holds q/k
-/// rows in transformers' order, so these are exactly the tensors PEFT saves for
-/// `LlamaForCausalLM`. Empty when the model has no adapter.
+/// The adapter tensors of a Llama model under PEFT's keys, f32, in [`Llama::trainable_params`]
+/// order: for every adapted projection `base_model.model.model.layers.N.{self_attn,mlp}.<proj>.`
+/// followed by the method's suffixes ([`crate::adapter::Adapter::params`]: LoRA `lora_A.weight [r, in]`,
+/// `lora_B.weight [out, r]`; DoRA also `lora_magnitude_vector [out]`; VeRA `vera_lambda_b`,
+/// `vera_lambda_d`; AdaLoRA `lora_A`, `lora_B`, `lora_E` with every rank, see
+/// [`llama_adapter_export`] to drop the masked ones), preceded for VeRA by the shared
+/// `base_model.vera_A` and `base_model.vera_B` (once). The model holds q/k rows in
+/// transformers' order, so these are exactly the tensors PEFT saves for `LlamaForCausalLM`.
+/// Empty when the model has no adapter.
 pub fn llama_adapter_tensors<B: Backend>(be: &B, model: &Llama<B>) -> Result<Vec<AdapterTensor>> {
-    model
-        .trainable_params()
-        .into_iter()
-        .map(|(name, t)| {
-            Ok((
-                format!("{KEY_PREFIX}{name}"),
-                t.shape().to_vec(),
-                be.download(t)?,
-            ))
-        })
-        .collect()
+    let mut out = Vec::new();
+    let has_vera = model.layers.iter().any(|b| {
+        b.proj
+            .iter()
+            .any(|p| matches!(p.adapter, Some(crate::adapter::Adapter::Vera(_))))
+    });
+    if let (true, Some(sh)) = (has_vera, &model.vera_shared) {
+        for (key, t) in [
+            (methods::VERA_A_KEY, &sh.vera_a),
+            (methods::VERA_B_KEY, &sh.vera_b),
+        ] {
+            out.push((key.to_string(), t.shape().to_vec(), be.download(t)?));
+        }
+    }
+    for (name, t) in model.trainable_params() {
+        out.push((
+            format!("{KEY_PREFIX}{name}"),
+            t.shape().to_vec(),
+            be.download(t)?,
+        ));
+    }
+    Ok(out)
 }
 
-/// Attaches a PEFT LoRA/rsLoRA adapter to a Llama model: for every `lora_A`/`lora_B` pair in
-/// `tensors` (as [`load_adapter`] returns them), the projection it names gets
-/// `Proj.lora = Some(LoraLayer)` with the config's scaling; projections the adapter does not
-/// name keep what they had (call [`Llama::remove_adapters`] first for a clean model).
-/// transformers' Llama and lorafuse's share q/k row order, so PEFT factors apply unchanged.
-///
-/// Errors, leaving the model untouched: those of [`lora_layers_from_adapter`] (unsupported
-/// `peft_type` such as DoRA/VeRA/AdaLoRA with a "not supported yet" message, a key that matches
-/// no projection, a shape mismatch naming the key, a module with only one of A/B, an r
-/// mismatch ...).
+/// Attaches a PEFT adapter to a Llama model; the name predates DoRA/VeRA/AdaLoRA support and
+/// this is now [`apply_adapter`], which applies every method.
 pub fn apply_lora_adapter<B: Backend>(
     be: &B,
     model: &mut Llama<B>,
     cfg: &AdapterConfig,
     tensors: &[AdapterTensor],
 ) -> Result<()> {
-    let mut slots = HashMap::new();
-    let mut modules = Vec::new();
-    for (l, block) in model.layers.iter().enumerate() {
-        for (p, proj) in block.proj.iter().enumerate() {
-            let path = proj_path(l, p);
-            slots.insert(path.clone(), (l, p));
-            modules.push((path, &proj.base));
-        }
-    }
-    let layers = lora_layers_from_adapter(be, cfg, tensors, &modules)?;
-    for (path, layer) in layers {
-        if let Some(&(l, p)) = slots.get(&path) {
-            model.layers[l].proj[p].adapter = Some(crate::adapter::Adapter::Lora(layer));
-        }
-    }
-    Ok(())
+    apply_adapter(be, model, cfg, tensors)
 }

@@ -1,7 +1,7 @@
 //! `adapter_config.json`: [`AdapterConfig`], read and written the way PEFT 0.21.2 does.
 
 use super::{CONFIG_NAME, PEFT_VERSION};
-use crate::adapter::LoraConfig;
+use crate::adapter::{LoraConfig, MethodKind};
 use crate::error::{Error, Result};
 use crate::model::llama::PROJ_NAMES;
 use serde::{Deserialize, Serialize};
@@ -254,6 +254,71 @@ fn lora_config_defaults() -> Map<String, Value> {
     }
 }
 
+/// Every key PEFT 0.21.2 writes for an `AdaLoraConfig` (a `LoraConfig` subclass) beyond
+/// `LoraConfig`'s, with its default. `total_step` has no usable default: PEFT refuses `None`.
+fn adalora_config_defaults() -> Map<String, Value> {
+    let v = serde_json::json!({
+        "beta1": 0.85,
+        "beta2": 0.85,
+        "deltaT": 1,
+        "init_r": 12,
+        "orth_reg_weight": 0.5,
+        "rank_pattern": null,
+        "target_r": 8,
+        "tfinal": 0,
+        "tinit": 0,
+        "total_step": null,
+        "peft_type": "ADALORA"
+    });
+    match v {
+        Value::Object(m) => m,
+        _ => unreachable!("a JSON object literal"),
+    }
+}
+
+/// Every key PEFT 0.21.2 writes for a `VeraConfig`, with its default.
+fn vera_config_defaults() -> Map<String, Value> {
+    let v = serde_json::json!({
+        "auto_mapping": null,
+        "base_model_name_or_path": null,
+        "bias": "none",
+        "d_initial": 0.1,
+        "fan_in_fan_out": false,
+        "inference_mode": true,
+        "init_weights": true,
+        "layers_pattern": null,
+        "layers_to_transform": null,
+        "modules_to_save": null,
+        "peft_type": "VERA",
+        "peft_version": PEFT_VERSION,
+        "projection_prng_key": 0,
+        "r": 256,
+        "revision": null,
+        "save_projection": true,
+        "target_modules": null,
+        "task_type": null,
+        "vera_dropout": 0.0
+    });
+    match v {
+        Value::Object(m) => m,
+        _ => unreachable!("a JSON object literal"),
+    }
+}
+
+/// The keys PEFT writes for a `peft_type`, with their defaults (empty for an unknown type).
+fn config_defaults(peft_type: &str) -> Map<String, Value> {
+    match peft_type {
+        "LORA" => lora_config_defaults(),
+        "ADALORA" => {
+            let mut m = lora_config_defaults();
+            m.extend(adalora_config_defaults());
+            m
+        }
+        "VERA" => vera_config_defaults(),
+        _ => Map::new(),
+    }
+}
+
 /// True for JSON `null`, `false`, `{}`, `[]` and `""`: "not set" for a config switch.
 fn is_unset(v: &Value) -> bool {
     match v {
@@ -316,29 +381,181 @@ impl AdapterConfig {
     /// the base weights PEFT rewrote, r = 0, or a non-finite `lora_alpha`.
     /// `lora_dropout` is accepted: it has no effect outside training.
     pub fn check_lora_supported(&self) -> Result<()> {
-        let later =
-            "lorafuse applies LoRA and rsLoRA adapters now; DoRA, VeRA and AdaLoRA come later";
+        let other = "use apply_adapter / adapter_layers_from_adapter, which apply every method";
         match self.peft_type.as_str() {
             "LORA" => {}
             t @ ("VERA" | "ADALORA") => {
                 return Err(Error::arg(
                     "peft_type",
-                    format!("peft_type `{t}` is not supported yet ({later})"),
+                    format!(
+                        "peft_type `{t}` is not a plain LoRA adapter; lora_layers_from_adapter \
+                         builds LoRA layers only ({other})"
+                    ),
                 ));
             }
             t => {
                 return Err(Error::arg(
                     "peft_type",
-                    format!("peft_type `{t}` is not supported (lorafuse applies LoRA adapters)"),
+                    format!(
+                        "peft_type `{t}` is not supported (lorafuse applies LORA, VERA and \
+                         ADALORA adapters)"
+                    ),
                 ));
             }
         }
         if self.use_dora == Some(true) {
             return Err(Error::arg(
                 "use_dora",
-                format!("DoRA adapters (use_dora: true) are not supported yet ({later})"),
+                format!(
+                    "a DoRA adapter (use_dora: true) is not a plain LoRA adapter; \
+                     lora_layers_from_adapter builds LoRA layers only ({other})"
+                ),
             ));
         }
+        self.check_lora_family()
+    }
+
+    /// Which method this adapter is: `LORA` (DoRA with `use_dora: true`), `VERA` or `ADALORA`,
+    /// after checking that lorafuse can apply it exactly as PEFT would.
+    ///
+    /// Errors, each naming the setting: another `peft_type`; for LoRA/DoRA/AdaLoRA those of
+    /// [`check_lora_supported`](Self::check_lora_supported) other than the method itself
+    /// (AdaLoRA may have a `rank_pattern`: its mask; `use_dora` with AdaLoRA is an error);
+    /// an AdaLoRA `init_r` of 0; for VeRA `save_projection: false` (the projections are then
+    /// regenerated from torch's PRNG, which lorafuse cannot reproduce), `fan_in_fan_out`, a
+    /// `bias` other than `none`, `layers_to_transform`, `modules_to_save`, r = 0.
+    pub fn check_supported(&self) -> Result<MethodKind> {
+        match self.peft_type.as_str() {
+            "LORA" => {
+                self.check_lora_family()?;
+                Ok(if self.use_dora == Some(true) {
+                    MethodKind::Dora
+                } else {
+                    MethodKind::Lora
+                })
+            }
+            "ADALORA" => {
+                if self.use_dora == Some(true) {
+                    return Err(Error::arg(
+                        "use_dora",
+                        "use_dora: true with peft_type ADALORA (PEFT refuses it too)",
+                    ));
+                }
+                self.check_lora_family()?;
+                if self.init_r() == 0 {
+                    return Err(Error::arg(
+                        "init_r",
+                        "AdaLoRA init_r must be at least 1, got 0",
+                    ));
+                }
+                self.adalora_rank_pattern()?;
+                Ok(MethodKind::AdaLora)
+            }
+            "VERA" => {
+                if self.extra.get("save_projection") == Some(&Value::Bool(false)) {
+                    return Err(Error::arg(
+                        "save_projection",
+                        "a VeRA adapter saved with save_projection: false holds no vera_A/vera_B; \
+                         PEFT regenerates them from projection_prng_key with torch's PRNG, which \
+                         lorafuse cannot reproduce (re-save it from PEFT with \
+                         save_projection=True)",
+                    ));
+                }
+                if self.fan_in_fan_out == Some(true) {
+                    return Err(Error::arg(
+                        "fan_in_fan_out",
+                        "fan_in_fan_out: true (GPT-2 Conv1D weight layout) is not supported",
+                    ));
+                }
+                if let Some(b) = self.bias.as_deref().filter(|b| *b != "none") {
+                    return Err(Error::arg(
+                        "bias",
+                        format!(
+                            "bias `{b}` (trained base biases) is not supported; only `none` is"
+                        ),
+                    ));
+                }
+                for key in ["layers_to_transform", "modules_to_save"] {
+                    if let Some(v) = self.extra.get(key).filter(|v| !is_unset(v)) {
+                        return Err(Error::arg(key, format!("{key}: {v} is not supported")));
+                    }
+                }
+                if self.rank() == 0 {
+                    return Err(Error::arg("r", "VeRA rank r must be at least 1, got 0"));
+                }
+                Ok(MethodKind::Vera)
+            }
+            t => Err(Error::arg(
+                "peft_type",
+                format!(
+                    "peft_type `{t}` is not supported (lorafuse applies LORA (with rsLoRA and \
+                     DoRA), VERA and ADALORA adapters)"
+                ),
+            )),
+        }
+    }
+
+    /// AdaLoRA's `init_r` (PEFT default 12): the rank every layer starts with, and the
+    /// `ranknum` divisor of a loaded layer even when masked ranks were dropped on save.
+    pub fn init_r(&self) -> usize {
+        self.extra
+            .get("init_r")
+            .and_then(Value::as_u64)
+            .map_or(12, |v| v as usize)
+    }
+
+    /// AdaLoRA's `rank_pattern`, keyed by module path (`fc1`, `model.layers.0.self_attn.q_proj`):
+    /// one bool per rank of init_r, `true` = kept. PEFT writes the keys as `<module>.lora_E`
+    /// (`<module>.lora_E.default` while training; both are read). Empty when absent or `null`.
+    /// Errors, naming the key: a key not ending in `.lora_E`, a value that is not a list of
+    /// bools (or 0/1), a list whose length is not init_r.
+    pub fn adalora_rank_pattern(&self) -> Result<BTreeMap<String, Vec<bool>>> {
+        let mut out = BTreeMap::new();
+        let Some(p) = &self.rank_pattern else {
+            return Ok(out);
+        };
+        let init_r = self.init_r();
+        for (k, v) in p {
+            let path = k
+                .strip_suffix(".lora_E")
+                .or_else(|| k.strip_suffix(".lora_E.default"))
+                .ok_or_else(|| {
+                    Error::arg(
+                        format!("rank_pattern.{k}"),
+                        "an AdaLoRA rank_pattern key is `<module>.lora_E`",
+                    )
+                })?;
+            let bad = || {
+                Error::arg(
+                    format!("rank_pattern.{k}"),
+                    format!("expected a list of {init_r} bools (init_r), got {v}"),
+                )
+            };
+            let list = v.as_array().ok_or_else(bad)?;
+            let keep = list
+                .iter()
+                .map(|b| match b {
+                    Value::Bool(b) => Some(*b),
+                    Value::Number(n) => match n.as_u64() {
+                        Some(0) => Some(false),
+                        Some(1) => Some(true),
+                        _ => None,
+                    },
+                    _ => None,
+                })
+                .collect::<Option<Vec<bool>>>()
+                .ok_or_else(bad)?;
+            if keep.len() != init_r {
+                return Err(bad());
+            }
+            out.insert(path.to_string(), keep);
+        }
+        Ok(out)
+    }
+
+    /// The checks shared by LoRA, DoRA and AdaLoRA (everything but the method itself).
+    fn check_lora_family(&self) -> Result<()> {
+        let later = "not supported yet";
         for (key, what) in [
             ("alora_invocation_tokens", "aLoRA"),
             ("velora_config", "VeLoRA"),
@@ -351,7 +568,7 @@ impl AdapterConfig {
             if let Some(v) = self.extra.get(key).filter(|v| !is_unset(v)) {
                 return Err(Error::arg(
                     key,
-                    format!("{what} adapters ({key}: {v}) are not supported yet ({later})"),
+                    format!("{what} adapters ({key}: {v}) are {later}"),
                 ));
             }
         }
@@ -374,8 +591,13 @@ impl AdapterConfig {
                 "lora_bias: true (a bias on lora_B) is not supported",
             ));
         }
+        let rank_pattern = if self.peft_type == "ADALORA" {
+            &None
+        } else {
+            &self.rank_pattern
+        };
         for (key, pat) in [
-            ("rank_pattern", &self.rank_pattern),
+            ("rank_pattern", rank_pattern),
             ("alpha_pattern", &self.alpha_pattern),
         ] {
             if let Some(p) = pat.as_ref().filter(|p| !p.is_empty()) {
@@ -423,11 +645,20 @@ impl AdapterConfig {
             Some(v) => {
                 return Err(Error::arg(
                     "init_lora_weights",
-                    format!("init_lora_weights {v} is not supported yet ({later})"),
+                    format!("init_lora_weights {v} is {later}"),
                 ));
             }
         }
-        self.scaling()?;
+        if self.peft_type == "ADALORA" {
+            if !self.alpha().is_finite() {
+                return Err(Error::arg(
+                    "lora_alpha",
+                    format!("must be finite, got {}", self.alpha()),
+                ));
+            }
+        } else {
+            self.scaling()?;
+        }
         Ok(())
     }
 
@@ -462,10 +693,8 @@ impl AdapterConfig {
     /// PEFT 0.21.2 writes is present, missing ones filled with `LoraConfig`'s defaults.
     pub fn to_peft_json(&self) -> Result<String> {
         let mut m: Map<String, Value> = self.clone().into();
-        if self.peft_type == "LORA" {
-            for (k, v) in lora_config_defaults() {
-                m.entry(k).or_insert(v);
-            }
+        for (k, v) in config_defaults(&self.peft_type) {
+            m.entry(k).or_insert(v);
         }
         // Sort explicitly: serde_json's Map is only sorted without `preserve_order`.
         let sorted: BTreeMap<String, Value> = m.into_iter().collect();
@@ -596,4 +825,205 @@ pub fn adapter_config_for(
         .filter(|(k, _)| !typed.contains_key(k))
         .collect();
     cfg
+}
+
+/// VeRA settings of [`MethodOptions`] (PEFT `VeraConfig`'s, with its defaults).
+#[derive(Clone, Debug, PartialEq)]
+pub struct VeraOptions {
+    /// Seed of PEFT's torch generator for the projections (PEFT default 0). lorafuse's own
+    /// projections come from another generator, so they are always saved.
+    pub projection_prng_key: u64,
+    /// `lambda_d`'s initial value (PEFT default 0.1).
+    pub d_initial: f64,
+    /// Dropout on the VeRA input during training (default 0).
+    pub vera_dropout: f64,
+}
+
+impl Default for VeraOptions {
+    fn default() -> Self {
+        VeraOptions {
+            projection_prng_key: 0,
+            d_initial: 0.1,
+            vera_dropout: 0.0,
+        }
+    }
+}
+
+/// AdaLoRA settings of [`MethodOptions`] (PEFT `AdaLoraConfig`'s budget schedule; `init_r` is
+/// [`LoraConfig::r`]).
+#[derive(Clone, Debug, PartialEq)]
+pub struct AdaLoraOptions {
+    /// Average final rank per layer (PEFT default 8).
+    pub target_r: usize,
+    /// Warm-up steps (default 0).
+    pub tinit: u64,
+    /// Final steps with a frozen pattern (default 0).
+    pub tfinal: u64,
+    /// Masking interval (default 1).
+    pub delta_t: u64,
+    /// EMA factors of the importance scores (defaults 0.85).
+    pub beta1: f64,
+    pub beta2: f64,
+    /// Orthogonality regulariser weight (default 0.5).
+    pub orth_reg_weight: f64,
+    /// Total training steps: PEFT 0.21 refuses a config without it (> 0).
+    pub total_step: Option<u64>,
+    /// Kept ranks per module path (`fc1`, `model.layers.0.self_attn.q_proj`), one bool per rank
+    /// of init_r; written as PEFT's `rank_pattern` (`<module>.lora_E` keys). `None` = `null`
+    /// (no masking yet: every rank saved).
+    pub rank_pattern: Option<BTreeMap<String, Vec<bool>>>,
+}
+
+impl Default for AdaLoraOptions {
+    fn default() -> Self {
+        AdaLoraOptions {
+            target_r: 8,
+            tinit: 0,
+            tfinal: 0,
+            delta_t: 1,
+            beta1: 0.85,
+            beta2: 0.85,
+            orth_reg_weight: 0.5,
+            total_step: None,
+            rank_pattern: None,
+        }
+    }
+}
+
+/// What [`adapter_config_for_method`] needs beyond a [`LoraConfig`].
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct MethodOptions {
+    /// The base model's hub id or path (`base_model_name_or_path`).
+    pub base_model_name_or_path: Option<String>,
+    /// VeRA's settings (used for [`MethodKind::Vera`]).
+    pub vera: VeraOptions,
+    /// AdaLoRA's settings (used for [`MethodKind::AdaLora`]).
+    pub adalora: AdaLoraOptions,
+}
+
+/// An AdaLoRA rank pattern keyed by module path as PEFT's `rank_pattern` JSON object
+/// (`<module>.lora_E` → list of bools).
+pub fn rank_pattern_json(pattern: &BTreeMap<String, Vec<bool>>) -> Map<String, Value> {
+    pattern
+        .iter()
+        .map(|(k, v)| (format!("{k}.lora_E"), Value::from(v.clone())))
+        .collect()
+}
+
+/// The PEFT config of a lorafuse adapter of any method, with the key set PEFT 0.21.2 writes for
+/// its `peft_type`:
+/// - [`MethodKind::Lora`]: as [`adapter_config_for`];
+/// - [`MethodKind::Dora`]: the same with `use_dora: true`;
+/// - [`MethodKind::Vera`]: `peft_type` `VERA`, r, target modules, `projection_prng_key`,
+///   `save_projection: true` (always: lorafuse's projections are not torch's), `d_initial`,
+///   `vera_dropout` and `VeraConfig`'s other keys (no `lora_alpha`: VeRA has no scaling);
+/// - [`MethodKind::AdaLora`]: `peft_type` `ADALORA`, `init_r` = `lora.r`, `lora_alpha`, the
+///   schedule of [`AdaLoraOptions`] and its `rank_pattern`, `r` left at 8 (PEFT ignores it for
+///   AdaLoRA), plus `LoraConfig`'s keys.
+///
+/// Errors: an invalid `lora` ([`LoraConfig::validate`]); for AdaLoRA a missing or zero
+/// `total_step`, a schedule with no budgeting phase (`tinit >= total_step - tfinal`, as PEFT
+/// checks), `use_rslora`, or a rank_pattern list whose length is not init_r.
+pub fn adapter_config_for_method(
+    method: MethodKind,
+    lora: &LoraConfig,
+    extra: &MethodOptions,
+) -> Result<AdapterConfig> {
+    lora.validate()?;
+    let mut cfg = adapter_config_for(lora, extra.base_model_name_or_path.clone());
+    match method {
+        MethodKind::Lora => {}
+        MethodKind::Dora => cfg.use_dora = Some(true),
+        MethodKind::Vera => {
+            let v = &extra.vera;
+            cfg.peft_type = "VERA".into();
+            cfg.lora_alpha = None;
+            cfg.use_rslora = None;
+            cfg.use_dora = None;
+            cfg.lora_dropout = None;
+            cfg.rank_pattern = None;
+            cfg.alpha_pattern = None;
+            cfg.init_lora_weights = None;
+            cfg.extra = Map::new();
+            let typed: Map<String, Value> = cfg.clone().into();
+            cfg.extra = vera_config_defaults()
+                .into_iter()
+                .filter(|(k, _)| !typed.contains_key(k))
+                .collect();
+            cfg.extra.insert(
+                "projection_prng_key".into(),
+                Value::from(v.projection_prng_key),
+            );
+            cfg.extra
+                .insert("save_projection".into(), Value::Bool(true));
+            cfg.extra
+                .insert("d_initial".into(), Value::from(v.d_initial));
+            cfg.extra
+                .insert("vera_dropout".into(), Value::from(v.vera_dropout));
+        }
+        MethodKind::AdaLora => {
+            let a = &extra.adalora;
+            if lora.use_rslora {
+                return Err(Error::arg(
+                    "use_rslora",
+                    "AdaLoRA has its own scaling (lora_alpha / ranknum); use_rslora does not apply",
+                ));
+            }
+            let total = match a.total_step {
+                Some(t) if t > 0 => t,
+                t => {
+                    return Err(Error::arg(
+                        "total_step",
+                        format!(
+                            "AdaLoRA needs total_step > 0 (PEFT refuses the config), got {t:?}"
+                        ),
+                    ));
+                }
+            };
+            if a.tinit >= total.saturating_sub(a.tfinal) {
+                return Err(Error::arg(
+                    "tinit",
+                    format!(
+                        "tinit {} >= total_step {total} - tfinal {}: no budgeting phase (PEFT \
+                         refuses this schedule)",
+                        a.tinit, a.tfinal
+                    ),
+                ));
+            }
+            if let Some(p) = &a.rank_pattern
+                && let Some((k, v)) = p.iter().find(|(_, v)| v.len() != lora.r)
+            {
+                return Err(Error::arg(
+                    format!("rank_pattern.{k}"),
+                    format!("{} entries, init_r is {}", v.len(), lora.r),
+                ));
+            }
+            cfg.peft_type = "ADALORA".into();
+            cfg.r = Some(8);
+            cfg.use_rslora = Some(false);
+            cfg.rank_pattern = None;
+            for (k, v) in adalora_config_defaults() {
+                cfg.extra.insert(k, v);
+            }
+            cfg.extra.remove("peft_type");
+            cfg.extra.remove("rank_pattern");
+            cfg.rank_pattern = a.rank_pattern.as_ref().map(rank_pattern_json);
+            if cfg.rank_pattern.is_none() {
+                cfg.extra.insert("rank_pattern".into(), Value::Null);
+            }
+            let put = |c: &mut AdapterConfig, k: &str, v: Value| {
+                c.extra.insert(k.into(), v);
+            };
+            put(&mut cfg, "init_r", Value::from(lora.r));
+            put(&mut cfg, "target_r", Value::from(a.target_r));
+            put(&mut cfg, "tinit", Value::from(a.tinit));
+            put(&mut cfg, "tfinal", Value::from(a.tfinal));
+            put(&mut cfg, "deltaT", Value::from(a.delta_t));
+            put(&mut cfg, "beta1", Value::from(a.beta1));
+            put(&mut cfg, "beta2", Value::from(a.beta2));
+            put(&mut cfg, "orth_reg_weight", Value::from(a.orth_reg_weight));
+            put(&mut cfg, "total_step", Value::from(total));
+        }
+    }
+    Ok(cfg)
 }
