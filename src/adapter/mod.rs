@@ -6,6 +6,7 @@
 pub mod adalora;
 pub mod dora;
 pub mod lora;
+pub mod rank_allocator;
 pub mod method;
 pub mod vera;
 
