@@ -394,7 +394,7 @@ fn tiny_gguf_loads_with_the_weights_and_tokenizer_written() {
     assert_eq!(q, (32, 32));
     for (l, block) in model.layers.iter().enumerate() {
         for (pi, proj) in block.proj.iter().enumerate() {
-            let lorafuse::adapter::BaseWeight::Dense(w) = &proj.base.weight;
+            let w = proj.base.weight.dense_or_err("test").unwrap();
             let name = format!("{}.weight", proj_path(l, pi));
             assert_eq!(w.data(), &fx.base[&name].0[..], "{name}");
         }

@@ -160,9 +160,7 @@ fn assert_close(what: &str, got: &[f32], want: &[f32], atol: f32, rtol: f32) {
 }
 
 fn dense(base: &Linear<Cpu>) -> &Tensor<Cpu> {
-    match &base.weight {
-        BaseWeight::Dense(w) => w,
-    }
+    base.weight.dense_or_err("test").unwrap()
 }
 
 #[test]

@@ -13,7 +13,7 @@
 //! (PEFT's RankAllocator re-applies the mask after each step). The RankAllocator itself (budget
 //! schedule, importance scores) and the orthogonality regulariser are not here yet.
 
-use super::{BaseWeight, Linear};
+use super::Linear;
 use crate::backend::{AdaLoraGrads, Backend, Tensor};
 use crate::error::{Error, Result};
 use rand::{RngExt, SeedableRng};
@@ -34,10 +34,8 @@ pub struct AdaLoraLayer<B: Backend> {
     pub ranknum: f32,
 }
 
-fn dense<B: Backend>(base: &Linear<B>) -> &Tensor<B> {
-    match &base.weight {
-        BaseWeight::Dense(w) => w,
-    }
+fn dense<B: Backend>(base: &Linear<B>) -> Result<&Tensor<B>> {
+    base.weight.dense_or_err("AdaLoRA")
 }
 
 impl<B: Backend> AdaLoraLayer<B> {
@@ -152,7 +150,7 @@ impl<B: Backend> AdaLoraLayer<B> {
     ) -> Result<(Tensor<B>, Tensor<B>)> {
         be.adalora_forward(
             x,
-            dense(base),
+            dense(base)?,
             base.bias.as_ref(),
             &self.lora_a,
             &self.lora_b,
@@ -175,7 +173,7 @@ impl<B: Backend> AdaLoraLayer<B> {
             dy,
             x,
             h,
-            dense(base),
+            dense(base)?,
             &self.lora_a,
             &self.lora_b,
             &self.lora_e,
@@ -195,16 +193,15 @@ impl<B: Backend> AdaLoraLayer<B> {
     }
 
     fn merge_sign(&self, be: &B, base: &mut Linear<B>, sign: f32) -> Result<()> {
-        match &mut base.weight {
-            BaseWeight::Dense(w) => be.adalora_merge(
-                w,
-                &self.lora_a,
-                &self.lora_b,
-                &self.lora_e,
-                self.scaling,
-                self.ranknum,
-                sign,
-            ),
-        }
+        let w = base.weight.dense_mut_or_err("AdaLoRA merge")?;
+        be.adalora_merge(
+            w,
+            &self.lora_a,
+            &self.lora_b,
+            &self.lora_e,
+            self.scaling,
+            self.ranknum,
+            sign,
+        )
     }
 }

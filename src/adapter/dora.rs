@@ -43,9 +43,26 @@ pub struct DoraLayerSaved<B: Backend> {
     pub weight_norm: Tensor<B>,
 }
 
-fn dense<B: Backend>(base: &Linear<B>) -> &Tensor<B> {
+/// `||W0||_row^2 [out]` of any base format.
+fn base_row_sq<B: Backend>(be: &B, base: &Linear<B>) -> Result<Tensor<B>> {
     match &base.weight {
-        BaseWeight::Dense(w) => w,
+        BaseWeight::Dense(w) => be.row_sq_norms(w),
+        BaseWeight::Nf4(w) => be.nf4_row_sq_norms(w),
+    }
+}
+
+/// `||W0 + s B A||_row [out]` of any base format.
+fn base_weight_norm<B: Backend>(
+    be: &B,
+    base: &Linear<B>,
+    w0_row_sq: &Tensor<B>,
+    lora_a: &Tensor<B>,
+    lora_b: &Tensor<B>,
+    scaling: f32,
+) -> Result<Tensor<B>> {
+    match &base.weight {
+        BaseWeight::Dense(w) => be.dora_weight_norm(w, w0_row_sq, lora_a, lora_b, scaling),
+        BaseWeight::Nf4(w) => be.nf4_dora_weight_norm(w, w0_row_sq, lora_a, lora_b, scaling),
     }
 }
 
@@ -80,14 +97,13 @@ impl<B: Backend> DoraLayer<B> {
             ));
         }
         lora_b.expect_shape("lora_B", &[out, r])?;
-        let w0 = dense(base);
-        let base_row_sq = be.row_sq_norms(w0)?;
+        let base_row_sq = base_row_sq(be, base)?;
         let lora_magnitude_vector = match magnitude {
             Some(m) => {
                 m.expect_shape("lora_magnitude_vector", &[out])?;
                 m
             }
-            None => be.dora_weight_norm(w0, &base_row_sq, &lora_a, &lora_b, scaling)?,
+            None => base_weight_norm(be, base, &base_row_sq, &lora_a, &lora_b, scaling)?,
         };
         Ok(DoraLayer {
             lora_a,
@@ -112,8 +128,9 @@ impl<B: Backend> DoraLayer<B> {
     /// The detached weight norm `n = ||W0 + s B A||_row [out]` for the current factors.
     pub fn weight_norm(&self, be: &B, base: &Linear<B>) -> Result<Tensor<B>> {
         self.check_unmerged()?;
-        be.dora_weight_norm(
-            dense(base),
+        base_weight_norm(
+            be,
+            base,
             &self.base_row_sq,
             &self.lora_a,
             &self.lora_b,
@@ -139,16 +156,29 @@ impl<B: Backend> DoraLayer<B> {
         x: &Tensor<B>,
     ) -> Result<(Tensor<B>, DoraLayerSaved<B>)> {
         let n = self.weight_norm(be, base)?;
-        let (y, kernel) = be.dora_forward(
-            x,
-            dense(base),
-            base.bias.as_ref(),
-            &self.lora_a,
-            &self.lora_b,
-            self.scaling,
-            &self.lora_magnitude_vector,
-            &n,
-        )?;
+        let (y, kernel) = match &base.weight {
+            BaseWeight::Dense(w) => be.dora_forward(
+                x,
+                w,
+                base.bias.as_ref(),
+                &self.lora_a,
+                &self.lora_b,
+                self.scaling,
+                &self.lora_magnitude_vector,
+                &n,
+            )?,
+            // Any other format: its own base product, then the DoRA epilogue.
+            BaseWeight::Nf4(_) => be.dora_forward_from_base(
+                base.weight.matmul(be, x)?,
+                x,
+                base.bias.as_ref(),
+                &self.lora_a,
+                &self.lora_b,
+                self.scaling,
+                &self.lora_magnitude_vector,
+                &n,
+            )?,
+        };
         Ok((
             y,
             DoraLayerSaved {
@@ -167,33 +197,51 @@ impl<B: Backend> DoraLayer<B> {
         saved: &DoraLayerSaved<B>,
         dy: &Tensor<B>,
     ) -> Result<DoraGrads<B>> {
-        be.dora_backward(
-            dy,
-            x,
-            &saved.kernel,
-            dense(base),
-            &self.lora_a,
-            &self.lora_b,
-            self.scaling,
-            &self.lora_magnitude_vector,
-            &saved.weight_norm,
-        )
-    }
-
-    /// PEFT `merge`: `W = (m / n)[:, None] ⊙ (W0 + s B A)` in place; n (from the unmerged W0)
-    /// is kept for [`DoraLayer::unmerge`]. Errors if already merged.
-    pub fn merge(&mut self, be: &B, base: &mut Linear<B>) -> Result<()> {
-        let n = self.weight_norm(be, base)?;
-        match &mut base.weight {
-            BaseWeight::Dense(w) => be.dora_merge(
+        match &base.weight {
+            BaseWeight::Dense(w) => be.dora_backward(
+                dy,
+                x,
+                &saved.kernel,
                 w,
                 &self.lora_a,
                 &self.lora_b,
                 self.scaling,
                 &self.lora_magnitude_vector,
-                &n,
-            )?,
+                &saved.weight_norm,
+            ),
+            BaseWeight::Nf4(_) => {
+                let (mut grads, gk) = be.dora_backward_adapter(
+                    dy,
+                    x,
+                    &saved.kernel,
+                    &self.lora_a,
+                    &self.lora_b,
+                    self.scaling,
+                    &self.lora_magnitude_vector,
+                    &saved.weight_norm,
+                )?;
+                base.weight.matmul_backward_input(be, &gk, &mut grads.dx)?;
+                Ok(grads)
+            }
         }
+    }
+
+    /// PEFT `merge`: `W = (m / n)[:, None] ⊙ (W0 + s B A)` in place; n (from the unmerged W0)
+    /// is kept for [`DoraLayer::unmerge`]. Errors if already merged, or over an NF4 base: merge
+    /// into `base.dequantized(be)?` instead (this same layer works there: its cached
+    /// `||W0||_row^2` is of the same dequantized values).
+    pub fn merge(&mut self, be: &B, base: &mut Linear<B>) -> Result<()> {
+        base.weight.dense_or_err("DoRA merge")?;
+        let n = self.weight_norm(be, base)?;
+        let w = base.weight.dense_mut_or_err("DoRA merge")?;
+        be.dora_merge(
+            w,
+            &self.lora_a,
+            &self.lora_b,
+            self.scaling,
+            &self.lora_magnitude_vector,
+            &n,
+        )?;
         self.merged_weight_norm = Some(n);
         Ok(())
     }
@@ -206,16 +254,15 @@ impl<B: Backend> DoraLayer<B> {
         let Some(n) = self.merged_weight_norm.as_ref() else {
             return Err(Error::arg("base", "the DoRA adapter is not merged"));
         };
-        match &mut base.weight {
-            BaseWeight::Dense(w) => be.dora_unmerge(
-                w,
-                &self.lora_a,
-                &self.lora_b,
-                self.scaling,
-                &self.lora_magnitude_vector,
-                n,
-            )?,
-        }
+        let w = base.weight.dense_mut_or_err("DoRA unmerge")?;
+        be.dora_unmerge(
+            w,
+            &self.lora_a,
+            &self.lora_b,
+            self.scaling,
+            &self.lora_magnitude_vector,
+            n,
+        )?;
         self.merged_weight_norm = None;
         Ok(())
     }

@@ -148,6 +148,12 @@ impl<B: Backend> LoraLayer<B> {
                 &self.lora_b,
                 self.scaling,
             ),
+            // Any other format: its own base product, then the LoRA term added into it.
+            BaseWeight::Nf4(_) => {
+                let mut y = base.forward(be, x)?;
+                let h = be.lora_add(&mut y, x, &self.lora_a, &self.lora_b, self.scaling)?;
+                Ok((y, h))
+            }
         }
     }
 
@@ -166,22 +172,32 @@ impl<B: Backend> LoraLayer<B> {
                     be.lora_backward(dy, x, h, w, &self.lora_a, &self.lora_b, self.scaling)?;
                 Ok((dx, (da, db)))
             }
-        }
-    }
-
-    /// `W0 += s B A` in place (PEFT `merge`).
-    pub fn merge(&self, be: &B, base: &mut Linear<B>) -> Result<()> {
-        match &mut base.weight {
-            BaseWeight::Dense(w) => be.lora_merge(w, &self.lora_a, &self.lora_b, self.scaling, 1.0),
-        }
-    }
-
-    /// `W0 -= s B A` in place (PEFT `unmerge`).
-    pub fn unmerge(&self, be: &B, base: &mut Linear<B>) -> Result<()> {
-        match &mut base.weight {
-            BaseWeight::Dense(w) => {
-                be.lora_merge(w, &self.lora_a, &self.lora_b, self.scaling, -1.0)
+            BaseWeight::Nf4(_) => {
+                let mut dx = base.backward_input(be, dy)?;
+                let (da, db) = be.lora_backward_adapter(
+                    dy,
+                    x,
+                    h,
+                    &self.lora_a,
+                    &self.lora_b,
+                    self.scaling,
+                    &mut dx,
+                )?;
+                Ok((dx, (da, db)))
             }
         }
+    }
+
+    /// `W0 += s B A` in place (PEFT `merge`). Errors over an NF4 base: merge into
+    /// [`Linear::dequantized`] instead.
+    pub fn merge(&self, be: &B, base: &mut Linear<B>) -> Result<()> {
+        let w = base.weight.dense_mut_or_err("LoRA merge")?;
+        be.lora_merge(w, &self.lora_a, &self.lora_b, self.scaling, 1.0)
+    }
+
+    /// `W0 -= s B A` in place (PEFT `unmerge`). Errors over an NF4 base.
+    pub fn unmerge(&self, be: &B, base: &mut Linear<B>) -> Result<()> {
+        let w = base.weight.dense_mut_or_err("LoRA unmerge")?;
+        be.lora_merge(w, &self.lora_a, &self.lora_b, self.scaling, -1.0)
     }
 }

@@ -6,8 +6,8 @@
 pub mod adalora;
 pub mod dora;
 pub mod lora;
-pub mod rank_allocator;
 pub mod method;
+pub mod rank_allocator;
 pub mod vera;
 
 pub use adalora::AdaLoraLayer;
@@ -16,17 +16,24 @@ pub use lora::{LoraConfig, LoraLayer};
 pub use method::{Adapter, AdapterSaved, MethodKind};
 pub use vera::{VeraLayer, VeraShared};
 
-use crate::backend::{Backend, Tensor};
-use crate::error::Result;
+use crate::backend::{Backend, Nf4Weight, Tensor};
+use crate::error::{Error, Result};
+use crate::quant::nf4::Nf4Tensor;
 
-/// A frozen base weight `[out, in]`.
+/// A frozen base weight `[out, in]`: dense f32, or NF4-quantized (QLoRA).
 ///
-/// Dense f32 storage today; the NF4 (QLoRA) variant joins this enum so that every adapter
-/// works over both without duplicated code.
+/// Every adapter works over both: it calls the fused dense kernel over a dense base, and over
+/// any other format the format's base product ([`BaseWeight::matmul`],
+/// [`BaseWeight::matmul_backward_input`]) plus the backend's base-agnostic adapter term
+/// (`lora_add`, `dora_forward_from_base`, ...). An NF4 base is never dequantized whole by the
+/// forward or the backward; see [`Linear::dequantized`] for merging.
 #[derive(Clone, Debug)]
 pub enum BaseWeight<B: Backend> {
     /// Plain `[out, in]` weight.
     Dense(Tensor<B>),
+    /// bitsandbytes NF4 `[out, in]` (with or without double quantization), dequantized tile by
+    /// tile inside the matmuls.
+    Nf4(Nf4Weight<B>),
 }
 
 impl<B: Backend> BaseWeight<B> {
@@ -34,6 +41,67 @@ impl<B: Backend> BaseWeight<B> {
     pub fn dims(&self) -> (usize, usize) {
         match self {
             BaseWeight::Dense(w) => (w.dim(0), w.dim(1)),
+            BaseWeight::Nf4(w) => w.dims(),
+        }
+    }
+
+    /// Bytes the weight occupies on its backend: `4 out in` for dense f32; for NF4 the packed
+    /// indices plus the absmax statistics ([`Nf4Tensor::bytes`]), about `0.5 + 4 / blocksize`
+    /// bytes per parameter (0.5 + ~0.016 with double quant at blocksize 64).
+    pub fn bytes(&self) -> usize {
+        match self {
+            BaseWeight::Dense(w) => 4 * w.len(),
+            BaseWeight::Nf4(w) => w.bytes(),
+        }
+    }
+
+    /// Whether this is a quantized (not dense) weight.
+    pub fn is_quantized(&self) -> bool {
+        !matches!(self, BaseWeight::Dense(_))
+    }
+
+    /// `x W^T` (no bias) for x `[T, in]` → `[T, out]`.
+    pub fn matmul(&self, be: &B, x: &Tensor<B>) -> Result<Tensor<B>> {
+        match self {
+            BaseWeight::Dense(w) => be.linear(x, w, None),
+            BaseWeight::Nf4(w) => be.nf4_linear(x, w, None),
+        }
+    }
+
+    /// `dx += dy W` for dy `[T, out]`, dx `[T, in]`.
+    pub fn matmul_backward_input(&self, be: &B, dy: &Tensor<B>, dx: &mut Tensor<B>) -> Result<()> {
+        match self {
+            BaseWeight::Dense(w) => be.linear_backward_input(dy, w, Some(dx))?,
+            BaseWeight::Nf4(w) => be.nf4_linear_backward_input(dy, w, Some(dx))?,
+        };
+        Ok(())
+    }
+
+    /// The dense weight, or an error naming `what` needs it (e.g. a merge over an NF4 base).
+    pub fn dense_or_err(&self, what: &str) -> Result<&Tensor<B>> {
+        match self {
+            BaseWeight::Dense(w) => Ok(w),
+            BaseWeight::Nf4(_) => Err(Error::arg(
+                "base",
+                format!(
+                    "{what} needs a dense base weight but it is NF4; dequantize it first \
+                     (Linear::dequantized), or re-quantize the merged result"
+                ),
+            )),
+        }
+    }
+
+    /// [`BaseWeight::dense_or_err`], mutably.
+    pub fn dense_mut_or_err(&mut self, what: &str) -> Result<&mut Tensor<B>> {
+        match self {
+            BaseWeight::Dense(w) => Ok(w),
+            BaseWeight::Nf4(_) => Err(Error::arg(
+                "base",
+                format!(
+                    "{what} needs a dense base weight but it is NF4; dequantize it first \
+                     (Linear::dequantized), or re-quantize the merged result"
+                ),
+            )),
         }
     }
 }
@@ -54,6 +122,14 @@ impl<B: Backend> Linear<B> {
             bias: None,
         })
     }
+    /// An NF4 (QLoRA) layer without bias, uploading `weight` (shape `[out, in]`, e.g. from
+    /// [`crate::quant::quantize_nf4`] or a bitsandbytes checkpoint). Errors: not 2-D.
+    pub fn nf4(be: &B, weight: &Nf4Tensor) -> Result<Self> {
+        Ok(Linear {
+            weight: BaseWeight::Nf4(be.upload_nf4(weight)?),
+            bias: None,
+        })
+    }
     /// `in_features`.
     pub fn in_features(&self) -> usize {
         self.weight.dims().1
@@ -62,18 +138,38 @@ impl<B: Backend> Linear<B> {
     pub fn out_features(&self) -> usize {
         self.weight.dims().0
     }
+    /// Bytes of the base weight on its backend (the bias not counted); see
+    /// [`BaseWeight::bytes`].
+    pub fn bytes(&self) -> usize {
+        self.weight.bytes()
+    }
     /// `y = x W^T + bias` for x `[T, in]`.
     pub fn forward(&self, be: &B, x: &Tensor<B>) -> Result<Tensor<B>> {
         match &self.weight {
             BaseWeight::Dense(w) => be.linear(x, w, self.bias.as_ref()),
+            BaseWeight::Nf4(w) => be.nf4_linear(x, w, self.bias.as_ref()),
         }
     }
     /// `dx = dy W` for dy `[T, out]` (the base is frozen: no weight gradient).
     pub fn backward_input(&self, be: &B, dy: &Tensor<B>) -> Result<Tensor<B>> {
-        match &self.weight {
-            BaseWeight::Dense(w) => Ok(be
-                .linear_backward_input(dy, w, None)?
-                .expect("linear_backward_input without acc returns dx")),
-        }
+        let dx = match &self.weight {
+            BaseWeight::Dense(w) => be.linear_backward_input(dy, w, None)?,
+            BaseWeight::Nf4(w) => be.nf4_linear_backward_input(dy, w, None)?,
+        };
+        dx.ok_or_else(|| Error::arg("dx", "backward_input without acc returned no tensor"))
+    }
+    /// A dense copy of this layer: itself for a dense base; for an NF4 base the dequantized
+    /// weight (bitsandbytes' `dequantize_4bit`, bit for bit). This materializes the f32 weight:
+    /// use it to merge an adapter into a quantized base (merge, then keep f32/bf16 or
+    /// re-quantize), never in training.
+    pub fn dequantized(&self, be: &B) -> Result<Self> {
+        let weight = match &self.weight {
+            BaseWeight::Dense(w) => w.clone(),
+            BaseWeight::Nf4(w) => be.nf4_dequantize(w)?,
+        };
+        Ok(Linear {
+            weight: BaseWeight::Dense(weight),
+            bias: self.bias.clone(),
+        })
     }
 }

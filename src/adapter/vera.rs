@@ -8,7 +8,7 @@
 //!
 //! Only `vera_lambda_d [r]` and `vera_lambda_b [out]` are trained (r + out per layer).
 
-use super::{BaseWeight, Linear};
+use super::Linear;
 use crate::backend::{Backend, Tensor};
 use crate::error::{Error, Result};
 use rand::{RngExt, SeedableRng};
@@ -78,10 +78,8 @@ pub struct VeraLayer<B: Backend> {
 /// Gradients of one VeRA layer: `(dlambda_d [r], dlambda_b [out])`.
 pub type VeraGrads<B> = (Tensor<B>, Tensor<B>);
 
-fn dense<B: Backend>(base: &Linear<B>) -> &Tensor<B> {
-    match &base.weight {
-        BaseWeight::Dense(w) => w,
-    }
+fn dense<B: Backend>(base: &Linear<B>) -> Result<&Tensor<B>> {
+    base.weight.dense_or_err("VeRA")
 }
 
 impl<B: Backend> VeraLayer<B> {
@@ -144,7 +142,7 @@ impl<B: Backend> VeraLayer<B> {
     ) -> Result<(Tensor<B>, Tensor<B>)> {
         be.vera_forward(
             x,
-            dense(base),
+            dense(base)?,
             base.bias.as_ref(),
             &shared.vera_a,
             &shared.vera_b,
@@ -167,7 +165,7 @@ impl<B: Backend> VeraLayer<B> {
             dy,
             x,
             h,
-            dense(base),
+            dense(base)?,
             &shared.vera_a,
             &shared.vera_b,
             &self.vera_lambda_d,
@@ -193,15 +191,14 @@ impl<B: Backend> VeraLayer<B> {
         base: &mut Linear<B>,
         sign: f32,
     ) -> Result<()> {
-        match &mut base.weight {
-            BaseWeight::Dense(w) => be.vera_merge(
-                w,
-                &shared.vera_a,
-                &shared.vera_b,
-                &self.vera_lambda_d,
-                &self.vera_lambda_b,
-                sign,
-            ),
-        }
+        let w = base.weight.dense_mut_or_err("VeRA merge")?;
+        be.vera_merge(
+            w,
+            &shared.vera_a,
+            &shared.vera_b,
+            &self.vera_lambda_d,
+            &self.vera_lambda_b,
+            sign,
+        )
     }
 }

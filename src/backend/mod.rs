@@ -12,6 +12,7 @@
 pub mod cpu;
 
 use crate::error::{Error, Result};
+use crate::quant::nf4::Nf4Tensor;
 
 /// A backend buffer with a row-major shape. Storage is f32 on the CPU reference.
 pub struct Tensor<B: Backend> {
@@ -68,6 +69,50 @@ impl<B: Backend> Tensor<B> {
             [r, c] => Ok((r, c)),
             _ => Err(Error::shape(name, "2-D [rows, cols]", &self.shape)),
         }
+    }
+}
+
+/// A frozen NF4-quantized weight `[out, in]` resident on a backend (QLoRA's base weight): the
+/// backend's [`Backend::Nf4Buf`] plus the logical shape and the stored size. Made by
+/// [`Backend::upload_nf4`]; consumed by the `nf4_*` kernels, which dequantize it tile by tile
+/// and never materialize the f32 `[out, in]` matrix.
+pub struct Nf4Weight<B: Backend> {
+    pub(crate) buf: B::Nf4Buf,
+    pub(crate) out: usize,
+    pub(crate) in_: usize,
+    pub(crate) bytes: usize,
+}
+
+impl<B: Backend> Clone for Nf4Weight<B> {
+    fn clone(&self) -> Self {
+        Nf4Weight {
+            buf: self.buf.clone(),
+            out: self.out,
+            in_: self.in_,
+            bytes: self.bytes,
+        }
+    }
+}
+
+impl<B: Backend> std::fmt::Debug for Nf4Weight<B> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Nf4Weight[{}, {}]", self.out, self.in_)
+    }
+}
+
+impl<B: Backend> Nf4Weight<B> {
+    /// `(out, in)`.
+    pub fn dims(&self) -> (usize, usize) {
+        (self.out, self.in_)
+    }
+    /// Bytes of the quantized data as stored: packed 4-bit indices plus the absmax statistics
+    /// ([`Nf4Tensor::bytes`]).
+    pub fn bytes(&self) -> usize {
+        self.bytes
+    }
+    /// The backend buffer.
+    pub fn buf(&self) -> &B::Nf4Buf {
+        &self.buf
     }
 }
 
@@ -144,6 +189,9 @@ pub struct AdaLoraGrads<B: Backend> {
 pub trait Backend: Clone + Send + Sync + Sized + 'static {
     /// Device storage of one tensor.
     type Buf: Clone + Send + Sync;
+    /// Device storage of one NF4-quantized weight (packed indices + absmax statistics, in
+    /// bitsandbytes' layout); see [`Nf4Weight`].
+    type Nf4Buf: Clone + Send + Sync;
 
     /// Short backend name (`cpu`, `cuda`, `wgpu`).
     fn name(&self) -> &'static str;
@@ -431,6 +479,117 @@ pub trait Backend: Clone + Send + Sync + Sized + 'static {
         ranknum: f32,
         sign: f32,
     ) -> Result<()>;
+
+    // ---- NF4 base weights (QLoRA, Dettmers et al. 2023) ---------------------------------------
+    //
+    // Every `nf4_*` kernel dequantizes the weight a tile of rows at a time (bitsandbytes'
+    // `dequantize_4bit`, bit for bit) into a bounded scratch buffer and multiplies that tile: the
+    // f32 `[out, in]` copy of the weight is never materialized. Results equal the dense kernel
+    // applied to the dequantized weight up to f32 summation order.
+
+    /// Uploads an NF4 tensor as a frozen linear weight `[out, in]` (its shape must be 2-D).
+    fn upload_nf4(&self, w: &Nf4Tensor) -> Result<Nf4Weight<Self>>;
+
+    /// Dequantizes the whole weight to a dense `[out, in]` tensor. This DOES materialize the f32
+    /// weight; it is for merging and exporting, never for the forward or backward.
+    fn nf4_dequantize(&self, w: &Nf4Weight<Self>) -> Result<Tensor<Self>>;
+
+    /// `y = x dequant(W)^T + bias`: x `[T, in]`, w `[out, in]`, bias `[out]` → y `[T, out]`
+    /// (the NF4 counterpart of [`Backend::linear`]).
+    fn nf4_linear(
+        &self,
+        x: &Tensor<Self>,
+        w: &Nf4Weight<Self>,
+        bias: Option<&Tensor<Self>>,
+    ) -> Result<Tensor<Self>>;
+
+    /// `dx = dy dequant(W)`: dy `[T, out]`, w `[out, in]` → dx `[T, in]`; with `acc`, adds into
+    /// it and returns `None` (the NF4 counterpart of [`Backend::linear_backward_input`]).
+    fn nf4_linear_backward_input(
+        &self,
+        dy: &Tensor<Self>,
+        w: &Nf4Weight<Self>,
+        acc: Option<&mut Tensor<Self>>,
+    ) -> Result<Option<Tensor<Self>>>;
+
+    /// `||dequant(W)||_row^2` → `[out]`, accumulated in f64 (the NF4 counterpart of
+    /// [`Backend::row_sq_norms`]; DoRA computes it once per frozen base).
+    fn nf4_row_sq_norms(&self, w: &Nf4Weight<Self>) -> Result<Tensor<Self>>;
+
+    /// DoRA's weight norm `||dequant(W0) + s B A||_row` → `[out]` with the contract and
+    /// numerics of [`Backend::dora_weight_norm`]; `W0 A^T` is formed tile by tile.
+    fn nf4_dora_weight_norm(
+        &self,
+        w0: &Nf4Weight<Self>,
+        w0_row_sq: &Tensor<Self>,
+        lora_a: &Tensor<Self>,
+        lora_b: &Tensor<Self>,
+        scaling: f32,
+    ) -> Result<Tensor<Self>>;
+
+    // ---- adapter terms over a base product computed elsewhere (any base format) ---------------
+    //
+    // The fused kernels above take a dense `w0`. Over any other base format (NF4) the adapter
+    // layers compute the base product with that format's kernel and add the adapter term with
+    // these, so the adapter math is written once per backend, not once per base format.
+
+    /// LoRA term added in place: `h = x A^T`, `y += s h B^T`. x `[T, in]`, y `[T, out]` (the
+    /// base output), lora_a `[r, in]`, lora_b `[out, r]`. Returns `h [T, r]` for the backward.
+    fn lora_add(
+        &self,
+        y: &mut Tensor<Self>,
+        x: &Tensor<Self>,
+        lora_a: &Tensor<Self>,
+        lora_b: &Tensor<Self>,
+        scaling: f32,
+    ) -> Result<Tensor<Self>>;
+
+    /// The adapter part of [`Backend::lora_backward`]: with `g = dy B`, adds `s g A` into
+    /// `dx [T, in]` (which holds, or will receive, the base's `dy W0`) and returns
+    /// `(dA = s g^T x [r, in], dB = s dy^T h [out, r])`.
+    #[allow(clippy::too_many_arguments)]
+    fn lora_backward_adapter(
+        &self,
+        dy: &Tensor<Self>,
+        x: &Tensor<Self>,
+        h: &Tensor<Self>,
+        lora_a: &Tensor<Self>,
+        lora_b: &Tensor<Self>,
+        scaling: f32,
+        dx: &mut Tensor<Self>,
+    ) -> Result<(Tensor<Self>, Tensor<Self>)>;
+
+    /// [`Backend::dora_forward`] from the base product `base_out = x W0^T` `[T, out]` (no
+    /// bias; consumed, its buffer becomes `z`): `z = base_out + s (x A^T) B^T`,
+    /// `y = (m / n) ⊙ z + bias`. Returns `(y [T, out], saved)` as `dora_forward` does.
+    #[allow(clippy::too_many_arguments)]
+    fn dora_forward_from_base(
+        &self,
+        base_out: Tensor<Self>,
+        x: &Tensor<Self>,
+        bias: Option<&Tensor<Self>>,
+        lora_a: &Tensor<Self>,
+        lora_b: &Tensor<Self>,
+        scaling: f32,
+        magnitude: &Tensor<Self>,
+        weight_norm: &Tensor<Self>,
+    ) -> Result<(Tensor<Self>, DoraSaved<Self>)>;
+
+    /// The adapter part of [`Backend::dora_backward`]: returns the grads with
+    /// `dx = s (g' B) A` only, and `g' = dy ⊙ (m / n)` `[T, out]`, which the caller sends
+    /// through the base (`dx += g' W0`).
+    #[allow(clippy::too_many_arguments)]
+    fn dora_backward_adapter(
+        &self,
+        dy: &Tensor<Self>,
+        x: &Tensor<Self>,
+        saved: &DoraSaved<Self>,
+        lora_a: &Tensor<Self>,
+        lora_b: &Tensor<Self>,
+        scaling: f32,
+        magnitude: &Tensor<Self>,
+        weight_norm: &Tensor<Self>,
+    ) -> Result<(DoraGrads<Self>, Tensor<Self>)>;
 
     // ---- Llama block ops ----------------------------------------------------------------------
 

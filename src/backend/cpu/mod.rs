@@ -4,15 +4,18 @@
 
 mod adapters;
 pub mod gemm;
+mod nf4;
 mod ops;
 
 use self::gemm::{Op, sgemm};
 use super::{
-    AdaLoraGrads, AdamWParams, AttentionSaved, Backend, DoraGrads, DoraSaved, SeqSpan, Tensor,
-    same_shape,
+    AdaLoraGrads, AdamWParams, AttentionSaved, Backend, DoraGrads, DoraSaved, Nf4Weight, SeqSpan,
+    Tensor, same_shape,
 };
 use crate::error::{Error, Result};
+use crate::quant::nf4::Nf4Tensor;
 use rayon::prelude::*;
+use std::sync::Arc;
 
 /// The CPU reference backend.
 #[derive(Clone, Copy, Debug, Default)]
@@ -69,6 +72,8 @@ fn check_linear(x: &Tensor<Cpu>, w: &Tensor<Cpu>) -> Result<(usize, usize, usize
 
 impl Backend for Cpu {
     type Buf = Vec<f32>;
+    /// The quantized tensor itself, shared: uploading copies it once, clones are cheap.
+    type Nf4Buf = Arc<Nf4Tensor>;
 
     fn name(&self) -> &'static str {
         "cpu"
@@ -545,6 +550,117 @@ impl Backend for Cpu {
         sign: f32,
     ) -> Result<()> {
         adapters::adalora_merge(w, lora_a, lora_b, lora_e, scaling, ranknum, sign)
+    }
+
+    fn upload_nf4(&self, w: &Nf4Tensor) -> Result<Nf4Weight<Self>> {
+        nf4::upload(w)
+    }
+
+    fn nf4_dequantize(&self, w: &Nf4Weight<Self>) -> Result<Tensor<Self>> {
+        nf4::dequantize(w)
+    }
+
+    fn nf4_linear(
+        &self,
+        x: &Tensor<Self>,
+        w: &Nf4Weight<Self>,
+        bias: Option<&Tensor<Self>>,
+    ) -> Result<Tensor<Self>> {
+        nf4::linear(x, w, bias)
+    }
+
+    fn nf4_linear_backward_input(
+        &self,
+        dy: &Tensor<Self>,
+        w: &Nf4Weight<Self>,
+        acc: Option<&mut Tensor<Self>>,
+    ) -> Result<Option<Tensor<Self>>> {
+        nf4::linear_backward_input(dy, w, acc)
+    }
+
+    fn nf4_row_sq_norms(&self, w: &Nf4Weight<Self>) -> Result<Tensor<Self>> {
+        nf4::row_sq_norms(w)
+    }
+
+    fn nf4_dora_weight_norm(
+        &self,
+        w0: &Nf4Weight<Self>,
+        w0_row_sq: &Tensor<Self>,
+        lora_a: &Tensor<Self>,
+        lora_b: &Tensor<Self>,
+        scaling: f32,
+    ) -> Result<Tensor<Self>> {
+        nf4::dora_weight_norm(w0, w0_row_sq, lora_a, lora_b, scaling)
+    }
+
+    fn lora_add(
+        &self,
+        y: &mut Tensor<Self>,
+        x: &Tensor<Self>,
+        lora_a: &Tensor<Self>,
+        lora_b: &Tensor<Self>,
+        scaling: f32,
+    ) -> Result<Tensor<Self>> {
+        nf4::lora_add(y, x, lora_a, lora_b, scaling)
+    }
+
+    fn lora_backward_adapter(
+        &self,
+        dy: &Tensor<Self>,
+        x: &Tensor<Self>,
+        h: &Tensor<Self>,
+        lora_a: &Tensor<Self>,
+        lora_b: &Tensor<Self>,
+        scaling: f32,
+        dx: &mut Tensor<Self>,
+    ) -> Result<(Tensor<Self>, Tensor<Self>)> {
+        nf4::lora_backward_adapter(dy, x, h, lora_a, lora_b, scaling, dx)
+    }
+
+    fn dora_forward_from_base(
+        &self,
+        base_out: Tensor<Self>,
+        x: &Tensor<Self>,
+        bias: Option<&Tensor<Self>>,
+        lora_a: &Tensor<Self>,
+        lora_b: &Tensor<Self>,
+        scaling: f32,
+        magnitude: &Tensor<Self>,
+        weight_norm: &Tensor<Self>,
+    ) -> Result<(Tensor<Self>, DoraSaved<Self>)> {
+        nf4::dora_forward_from_base(
+            base_out,
+            x,
+            bias,
+            lora_a,
+            lora_b,
+            scaling,
+            magnitude,
+            weight_norm,
+        )
+    }
+
+    fn dora_backward_adapter(
+        &self,
+        dy: &Tensor<Self>,
+        x: &Tensor<Self>,
+        saved: &DoraSaved<Self>,
+        lora_a: &Tensor<Self>,
+        lora_b: &Tensor<Self>,
+        scaling: f32,
+        magnitude: &Tensor<Self>,
+        weight_norm: &Tensor<Self>,
+    ) -> Result<(DoraGrads<Self>, Tensor<Self>)> {
+        nf4::dora_backward_adapter(
+            dy,
+            x,
+            saved,
+            lora_a,
+            lora_b,
+            scaling,
+            magnitude,
+            weight_norm,
+        )
     }
 
     fn rmsnorm(

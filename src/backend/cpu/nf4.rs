@@ -1,0 +1,522 @@
+//! CPU reference of the NF4 (QLoRA) kernels and of the base-format-agnostic adapter terms.
+//!
+//! An NF4 weight `[out, in]` is never dequantized whole: each kernel cuts it into tiles of
+//! [`tile_rows`] rows, dequantizes a tile into a scratch buffer (one per rayon worker, at most
+//! ~256 KiB) with [`Nf4Tensor::dequantize_rows`] (bitsandbytes' values, bit for bit) and feeds
+//! it to the GEMM. So a QLoRA layer holds its base at the NF4 size (~0.5 bytes per parameter)
+//! and the f32 weight exists only one tile at a time.
+//!
+//! * Forward `y = x W^T`: tiles run in parallel, each writing its own columns of `y` (a strided
+//!   GEMM on one thread; columns of different tiles never overlap).
+//! * Backward `dx = dy W`: every tile adds into all of `dx`, so tiles go in waves: the tiles of
+//!   a wave are dequantized in parallel into one buffer, then one (parallel) GEMM adds the
+//!   wave's contribution.
+
+use super::adapters;
+use super::gemm::{Op, sgemm};
+use super::{Cpu, new, ops};
+use crate::backend::{DoraGrads, DoraSaved, Nf4Weight, Tensor};
+use crate::error::{Error, Result};
+use crate::quant::nf4::{NF4_CODE, Nf4Tensor};
+use gemm::Parallelism;
+use rayon::prelude::*;
+use std::sync::Arc;
+
+/// Target size of one dequantized tile (f32), so that it stays in a core's L2 cache.
+const TILE_BYTES: usize = 256 * 1024;
+
+/// Below this many multiply-adds a GEMM runs on one thread (as in [`sgemm`]).
+const PARALLEL_MIN_MACS: usize = 1 << 18;
+
+/// Rows per dequantized tile for a weight with `din` columns and `dout` rows: about
+/// [`TILE_BYTES`] of f32, a multiple of 16 in 16..=256, at most `dout`.
+pub(super) fn tile_rows(din: usize, dout: usize) -> usize {
+    let rows = (TILE_BYTES / (4 * din.max(1))).clamp(16, 256) / 16 * 16;
+    rows.min(dout).max(1)
+}
+
+/// A raw pointer that may cross threads. Sound here because the threads that share it write
+/// disjoint elements (see the SAFETY notes where it is used).
+#[derive(Clone, Copy)]
+struct SendPtr(*mut f32);
+unsafe impl Send for SendPtr {}
+unsafe impl Sync for SendPtr {}
+impl SendPtr {
+    /// A method, not a field access, so that closures capture the whole (Send) wrapper.
+    fn get(self) -> *mut f32 {
+        self.0
+    }
+}
+
+fn quant(w: &Nf4Weight<Cpu>) -> &Nf4Tensor {
+    &w.buf
+}
+
+pub(super) fn upload(w: &Nf4Tensor) -> Result<Nf4Weight<Cpu>> {
+    let &[out, in_] = w.shape() else {
+        return Err(Error::shape("nf4 weight", "2-D [out, in]", w.shape()));
+    };
+    Ok(Nf4Weight {
+        buf: Arc::new(w.clone()),
+        out,
+        in_,
+        bytes: w.bytes(),
+    })
+}
+
+pub(super) fn dequantize(w: &Nf4Weight<Cpu>) -> Result<Tensor<Cpu>> {
+    Ok(new(quant(w).dequantize(), &[w.out, w.in_]))
+}
+
+/// Checks `x [T, in]` against the weight, returning `(T, in, out)`.
+fn check_x(x: &Tensor<Cpu>, w: &Nf4Weight<Cpu>) -> Result<(usize, usize, usize)> {
+    let (t, din) = x.dims2("x")?;
+    if din != w.in_ {
+        return Err(Error::shape(
+            "nf4 weight",
+            format!("[out, {din}]"),
+            &[w.out, w.in_],
+        ));
+    }
+    Ok((t, din, w.out))
+}
+
+/// Dequantizes rows `o0..o1` into `tile` (exactly `(o1 - o0) * in` long), equal bit for bit to
+/// [`Nf4Tensor::dequantize_rows`] (`out[j] = NF4_CODE[q[j]] * absmax[j / blocksize]`, one f32
+/// product), but a whole byte (two elements) at a time when the rows start at an even element,
+/// with the block absmax decoded once per call (`absmax = q.absmax_f32()`).
+fn dequant_tile(q: &Nf4Tensor, absmax: &[f32], o0: usize, o1: usize, tile: &mut [f32]) {
+    let cols = q.shape()[1];
+    let start = o0 * cols;
+    if start % 2 == 1 {
+        q.dequantize_rows(o0, o1, tile)
+            .expect("tile rows lie within the weight and the tile is sized to them");
+        return;
+    }
+    debug_assert_eq!(tile.len(), (o1 - o0) * cols);
+    let (bs, packed) = (q.blocksize(), q.packed());
+    let end = start + tile.len();
+    // Blocks start at multiples of the (even) blocksize, so every segment starts even.
+    let mut j = start;
+    while j < end {
+        let b = j / bs;
+        let seg_end = ((b + 1) * bs).min(end);
+        let table: [f32; 16] = std::array::from_fn(|k| NF4_CODE[k] * absmax[b]);
+        let out = &mut tile[j - start..seg_end - start];
+        let pairs = out.len() / 2;
+        for (o, &byte) in out.chunks_exact_mut(2).zip(&packed[j / 2..j / 2 + pairs]) {
+            o[0] = table[(byte >> 4) as usize];
+            o[1] = table[(byte & 0x0f) as usize];
+        }
+        if out.len() % 2 == 1 {
+            out[out.len() - 1] = table[(packed[j / 2 + pairs] >> 4) as usize];
+        }
+        j = seg_end;
+    }
+}
+
+pub(super) fn linear(
+    x: &Tensor<Cpu>,
+    w: &Nf4Weight<Cpu>,
+    bias: Option<&Tensor<Cpu>>,
+) -> Result<Tensor<Cpu>> {
+    let (t, din, dout) = check_x(x, w)?;
+    let mut y = vec![0.0f32; t * dout];
+    if let Some(b) = bias {
+        b.expect_shape("bias", &[dout])?;
+        for row in y.chunks_mut(dout.max(1)) {
+            row.copy_from_slice(b.data());
+        }
+    }
+    if t == 0 || dout == 0 || din == 0 {
+        return Ok(new(y, &[t, dout]));
+    }
+    let q = quant(w);
+    let absmax = q.absmax_f32();
+    let tr = tile_rows(din, dout);
+    let n_tiles = dout.div_ceil(tr);
+    // Few tiles (a small `out`) but a large product: let the GEMM use the threads instead.
+    let par = if n_tiles < rayon::current_num_threads() && t * tr * din >= PARALLEL_MIN_MACS {
+        Parallelism::Rayon(0)
+    } else {
+        Parallelism::None
+    };
+    let yp = SendPtr(y.as_mut_ptr());
+    let xd = x.data();
+    (0..n_tiles).into_par_iter().for_each_init(
+        || vec![0.0f32; tr * din],
+        |scratch, i| {
+            let (o0, o1) = (i * tr, ((i + 1) * tr).min(dout));
+            let rows = o1 - o0;
+            let tile = &mut scratch[..rows * din];
+            dequant_tile(q, &absmax, o0, o1, tile);
+            // y[:, o0..o1] (+)= x tile^T: dst [t, rows] with row stride dout; lhs x [t, din];
+            // rhs tile^T [din, rows], i.e. element (p, j) at tile[j * din + p].
+            // SAFETY: `y` holds t * dout elements and this call touches only the columns
+            // o0..o1 (< dout) of rows 0..t, which no other tile touches; x and the tile are
+            // read within their lengths (t * din and rows * din).
+            unsafe {
+                gemm::gemm(
+                    t,
+                    rows,
+                    din,
+                    yp.get().add(o0),
+                    1,
+                    dout as isize,
+                    bias.is_some(),
+                    xd.as_ptr(),
+                    1,
+                    din as isize,
+                    tile.as_ptr(),
+                    din as isize,
+                    1,
+                    1.0,
+                    1.0,
+                    false,
+                    false,
+                    false,
+                    par,
+                );
+            }
+        },
+    );
+    Ok(new(y, &[t, dout]))
+}
+
+pub(super) fn linear_backward_input(
+    dy: &Tensor<Cpu>,
+    w: &Nf4Weight<Cpu>,
+    acc: Option<&mut Tensor<Cpu>>,
+) -> Result<Option<Tensor<Cpu>>> {
+    let (t, dout) = dy.dims2("dy")?;
+    if dout != w.out {
+        return Err(Error::shape(
+            "nf4 weight",
+            format!("[{dout}, in]"),
+            &[w.out, w.in_],
+        ));
+    }
+    let din = w.in_;
+    match acc {
+        Some(dx) => {
+            dx.expect_shape("dx", &[t, din])?;
+            backward_into(dy.data(), w, t, dx.data_mut());
+            Ok(None)
+        }
+        None => {
+            let mut dx = vec![0.0f32; t * din];
+            backward_into(dy.data(), w, t, &mut dx);
+            Ok(Some(new(dx, &[t, din])))
+        }
+    }
+}
+
+/// `dx += dy W` with dy `[t, out]`, dx `[t, in]`, tile wave by tile wave.
+fn backward_into(dy: &[f32], w: &Nf4Weight<Cpu>, t: usize, dx: &mut [f32]) {
+    let (dout, din) = (w.out, w.in_);
+    if t == 0 || dout == 0 || din == 0 {
+        return;
+    }
+    let q = quant(w);
+    let absmax = q.absmax_f32();
+    let tr = tile_rows(din, dout);
+    let wave = (tr * rayon::current_num_threads()).min(dout);
+    let mut scratch = vec![0.0f32; wave * din];
+    let mut o0 = 0;
+    while o0 < dout {
+        let o1 = (o0 + wave).min(dout);
+        let rows = o1 - o0;
+        let buf = &mut scratch[..rows * din];
+        buf.par_chunks_mut(tr * din)
+            .enumerate()
+            .for_each(|(i, tile)| {
+                let a = o0 + i * tr;
+                dequant_tile(q, &absmax, a, a + tile.len() / din, tile);
+            });
+        let par = if t * rows * din >= PARALLEL_MIN_MACS {
+            Parallelism::Rayon(0)
+        } else {
+            Parallelism::None
+        };
+        // dx += dy[:, o0..o1] buf: lhs [t, rows] with row stride dout; rhs buf [rows, din].
+        // SAFETY: dy holds t * dout elements and is read at rows 0..t, columns o0..o1; buf holds
+        // rows * din; dx (t * din) is written by this call alone and aliases neither.
+        unsafe {
+            gemm::gemm(
+                t,
+                din,
+                rows,
+                dx.as_mut_ptr(),
+                1,
+                din as isize,
+                true,
+                dy.as_ptr().add(o0),
+                1,
+                dout as isize,
+                buf.as_ptr(),
+                1,
+                din as isize,
+                1.0,
+                1.0,
+                false,
+                false,
+                false,
+                par,
+            );
+        }
+        o0 = o1;
+    }
+}
+
+pub(super) fn row_sq_norms(w: &Nf4Weight<Cpu>) -> Result<Tensor<Cpu>> {
+    let (dout, din) = (w.out, w.in_);
+    let q = quant(w);
+    let absmax = q.absmax_f32();
+    let tr = tile_rows(din, dout);
+    let mut out = vec![0.0f32; dout];
+    out.par_chunks_mut(tr).enumerate().for_each_init(
+        || vec![0.0f32; tr * din],
+        |scratch, (i, norms)| {
+            let o0 = i * tr;
+            let tile = &mut scratch[..norms.len() * din];
+            dequant_tile(q, &absmax, o0, o0 + norms.len(), tile);
+            // Same order and precision as the dense `row_sq_norms`.
+            for (n, row) in norms.iter_mut().zip(tile.chunks(din.max(1))) {
+                *n = row.iter().map(|&v| v as f64 * v as f64).sum::<f64>() as f32;
+            }
+        },
+    );
+    Ok(new(out, &[dout]))
+}
+
+pub(super) fn dora_weight_norm(
+    w0: &Nf4Weight<Cpu>,
+    w0_row_sq: &Tensor<Cpu>,
+    a: &Tensor<Cpu>,
+    b: &Tensor<Cpu>,
+    s: f32,
+) -> Result<Tensor<Cpu>> {
+    let (dout, din) = (w0.out, w0.in_);
+    let r = ops::check_lora(din, dout, a, b)?;
+    w0_row_sq.expect_shape("w0_row_sq", &[dout])?;
+    let q = quant(w0);
+    let absmax = q.absmax_f32();
+    // The norm is row-separable: the dense kernel runs on each dequantized tile of rows with
+    // the matching rows of B and of ||W0||^2. Tiles of at least 4r rows keep the per-tile
+    // A A^T (r^2 in) small next to the tile's W0 A^T (rows r in).
+    let tr = tile_rows(din, dout).max(4 * r).min(dout.max(1));
+    let tiles: Vec<Result<Vec<f32>>> = (0..dout.div_ceil(tr))
+        .into_par_iter()
+        .map(|i| {
+            let (o0, o1) = (i * tr, ((i + 1) * tr).min(dout));
+            let rows = o1 - o0;
+            let mut tile = vec![0.0f32; rows * din];
+            dequant_tile(q, &absmax, o0, o1, &mut tile);
+            let wt = new(tile, &[rows, din]);
+            let bt = new(b.data()[o0 * r..o1 * r].to_vec(), &[rows, r]);
+            let sq = new(w0_row_sq.data()[o0..o1].to_vec(), &[rows]);
+            Ok(adapters::dora_weight_norm(&wt, &sq, a, &bt, s)?.into_vec())
+        })
+        .collect();
+    let mut n = Vec::with_capacity(dout);
+    for tile in tiles {
+        n.extend(tile?);
+    }
+    Ok(new(n, &[dout]))
+}
+
+// ---- adapter terms over a precomputed base product ---------------------------------------------
+
+/// Checks x `[T, in]`, A `[r, in]`, B `[out, r]` and `name` `[T, out]`; returns `(T, in, out, r)`.
+fn check_adapter(
+    x: &Tensor<Cpu>,
+    a: &Tensor<Cpu>,
+    b: &Tensor<Cpu>,
+    name: &str,
+    y: &Tensor<Cpu>,
+) -> Result<(usize, usize, usize, usize)> {
+    let (t, din) = x.dims2("x")?;
+    let (dout, _) = b.dims2("lora_B")?;
+    let r = ops::check_lora(din, dout, a, b)?;
+    y.expect_shape(name, &[t, dout])?;
+    Ok((t, din, dout, r))
+}
+
+/// `x A^T` for x `[t, din]`, a `[r, din]` → `[t, r]`.
+fn shrink(x: &[f32], a: &[f32], t: usize, din: usize, r: usize) -> Vec<f32> {
+    let mut h = vec![0.0f32; t * r];
+    sgemm(Op::N, Op::T, t, r, din, 1.0, x, a, 0.0, &mut h);
+    h
+}
+
+pub(super) fn lora_add(
+    y: &mut Tensor<Cpu>,
+    x: &Tensor<Cpu>,
+    a: &Tensor<Cpu>,
+    b: &Tensor<Cpu>,
+    s: f32,
+) -> Result<Tensor<Cpu>> {
+    let (t, din, dout, r) = check_adapter(x, a, b, "y", y)?;
+    let h = shrink(x.data(), a.data(), t, din, r);
+    sgemm(Op::N, Op::T, t, dout, r, s, &h, b.data(), 1.0, y.data_mut());
+    Ok(new(h, &[t, r]))
+}
+
+#[allow(clippy::too_many_arguments)]
+pub(super) fn lora_backward_adapter(
+    dy: &Tensor<Cpu>,
+    x: &Tensor<Cpu>,
+    h: &Tensor<Cpu>,
+    a: &Tensor<Cpu>,
+    b: &Tensor<Cpu>,
+    s: f32,
+    dx: &mut Tensor<Cpu>,
+) -> Result<(Tensor<Cpu>, Tensor<Cpu>)> {
+    let (t, din, dout, r) = check_adapter(x, a, b, "dy", dy)?;
+    h.expect_shape("h", &[t, r])?;
+    dx.expect_shape("dx", &[t, din])?;
+    // g = dy B [T, r]; dx += s g A; dA = s g^T x; dB = s dy^T h.
+    let mut g = vec![0.0f32; t * r];
+    sgemm(
+        Op::N,
+        Op::N,
+        t,
+        r,
+        dout,
+        1.0,
+        dy.data(),
+        b.data(),
+        0.0,
+        &mut g,
+    );
+    sgemm(Op::N, Op::N, t, din, r, s, &g, a.data(), 1.0, dx.data_mut());
+    let mut da = vec![0.0f32; r * din];
+    sgemm(Op::T, Op::N, r, din, t, s, &g, x.data(), 0.0, &mut da);
+    let mut db = vec![0.0f32; dout * r];
+    sgemm(
+        Op::T,
+        Op::N,
+        dout,
+        r,
+        t,
+        s,
+        dy.data(),
+        h.data(),
+        0.0,
+        &mut db,
+    );
+    Ok((new(da, &[r, din]), new(db, &[dout, r])))
+}
+
+/// `k = m / n` per output row, after checking both are `[out]`.
+fn dora_k(m: &Tensor<Cpu>, n: &Tensor<Cpu>, dout: usize) -> Result<Vec<f32>> {
+    m.expect_shape("lora_magnitude_vector", &[dout])?;
+    n.expect_shape("weight_norm", &[dout])?;
+    Ok(m.data().iter().zip(n.data()).map(|(m, n)| m / n).collect())
+}
+
+#[allow(clippy::too_many_arguments)]
+pub(super) fn dora_forward_from_base(
+    base_out: Tensor<Cpu>,
+    x: &Tensor<Cpu>,
+    bias: Option<&Tensor<Cpu>>,
+    a: &Tensor<Cpu>,
+    b: &Tensor<Cpu>,
+    s: f32,
+    m: &Tensor<Cpu>,
+    n: &Tensor<Cpu>,
+) -> Result<(Tensor<Cpu>, DoraSaved<Cpu>)> {
+    let (t, din, dout, r) = check_adapter(x, a, b, "base_out", &base_out)?;
+    let k = dora_k(m, n, dout)?;
+    if let Some(bias) = bias {
+        bias.expect_shape("bias", &[dout])?;
+    }
+    // z = x W0^T + s h B^T (unscaled, no bias); y = k ⊙ z + bias.
+    let h = shrink(x.data(), a.data(), t, din, r);
+    let mut z = base_out.into_vec();
+    sgemm(Op::N, Op::T, t, dout, r, s, &h, b.data(), 1.0, &mut z);
+    let mut y = z.clone();
+    for row in y.chunks_mut(dout.max(1)) {
+        for (o, v) in row.iter_mut().enumerate() {
+            *v *= k[o];
+            if let Some(bias) = bias {
+                *v += bias.data()[o];
+            }
+        }
+    }
+    Ok((
+        new(y, &[t, dout]),
+        DoraSaved {
+            h: new(h, &[t, r]),
+            z: new(z, &[t, dout]),
+        },
+    ))
+}
+
+#[allow(clippy::too_many_arguments)]
+pub(super) fn dora_backward_adapter(
+    dy: &Tensor<Cpu>,
+    x: &Tensor<Cpu>,
+    saved: &DoraSaved<Cpu>,
+    a: &Tensor<Cpu>,
+    b: &Tensor<Cpu>,
+    s: f32,
+    m: &Tensor<Cpu>,
+    n: &Tensor<Cpu>,
+) -> Result<(DoraGrads<Cpu>, Tensor<Cpu>)> {
+    let (t, din, dout, r) = check_adapter(x, a, b, "dy", dy)?;
+    let k = dora_k(m, n, dout)?;
+    saved.h.expect_shape("saved.h", &[t, r])?;
+    saved.z.expect_shape("saved.z", &[t, dout])?;
+    // dm = sum_T(dy ⊙ z) / n, in f64 (as the dense kernel).
+    let mut dm = vec![0.0f64; dout];
+    for (gr, zr) in dy
+        .data()
+        .chunks(dout.max(1))
+        .zip(saved.z.data().chunks(dout.max(1)))
+    {
+        for o in 0..dout {
+            dm[o] += gr[o] as f64 * zr[o] as f64;
+        }
+    }
+    let dm: Vec<f32> = dm
+        .iter()
+        .zip(n.data())
+        .map(|(d, &n)| (d / n as f64) as f32)
+        .collect();
+    // g' = dy ⊙ k; dx = s (g' B) A (the caller adds g' W0); dA = s (g' B)^T x; dB = s g'^T h.
+    let mut gk = dy.data().to_vec();
+    for row in gk.chunks_mut(dout.max(1)) {
+        for (v, k) in row.iter_mut().zip(&k) {
+            *v *= k;
+        }
+    }
+    let mut gb = vec![0.0f32; t * r];
+    sgemm(Op::N, Op::N, t, r, dout, 1.0, &gk, b.data(), 0.0, &mut gb);
+    let mut dx = vec![0.0f32; t * din];
+    sgemm(Op::N, Op::N, t, din, r, s, &gb, a.data(), 0.0, &mut dx);
+    let mut da = vec![0.0f32; r * din];
+    sgemm(Op::T, Op::N, r, din, t, s, &gb, x.data(), 0.0, &mut da);
+    let mut db = vec![0.0f32; dout * r];
+    sgemm(
+        Op::T,
+        Op::N,
+        dout,
+        r,
+        t,
+        s,
+        &gk,
+        saved.h.data(),
+        0.0,
+        &mut db,
+    );
+    Ok((
+        DoraGrads {
+            dx: new(dx, &[t, din]),
+            d_lora_a: new(da, &[r, din]),
+            d_lora_b: new(db, &[dout, r]),
+            d_magnitude: new(dm, &[dout]),
+        },
+        new(gk, &[t, dout]),
+    ))
+}
