@@ -2,18 +2,20 @@
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use indicatif::{ProgressBar, ProgressStyle};
-use lorafuse::adapter::LoraConfig;
+use lorafuse::adapter::{BaseWeight, LoraConfig, MethodKind};
 use lorafuse::backend::Backend;
 use lorafuse::io::gguf::GgufFile;
 use lorafuse::io::{fetch, peft};
-use lorafuse::model::llama::{Llama, PROJ_NAMES, PackedBatch, argmax, proj_path};
-use lorafuse::model::load::llama_from_gguf;
+use lorafuse::model::llama::{Llama, Nf4Spec, PROJ_NAMES, PackedBatch, argmax, proj_path};
+use lorafuse::model::load::llama_from_gguf_with;
 use lorafuse::model::tokenizer::Tokenizer;
+use lorafuse::train::compare::{self, CompareRow};
 use lorafuse::train::data::{
     self, BadRecordPolicy, Record, render_chatml, split_train_eval, tokenize_records,
 };
+use lorafuse::train::recipe::{self, AdaLoraSettings, FullSettings, Method, Recipe, VeraSettings};
 use lorafuse::train::report::{write_atomic, write_json, write_loss_png};
-use lorafuse::train::trainer::{TrainConfig, train};
+use lorafuse::train::trainer::TrainConfig;
 use lorafuse::{Cpu, Error, Result};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -41,6 +43,9 @@ enum Cmd {
     Merge(MergeArgs),
     /// Fetch the default model into the cache (if needed) and print its path.
     Fetch,
+    /// Fine-tune with every method on the same data and steps; print, and write to JSON and
+    /// PNG, the comparison table (trainable parameters, peak memory, s/step, eval loss).
+    Compare(CompareArgs),
 }
 
 #[derive(Args, Clone)]
@@ -63,8 +68,31 @@ enum Device {
 }
 
 #[derive(Copy, Clone, PartialEq, Eq, ValueEnum)]
-enum Method {
+enum MethodArg {
+    /// All parameters (see --freeze-embeddings, --unfreeze-every).
+    Full,
     Lora,
+    /// LoRA over NF4-quantized projections (blocksize 64, double quant).
+    Qlora,
+    Dora,
+    /// DoRA over NF4-quantized projections.
+    Qdora,
+    Vera,
+    Adalora,
+}
+
+impl MethodArg {
+    fn method(self) -> Method {
+        match self {
+            MethodArg::Full => Method::Full,
+            MethodArg::Lora => Method::Lora,
+            MethodArg::Qlora => Method::Qlora,
+            MethodArg::Dora => Method::Dora,
+            MethodArg::Qdora => Method::Qdora,
+            MethodArg::Vera => Method::Vera,
+            MethodArg::Adalora => Method::AdaLora,
+        }
+    }
 }
 
 #[derive(Copy, Clone, PartialEq, Eq, ValueEnum)]
@@ -91,8 +119,8 @@ struct FinetuneArgs {
     #[arg(long, default_value = "runs/smollm2-lora")]
     out: PathBuf,
     /// Fine-tuning method.
-    #[arg(long, value_enum, default_value_t = Method::Lora)]
-    method: Method,
+    #[arg(long, value_enum, default_value_t = MethodArg::Lora)]
+    method: MethodArg,
     /// LoRA rank.
     #[arg(long, default_value_t = 8)]
     r: usize,
@@ -105,9 +133,46 @@ struct FinetuneArgs {
     /// Modules to adapt (comma-separated; q_proj or q ...).
     #[arg(long, value_delimiter = ',', default_value = "q,k,v,o,gate,up,down")]
     target_modules: Vec<String>,
-    /// Peak learning rate (AdamW).
-    #[arg(long, default_value_t = 2e-4)]
-    lr: f32,
+    /// Peak learning rate (AdamW). Default per method: 2e-4 LoRA/DoRA, 2e-5 full, 5e-3 VeRA,
+    /// 5e-4 AdaLoRA.
+    #[arg(long)]
+    lr: Option<f32>,
+    /// VeRA: initial value of vera_lambda_d.
+    #[arg(long, default_value_t = 0.1)]
+    vera_d_initial: f32,
+    /// VeRA: seed of the shared random projections.
+    #[arg(long, default_value_t = 0)]
+    projection_prng_key: u64,
+    /// AdaLoRA: initial rank of every layer.
+    #[arg(long, default_value_t = 12)]
+    init_r: usize,
+    /// AdaLoRA: average final rank per layer.
+    #[arg(long, default_value_t = 8)]
+    target_r: usize,
+    /// AdaLoRA: warmup steps before masking.
+    #[arg(long, default_value_t = 10)]
+    tinit: u64,
+    /// AdaLoRA: final steps with a frozen rank pattern.
+    #[arg(long, default_value_t = 20)]
+    tfinal: u64,
+    /// AdaLoRA: steps between two masks.
+    #[arg(long = "delta-t", default_value_t = 5)]
+    delta_t: u64,
+    /// AdaLoRA: EMA coefficient of the sensitivity.
+    #[arg(long, default_value_t = 0.85)]
+    adalora_beta1: f64,
+    /// AdaLoRA: EMA coefficient of the uncertainty.
+    #[arg(long, default_value_t = 0.85)]
+    adalora_beta2: f64,
+    /// AdaLoRA: weight of the orthogonal regularizer.
+    #[arg(long, default_value_t = 0.5)]
+    orth_reg_weight: f32,
+    /// Full fine-tuning: keep the embeddings (and tied LM head) frozen.
+    #[arg(long)]
+    freeze_embeddings: bool,
+    /// Full fine-tuning: gradual unfreezing, one more layer from the top every N steps.
+    #[arg(long)]
+    unfreeze_every: Option<usize>,
     /// AdamW weight decay.
     #[arg(long, default_value_t = 0.0)]
     weight_decay: f32,
@@ -129,6 +194,30 @@ struct FinetuneArgs {
     /// Skip the eval-split loss before and after training.
     #[arg(long)]
     no_eval: bool,
+}
+
+#[derive(Args)]
+struct CompareArgs {
+    /// GGUF model file (default: the SmolLM2 model, fetched on first use).
+    #[arg(long)]
+    model: Option<PathBuf>,
+    /// Training data, as for finetune (default: the embedded set).
+    #[arg(long)]
+    data: Option<PathBuf>,
+    /// Optimizer steps per method (AdaLoRA's schedule needs more than tinit + tfinal = 30).
+    #[arg(long, default_value_t = 60)]
+    steps: usize,
+    /// Methods to compare (comma-separated).
+    #[arg(
+        long,
+        value_enum,
+        value_delimiter = ',',
+        default_value = "full,lora,qlora,dora,qdora,vera,adalora"
+    )]
+    methods: Vec<MethodArg>,
+    /// Output directory: one run folder per method, compare.json and compare.png.
+    #[arg(long, default_value = "runs/compare")]
+    out: PathBuf,
 }
 
 #[derive(Args)]
@@ -195,6 +284,7 @@ fn main() {
         Cmd::Generate(a) => generate(a),
         Cmd::Logits(a) => logits(a),
         Cmd::Merge(a) => merge(a),
+        Cmd::Compare(a) => compare(a),
         Cmd::Fetch => fetch::default_model(&mut |s| eprintln!("{s}")).map(|p| {
             println!("{}", p.display());
         }),
@@ -225,12 +315,17 @@ fn model_path(m: &ModelArgs) -> Result<PathBuf> {
 
 /// Opens the GGUF and builds tokenizer and model.
 fn load(m: &ModelArgs) -> Result<(Cpu, Tokenizer, Llama<Cpu>)> {
+    load_with(m, None)
+}
+
+/// [`load`], quantizing the projections to NF4 while reading them when `nf4` is given.
+fn load_with(m: &ModelArgs, nf4: Option<Nf4Spec>) -> Result<(Cpu, Tokenizer, Llama<Cpu>)> {
     let be = backend(m.device)?;
     let path = model_path(m)?;
     let t = Instant::now();
     let g = GgufFile::open(&path)?;
     let tok = Tokenizer::from_gguf(&g)?;
-    let model = llama_from_gguf(&be, &g)?;
+    let model = llama_from_gguf_with(&be, &g, nf4)?;
     eprintln!(
         "loaded {} ({} parameters, {} layers) in {:.1}s on {}",
         path.display(),
@@ -242,7 +337,9 @@ fn load(m: &ModelArgs) -> Result<(Cpu, Tokenizer, Llama<Cpu>)> {
     Ok((be, tok, model))
 }
 
-fn finetune(a: FinetuneArgs) -> Result<()> {
+/// The recipe `finetune` runs, from its flags.
+fn recipe_from(a: &FinetuneArgs) -> Result<Recipe> {
+    let method = a.method.method();
     let lora = LoraConfig {
         r: a.r,
         lora_alpha: a.lora_alpha,
@@ -251,19 +348,54 @@ fn finetune(a: FinetuneArgs) -> Result<()> {
     };
     lora.validate()?;
     lorafuse::model::llama::target_indices(&lora.target_modules)?;
-    let tcfg = TrainConfig {
+    let train = TrainConfig {
         steps: a.steps,
         batch_size: a.batch_size,
-        lr: a.lr,
+        lr: a.lr.unwrap_or(method.default_lr()),
         warmup_steps: a.warmup_steps,
         weight_decay: a.weight_decay,
         seed: a.seed,
         ..TrainConfig::default()
     };
-    tcfg.validate()?;
+    train.validate()?;
     if a.max_len < 2 {
         return Err(Error::arg("max_len", "must be at least 2 tokens"));
     }
+    if method != Method::Full && (a.freeze_embeddings || a.unfreeze_every.is_some()) {
+        return Err(Error::arg(
+            "method",
+            "--freeze-embeddings and --unfreeze-every apply to --method full",
+        ));
+    }
+    Ok(Recipe {
+        method,
+        lora,
+        vera: VeraSettings {
+            d_initial: a.vera_d_initial,
+            projection_prng_key: a.projection_prng_key,
+        },
+        adalora: AdaLoraSettings {
+            init_r: a.init_r,
+            target_r: a.target_r,
+            tinit: a.tinit,
+            tfinal: a.tfinal,
+            delta_t: a.delta_t,
+            beta1: a.adalora_beta1,
+            beta2: a.adalora_beta2,
+            orth_reg_weight: a.orth_reg_weight,
+        },
+        full: FullSettings {
+            freeze_embeddings: a.freeze_embeddings,
+            unfreeze_every: a.unfreeze_every,
+        },
+        train,
+        seed: a.seed,
+        nf4: Nf4Spec::default(),
+    })
+}
+
+fn finetune(a: FinetuneArgs) -> Result<()> {
+    let recipe = recipe_from(&a)?;
     let records: Vec<Record> = match &a.data {
         None => data::default_records()?,
         Some(p) => {
@@ -283,7 +415,8 @@ fn finetune(a: FinetuneArgs) -> Result<()> {
         }
     };
     let (train_recs, eval_recs) = split_train_eval(records);
-    let (be, tok, mut model) = load(&a.model)?;
+    let nf4 = recipe.method.quantized_base().then_some(recipe.nf4);
+    let (be, tok, mut model) = load_with(&a.model, nf4)?;
     let encode = |s: &str| tok.encode(s);
     let train_ex = tokenize_records(encode, &train_recs, a.max_len)?;
     let eval_ex = if a.no_eval {
@@ -292,23 +425,15 @@ fn finetune(a: FinetuneArgs) -> Result<()> {
         tokenize_records(encode, &eval_recs, a.max_len)?
     };
     eprintln!(
-        "data: {} train / {} eval examples ({} eval target tokens)",
+        "data: {} train / {} eval examples ({} eval target tokens); method {}, lr {:.1e}",
         train_ex.len(),
         eval_ex.len(),
-        eval_ex.iter().map(|e| e.n_targets()).sum::<usize>()
+        eval_ex.iter().map(|e| e.n_targets()).sum::<usize>(),
+        recipe.method.name(),
+        recipe.train.lr
     );
-    model.add_lora(&be, &lora, a.seed)?;
-    let n_train = model.n_trainable();
-    eprintln!(
-        "LoRA r={} alpha={} on {:?}: {} trainable parameters ({:.3}% of {})",
-        lora.r,
-        lora.lora_alpha,
-        lora.target_modules,
-        n_train,
-        100.0 * n_train as f64 / model.n_base_params() as f64,
-        model.n_base_params()
-    );
-    let bar = ProgressBar::new(tcfg.steps as u64);
+    let steps = recipe.train.steps;
+    let bar = ProgressBar::new(steps as u64);
     bar.set_style(
         ProgressStyle::with_template("{bar:30} {pos}/{len} [{elapsed_precise}<{eta}] {msg}")
             .unwrap_or_else(|_| ProgressStyle::default_bar()),
@@ -316,7 +441,7 @@ fn finetune(a: FinetuneArgs) -> Result<()> {
     if !eval_ex.is_empty() {
         bar.set_message("evaluating before training...");
     }
-    let metrics = train(&be, &mut model, &train_ex, &eval_ex, &tcfg, |m| {
+    let metrics = recipe::run(&be, &mut model, &recipe, &train_ex, &eval_ex, |m| {
         bar.set_message(format!(
             "loss {:.4}  lr {:.2e}  {:.0} tok/s",
             m.loss,
@@ -324,29 +449,33 @@ fn finetune(a: FinetuneArgs) -> Result<()> {
             m.tokens as f64 / m.seconds
         ));
         bar.inc(1);
-        if m.step + 1 == tcfg.steps && !eval_ex.is_empty() {
+        if m.step + 1 == steps && !eval_ex.is_empty() {
             bar.set_message("evaluating after training...");
         }
     })?;
     bar.finish_and_clear();
+    eprintln!(
+        "{} trainable parameters ({:.3}% of {})",
+        metrics.trainable_params,
+        100.0 * metrics.trainable_params as f64 / model.n_base_params() as f64,
+        model.n_base_params()
+    );
 
+    std::fs::create_dir_all(&a.out).map_err(|e| Error::io(&a.out, e))?;
     let model_name = a
         .model
         .model
         .as_ref()
         .map(|p| p.display().to_string())
         .unwrap_or_else(|| fetch::DEFAULT_MODEL_FILE.to_string());
-    let cfg = peft::adapter_config_for(&lora, Some(model_name));
-    let tensors = peft::llama_adapter_tensors(&be, &model)?;
-    std::fs::create_dir_all(&a.out).map_err(|e| Error::io(&a.out, e))?;
-    peft::save_lora_adapter(&a.out, &cfg, &tensors)?;
+    let saved = save_trained(&be, &model, &recipe, &metrics, &a.out, model_name)?;
     write_json(&a.out.join("metrics.json"), &metrics)?;
     write_loss_png(
         &a.out.join("loss_curve.png"),
         &metrics,
         &format!(
-            "lorafuse LoRA r={} on {}",
-            lora.r,
+            "lorafuse {} on {}",
+            recipe.method.name(),
             fetch::DEFAULT_MODEL_FILE
         ),
     )?;
@@ -362,7 +491,124 @@ fn finetune(a: FinetuneArgs) -> Result<()> {
         metrics.peak_rss_bytes.unwrap_or(0) >> 20
     );
     println!(
-        "adapter, metrics.json and loss_curve.png written to {}",
+        "{saved}, metrics.json and loss_curve.png written to {}",
+        a.out.display()
+    );
+    Ok(())
+}
+
+/// Saves what was trained: the adapter in PEFT's layout (AdaLoRA's masked ranks dropped and
+/// its rank pattern in the config, as PEFT saves them), or for full fine-tuning the whole
+/// model as `model.safetensors` with transformers' names. Returns what was written.
+fn save_trained(
+    be: &Cpu,
+    model: &Llama<Cpu>,
+    recipe: &Recipe,
+    metrics: &lorafuse::train::trainer::Metrics,
+    out: &Path,
+    model_name: String,
+) -> Result<&'static str> {
+    let kind = match recipe.method {
+        Method::Full => {
+            write_safetensors(
+                &out.join("model.safetensors"),
+                model_tensors(be, model, MergeDtype::F32)?,
+            )?;
+            return Ok("model.safetensors");
+        }
+        Method::Lora | Method::Qlora => MethodKind::Lora,
+        Method::Dora | Method::Qdora => MethodKind::Dora,
+        Method::Vera => MethodKind::Vera,
+        Method::AdaLora => MethodKind::AdaLora,
+    };
+    let mut lora = recipe.lora.clone();
+    if kind == MethodKind::AdaLora {
+        lora.r = recipe.adalora.init_r;
+    }
+    let pattern = metrics.adalora_rank_pattern.clone();
+    let a = &recipe.adalora;
+    let opts = peft::MethodOptions {
+        base_model_name_or_path: Some(model_name),
+        vera: peft::VeraOptions {
+            projection_prng_key: recipe.vera.projection_prng_key,
+            d_initial: recipe.vera.d_initial as f64,
+            ..Default::default()
+        },
+        adalora: peft::AdaLoraOptions {
+            target_r: a.target_r,
+            tinit: a.tinit,
+            tfinal: a.tfinal,
+            delta_t: a.delta_t,
+            beta1: a.beta1,
+            beta2: a.beta2,
+            orth_reg_weight: a.orth_reg_weight as f64,
+            total_step: Some(recipe.train.steps as u64),
+            rank_pattern: pattern.clone(),
+        },
+    };
+    let cfg = peft::adapter_config_for_method(kind, &lora, &opts)?;
+    let (tensors, _) = match &pattern {
+        Some(p) => peft::llama_adapter_export(be, model, peft::AdaLoraMask::Pattern(p))?,
+        None => peft::llama_adapter_export(be, model, peft::AdaLoraMask::KeepAll)?,
+    };
+    peft::save_adapter(out, &cfg, &tensors)?;
+    Ok("PEFT adapter")
+}
+
+/// Runs `lorafuse finetune` once per method in a child process (so each run's peak memory is
+/// its own), then gathers the metrics into the comparison table.
+fn compare(a: CompareArgs) -> Result<()> {
+    let exe = std::env::current_exe().map_err(|e| Error::io("current executable", e))?;
+    let model = match &a.model {
+        Some(p) => p.clone(),
+        None => fetch::default_model(&mut |s| eprintln!("{s}"))?,
+    };
+    std::fs::create_dir_all(&a.out).map_err(|e| Error::io(&a.out, e))?;
+    let mut rows = Vec::new();
+    for m in &a.methods {
+        let method = m.method();
+        let dir = a.out.join(method.name());
+        eprintln!("== {} ==", method.name());
+        let mut cmd = std::process::Command::new(&exe);
+        cmd.args(["finetune", "--method", method.name(), "--steps"])
+            .arg(a.steps.to_string())
+            .arg("--model")
+            .arg(&model)
+            .arg("--out")
+            .arg(&dir);
+        if let Some(d) = &a.data {
+            cmd.arg("--data").arg(d);
+        }
+        let status = cmd.status().map_err(|e| Error::io(&exe, e))?;
+        if !status.success() {
+            return Err(Error::arg(
+                "method",
+                format!("the {} run failed ({status})", method.name()),
+            ));
+        }
+        let text = std::fs::read_to_string(dir.join("metrics.json"))
+            .map_err(|e| Error::io(dir.join("metrics.json"), e))?;
+        let metrics: lorafuse::train::trainer::Metrics =
+            serde_json::from_str(&text).map_err(|e| Error::Json {
+                context: dir.join("metrics.json").display().to_string(),
+                msg: e.to_string(),
+            })?;
+        let base = metrics
+            .total_params
+            .saturating_sub(if method == Method::Full {
+                0
+            } else {
+                metrics.trainable_params
+            });
+        rows.push(CompareRow::from_metrics(method.name(), &metrics, base));
+    }
+    let table = compare::table(&rows);
+    println!("{table}");
+    write_json(&a.out.join("compare.json"), &rows)?;
+    write_atomic(&a.out.join("compare.md"), table.as_bytes())?;
+    compare::write_compare_png(&a.out.join("compare.png"), &rows)?;
+    println!(
+        "compare.json, compare.md and compare.png written to {}",
         a.out.display()
     );
     Ok(())
@@ -447,14 +693,30 @@ fn merge(a: MergeArgs) -> Result<()> {
     let (be, _tok, mut model) = load(&a.model)?;
     apply_adapter(&be, &mut model, &a.adapter)?;
     model.merge_and_unload(&be)?;
-    let (dtype, width) = match a.dtype {
+    let tensors = model_tensors(&be, &model, a.dtype)?;
+    let n = tensors.len();
+    write_safetensors(&a.out, tensors)?;
+    println!(
+        "merged {} projections per layer; {n} tensors written to {}",
+        PROJ_NAMES.len(),
+        a.out.display()
+    );
+    Ok(())
+}
+
+type RawTensor = (String, safetensors::Dtype, Vec<usize>, Vec<u8>);
+
+/// Every base weight of the model with transformers' names (q/k rows in transformers' order),
+/// encoded in `dtype`; NF4 bases are written dequantized.
+fn model_tensors(be: &Cpu, model: &Llama<Cpu>, dtype: MergeDtype) -> Result<Vec<RawTensor>> {
+    let (st, width) = match dtype {
         MergeDtype::F32 => (safetensors::Dtype::F32, 4),
         MergeDtype::Bf16 => (safetensors::Dtype::BF16, 2),
     };
     let enc = |t: &lorafuse::Tensor<Cpu>| -> Vec<u8> {
         let mut out = Vec::with_capacity(t.len() * width);
         for &v in t.data() {
-            match a.dtype {
+            match dtype {
                 MergeDtype::F32 => out.extend_from_slice(&v.to_le_bytes()),
                 MergeDtype::Bf16 => out.extend_from_slice(&half::bf16::from_f32(v).to_le_bytes()),
             }
@@ -463,7 +725,7 @@ fn merge(a: MergeArgs) -> Result<()> {
     };
     let mut tensors = Vec::new();
     let mut push = |name: String, t: &lorafuse::Tensor<Cpu>| {
-        tensors.push((name, dtype, t.shape().to_vec(), enc(t)));
+        tensors.push((name, st, t.shape().to_vec(), enc(t)));
     };
     push("model.embed_tokens.weight".into(), &model.embed_tokens);
     for (l, b) in model.layers.iter().enumerate() {
@@ -476,25 +738,21 @@ fn merge(a: MergeArgs) -> Result<()> {
             &b.post_attention_layernorm,
         );
         for (p, proj) in b.proj.iter().enumerate() {
-            let lorafuse::adapter::BaseWeight::Dense(w) = &proj.base.weight;
-            push(format!("{}.weight", proj_path(l, p)), w);
+            match &proj.base.weight {
+                BaseWeight::Dense(w) => push(format!("{}.weight", proj_path(l, p)), w),
+                BaseWeight::Nf4(q) => push(
+                    format!("{}.weight", proj_path(l, p)),
+                    &be.nf4_dequantize(q)?,
+                ),
+            }
         }
     }
     push("model.norm.weight".into(), &model.norm);
     if let Some(h) = &model.lm_head {
         push("lm_head.weight".into(), h);
     }
-    let n = tensors.len();
-    write_safetensors(&a.out, tensors)?;
-    println!(
-        "merged {} projections per layer; {n} tensors written to {}",
-        PROJ_NAMES.len(),
-        a.out.display()
-    );
-    Ok(())
+    Ok(tensors)
 }
-
-type RawTensor = (String, safetensors::Dtype, Vec<usize>, Vec<u8>);
 
 /// Serializes raw little-endian tensors to a safetensors file, atomically.
 fn write_safetensors(path: &Path, tensors: Vec<RawTensor>) -> Result<()> {

@@ -13,6 +13,7 @@ use crate::adapter::{
 use crate::backend::{AttentionSaved, Backend, SeqSpan, Tensor};
 use crate::error::{Error, Result};
 use crate::model::LlamaConfig;
+use crate::quant::nf4::quantize_nf4;
 use std::collections::HashMap;
 
 /// The seven projections of a Llama block, named as transformers names the modules.
@@ -85,7 +86,6 @@ impl<B: Backend> Proj<B> {
         grads: &mut Vec<(String, Tensor<B>)>,
     ) -> Result<Tensor<B>> {
         if train_base {
-            #[allow(irrefutable_let_patterns)] // NF4 bases join BaseWeight
             let BaseWeight::Dense(w) = &self.base.weight else {
                 return Err(Error::arg(
                     path,
@@ -105,6 +105,27 @@ impl<B: Backend> Proj<B> {
                 Ok(dx)
             }
             _ => self.base.backward_input(be, dy),
+        }
+    }
+}
+
+/// Yields one f32 tensor `(data, shape)` by its transformers name.
+pub type TensorSource<'a> = dyn FnMut(&str) -> Result<(Vec<f32>, Vec<usize>)> + 'a;
+
+/// How projection weights are quantized for QLoRA: bitsandbytes NF4 with `blocksize`
+/// (64 in QLoRA) and double quantization of the absmax.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Nf4Spec {
+    pub blocksize: usize,
+    pub double_quant: bool,
+}
+
+impl Default for Nf4Spec {
+    /// QLoRA's setting: blocksize 64 with double quantization.
+    fn default() -> Self {
+        Nf4Spec {
+            blocksize: 64,
+            double_quant: true,
         }
     }
 }
@@ -246,22 +267,49 @@ impl<B: Backend> Llama<B> {
         cfg: LlamaConfig,
         mut tensors: HashMap<String, (Vec<f32>, Vec<usize>)>,
     ) -> Result<Self> {
+        Self::from_source(
+            be,
+            cfg,
+            &mut |name| {
+                tensors.remove(name).ok_or_else(|| Error::Missing {
+                    path: "model tensors".into(),
+                    name: name.to_string(),
+                })
+            },
+            None,
+        )
+    }
+
+    /// Builds the model from a source that yields each tensor by its transformers name, one at
+    /// a time. With `nf4`, every projection weight is quantized to NF4 as soon as it is read
+    /// (QLoRA's frozen base), so the f32 copy of only one projection exists at any moment.
+    /// Errors: a missing tensor, a shape that disagrees with `cfg`, NaN/Inf in a quantized
+    /// weight.
+    pub fn from_source(
+        be: &B,
+        cfg: LlamaConfig,
+        source: &mut TensorSource<'_>,
+        nf4: Option<Nf4Spec>,
+    ) -> Result<Self> {
         validate_config(&cfg)?;
         let d = cfg.hidden_size;
         let kv = cfg.num_key_value_heads * cfg.head_dim;
         let qd = cfg.num_attention_heads * cfg.head_dim;
         let inter = cfg.intermediate_size;
-        let mut take = |name: &str, shape: &[usize]| -> Result<Tensor<B>> {
-            let (data, s) = tensors.remove(name).ok_or_else(|| Error::Missing {
-                path: "model tensors".into(),
-                name: name.to_string(),
-            })?;
+        let mut fetch = |name: &str, shape: &[usize]| -> Result<Vec<f32>> {
+            let (data, s) = source(name)?;
             if s != shape {
                 return Err(Error::shape(name, format!("{shape:?}"), &s));
             }
-            be.upload(&data, shape)
+            Ok(data)
         };
-        let embed_tokens = take("model.embed_tokens.weight", &[cfg.vocab_size, d])?;
+        macro_rules! take {
+            ($name:expr, $shape:expr $(,)?) => {{
+                let shape: &[usize] = $shape;
+                be.upload(&fetch($name, shape)?, shape)
+            }};
+        }
+        let embed_tokens = take!("model.embed_tokens.weight", &[cfg.vocab_size, d])?;
         let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
         for l in 0..cfg.num_hidden_layers {
             let shapes: [[usize; 2]; 7] = [
@@ -275,9 +323,18 @@ impl<B: Backend> Llama<B> {
             ];
             let mut projs = Vec::with_capacity(7);
             for (p, shape) in shapes.iter().enumerate() {
-                let w = take(&format!("{}.weight", proj_path(l, p)), shape)?;
+                let name = format!("{}.weight", proj_path(l, p));
+                let base = match nf4 {
+                    None => Linear::dense(take!(&name, shape)?)?,
+                    Some(q) => {
+                        let w = fetch(&name, shape)?;
+                        let t = quantize_nf4(&w, shape, q.blocksize, q.double_quant)
+                            .map_err(|e| Error::arg(name.as_str(), e.to_string()))?;
+                        Linear::nf4(be, &t)?
+                    }
+                };
                 projs.push(Proj {
-                    base: Linear::dense(w)?,
+                    base,
                     adapter: None,
                 });
             }
@@ -285,19 +342,19 @@ impl<B: Backend> Llama<B> {
                 unreachable!("seven projections pushed above")
             };
             layers.push(Block {
-                input_layernorm: take(&format!("model.layers.{l}.input_layernorm.weight"), &[d])?,
-                post_attention_layernorm: take(
+                input_layernorm: take!(&format!("model.layers.{l}.input_layernorm.weight"), &[d])?,
+                post_attention_layernorm: take!(
                     &format!("model.layers.{l}.post_attention_layernorm.weight"),
                     &[d],
                 )?,
                 proj,
             });
         }
-        let norm = take("model.norm.weight", &[d])?;
+        let norm = take!("model.norm.weight", &[d])?;
         let lm_head = if cfg.tie_word_embeddings {
             None
         } else {
-            Some(take("lm_head.weight", &[cfg.vocab_size, d])?)
+            Some(take!("lm_head.weight", &[cfg.vocab_size, d])?)
         };
         Ok(Llama {
             cfg,
@@ -403,6 +460,34 @@ impl<B: Backend> Llama<B> {
         self.vera_shared = None;
     }
 
+    /// Quantizes every dense projection weight to NF4 in place (QLoRA's frozen base).
+    /// Adapters already attached keep working (they run over either base).
+    pub fn quantize_bases(&mut self, be: &B, spec: Nf4Spec) -> Result<()> {
+        for (l, b) in self.layers.iter_mut().enumerate() {
+            for (p, proj) in b.proj.iter_mut().enumerate() {
+                if let BaseWeight::Dense(w) = &proj.base.weight {
+                    let data = be.download(w)?;
+                    let t = quantize_nf4(&data, w.shape(), spec.blocksize, spec.double_quant)
+                        .map_err(|e| Error::arg(proj_path(l, p), e.to_string()))?;
+                    proj.base = Linear {
+                        bias: proj.base.bias.take(),
+                        ..Linear::nf4(be, &t)?
+                    };
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Bytes held by the projection base weights (NF4 or f32).
+    pub fn base_weight_bytes(&self) -> usize {
+        self.layers
+            .iter()
+            .flat_map(|b| b.proj.iter())
+            .map(|p| p.base.bytes())
+            .sum()
+    }
+
     /// Whether base layer `l`'s tensors are trained.
     fn layer_trained(&self, l: usize) -> bool {
         self.full_finetune.is_some_and(|f| l >= f.trainable_from)
@@ -455,7 +540,9 @@ impl<B: Backend> Llama<B> {
     /// Mutable access to the trainable tensors, same order as [`Llama::trainable_params`].
     pub fn trainable_params_mut(&mut self) -> Vec<&mut Tensor<B>> {
         let emb = self.embeddings_trained();
-        let full: Vec<bool> = (0..self.layers.len()).map(|l| self.layer_trained(l)).collect();
+        let full: Vec<bool> = (0..self.layers.len())
+            .map(|l| self.layer_trained(l))
+            .collect();
         let norm = self.full_finetune.is_some();
         let mut out = Vec::new();
         if emb {
@@ -467,7 +554,9 @@ impl<B: Backend> Llama<B> {
                 out.push(&mut b.post_attention_layernorm);
             }
             for proj in &mut b.proj {
-                if full[l] && let BaseWeight::Dense(w) = &mut proj.base.weight {
+                if full[l]
+                    && let BaseWeight::Dense(w) = &mut proj.base.weight
+                {
                     out.push(w);
                 }
                 if let Some(a) = &mut proj.adapter {
@@ -644,7 +733,9 @@ impl<B: Backend> Llama<B> {
             0
         } else {
             (0..self.layers.len())
-                .find(|&l| self.layer_trained(l) || self.layers[l].proj.iter().any(|p| p.adapter.is_some()))
+                .find(|&l| {
+                    self.layer_trained(l) || self.layers[l].proj.iter().any(|p| p.adapter.is_some())
+                })
                 .unwrap_or(self.layers.len())
         };
         let scale = 1.0 / (c.head_dim as f32).sqrt();
@@ -655,7 +746,11 @@ impl<B: Backend> Llama<B> {
             let full = self.layer_trained(l);
             let path = |p: usize| proj_path(l, p);
             let norm_grad = || -> Result<Option<Tensor<B>>> {
-                Ok(if full { Some(be.zeros(&[c.hidden_size])?) } else { None })
+                Ok(if full {
+                    Some(be.zeros(&[c.hidden_size])?)
+                } else {
+                    None
+                })
             };
             // MLP: x3 = x2 + down(swiglu(gate(xn2), up(xn2)))
             let bw = |p: usize, x: &Tensor<B>, s: &ProjSaved<B>, dy: &Tensor<B>, g: &mut Vec<_>| {
@@ -701,7 +796,10 @@ impl<B: Backend> Llama<B> {
             be.axpy(&mut dx, 1.0, &d)?; // dx is now d(x) of this layer's input
             if let (Some(gi), Some(gp)) = (dinput, dpost) {
                 grads.push((format!("model.layers.{l}.input_layernorm.weight"), gi));
-                grads.push((format!("model.layers.{l}.post_attention_layernorm.weight"), gp));
+                grads.push((
+                    format!("model.layers.{l}.post_attention_layernorm.weight"),
+                    gp,
+                ));
             }
         }
         if self.embeddings_trained() {

@@ -4,21 +4,45 @@
 use crate::backend::Backend;
 use crate::error::{Error, Result};
 use crate::io::gguf::{GgufFile, unpermute_qk};
-use crate::model::llama::{Llama, proj_path};
-use std::collections::HashMap;
+use crate::model::llama::{Llama, Nf4Spec, PROJ_NAMES};
 
-/// GGUF name of projection `p` (order of `PROJ_NAMES`) in block `l`.
-fn gguf_proj(l: usize, p: usize) -> String {
-    let n = [
-        "attn_q",
-        "attn_k",
-        "attn_v",
-        "attn_output",
-        "ffn_gate",
-        "ffn_up",
-        "ffn_down",
-    ][p];
-    format!("blk.{l}.{n}.weight")
+/// The GGUF name of a transformers tensor name, and the number of heads whose rows llama.cpp
+/// permuted (q and k projections).
+fn gguf_name(name: &str, cfg: &crate::model::LlamaConfig) -> Option<(String, Option<usize>)> {
+    match name {
+        "model.embed_tokens.weight" => return Some(("token_embd.weight".into(), None)),
+        "model.norm.weight" => return Some(("output_norm.weight".into(), None)),
+        "lm_head.weight" => return Some(("output.weight".into(), None)),
+        _ => {}
+    }
+    let rest = name.strip_prefix("model.layers.")?;
+    let (l, rest) = rest.split_once('.')?;
+    let l: usize = l.parse().ok()?;
+    let rest = rest.strip_suffix(".weight")?;
+    let (g, heads) = match rest {
+        "input_layernorm" => ("attn_norm", None),
+        "post_attention_layernorm" => ("ffn_norm", None),
+        _ => {
+            let proj = rest.rsplit('.').next()?;
+            let p = PROJ_NAMES.iter().position(|n| *n == proj)?;
+            let g = [
+                "attn_q",
+                "attn_k",
+                "attn_v",
+                "attn_output",
+                "ffn_gate",
+                "ffn_up",
+                "ffn_down",
+            ][p];
+            let heads = match p {
+                0 => Some(cfg.num_attention_heads),
+                1 => Some(cfg.num_key_value_heads),
+                _ => None,
+            };
+            (g, heads)
+        }
+    };
+    Some((format!("blk.{l}.{g}.weight"), heads))
 }
 
 /// Loads every weight of a llama-architecture GGUF (dequantized to f32) onto `be`.
@@ -28,43 +52,33 @@ fn gguf_proj(l: usize, p: usize) -> String {
 /// `rotate_half` RoPE. Errors: not a llama GGUF, a missing tensor, a shape that disagrees with
 /// the metadata, an unsupported tensor type.
 pub fn llama_from_gguf<B: Backend>(be: &B, g: &GgufFile) -> Result<Llama<B>> {
+    llama_from_gguf_with(be, g, None)
+}
+
+/// [`llama_from_gguf`], with the projection weights quantized to NF4 one at a time as they are
+/// read when `nf4` is given (QLoRA), so no f32 copy of the whole model is ever held.
+pub fn llama_from_gguf_with<B: Backend>(
+    be: &B,
+    g: &GgufFile,
+    nf4: Option<Nf4Spec>,
+) -> Result<Llama<B>> {
     let cfg = g.llama_config()?;
-    let mut map: HashMap<String, (Vec<f32>, Vec<usize>)> = HashMap::new();
-    map.insert(
-        "model.embed_tokens.weight".into(),
-        g.tensor_f32("token_embd.weight")?,
-    );
-    for l in 0..cfg.num_hidden_layers {
-        for p in 0..7 {
-            let (mut data, shape) = g.tensor_f32(&gguf_proj(l, p))?;
-            let heads = match p {
-                0 => Some(cfg.num_attention_heads),
-                1 => Some(cfg.num_key_value_heads),
-                _ => None,
-            };
+    let c2 = cfg.clone();
+    Llama::from_source(
+        be,
+        cfg,
+        &mut |name| {
+            let (gname, heads) = gguf_name(name, &c2)
+                .ok_or_else(|| Error::arg("tensor", format!("no GGUF name for `{name}`")))?;
+            let (mut data, shape) = g.tensor_f32(&gname)?;
             if let Some(h) = heads {
                 let [rows, cols] = shape[..] else {
-                    return Err(Error::shape(gguf_proj(l, p), "2-D", &shape));
+                    return Err(Error::shape(gname, "2-D", &shape));
                 };
                 unpermute_qk(&mut data, rows, cols, h)?;
             }
-            map.insert(format!("{}.weight", proj_path(l, p)), (data, shape));
-        }
-        map.insert(
-            format!("model.layers.{l}.input_layernorm.weight"),
-            g.tensor_f32(&format!("blk.{l}.attn_norm.weight"))?,
-        );
-        map.insert(
-            format!("model.layers.{l}.post_attention_layernorm.weight"),
-            g.tensor_f32(&format!("blk.{l}.ffn_norm.weight"))?,
-        );
-    }
-    map.insert(
-        "model.norm.weight".into(),
-        g.tensor_f32("output_norm.weight")?,
-    );
-    if !cfg.tie_word_embeddings {
-        map.insert("lm_head.weight".into(), g.tensor_f32("output.weight")?);
-    }
-    Llama::from_tensors(be, cfg, map)
+            Ok((data, shape))
+        },
+        nf4,
+    )
 }

@@ -1,7 +1,9 @@
 //! Fine-tuning: datasets, optimizer, learning-rate schedule and the training loop.
 
+pub mod compare;
 pub mod data;
 pub mod optim;
+pub mod recipe;
 pub mod report;
 pub mod schedule;
 pub mod trainer;

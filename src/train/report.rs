@@ -9,6 +9,12 @@ use std::path::Path;
 /// chart renders the same on every machine without system fonts.
 static FONT: &[u8] = include_bytes!("../../data/fonts/DejaVuSansMono.ttf");
 
+/// Makes the embedded font plotters' "sans-serif" (idempotent).
+pub(crate) fn register_font() {
+    // Registering twice is harmless; plotters keeps the first registration.
+    let _ = plotters::style::register_font("sans-serif", FontStyle::Normal, FONT);
+}
+
 fn plot_err(path: &Path, e: impl std::fmt::Display) -> Error {
     Error::format(path, format!("cannot draw chart: {e}"))
 }
@@ -19,8 +25,7 @@ pub fn write_loss_png(path: &Path, metrics: &Metrics, title: &str) -> Result<()>
     if metrics.steps.is_empty() {
         return Err(Error::arg("metrics", "no step to plot"));
     }
-    // Registering twice is harmless; plotters keeps the first registration.
-    let _ = plotters::style::register_font("sans-serif", FontStyle::Normal, FONT);
+    register_font();
     let tmp = tmp_path(path);
     {
         let root = BitMapBackend::new(&tmp, (900, 540)).into_drawing_area();
@@ -84,7 +89,7 @@ pub fn write_loss_png(path: &Path, metrics: &Metrics, title: &str) -> Result<()>
     std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e))
 }
 
-fn tmp_path(path: &Path) -> std::path::PathBuf {
+pub(crate) fn tmp_path(path: &Path) -> std::path::PathBuf {
     let name = path
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())

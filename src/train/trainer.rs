@@ -1,7 +1,7 @@
 //! The training loop: batches in a seeded order, forward + backward, AdamW with a linear
 //! warmup/decay schedule, evaluation before and after, and the metrics written to JSON.
 
-use crate::backend::Backend;
+use crate::backend::{Backend, Tensor};
 use crate::error::{Error, Result};
 use crate::model::llama::{Llama, PackedBatch};
 use crate::train::data::{Example, shuffled_order};
@@ -29,6 +29,10 @@ pub struct TrainConfig {
     pub seed: u64,
     /// Examples per evaluation batch (does not change the eval loss, only the work per call).
     pub eval_batch_size: usize,
+    /// Gradual unfreezing for full fine-tuning (Howard & Ruder 2018): train only the top layer
+    /// at first and unfreeze one more layer, downwards, every this many steps; the embeddings
+    /// join when every layer is trainable. `None` trains what the model marks trainable.
+    pub unfreeze_every: Option<usize>,
 }
 
 impl Default for TrainConfig {
@@ -44,6 +48,7 @@ impl Default for TrainConfig {
             weight_decay: 0.0,
             seed: 42,
             eval_batch_size: 16,
+            unfreeze_every: None,
         }
     }
 }
@@ -104,6 +109,13 @@ pub struct Metrics {
     pub peak_rss_bytes: Option<u64>,
     pub trainable_params: usize,
     pub total_params: usize,
+    /// Largest size of the optimizer's state during the run (bytes).
+    pub optimizer_state_bytes: usize,
+    /// Bytes of the projection base weights (f32, or NF4 for QLoRA/QDoRA).
+    pub base_weight_bytes: usize,
+    /// AdaLoRA: the kept ranks of each module at the end (module path → one bool per rank).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub adalora_rank_pattern: Option<std::collections::BTreeMap<String, Vec<bool>>>,
 }
 
 /// Token-weighted mean cross-entropy over all targets of `examples` (eval mode).
@@ -132,8 +144,40 @@ fn pack<'a>(examples: impl Iterator<Item = &'a Example>) -> Result<PackedBatch> 
     PackedBatch::from_examples(examples.map(|e| (&e.input_ids[..], &e.labels[..])))
 }
 
-/// Trains the model's adapters on `train`, evaluating on `eval` before and after (skipped when
-/// `eval` is empty). `on_step` sees each step as it ends (for a progress bar).
+/// Method-specific work around each optimizer step (AdaLoRA's regularizer and rank
+/// allocator). The default methods do nothing.
+pub trait StepHook<B: Backend> {
+    /// Before the update: may add regularizer gradients into `grads` (named `names`, the
+    /// model's trainable order); returns the regularizer's value added to the loss.
+    fn before_update(
+        &mut self,
+        _be: &B,
+        _step: usize,
+        _model: &Llama<B>,
+        _names: &[String],
+        _grads: &mut [Tensor<B>],
+    ) -> Result<f64> {
+        Ok(0.0)
+    }
+    /// After the update, with the gradients of this step.
+    fn after_update(
+        &mut self,
+        _be: &B,
+        _step: usize,
+        _model: &mut Llama<B>,
+        _names: &[String],
+        _grads: &[Tensor<B>],
+    ) -> Result<()> {
+        Ok(())
+    }
+}
+
+/// The hook that does nothing (LoRA, DoRA, VeRA, full fine-tuning).
+pub struct NoHook;
+impl<B: Backend> StepHook<B> for NoHook {}
+
+/// Trains the model's trainable tensors on `train`, evaluating on `eval` before and after
+/// (skipped when `eval` is empty). `on_step` sees each step as it ends (for a progress bar).
 /// Errors: invalid config, an empty training set, a non-finite loss.
 pub fn train<B: Backend>(
     be: &B,
@@ -141,11 +185,35 @@ pub fn train<B: Backend>(
     train: &[Example],
     eval: &[Example],
     cfg: &TrainConfig,
+    on_step: impl FnMut(&StepMetric),
+) -> Result<Metrics> {
+    train_with(be, model, train, eval, cfg, on_step, &mut NoHook)
+}
+
+/// [`train`] with a method hook around each optimizer step.
+pub fn train_with<B: Backend>(
+    be: &B,
+    model: &mut Llama<B>,
+    train: &[Example],
+    eval: &[Example],
+    cfg: &TrainConfig,
     mut on_step: impl FnMut(&StepMetric),
+    hook: &mut dyn StepHook<B>,
 ) -> Result<Metrics> {
     cfg.validate()?;
     if train.is_empty() {
         return Err(Error::Data("training set is empty".into()));
+    }
+    if cfg.unfreeze_every.is_some() {
+        match model.full_finetune.as_mut() {
+            Some(f) => f.trainable_from = model.layers.len().saturating_sub(1),
+            None => {
+                return Err(Error::arg(
+                    "unfreeze_every",
+                    "gradual unfreezing needs full fine-tuning",
+                ));
+            }
+        }
     }
     let trainable = model.n_trainable();
     if trainable == 0 {
@@ -156,7 +224,13 @@ pub fn train<B: Backend>(
     }
     let mut metrics = Metrics {
         trainable_params: trainable,
-        total_params: model.n_base_params() + trainable,
+        // Full fine-tuning trains base tensors: count them once.
+        total_params: model.n_base_params()
+            + if model.full_finetune.is_some() {
+                0
+            } else {
+                trainable
+            },
         ..Default::default()
     };
     if !eval.is_empty() {
@@ -164,18 +238,7 @@ pub fn train<B: Backend>(
         metrics.eval_loss_before = Some(evaluate(be, model, eval, cfg.eval_batch_size)?);
         metrics.eval_seconds.push(t.elapsed().as_secs_f64());
     }
-    let shapes: Vec<Vec<usize>> = model
-        .trainable_params()
-        .iter()
-        .map(|(_, t)| t.shape().to_vec())
-        .collect();
-    let mut opt = AdamW::new(
-        be,
-        &shapes,
-        (cfg.beta1, cfg.beta2),
-        cfg.eps,
-        cfg.weight_decay,
-    )?;
+    let mut opt = AdamW::new((cfg.beta1, cfg.beta2), cfg.eps, cfg.weight_decay)?;
     let sched = LinearWarmupDecay {
         peak_lr: cfg.lr,
         warmup_steps: cfg.warmup_steps,
@@ -185,8 +248,12 @@ pub fn train<B: Backend>(
     let mut epoch = 0u64;
     let mut order = shuffled_order(train.len(), cfg.seed, epoch);
     let mut cursor = 0usize;
+    let n_layers = model.layers.len();
     for step in 0..cfg.steps {
         let t0 = Instant::now();
+        if let (Some(every), Some(f)) = (cfg.unfreeze_every, model.full_finetune.as_mut()) {
+            f.trainable_from = n_layers.saturating_sub(1 + step / every);
+        }
         let mut picked = Vec::with_capacity(cfg.batch_size);
         while picked.len() < cfg.batch_size {
             if cursor == order.len() {
@@ -198,13 +265,21 @@ pub fn train<B: Backend>(
             cursor += 1;
         }
         let batch = pack(picked.into_iter())?;
-        let out = model.loss_and_grads(be, &batch)?;
-        let loss = out.loss_sum / out.n_targets as f64;
+        let mut out = model.loss_and_grads(be, &batch)?;
+        let names: Vec<String> = model
+            .trainable_params()
+            .into_iter()
+            .map(|(n, _)| n)
+            .collect();
+        let reg = hook.before_update(be, step, model, &names, &mut out.grads)?;
+        let loss = out.loss_sum / out.n_targets as f64 + reg;
         if !loss.is_finite() {
             return Err(Error::Data(format!("loss became {loss} at step {step}")));
         }
         let lr = sched.lr(step);
-        opt.step(be, model.trainable_params_mut(), &out.grads, lr)?;
+        opt.step(be, &names, model.trainable_params_mut(), &out.grads, lr)?;
+        hook.after_update(be, step, model, &names, &out.grads)?;
+        metrics.optimizer_state_bytes = metrics.optimizer_state_bytes.max(opt.state_bytes());
         let m = StepMetric {
             step,
             loss,
@@ -228,6 +303,7 @@ pub fn train<B: Backend>(
     metrics.seconds_per_step_mean = total / secs.len() as f64;
     metrics.seconds_per_step_median = median(&secs);
     metrics.peak_rss_bytes = peak_rss_bytes();
+    metrics.base_weight_bytes = model.base_weight_bytes();
     Ok(metrics)
 }
 

@@ -1,0 +1,404 @@
+//! What to fine-tune and how: the method, its hyperparameters (PEFT's names), and the training
+//! run around it. The CLI and the Python module both build a [`Recipe`] and call [`run`].
+
+use crate::adapter::rank_allocator::{
+    AdaLoraLayerView, AdaLoraSchedule, OrthRegInput, RankAllocator, orth_reg_total,
+};
+use crate::adapter::{Adapter, LoraConfig, MethodKind};
+use crate::backend::{Backend, Tensor};
+use crate::error::{Error, Result};
+use crate::model::llama::{FullFinetune, Llama, Nf4Spec, proj_path};
+use crate::train::data::Example;
+use crate::train::trainer::{Metrics, StepHook, StepMetric, TrainConfig, train_with};
+use serde::{Deserialize, Serialize};
+
+/// A fine-tuning method, as `lorafuse finetune --method` names it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Method {
+    /// All parameters trained (see [`FullSettings`] for the variants).
+    Full,
+    /// LoRA (Hu et al. 2021).
+    Lora,
+    /// QLoRA (Dettmers et al. 2023): LoRA over NF4-quantized frozen projection weights.
+    Qlora,
+    /// DoRA (Liu et al. 2024): LoRA plus a trained magnitude per output feature.
+    Dora,
+    /// DoRA over NF4-quantized frozen projection weights (QDoRA).
+    Qdora,
+    /// VeRA (Kopiczko et al. 2024): shared frozen random projections, trained scaling vectors.
+    Vera,
+    /// AdaLoRA (Zhang et al. 2023): SVD-form adapters with a rank budget.
+    AdaLora,
+}
+
+impl Method {
+    /// Every method, in the order `lorafuse compare` reports them.
+    pub const ALL: [Method; 7] = [
+        Method::Full,
+        Method::Lora,
+        Method::Qlora,
+        Method::Dora,
+        Method::Qdora,
+        Method::Vera,
+        Method::AdaLora,
+    ];
+
+    /// The name used on the command line and in reports.
+    pub fn name(self) -> &'static str {
+        match self {
+            Method::Full => "full",
+            Method::Lora => "lora",
+            Method::Qlora => "qlora",
+            Method::Dora => "dora",
+            Method::Qdora => "qdora",
+            Method::Vera => "vera",
+            Method::AdaLora => "adalora",
+        }
+    }
+
+    /// The learning rate used when none is given: 2e-4 for LoRA and DoRA (the issue's
+    /// recipe), 2e-5 for full fine-tuning (every weight moves, so the usual full-FT range),
+    /// 5e-3 for VeRA (its paper trains the scaling vectors with rates 10-100x LoRA's), 5e-4
+    /// for AdaLoRA (its paper's range for models of this size).
+    pub fn default_lr(self) -> f32 {
+        match self {
+            Method::Full => 2e-5,
+            Method::Lora | Method::Qlora | Method::Dora | Method::Qdora => 2e-4,
+            Method::Vera => 5e-3,
+            Method::AdaLora => 5e-4,
+        }
+    }
+
+    /// Whether the frozen projection weights are NF4 (QLoRA, QDoRA).
+    pub fn quantized_base(self) -> bool {
+        matches!(self, Method::Qlora | Method::Qdora)
+    }
+
+    fn adapter_kind(self) -> Option<MethodKind> {
+        match self {
+            Method::Full => None,
+            Method::Lora | Method::Qlora => Some(MethodKind::Lora),
+            Method::Dora | Method::Qdora => Some(MethodKind::Dora),
+            Method::Vera => Some(MethodKind::Vera),
+            Method::AdaLora => Some(MethodKind::AdaLora),
+        }
+    }
+}
+
+/// VeRA's settings (PEFT's `VeraConfig` names).
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+pub struct VeraSettings {
+    /// Initial value of every `vera_lambda_d` entry.
+    pub d_initial: f32,
+    /// Seed of the shared projections (lorafuse's generator, not torch's).
+    pub projection_prng_key: u64,
+}
+
+impl Default for VeraSettings {
+    fn default() -> Self {
+        VeraSettings {
+            d_initial: 0.1,
+            projection_prng_key: 0,
+        }
+    }
+}
+
+/// AdaLoRA's settings (PEFT's `AdaLoraConfig` names). The layers start at `init_r` (which
+/// replaces the LoRA `r`), and the budget falls to `target_r` per layer on average.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+pub struct AdaLoraSettings {
+    pub init_r: usize,
+    pub target_r: usize,
+    pub tinit: u64,
+    pub tfinal: u64,
+    pub delta_t: u64,
+    pub beta1: f64,
+    pub beta2: f64,
+    pub orth_reg_weight: f32,
+}
+
+impl Default for AdaLoraSettings {
+    /// PEFT's defaults for init_r, target_r, beta1, beta2 and orth_reg_weight; tinit,
+    /// tfinal and deltaT chosen for the 60-step default run (10 warmup steps, the pattern
+    /// frozen for the last 20, a new mask every 5 steps in between).
+    fn default() -> Self {
+        AdaLoraSettings {
+            init_r: 12,
+            target_r: 8,
+            tinit: 10,
+            tfinal: 20,
+            delta_t: 5,
+            beta1: 0.85,
+            beta2: 0.85,
+            orth_reg_weight: 0.5,
+        }
+    }
+}
+
+/// Full fine-tuning settings.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct FullSettings {
+    /// Keep the embeddings (and the tied LM head) frozen.
+    pub freeze_embeddings: bool,
+    /// Gradual unfreezing from the top: one more layer every this many steps.
+    pub unfreeze_every: Option<usize>,
+}
+
+/// Everything that defines a fine-tuning run.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Recipe {
+    pub method: Method,
+    /// r, lora_alpha, use_rslora and target_modules (VeRA uses r and the targets; AdaLoRA the
+    /// alpha and the targets, its rank coming from `adalora.init_r`).
+    pub lora: LoraConfig,
+    pub vera: VeraSettings,
+    pub adalora: AdaLoraSettings,
+    pub full: FullSettings,
+    pub train: TrainConfig,
+    /// Seed of the adapter init.
+    pub seed: u64,
+    /// NF4 settings of QLoRA/QDoRA's frozen base.
+    pub nf4: Nf4Spec,
+}
+
+/// Puts the method's trainable tensors on `model`: adapters with their init, or full
+/// fine-tuning. Errors: invalid settings, an unknown target module.
+pub fn prepare<B: Backend>(be: &B, model: &mut Llama<B>, recipe: &Recipe) -> Result<()> {
+    model.remove_adapters();
+    model.full_finetune = None;
+    if recipe.method.quantized_base() {
+        model.quantize_bases(be, recipe.nf4)?;
+    }
+    match recipe.method.adapter_kind() {
+        None => {
+            model.full_finetune = Some(FullFinetune {
+                freeze_embeddings: recipe.full.freeze_embeddings,
+                trainable_from: 0,
+            });
+        }
+        Some(kind) => {
+            let mut lora = recipe.lora.clone();
+            let mut seed = recipe.seed;
+            match kind {
+                MethodKind::AdaLora => {
+                    let a = &recipe.adalora;
+                    if a.target_r == 0 || a.target_r >= a.init_r {
+                        return Err(Error::arg(
+                            "target_r",
+                            format!("must be in 1..init_r (init_r = {})", a.init_r),
+                        ));
+                    }
+                    lora.r = a.init_r;
+                }
+                MethodKind::Vera => seed = recipe.vera.projection_prng_key,
+                _ => {}
+            }
+            model.add_adapters_with(be, kind, &lora, seed, recipe.vera.d_initial)?;
+        }
+    }
+    Ok(())
+}
+
+/// Prepares the model for `recipe` and trains it (see [`train_with`]); AdaLoRA runs its rank
+/// allocator and orthogonal regularizer around each step.
+pub fn run<B: Backend>(
+    be: &B,
+    model: &mut Llama<B>,
+    recipe: &Recipe,
+    train: &[Example],
+    eval: &[Example],
+    on_step: impl FnMut(&StepMetric),
+) -> Result<Metrics> {
+    prepare(be, model, recipe)?;
+    let mut cfg = recipe.train.clone();
+    if recipe.method == Method::Full {
+        cfg.unfreeze_every = recipe.full.unfreeze_every;
+    }
+    if recipe.method == Method::AdaLora {
+        let mut hook = AdaLoraHook::new(model, &recipe.adalora, cfg.steps as u64)?;
+        let mut metrics = train_with(be, model, train, eval, &cfg, on_step, &mut hook)?;
+        metrics.adalora_rank_pattern = hook.alloc.rank_pattern().cloned();
+        Ok(metrics)
+    } else {
+        train_with(
+            be,
+            model,
+            train,
+            eval,
+            &cfg,
+            on_step,
+            &mut crate::train::trainer::NoHook,
+        )
+    }
+}
+
+/// AdaLoRA's work around each optimizer step, as PEFT's `AdaLoraModel` does it: the
+/// orthogonal regularizer's gradient joins the loss's before the update, and
+/// `update_and_allocate(global_step)` runs after it (1-based steps).
+pub struct AdaLoraHook {
+    alloc: RankAllocator,
+    orth_reg_weight: f32,
+    /// `(module path, layer index, projection index)` of every AdaLoRA layer.
+    layers: Vec<(String, usize, usize)>,
+}
+
+impl AdaLoraHook {
+    /// Errors: the schedule or budget is invalid for this model (see [`RankAllocator::new`]).
+    pub fn new<B: Backend>(model: &Llama<B>, s: &AdaLoraSettings, total_step: u64) -> Result<Self> {
+        let mut layers = Vec::new();
+        let mut ranks = Vec::new();
+        for (l, b) in model.layers.iter().enumerate() {
+            for (p, proj) in b.proj.iter().enumerate() {
+                if let Some(Adapter::AdaLora(a)) = &proj.adapter {
+                    layers.push((proj_path(l, p), l, p));
+                    ranks.push(a.r());
+                }
+            }
+        }
+        let named: Vec<(&str, usize)> = layers
+            .iter()
+            .zip(&ranks)
+            .map(|((n, _, _), &r)| (n.as_str(), r))
+            .collect();
+        let schedule = AdaLoraSchedule {
+            init_r: s.init_r,
+            target_r: s.target_r,
+            tinit: s.tinit,
+            tfinal: s.tfinal,
+            delta_t: s.delta_t,
+            total_step,
+        };
+        Ok(AdaLoraHook {
+            alloc: RankAllocator::new(schedule, s.beta1, s.beta2, &named)?,
+            orth_reg_weight: s.orth_reg_weight,
+            layers,
+        })
+    }
+
+    /// The current rank pattern (after the first mask).
+    pub fn allocator(&self) -> &RankAllocator {
+        &self.alloc
+    }
+}
+
+/// Host copies of one AdaLoRA layer's tensors.
+struct HostLayer {
+    a: Vec<f32>,
+    b: Vec<f32>,
+    e: Vec<f32>,
+    r: usize,
+    inp: usize,
+    out: usize,
+}
+
+fn host_layers<B: Backend>(
+    be: &B,
+    model: &Llama<B>,
+    layers: &[(String, usize, usize)],
+) -> Result<Vec<HostLayer>> {
+    layers
+        .iter()
+        .map(|(_, l, p)| match &model.layers[*l].proj[*p].adapter {
+            Some(Adapter::AdaLora(a)) => Ok(HostLayer {
+                a: be.download(&a.lora_a)?,
+                b: be.download(&a.lora_b)?,
+                e: be.download(&a.lora_e)?,
+                r: a.r(),
+                inp: a.lora_a.dim(1),
+                out: a.lora_b.dim(0),
+            }),
+            _ => Err(Error::arg(
+                "adapter",
+                "AdaLoRA layer disappeared during training",
+            )),
+        })
+        .collect()
+}
+
+fn grad_index(names: &[String], name: &str) -> Result<usize> {
+    names
+        .iter()
+        .position(|n| n == name)
+        .ok_or_else(|| Error::arg("grads", format!("no gradient named `{name}`")))
+}
+
+impl<B: Backend> StepHook<B> for AdaLoraHook {
+    fn before_update(
+        &mut self,
+        be: &B,
+        _step: usize,
+        model: &Llama<B>,
+        names: &[String],
+        grads: &mut [Tensor<B>],
+    ) -> Result<f64> {
+        if self.orth_reg_weight == 0.0 {
+            return Ok(0.0);
+        }
+        let host = host_layers(be, model, &self.layers)?;
+        let inputs: Vec<OrthRegInput<'_>> = host
+            .iter()
+            .map(|h| OrthRegInput {
+                lora_a: &h.a,
+                lora_b: &h.b,
+                r: h.r,
+                in_features: h.inp,
+                out_features: h.out,
+            })
+            .collect();
+        let total = orth_reg_total(&inputs, self.orth_reg_weight)?;
+        for ((path, _, _), (ga, gb)) in self.layers.iter().zip(&total.grads) {
+            for (suffix, g) in [("lora_A", ga), ("lora_B", gb)] {
+                let i = grad_index(names, &format!("{path}.{suffix}"))?;
+                let t = be.upload(g, grads[i].shape())?;
+                be.axpy(&mut grads[i], 1.0, &t)?;
+            }
+        }
+        Ok(total.loss as f64)
+    }
+
+    fn after_update(
+        &mut self,
+        be: &B,
+        step: usize,
+        model: &mut Llama<B>,
+        names: &[String],
+        grads: &[Tensor<B>],
+    ) -> Result<()> {
+        let mut host = host_layers(be, model, &self.layers)?;
+        let mut g = Vec::with_capacity(host.len());
+        for (path, _, _) in &self.layers {
+            let mut three = Vec::with_capacity(3);
+            for suffix in ["lora_A", "lora_B", "lora_E"] {
+                three.push(be.download(&grads[grad_index(names, &format!("{path}.{suffix}"))?])?);
+            }
+            g.push(three);
+        }
+        let mut views: Vec<AdaLoraLayerView<'_>> = host
+            .iter_mut()
+            .zip(&self.layers)
+            .zip(&g)
+            .map(|((h, (path, _, _)), g)| AdaLoraLayerView {
+                name: path,
+                lora_a: &h.a,
+                grad_a: &g[0],
+                lora_b: &h.b,
+                grad_b: &g[1],
+                lora_e: &mut h.e,
+                grad_e: &g[2],
+                r: h.r,
+                in_features: h.inp,
+                out_features: h.out,
+            })
+            .collect();
+        self.alloc
+            .update_and_allocate(step as u64 + 1, &mut views)?;
+        drop(views);
+        for (h, (_, l, p)) in host.iter().zip(&self.layers) {
+            if let Some(Adapter::AdaLora(a)) = &mut model.layers[*l].proj[*p].adapter {
+                a.lora_e = be.upload(&h.e, &[h.r, 1])?;
+            }
+        }
+        Ok(())
+    }
+}
