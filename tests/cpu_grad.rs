@@ -3,9 +3,9 @@
 //! Each check builds a scalar `L = sum(out * g)` with a fixed random `g`, perturbs sampled input
 //! coordinates by ±eps and compares `(L+ - L-) / 2eps` with the analytic gradient.
 
+use lorafuse::adapter::MethodKind;
 use lorafuse::backend::{AttentionSaved, Backend, SeqSpan};
 use lorafuse::model::LlamaConfig;
-use lorafuse::adapter::MethodKind;
 use lorafuse::model::llama::{FullFinetune, Llama, PackedBatch, random_tensors};
 use lorafuse::{Cpu, Tensor};
 

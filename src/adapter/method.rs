@@ -36,7 +36,10 @@ fn need_shared<B: Backend>(shared: Option<&VeraShared<B>>) -> Result<&VeraShared
 }
 
 fn wrong_saved() -> Error {
-    Error::arg("saved", "saved state does not belong to this adapter's method")
+    Error::arg(
+        "saved",
+        "saved state does not belong to this adapter's method",
+    )
 }
 
 impl<B: Backend> Adapter<B> {
