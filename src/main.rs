@@ -46,6 +46,34 @@ enum Cmd {
     /// Fine-tune with every method on the same data and steps; print, and write to JSON and
     /// PNG, the comparison table (trainable parameters, peak memory, s/step, eval loss).
     Compare(CompareArgs),
+    /// Time every CPU kernel family (LoRA, QLoRA, DoRA, VeRA, AdaLoRA forward+backward and
+    /// merge) on real model shapes; print a table and optionally write JSON for
+    /// scripts/peft_bench.py.
+    Bench(BenchArgs),
+}
+
+#[derive(Copy, Clone, PartialEq, Eq, ValueEnum)]
+enum BenchCases {
+    Default,
+    Full,
+    Small,
+}
+
+#[derive(Args)]
+struct BenchArgs {
+    /// Case list: default (a few minutes on 2 cores), full (adds T 1 and 4096, ranks 8 and 64,
+    /// Llama MLP shapes; long), small (tiny shapes, a smoke test).
+    #[arg(long, value_enum, default_value_t = BenchCases::Default)]
+    cases: BenchCases,
+    /// Write the results as a JSON list to this file.
+    #[arg(long)]
+    json: Option<PathBuf>,
+    /// Keep timing each case until this many seconds are spent (at least 3 runs).
+    #[arg(long, default_value_t = 1.0)]
+    min_time: f64,
+    /// Only cases whose name contains this text (e.g. "dora", "4096x4096").
+    #[arg(long)]
+    filter: Option<String>,
 }
 
 #[derive(Args, Clone)]
@@ -133,8 +161,8 @@ struct FinetuneArgs {
     /// Modules to adapt (comma-separated; q_proj or q ...).
     #[arg(long, value_delimiter = ',', default_value = "q,k,v,o,gate,up,down")]
     target_modules: Vec<String>,
-    /// Peak learning rate (AdamW). Default per method: 2e-4 LoRA/DoRA, 2e-5 full, 5e-3 VeRA,
-    /// 5e-4 AdaLoRA.
+    /// Peak learning rate (AdamW). Default per method: 2e-4 LoRA/QLoRA/DoRA/QDoRA, 2e-5 full,
+    /// 5e-3 VeRA and AdaLoRA.
     #[arg(long)]
     lr: Option<f32>,
     /// VeRA: initial value of vera_lambda_d.
@@ -285,6 +313,7 @@ fn main() {
         Cmd::Logits(a) => logits(a),
         Cmd::Merge(a) => merge(a),
         Cmd::Compare(a) => compare(a),
+        Cmd::Bench(a) => bench(a),
         Cmd::Fetch => fetch::default_model(&mut |s| eprintln!("{s}")).map(|p| {
             println!("{}", p.display());
         }),
@@ -767,4 +796,61 @@ fn write_safetensors(path: &Path, tensors: Vec<RawTensor>) -> Result<()> {
     let bytes =
         safetensors::serialize(views, None).map_err(|e| Error::format(path, e.to_string()))?;
     write_atomic(path, &bytes)
+}
+
+/// `lorafuse bench`: times the cases on the CPU backend with the machine's measured limits.
+fn bench(a: BenchArgs) -> Result<()> {
+    use lorafuse::backend::bench::{self as hb, CaseSet, Timing};
+    let set = match a.cases {
+        BenchCases::Default => CaseSet::Default,
+        BenchCases::Full => CaseSet::Full,
+        BenchCases::Small => CaseSet::Small,
+    };
+    if !(a.min_time.is_finite() && a.min_time >= 0.0) {
+        return Err(Error::arg("min-time", "must be a finite number >= 0"));
+    }
+    let timing = Timing {
+        min_time: std::time::Duration::from_secs_f64(a.min_time),
+        ..Timing::default()
+    };
+    let be = Cpu;
+    let peak = hb::measure_peak(&be)?;
+    println!(
+        "machine: {} threads; SGEMM peak (linear 1024^3) {:.1} GFLOP/s; copy bandwidth {:.1} GB/s",
+        rayon::current_num_threads(),
+        peak.sgemm_gflops,
+        peak.copy_gbps
+    );
+    println!(
+        "{:<36} {:>10} {:>5} {:>8} {:>6} {:>7} {:>6} {:>6}",
+        "case", "ours ms", "reps", "GFLOP/s", "%peak", "GB/s", "%bw", "%limit"
+    );
+    let mut results = Vec::new();
+    for case in hb::cases(set) {
+        let name = case.name();
+        if a.filter
+            .as_ref()
+            .is_some_and(|f| !name.contains(f.as_str()))
+        {
+            continue;
+        }
+        let r = hb::bench_case(&be, &case, &timing, &peak)?;
+        println!(
+            "{:<36} {:>10.3} {:>5} {:>8.1} {:>5.0}% {:>7.1} {:>5.0}% {:>5.0}%",
+            r.case,
+            r.ours_s * 1e3,
+            r.reps,
+            r.gflops,
+            100.0 * r.frac_peak_flops,
+            r.gbps,
+            100.0 * r.frac_peak_bw,
+            100.0 * r.frac_limit
+        );
+        results.push(r);
+    }
+    if let Some(p) = &a.json {
+        write_json(p, &results)?;
+        eprintln!("wrote {}", p.display());
+    }
+    Ok(())
 }

@@ -59,14 +59,16 @@ impl Method {
 
     /// The learning rate used when none is given: 2e-4 for LoRA and DoRA (the issue's
     /// recipe), 2e-5 for full fine-tuning (every weight moves, so the usual full-FT range),
-    /// 5e-3 for VeRA (its paper trains the scaling vectors with rates 10-100x LoRA's), 5e-4
-    /// for AdaLoRA (its paper's range for models of this size).
+    /// 5e-3 for VeRA (its paper trains the scaling vectors with rates 10-100x LoRA's), and
+    /// 5e-3 for AdaLoRA: its `lora_E` starts at 0 and A, B at N(0, 0.02), so its first updates
+    /// are far smaller than LoRA's; on the default 60-step task 5e-4 moved the eval loss by
+    /// 1.1% and 5e-3 by 24% (measured with `lorafuse finetune --method adalora --lr ...`).
     pub fn default_lr(self) -> f32 {
         match self {
             Method::Full => 2e-5,
             Method::Lora | Method::Qlora | Method::Dora | Method::Qdora => 2e-4,
             Method::Vera => 5e-3,
-            Method::AdaLora => 5e-4,
+            Method::AdaLora => 5e-3,
         }
     }
 
