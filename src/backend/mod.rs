@@ -9,6 +9,7 @@
 //! are `[tokens, features]`. Integer inputs (token ids, labels, sequence boundaries) are passed
 //! as host slices: they are small and every backend uploads them as it needs.
 
+pub mod bench;
 pub mod cpu;
 
 use crate::error::{Error, Result};

@@ -1,0 +1,20 @@
+//! Criterion benches of the DoRA (and QDoRA over NF4), weight norm recomputed per forward kernels: layer forward+backward and merge
+//! (see `benches/common/mod.rs` for the shapes).
+
+mod common;
+
+use criterion::{Criterion, criterion_group, criterion_main};
+use lorafuse::Cpu;
+use lorafuse::backend::bench::BenchMethod;
+
+fn benches(c: &mut Criterion) {
+    common::bench_method(c, &Cpu, BenchMethod::Dora, true);
+    common::bench_method(c, &Cpu, BenchMethod::Qdora, false);
+}
+
+criterion_group! {
+    name = group;
+    config = common::config();
+    targets = benches
+}
+criterion_main!(group);

@@ -1,0 +1,59 @@
+#!/usr/bin/env bash
+# lorafuse's CPU kernels against PEFT on CPU torch, measured in the same run, on the same cases.
+#
+#   scripts/bench-vs-peft.sh [--cases default|full|small] [--append] [--min-time S] [--filter TEXT]
+#
+# 1. builds and runs `lorafuse bench --json` (our times, and the machine's SGEMM peak and copy
+#    bandwidth measured in the same process);
+# 2. runs scripts/peft_bench.py on the same case list with $PEERS_PYTHON (default python3), which
+#    needs torch and peft (see shared/golden/peers-env.txt for an offline recipe); without them it
+#    says so and the table shows our times only;
+# 3. prints a Markdown table (ours, PEFT, PEFT/ours, fraction of the machine's limits) with the
+#    machine, the load and the date; --append adds it to BENCHMARKS.md.
+#
+# Both sides use 2 threads. Run it on an otherwise idle machine: another process on a core makes
+# torch's OpenMP threads wait on each other (we saw 10x slower small PEFT calls under load 3).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+cases=default
+append=0
+min_time=1.0
+filter=()
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --cases) cases="$2"; shift 2 ;;
+    --append) append=1; shift ;;
+    --min-time) min_time="$2"; shift 2 ;;
+    --filter) filter=(--filter "$2"); shift 2 ;;
+    -h|--help) sed -n '2,15p' "$0"; exit 0 ;;
+    *) echo "unknown argument: $1" >&2; exit 2 ;;
+  esac
+done
+
+py="${PEERS_PYTHON:-python3}"
+out="${BENCH_OUT:-target/bench-vs-peft}"
+mkdir -p "$out"
+
+load_before="$(cut -d' ' -f1-3 /proc/loadavg)"
+cargo build --release --quiet --bin lorafuse
+./target/release/lorafuse bench --cases "$cases" --min-time "$min_time" "${filter[@]}" \
+  --json "$out/ours.json"
+echo
+"$py" scripts/peft_bench.py --cases "$out/ours.json" --json "$out/both.json" \
+  --markdown "$out/table.md" --min-time "$min_time" --threads 2 2>&1 \
+  | grep -v -e 'kernels-community' -e 'flop_counter' | tee "$out/peft.log" | sed '/^Machine:/,$d'
+load_after="$(cut -d' ' -f1-3 /proc/loadavg)"
+
+{
+  echo "### \`scripts/bench-vs-peft.sh --cases $cases\` ($(date -u +%Y-%m-%dT%H:%MZ))"
+  echo
+  echo "Load average (1, 5, 15 min) before: $load_before; after: $load_after."
+  cat "$out/table.md"
+} >"$out/section.md"
+echo
+cat "$out/section.md"
+if [ "$append" = 1 ]; then
+  { echo; cat "$out/section.md"; } >>BENCHMARKS.md
+  echo "appended to BENCHMARKS.md"
+fi
