@@ -300,9 +300,35 @@ struct MergeArgs {
     /// Output safetensors file with transformers' tensor names.
     #[arg(long)]
     out: PathBuf,
-    /// Storage dtype of the merged weights.
+    /// Storage dtype of the merged weights (with --requantize-nf4: of every tensor that is not
+    /// a projection weight).
     #[arg(long, value_enum, default_value_t = MergeDtype::F32)]
     dtype: MergeDtype,
+    /// The base the adapter was trained over: `dense`, or `nf4` for QLoRA/QDoRA adapters (the
+    /// projections are quantized to NF4 as `finetune --method qlora|qdora` does, then the
+    /// adapter is merged into the dequantized NF4 weights, which is what it was trained on).
+    #[arg(long, value_enum, default_value_t = MergeBase::Dense)]
+    base: MergeBase,
+    /// Write the merged projection weights re-quantized to NF4 (double quant) as bitsandbytes
+    /// 4-bit checkpoint tensors (`{name}.weight` packed, `.absmax`, `.quant_map`, `.nested_*`,
+    /// `.quant_state.bitsandbytes__nf4`). Works with any adapter: with `--base dense` the
+    /// merged f32 result is quantized. Projections without an adapter are written as their NF4
+    /// base (`--base nf4`) or quantized from their dense weight.
+    #[arg(long)]
+    requantize_nf4: bool,
+    /// NF4 blocksize (a power of two in 32..=4096) of `--base nf4` and `--requantize-nf4`;
+    /// `--base nf4` must use the blocksize the adapter was trained over (finetune: 64).
+    #[arg(long)]
+    nf4_blocksize: Option<usize>,
+}
+
+/// The base weights `merge` merges into.
+#[derive(Copy, Clone, PartialEq, Eq, ValueEnum)]
+enum MergeBase {
+    /// The projections as the model file stores them (dequantized to f32).
+    Dense,
+    /// The projections quantized to NF4 (QLoRA/QDoRA adapters).
+    Nf4,
 }
 
 fn main() {
@@ -718,19 +744,129 @@ fn logits(a: LogitsArgs) -> Result<()> {
     Ok(())
 }
 
+/// `lorafuse merge`: loads the model (with `--base nf4` its projections quantized to NF4, as
+/// QLoRA/QDoRA trained over), applies the adapter, merges it into every adapted projection (over
+/// an NF4 base: into its dequantized copy, [`lorafuse::adapter::Linear::dequantized`], since a
+/// merge needs a dense weight) and writes every tensor, atomically: in `--dtype`, or with
+/// `--requantize-nf4` the projections as bitsandbytes NF4 tensors and the rest in `--dtype`.
+/// Errors: `--nf4-blocksize` without `--base nf4` or `--requantize-nf4`, or not a power of two
+/// in 32..=4096 (both before anything is loaded).
 fn merge(a: MergeArgs) -> Result<()> {
-    let (be, _tok, mut model) = load(&a.model)?;
+    if a.nf4_blocksize.is_some() && a.base != MergeBase::Nf4 && !a.requantize_nf4 {
+        return Err(Error::arg(
+            "nf4_blocksize",
+            "--nf4-blocksize applies only with --base nf4 or --requantize-nf4",
+        ));
+    }
+    let spec = Nf4Spec {
+        blocksize: a.nf4_blocksize.unwrap_or(Nf4Spec::default().blocksize),
+        ..Nf4Spec::default()
+    };
+    if lorafuse::quant::nf4::check_blocksize(spec.blocksize).is_err() {
+        return Err(Error::arg(
+            "nf4_blocksize",
+            format!(
+                "--nf4-blocksize must be a power of two in 32..=4096 (as in bitsandbytes), got {}",
+                spec.blocksize
+            ),
+        ));
+    }
+    let (be, _tok, mut model) = load_with(&a.model, (a.base == MergeBase::Nf4).then_some(spec))?;
     apply_adapter(&be, &mut model, &a.adapter)?;
+    let mut merged = 0;
+    for block in &mut model.layers {
+        for p in block.proj.iter_mut().filter(|p| p.adapter.is_some()) {
+            if p.base.weight.is_quantized() {
+                p.base = p.base.dequantized(&be)?;
+            }
+            merged += 1;
+        }
+    }
     model.merge_and_unload(&be)?;
-    let tensors = model_tensors(&be, &model, a.dtype)?;
+    let tensors = if a.requantize_nf4 {
+        nf4_merged_tensors(&model, a.dtype, spec)?
+    } else {
+        model_tensors(&be, &model, a.dtype)?
+    };
     let n = tensors.len();
     write_safetensors(&a.out, tensors)?;
     println!(
-        "merged {} projections per layer; {n} tensors written to {}",
-        PROJ_NAMES.len(),
+        "merged {merged} of {} projections{}; {n} tensors written to {}",
+        model.layers.len() * PROJ_NAMES.len(),
+        if a.requantize_nf4 {
+            format!(
+                ", re-quantized to NF4 (blocksize {}, double quant)",
+                spec.blocksize
+            )
+        } else {
+            String::new()
+        },
         a.out.display()
     );
     Ok(())
+}
+
+/// The tensors of `lorafuse merge --requantize-nf4`: every projection weight as bitsandbytes
+/// stores an NF4 parameter ([`lorafuse::io::bnb::nf4_to_bnb_tensors`]: an NF4 base as it is, a
+/// dense (merged) weight quantized with `spec`), every other tensor as [`model_tensors`] names
+/// and encodes it, in `dtype`.
+fn nf4_merged_tensors(
+    model: &Llama<Cpu>,
+    dtype: MergeDtype,
+    spec: Nf4Spec,
+) -> Result<Vec<RawTensor>> {
+    let encode = |name: String, t: &lorafuse::Tensor<Cpu>| -> RawTensor {
+        let (st, bytes) = match dtype {
+            MergeDtype::F32 => (
+                safetensors::Dtype::F32,
+                t.data().iter().flat_map(|v| v.to_le_bytes()).collect(),
+            ),
+            MergeDtype::Bf16 => (
+                safetensors::Dtype::BF16,
+                t.data()
+                    .iter()
+                    .flat_map(|&v| half::bf16::from_f32(v).to_le_bytes())
+                    .collect(),
+            ),
+        };
+        (name, st, t.shape().to_vec(), bytes)
+    };
+    let mut tensors = vec![encode(
+        "model.embed_tokens.weight".into(),
+        &model.embed_tokens,
+    )];
+    for (l, b) in model.layers.iter().enumerate() {
+        tensors.push(encode(
+            format!("model.layers.{l}.input_layernorm.weight"),
+            &b.input_layernorm,
+        ));
+        tensors.push(encode(
+            format!("model.layers.{l}.post_attention_layernorm.weight"),
+            &b.post_attention_layernorm,
+        ));
+        for (p, proj) in b.proj.iter().enumerate() {
+            let key = format!("{}.weight", proj_path(l, p));
+            let bnb = match &proj.base.weight {
+                BaseWeight::Nf4(q) => lorafuse::io::bnb::nf4_to_bnb_tensors(&key, q.buf()),
+                BaseWeight::Dense(w) => {
+                    let q = lorafuse::quant::quantize_nf4(
+                        w.data(),
+                        w.shape(),
+                        spec.blocksize,
+                        spec.double_quant,
+                    )
+                    .map_err(|e| Error::arg(key.clone(), e.to_string()))?;
+                    lorafuse::io::bnb::nf4_to_bnb_tensors(&key, &q)
+                }
+            };
+            tensors.extend(bnb);
+        }
+    }
+    tensors.push(encode("model.norm.weight".into(), &model.norm));
+    if let Some(h) = &model.lm_head {
+        tensors.push(encode("lm_head.weight".into(), h));
+    }
+    Ok(tensors)
 }
 
 type RawTensor = (String, safetensors::Dtype, Vec<usize>, Vec<u8>);
