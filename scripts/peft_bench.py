@@ -163,7 +163,7 @@ def markdown(rows, peft_ok, note):
     if peak:
         lines.append(
             f"Limits measured in the same run: SGEMM peak {peak:.1f} GFLOP/s (lorafuse "
-            f"`linear` 1024^3), copy bandwidth {bw:.1f} GB/s."
+            f"`linear` 2048^3), memory bandwidth {bw:.1f} GB/s (in-place update, read + write)."
         )
     lines += [
         "",

@@ -952,7 +952,7 @@ fn bench(a: BenchArgs) -> Result<()> {
     let be = Cpu;
     let peak = hb::measure_peak(&be)?;
     println!(
-        "machine: {} threads; SGEMM peak (linear 1024^3) {:.1} GFLOP/s; copy bandwidth {:.1} GB/s",
+        "machine: {} threads; SGEMM peak (linear 2048^3) {:.1} GFLOP/s; update bandwidth {:.1} GB/s",
         rayon::current_num_threads(),
         peak.sgemm_gflops,
         peak.copy_gbps
