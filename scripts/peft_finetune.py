@@ -106,6 +106,9 @@ def load_pairs(data_path, corpus_dir):
                     o = json.loads(line)
                     pairs.append((o["question"], o["answer"]))
         return pairs, data_path
+    if not corpus_dir:
+        raise SystemExit(f"ERROR: {data_path} not found; pass --data, or --corpus with the "
+                         "chatterbot-corpus english/*.yml directory")
     return pairs_from_yaml(corpus_dir), f"built from {corpus_dir}/*.yml ({data_path} not found)"
 
 
