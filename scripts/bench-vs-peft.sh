@@ -36,6 +36,17 @@ out="${BENCH_OUT:-target/bench-vs-peft}"
 mkdir -p "$out"
 
 load_before="$(cut -d' ' -f1-3 /proc/loadavg)"
+# Watch for other busy processes while we time (torch's OpenMP threads slow down 10x or more
+# when another process takes a core): every 2 s, any process above 20% CPU that is not ours.
+: >"$out/others.log"
+(
+  while sleep 2; do
+    ps -eo pcpu=,etimes=,args= | awk -v t="$(date +%T)" '$1 > 20 && $2 > 2 &&
+      !/lorafuse bench/ && !/peft_bench\.py/ && !/cargo build/ {print t, substr($0, 1, 120)}'
+  done >>"$out/others.log" 2>/dev/null
+) &
+watch_pid=$!
+trap 'kill $watch_pid 2>/dev/null || true' EXIT
 cargo build --release --quiet --bin lorafuse
 ./target/release/lorafuse bench --cases "$cases" --min-time "$min_time" "${filter[@]}" \
   --json "$out/ours.json"
@@ -44,11 +55,19 @@ echo
   --markdown "$out/table.md" --min-time "$min_time" --threads 2 2>&1 \
   | grep -v -e 'kernels-community' -e 'flop_counter' | tee "$out/peft.log" | sed '/^Machine:/,$d'
 load_after="$(cut -d' ' -f1-3 /proc/loadavg)"
+kill $watch_pid 2>/dev/null || true
+if [ -s "$out/others.log" ]; then
+  others="WARNING: other processes were busy during the run, the times are not trustworthy: $(
+    sort -k4 -u "$out/others.log" | head -5 | tr '\n' ';')"
+  echo "$others" >&2
+else
+  others="No other process above 20% CPU during the run (sampled every 2 s)."
+fi
 
 {
   echo "### \`scripts/bench-vs-peft.sh --cases $cases\` ($(date -u +%Y-%m-%dT%H:%MZ))"
   echo
-  echo "Load average (1, 5, 15 min) before: $load_before; after: $load_after."
+  echo "Load average (1, 5, 15 min) before: $load_before; after: $load_after. $others"
   cat "$out/table.md"
 } >"$out/section.md"
 echo
