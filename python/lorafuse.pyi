@@ -1,0 +1,179 @@
+"""Type stubs of the `lorafuse` extension module (python/src/lib.rs).
+
+Every array argument must be a C-contiguous float32 numpy array with finite values and the
+shape given in its docstring; otherwise TypeError (not an ndarray, wrong dtype) or ValueError
+(ndim, shape, contiguity, NaN/Inf) is raised naming the argument. Results are new float32 arrays.
+"""
+
+from typing import Optional, Tuple
+
+import numpy as np
+import numpy.typing as npt
+
+F32 = npt.NDArray[np.float32]
+
+__version__: str
+
+# ---- LoRA: x [T, in], w0 [out, in], lora_A [r, in], lora_B [out, r], bias [out] ----
+def lora_forward(
+    x: F32, w0: F32, lora_A: F32, lora_B: F32, scaling: float, bias: Optional[F32] = None
+) -> F32:
+    """y [T, out] = x @ w0.T + bias + scaling * (x @ lora_A.T) @ lora_B.T"""
+
+def lora_backward(
+    dy: F32, x: F32, w0: F32, lora_A: F32, lora_B: F32, scaling: float, h: Optional[F32] = None
+) -> Tuple[F32, F32, F32]:
+    """(dx [T, in], d_lora_A [r, in], d_lora_B [out, r]); h = x @ lora_A.T, recomputed if None."""
+
+def lora_merge(w0: F32, lora_A: F32, lora_B: F32, scaling: float) -> F32:
+    """New w0 + scaling * lora_B @ lora_A, [out, in]."""
+
+def lora_unmerge(w: F32, lora_A: F32, lora_B: F32, scaling: float) -> F32:
+    """New w - scaling * lora_B @ lora_A, [out, in]."""
+
+# ---- DoRA: magnitude [out] (lora_magnitude_vector), weight_norm [out] ----
+def dora_weight_norm(w0: F32, lora_A: F32, lora_B: F32, scaling: float) -> F32:
+    """||w0 + scaling * lora_B @ lora_A|| per output row, [out]."""
+
+def dora_forward(
+    x: F32,
+    w0: F32,
+    lora_A: F32,
+    lora_B: F32,
+    scaling: float,
+    magnitude: F32,
+    weight_norm: Optional[F32] = None,
+    bias: Optional[F32] = None,
+) -> F32:
+    """y [T, out] = (magnitude / weight_norm) * (x @ w0.T + s * x @ lora_A.T @ lora_B.T) + bias"""
+
+def dora_backward(
+    dy: F32,
+    x: F32,
+    w0: F32,
+    lora_A: F32,
+    lora_B: F32,
+    scaling: float,
+    magnitude: F32,
+    weight_norm: Optional[F32] = None,
+) -> Tuple[F32, F32, F32, F32]:
+    """(dx [T, in], d_lora_A [r, in], d_lora_B [out, r], d_magnitude [out])"""
+
+def dora_merge(
+    w0: F32,
+    lora_A: F32,
+    lora_B: F32,
+    scaling: float,
+    magnitude: F32,
+    weight_norm: Optional[F32] = None,
+) -> F32:
+    """New (magnitude / weight_norm)[:, None] * (w0 + s * lora_B @ lora_A), [out, in]."""
+
+def dora_unmerge(
+    w: F32, lora_A: F32, lora_B: F32, scaling: float, magnitude: F32, weight_norm: F32
+) -> F32:
+    """New w / (magnitude / weight_norm)[:, None] - s * lora_B @ lora_A, [out, in]."""
+
+# ---- VeRA: vera_A [r, max_in], vera_B [max_out, r], lambda_d [r], lambda_b [out] ----
+def vera_forward(
+    x: F32,
+    w0: F32,
+    vera_A: F32,
+    vera_B: F32,
+    lambda_d: F32,
+    lambda_b: F32,
+    bias: Optional[F32] = None,
+) -> F32:
+    """y [T, out] = x @ w0.T + bias + lambda_b * ((lambda_d * (x @ As.T)) @ Bs.T)"""
+
+def vera_backward(
+    dy: F32,
+    x: F32,
+    w0: F32,
+    vera_A: F32,
+    vera_B: F32,
+    lambda_d: F32,
+    lambda_b: F32,
+    h: Optional[F32] = None,
+) -> Tuple[F32, F32, F32]:
+    """(dx [T, in], d_lambda_d [r], d_lambda_b [out])"""
+
+def vera_merge(w0: F32, vera_A: F32, vera_B: F32, lambda_d: F32, lambda_b: F32) -> F32: ...
+def vera_unmerge(w: F32, vera_A: F32, vera_B: F32, lambda_d: F32, lambda_b: F32) -> F32: ...
+
+# ---- AdaLoRA: lora_E [r, 1]; c = scaling / (ranknum + 1e-5) ----
+def adalora_forward(
+    x: F32,
+    w0: F32,
+    lora_A: F32,
+    lora_B: F32,
+    lora_E: F32,
+    scaling: float,
+    ranknum: float,
+    bias: Optional[F32] = None,
+) -> F32:
+    """y [T, out] = x @ w0.T + bias + (x @ (lora_A * lora_E).T) @ lora_B.T * c"""
+
+def adalora_backward(
+    dy: F32,
+    x: F32,
+    w0: F32,
+    lora_A: F32,
+    lora_B: F32,
+    lora_E: F32,
+    scaling: float,
+    ranknum: float,
+    h: Optional[F32] = None,
+) -> Tuple[F32, F32, F32, F32]:
+    """(dx [T, in], d_lora_A [r, in], d_lora_B [out, r], d_lora_E [r, 1])"""
+
+def adalora_merge(
+    w0: F32, lora_A: F32, lora_B: F32, lora_E: F32, scaling: float, ranknum: float
+) -> F32: ...
+def adalora_unmerge(
+    w: F32, lora_A: F32, lora_B: F32, lora_E: F32, scaling: float, ranknum: float
+) -> F32: ...
+
+# ---- NF4 (the `lorafuse.nf4` submodule) ----
+class Nf4Tensor:
+    """NF4 tensor in bitsandbytes' layout (QuantState field names)."""
+
+    @property
+    def packed(self) -> npt.NDArray[np.uint8]:
+        """uint8 [(n + 1) // 2, 1], element 2k in the high nibble."""
+    @property
+    def absmax(self) -> npt.NDArray[np.uint8] | F32:
+        """uint8 [nblocks] under double quant, else float32 [nblocks]."""
+    @property
+    def quant_map(self) -> F32:
+        """float32 [16], the NF4 code."""
+    @property
+    def nested_absmax(self) -> Optional[F32]: ...
+    @property
+    def nested_quant_map(self) -> Optional[F32]: ...
+    @property
+    def offset(self) -> Optional[float]: ...
+    @property
+    def nested_blocksize(self) -> Optional[int]: ...
+    @property
+    def blocksize(self) -> int: ...
+    @property
+    def shape(self) -> Tuple[int, ...]: ...
+    @property
+    def double_quant(self) -> bool: ...
+    @property
+    def quant_type(self) -> str: ...
+    @property
+    def nbytes(self) -> int: ...
+    def absmax_f32(self) -> F32:
+        """float32 [nblocks], the decoded absmax."""
+    def dequantize(self) -> F32:
+        """float32 array of `shape`, bitsandbytes' dequantize_4bit bit for bit."""
+
+class _Nf4Module:
+    Nf4Tensor: type[Nf4Tensor]
+    @staticmethod
+    def quantize(w: F32, blocksize: int = 64, double_quant: bool = True) -> Nf4Tensor:
+        """bitsandbytes' CPU quantize_4bit(quant_type='nf4'), bit for bit."""
+
+nf4: _Nf4Module

@@ -1,0 +1,1199 @@
+//! Python bindings of lorafuse's CPU reference kernels: every LoRA-family kernel callable on
+//! numpy float32 arrays, and bitsandbytes-compatible NF4 quantization (`lorafuse.nf4`).
+//!
+//! Every array argument is checked before any kernel runs (a numpy array, dtype float32,
+//! C-contiguous, the expected number of dims, shapes consistent with each other, all values
+//! finite); a failed check raises `TypeError` (not an array, wrong dtype) or `ValueError`
+//! (everything else) naming the argument and what was expected. Kernels run with the GIL
+//! released, and a Rust panic would surface as `RuntimeError`, never as pyo3's
+//! `PanicException`. Parameter names follow PEFT's (`lora_A`, `lora_B`, `lora_E`, ...), hence
+//! the non-snake-case Rust identifiers.
+#![allow(non_snake_case)]
+#![allow(clippy::too_many_arguments)]
+
+use std::panic::{AssertUnwindSafe, catch_unwind};
+
+use lorafuse::quant::nf4::{Absmax, NF4_CODE, Nf4Tensor as RsNf4, quantize_nf4};
+use lorafuse::{Backend, Cpu, Error, Tensor};
+use numpy::{
+    PyArray, PyArrayDescrMethods, PyArrayDyn, PyArrayMethods, PyUntypedArray, PyUntypedArrayMethods,
+};
+use pyo3::exceptions::{PyRuntimeError, PyTypeError, PyValueError};
+use pyo3::prelude::*;
+use pyo3::types::PyTuple;
+
+type T = Tensor<Cpu>;
+/// A dense result on its way back to Python: row-major data and shape.
+type Host = (Vec<f32>, Vec<usize>);
+type Out<'py> = Bound<'py, PyArrayDyn<f32>>;
+
+// ---- argument checking --------------------------------------------------------------------------
+
+/// A validated float32 argument, copied out of its numpy array (the kernels copy into their own
+/// tensors anyway), so that no Python object is touched while the GIL is released.
+struct Arr {
+    data: Vec<f32>,
+    shape: Vec<usize>,
+}
+
+fn type_name(obj: &Bound<'_, PyAny>) -> String {
+    obj.get_type()
+        .name()
+        .map(|n| n.to_string())
+        .unwrap_or_else(|_| "?".into())
+}
+
+/// Checks that `obj` is a C-contiguous float32 numpy array with `ndim` dims (any if `None`)
+/// and only finite values, and copies it out.
+fn array(obj: &Bound<'_, PyAny>, name: &str, ndim: Option<usize>) -> PyResult<Arr> {
+    let py = obj.py();
+    let a = obj.cast::<PyUntypedArray>().map_err(|_| {
+        PyTypeError::new_err(format!(
+            "`{name}` must be a numpy.ndarray of dtype float32, got {}",
+            type_name(obj)
+        ))
+    })?;
+    let dt = a.dtype();
+    if !dt.is_equiv_to(&numpy::dtype::<f32>(py)) {
+        return Err(PyTypeError::new_err(format!(
+            "`{name}` must have dtype float32 (native byte order), got {dt}; \
+             convert with .astype(numpy.float32)"
+        )));
+    }
+    let shape = a.shape().to_vec();
+    if let Some(nd) = ndim
+        && shape.len() != nd
+    {
+        return Err(PyValueError::new_err(format!(
+            "`{name}` must be a {nd}-D array, got shape {}",
+            fmt_shape(&shape)
+        )));
+    }
+    if !a.is_c_contiguous() {
+        return Err(PyValueError::new_err(format!(
+            "`{name}` must be C-contiguous (row-major); pass numpy.ascontiguousarray({name})"
+        )));
+    }
+    let typed = a
+        .cast::<PyArrayDyn<f32>>()
+        .map_err(|e| PyTypeError::new_err(format!("`{name}`: {e}")))?;
+    let data = typed
+        .to_vec()
+        .map_err(|e| PyValueError::new_err(format!("`{name}`: {e}")))?;
+    if let Some(i) = data.iter().position(|v| !v.is_finite()) {
+        return Err(PyValueError::new_err(format!(
+            "`{name}` must be finite, got {} at flat index {i}",
+            data[i]
+        )));
+    }
+    Ok(Arr { data, shape })
+}
+
+fn fmt_shape(s: &[usize]) -> String {
+    let parts: Vec<String> = s.iter().map(|d| d.to_string()).collect();
+    format!("({})", parts.join(", "))
+}
+
+/// Symbolic dims (`T`, `in`, `out`, `r` ...) bound by the first argument that has them, so that
+/// a later argument whose shape disagrees is the one named in the error.
+#[derive(Default)]
+struct Dims(Vec<(&'static str, usize)>);
+
+impl Dims {
+    fn get(&self, sym: &str) -> Option<usize> {
+        self.0.iter().find(|(s, _)| *s == sym).map(|&(_, v)| v)
+    }
+
+    /// The size a dim must have: a literal (`"1"`), or a symbol's bound value.
+    fn want(&self, sym: &str) -> Option<usize> {
+        sym.parse().ok().or_else(|| self.get(sym))
+    }
+
+    /// Checks and copies array argument `name`, whose shape must be `spec` (dim symbols).
+    fn take(&mut self, obj: &Bound<'_, PyAny>, name: &str, spec: &[&'static str]) -> PyResult<Arr> {
+        let a = array(obj, name, Some(spec.len()))?;
+        let mismatch = spec
+            .iter()
+            .zip(&a.shape)
+            .any(|(sym, &got)| self.want(sym).is_some_and(|want| want != got));
+        if mismatch {
+            let expected: Vec<String> = spec
+                .iter()
+                .map(|sym| match (sym.parse::<usize>(), self.get(sym)) {
+                    (Ok(_), _) | (_, None) => sym.to_string(),
+                    (_, Some(v)) => format!("{sym}={v}"),
+                })
+                .collect();
+            return Err(PyValueError::new_err(format!(
+                "`{name}` must have shape [{}], got {}",
+                expected.join(", "),
+                fmt_shape(&a.shape)
+            )));
+        }
+        for (sym, &got) in spec.iter().zip(&a.shape) {
+            if self.want(sym).is_none() {
+                self.0.push((sym, got));
+            }
+        }
+        Ok(a)
+    }
+
+    fn take_opt(
+        &mut self,
+        obj: Option<&Bound<'_, PyAny>>,
+        name: &str,
+        spec: &[&'static str],
+    ) -> PyResult<Option<Arr>> {
+        match obj {
+            Some(o) if !o.is_none() => self.take(o, name, spec).map(Some),
+            _ => Ok(None),
+        }
+    }
+
+    /// `small <= big` for two bound dims (VeRA's slicing of the shared projections).
+    fn at_most(&self, name: &str, small: &str, big: &str) -> PyResult<()> {
+        match (self.get(small), self.get(big)) {
+            (Some(s), Some(b)) if s > b => Err(PyValueError::new_err(format!(
+                "`{name}` is too small: needs {big} >= {small} = {s}, got {big} = {b}"
+            ))),
+            _ => Ok(()),
+        }
+    }
+}
+
+/// A finite float argument (a Python float or int, or anything with `__float__`).
+fn scalar(obj: &Bound<'_, PyAny>, name: &str) -> PyResult<f32> {
+    let v: f64 = obj.extract().map_err(|_| {
+        PyTypeError::new_err(format!("`{name}` must be a float, got {}", type_name(obj)))
+    })?;
+    finite(name, v as f32)
+}
+
+fn finite(name: &str, v: f32) -> PyResult<f32> {
+    if v.is_finite() {
+        Ok(v)
+    } else {
+        Err(PyValueError::new_err(format!(
+            "`{name}` must be a finite float, got {v}"
+        )))
+    }
+}
+
+// ---- running kernels ----------------------------------------------------------------------------
+
+fn to_py(e: Error) -> PyErr {
+    match e {
+        Error::Shape { .. } | Error::InvalidArgument { .. } | Error::NonFinite { .. } => {
+            PyValueError::new_err(e.to_string())
+        }
+        _ => PyRuntimeError::new_err(e.to_string()),
+    }
+}
+
+/// Runs `f` on the CPU backend with the GIL released; a panic becomes `RuntimeError`.
+fn run<R: Send>(py: Python<'_>, f: impl FnOnce(&Cpu) -> lorafuse::Result<R> + Send) -> PyResult<R> {
+    py.detach(|| catch_unwind(AssertUnwindSafe(|| f(&Cpu))))
+        .map_err(|_| {
+            PyRuntimeError::new_err("internal error: a lorafuse kernel panicked (please report it)")
+        })?
+        .map_err(to_py)
+}
+
+fn up(be: &Cpu, a: &Arr) -> lorafuse::Result<T> {
+    be.upload(&a.data, &a.shape)
+}
+
+fn up_opt(be: &Cpu, a: &Option<Arr>) -> lorafuse::Result<Option<T>> {
+    a.as_ref().map(|a| up(be, a)).transpose()
+}
+
+fn down(be: &Cpu, t: &T) -> lorafuse::Result<Host> {
+    Ok((be.download(t)?, t.shape().to_vec()))
+}
+
+fn out<'py>(py: Python<'py>, (data, shape): Host) -> PyResult<Out<'py>> {
+    PyArray::from_vec(py, data).reshape(shape.as_slice())
+}
+
+// ---- LoRA -------------------------------------------------------------------------------------------
+
+/// Fused LoRA forward (PEFT ``lora.Linear``): ``y = x @ w0.T + bias + scaling * (x @ lora_A.T) @ lora_B.T``.
+///
+/// Args:
+///     x: float32 ``[T, in]``.
+///     w0: float32 ``[out, in]``, the frozen base weight (torch ``nn.Linear`` layout).
+///     lora_A: float32 ``[r, in]``.
+///     lora_B: float32 ``[out, r]``.
+///     scaling: float, ``alpha / r`` (or ``alpha / sqrt(r)`` for rsLoRA).
+///     bias: optional float32 ``[out]``.
+///
+/// Returns:
+///     y, float32 ``[T, out]``.
+///
+/// Raises:
+///     TypeError: an array argument is not a numpy array or not float32.
+///     ValueError: wrong number of dims or shape, not C-contiguous, NaN/Inf values.
+#[pyfunction]
+#[pyo3(signature = (x, w0, lora_A, lora_B, scaling, bias=None))]
+fn lora_forward<'py>(
+    py: Python<'py>,
+    x: &Bound<'py, PyAny>,
+    w0: &Bound<'py, PyAny>,
+    lora_A: &Bound<'py, PyAny>,
+    lora_B: &Bound<'py, PyAny>,
+    scaling: &Bound<'py, PyAny>,
+    bias: Option<&Bound<'py, PyAny>>,
+) -> PyResult<Out<'py>> {
+    let mut d = Dims::default();
+    let x = d.take(x, "x", &["T", "in"])?;
+    let w0 = d.take(w0, "w0", &["out", "in"])?;
+    let a = d.take(lora_A, "lora_A", &["r", "in"])?;
+    let b = d.take(lora_B, "lora_B", &["out", "r"])?;
+    let bias = d.take_opt(bias, "bias", &["out"])?;
+    let s = scalar(scaling, "scaling")?;
+    let y = run(py, |be| {
+        let bias = up_opt(be, &bias)?;
+        let (y, _h) = be.lora_forward(
+            &up(be, &x)?,
+            &up(be, &w0)?,
+            bias.as_ref(),
+            &up(be, &a)?,
+            &up(be, &b)?,
+            s,
+        )?;
+        down(be, &y)
+    })?;
+    out(py, y)
+}
+
+/// LoRA backward for a frozen base weight: ``dx = dy @ w0 + s * (dy @ lora_B) @ lora_A``,
+/// ``d_lora_A = s * (dy @ lora_B).T @ x``, ``d_lora_B = s * dy.T @ h``.
+///
+/// Args:
+///     dy: float32 ``[T, out]``, the gradient of the loss with respect to y.
+///     x: float32 ``[T, in]``, the forward input.
+///     w0: float32 ``[out, in]``.
+///     lora_A: float32 ``[r, in]``.
+///     lora_B: float32 ``[out, r]``.
+///     scaling: float.
+///     h: optional float32 ``[T, r]``, ``x @ lora_A.T`` (recomputed when omitted).
+///
+/// Returns:
+///     (dx ``[T, in]``, d_lora_A ``[r, in]``, d_lora_B ``[out, r]``), float32.
+///
+/// Raises:
+///     TypeError, ValueError: as ``lora_forward``.
+#[pyfunction]
+#[pyo3(signature = (dy, x, w0, lora_A, lora_B, scaling, h=None))]
+fn lora_backward<'py>(
+    py: Python<'py>,
+    dy: &Bound<'py, PyAny>,
+    x: &Bound<'py, PyAny>,
+    w0: &Bound<'py, PyAny>,
+    lora_A: &Bound<'py, PyAny>,
+    lora_B: &Bound<'py, PyAny>,
+    scaling: &Bound<'py, PyAny>,
+    h: Option<&Bound<'py, PyAny>>,
+) -> PyResult<(Out<'py>, Out<'py>, Out<'py>)> {
+    let mut d = Dims::default();
+    let x = d.take(x, "x", &["T", "in"])?;
+    let w0 = d.take(w0, "w0", &["out", "in"])?;
+    let a = d.take(lora_A, "lora_A", &["r", "in"])?;
+    let b = d.take(lora_B, "lora_B", &["out", "r"])?;
+    let dy = d.take(dy, "dy", &["T", "out"])?;
+    let h = d.take_opt(h, "h", &["T", "r"])?;
+    let s = scalar(scaling, "scaling")?;
+    let (dx, da, db) = run(py, |be| {
+        let (x, a) = (up(be, &x)?, up(be, &a)?);
+        let h = match up_opt(be, &h)? {
+            Some(h) => h,
+            None => be.linear(&x, &a, None)?,
+        };
+        let (dx, da, db) =
+            be.lora_backward(&up(be, &dy)?, &x, &h, &up(be, &w0)?, &a, &up(be, &b)?, s)?;
+        Ok((down(be, &dx)?, down(be, &da)?, down(be, &db)?))
+    })?;
+    Ok((out(py, dx)?, out(py, da)?, out(py, db)?))
+}
+
+fn lora_merge_impl<'py>(
+    py: Python<'py>,
+    w: &Bound<'py, PyAny>,
+    wname: &str,
+    lora_A: &Bound<'py, PyAny>,
+    lora_B: &Bound<'py, PyAny>,
+    scaling: &Bound<'py, PyAny>,
+    sign: f32,
+) -> PyResult<Out<'py>> {
+    let mut d = Dims::default();
+    let w = d.take(w, wname, &["out", "in"])?;
+    let a = d.take(lora_A, "lora_A", &["r", "in"])?;
+    let b = d.take(lora_B, "lora_B", &["out", "r"])?;
+    let s = scalar(scaling, "scaling")?;
+    let m = run(py, |be| {
+        let mut w = up(be, &w)?;
+        be.lora_merge(&mut w, &up(be, &a)?, &up(be, &b)?, s, sign)?;
+        down(be, &w)
+    })?;
+    out(py, m)
+}
+
+/// Returns a new merged weight ``w0 + scaling * lora_B @ lora_A``, float32 ``[out, in]``
+/// (``w0`` is not modified). Shapes: w0 ``[out, in]``, lora_A ``[r, in]``, lora_B ``[out, r]``.
+///
+/// Raises:
+///     TypeError, ValueError: as ``lora_forward``.
+#[pyfunction]
+fn lora_merge<'py>(
+    py: Python<'py>,
+    w0: &Bound<'py, PyAny>,
+    lora_A: &Bound<'py, PyAny>,
+    lora_B: &Bound<'py, PyAny>,
+    scaling: &Bound<'py, PyAny>,
+) -> PyResult<Out<'py>> {
+    lora_merge_impl(py, w0, "w0", lora_A, lora_B, scaling, 1.0)
+}
+
+/// Inverse of ``lora_merge``: returns a new ``w - scaling * lora_B @ lora_A``, float32
+/// ``[out, in]``. Shapes: w ``[out, in]``, lora_A ``[r, in]``, lora_B ``[out, r]``.
+///
+/// Raises:
+///     TypeError, ValueError: as ``lora_forward``.
+#[pyfunction]
+fn lora_unmerge<'py>(
+    py: Python<'py>,
+    w: &Bound<'py, PyAny>,
+    lora_A: &Bound<'py, PyAny>,
+    lora_B: &Bound<'py, PyAny>,
+    scaling: &Bound<'py, PyAny>,
+) -> PyResult<Out<'py>> {
+    lora_merge_impl(py, w, "w", lora_A, lora_B, scaling, -1.0)
+}
+
+// ---- DoRA -------------------------------------------------------------------------------------------
+
+/// The norm `n` given by the caller, or computed from `w0` (which must then be the UNmerged base).
+fn dora_norm(be: &Cpu, w0: &T, a: &T, b: &T, s: f32, given: &Option<Arr>) -> lorafuse::Result<T> {
+    match given {
+        Some(n) => up(be, n),
+        None => be.dora_weight_norm(w0, &be.row_sq_norms(w0)?, a, b, s),
+    }
+}
+
+/// DoRA's weight norm ``n = ||w0 + scaling * lora_B @ lora_A||`` per output row (PEFT's
+/// ``dim=1``), float32 ``[out]``, computed without forming ``lora_B @ lora_A``.
+/// Shapes: w0 ``[out, in]``, lora_A ``[r, in]``, lora_B ``[out, r]``.
+///
+/// Raises:
+///     TypeError, ValueError: as ``lora_forward``.
+#[pyfunction]
+fn dora_weight_norm<'py>(
+    py: Python<'py>,
+    w0: &Bound<'py, PyAny>,
+    lora_A: &Bound<'py, PyAny>,
+    lora_B: &Bound<'py, PyAny>,
+    scaling: &Bound<'py, PyAny>,
+) -> PyResult<Out<'py>> {
+    let mut d = Dims::default();
+    let w0 = d.take(w0, "w0", &["out", "in"])?;
+    let a = d.take(lora_A, "lora_A", &["r", "in"])?;
+    let b = d.take(lora_B, "lora_B", &["out", "r"])?;
+    let s = scalar(scaling, "scaling")?;
+    let n = run(py, |be| {
+        let w0 = up(be, &w0)?;
+        let n = dora_norm(be, &w0, &up(be, &a)?, &up(be, &b)?, s, &None)?;
+        down(be, &n)
+    })?;
+    out(py, n)
+}
+
+/// Fused DoRA forward (PEFT ``DoraLinearLayer``):
+/// ``y = (magnitude / weight_norm) * (x @ w0.T + scaling * (x @ lora_A.T) @ lora_B.T) + bias``
+/// (the bias is not scaled).
+///
+/// Args:
+///     x: float32 ``[T, in]``.
+///     w0: float32 ``[out, in]``.
+///     lora_A: float32 ``[r, in]``.
+///     lora_B: float32 ``[out, r]``.
+///     scaling: float.
+///     magnitude: float32 ``[out]``, PEFT's ``lora_magnitude_vector``.
+///     weight_norm: optional float32 ``[out]``; computed with ``dora_weight_norm`` when omitted.
+///     bias: optional float32 ``[out]``.
+///
+/// Returns:
+///     y, float32 ``[T, out]``.
+///
+/// Raises:
+///     TypeError, ValueError: as ``lora_forward``.
+#[pyfunction]
+#[pyo3(signature = (x, w0, lora_A, lora_B, scaling, magnitude, weight_norm=None, bias=None))]
+fn dora_forward<'py>(
+    py: Python<'py>,
+    x: &Bound<'py, PyAny>,
+    w0: &Bound<'py, PyAny>,
+    lora_A: &Bound<'py, PyAny>,
+    lora_B: &Bound<'py, PyAny>,
+    scaling: &Bound<'py, PyAny>,
+    magnitude: &Bound<'py, PyAny>,
+    weight_norm: Option<&Bound<'py, PyAny>>,
+    bias: Option<&Bound<'py, PyAny>>,
+) -> PyResult<Out<'py>> {
+    let mut d = Dims::default();
+    let x = d.take(x, "x", &["T", "in"])?;
+    let w0 = d.take(w0, "w0", &["out", "in"])?;
+    let a = d.take(lora_A, "lora_A", &["r", "in"])?;
+    let b = d.take(lora_B, "lora_B", &["out", "r"])?;
+    let m = d.take(magnitude, "magnitude", &["out"])?;
+    let n = d.take_opt(weight_norm, "weight_norm", &["out"])?;
+    let bias = d.take_opt(bias, "bias", &["out"])?;
+    let s = scalar(scaling, "scaling")?;
+    let y = run(py, |be| {
+        let (w0, a, b) = (up(be, &w0)?, up(be, &a)?, up(be, &b)?);
+        let n = dora_norm(be, &w0, &a, &b, s, &n)?;
+        let bias = up_opt(be, &bias)?;
+        let (y, _saved) = be.dora_forward(
+            &up(be, &x)?,
+            &w0,
+            bias.as_ref(),
+            &a,
+            &b,
+            s,
+            &up(be, &m)?,
+            &n,
+        )?;
+        down(be, &y)
+    })?;
+    out(py, y)
+}
+
+/// DoRA backward with the norm detached (as PEFT): with ``g = dy * magnitude / weight_norm``,
+/// ``dx = g @ w0 + s * (g @ lora_B) @ lora_A``, ``d_lora_A = s * (g @ lora_B).T @ x``,
+/// ``d_lora_B = s * g.T @ (x @ lora_A.T)``,
+/// ``d_magnitude = sum_T(dy * (x @ w0.T + s * x @ lora_A.T @ lora_B.T)) / weight_norm``.
+/// The forward's saved state is recomputed.
+///
+/// Args:
+///     dy: float32 ``[T, out]``; the others as ``dora_forward``.
+///
+/// Returns:
+///     (dx ``[T, in]``, d_lora_A ``[r, in]``, d_lora_B ``[out, r]``, d_magnitude ``[out]``),
+///     float32.
+///
+/// Raises:
+///     TypeError, ValueError: as ``lora_forward``.
+#[pyfunction]
+#[pyo3(signature = (dy, x, w0, lora_A, lora_B, scaling, magnitude, weight_norm=None))]
+fn dora_backward<'py>(
+    py: Python<'py>,
+    dy: &Bound<'py, PyAny>,
+    x: &Bound<'py, PyAny>,
+    w0: &Bound<'py, PyAny>,
+    lora_A: &Bound<'py, PyAny>,
+    lora_B: &Bound<'py, PyAny>,
+    scaling: &Bound<'py, PyAny>,
+    magnitude: &Bound<'py, PyAny>,
+    weight_norm: Option<&Bound<'py, PyAny>>,
+) -> PyResult<(Out<'py>, Out<'py>, Out<'py>, Out<'py>)> {
+    let mut d = Dims::default();
+    let x = d.take(x, "x", &["T", "in"])?;
+    let w0 = d.take(w0, "w0", &["out", "in"])?;
+    let a = d.take(lora_A, "lora_A", &["r", "in"])?;
+    let b = d.take(lora_B, "lora_B", &["out", "r"])?;
+    let dy = d.take(dy, "dy", &["T", "out"])?;
+    let m = d.take(magnitude, "magnitude", &["out"])?;
+    let n = d.take_opt(weight_norm, "weight_norm", &["out"])?;
+    let s = scalar(scaling, "scaling")?;
+    let g = run(py, |be| {
+        let (x, w0, a, b, m) = (
+            up(be, &x)?,
+            up(be, &w0)?,
+            up(be, &a)?,
+            up(be, &b)?,
+            up(be, &m)?,
+        );
+        let n = dora_norm(be, &w0, &a, &b, s, &n)?;
+        let (_y, saved) = be.dora_forward(&x, &w0, None, &a, &b, s, &m, &n)?;
+        let g = be.dora_backward(&up(be, &dy)?, &x, &saved, &w0, &a, &b, s, &m, &n)?;
+        Ok((
+            down(be, &g.dx)?,
+            down(be, &g.d_lora_a)?,
+            down(be, &g.d_lora_b)?,
+            down(be, &g.d_magnitude)?,
+        ))
+    })?;
+    Ok((out(py, g.0)?, out(py, g.1)?, out(py, g.2)?, out(py, g.3)?))
+}
+
+/// Returns a new merged weight ``(magnitude / weight_norm)[:, None] * (w0 + scaling * lora_B @ lora_A)``,
+/// float32 ``[out, in]``. ``weight_norm`` (float32 ``[out]``) must be the norm of the UNmerged
+/// weight; it is computed from ``w0`` when omitted. Keep it for ``dora_unmerge``.
+///
+/// Raises:
+///     TypeError, ValueError: as ``lora_forward``.
+#[pyfunction]
+#[pyo3(signature = (w0, lora_A, lora_B, scaling, magnitude, weight_norm=None))]
+fn dora_merge<'py>(
+    py: Python<'py>,
+    w0: &Bound<'py, PyAny>,
+    lora_A: &Bound<'py, PyAny>,
+    lora_B: &Bound<'py, PyAny>,
+    scaling: &Bound<'py, PyAny>,
+    magnitude: &Bound<'py, PyAny>,
+    weight_norm: Option<&Bound<'py, PyAny>>,
+) -> PyResult<Out<'py>> {
+    let mut d = Dims::default();
+    let w0 = d.take(w0, "w0", &["out", "in"])?;
+    let a = d.take(lora_A, "lora_A", &["r", "in"])?;
+    let b = d.take(lora_B, "lora_B", &["out", "r"])?;
+    let m = d.take(magnitude, "magnitude", &["out"])?;
+    let n = d.take_opt(weight_norm, "weight_norm", &["out"])?;
+    let s = scalar(scaling, "scaling")?;
+    let w = run(py, |be| {
+        let (mut w, a, b) = (up(be, &w0)?, up(be, &a)?, up(be, &b)?);
+        let n = dora_norm(be, &w, &a, &b, s, &n)?;
+        be.dora_merge(&mut w, &a, &b, s, &up(be, &m)?, &n)?;
+        down(be, &w)
+    })?;
+    out(py, w)
+}
+
+/// Inverse of ``dora_merge`` (PEFT ``unmerge``): returns a new
+/// ``w / (magnitude / weight_norm)[:, None] - scaling * lora_B @ lora_A``, float32 ``[out, in]``,
+/// with the same ``weight_norm`` (float32 ``[out]``) that the merge used.
+///
+/// Raises:
+///     TypeError, ValueError: as ``lora_forward``; ValueError also when some
+///     ``magnitude / weight_norm`` is zero or not finite.
+#[pyfunction]
+fn dora_unmerge<'py>(
+    py: Python<'py>,
+    w: &Bound<'py, PyAny>,
+    lora_A: &Bound<'py, PyAny>,
+    lora_B: &Bound<'py, PyAny>,
+    scaling: &Bound<'py, PyAny>,
+    magnitude: &Bound<'py, PyAny>,
+    weight_norm: &Bound<'py, PyAny>,
+) -> PyResult<Out<'py>> {
+    let mut d = Dims::default();
+    let w = d.take(w, "w", &["out", "in"])?;
+    let a = d.take(lora_A, "lora_A", &["r", "in"])?;
+    let b = d.take(lora_B, "lora_B", &["out", "r"])?;
+    let m = d.take(magnitude, "magnitude", &["out"])?;
+    let n = d.take(weight_norm, "weight_norm", &["out"])?;
+    let s = scalar(scaling, "scaling")?;
+    let w = run(py, |be| {
+        let mut w = up(be, &w)?;
+        be.dora_unmerge(
+            &mut w,
+            &up(be, &a)?,
+            &up(be, &b)?,
+            s,
+            &up(be, &m)?,
+            &up(be, &n)?,
+        )?;
+        down(be, &w)
+    })?;
+    out(py, w)
+}
+
+// ---- VeRA -------------------------------------------------------------------------------------------
+
+struct Vera {
+    a: Arr,
+    b: Arr,
+    ld: Arr,
+    lb: Arr,
+}
+
+/// Checks VeRA's adapter arguments (after `w`/`x` bound `out` and `in`).
+fn vera_args(
+    d: &mut Dims,
+    vera_A: &Bound<'_, PyAny>,
+    vera_B: &Bound<'_, PyAny>,
+    lambda_d: &Bound<'_, PyAny>,
+    lambda_b: &Bound<'_, PyAny>,
+) -> PyResult<Vera> {
+    let a = d.take(vera_A, "vera_A", &["r", "max_in"])?;
+    let b = d.take(vera_B, "vera_B", &["max_out", "r"])?;
+    d.at_most("vera_A", "in", "max_in")?;
+    d.at_most("vera_B", "out", "max_out")?;
+    let ld = d.take(lambda_d, "lambda_d", &["r"])?;
+    let lb = d.take(lambda_b, "lambda_b", &["out"])?;
+    Ok(Vera { a, b, ld, lb })
+}
+
+/// Fused VeRA forward (PEFT ``vera.Linear``, no alpha scaling):
+/// ``y = x @ w0.T + bias + lambda_b * ((lambda_d * (x @ As.T)) @ Bs.T)`` with
+/// ``As = vera_A[:, :in]`` and ``Bs = vera_B[:out, :]`` sliced inside.
+///
+/// Args:
+///     x: float32 ``[T, in]``.
+///     w0: float32 ``[out, in]``.
+///     vera_A: float32 ``[r, max_in]``, the shared projection (``max_in >= in``).
+///     vera_B: float32 ``[max_out, r]``, the shared projection (``max_out >= out``).
+///     lambda_d: float32 ``[r]``.
+///     lambda_b: float32 ``[out]``.
+///     bias: optional float32 ``[out]``.
+///
+/// Returns:
+///     y, float32 ``[T, out]``.
+///
+/// Raises:
+///     TypeError, ValueError: as ``lora_forward``.
+#[pyfunction]
+#[pyo3(signature = (x, w0, vera_A, vera_B, lambda_d, lambda_b, bias=None))]
+fn vera_forward<'py>(
+    py: Python<'py>,
+    x: &Bound<'py, PyAny>,
+    w0: &Bound<'py, PyAny>,
+    vera_A: &Bound<'py, PyAny>,
+    vera_B: &Bound<'py, PyAny>,
+    lambda_d: &Bound<'py, PyAny>,
+    lambda_b: &Bound<'py, PyAny>,
+    bias: Option<&Bound<'py, PyAny>>,
+) -> PyResult<Out<'py>> {
+    let mut d = Dims::default();
+    let x = d.take(x, "x", &["T", "in"])?;
+    let w0 = d.take(w0, "w0", &["out", "in"])?;
+    let v = vera_args(&mut d, vera_A, vera_B, lambda_d, lambda_b)?;
+    let bias = d.take_opt(bias, "bias", &["out"])?;
+    let y = run(py, |be| {
+        let bias = up_opt(be, &bias)?;
+        let (y, _h) = be.vera_forward(
+            &up(be, &x)?,
+            &up(be, &w0)?,
+            bias.as_ref(),
+            &up(be, &v.a)?,
+            &up(be, &v.b)?,
+            &up(be, &v.ld)?,
+            &up(be, &v.lb)?,
+        )?;
+        down(be, &y)
+    })?;
+    out(py, y)
+}
+
+/// VeRA backward: with ``q = (dy * lambda_b) @ Bs``, ``d_lambda_d = sum_T(q * h)``,
+/// ``dx = dy @ w0 + (q * lambda_d) @ As``, ``d_lambda_b = sum_T(dy * ((lambda_d * h) @ Bs.T))``.
+///
+/// Args:
+///     dy: float32 ``[T, out]``; the others as ``vera_forward``.
+///     h: optional float32 ``[T, r]``, ``x @ As.T`` (recomputed when omitted).
+///
+/// Returns:
+///     (dx ``[T, in]``, d_lambda_d ``[r]``, d_lambda_b ``[out]``), float32.
+///
+/// Raises:
+///     TypeError, ValueError: as ``lora_forward``.
+#[pyfunction]
+#[pyo3(signature = (dy, x, w0, vera_A, vera_B, lambda_d, lambda_b, h=None))]
+fn vera_backward<'py>(
+    py: Python<'py>,
+    dy: &Bound<'py, PyAny>,
+    x: &Bound<'py, PyAny>,
+    w0: &Bound<'py, PyAny>,
+    vera_A: &Bound<'py, PyAny>,
+    vera_B: &Bound<'py, PyAny>,
+    lambda_d: &Bound<'py, PyAny>,
+    lambda_b: &Bound<'py, PyAny>,
+    h: Option<&Bound<'py, PyAny>>,
+) -> PyResult<(Out<'py>, Out<'py>, Out<'py>)> {
+    let mut d = Dims::default();
+    let x = d.take(x, "x", &["T", "in"])?;
+    let w0 = d.take(w0, "w0", &["out", "in"])?;
+    let v = vera_args(&mut d, vera_A, vera_B, lambda_d, lambda_b)?;
+    let dy = d.take(dy, "dy", &["T", "out"])?;
+    let h = d.take_opt(h, "h", &["T", "r"])?;
+    let (dx, dld, dlb) = run(py, |be| {
+        let (x, w0) = (up(be, &x)?, up(be, &w0)?);
+        let (a, b, ld, lb) = (up(be, &v.a)?, up(be, &v.b)?, up(be, &v.ld)?, up(be, &v.lb)?);
+        let h = match up_opt(be, &h)? {
+            Some(h) => h,
+            None => be.vera_forward(&x, &w0, None, &a, &b, &ld, &lb)?.1,
+        };
+        let (dx, dld, dlb) = be.vera_backward(&up(be, &dy)?, &x, &h, &w0, &a, &b, &ld, &lb)?;
+        Ok((down(be, &dx)?, down(be, &dld)?, down(be, &dlb)?))
+    })?;
+    Ok((out(py, dx)?, out(py, dld)?, out(py, dlb)?))
+}
+
+fn vera_merge_impl<'py>(
+    py: Python<'py>,
+    w: &Bound<'py, PyAny>,
+    wname: &str,
+    vera_A: &Bound<'py, PyAny>,
+    vera_B: &Bound<'py, PyAny>,
+    lambda_d: &Bound<'py, PyAny>,
+    lambda_b: &Bound<'py, PyAny>,
+    sign: f32,
+) -> PyResult<Out<'py>> {
+    let mut d = Dims::default();
+    let w = d.take(w, wname, &["out", "in"])?;
+    let v = vera_args(&mut d, vera_A, vera_B, lambda_d, lambda_b)?;
+    let m = run(py, |be| {
+        let mut w = up(be, &w)?;
+        be.vera_merge(
+            &mut w,
+            &up(be, &v.a)?,
+            &up(be, &v.b)?,
+            &up(be, &v.ld)?,
+            &up(be, &v.lb)?,
+            sign,
+        )?;
+        down(be, &w)
+    })?;
+    out(py, m)
+}
+
+/// Returns a new ``w0 + (lambda_b[:, None] * Bs) @ (lambda_d[:, None] * As)``, float32
+/// ``[out, in]``; shapes and slicing as ``vera_forward``.
+///
+/// Raises:
+///     TypeError, ValueError: as ``lora_forward``.
+#[pyfunction]
+fn vera_merge<'py>(
+    py: Python<'py>,
+    w0: &Bound<'py, PyAny>,
+    vera_A: &Bound<'py, PyAny>,
+    vera_B: &Bound<'py, PyAny>,
+    lambda_d: &Bound<'py, PyAny>,
+    lambda_b: &Bound<'py, PyAny>,
+) -> PyResult<Out<'py>> {
+    vera_merge_impl(py, w0, "w0", vera_A, vera_B, lambda_d, lambda_b, 1.0)
+}
+
+/// Inverse of ``vera_merge``: returns a new
+/// ``w - (lambda_b[:, None] * Bs) @ (lambda_d[:, None] * As)``, float32 ``[out, in]``.
+///
+/// Raises:
+///     TypeError, ValueError: as ``lora_forward``.
+#[pyfunction]
+fn vera_unmerge<'py>(
+    py: Python<'py>,
+    w: &Bound<'py, PyAny>,
+    vera_A: &Bound<'py, PyAny>,
+    vera_B: &Bound<'py, PyAny>,
+    lambda_d: &Bound<'py, PyAny>,
+    lambda_b: &Bound<'py, PyAny>,
+) -> PyResult<Out<'py>> {
+    vera_merge_impl(py, w, "w", vera_A, vera_B, lambda_d, lambda_b, -1.0)
+}
+
+// ---- AdaLoRA ----------------------------------------------------------------------------------------
+
+/// Fused AdaLoRA forward (PEFT ``adalora.SVDLinear``):
+/// ``y = x @ w0.T + bias + (x @ (lora_A * lora_E).T) @ lora_B.T * scaling / (ranknum + 1e-5)``.
+///
+/// Args:
+///     x: float32 ``[T, in]``.
+///     w0: float32 ``[out, in]``.
+///     lora_A: float32 ``[r, in]``.
+///     lora_B: float32 ``[out, r]``.
+///     lora_E: float32 ``[r, 1]`` (masked ranks hold 0).
+///     scaling: float, PEFT's ``lora_alpha`` (not alpha / r).
+///     ranknum: float, ``init_r`` (not changed by masking).
+///     bias: optional float32 ``[out]``.
+///
+/// Returns:
+///     y, float32 ``[T, out]``.
+///
+/// Raises:
+///     TypeError, ValueError: as ``lora_forward``.
+#[pyfunction]
+#[pyo3(signature = (x, w0, lora_A, lora_B, lora_E, scaling, ranknum, bias=None))]
+fn adalora_forward<'py>(
+    py: Python<'py>,
+    x: &Bound<'py, PyAny>,
+    w0: &Bound<'py, PyAny>,
+    lora_A: &Bound<'py, PyAny>,
+    lora_B: &Bound<'py, PyAny>,
+    lora_E: &Bound<'py, PyAny>,
+    scaling: &Bound<'py, PyAny>,
+    ranknum: &Bound<'py, PyAny>,
+    bias: Option<&Bound<'py, PyAny>>,
+) -> PyResult<Out<'py>> {
+    let mut d = Dims::default();
+    let x = d.take(x, "x", &["T", "in"])?;
+    let w0 = d.take(w0, "w0", &["out", "in"])?;
+    let a = d.take(lora_A, "lora_A", &["r", "in"])?;
+    let b = d.take(lora_B, "lora_B", &["out", "r"])?;
+    let e = d.take(lora_E, "lora_E", &["r", "1"])?;
+    let bias = d.take_opt(bias, "bias", &["out"])?;
+    let (s, rn) = (scalar(scaling, "scaling")?, scalar(ranknum, "ranknum")?);
+    let y = run(py, |be| {
+        let bias = up_opt(be, &bias)?;
+        let (y, _h) = be.adalora_forward(
+            &up(be, &x)?,
+            &up(be, &w0)?,
+            bias.as_ref(),
+            &up(be, &a)?,
+            &up(be, &b)?,
+            &up(be, &e)?,
+            s,
+            rn,
+        )?;
+        down(be, &y)
+    })?;
+    out(py, y)
+}
+
+/// AdaLoRA backward: with ``c = scaling / (ranknum + 1e-5)``, ``gB = dy @ lora_B`` and
+/// ``M = c * gB.T @ x``: ``dx = dy @ w0 + c * gB @ (lora_A * lora_E)``,
+/// ``d_lora_A = M * lora_E``, ``d_lora_B = c * dy.T @ h``, ``d_lora_E[j] = sum_i M[j, i] * lora_A[j, i]``
+/// (non-zero for masked ranks too).
+///
+/// Args:
+///     dy: float32 ``[T, out]``; the others as ``adalora_forward``.
+///     h: optional float32 ``[T, r]``, ``x @ (lora_A * lora_E).T`` (recomputed when omitted).
+///
+/// Returns:
+///     (dx ``[T, in]``, d_lora_A ``[r, in]``, d_lora_B ``[out, r]``, d_lora_E ``[r, 1]``), float32.
+///
+/// Raises:
+///     TypeError, ValueError: as ``lora_forward``.
+#[pyfunction]
+#[pyo3(signature = (dy, x, w0, lora_A, lora_B, lora_E, scaling, ranknum, h=None))]
+fn adalora_backward<'py>(
+    py: Python<'py>,
+    dy: &Bound<'py, PyAny>,
+    x: &Bound<'py, PyAny>,
+    w0: &Bound<'py, PyAny>,
+    lora_A: &Bound<'py, PyAny>,
+    lora_B: &Bound<'py, PyAny>,
+    lora_E: &Bound<'py, PyAny>,
+    scaling: &Bound<'py, PyAny>,
+    ranknum: &Bound<'py, PyAny>,
+    h: Option<&Bound<'py, PyAny>>,
+) -> PyResult<(Out<'py>, Out<'py>, Out<'py>, Out<'py>)> {
+    let mut d = Dims::default();
+    let x = d.take(x, "x", &["T", "in"])?;
+    let w0 = d.take(w0, "w0", &["out", "in"])?;
+    let a = d.take(lora_A, "lora_A", &["r", "in"])?;
+    let b = d.take(lora_B, "lora_B", &["out", "r"])?;
+    let e = d.take(lora_E, "lora_E", &["r", "1"])?;
+    let dy = d.take(dy, "dy", &["T", "out"])?;
+    let h = d.take_opt(h, "h", &["T", "r"])?;
+    let (s, rn) = (scalar(scaling, "scaling")?, scalar(ranknum, "ranknum")?);
+    let g = run(py, |be| {
+        let (x, w0, a, b, e) = (
+            up(be, &x)?,
+            up(be, &w0)?,
+            up(be, &a)?,
+            up(be, &b)?,
+            up(be, &e)?,
+        );
+        let h = match up_opt(be, &h)? {
+            Some(h) => h,
+            None => be.adalora_forward(&x, &w0, None, &a, &b, &e, s, rn)?.1,
+        };
+        let g = be.adalora_backward(&up(be, &dy)?, &x, &h, &w0, &a, &b, &e, s, rn)?;
+        Ok((
+            down(be, &g.dx)?,
+            down(be, &g.d_lora_a)?,
+            down(be, &g.d_lora_b)?,
+            down(be, &g.d_lora_e)?,
+        ))
+    })?;
+    Ok((out(py, g.0)?, out(py, g.1)?, out(py, g.2)?, out(py, g.3)?))
+}
+
+fn adalora_merge_impl<'py>(
+    py: Python<'py>,
+    w: &Bound<'py, PyAny>,
+    wname: &str,
+    lora_A: &Bound<'py, PyAny>,
+    lora_B: &Bound<'py, PyAny>,
+    lora_E: &Bound<'py, PyAny>,
+    scaling: &Bound<'py, PyAny>,
+    ranknum: &Bound<'py, PyAny>,
+    sign: f32,
+) -> PyResult<Out<'py>> {
+    let mut d = Dims::default();
+    let w = d.take(w, wname, &["out", "in"])?;
+    let a = d.take(lora_A, "lora_A", &["r", "in"])?;
+    let b = d.take(lora_B, "lora_B", &["out", "r"])?;
+    let e = d.take(lora_E, "lora_E", &["r", "1"])?;
+    let (s, rn) = (scalar(scaling, "scaling")?, scalar(ranknum, "ranknum")?);
+    let m = run(py, |be| {
+        let mut w = up(be, &w)?;
+        be.adalora_merge(
+            &mut w,
+            &up(be, &a)?,
+            &up(be, &b)?,
+            &up(be, &e)?,
+            s,
+            rn,
+            sign,
+        )?;
+        down(be, &w)
+    })?;
+    out(py, m)
+}
+
+/// Returns a new ``w0 + lora_B @ (lora_A * lora_E) * scaling / (ranknum + 1e-5)``, float32
+/// ``[out, in]``; shapes as ``adalora_forward``.
+///
+/// Raises:
+///     TypeError, ValueError: as ``lora_forward``.
+#[pyfunction]
+fn adalora_merge<'py>(
+    py: Python<'py>,
+    w0: &Bound<'py, PyAny>,
+    lora_A: &Bound<'py, PyAny>,
+    lora_B: &Bound<'py, PyAny>,
+    lora_E: &Bound<'py, PyAny>,
+    scaling: &Bound<'py, PyAny>,
+    ranknum: &Bound<'py, PyAny>,
+) -> PyResult<Out<'py>> {
+    adalora_merge_impl(py, w0, "w0", lora_A, lora_B, lora_E, scaling, ranknum, 1.0)
+}
+
+/// Inverse of ``adalora_merge``: returns a new
+/// ``w - lora_B @ (lora_A * lora_E) * scaling / (ranknum + 1e-5)``, float32 ``[out, in]``.
+///
+/// Raises:
+///     TypeError, ValueError: as ``lora_forward``.
+#[pyfunction]
+fn adalora_unmerge<'py>(
+    py: Python<'py>,
+    w: &Bound<'py, PyAny>,
+    lora_A: &Bound<'py, PyAny>,
+    lora_B: &Bound<'py, PyAny>,
+    lora_E: &Bound<'py, PyAny>,
+    scaling: &Bound<'py, PyAny>,
+    ranknum: &Bound<'py, PyAny>,
+) -> PyResult<Out<'py>> {
+    adalora_merge_impl(py, w, "w", lora_A, lora_B, lora_E, scaling, ranknum, -1.0)
+}
+
+// ---- NF4 --------------------------------------------------------------------------------------------
+
+/// An NF4-quantized tensor in bitsandbytes' layout, made by ``lorafuse.nf4.quantize``.
+///
+/// Fields are named as bitsandbytes' ``QuantState`` (``as_dict(packed=True)``): ``packed``
+/// (uint8 ``[(n + 1) // 2, 1]``, element 2k in the high nibble), ``absmax`` (uint8 ``[nblocks]``
+/// under double quant, else float32), ``quant_map`` (float32 ``[16]``), ``nested_absmax``,
+/// ``nested_quant_map`` (float32 ``[256]``), ``offset`` (the last three ``None`` without
+/// double quant), ``blocksize``, ``nested_blocksize`` and ``shape``.
+#[pyclass(module = "lorafuse.nf4", name = "Nf4Tensor", frozen)]
+struct PyNf4 {
+    inner: RsNf4,
+}
+
+#[pymethods]
+impl PyNf4 {
+    /// Packed 4-bit indices, uint8 ``[(n + 1) // 2, 1]`` (bitsandbytes' quantized ``weight``).
+    #[getter]
+    fn packed<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyArrayDyn<u8>>> {
+        let p = self.inner.packed();
+        PyArray::from_slice(py, p).reshape([p.len(), 1].as_slice())
+    }
+
+    /// Per-block absmax: uint8 ``[nblocks]`` indices into ``nested_quant_map`` under double
+    /// quant (as bitsandbytes stores it), else float32 ``[nblocks]``.
+    #[getter]
+    fn absmax<'py>(&self, py: Python<'py>) -> Bound<'py, PyAny> {
+        match self.inner.absmax() {
+            Absmax::F32(a) => PyArray::from_slice(py, a).into_any(),
+            Absmax::Double { absmax_q, .. } => PyArray::from_slice(py, absmax_q).into_any(),
+        }
+    }
+
+    /// The NF4 code table, float32 ``[16]``.
+    #[getter]
+    fn quant_map<'py>(&self, py: Python<'py>) -> Bound<'py, PyAny> {
+        PyArray::from_slice(py, &NF4_CODE).into_any()
+    }
+
+    /// float32 ``[ceil(nblocks / 256)]`` under double quant, else ``None``.
+    #[getter]
+    fn nested_absmax<'py>(&self, py: Python<'py>) -> Option<Bound<'py, PyAny>> {
+        match self.inner.absmax() {
+            Absmax::Double { nested_absmax, .. } => {
+                Some(PyArray::from_slice(py, nested_absmax).into_any())
+            }
+            Absmax::F32(_) => None,
+        }
+    }
+
+    /// The signed 8-bit dynamic map, float32 ``[256]``, under double quant, else ``None``.
+    #[getter]
+    fn nested_quant_map<'py>(&self, py: Python<'py>) -> Option<Bound<'py, PyAny>> {
+        match self.inner.absmax() {
+            Absmax::Double { nested_code, .. } => {
+                Some(PyArray::from_slice(py, nested_code).into_any())
+            }
+            Absmax::F32(_) => None,
+        }
+    }
+
+    /// ``mean(absmax)`` subtracted before the nested quantization (bitsandbytes'
+    /// ``nested_offset``), under double quant, else ``None``.
+    #[getter]
+    fn offset(&self) -> Option<f32> {
+        match self.inner.absmax() {
+            Absmax::Double { offset, .. } => Some(*offset),
+            Absmax::F32(_) => None,
+        }
+    }
+
+    /// Block size of the nested quantization (256) under double quant, else ``None``.
+    #[getter]
+    fn nested_blocksize(&self) -> Option<usize> {
+        match self.inner.absmax() {
+            Absmax::Double {
+                nested_blocksize, ..
+            } => Some(*nested_blocksize),
+            Absmax::F32(_) => None,
+        }
+    }
+
+    /// Elements per quantization block.
+    #[getter]
+    fn blocksize(&self) -> usize {
+        self.inner.blocksize()
+    }
+
+    /// Shape of the unquantized tensor.
+    #[getter]
+    fn shape<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyTuple>> {
+        PyTuple::new(py, self.inner.shape())
+    }
+
+    /// Whether absmax is double-quantized.
+    #[getter]
+    fn double_quant(&self) -> bool {
+        self.inner.is_double_quant()
+    }
+
+    /// Always ``"nf4"``.
+    #[getter]
+    fn quant_type(&self) -> &'static str {
+        "nf4"
+    }
+
+    /// Bytes of quantized data (packed indices and absmax statistics).
+    #[getter]
+    fn nbytes(&self) -> usize {
+        self.inner.bytes()
+    }
+
+    /// The float32 absmax of every block, ``[nblocks]``: the stored one, or under double quant
+    /// the decoded ``nested_quant_map[absmax] * nested_absmax[i // 256] + offset``.
+    fn absmax_f32<'py>(&self, py: Python<'py>) -> Bound<'py, PyAny> {
+        PyArray::from_vec(py, self.inner.absmax_f32()).into_any()
+    }
+
+    /// Dequantizes to float32 with the tensor's ``shape`` (bitsandbytes' ``dequantize_4bit``,
+    /// bit for bit).
+    fn dequantize<'py>(&self, py: Python<'py>) -> PyResult<Out<'py>> {
+        let w = &self.inner;
+        let host = run(py, |be| {
+            if w.shape().len() == 2 {
+                let t = be.nf4_dequantize(&be.upload_nf4(w)?)?;
+                down(be, &t)
+            } else {
+                let mut v = vec![0.0; w.n_elements()];
+                w.dequantize_into(&mut v)?;
+                Ok((v, w.shape().to_vec()))
+            }
+        })?;
+        out(py, host)
+    }
+
+    fn __repr__(&self) -> String {
+        format!(
+            "Nf4Tensor(shape={}, blocksize={}, double_quant={})",
+            fmt_shape(self.inner.shape()),
+            self.inner.blocksize(),
+            if self.inner.is_double_quant() {
+                "True"
+            } else {
+                "False"
+            }
+        )
+    }
+}
+
+/// NF4-quantizes ``w`` exactly as bitsandbytes 0.50's CPU ``quantize_4bit`` (``quant_type='nf4'``,
+/// ``compress_statistics=double_quant``), bit for bit.
+///
+/// Args:
+///     w: float32 array of any shape with at least one element, C-contiguous, finite.
+///     blocksize: power of two in 32..4096.
+///     double_quant: also quantize the per-block absmax to 8 bits (bitsandbytes'
+///         ``compress_statistics``).
+///
+/// Returns:
+///     Nf4Tensor.
+///
+/// Raises:
+///     TypeError: ``w`` is not a float32 numpy array.
+///     ValueError: bad blocksize, empty, non-contiguous or non-finite ``w``.
+#[pyfunction(name = "quantize")]
+#[pyo3(signature = (w, blocksize=64, double_quant=true))]
+fn nf4_quantize(
+    py: Python<'_>,
+    w: &Bound<'_, PyAny>,
+    blocksize: usize,
+    double_quant: bool,
+) -> PyResult<PyNf4> {
+    let w = array(w, "w", None)?;
+    if w.shape.is_empty() || w.data.is_empty() {
+        return Err(PyValueError::new_err(format!(
+            "`w` must have at least one dim and one element, got shape {}",
+            fmt_shape(&w.shape)
+        )));
+    }
+    let inner = run(py, |_| {
+        quantize_nf4(&w.data, &w.shape, blocksize, double_quant)
+    })?;
+    Ok(PyNf4 { inner })
+}
+
+// ---- module -----------------------------------------------------------------------------------------
+
+/// Fused LoRA-family kernels (CPU reference backend) on numpy float32 arrays, and
+/// bitsandbytes-compatible NF4 quantization in ``lorafuse.nf4``.
+///
+/// Layouts follow PEFT: weights ``[out, in]`` (torch ``nn.Linear``), activations ``[T, in]``,
+/// ``lora_A [r, in]``, ``lora_B [out, r]``. Every array must be a C-contiguous float32 numpy
+/// array with finite values; anything else raises TypeError/ValueError naming the argument.
+#[pymodule]
+#[pyo3(name = "lorafuse")]
+fn lorafuse_py(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    let py = m.py();
+    m.add("__version__", env!("CARGO_PKG_VERSION"))?;
+    m.add_function(wrap_pyfunction!(lora_forward, m)?)?;
+    m.add_function(wrap_pyfunction!(lora_backward, m)?)?;
+    m.add_function(wrap_pyfunction!(lora_merge, m)?)?;
+    m.add_function(wrap_pyfunction!(lora_unmerge, m)?)?;
+    m.add_function(wrap_pyfunction!(dora_weight_norm, m)?)?;
+    m.add_function(wrap_pyfunction!(dora_forward, m)?)?;
+    m.add_function(wrap_pyfunction!(dora_backward, m)?)?;
+    m.add_function(wrap_pyfunction!(dora_merge, m)?)?;
+    m.add_function(wrap_pyfunction!(dora_unmerge, m)?)?;
+    m.add_function(wrap_pyfunction!(vera_forward, m)?)?;
+    m.add_function(wrap_pyfunction!(vera_backward, m)?)?;
+    m.add_function(wrap_pyfunction!(vera_merge, m)?)?;
+    m.add_function(wrap_pyfunction!(vera_unmerge, m)?)?;
+    m.add_function(wrap_pyfunction!(adalora_forward, m)?)?;
+    m.add_function(wrap_pyfunction!(adalora_backward, m)?)?;
+    m.add_function(wrap_pyfunction!(adalora_merge, m)?)?;
+    m.add_function(wrap_pyfunction!(adalora_unmerge, m)?)?;
+
+    let nf4 = PyModule::new(py, "nf4")?;
+    nf4.add(
+        "__doc__",
+        "bitsandbytes-compatible NF4 quantization: quantize(w) -> Nf4Tensor.",
+    )?;
+    nf4.add_function(wrap_pyfunction!(nf4_quantize, &nf4)?)?;
+    nf4.add_class::<PyNf4>()?;
+    m.add_submodule(&nf4)?;
+    // Makes `import lorafuse.nf4` / `from lorafuse.nf4 import quantize` work too.
+    py.import("sys")?
+        .getattr("modules")?
+        .set_item("lorafuse.nf4", &nf4)?;
+    Ok(())
+}
