@@ -1,6 +1,6 @@
 """Reference numbers for tests/adalora_allocator.rs from PEFT's AdaLoRA RankAllocator.
 
-Run: /work/peers/venv/bin/python tests/data/adalora_allocator/gen.py
+Run: python tests/data/adalora_allocator/gen.py (with the peers venv of scripts/setup-peers.sh)
 Writes reference.json next to this file. Deterministic (torch.manual_seed(0), CPU, f32).
 """
 import json, os, types
