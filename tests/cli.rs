@@ -17,10 +17,10 @@ use lorafuse::backend::Backend;
 use lorafuse::io::gguf::GgufFile;
 use lorafuse::io::peft;
 use lorafuse::model::LlamaConfig;
-use lorafuse::model::llama::{Llama, PROJ_NAMES, PackedBatch, proj_path, random_tensors};
+use lorafuse::model::llama::{Llama, PROJ_NAMES, PackedBatch, proj_path};
 use lorafuse::model::load::llama_from_gguf;
 use lorafuse::model::tokenizer::Tokenizer;
-use safetensors::{Dtype, SafeTensors};
+use safetensors::Dtype;
 use serde_json::Value;
 
 const PNG_SIGNATURE: &[u8] = b"\x89PNG\r\n\x1a\n";
@@ -47,17 +47,14 @@ static FIXTURE: OnceLock<Fixture> = OnceLock::new();
 
 fn fixture() -> &'static Fixture {
     FIXTURE.get_or_init(|| {
-        let dir = Path::new(env!("CARGO_TARGET_TMPDIR"))
-            .join(format!("lorafuse-cli-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        let cache = dir.join("empty-cache");
-        std::fs::create_dir_all(&cache).unwrap();
-        let cfg = tiny_cfg(vocab().0.len());
-        let base = random_tensors(&cfg, 7);
-        let gguf = dir.join("tiny.gguf");
-        write_tiny_gguf(&gguf, &base, &cfg);
-        let data = dir.join("tiny.jsonl");
-        std::fs::write(&data, chat_lines(40).join("\n") + "\n").unwrap();
+        let TinySetup {
+            dir,
+            cache,
+            gguf,
+            data,
+            cfg,
+            base,
+        } = tiny_setup("lorafuse-cli");
 
         let mut fx = Fixture {
             adapter: dir.join("adapter"),
@@ -143,42 +140,12 @@ fn stderr(o: &Output) -> String {
     String::from_utf8_lossy(&o.stderr).into_owned()
 }
 
-fn assert_ok(o: &Output, what: &str) {
-    assert!(
-        o.status.success(),
-        "{what} failed ({}):\n{}",
-        o.status,
-        stderr(o)
-    );
-}
-
 /// A fresh, empty folder for one test's outputs.
 fn case_dir(name: &str) -> PathBuf {
     let dir = fixture().dir.join(name);
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
     dir
-}
-
-fn p(path: &Path) -> &str {
-    path.to_str().expect("UTF-8 temp path")
-}
-
-/// Every tensor of a safetensors file as `(dtype, shape, bytes)`.
-fn read_st(path: &Path) -> BTreeMap<String, (Dtype, Vec<usize>, Vec<u8>)> {
-    let bytes = std::fs::read(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-    let st = SafeTensors::deserialize(&bytes).unwrap();
-    st.tensors()
-        .into_iter()
-        .map(|(n, v)| (n, (v.dtype(), v.shape().to_vec(), v.data().to_vec())))
-        .collect()
-}
-
-fn f32_of(bytes: &[u8]) -> Vec<f32> {
-    bytes
-        .chunks_exact(4)
-        .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
-        .collect()
 }
 
 fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {

@@ -4,15 +4,14 @@
 //! flag combinations fail by name leaving no output. The tiny-model helpers are copied from
 //! tests/cli.rs (that file's behaviour is untouched).
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::sync::OnceLock;
 
 use lorafuse::io::bnb::{nf4_from_bnb_tensors, nf4_to_bnb_tensors};
-use lorafuse::model::llama::random_tensors;
 use lorafuse::quant::nf4::{NF4_CODE, quantize_nf4};
-use safetensors::{Dtype, SafeTensors};
+use safetensors::Dtype;
 use serde_json::Value;
 
 #[path = "common/tiny_gguf.rs"]
@@ -36,17 +35,14 @@ static FIXTURE: OnceLock<Fixture> = OnceLock::new();
 
 fn fixture() -> &'static Fixture {
     FIXTURE.get_or_init(|| {
-        let dir = Path::new(env!("CARGO_TARGET_TMPDIR"))
-            .join(format!("lorafuse-cli-merge-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        let cache = dir.join("empty-cache");
-        std::fs::create_dir_all(&cache).unwrap();
-        let cfg = tiny_cfg(vocab().0.len());
-        let base = random_tensors(&cfg, 7);
-        let gguf = dir.join("tiny.gguf");
-        write_tiny_gguf(&gguf, &base, &cfg);
-        let data = dir.join("tiny.jsonl");
-        std::fs::write(&data, chat_lines(40).join("\n") + "\n").unwrap();
+        let TinySetup {
+            dir,
+            cache,
+            gguf,
+            data,
+            cfg: _,
+            base,
+        } = tiny_setup("lorafuse-cli-merge");
         let fx = Fixture {
             qlora: dir.join("qlora"),
             qdora: dir.join("qdora"),
@@ -108,44 +104,12 @@ fn run(fx: &Fixture, args: &[&str]) -> Output {
     out
 }
 
-fn assert_ok(o: &Output, what: &str) {
-    assert!(
-        o.status.success(),
-        "{what} failed ({}):\n{}",
-        o.status,
-        String::from_utf8_lossy(&o.stderr)
-    );
-}
-
 /// A fresh, empty folder for one test's outputs.
 fn case_dir(name: &str) -> PathBuf {
     let dir = fixture().dir.join(name);
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
     dir
-}
-
-fn p(path: &Path) -> &str {
-    path.to_str().expect("UTF-8 temp path")
-}
-
-type St = BTreeMap<String, (Dtype, Vec<usize>, Vec<u8>)>;
-
-/// Every tensor of a safetensors file as `(dtype, shape, bytes)`.
-fn read_st(path: &Path) -> St {
-    let bytes = std::fs::read(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-    let st = SafeTensors::deserialize(&bytes).unwrap();
-    st.tensors()
-        .into_iter()
-        .map(|(n, v)| (n, (v.dtype(), v.shape().to_vec(), v.data().to_vec())))
-        .collect()
-}
-
-fn f32_of(bytes: &[u8]) -> Vec<f32> {
-    bytes
-        .chunks_exact(4)
-        .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
-        .collect()
 }
 
 fn bf16_of(bytes: &[u8]) -> Vec<f32> {

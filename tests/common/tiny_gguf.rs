@@ -4,10 +4,13 @@
 #![allow(dead_code)]
 
 use std::collections::{BTreeMap, HashMap};
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::process::Output;
 
 use lorafuse::io::gguf::{GgufArray, GgufValue, WriteTensor, permute_qk, write_gguf};
 use lorafuse::model::LlamaConfig;
+use lorafuse::model::llama::random_tensors;
+use safetensors::{Dtype, SafeTensors};
 
 pub const SPECIALS: [&str; 3] = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"];
 pub const MERGES: [&str; 3] = ["Ġ t", "h e", "Ġt he"];
@@ -177,4 +180,71 @@ pub fn chat_lines(n: usize) -> Vec<String> {
             serde_json::json!({ "question": q, "answer": a }).to_string()
         })
         .collect()
+}
+
+/// A safetensors file's tensors by name: dtype, shape, raw little-endian bytes.
+pub type St = BTreeMap<String, (Dtype, Vec<usize>, Vec<u8>)>;
+
+/// The folder, empty cache, tiny GGUF and chat data a CLI test file runs on.
+pub struct TinySetup {
+    pub dir: PathBuf,
+    pub cache: PathBuf,
+    pub gguf: PathBuf,
+    pub data: PathBuf,
+    pub cfg: LlamaConfig,
+    /// The base weights under transformers' names (q/k in transformers' order).
+    pub base: HashMap<String, (Vec<f32>, Vec<usize>)>,
+}
+
+/// Writes a fresh [`TinySetup`] under the cargo test temp dir, in a folder named
+/// `{name}-{pid}` (so separate-process test runners do not collide).
+pub fn tiny_setup(name: &str) -> TinySetup {
+    let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let cache = dir.join("empty-cache");
+    std::fs::create_dir_all(&cache).unwrap();
+    let cfg = tiny_cfg(vocab().0.len());
+    let base = random_tensors(&cfg, 7);
+    let gguf = dir.join("tiny.gguf");
+    write_tiny_gguf(&gguf, &base, &cfg);
+    let data = dir.join("tiny.jsonl");
+    std::fs::write(&data, chat_lines(40).join("\n") + "\n").unwrap();
+    TinySetup {
+        dir,
+        cache,
+        gguf,
+        data,
+        cfg,
+        base,
+    }
+}
+
+pub fn p(path: &Path) -> &str {
+    path.to_str().expect("UTF-8 temp path")
+}
+
+/// Every tensor of a safetensors file as `(dtype, shape, bytes)`.
+pub fn read_st(path: &Path) -> St {
+    let bytes = std::fs::read(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let st = SafeTensors::deserialize(&bytes).unwrap();
+    st.tensors()
+        .into_iter()
+        .map(|(n, v)| (n, (v.dtype(), v.shape().to_vec(), v.data().to_vec())))
+        .collect()
+}
+
+pub fn f32_of(bytes: &[u8]) -> Vec<f32> {
+    bytes
+        .chunks_exact(4)
+        .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+        .collect()
+}
+
+pub fn assert_ok(o: &Output, what: &str) {
+    assert!(
+        o.status.success(),
+        "{what} failed ({}):\n{}",
+        o.status,
+        String::from_utf8_lossy(&o.stderr)
+    );
 }
