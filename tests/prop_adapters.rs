@@ -235,6 +235,10 @@ fn dora_factors(adapter: &Adapter<Cpu>, base: &Linear<Cpu>) -> (f32, f32) {
             let n = l.weight_norm(&Cpu, base).unwrap();
             let (mut up_, mut down) = (1f32, 1f32);
             for (&m, &n) in l.lora_magnitude_vector.data().iter().zip(n.data()) {
+                if !(m / n).is_finite() || !(n / m).is_finite() {
+                    // f32::max would skip a NaN; report it to the caller instead.
+                    return (f32::NAN, f32::NAN);
+                }
                 up_ = up_.max((m / n).abs());
                 down = down.max((n / m).abs());
             }
@@ -294,6 +298,10 @@ fn merge_roundtrip(
 ) -> Result<(), TestCaseError> {
     let (mut adapter, shared, abs_d) = make_adapter(method, c, base, rng);
     let (m_over_n, n_over_m) = dora_factors(&adapter, base);
+    // A row whose adapted weight W0 + s B A is numerically zero (possible with in = 1) has
+    // no direction for DoRA to rescale: m / n is 0 / 0 there, in PEFT as here. Such draws are
+    // outside the property's domain.
+    prop_assume!(m_over_n.is_finite() && n_over_m.is_finite());
     let (y_adapter, _) = adapter.forward(&Cpu, base, shared.as_ref(), x).unwrap();
 
     if base.weight.is_quantized() {
