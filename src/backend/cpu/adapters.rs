@@ -89,15 +89,14 @@ pub(super) fn dora_forward(
     n: &Tensor<Cpu>,
 ) -> Result<(Tensor<Cpu>, DoraSaved<Cpu>)> {
     let (t, din, dout) = check_linear(x, w0)?;
-    let r = ops::check_lora(din, dout, a, b)?;
+    ops::check_lora(din, dout, a, b)?;
     check_vec("lora_magnitude_vector", m, dout)?;
     check_vec("weight_norm", n, dout)?;
     if let Some(bias) = bias {
         check_vec("bias", bias, dout)?;
     }
-    // z = x W0^T + s h B^T  (unscaled, no bias)
-    let h = shrink(x.data(), a.data(), t, din, r);
-    let mut z = vec![0.0f32; t * dout];
+    // The base product, then the format-agnostic DoRA term on top of it.
+    let mut base = vec![0.0f32; t * dout];
     sgemm(
         Op::N,
         Op::T,
@@ -108,26 +107,9 @@ pub(super) fn dora_forward(
         x.data(),
         w0.data(),
         0.0,
-        &mut z,
+        &mut base,
     );
-    sgemm(Op::N, Op::T, t, dout, r, s, &h, b.data(), 1.0, &mut z);
-    let k: Vec<f32> = m.data().iter().zip(n.data()).map(|(m, n)| m / n).collect();
-    let mut y = z.clone();
-    for row in y.chunks_mut(dout.max(1)) {
-        for (o, v) in row.iter_mut().enumerate() {
-            *v *= k[o];
-            if let Some(bias) = bias {
-                *v += bias.data()[o];
-            }
-        }
-    }
-    Ok((
-        new(y, &[t, dout]),
-        DoraSaved {
-            h: new(h, &[t, r]),
-            z: new(z, &[t, dout]),
-        },
-    ))
+    dora_forward_from_base(new(base, &[t, dout]), x, bias, a, b, s, m, n)
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -143,39 +125,12 @@ pub(super) fn dora_backward(
     n: &Tensor<Cpu>,
 ) -> Result<DoraGrads<Cpu>> {
     let (t, din, dout) = check_linear(x, w0)?;
-    let r = ops::check_lora(din, dout, a, b)?;
+    ops::check_lora(din, dout, a, b)?;
     check_vec("lora_magnitude_vector", m, dout)?;
     check_vec("weight_norm", n, dout)?;
     dy.expect_shape("dy", &[t, dout])?;
-    saved.h.expect_shape("saved.h", &[t, r])?;
-    saved.z.expect_shape("saved.z", &[t, dout])?;
-    let k: Vec<f32> = m.data().iter().zip(n.data()).map(|(m, n)| m / n).collect();
-    // dm = sum_T(dy ⊙ z) / n, in f64.
-    let mut dm = vec![0.0f64; dout];
-    for (gr, zr) in dy
-        .data()
-        .chunks(dout.max(1))
-        .zip(saved.z.data().chunks(dout.max(1)))
-    {
-        for o in 0..dout {
-            dm[o] += gr[o] as f64 * zr[o] as f64;
-        }
-    }
-    let dm: Vec<f32> = dm
-        .iter()
-        .zip(n.data())
-        .map(|(d, &n)| (d / n as f64) as f32)
-        .collect();
-    // g' = dy ⊙ k, then the LoRA backward with g'.
-    let mut gk = dy.data().to_vec();
-    for row in gk.chunks_mut(dout.max(1)) {
-        for (v, k) in row.iter_mut().zip(&k) {
-            *v *= k;
-        }
-    }
-    let mut gb = vec![0.0f32; t * r];
-    sgemm(Op::N, Op::N, t, r, dout, 1.0, &gk, b.data(), 0.0, &mut gb);
-    let mut dx = vec![0.0f32; t * din];
+    // The adapter's gradients and s (g' B) A, then dx += g' W0 for the dense base.
+    let (mut grads, gk) = dora_backward_adapter(dy, x, saved, a, b, s, m, n)?;
     sgemm(
         Op::N,
         Op::N,
@@ -183,33 +138,12 @@ pub(super) fn dora_backward(
         din,
         dout,
         1.0,
-        &gk,
+        gk.data(),
         w0.data(),
-        0.0,
-        &mut dx,
+        1.0,
+        grads.dx.data_mut(),
     );
-    sgemm(Op::N, Op::N, t, din, r, s, &gb, a.data(), 1.0, &mut dx);
-    let mut da = vec![0.0f32; r * din];
-    sgemm(Op::T, Op::N, r, din, t, s, &gb, x.data(), 0.0, &mut da);
-    let mut db = vec![0.0f32; dout * r];
-    sgemm(
-        Op::T,
-        Op::N,
-        dout,
-        r,
-        t,
-        s,
-        &gk,
-        saved.h.data(),
-        0.0,
-        &mut db,
-    );
-    Ok(DoraGrads {
-        dx: new(dx, &[t, din]),
-        d_lora_a: new(da, &[r, din]),
-        d_lora_b: new(db, &[dout, r]),
-        d_magnitude: new(dm, &[dout]),
-    })
+    Ok(grads)
 }
 
 /// Checks the merge inputs and returns `k = m / n` per row.
@@ -637,4 +571,193 @@ pub(super) fn adalora_merge(
         w.data_mut(),
     );
     Ok(())
+}
+
+// ---- adapter terms over a precomputed base product (any base format) ---------------------------------------------
+
+/// Checks x `[T, in]`, A `[r, in]`, B `[out, r]` and `name` `[T, out]`; returns `(T, in, out, r)`.
+fn check_adapter(
+    x: &Tensor<Cpu>,
+    a: &Tensor<Cpu>,
+    b: &Tensor<Cpu>,
+    name: &str,
+    y: &Tensor<Cpu>,
+) -> Result<(usize, usize, usize, usize)> {
+    let (t, din) = x.dims2("x")?;
+    let (dout, _) = b.dims2("lora_B")?;
+    let r = ops::check_lora(din, dout, a, b)?;
+    y.expect_shape(name, &[t, dout])?;
+    Ok((t, din, dout, r))
+}
+
+pub(super) fn lora_add(
+    y: &mut Tensor<Cpu>,
+    x: &Tensor<Cpu>,
+    a: &Tensor<Cpu>,
+    b: &Tensor<Cpu>,
+    s: f32,
+) -> Result<Tensor<Cpu>> {
+    let (t, din, dout, r) = check_adapter(x, a, b, "y", y)?;
+    let h = shrink(x.data(), a.data(), t, din, r);
+    sgemm(Op::N, Op::T, t, dout, r, s, &h, b.data(), 1.0, y.data_mut());
+    Ok(new(h, &[t, r]))
+}
+
+#[allow(clippy::too_many_arguments)]
+pub(super) fn lora_backward_adapter(
+    dy: &Tensor<Cpu>,
+    x: &Tensor<Cpu>,
+    h: &Tensor<Cpu>,
+    a: &Tensor<Cpu>,
+    b: &Tensor<Cpu>,
+    s: f32,
+    dx: &mut Tensor<Cpu>,
+) -> Result<(Tensor<Cpu>, Tensor<Cpu>)> {
+    let (t, din, dout, r) = check_adapter(x, a, b, "dy", dy)?;
+    h.expect_shape("h", &[t, r])?;
+    dx.expect_shape("dx", &[t, din])?;
+    // g = dy B [T, r]; dx += s g A; dA = s g^T x; dB = s dy^T h.
+    let mut g = vec![0.0f32; t * r];
+    sgemm(
+        Op::N,
+        Op::N,
+        t,
+        r,
+        dout,
+        1.0,
+        dy.data(),
+        b.data(),
+        0.0,
+        &mut g,
+    );
+    sgemm(Op::N, Op::N, t, din, r, s, &g, a.data(), 1.0, dx.data_mut());
+    let mut da = vec![0.0f32; r * din];
+    sgemm(Op::T, Op::N, r, din, t, s, &g, x.data(), 0.0, &mut da);
+    let mut db = vec![0.0f32; dout * r];
+    sgemm(
+        Op::T,
+        Op::N,
+        dout,
+        r,
+        t,
+        s,
+        dy.data(),
+        h.data(),
+        0.0,
+        &mut db,
+    );
+    Ok((new(da, &[r, din]), new(db, &[dout, r])))
+}
+
+/// `k = m / n` per output row, after checking both are `[out]`.
+fn dora_k(m: &Tensor<Cpu>, n: &Tensor<Cpu>, dout: usize) -> Result<Vec<f32>> {
+    m.expect_shape("lora_magnitude_vector", &[dout])?;
+    n.expect_shape("weight_norm", &[dout])?;
+    Ok(m.data().iter().zip(n.data()).map(|(m, n)| m / n).collect())
+}
+
+#[allow(clippy::too_many_arguments)]
+pub(super) fn dora_forward_from_base(
+    base_out: Tensor<Cpu>,
+    x: &Tensor<Cpu>,
+    bias: Option<&Tensor<Cpu>>,
+    a: &Tensor<Cpu>,
+    b: &Tensor<Cpu>,
+    s: f32,
+    m: &Tensor<Cpu>,
+    n: &Tensor<Cpu>,
+) -> Result<(Tensor<Cpu>, DoraSaved<Cpu>)> {
+    let (t, din, dout, r) = check_adapter(x, a, b, "base_out", &base_out)?;
+    let k = dora_k(m, n, dout)?;
+    if let Some(bias) = bias {
+        bias.expect_shape("bias", &[dout])?;
+    }
+    // z = x W0^T + s h B^T (unscaled, no bias); y = k ⊙ z + bias.
+    let h = shrink(x.data(), a.data(), t, din, r);
+    let mut z = base_out.into_vec();
+    sgemm(Op::N, Op::T, t, dout, r, s, &h, b.data(), 1.0, &mut z);
+    let mut y = z.clone();
+    for row in y.chunks_mut(dout.max(1)) {
+        for (o, v) in row.iter_mut().enumerate() {
+            *v *= k[o];
+            if let Some(bias) = bias {
+                *v += bias.data()[o];
+            }
+        }
+    }
+    Ok((
+        new(y, &[t, dout]),
+        DoraSaved {
+            h: new(h, &[t, r]),
+            z: new(z, &[t, dout]),
+        },
+    ))
+}
+
+#[allow(clippy::too_many_arguments)]
+pub(super) fn dora_backward_adapter(
+    dy: &Tensor<Cpu>,
+    x: &Tensor<Cpu>,
+    saved: &DoraSaved<Cpu>,
+    a: &Tensor<Cpu>,
+    b: &Tensor<Cpu>,
+    s: f32,
+    m: &Tensor<Cpu>,
+    n: &Tensor<Cpu>,
+) -> Result<(DoraGrads<Cpu>, Tensor<Cpu>)> {
+    let (t, din, dout, r) = check_adapter(x, a, b, "dy", dy)?;
+    let k = dora_k(m, n, dout)?;
+    saved.h.expect_shape("saved.h", &[t, r])?;
+    saved.z.expect_shape("saved.z", &[t, dout])?;
+    // dm = sum_T(dy ⊙ z) / n, in f64 (as the dense kernel).
+    let mut dm = vec![0.0f64; dout];
+    for (gr, zr) in dy
+        .data()
+        .chunks(dout.max(1))
+        .zip(saved.z.data().chunks(dout.max(1)))
+    {
+        for o in 0..dout {
+            dm[o] += gr[o] as f64 * zr[o] as f64;
+        }
+    }
+    let dm: Vec<f32> = dm
+        .iter()
+        .zip(n.data())
+        .map(|(d, &n)| (d / n as f64) as f32)
+        .collect();
+    // g' = dy ⊙ k; dx = s (g' B) A (the caller adds g' W0); dA = s (g' B)^T x; dB = s g'^T h.
+    let mut gk = dy.data().to_vec();
+    for row in gk.chunks_mut(dout.max(1)) {
+        for (v, k) in row.iter_mut().zip(&k) {
+            *v *= k;
+        }
+    }
+    let mut gb = vec![0.0f32; t * r];
+    sgemm(Op::N, Op::N, t, r, dout, 1.0, &gk, b.data(), 0.0, &mut gb);
+    let mut dx = vec![0.0f32; t * din];
+    sgemm(Op::N, Op::N, t, din, r, s, &gb, a.data(), 0.0, &mut dx);
+    let mut da = vec![0.0f32; r * din];
+    sgemm(Op::T, Op::N, r, din, t, s, &gb, x.data(), 0.0, &mut da);
+    let mut db = vec![0.0f32; dout * r];
+    sgemm(
+        Op::T,
+        Op::N,
+        dout,
+        r,
+        t,
+        s,
+        &gk,
+        saved.h.data(),
+        0.0,
+        &mut db,
+    );
+    Ok((
+        DoraGrads {
+            dx: new(dx, &[t, din]),
+            d_lora_a: new(da, &[r, din]),
+            d_lora_b: new(db, &[dout, r]),
+            d_magnitude: new(dm, &[dout]),
+        },
+        new(gk, &[t, dout]),
+    ))
 }

@@ -601,7 +601,7 @@ impl Backend for Cpu {
         lora_b: &Tensor<Self>,
         scaling: f32,
     ) -> Result<Tensor<Self>> {
-        nf4::lora_add(y, x, lora_a, lora_b, scaling)
+        adapters::lora_add(y, x, lora_a, lora_b, scaling)
     }
 
     fn lora_backward_adapter(
@@ -614,7 +614,7 @@ impl Backend for Cpu {
         scaling: f32,
         dx: &mut Tensor<Self>,
     ) -> Result<(Tensor<Self>, Tensor<Self>)> {
-        nf4::lora_backward_adapter(dy, x, h, lora_a, lora_b, scaling, dx)
+        adapters::lora_backward_adapter(dy, x, h, lora_a, lora_b, scaling, dx)
     }
 
     fn dora_forward_from_base(
@@ -628,7 +628,7 @@ impl Backend for Cpu {
         magnitude: &Tensor<Self>,
         weight_norm: &Tensor<Self>,
     ) -> Result<(Tensor<Self>, DoraSaved<Self>)> {
-        nf4::dora_forward_from_base(
+        adapters::dora_forward_from_base(
             base_out,
             x,
             bias,
@@ -651,7 +651,7 @@ impl Backend for Cpu {
         magnitude: &Tensor<Self>,
         weight_norm: &Tensor<Self>,
     ) -> Result<(DoraGrads<Self>, Tensor<Self>)> {
-        nf4::dora_backward_adapter(
+        adapters::dora_backward_adapter(
             dy,
             x,
             saved,

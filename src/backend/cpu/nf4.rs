@@ -1,4 +1,5 @@
-//! CPU reference of the NF4 (QLoRA) kernels and of the base-format-agnostic adapter terms.
+//! CPU reference of the NF4 (QLoRA) kernels; the adapter terms they combine with live in
+//! `adapters.rs`.
 //!
 //! An NF4 weight `[out, in]` is never dequantized whole: each kernel cuts it into tiles of
 //! [`tile_rows`] rows, dequantizes a tile into a scratch buffer (one per rayon worker, at most
@@ -13,9 +14,8 @@
 //!   wave's contribution.
 
 use super::adapters;
-use super::gemm::{Op, sgemm};
 use super::{Cpu, new, ops};
-use crate::backend::{DoraGrads, DoraSaved, Nf4Weight, Tensor};
+use crate::backend::{Nf4Weight, Tensor};
 use crate::error::{Error, Result};
 use crate::quant::nf4::{NF4_CODE, Nf4Tensor};
 use gemm::Parallelism;
@@ -25,7 +25,7 @@ use std::sync::Arc;
 /// Target size of one dequantized tile (f32), so that it stays in a core's L2 cache.
 const TILE_BYTES: usize = 256 * 1024;
 
-/// Below this many multiply-adds a GEMM runs on one thread (as in [`sgemm`]).
+/// Below this many multiply-adds a GEMM runs on one thread (as in `sgemm`).
 const PARALLEL_MIN_MACS: usize = 1 << 18;
 
 /// Rows per dequantized tile for a weight with `din` columns and `dout` rows: about
@@ -323,200 +323,4 @@ pub(super) fn dora_weight_norm(
         n.extend(tile?);
     }
     Ok(new(n, &[dout]))
-}
-
-// ---- adapter terms over a precomputed base product ---------------------------------------------
-
-/// Checks x `[T, in]`, A `[r, in]`, B `[out, r]` and `name` `[T, out]`; returns `(T, in, out, r)`.
-fn check_adapter(
-    x: &Tensor<Cpu>,
-    a: &Tensor<Cpu>,
-    b: &Tensor<Cpu>,
-    name: &str,
-    y: &Tensor<Cpu>,
-) -> Result<(usize, usize, usize, usize)> {
-    let (t, din) = x.dims2("x")?;
-    let (dout, _) = b.dims2("lora_B")?;
-    let r = ops::check_lora(din, dout, a, b)?;
-    y.expect_shape(name, &[t, dout])?;
-    Ok((t, din, dout, r))
-}
-
-/// `x A^T` for x `[t, din]`, a `[r, din]` → `[t, r]`.
-fn shrink(x: &[f32], a: &[f32], t: usize, din: usize, r: usize) -> Vec<f32> {
-    let mut h = vec![0.0f32; t * r];
-    sgemm(Op::N, Op::T, t, r, din, 1.0, x, a, 0.0, &mut h);
-    h
-}
-
-pub(super) fn lora_add(
-    y: &mut Tensor<Cpu>,
-    x: &Tensor<Cpu>,
-    a: &Tensor<Cpu>,
-    b: &Tensor<Cpu>,
-    s: f32,
-) -> Result<Tensor<Cpu>> {
-    let (t, din, dout, r) = check_adapter(x, a, b, "y", y)?;
-    let h = shrink(x.data(), a.data(), t, din, r);
-    sgemm(Op::N, Op::T, t, dout, r, s, &h, b.data(), 1.0, y.data_mut());
-    Ok(new(h, &[t, r]))
-}
-
-#[allow(clippy::too_many_arguments)]
-pub(super) fn lora_backward_adapter(
-    dy: &Tensor<Cpu>,
-    x: &Tensor<Cpu>,
-    h: &Tensor<Cpu>,
-    a: &Tensor<Cpu>,
-    b: &Tensor<Cpu>,
-    s: f32,
-    dx: &mut Tensor<Cpu>,
-) -> Result<(Tensor<Cpu>, Tensor<Cpu>)> {
-    let (t, din, dout, r) = check_adapter(x, a, b, "dy", dy)?;
-    h.expect_shape("h", &[t, r])?;
-    dx.expect_shape("dx", &[t, din])?;
-    // g = dy B [T, r]; dx += s g A; dA = s g^T x; dB = s dy^T h.
-    let mut g = vec![0.0f32; t * r];
-    sgemm(
-        Op::N,
-        Op::N,
-        t,
-        r,
-        dout,
-        1.0,
-        dy.data(),
-        b.data(),
-        0.0,
-        &mut g,
-    );
-    sgemm(Op::N, Op::N, t, din, r, s, &g, a.data(), 1.0, dx.data_mut());
-    let mut da = vec![0.0f32; r * din];
-    sgemm(Op::T, Op::N, r, din, t, s, &g, x.data(), 0.0, &mut da);
-    let mut db = vec![0.0f32; dout * r];
-    sgemm(
-        Op::T,
-        Op::N,
-        dout,
-        r,
-        t,
-        s,
-        dy.data(),
-        h.data(),
-        0.0,
-        &mut db,
-    );
-    Ok((new(da, &[r, din]), new(db, &[dout, r])))
-}
-
-/// `k = m / n` per output row, after checking both are `[out]`.
-fn dora_k(m: &Tensor<Cpu>, n: &Tensor<Cpu>, dout: usize) -> Result<Vec<f32>> {
-    m.expect_shape("lora_magnitude_vector", &[dout])?;
-    n.expect_shape("weight_norm", &[dout])?;
-    Ok(m.data().iter().zip(n.data()).map(|(m, n)| m / n).collect())
-}
-
-#[allow(clippy::too_many_arguments)]
-pub(super) fn dora_forward_from_base(
-    base_out: Tensor<Cpu>,
-    x: &Tensor<Cpu>,
-    bias: Option<&Tensor<Cpu>>,
-    a: &Tensor<Cpu>,
-    b: &Tensor<Cpu>,
-    s: f32,
-    m: &Tensor<Cpu>,
-    n: &Tensor<Cpu>,
-) -> Result<(Tensor<Cpu>, DoraSaved<Cpu>)> {
-    let (t, din, dout, r) = check_adapter(x, a, b, "base_out", &base_out)?;
-    let k = dora_k(m, n, dout)?;
-    if let Some(bias) = bias {
-        bias.expect_shape("bias", &[dout])?;
-    }
-    // z = x W0^T + s h B^T (unscaled, no bias); y = k ⊙ z + bias.
-    let h = shrink(x.data(), a.data(), t, din, r);
-    let mut z = base_out.into_vec();
-    sgemm(Op::N, Op::T, t, dout, r, s, &h, b.data(), 1.0, &mut z);
-    let mut y = z.clone();
-    for row in y.chunks_mut(dout.max(1)) {
-        for (o, v) in row.iter_mut().enumerate() {
-            *v *= k[o];
-            if let Some(bias) = bias {
-                *v += bias.data()[o];
-            }
-        }
-    }
-    Ok((
-        new(y, &[t, dout]),
-        DoraSaved {
-            h: new(h, &[t, r]),
-            z: new(z, &[t, dout]),
-        },
-    ))
-}
-
-#[allow(clippy::too_many_arguments)]
-pub(super) fn dora_backward_adapter(
-    dy: &Tensor<Cpu>,
-    x: &Tensor<Cpu>,
-    saved: &DoraSaved<Cpu>,
-    a: &Tensor<Cpu>,
-    b: &Tensor<Cpu>,
-    s: f32,
-    m: &Tensor<Cpu>,
-    n: &Tensor<Cpu>,
-) -> Result<(DoraGrads<Cpu>, Tensor<Cpu>)> {
-    let (t, din, dout, r) = check_adapter(x, a, b, "dy", dy)?;
-    let k = dora_k(m, n, dout)?;
-    saved.h.expect_shape("saved.h", &[t, r])?;
-    saved.z.expect_shape("saved.z", &[t, dout])?;
-    // dm = sum_T(dy ⊙ z) / n, in f64 (as the dense kernel).
-    let mut dm = vec![0.0f64; dout];
-    for (gr, zr) in dy
-        .data()
-        .chunks(dout.max(1))
-        .zip(saved.z.data().chunks(dout.max(1)))
-    {
-        for o in 0..dout {
-            dm[o] += gr[o] as f64 * zr[o] as f64;
-        }
-    }
-    let dm: Vec<f32> = dm
-        .iter()
-        .zip(n.data())
-        .map(|(d, &n)| (d / n as f64) as f32)
-        .collect();
-    // g' = dy ⊙ k; dx = s (g' B) A (the caller adds g' W0); dA = s (g' B)^T x; dB = s g'^T h.
-    let mut gk = dy.data().to_vec();
-    for row in gk.chunks_mut(dout.max(1)) {
-        for (v, k) in row.iter_mut().zip(&k) {
-            *v *= k;
-        }
-    }
-    let mut gb = vec![0.0f32; t * r];
-    sgemm(Op::N, Op::N, t, r, dout, 1.0, &gk, b.data(), 0.0, &mut gb);
-    let mut dx = vec![0.0f32; t * din];
-    sgemm(Op::N, Op::N, t, din, r, s, &gb, a.data(), 0.0, &mut dx);
-    let mut da = vec![0.0f32; r * din];
-    sgemm(Op::T, Op::N, r, din, t, s, &gb, x.data(), 0.0, &mut da);
-    let mut db = vec![0.0f32; dout * r];
-    sgemm(
-        Op::T,
-        Op::N,
-        dout,
-        r,
-        t,
-        s,
-        &gk,
-        saved.h.data(),
-        0.0,
-        &mut db,
-    );
-    Ok((
-        DoraGrads {
-            dx: new(dx, &[t, din]),
-            d_lora_a: new(da, &[r, din]),
-            d_lora_b: new(db, &[dout, r]),
-            d_magnitude: new(dm, &[dout]),
-        },
-        new(gk, &[t, dout]),
-    ))
 }
