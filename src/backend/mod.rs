@@ -10,6 +10,7 @@
 //! as host slices: they are small and every backend uploads them as it needs.
 
 pub mod bench;
+pub mod check;
 pub mod cpu;
 
 use crate::error::{Error, Result};

@@ -3,8 +3,8 @@
 //! product that PEFT forms (`B A`, the full-weight norm) is avoided except in the merges.
 
 use super::gemm::{Op, sgemm};
-use super::{Cpu, check_linear, new, ops};
-use crate::backend::{AdaLoraGrads, Backend, DoraGrads, DoraSaved, Tensor};
+use super::{Cpu, new};
+use crate::backend::{AdaLoraGrads, Backend, DoraGrads, DoraSaved, Tensor, check};
 use crate::error::{Error, Result};
 
 /// `x A^T` for x `[t, din]`, a `[r, din]` → `[t, r]`.
@@ -12,11 +12,6 @@ fn shrink(x: &[f32], a: &[f32], t: usize, din: usize, r: usize) -> Vec<f32> {
     let mut h = vec![0.0f32; t * r];
     sgemm(Op::N, Op::T, t, r, din, 1.0, x, a, 0.0, &mut h);
     h
-}
-
-/// Checks a per-output vector `[n]` named `name`.
-fn check_vec(name: &str, v: &Tensor<Cpu>, n: usize) -> Result<()> {
-    v.expect_shape(name, &[n])
 }
 
 // ---- DoRA --------------------------------------------------------------------------------------
@@ -42,8 +37,8 @@ pub(super) fn dora_weight_norm(
     s: f32,
 ) -> Result<Tensor<Cpu>> {
     let (dout, din) = w0.dims2("w0")?;
-    let r = ops::check_lora(din, dout, a, b)?;
-    check_vec("w0_row_sq", w0_row_sq, dout)?;
+    let r = check::lora(din, dout, a, b)?;
+    check::vector("w0_row_sq", w0_row_sq, dout)?;
     // P = W0 A^T [out, r]; G = A A^T [r, r]; Q = B G [out, r].
     let p = shrink(w0.data(), a.data(), dout, din, r);
     let mut g = vec![0.0f32; r * r];
@@ -88,12 +83,12 @@ pub(super) fn dora_forward(
     m: &Tensor<Cpu>,
     n: &Tensor<Cpu>,
 ) -> Result<(Tensor<Cpu>, DoraSaved<Cpu>)> {
-    let (t, din, dout) = check_linear(x, w0)?;
-    ops::check_lora(din, dout, a, b)?;
-    check_vec("lora_magnitude_vector", m, dout)?;
-    check_vec("weight_norm", n, dout)?;
+    let (t, din, dout) = check::linear(x, w0)?;
+    check::lora(din, dout, a, b)?;
+    check::vector("lora_magnitude_vector", m, dout)?;
+    check::vector("weight_norm", n, dout)?;
     if let Some(bias) = bias {
-        check_vec("bias", bias, dout)?;
+        check::vector("bias", bias, dout)?;
     }
     // The base product, then the format-agnostic DoRA term on top of it.
     let mut base = vec![0.0f32; t * dout];
@@ -124,10 +119,10 @@ pub(super) fn dora_backward(
     m: &Tensor<Cpu>,
     n: &Tensor<Cpu>,
 ) -> Result<DoraGrads<Cpu>> {
-    let (t, din, dout) = check_linear(x, w0)?;
-    ops::check_lora(din, dout, a, b)?;
-    check_vec("lora_magnitude_vector", m, dout)?;
-    check_vec("weight_norm", n, dout)?;
+    let (t, din, dout) = check::linear(x, w0)?;
+    check::lora(din, dout, a, b)?;
+    check::vector("lora_magnitude_vector", m, dout)?;
+    check::vector("weight_norm", n, dout)?;
     dy.expect_shape("dy", &[t, dout])?;
     // The adapter's gradients and s (g' B) A, then dx += g' W0 for the dense base.
     let (mut grads, gk) = dora_backward_adapter(dy, x, saved, a, b, s, m, n)?;
@@ -155,9 +150,9 @@ fn dora_merge_factor(
     n: &Tensor<Cpu>,
 ) -> Result<(usize, usize, usize, Vec<f32>)> {
     let (dout, din) = w.dims2("w")?;
-    let r = ops::check_lora(din, dout, a, b)?;
-    check_vec("lora_magnitude_vector", m, dout)?;
-    check_vec("weight_norm", n, dout)?;
+    let r = check::lora(din, dout, a, b)?;
+    check::vector("lora_magnitude_vector", m, dout)?;
+    check::vector("weight_norm", n, dout)?;
     let k = m.data().iter().zip(n.data()).map(|(m, n)| m / n).collect();
     Ok((dout, din, r, k))
 }
@@ -254,8 +249,8 @@ fn vera_slices<'a>(
             vera_b.shape(),
         ));
     }
-    check_vec("vera_lambda_d", lambda_d, r)?;
-    check_vec("vera_lambda_b", lambda_b, dout)?;
+    check::vector("vera_lambda_d", lambda_d, r)?;
+    check::vector("vera_lambda_b", lambda_b, dout)?;
     let a_s: Vec<f32> = vera_a
         .data()
         .chunks(max_in)
@@ -275,7 +270,7 @@ pub(super) fn vera_forward(
     lambda_d: &Tensor<Cpu>,
     lambda_b: &Tensor<Cpu>,
 ) -> Result<(Tensor<Cpu>, Tensor<Cpu>)> {
-    let (t, din, dout) = check_linear(x, w0)?;
+    let (t, din, dout) = check::linear(x, w0)?;
     let (r, a_s, b_s) = vera_slices(din, dout, vera_a, vera_b, lambda_d, lambda_b)?;
     let y0 = Cpu.linear(x, w0, bias)?;
     let h = shrink(x.data(), &a_s, t, din, r);
@@ -308,7 +303,7 @@ pub(super) fn vera_backward(
     lambda_d: &Tensor<Cpu>,
     lambda_b: &Tensor<Cpu>,
 ) -> Result<(Tensor<Cpu>, Tensor<Cpu>, Tensor<Cpu>)> {
-    let (t, din, dout) = check_linear(x, w0)?;
+    let (t, din, dout) = check::linear(x, w0)?;
     let (r, a_s, b_s) = vera_slices(din, dout, vera_a, vera_b, lambda_d, lambda_b)?;
     dy.expect_shape("dy", &[t, dout])?;
     h.expect_shape("h", &[t, r])?;
@@ -411,17 +406,6 @@ pub(super) fn vera_merge(
 
 // ---- AdaLoRA -----------------------------------------------------------------------------------
 
-/// PEFT's `scaling / (ranknum + 1e-5)`, in f32.
-fn adalora_factor(scaling: f32, ranknum: f32) -> Result<f32> {
-    if !(ranknum.is_finite() && ranknum > 0.0) {
-        return Err(Error::arg(
-            "ranknum",
-            format!("must be a positive number (init_r), got {ranknum}"),
-        ));
-    }
-    Ok(scaling / (ranknum + 1e-5))
-}
-
 /// Checks AdaLoRA factor shapes; returns `(r, A ⊙ E)`.
 fn adalora_ae(
     din: usize,
@@ -430,7 +414,7 @@ fn adalora_ae(
     b: &Tensor<Cpu>,
     e: &Tensor<Cpu>,
 ) -> Result<(usize, Vec<f32>)> {
-    let r = ops::check_lora(din, dout, a, b)?;
+    let r = check::lora(din, dout, a, b)?;
     e.expect_shape("lora_E", &[r, 1])?;
     let mut ae = a.data().to_vec();
     for (row, e) in ae.chunks_mut(din.max(1)).zip(e.data()) {
@@ -450,9 +434,9 @@ pub(super) fn adalora_forward(
     scaling: f32,
     ranknum: f32,
 ) -> Result<(Tensor<Cpu>, Tensor<Cpu>)> {
-    let (t, din, dout) = check_linear(x, w0)?;
+    let (t, din, dout) = check::linear(x, w0)?;
     let (r, ae) = adalora_ae(din, dout, a, b, e)?;
-    let c = adalora_factor(scaling, ranknum)?;
+    let c = check::adalora_factor(scaling, ranknum)?;
     let mut y = Cpu.linear(x, w0, bias)?.into_vec();
     let h = shrink(x.data(), &ae, t, din, r);
     sgemm(Op::N, Op::T, t, dout, r, c, &h, b.data(), 1.0, &mut y);
@@ -471,9 +455,9 @@ pub(super) fn adalora_backward(
     scaling: f32,
     ranknum: f32,
 ) -> Result<AdaLoraGrads<Cpu>> {
-    let (t, din, dout) = check_linear(x, w0)?;
+    let (t, din, dout) = check::linear(x, w0)?;
     let (r, ae) = adalora_ae(din, dout, a, b, e)?;
-    let c = adalora_factor(scaling, ranknum)?;
+    let c = check::adalora_factor(scaling, ranknum)?;
     dy.expect_shape("dy", &[t, dout])?;
     h.expect_shape("h", &[t, r])?;
     // gB = dy B [T, r]
@@ -557,7 +541,7 @@ pub(super) fn adalora_merge(
 ) -> Result<()> {
     let (dout, din) = w.dims2("w")?;
     let (r, ae) = adalora_ae(din, dout, a, b, e)?;
-    let c = adalora_factor(scaling, ranknum)?;
+    let c = check::adalora_factor(scaling, ranknum)?;
     sgemm(
         Op::N,
         Op::N,
@@ -575,21 +559,6 @@ pub(super) fn adalora_merge(
 
 // ---- adapter terms over a precomputed base product (any base format) ---------------------------------------------
 
-/// Checks x `[T, in]`, A `[r, in]`, B `[out, r]` and `name` `[T, out]`; returns `(T, in, out, r)`.
-fn check_adapter(
-    x: &Tensor<Cpu>,
-    a: &Tensor<Cpu>,
-    b: &Tensor<Cpu>,
-    name: &str,
-    y: &Tensor<Cpu>,
-) -> Result<(usize, usize, usize, usize)> {
-    let (t, din) = x.dims2("x")?;
-    let (dout, _) = b.dims2("lora_B")?;
-    let r = ops::check_lora(din, dout, a, b)?;
-    y.expect_shape(name, &[t, dout])?;
-    Ok((t, din, dout, r))
-}
-
 pub(super) fn lora_add(
     y: &mut Tensor<Cpu>,
     x: &Tensor<Cpu>,
@@ -597,7 +566,7 @@ pub(super) fn lora_add(
     b: &Tensor<Cpu>,
     s: f32,
 ) -> Result<Tensor<Cpu>> {
-    let (t, din, dout, r) = check_adapter(x, a, b, "y", y)?;
+    let (t, din, dout, r) = check::adapter(x, a, b, "y", y)?;
     let h = shrink(x.data(), a.data(), t, din, r);
     sgemm(Op::N, Op::T, t, dout, r, s, &h, b.data(), 1.0, y.data_mut());
     Ok(new(h, &[t, r]))
@@ -613,7 +582,7 @@ pub(super) fn lora_backward_adapter(
     s: f32,
     dx: &mut Tensor<Cpu>,
 ) -> Result<(Tensor<Cpu>, Tensor<Cpu>)> {
-    let (t, din, dout, r) = check_adapter(x, a, b, "dy", dy)?;
+    let (t, din, dout, r) = check::adapter(x, a, b, "dy", dy)?;
     h.expect_shape("h", &[t, r])?;
     dx.expect_shape("dx", &[t, din])?;
     // g = dy B [T, r]; dx += s g A; dA = s g^T x; dB = s dy^T h.
@@ -667,7 +636,7 @@ pub(super) fn dora_forward_from_base(
     m: &Tensor<Cpu>,
     n: &Tensor<Cpu>,
 ) -> Result<(Tensor<Cpu>, DoraSaved<Cpu>)> {
-    let (t, din, dout, r) = check_adapter(x, a, b, "base_out", &base_out)?;
+    let (t, din, dout, r) = check::adapter(x, a, b, "base_out", &base_out)?;
     let k = dora_k(m, n, dout)?;
     if let Some(bias) = bias {
         bias.expect_shape("bias", &[dout])?;
@@ -705,7 +674,7 @@ pub(super) fn dora_backward_adapter(
     m: &Tensor<Cpu>,
     n: &Tensor<Cpu>,
 ) -> Result<(DoraGrads<Cpu>, Tensor<Cpu>)> {
-    let (t, din, dout, r) = check_adapter(x, a, b, "dy", dy)?;
+    let (t, din, dout, r) = check::adapter(x, a, b, "dy", dy)?;
     let k = dora_k(m, n, dout)?;
     saved.h.expect_shape("saved.h", &[t, r])?;
     saved.z.expect_shape("saved.z", &[t, dout])?;

@@ -10,7 +10,7 @@ mod ops;
 use self::gemm::{Op, sgemm};
 use super::{
     AdaLoraGrads, AdamWParams, AttentionSaved, Backend, DoraGrads, DoraSaved, Nf4Weight, SeqSpan,
-    Tensor, same_shape,
+    Tensor, check, same_shape,
 };
 use crate::error::{Error, Result};
 use crate::quant::nf4::Nf4Tensor;
@@ -58,16 +58,6 @@ fn new(data: Vec<f32>, shape: &[usize]) -> Tensor<Cpu> {
         buf: data,
         shape: shape.to_vec(),
     }
-}
-
-/// Checks `x [T, in]` against `w [out, in]`, returning `(T, in, out)`.
-fn check_linear(x: &Tensor<Cpu>, w: &Tensor<Cpu>) -> Result<(usize, usize, usize)> {
-    let (t, din) = x.dims2("x")?;
-    let (dout, win) = w.dims2("w")?;
-    if win != din {
-        return Err(Error::shape("w", format!("[out, {din}]"), w.shape()));
-    }
-    Ok((t, din, dout))
 }
 
 impl Backend for Cpu {
@@ -136,7 +126,7 @@ impl Backend for Cpu {
         w: &Tensor<Self>,
         bias: Option<&Tensor<Self>>,
     ) -> Result<Tensor<Self>> {
-        let (t, din, dout) = check_linear(x, w)?;
+        let (t, din, dout) = check::linear(x, w)?;
         let mut y = vec![0.0f32; t * dout];
         if let Some(b) = bias {
             b.expect_shape("bias", &[dout])?;
@@ -262,8 +252,8 @@ impl Backend for Cpu {
         lora_b: &Tensor<Self>,
         scaling: f32,
     ) -> Result<(Tensor<Self>, Tensor<Self>)> {
-        let (t, din, dout) = check_linear(x, w0)?;
-        let r = ops::check_lora(din, dout, lora_a, lora_b)?;
+        let (t, din, dout) = check::linear(x, w0)?;
+        let r = check::lora(din, dout, lora_a, lora_b)?;
         let mut y = self.linear(x, w0, bias)?;
         // h = x A^T  [T, r]
         let mut h = vec![0.0f32; t * r];
@@ -305,8 +295,8 @@ impl Backend for Cpu {
         lora_b: &Tensor<Self>,
         scaling: f32,
     ) -> Result<(Tensor<Self>, Tensor<Self>, Tensor<Self>)> {
-        let (t, din, dout) = check_linear(x, w0)?;
-        let r = ops::check_lora(din, dout, lora_a, lora_b)?;
+        let (t, din, dout) = check::linear(x, w0)?;
+        let r = check::lora(din, dout, lora_a, lora_b)?;
         dy.expect_shape("dy", &[t, dout])?;
         h.expect_shape("h", &[t, r])?;
         // g = dy B  [T, r]
@@ -377,7 +367,7 @@ impl Backend for Cpu {
         sign: f32,
     ) -> Result<()> {
         let (dout, din) = w.dims2("w")?;
-        let r = ops::check_lora(din, dout, lora_a, lora_b)?;
+        let r = check::lora(din, dout, lora_a, lora_b)?;
         sgemm(
             Op::N,
             Op::N,

@@ -14,8 +14,8 @@
 //!   wave's contribution.
 
 use super::adapters;
-use super::{Cpu, new, ops};
-use crate::backend::{Nf4Weight, Tensor};
+use super::{Cpu, new};
+use crate::backend::{Nf4Weight, Tensor, check};
 use crate::error::{Error, Result};
 use crate::quant::nf4::{NF4_CODE, Nf4Tensor};
 use gemm::Parallelism;
@@ -68,19 +68,6 @@ pub(super) fn dequantize(w: &Nf4Weight<Cpu>) -> Result<Tensor<Cpu>> {
     Ok(new(quant(w).dequantize(), &[w.out, w.in_]))
 }
 
-/// Checks `x [T, in]` against the weight, returning `(T, in, out)`.
-fn check_x(x: &Tensor<Cpu>, w: &Nf4Weight<Cpu>) -> Result<(usize, usize, usize)> {
-    let (t, din) = x.dims2("x")?;
-    if din != w.in_ {
-        return Err(Error::shape(
-            "nf4 weight",
-            format!("[out, {din}]"),
-            &[w.out, w.in_],
-        ));
-    }
-    Ok((t, din, w.out))
-}
-
 /// Dequantizes rows `o0..o1` into `tile` (exactly `(o1 - o0) * in` long), equal bit for bit to
 /// [`Nf4Tensor::dequantize_rows`] (`out[j] = NF4_CODE[q[j]] * absmax[j / blocksize]`, one f32
 /// product), but a whole byte (two elements) at a time when the rows start at an even element,
@@ -120,7 +107,7 @@ pub(super) fn linear(
     w: &Nf4Weight<Cpu>,
     bias: Option<&Tensor<Cpu>>,
 ) -> Result<Tensor<Cpu>> {
-    let (t, din, dout) = check_x(x, w)?;
+    let (t, din, dout) = check::linear_dims(x, w.dims())?;
     let mut y = vec![0.0f32; t * dout];
     if let Some(b) = bias {
         b.expect_shape("bias", &[dout])?;
@@ -297,7 +284,7 @@ pub(super) fn dora_weight_norm(
     s: f32,
 ) -> Result<Tensor<Cpu>> {
     let (dout, din) = (w0.out, w0.in_);
-    let r = ops::check_lora(din, dout, a, b)?;
+    let r = check::lora(din, dout, a, b)?;
     w0_row_sq.expect_shape("w0_row_sq", &[dout])?;
     let q = quant(w0);
     let absmax = q.absmax_f32();

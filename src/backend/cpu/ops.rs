@@ -2,33 +2,14 @@
 
 use super::gemm::{Op, sgemm};
 use super::{Cpu, new};
-use crate::backend::{AttentionSaved, SeqSpan, Tensor};
-use crate::error::{Error, Result};
+use crate::backend::{AttentionSaved, SeqSpan, Tensor, check};
+use crate::error::Result;
 use rayon::prelude::*;
 
 /// `x * sigmoid(x)`.
 #[inline]
 pub(super) fn silu(x: f32) -> f32 {
     x / (1.0 + (-x).exp())
-}
-
-/// Checks LoRA factor shapes against a base `[dout, din]`; returns r. Errors: r = 0 or
-/// mismatched factor shapes.
-pub(super) fn check_lora(
-    din: usize,
-    dout: usize,
-    a: &Tensor<Cpu>,
-    b: &Tensor<Cpu>,
-) -> Result<usize> {
-    let (r, ain) = a.dims2("lora_A")?;
-    if r == 0 {
-        return Err(Error::arg("r", "LoRA rank must be at least 1"));
-    }
-    if ain != din {
-        return Err(Error::shape("lora_A", format!("[r, {din}]"), a.shape()));
-    }
-    b.expect_shape("lora_B", &[dout, r])?;
-    Ok(r)
 }
 
 pub(super) fn rmsnorm(
@@ -116,18 +97,7 @@ pub(super) fn rope(
     inverse: bool,
 ) -> Result<()> {
     let (t, width) = x.dims2("x")?;
-    if head_dim == 0 || !head_dim.is_multiple_of(2) || width % head_dim != 0 {
-        return Err(Error::arg(
-            "head_dim",
-            format!("{head_dim} must be even and divide the row width {width}"),
-        ));
-    }
-    if positions.len() != t {
-        return Err(Error::arg(
-            "positions",
-            format!("{} positions for {t} rows", positions.len()),
-        ));
-    }
+    check::rope(width, t, positions, head_dim)?;
     let half = head_dim / 2;
     let inv_freq = rope_inv_freq(head_dim, theta);
     let sign = if inverse { -1.0f32 } else { 1.0 };
@@ -152,36 +122,6 @@ pub(super) fn rope(
             }
         });
     Ok(())
-}
-
-/// Shape checks shared by attention forward and backward; returns `(T, head_dim, group)`.
-fn check_attention(
-    q: &Tensor<Cpu>,
-    k: &Tensor<Cpu>,
-    v: &Tensor<Cpu>,
-    seqs: &[SeqSpan],
-    n_heads: usize,
-    n_kv_heads: usize,
-) -> Result<(usize, usize, usize)> {
-    let (t, qw) = q.dims2("q")?;
-    if n_heads == 0 || n_kv_heads == 0 || !n_heads.is_multiple_of(n_kv_heads) || qw % n_heads != 0 {
-        return Err(Error::arg(
-            "n_heads",
-            format!("{n_heads} query heads, {n_kv_heads} kv heads for q width {qw}"),
-        ));
-    }
-    let hd = qw / n_heads;
-    k.expect_shape("k", &[t, n_kv_heads * hd])?;
-    v.expect_shape("v", &[t, n_kv_heads * hd])?;
-    for s in seqs {
-        if s.start + s.len > t {
-            return Err(Error::arg(
-                "seqs",
-                format!("span {}..{} beyond {t} rows", s.start, s.start + s.len),
-            ));
-        }
-    }
-    Ok((t, hd, n_heads / n_kv_heads))
 }
 
 /// Copies head `h` (width `hd`) of rows `span` of a `[T, H*hd]` buffer into `[len, hd]`.
@@ -243,7 +183,7 @@ pub(super) fn attention(
     n_kv_heads: usize,
     scale: f32,
 ) -> Result<AttentionSaved<Cpu>> {
-    let (t, hd, group) = check_attention(q, k, v, seqs, n_heads, n_kv_heads)?;
+    let (t, hd, group) = check::attention(q, k, v, seqs, n_heads, n_kv_heads)?;
     let (qw, kw) = (n_heads * hd, n_kv_heads * hd);
     // Per task: outputs of the group's query heads, [group][len*hd] and lse [group][len].
     let results: Vec<_> = tasks(seqs, n_kv_heads)
@@ -292,7 +232,7 @@ pub(super) fn attention_backward(
     n_kv_heads: usize,
     scale: f32,
 ) -> Result<(Tensor<Cpu>, Tensor<Cpu>, Tensor<Cpu>)> {
-    let (t, hd, group) = check_attention(q, k, v, seqs, n_heads, n_kv_heads)?;
+    let (t, hd, group) = check::attention(q, k, v, seqs, n_heads, n_kv_heads)?;
     let (qw, kw) = (n_heads * hd, n_kv_heads * hd);
     d_out.expect_shape("d_out", q.shape())?;
     saved.out.expect_shape("saved.out", q.shape())?;
@@ -366,18 +306,7 @@ pub(super) fn cross_entropy(
     grad_scale: f32,
 ) -> Result<(f64, Tensor<Cpu>)> {
     let (n, vocab) = logits.dims2("logits")?;
-    if labels.len() != n {
-        return Err(Error::arg(
-            "labels",
-            format!("{} labels for {n} logit rows", labels.len()),
-        ));
-    }
-    if let Some(&bad) = labels.iter().find(|&&l| l >= 0 && l as usize >= vocab) {
-        return Err(Error::arg(
-            "labels",
-            format!("label {bad} out of range for vocab {vocab}"),
-        ));
-    }
+    check::labels(labels, n, vocab)?;
     let mut grad = vec![0.0f32; n * vocab];
     let loss: f64 = grad
         .par_chunks_mut(vocab.max(1))

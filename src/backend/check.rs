@@ -1,0 +1,211 @@
+//! Argument checks shared by every backend, so that each kernel's contract (shapes, ranges) is
+//! enforced in one place and every backend returns the same error for the same bad input.
+
+use super::{Backend, SeqSpan, Tensor};
+use crate::error::{Error, Result};
+
+/// Checks `x [T, in]` against `w [out, in]`, returning `(T, in, out)`.
+pub fn linear<B: Backend>(x: &Tensor<B>, w: &Tensor<B>) -> Result<(usize, usize, usize)> {
+    let (t, din) = x.dims2("x")?;
+    let (dout, win) = w.dims2("w")?;
+    if win != din {
+        return Err(Error::shape("w", format!("[out, {din}]"), w.shape()));
+    }
+    Ok((t, din, dout))
+}
+
+/// Checks `x [T, in]` against a quantized weight of logical shape `[out, in]`, returning
+/// `(T, in, out)`.
+pub fn linear_dims<B: Backend>(
+    x: &Tensor<B>,
+    (out, in_): (usize, usize),
+) -> Result<(usize, usize, usize)> {
+    let (t, din) = x.dims2("x")?;
+    if din != in_ {
+        return Err(Error::shape(
+            "nf4 weight",
+            format!("[out, {din}]"),
+            &[out, in_],
+        ));
+    }
+    Ok((t, din, out))
+}
+
+/// Checks LoRA factor shapes against a base `[dout, din]`; returns r. Errors: r = 0 or
+/// mismatched factor shapes.
+pub fn lora<B: Backend>(din: usize, dout: usize, a: &Tensor<B>, b: &Tensor<B>) -> Result<usize> {
+    let (r, ain) = a.dims2("lora_A")?;
+    if r == 0 {
+        return Err(Error::arg("r", "LoRA rank must be at least 1"));
+    }
+    if ain != din {
+        return Err(Error::shape("lora_A", format!("[r, {din}]"), a.shape()));
+    }
+    b.expect_shape("lora_B", &[dout, r])?;
+    Ok(r)
+}
+
+/// Checks a vector `[n]` named `name`.
+pub fn vector<B: Backend>(name: &str, v: &Tensor<B>, n: usize) -> Result<()> {
+    v.expect_shape(name, &[n])
+}
+
+/// Checks x `[T, in]`, A `[r, in]`, B `[out, r]` and `name` `[T, out]`; returns `(T, in, out, r)`.
+pub fn adapter<B: Backend>(
+    x: &Tensor<B>,
+    a: &Tensor<B>,
+    b: &Tensor<B>,
+    name: &str,
+    y: &Tensor<B>,
+) -> Result<(usize, usize, usize, usize)> {
+    let (t, din) = x.dims2("x")?;
+    let (dout, _) = b.dims2("lora_B")?;
+    let r = lora(din, dout, a, b)?;
+    y.expect_shape(name, &[t, dout])?;
+    Ok((t, din, dout, r))
+}
+
+/// Checks DoRA's `lora_magnitude_vector` and `weight_norm`, both `[out]`.
+pub fn dora_vectors<B: Backend>(m: &Tensor<B>, n: &Tensor<B>, dout: usize) -> Result<()> {
+    m.expect_shape("lora_magnitude_vector", &[dout])?;
+    n.expect_shape("weight_norm", &[dout])
+}
+
+/// Checks VeRA's shared projections `vera_A [r, max_in]`, `vera_B [max_out, r]` and lambdas
+/// against a base `[dout, din]`; returns `(r, max_in)`.
+pub fn vera<B: Backend>(
+    din: usize,
+    dout: usize,
+    vera_a: &Tensor<B>,
+    vera_b: &Tensor<B>,
+    lambda_d: &Tensor<B>,
+    lambda_b: &Tensor<B>,
+) -> Result<(usize, usize)> {
+    let (r, max_in) = vera_a.dims2("vera_A")?;
+    if r == 0 || max_in < din {
+        return Err(Error::shape(
+            "vera_A",
+            format!("[r >= 1, max_in >= {din}]"),
+            vera_a.shape(),
+        ));
+    }
+    let (max_out, br) = vera_b.dims2("vera_B")?;
+    if br != r || max_out < dout {
+        return Err(Error::shape(
+            "vera_B",
+            format!("[max_out >= {dout}, {r}]"),
+            vera_b.shape(),
+        ));
+    }
+    vector("vera_lambda_d", lambda_d, r)?;
+    vector("vera_lambda_b", lambda_b, dout)?;
+    Ok((r, max_in))
+}
+
+/// PEFT's AdaLoRA factor `scaling / (ranknum + 1e-5)`, in f32. Errors: ranknum not positive.
+pub fn adalora_factor(scaling: f32, ranknum: f32) -> Result<f32> {
+    if !(ranknum.is_finite() && ranknum > 0.0) {
+        return Err(Error::arg(
+            "ranknum",
+            format!("must be a positive number (init_r), got {ranknum}"),
+        ));
+    }
+    Ok(scaling / (ranknum + 1e-5))
+}
+
+/// Checks AdaLoRA factors `A [r, in]`, `B [out, r]`, `E [r, 1]`; returns r.
+pub fn adalora<B: Backend>(
+    din: usize,
+    dout: usize,
+    a: &Tensor<B>,
+    b: &Tensor<B>,
+    e: &Tensor<B>,
+) -> Result<usize> {
+    let r = lora(din, dout, a, b)?;
+    e.expect_shape("lora_E", &[r, 1])?;
+    Ok(r)
+}
+
+/// Shape checks shared by attention forward and backward; returns `(T, head_dim, group)`.
+pub fn attention<B: Backend>(
+    q: &Tensor<B>,
+    k: &Tensor<B>,
+    v: &Tensor<B>,
+    seqs: &[SeqSpan],
+    n_heads: usize,
+    n_kv_heads: usize,
+) -> Result<(usize, usize, usize)> {
+    let (t, qw) = q.dims2("q")?;
+    if n_heads == 0 || n_kv_heads == 0 || !n_heads.is_multiple_of(n_kv_heads) || qw % n_heads != 0 {
+        return Err(Error::arg(
+            "n_heads",
+            format!("{n_heads} query heads, {n_kv_heads} kv heads for q width {qw}"),
+        ));
+    }
+    let hd = qw / n_heads;
+    k.expect_shape("k", &[t, n_kv_heads * hd])?;
+    v.expect_shape("v", &[t, n_kv_heads * hd])?;
+    for s in seqs {
+        if s.start + s.len > t {
+            return Err(Error::arg(
+                "seqs",
+                format!("span {}..{} beyond {t} rows", s.start, s.start + s.len),
+            ));
+        }
+    }
+    Ok((t, hd, n_heads / n_kv_heads))
+}
+
+/// Checks cross-entropy labels against `logits [n, vocab]`: one per row, each negative
+/// (ignored) or `< vocab`.
+pub fn labels(labels: &[i32], n: usize, vocab: usize) -> Result<()> {
+    if labels.len() != n {
+        return Err(Error::arg(
+            "labels",
+            format!("{} labels for {n} logit rows", labels.len()),
+        ));
+    }
+    if let Some(&bad) = labels.iter().find(|&&l| l >= 0 && l as usize >= vocab) {
+        return Err(Error::arg(
+            "labels",
+            format!("label {bad} out of range for vocab {vocab}"),
+        ));
+    }
+    Ok(())
+}
+
+/// Checks row indices against a table of `n` rows.
+pub fn row_indices(idx: &[u32], n: usize) -> Result<()> {
+    match idx.iter().find(|&&i| i as usize >= n) {
+        Some(&i) => Err(Error::arg(
+            "idx",
+            format!("row index {i} out of range 0..{n}"),
+        )),
+        None => Ok(()),
+    }
+}
+
+/// Checks rotary-embedding arguments for `x [T, width]`.
+pub fn rope(width: usize, t: usize, positions: &[u32], head_dim: usize) -> Result<()> {
+    if head_dim == 0 || head_dim % 2 != 0 || width % head_dim != 0 {
+        return Err(Error::arg(
+            "head_dim",
+            format!("{head_dim} must be even and divide the row width {width}"),
+        ));
+    }
+    if positions.len() != t {
+        return Err(Error::arg(
+            "positions",
+            format!("{} positions for {t} rows", positions.len()),
+        ));
+    }
+    Ok(())
+}
+
+/// Checks an AdamW step number (1-based).
+pub fn adamw_step(step: u64) -> Result<()> {
+    if step == 0 {
+        return Err(Error::arg("step", "AdamW steps are 1-based"));
+    }
+    Ok(())
+}
