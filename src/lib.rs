@@ -39,5 +39,7 @@ pub mod model;
 pub mod quant;
 pub mod train;
 
+#[cfg(feature = "wgpu")]
+pub use backend::wgpu::Wgpu;
 pub use backend::{Backend, Tensor, cpu::Cpu};
 pub use error::{Error, Result};

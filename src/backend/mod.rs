@@ -12,6 +12,8 @@
 pub mod bench;
 pub mod check;
 pub mod cpu;
+#[cfg(feature = "wgpu")]
+pub mod wgpu;
 
 use crate::error::{Error, Result};
 use crate::quant::nf4::Nf4Tensor;

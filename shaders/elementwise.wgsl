@@ -1,0 +1,115 @@
+// Elementwise kernels over flat f32 arrays: one invocation per element, 256 per workgroup,
+// workgroups laid out in 2-D when one dimension would exceed the dispatch limit.
+// `base` is the index of this dispatch's first element in the whole tensor (large tensors are
+// processed in bound ranges); `n` is the element count of this dispatch.
+
+struct P {
+    n: u32,
+    base: u32,
+    cols: u32,
+    flags: u32,
+    f0: f32,
+    f1: f32,
+    f2: f32,
+    f3: f32,
+    f4: f32,
+    f5: f32,
+    f6: f32,
+}
+
+@group(0) @binding(0) var<uniform> p: P;
+@group(0) @binding(1) var<storage, read_write> o0: array<f32>;
+@group(0) @binding(2) var<storage, read> i1: array<f32>;
+@group(0) @binding(3) var<storage, read> i2: array<f32>;
+@group(0) @binding(4) var<storage, read> i3: array<f32>;
+@group(0) @binding(5) var<storage, read_write> o4: array<f32>;
+@group(0) @binding(6) var<storage, read_write> o5: array<f32>;
+
+fn index(wg: vec3<u32>, lid: vec3<u32>, nwg: vec3<u32>) -> u32 {
+    return (wg.y * nwg.x + wg.x) * 256u + lid.x;
+}
+
+// o0 += f0 * i1
+@compute @workgroup_size(256)
+fn axpy(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_id) lid: vec3<u32>,
+        @builtin(num_workgroups) nwg: vec3<u32>) {
+    let e = index(wg, lid, nwg);
+    if (e < p.n) {
+        o0[e] = fma(p.f0, i1[e], o0[e]);
+    }
+}
+
+// o0 *= f0
+@compute @workgroup_size(256)
+fn scale(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_id) lid: vec3<u32>,
+         @builtin(num_workgroups) nwg: vec3<u32>) {
+    let e = index(wg, lid, nwg);
+    if (e < p.n) {
+        o0[e] = o0[e] * p.f0;
+    }
+}
+
+fn sigmoid(x: f32) -> f32 {
+    return 1.0 / (1.0 + exp(-x));
+}
+
+// o0 = silu(i1) * i2
+@compute @workgroup_size(256)
+fn swiglu(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_id) lid: vec3<u32>,
+          @builtin(num_workgroups) nwg: vec3<u32>) {
+    let e = index(wg, lid, nwg);
+    if (e < p.n) {
+        let g = i1[e];
+        o0[e] = g / (1.0 + exp(-g)) * i2[e];
+    }
+}
+
+// d = i3, gate = i1, up = i2: o0 = dgate, o4 = dup
+@compute @workgroup_size(256)
+fn swiglu_backward(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_id) lid: vec3<u32>,
+                   @builtin(num_workgroups) nwg: vec3<u32>) {
+    let e = index(wg, lid, nwg);
+    if (e < p.n) {
+        let g = i1[e];
+        let u = i2[e];
+        let d = i3[e];
+        let sig = sigmoid(g);
+        o0[e] = d * u * sig * (1.0 + g * (1.0 - sig));
+        o4[e] = d * (g * sig);
+    }
+}
+
+// torch.optim.AdamW on o0 (param) with grad i1, exp_avg o4, exp_avg_sq o5.
+// f0 lr, f1 beta1, f2 beta2, f3 eps, f4 decay factor (1 - lr wd), f5 step size lr / bc1,
+// f6 sqrt(bc2).
+@compute @workgroup_size(256)
+fn adamw(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_id) lid: vec3<u32>,
+         @builtin(num_workgroups) nwg: vec3<u32>) {
+    let e = index(wg, lid, nwg);
+    if (e < p.n) {
+        let g = i1[e];
+        let w = o0[e] * p.f4;
+        let m = p.f1 * o4[e] + (1.0 - p.f1) * g;
+        let v = p.f2 * o5[e] + (1.0 - p.f2) * g * g;
+        o4[e] = m;
+        o5[e] = v;
+        let denom = sqrt(v) / p.f6 + p.f3;
+        o0[e] = w - p.f5 * m / denom;
+    }
+}
+
+// o0[e] = i2[col] * i1[e] (+ i3[col] when flags & 1), col = (base + e) % cols:
+// DoRA's y = (m / n) z + bias, with the column scale already divided (see adapters).
+@compute @workgroup_size(256)
+fn colscale_bias(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_id) lid: vec3<u32>,
+                 @builtin(num_workgroups) nwg: vec3<u32>) {
+    let e = index(wg, lid, nwg);
+    if (e < p.n) {
+        let col = (p.base + e) % p.cols;
+        var v = i2[col] * i1[e];
+        if ((p.flags & 1u) != 0u) {
+            v += i3[col];
+        }
+        o0[e] = v;
+    }
+}

@@ -1,0 +1,431 @@
+//! The wgpu device, its buffers, the pipeline cache and the dispatch queue.
+//!
+//! Dispatches are recorded into one pending command encoder and submitted together (every
+//! [`BATCH`] dispatches, or when the host needs data back), so a training step costs a few
+//! submits, and the only readbacks are the ones the caller asks for (`download`, the loss).
+//! Each dispatch's uniform parameters go into one uniform buffer per batch, written once
+//! before its submit.
+
+use crate::error::{Error, Result};
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use wgpu::util::DeviceExt;
+
+/// Dispatches recorded before a submit.
+const BATCH: usize = 256;
+/// Bytes reserved per dispatch in the batch's uniform buffer (the largest uniform alignment
+/// WebGPU allows, so every offset is valid on every adapter).
+const PARAM_STRIDE: usize = 256;
+
+/// One storage binding of a dispatch: a buffer and the byte range of it to bind.
+pub(crate) struct Bind<'a> {
+    pub buffer: &'a wgpu::Buffer,
+    /// Byte offset (a multiple of the adapter's storage offset alignment).
+    pub offset: u64,
+    /// Bytes bound (a multiple of 4, at least 4).
+    pub size: u64,
+}
+
+impl<'a> Bind<'a> {
+    /// The whole buffer.
+    pub fn all(buf: &'a GpuBuf) -> Self {
+        Bind {
+            buffer: &buf.buffer,
+            offset: 0,
+            size: buf.bytes(),
+        }
+    }
+    /// Bytes `offset..offset + size` of a buffer.
+    pub fn range(buf: &'a GpuBuf, offset: u64, size: u64) -> Self {
+        Bind {
+            buffer: &buf.buffer,
+            offset,
+            size,
+        }
+    }
+}
+
+/// A compiled kernel: a pipeline and its bind group layout (binding 0 is the uniform
+/// parameter block, storage buffers follow). The layout is derived from the entry point, so a
+/// dispatch binds exactly the buffers that entry point uses.
+pub(crate) struct Kernel {
+    pipeline: wgpu::ComputePipeline,
+    layout: wgpu::BindGroupLayout,
+}
+
+struct Pending {
+    encoder: Option<wgpu::CommandEncoder>,
+    params: Vec<u8>,
+    params_buf: Option<wgpu::Buffer>,
+    dispatches: usize,
+}
+
+/// The device and everything shared by the tensors living on it.
+pub(crate) struct Ctx {
+    pub device: wgpu::Device,
+    pub queue: wgpu::Queue,
+    pub info: wgpu::AdapterInfo,
+    pub features: wgpu::Features,
+    /// Largest storage binding in bytes (the adapter's limit, or a lower one set for tests).
+    pub max_binding: u64,
+    /// Alignment of storage binding offsets in bytes.
+    pub offset_align: u64,
+    pub max_groups: u32,
+    kernels: Mutex<HashMap<String, Arc<Kernel>>>,
+    pending: Mutex<Pending>,
+    /// First error reported by the device (validation, out of memory, device lost).
+    error: Arc<Mutex<Option<String>>>,
+    /// A 16-byte buffer bound where a kernel's optional input is absent.
+    dummy: wgpu::Buffer,
+}
+
+/// A storage buffer of f32 values on the device.
+pub struct GpuBuf {
+    pub(crate) ctx: Arc<Ctx>,
+    pub(crate) buffer: wgpu::Buffer,
+    /// Number of f32 elements (the buffer holds at least one).
+    pub(crate) len: usize,
+}
+
+impl GpuBuf {
+    /// Size of the underlying buffer in bytes.
+    pub(crate) fn bytes(&self) -> u64 {
+        self.buffer.size()
+    }
+}
+
+/// Deep copy on the device: tensors have value semantics on every backend (a clone is never
+/// changed by in-place kernels run on the original).
+impl Clone for GpuBuf {
+    fn clone(&self) -> Self {
+        let out = self.ctx.alloc(self.len);
+        self.ctx
+            .copy(&self.buffer, 0, &out.buffer, 0, self.buffer.size());
+        GpuBuf {
+            ctx: self.ctx.clone(),
+            buffer: out.buffer,
+            len: self.len,
+        }
+    }
+}
+
+impl std::fmt::Debug for GpuBuf {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "GpuBuf[{}]", self.len)
+    }
+}
+
+fn err(msg: impl Into<String>) -> Error {
+    Error::Backend {
+        backend: "wgpu".into(),
+        msg: msg.into(),
+    }
+}
+
+impl Ctx {
+    /// Opens the first Vulkan/Metal/DX12 adapter (a software one such as lavapipe when no
+    /// hardware adapter exists). Errors: [`Error::BackendUnavailable`] when there is none.
+    pub fn new(max_binding: Option<u64>) -> Result<Arc<Ctx>> {
+        let unavailable = |reason: String| Error::BackendUnavailable {
+            backend: "wgpu".into(),
+            reason,
+        };
+        let mut desc = wgpu::InstanceDescriptor::new_without_display_handle_from_env();
+        desc.backends = wgpu::Backends::VULKAN | wgpu::Backends::METAL | wgpu::Backends::DX12;
+        let instance = wgpu::Instance::new(desc);
+        let adapter = pollster::block_on(instance.request_adapter(&wgpu::RequestAdapterOptions {
+            power_preference: wgpu::PowerPreference::HighPerformance,
+            force_fallback_adapter: false,
+            compatible_surface: None,
+            ..Default::default()
+        }))
+        .map_err(|e| unavailable(format!("no Vulkan, Metal or DX12 adapter found ({e})")))?;
+        let info = adapter.get_info();
+        let wanted = wgpu::Features::SHADER_F16 | wgpu::Features::SUBGROUP;
+        let features = adapter.features() & wanted;
+        let limits = adapter.limits();
+        let (device, queue) = pollster::block_on(adapter.request_device(&wgpu::DeviceDescriptor {
+            label: Some("lorafuse"),
+            required_features: features,
+            required_limits: limits.clone(),
+            ..Default::default()
+        }))
+        .map_err(|e| unavailable(format!("{}: request_device failed: {e}", info.name)))?;
+        let error: Arc<Mutex<Option<String>>> = Arc::new(Mutex::new(None));
+        let e = error.clone();
+        device.on_uncaptured_error(Arc::new(move |er: wgpu::Error| {
+            let mut slot = e.lock().unwrap_or_else(|p| p.into_inner());
+            slot.get_or_insert_with(|| er.to_string());
+        }));
+        let e = error.clone();
+        device.set_device_lost_callback(move |reason, msg| {
+            let mut slot = e.lock().unwrap_or_else(|p| p.into_inner());
+            slot.get_or_insert_with(|| format!("device lost ({reason:?}): {msg}"));
+        });
+        let adapter_max =
+            (limits.max_storage_buffer_binding_size as u64).min(limits.max_buffer_size);
+        let dummy = device.create_buffer(&wgpu::BufferDescriptor {
+            label: Some("dummy"),
+            size: 16,
+            usage: wgpu::BufferUsages::STORAGE,
+            mapped_at_creation: false,
+        });
+        Ok(Arc::new(Ctx {
+            info,
+            features,
+            max_binding: max_binding.map_or(adapter_max, |m| m.min(adapter_max)),
+            offset_align: limits.min_storage_buffer_offset_alignment as u64,
+            max_groups: limits.max_compute_workgroups_per_dimension,
+            device,
+            queue,
+            kernels: Mutex::new(HashMap::new()),
+            pending: Mutex::new(Pending {
+                encoder: None,
+                params: Vec::new(),
+                params_buf: None,
+                dispatches: 0,
+            }),
+            error,
+            dummy,
+        }))
+    }
+
+    /// Returns the first device error since the last check, as an `Err`.
+    pub fn check(&self) -> Result<()> {
+        let mut slot = self.error.lock().unwrap_or_else(|p| p.into_inner());
+        match slot.take() {
+            Some(msg) => Err(err(msg)),
+            None => Ok(()),
+        }
+    }
+
+    /// A zero-filled buffer of `len` f32 (wgpu zero-initializes new buffers).
+    pub fn alloc(self: &Arc<Self>, len: usize) -> GpuBuf {
+        let buffer = self.device.create_buffer(&wgpu::BufferDescriptor {
+            label: None,
+            size: 4 * len.max(1) as u64,
+            usage: wgpu::BufferUsages::STORAGE
+                | wgpu::BufferUsages::COPY_SRC
+                | wgpu::BufferUsages::COPY_DST,
+            mapped_at_creation: false,
+        });
+        GpuBuf {
+            ctx: self.clone(),
+            buffer,
+            len,
+        }
+    }
+
+    /// A buffer holding `data`.
+    pub fn upload(self: &Arc<Self>, data: &[f32]) -> GpuBuf {
+        self.upload_bytes(bytemuck::cast_slice(data), data.len())
+    }
+
+    /// A buffer holding raw 32-bit words (`len` of them) given as bytes.
+    pub fn upload_bytes(self: &Arc<Self>, bytes: &[u8], len: usize) -> GpuBuf {
+        let mut padded;
+        let contents = if bytes.len() < 4 || bytes.len() % 4 != 0 {
+            padded = bytes.to_vec();
+            padded.resize(bytes.len().div_ceil(4).max(1) * 4, 0);
+            &padded[..]
+        } else {
+            bytes
+        };
+        let buffer = self
+            .device
+            .create_buffer_init(&wgpu::util::BufferInitDescriptor {
+                label: None,
+                contents,
+                usage: wgpu::BufferUsages::STORAGE
+                    | wgpu::BufferUsages::COPY_SRC
+                    | wgpu::BufferUsages::COPY_DST,
+            });
+        GpuBuf {
+            ctx: self.clone(),
+            buffer,
+            len,
+        }
+    }
+
+    /// Records a buffer-to-buffer copy (bytes, multiples of 4).
+    pub fn copy(&self, src: &wgpu::Buffer, so: u64, dst: &wgpu::Buffer, d_o: u64, size: u64) {
+        let mut p = self.pending.lock().unwrap_or_else(|p| p.into_inner());
+        let enc = self.encoder(&mut p);
+        enc.copy_buffer_to_buffer(src, so, dst, d_o, size);
+    }
+
+    fn encoder<'p>(&self, p: &'p mut Pending) -> &'p mut wgpu::CommandEncoder {
+        p.encoder.get_or_insert_with(|| {
+            self.device
+                .create_command_encoder(&wgpu::CommandEncoderDescriptor { label: None })
+        })
+    }
+
+    /// The kernel `entry` of the WGSL module `source`, compiled once and cached under `key`.
+    pub fn kernel(&self, key: &str, source: &str, entry: &str) -> Result<Arc<Kernel>> {
+        let mut cache = self.kernels.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(k) = cache.get(key) {
+            return Ok(k.clone());
+        }
+        let module = self
+            .device
+            .create_shader_module(wgpu::ShaderModuleDescriptor {
+                label: Some(key),
+                source: wgpu::ShaderSource::Wgsl(source.into()),
+            });
+        let pipeline = self
+            .device
+            .create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
+                label: Some(key),
+                layout: None,
+                module: &module,
+                entry_point: Some(entry),
+                compilation_options: Default::default(),
+                cache: None,
+            });
+        // A shader that does not compile is a bug in lorafuse; report it as an error.
+        self.device
+            .poll(wgpu::PollType::Poll)
+            .map_err(|e| err(format!("poll: {e}")))?;
+        self.check()
+            .map_err(|e| err(format!("compiling kernel `{key}`: {e}")))?;
+        let layout = pipeline.get_bind_group_layout(0);
+        let k = Arc::new(Kernel { pipeline, layout });
+        cache.insert(key.to_string(), k.clone());
+        Ok(k)
+    }
+
+    /// Records one dispatch of `kernel` over `groups` workgroups with the uniform `params`
+    /// (32-bit words) at binding 0 and the storage `binds` at their binding numbers.
+    pub fn dispatch(
+        &self,
+        kernel: &Kernel,
+        params: &[u32],
+        binds: &[(u32, Bind<'_>)],
+        groups: (u32, u32, u32),
+    ) -> Result<()> {
+        if params.len() * 4 > PARAM_STRIDE {
+            return Err(err("kernel parameter block larger than 256 bytes"));
+        }
+        if groups.0 > self.max_groups || groups.1 > self.max_groups || groups.2 > self.max_groups {
+            return Err(err(format!(
+                "dispatch of {groups:?} workgroups exceeds the adapter's {} per dimension",
+                self.max_groups
+            )));
+        }
+        let mut p = self.pending.lock().unwrap_or_else(|p| p.into_inner());
+        if p.params_buf.is_none() {
+            p.params_buf = Some(self.device.create_buffer(&wgpu::BufferDescriptor {
+                label: Some("params"),
+                size: (BATCH * PARAM_STRIDE) as u64,
+                usage: wgpu::BufferUsages::UNIFORM | wgpu::BufferUsages::COPY_DST,
+                mapped_at_creation: false,
+            }));
+        }
+        let slot = p.dispatches;
+        let off = slot * PARAM_STRIDE;
+        p.params.resize(off + PARAM_STRIDE, 0);
+        p.params[off..off + params.len() * 4].copy_from_slice(bytemuck::cast_slice(params));
+        let params_buf = p.params_buf.as_ref().expect("created above");
+        let mut entries = vec![wgpu::BindGroupEntry {
+            binding: 0,
+            resource: wgpu::BindingResource::Buffer(wgpu::BufferBinding {
+                buffer: params_buf,
+                offset: off as u64,
+                size: wgpu::BufferSize::new(PARAM_STRIDE as u64),
+            }),
+        }];
+        for (i, b) in binds {
+            entries.push(wgpu::BindGroupEntry {
+                binding: *i,
+                resource: wgpu::BindingResource::Buffer(wgpu::BufferBinding {
+                    buffer: b.buffer,
+                    offset: b.offset,
+                    size: wgpu::BufferSize::new(b.size),
+                }),
+            });
+        }
+        let group = self.device.create_bind_group(&wgpu::BindGroupDescriptor {
+            label: None,
+            layout: &kernel.layout,
+            entries: &entries,
+        });
+        {
+            let enc = self.encoder(&mut p);
+            let mut pass = enc.begin_compute_pass(&wgpu::ComputePassDescriptor::default());
+            pass.set_pipeline(&kernel.pipeline);
+            pass.set_bind_group(0, &group, &[]);
+            pass.dispatch_workgroups(groups.0, groups.1, groups.2);
+        }
+        p.dispatches += 1;
+        if p.dispatches >= BATCH {
+            self.submit_locked(&mut p);
+        }
+        Ok(())
+    }
+
+    /// A binding of the 16-byte placeholder buffer, for an absent optional input.
+    pub fn dummy(&self) -> Bind<'_> {
+        Bind {
+            buffer: &self.dummy,
+            offset: 0,
+            size: 16,
+        }
+    }
+
+    fn submit_locked(&self, p: &mut Pending) {
+        if let Some(buf) = p.params_buf.take() {
+            self.queue.write_buffer(&buf, 0, &p.params);
+        }
+        p.params.clear();
+        p.dispatches = 0;
+        if let Some(enc) = p.encoder.take() {
+            self.queue.submit([enc.finish()]);
+        }
+    }
+
+    /// Submits everything recorded so far.
+    pub fn flush(&self) {
+        let mut p = self.pending.lock().unwrap_or_else(|p| p.into_inner());
+        self.submit_locked(&mut p);
+    }
+
+    /// Reads `len` 32-bit words from the start of `buf` back to the host (submits pending work
+    /// and waits for it).
+    pub fn read(&self, buf: &wgpu::Buffer, len: usize) -> Result<Vec<u32>> {
+        if len == 0 {
+            return Ok(Vec::new());
+        }
+        let size = 4 * len as u64;
+        let staging = self.device.create_buffer(&wgpu::BufferDescriptor {
+            label: Some("readback"),
+            size,
+            usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
+            mapped_at_creation: false,
+        });
+        {
+            let mut p = self.pending.lock().unwrap_or_else(|p| p.into_inner());
+            self.encoder(&mut p)
+                .copy_buffer_to_buffer(buf, 0, &staging, 0, size);
+            self.submit_locked(&mut p);
+        }
+        let (tx, rx) = std::sync::mpsc::channel();
+        staging.map_async(wgpu::MapMode::Read, .., move |r| {
+            let _ = tx.send(r);
+        });
+        self.device
+            .poll(wgpu::PollType::wait_indefinitely())
+            .map_err(|e| err(format!("waiting for the device: {e}")))?;
+        self.check()?;
+        rx.recv()
+            .map_err(|_| err("buffer mapping was cancelled"))?
+            .map_err(|e| err(format!("mapping a readback buffer: {e}")))?;
+        let view = staging
+            .get_mapped_range(..)
+            .map_err(|e| err(format!("reading a mapped buffer: {e}")))?;
+        let out = bytemuck::cast_slice::<u8, u32>(&view).to_vec();
+        drop(view);
+        staging.unmap();
+        Ok(out)
+    }
+}
