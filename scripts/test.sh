@@ -5,6 +5,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export LORAFUSE_GOLDEN_DIR="${LORAFUSE_GOLDEN_DIR:-$PWD/../shared/golden}"
+# wgpu's Vulkan loader wants a runtime dir; headless machines often have none.
+export XDG_RUNTIME_DIR="${XDG_RUNTIME_DIR:-/tmp}"
 cargo fmt --all -- --check
 cargo clippy --release --all-targets -- -D warnings
 cargo build --release --bin lorafuse

@@ -82,7 +82,9 @@ struct ModelArgs {
     /// ($LORAFUSE_CACHE, else ~/.cache/lorafuse) on first use.
     #[arg(long)]
     model: Option<PathBuf>,
-    /// Where to run: cpu, or auto (the best available backend).
+    /// Where to run: cpu (the reference), wgpu (Vulkan/Metal/DX12: any GPU wgpu reaches, or
+    /// Mesa's lavapipe on the CPU), or auto (the CPU until the CUDA backend runs end to end).
+    /// `merge` always runs on the CPU.
     #[arg(long, value_enum, default_value_t = Device::Auto)]
     device: Device,
 }
@@ -350,15 +352,51 @@ fn main() {
     }
 }
 
-/// Picks the backend. Only the CPU reference exists in this build.
-fn backend(d: Device) -> Result<Cpu> {
+/// The backend a command runs on, as `--device` picks it.
+enum Picked {
+    Cpu,
+    #[cfg(feature = "wgpu")]
+    Wgpu(lorafuse::Wgpu),
+}
+
+/// Resolves `--device`: `cpu`; `wgpu` (the first Vulkan/Metal/DX12 adapter, a software one
+/// included); `auto` is the CPU reference until the CUDA backend runs end to end (wgpu is
+/// chosen explicitly: probing Vulkan on every start costs time and prints loader noise on
+/// headless machines). Errors: the requested backend is unavailable on this machine or not
+/// compiled in.
+fn pick(d: Device) -> Result<Picked> {
     match d {
-        Device::Cpu | Device::Auto => Ok(Cpu),
-        Device::Cuda | Device::Wgpu => Err(Error::BackendUnavailable {
-            backend: if d == Device::Cuda { "cuda" } else { "wgpu" }.into(),
-            reason: "this backend is not built yet; use --device cpu".into(),
+        Device::Cpu => Ok(Picked::Cpu),
+        #[cfg(feature = "wgpu")]
+        Device::Wgpu => Ok(Picked::Wgpu(lorafuse::Wgpu::new()?)),
+        Device::Auto => Ok(Picked::Cpu),
+        #[cfg(not(feature = "wgpu"))]
+        Device::Wgpu => Err(Error::BackendUnavailable {
+            backend: "wgpu".into(),
+            reason: "this build has no `wgpu` feature".into(),
+        }),
+        Device::Cuda => Err(Error::BackendUnavailable {
+            backend: "cuda".into(),
+            reason: "the CUDA backend cannot run end to end yet; use --device cpu or wgpu".into(),
         }),
     }
+}
+
+/// Runs the generic expression `$body` with `$be` bound to the backend `--device` picks.
+macro_rules! on_backend {
+    ($device:expr, $be:ident => $body:expr) => {
+        match pick($device)? {
+            Picked::Cpu => {
+                let $be = Cpu;
+                $body
+            }
+            #[cfg(feature = "wgpu")]
+            Picked::Wgpu(w) => {
+                let $be = w;
+                $body
+            }
+        }
+    };
 }
 
 fn model_path(m: &ModelArgs) -> Result<PathBuf> {
@@ -368,14 +406,13 @@ fn model_path(m: &ModelArgs) -> Result<PathBuf> {
     }
 }
 
-/// Opens the GGUF and builds tokenizer and model.
-fn load(m: &ModelArgs) -> Result<(Cpu, Tokenizer, Llama<Cpu>)> {
-    load_with(m, None)
-}
-
-/// [`load`], quantizing the projections to NF4 while reading them when `nf4` is given.
-fn load_with(m: &ModelArgs, nf4: Option<Nf4Spec>) -> Result<(Cpu, Tokenizer, Llama<Cpu>)> {
-    let be = backend(m.device)?;
+/// Opens the GGUF and builds tokenizer and model on `be`, quantizing the projections to NF4
+/// while reading them when `nf4` is given.
+fn load_with<B: Backend>(
+    be: B,
+    m: &ModelArgs,
+    nf4: Option<Nf4Spec>,
+) -> Result<(B, Tokenizer, Llama<B>)> {
     let path = model_path(m)?;
     let t = Instant::now();
     let g = GgufFile::open(&path)?;
@@ -450,7 +487,11 @@ fn recipe_from(a: &FinetuneArgs) -> Result<Recipe> {
 }
 
 fn finetune(a: FinetuneArgs) -> Result<()> {
-    let recipe = recipe_from(&a)?;
+    on_backend!(a.model.device, be => finetune_on(be, &a))
+}
+
+fn finetune_on<B: Backend>(be: B, a: &FinetuneArgs) -> Result<()> {
+    let recipe = recipe_from(a)?;
     let records: Vec<Record> = match &a.data {
         None => data::default_records()?,
         Some(p) => {
@@ -471,7 +512,7 @@ fn finetune(a: FinetuneArgs) -> Result<()> {
     };
     let (train_recs, eval_recs) = split_train_eval(records);
     let nf4 = recipe.method.quantized_base().then_some(recipe.nf4);
-    let (be, tok, mut model) = load_with(&a.model, nf4)?;
+    let (be, tok, mut model) = load_with(be, &a.model, nf4)?;
     let encode = |s: &str| tok.encode(s);
     let train_ex = tokenize_records(encode, &train_recs, a.max_len)?;
     let eval_ex = if a.no_eval {
@@ -555,9 +596,9 @@ fn finetune(a: FinetuneArgs) -> Result<()> {
 /// Saves what was trained: the adapter in PEFT's layout (AdaLoRA's masked ranks dropped and
 /// its rank pattern in the config, as PEFT saves them), or for full fine-tuning the whole
 /// model as `model.safetensors` with transformers' names. Returns what was written.
-fn save_trained(
-    be: &Cpu,
-    model: &Llama<Cpu>,
+fn save_trained<B: Backend>(
+    be: &B,
+    model: &Llama<B>,
     recipe: &Recipe,
     metrics: &lorafuse::train::trainer::Metrics,
     out: &Path,
@@ -669,13 +710,17 @@ fn compare(a: CompareArgs) -> Result<()> {
     Ok(())
 }
 
-fn apply_adapter(be: &Cpu, model: &mut Llama<Cpu>, dir: &Path) -> Result<()> {
+fn apply_adapter<B: Backend>(be: &B, model: &mut Llama<B>, dir: &Path) -> Result<()> {
     let (cfg, tensors) = peft::load_adapter(dir)?;
     peft::apply_lora_adapter(be, model, &cfg, &tensors)
 }
 
 fn generate(a: GenerateArgs) -> Result<()> {
-    let (be, tok, mut model) = load(&a.model)?;
+    on_backend!(a.model.device, be => generate_on(be, &a))
+}
+
+fn generate_on<B: Backend>(be: B, a: &GenerateArgs) -> Result<()> {
+    let (be, tok, mut model) = load_with(be, &a.model, None)?;
     let text = if a.raw {
         a.prompt.clone()
     } else {
@@ -703,7 +748,11 @@ fn strip_eos(tok: &Tokenizer, ids: &[u32], eos: u32) -> Result<String> {
 }
 
 fn logits(a: LogitsArgs) -> Result<()> {
-    let (be, tok, mut model) = load(&a.model)?;
+    on_backend!(a.model.device, be => logits_on(be, &a))
+}
+
+fn logits_on<B: Backend>(be: B, a: &LogitsArgs) -> Result<()> {
+    let (be, tok, mut model) = load_with(be, &a.model, None)?;
     if let Some(dir) = &a.adapter {
         apply_adapter(&be, &mut model, dir)?;
     }
@@ -771,7 +820,9 @@ fn merge(a: MergeArgs) -> Result<()> {
             ),
         ));
     }
-    let (be, _tok, mut model) = load_with(&a.model, (a.base == MergeBase::Nf4).then_some(spec))?;
+    // Merging is an export: it runs on the CPU reference whatever --device says.
+    let (be, _tok, mut model) =
+        load_with(Cpu, &a.model, (a.base == MergeBase::Nf4).then_some(spec))?;
     apply_adapter(&be, &mut model, &a.adapter)?;
     let mut merged = 0;
     for block in &mut model.layers {
@@ -873,48 +924,53 @@ type RawTensor = (String, safetensors::Dtype, Vec<usize>, Vec<u8>);
 
 /// Every base weight of the model with transformers' names (q/k rows in transformers' order),
 /// encoded in `dtype`; NF4 bases are written dequantized.
-fn model_tensors(be: &Cpu, model: &Llama<Cpu>, dtype: MergeDtype) -> Result<Vec<RawTensor>> {
+fn model_tensors<B: Backend>(
+    be: &B,
+    model: &Llama<B>,
+    dtype: MergeDtype,
+) -> Result<Vec<RawTensor>> {
     let (st, width) = match dtype {
         MergeDtype::F32 => (safetensors::Dtype::F32, 4),
         MergeDtype::Bf16 => (safetensors::Dtype::BF16, 2),
     };
-    let enc = |t: &lorafuse::Tensor<Cpu>| -> Vec<u8> {
+    let enc = |t: &lorafuse::Tensor<B>| -> Result<Vec<u8>> {
         let mut out = Vec::with_capacity(t.len() * width);
-        for &v in t.data() {
+        for v in be.download(t)? {
             match dtype {
                 MergeDtype::F32 => out.extend_from_slice(&v.to_le_bytes()),
                 MergeDtype::Bf16 => out.extend_from_slice(&half::bf16::from_f32(v).to_le_bytes()),
             }
         }
-        out
+        Ok(out)
     };
     let mut tensors = Vec::new();
-    let mut push = |name: String, t: &lorafuse::Tensor<Cpu>| {
-        tensors.push((name, st, t.shape().to_vec(), enc(t)));
+    let mut push = |name: String, t: &lorafuse::Tensor<B>| -> Result<()> {
+        tensors.push((name, st, t.shape().to_vec(), enc(t)?));
+        Ok(())
     };
-    push("model.embed_tokens.weight".into(), &model.embed_tokens);
+    push("model.embed_tokens.weight".into(), &model.embed_tokens)?;
     for (l, b) in model.layers.iter().enumerate() {
         push(
             format!("model.layers.{l}.input_layernorm.weight"),
             &b.input_layernorm,
-        );
+        )?;
         push(
             format!("model.layers.{l}.post_attention_layernorm.weight"),
             &b.post_attention_layernorm,
-        );
+        )?;
         for (p, proj) in b.proj.iter().enumerate() {
             match &proj.base.weight {
-                BaseWeight::Dense(w) => push(format!("{}.weight", proj_path(l, p)), w),
+                BaseWeight::Dense(w) => push(format!("{}.weight", proj_path(l, p)), w)?,
                 BaseWeight::Nf4(q) => push(
                     format!("{}.weight", proj_path(l, p)),
                     &be.nf4_dequantize(q)?,
-                ),
+                )?,
             }
         }
     }
-    push("model.norm.weight".into(), &model.norm);
+    push("model.norm.weight".into(), &model.norm)?;
     if let Some(h) = &model.lm_head {
-        push("lm_head.weight".into(), h);
+        push("lm_head.weight".into(), h)?;
     }
     Ok(tensors)
 }

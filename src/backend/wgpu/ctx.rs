@@ -384,12 +384,6 @@ impl Ctx {
         }
     }
 
-    /// Submits everything recorded so far.
-    pub fn flush(&self) {
-        let mut p = self.pending.lock().unwrap_or_else(|p| p.into_inner());
-        self.submit_locked(&mut p);
-    }
-
     /// Reads `len` 32-bit words from the start of `buf` back to the host (submits pending work
     /// and waits for it).
     pub fn read(&self, buf: &wgpu::Buffer, len: usize) -> Result<Vec<u32>> {

@@ -64,6 +64,12 @@ impl Wgpu {
         format!("{} ({:?})", self.ctx.info.name, self.ctx.info.backend)
     }
 
+    /// True when the adapter is a software rasterizer on the CPU (lavapipe, WARP, SwiftShader):
+    /// correct, but slower than the CPU reference backend.
+    pub fn is_software(&self) -> bool {
+        self.ctx.info.device_type == wgpu::DeviceType::Cpu
+    }
+
     /// True when the adapter supports f16 in shaders (`SHADER_F16`).
     pub fn has_f16(&self) -> bool {
         self.ctx.features.contains(wgpu::Features::SHADER_F16)
