@@ -46,12 +46,57 @@ const TK: u32 = 16u;
 var<workgroup> As: array<f32, 1024>; // [TK][TM]
 var<workgroup> Bs: array<f32, 1024>; // [TK][TN]
 
+// Epilogue for output (i, j) from the accumulated product `prod`.
+fn store(i: u32, j: u32, prod: f32) {
+    if (i >= p.m || j >= p.n) {
+        return;
+    }
+    var v = p.alpha * prod;
+    if ((p.flags & F_LOWRANK) != 0u) {
+        var s = 0.0;
+        for (var q = 0u; q < p.r; q++) {
+            var hv = h[p.h_off + i * p.h_rs + q * p.h_cs];
+            if ((p.flags & F_JSCALE) != 0u) {
+                hv *= jv[p.jv_off + q];
+            }
+            s = fma(hv, g[p.g_off + j * p.g_rs + q * p.g_cs], s);
+        }
+        if ((p.flags & F_NSCALE) != 0u) {
+            s *= colv[p.cv_off + j];
+        }
+        v += p.lr_scale * s;
+    }
+    if ((p.flags & F_COLSCALE) != 0u) {
+        v *= colv[p.cv_off + j];
+    }
+    if ((p.flags & F_BIAS) != 0u) {
+        v += bias[p.bias_off + j];
+    }
+    let ci = p.c_off + i * p.c_rs + j;
+    if (p.beta != 0.0) {
+        v += p.beta * c[ci];
+    }
+    c[ci] = v;
+}
+
+fn store_row(i: u32, j0: u32, acc: vec4<f32>) {
+    store(i, j0, acc.x);
+    store(i, j0 + 16u, acc.y);
+    store(i, j0 + 32u, acc.z);
+    store(i, j0 + 48u, acc.w);
+}
+
 @compute @workgroup_size(16, 16)
 fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_id) lid: vec3<u32>) {
     let row0 = wg.y * TM;
     let col0 = wg.x * TN;
     let tid = lid.y * 16u + lid.x;
-    var acc: array<f32, 16>;
+    // Invocation (lx, ly) owns rows ly + 16 ii and columns lx + 16 jj, ii, jj < 4: the four
+    // accumulator rows are vec4s so nothing is indexed dynamically (registers, not memory).
+    var acc0 = vec4<f32>();
+    var acc1 = vec4<f32>();
+    var acc2 = vec4<f32>();
+    var acc3 = vec4<f32>();
     for (var k0 = 0u; k0 < p.k; k0 += TK) {
         for (var e = 0u; e < 4u; e++) {
             let idx = tid + e * 256u;
@@ -82,56 +127,21 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_id) lid:
         }
         workgroupBarrier();
         for (var kk = 0u; kk < TK; kk++) {
-            var av: array<f32, 4>;
-            var bv: array<f32, 4>;
-            for (var q = 0u; q < 4u; q++) {
-                av[q] = As[kk * TM + lid.y + 16u * q];
-                bv[q] = Bs[kk * TN + lid.x + 16u * q];
-            }
-            for (var ii = 0u; ii < 4u; ii++) {
-                for (var jj = 0u; jj < 4u; jj++) {
-                    acc[ii * 4u + jj] = fma(av[ii], bv[jj], acc[ii * 4u + jj]);
-                }
-            }
+            let ao = kk * TM + lid.y;
+            let bo = kk * TN + lid.x;
+            let av = vec4<f32>(As[ao], As[ao + 16u], As[ao + 32u], As[ao + 48u]);
+            let bv = vec4<f32>(Bs[bo], Bs[bo + 16u], Bs[bo + 32u], Bs[bo + 48u]);
+            acc0 = fma(vec4<f32>(av.x), bv, acc0);
+            acc1 = fma(vec4<f32>(av.y), bv, acc1);
+            acc2 = fma(vec4<f32>(av.z), bv, acc2);
+            acc3 = fma(vec4<f32>(av.w), bv, acc3);
         }
         workgroupBarrier();
     }
-    for (var ii = 0u; ii < 4u; ii++) {
-        let i = row0 + lid.y + 16u * ii;
-        if (i >= p.m) {
-            continue;
-        }
-        for (var jj = 0u; jj < 4u; jj++) {
-            let j = col0 + lid.x + 16u * jj;
-            if (j >= p.n) {
-                continue;
-            }
-            var v = p.alpha * acc[ii * 4u + jj];
-            if ((p.flags & F_LOWRANK) != 0u) {
-                var s = 0.0;
-                for (var q = 0u; q < p.r; q++) {
-                    var hv = h[p.h_off + i * p.h_rs + q * p.h_cs];
-                    if ((p.flags & F_JSCALE) != 0u) {
-                        hv *= jv[p.jv_off + q];
-                    }
-                    s = fma(hv, g[p.g_off + j * p.g_rs + q * p.g_cs], s);
-                }
-                if ((p.flags & F_NSCALE) != 0u) {
-                    s *= colv[p.cv_off + j];
-                }
-                v += p.lr_scale * s;
-            }
-            if ((p.flags & F_COLSCALE) != 0u) {
-                v *= colv[p.cv_off + j];
-            }
-            if ((p.flags & F_BIAS) != 0u) {
-                v += bias[p.bias_off + j];
-            }
-            let ci = p.c_off + i * p.c_rs + j;
-            if (p.beta != 0.0) {
-                v += p.beta * c[ci];
-            }
-            c[ci] = v;
-        }
-    }
+    let i0 = row0 + lid.y;
+    let j0 = col0 + lid.x;
+    store_row(i0, j0, acc0);
+    store_row(i0 + 16u, j0, acc1);
+    store_row(i0 + 32u, j0, acc2);
+    store_row(i0 + 48u, j0, acc3);
 }

@@ -46,7 +46,7 @@ enum Cmd {
     /// Fine-tune with every method on the same data and steps; print, and write to JSON and
     /// PNG, the comparison table (trainable parameters, peak memory, s/step, eval loss).
     Compare(CompareArgs),
-    /// Time every CPU kernel family (LoRA, QLoRA, DoRA, VeRA, AdaLoRA forward+backward and
+    /// Time every kernel family (LoRA, QLoRA, DoRA, VeRA, AdaLoRA forward+backward and
     /// merge) on real model shapes; print a table and optionally write JSON for
     /// scripts/peft_bench.py.
     Bench(BenchArgs),
@@ -74,6 +74,9 @@ struct BenchArgs {
     /// Only cases whose name contains this text (e.g. "dora", "4096x4096").
     #[arg(long)]
     filter: Option<String>,
+    /// Where to run the kernels: cpu, wgpu, or auto (as for finetune).
+    #[arg(long, value_enum, default_value_t = Device::Auto)]
+    device: Device,
 }
 
 #[derive(Args, Clone)]
@@ -990,8 +993,13 @@ fn write_safetensors(path: &Path, tensors: Vec<RawTensor>) -> Result<()> {
     write_atomic(path, &bytes)
 }
 
-/// `lorafuse bench`: times the cases on the CPU backend with the machine's measured limits.
+/// `lorafuse bench`: times the cases on the backend `--device` picks, with the machine's
+/// measured limits (SGEMM peak through that backend's `linear`, host memory bandwidth).
 fn bench(a: BenchArgs) -> Result<()> {
+    on_backend!(a.device, be => bench_on(be, &a))
+}
+
+fn bench_on<B: Backend>(be: B, a: &BenchArgs) -> Result<()> {
     use lorafuse::backend::bench::{self as hb, CaseSet, Timing};
     let set = match a.cases {
         BenchCases::Default => CaseSet::Default,
@@ -1005,10 +1013,10 @@ fn bench(a: BenchArgs) -> Result<()> {
         min_time: std::time::Duration::from_secs_f64(a.min_time),
         ..Timing::default()
     };
-    let be = Cpu;
     let peak = hb::measure_peak(&be)?;
     println!(
-        "machine: {} threads; SGEMM peak (linear 2048^3) {:.1} GFLOP/s; update bandwidth {:.1} GB/s",
+        "backend {}; machine: {} threads; SGEMM peak (linear 2048^3) {:.1} GFLOP/s; update bandwidth {:.1} GB/s",
+        be.name(),
         rayon::current_num_threads(),
         peak.sgemm_gflops,
         peak.copy_gbps

@@ -364,6 +364,7 @@ impl<B: Backend> Prepared<B> {
                         black_box((y, l.backward(be, &self.base, x, &h, dy)?));
                     }
                 }
+                be.synchronize()?;
                 Ok(t0.elapsed())
             }
             BenchOp::Merge => {
@@ -375,6 +376,7 @@ impl<B: Backend> Prepared<B> {
                     Layer::Vera(s, l) => l.merge(be, s, base)?,
                     Layer::AdaLora(l) => l.merge(be, base)?,
                 }
+                be.synchronize()?;
                 let dt = t0.elapsed();
                 if let BaseWeight::Dense(w) = &base.weight {
                     black_box(w);
@@ -463,6 +465,7 @@ pub fn measure_peak<B: Backend>(be: &B) -> Result<MachinePeak> {
     for k in 0..6 {
         let t0 = Instant::now();
         black_box(be.linear(&x, &w, None)?);
+        be.synchronize()?;
         if k >= 1 {
             ts.push(t0.elapsed().as_secs_f64());
         }

@@ -187,7 +187,7 @@ pub fn row_indices(idx: &[u32], n: usize) -> Result<()> {
 
 /// Checks rotary-embedding arguments for `x [T, width]`.
 pub fn rope(width: usize, t: usize, positions: &[u32], head_dim: usize) -> Result<()> {
-    if head_dim == 0 || head_dim % 2 != 0 || width % head_dim != 0 {
+    if head_dim == 0 || !head_dim.is_multiple_of(2) || !width.is_multiple_of(head_dim) {
         return Err(Error::arg(
             "head_dim",
             format!("{head_dim} must be even and divide the row width {width}"),

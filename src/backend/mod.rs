@@ -200,6 +200,13 @@ pub trait Backend: Clone + Send + Sync + Sized + 'static {
     /// Short backend name (`cpu`, `cuda`, `wgpu`).
     fn name(&self) -> &'static str;
 
+    /// Waits until every kernel queued so far has finished. GPU backends run asynchronously;
+    /// code that times kernels calls this before reading the clock. Errors: a device failure
+    /// reported while waiting. The CPU reference runs synchronously, so its default is a no-op.
+    fn synchronize(&self) -> Result<()> {
+        Ok(())
+    }
+
     // ---- memory -------------------------------------------------------------------------------
 
     /// Copies host f32 data in. Errors: `data.len()` differs from the shape's element count.
@@ -691,6 +698,14 @@ pub trait Backend: Clone + Send + Sync + Sized + 'static {
         v: &mut Tensor<Self>,
         p: &AdamWParams,
     ) -> Result<()>;
+}
+
+/// transformers' default RoPE frequencies `1 / theta^(2i/head_dim)` for `i < head_dim/2`,
+/// computed in f32 as `LlamaRotaryEmbedding` does; every backend's RoPE uses these values.
+pub(crate) fn rope_inv_freq(head_dim: usize, theta: f32) -> Vec<f32> {
+    (0..head_dim / 2)
+        .map(|i| 1.0 / theta.powf((2 * i) as f32 / head_dim as f32))
+        .collect()
 }
 
 /// Checks that `a` and `b` have equal shapes.

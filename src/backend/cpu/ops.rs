@@ -81,14 +81,6 @@ pub(super) fn rmsnorm_backward(
     Ok(new(dx, &[t, d]))
 }
 
-/// transformers' default RoPE frequencies: `1 / theta^(2i/head_dim)` for `i < head_dim/2`,
-/// computed in f32 as `LlamaRotaryEmbedding` does.
-pub(crate) fn rope_inv_freq(head_dim: usize, theta: f32) -> Vec<f32> {
-    (0..head_dim / 2)
-        .map(|i| 1.0 / theta.powf((2 * i) as f32 / head_dim as f32))
-        .collect()
-}
-
 pub(super) fn rope(
     x: &mut Tensor<Cpu>,
     positions: &[u32],
@@ -99,7 +91,7 @@ pub(super) fn rope(
     let (t, width) = x.dims2("x")?;
     check::rope(width, t, positions, head_dim)?;
     let half = head_dim / 2;
-    let inv_freq = rope_inv_freq(head_dim, theta);
+    let inv_freq = crate::backend::rope_inv_freq(head_dim, theta);
     let sign = if inverse { -1.0f32 } else { 1.0 };
     x.buf
         .par_chunks_mut(width)

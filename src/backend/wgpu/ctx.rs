@@ -224,7 +224,7 @@ impl Ctx {
     /// A buffer holding raw 32-bit words (`len` of them) given as bytes.
     pub fn upload_bytes(self: &Arc<Self>, bytes: &[u8], len: usize) -> GpuBuf {
         let mut padded;
-        let contents = if bytes.len() < 4 || bytes.len() % 4 != 0 {
+        let contents = if bytes.len() < 4 || !bytes.len().is_multiple_of(4) {
             padded = bytes.to_vec();
             padded.resize(bytes.len().div_ceil(4).max(1) * 4, 0);
             &padded[..]
@@ -382,6 +382,18 @@ impl Ctx {
         if let Some(enc) = p.encoder.take() {
             self.queue.submit([enc.finish()]);
         }
+    }
+
+    /// Submits everything recorded and waits for the device to finish it.
+    pub fn wait(&self) -> Result<()> {
+        {
+            let mut p = self.pending.lock().unwrap_or_else(|p| p.into_inner());
+            self.submit_locked(&mut p);
+        }
+        self.device
+            .poll(wgpu::PollType::wait_indefinitely())
+            .map_err(|e| err(format!("waiting for the device: {e}")))?;
+        self.check()
     }
 
     /// Reads `len` 32-bit words from the start of `buf` back to the host (submits pending work

@@ -85,11 +85,6 @@ impl Wgpu {
         self.ctx.max_binding
     }
 
-    /// Waits until every recorded kernel has finished (for timing); errors as any kernel.
-    pub fn synchronize(&self) -> Result<()> {
-        self.ctx.read(self.ctx.dummy().buffer, 1).map(|_| ())
-    }
-
     fn tensor(&self, buf: GpuBuf, shape: &[usize]) -> Tensor<Wgpu> {
         Tensor {
             buf,
@@ -104,6 +99,7 @@ impl Wgpu {
     /// Runs the elementwise kernel `entry` over `n` elements. `arrays` are `(binding, buffer)`
     /// pairs of n-element arrays, bound in matching ranges when `n` exceeds one binding;
     /// `vectors` are bound whole (per-column vectors). `f` are the scalar parameters.
+    #[allow(clippy::too_many_arguments)]
     pub(crate) fn elementwise(
         &self,
         entry: &str,
@@ -186,6 +182,10 @@ impl Backend for Wgpu {
 
     fn name(&self) -> &'static str {
         "wgpu"
+    }
+
+    fn synchronize(&self) -> Result<()> {
+        self.ctx.wait()
     }
 
     fn upload(&self, data: &[f32], shape: &[usize]) -> Result<Tensor<Self>> {

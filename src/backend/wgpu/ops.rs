@@ -426,14 +426,6 @@ pub(super) fn rmsnorm_backward(
 
 // ---- RoPE ---------------------------------------------------------------------------------
 
-/// transformers' default RoPE frequencies, computed in f32 exactly as the CPU reference's
-/// `rope_inv_freq`.
-fn rope_inv_freq(head_dim: usize, theta: f32) -> Vec<f32> {
-    (0..head_dim / 2)
-        .map(|i| 1.0 / theta.powf((2 * i) as f32 / head_dim as f32))
-        .collect()
-}
-
 pub(super) fn rope(
     be: &Wgpu,
     x: &mut Tensor<Wgpu>,
@@ -449,7 +441,7 @@ pub(super) fn rope(
     }
     let ctx = &*be.ctx;
     let kernel = kernel(ctx, "rope", ROPE, "rope", false)?;
-    let inv_freq = be.ctx.upload(&rope_inv_freq(head_dim, theta));
+    let inv_freq = be.ctx.upload(&crate::backend::rope_inv_freq(head_dim, theta));
     let pos = upload_words(be, positions);
     let sign: f32 = if inverse { -1.0 } else { 1.0 };
     for (r0, r1) in row_chunks(ctx, t, &[width, 1])? {
