@@ -25,6 +25,7 @@ use serde_json::Value;
 
 const PNG_SIGNATURE: &[u8] = b"\x89PNG\r\n\x1a\n";
 
+mod common;
 #[path = "common/tiny_gguf.rs"]
 mod tiny_gguf;
 use tiny_gguf::*;
@@ -494,6 +495,70 @@ fn merge_writes_base_plus_scaled_b_times_a() {
     println!("largest merged delta {largest_delta:e}");
     assert!(largest_delta > 1e-4, "the merge changed nothing measurable");
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// `finetune --device wgpu` runs the same recipe on the WGSL backend (lavapipe in CI): same
+/// eval losses as the CPU run of the fixture (within 1%), and the same files.
+#[test]
+fn finetune_on_wgpu_matches_the_cpu_run() {
+    let fx = fixture();
+    assert_ok(&fx.finetune, "finetune");
+    if let Err(e) = probe_wgpu() {
+        common::skip_or_fail(
+            "wgpu",
+            &format!("finetune_on_wgpu_matches_the_cpu_run: {e}"),
+        );
+        return;
+    }
+    let out = fx.dir.join("adapter-wgpu");
+    let o = run(
+        fx,
+        &[
+            "finetune",
+            "--device",
+            "wgpu",
+            "--model",
+            p(&fx.gguf),
+            "--data",
+            p(&fx.data),
+            "--steps",
+            "6",
+            "--batch-size",
+            "4",
+            "--lr",
+            "1e-2",
+            "--warmup-steps",
+            "1",
+            "--out",
+            p(&out),
+        ],
+    );
+    assert_ok(&o, "finetune --device wgpu");
+    assert!(
+        stderr(&o).contains("on wgpu"),
+        "the run reports its backend"
+    );
+    let read = |dir: &Path| -> Value {
+        serde_json::from_slice(&std::fs::read(dir.join("metrics.json")).unwrap()).unwrap()
+    };
+    let (cpu, gpu) = (read(&fx.adapter), read(&out));
+    for key in ["eval_loss_before", "eval_loss_after"] {
+        let (c, g) = (cpu[key].as_f64().unwrap(), gpu[key].as_f64().unwrap());
+        println!("{key}: cpu {c} wgpu {g}");
+        assert!((c - g).abs() <= 0.01 * c.abs(), "{key}: cpu {c} wgpu {g}");
+    }
+    assert!(out.join("adapter_model.safetensors").is_file());
+    let _ = std::fs::remove_dir_all(&out);
+}
+
+#[cfg(feature = "wgpu")]
+fn probe_wgpu() -> Result<(), String> {
+    lorafuse::Wgpu::new().map(|_| ()).map_err(|e| e.to_string())
+}
+
+#[cfg(not(feature = "wgpu"))]
+fn probe_wgpu() -> Result<(), String> {
+    Err("built without the `wgpu` feature".into())
 }
 
 // ---------------------------------------------------------------------------------------------
