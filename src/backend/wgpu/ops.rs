@@ -441,7 +441,9 @@ pub(super) fn rope(
     }
     let ctx = &*be.ctx;
     let kernel = kernel(ctx, "rope", ROPE, "rope", false)?;
-    let inv_freq = be.ctx.upload(&crate::backend::rope_inv_freq(head_dim, theta));
+    let inv_freq = be
+        .ctx
+        .upload(&crate::backend::rope_inv_freq(head_dim, theta));
     let pos = upload_words(be, positions);
     let sign: f32 = if inverse { -1.0 } else { 1.0 };
     for (r0, r1) in row_chunks(ctx, t, &[width, 1])? {
