@@ -81,6 +81,16 @@ impl CudaBuf {
     }
 }
 
+/// Double-quantized absmax on the device: u8 codes, nested absmax, the 256-entry nested map,
+/// offset, nested blocksize (the fields of [`crate::quant::nf4::Absmax::Double`]).
+type DoubleQuant = (
+    Arc<CudaSlice<u8>>,
+    Arc<CudaSlice<f32>>,
+    Arc<CudaSlice<f32>>,
+    f32,
+    usize,
+);
+
 /// Device storage of one NF4 weight in bitsandbytes' layout (see [`crate::quant::nf4`]).
 #[derive(Clone)]
 pub struct CudaNf4 {
@@ -88,13 +98,7 @@ pub struct CudaNf4 {
     /// f32 absmax per block, when not double-quantized.
     absmax: Option<Arc<CudaSlice<f32>>>,
     /// Double quant: u8 codes, nested absmax, the 256-entry map, offset, nested blocksize.
-    double: Option<(
-        Arc<CudaSlice<u8>>,
-        Arc<CudaSlice<f32>>,
-        Arc<CudaSlice<f32>>,
-        f32,
-        usize,
-    )>,
+    double: Option<DoubleQuant>,
     blocksize: usize,
 }
 

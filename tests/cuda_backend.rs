@@ -1,0 +1,800 @@
+//! Every `Backend` method of the CUDA backend against the CPU reference, over odd shapes
+//! (T = 1, 3, 17, 130 tokens: the decode and the cuBLAS paths; in/out not multiples of 8;
+//! r from 1 to 64), in f32, f16 and bf16 storage, plus bad-input errors and NF4 bit-exactness.
+//!
+//! Inputs are rounded to the storage dtype before the CPU sees them, so only the GPU's own
+//! arithmetic is measured. Tolerance: `max |gpu - cpu| <= tol * max(|cpu|)` per output with
+//! tol 2e-4 (f32), 1e-2 (f16), 4e-2 (bf16); NF4 dequantize and quantize are compared bit for bit.
+//!
+//! Without a GPU (or libcuda/libnvrtc/libcublas) each test prints why and passes, unless
+//! `LORAFUSE_REQUIRE` contains `cuda`, which turns the absence into a failure.
+#![cfg(feature = "cuda")]
+
+use half::{bf16, f16};
+use lorafuse::backend::cuda::{Cuda, DType};
+use lorafuse::backend::{AdamWParams, AttentionSaved, Backend, DoraSaved, SeqSpan};
+use lorafuse::quant::nf4::quantize_nf4;
+use lorafuse::{Cpu, Error, Tensor};
+
+fn required() -> bool {
+    std::env::var("LORAFUSE_REQUIRE").is_ok_and(|v| v.contains("cuda"))
+}
+
+/// The backend in `dtype`, or None (with a printed reason) when no GPU is usable.
+fn gpu(dtype: DType, test: &str) -> Option<Cuda> {
+    match Cuda::with_dtype(0, dtype) {
+        Ok(be) => Some(be),
+        Err(e) => {
+            assert!(
+                !required(),
+                "LORAFUSE_REQUIRE=cuda but the CUDA backend is unavailable: {e}"
+            );
+            eprintln!("SKIPPED {test}: {e}");
+            None
+        }
+    }
+}
+
+const DTYPES: [DType; 3] = [DType::F32, DType::F16, DType::BF16];
+
+fn tol(d: DType) -> f32 {
+    match d {
+        DType::F32 => 2e-4,
+        DType::F16 => 1e-2,
+        DType::BF16 => 4e-2,
+    }
+}
+
+fn round(d: DType, v: &[f32]) -> Vec<f32> {
+    match d {
+        DType::F32 => v.to_vec(),
+        DType::F16 => v.iter().map(|&x| f16::from_f32(x).to_f32()).collect(),
+        DType::BF16 => v.iter().map(|&x| bf16::from_f32(x).to_f32()).collect(),
+    }
+}
+
+/// Deterministic values in [-b, b).
+fn vals(n: usize, seed: u64, b: f32) -> Vec<f32> {
+    let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    (0..n)
+        .map(|_| {
+            s ^= s << 13;
+            s ^= s >> 7;
+            s ^= s << 17;
+            ((s >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0) * b
+        })
+        .collect()
+}
+
+/// One host tensor uploaded to both backends (rounded to the GPU dtype first).
+struct Pair {
+    c: Tensor<Cpu>,
+    g: Tensor<Cuda>,
+}
+
+fn pair(cpu: &Cpu, gpu: &Cuda, data: &[f32], shape: &[usize]) -> Pair {
+    let r = round(gpu.dtype(), data);
+    Pair {
+        c: cpu.upload(&r, shape).unwrap(),
+        g: gpu.upload(&r, shape).unwrap(),
+    }
+}
+
+fn rand_pair(cpu: &Cpu, gpu: &Cuda, shape: &[usize], seed: u64, b: f32) -> Pair {
+    pair(cpu, gpu, &vals(shape.iter().product(), seed, b), shape)
+}
+
+#[track_caller]
+fn close(what: &str, gpu: &Cuda, g: &Tensor<Cuda>, c: &Tensor<Cpu>, tol: f32) {
+    assert_eq!(g.shape(), c.shape(), "{what}: shape");
+    let got = gpu.download(g).unwrap();
+    let want = c.data();
+    let scale = want.iter().fold(0f32, |m, v| m.max(v.abs())).max(1e-6);
+    let mut worst = (0.0f32, 0usize);
+    for (i, (a, b)) in got.iter().zip(want).enumerate() {
+        assert!(
+            a.is_finite() || !b.is_finite(),
+            "{what}[{i}]: {a} (cpu {b})"
+        );
+        let e = (a - b).abs();
+        if e > worst.0 {
+            worst = (e, i);
+        }
+    }
+    assert!(
+        worst.0 <= tol * scale,
+        "{what} ({:?}): max error {} at {} (gpu {}, cpu {}) > {tol} x {scale}",
+        gpu.dtype(),
+        worst.0,
+        worst.1,
+        got[worst.1],
+        want[worst.1]
+    );
+}
+
+/// (T, in, out, r) cases: decode (T <= 8) and cuBLAS paths, odd sizes, ranks 1..64.
+const CASES: [(usize, usize, usize, usize); 5] = [
+    (1, 37, 29, 1),
+    (3, 61, 45, 7),
+    (17, 37, 29, 64),
+    (130, 83, 67, 16),
+    (8, 136, 72, 5),
+];
+
+#[test]
+fn new_without_hardware_is_an_error_not_a_panic() {
+    match Cuda::new(0) {
+        Ok(be) => {
+            assert_eq!(be.name(), "cuda");
+            // A device index far past the last must be BackendUnavailable.
+            assert!(matches!(
+                Cuda::new(1 << 20),
+                Err(Error::BackendUnavailable { .. })
+            ));
+        }
+        Err(e) => {
+            assert!(matches!(e, Error::BackendUnavailable { .. }), "{e}");
+            assert!(!required(), "LORAFUSE_REQUIRE=cuda but: {e}");
+            eprintln!("SKIPPED (GPU part) new_without_hardware: {e}");
+        }
+    }
+}
+
+#[test]
+fn memory_and_elementwise() {
+    let cpu = Cpu;
+    for d in DTYPES {
+        let Some(g) = gpu(d, "memory_and_elementwise") else {
+            return;
+        };
+        let t = tol(d);
+        // upload/download round trip is exact for dtype-representable values
+        let v = round(d, &vals(131, 1, 3.0));
+        let x = g.upload(&v, &[131]).unwrap();
+        assert_eq!(g.download(&x).unwrap(), v);
+        assert!(g.upload(&v, &[130]).is_err());
+        let z = g.zeros(&[3, 5]).unwrap();
+        assert_eq!(g.download(&z).unwrap(), vec![0.0; 15]);
+        // gather / scatter
+        let table = rand_pair(&cpu, &g, &[11, 13], 2, 1.0);
+        let idx = [3u32, 0, 10, 3, 7];
+        close(
+            "gather_rows",
+            &g,
+            &g.gather_rows(&table.g, &idx).unwrap(),
+            &cpu.gather_rows(&table.c, &idx).unwrap(),
+            t,
+        );
+        assert!(g.gather_rows(&table.g, &[11]).is_err());
+        let src = rand_pair(&cpu, &g, &[5, 13], 3, 1.0);
+        let (mut dg, mut dc) = (table.g.clone(), table.c.clone());
+        g.scatter_add_rows(&mut dg, &idx, &src.g).unwrap();
+        cpu.scatter_add_rows(&mut dc, &idx, &src.c).unwrap();
+        close("scatter_add_rows", &g, &dg, &dc, t);
+        // the clone kept its values (copy on write)
+        close("clone after scatter", &g, &table.g, &table.c, 0.0);
+        assert!(g.scatter_add_rows(&mut dg, &[1, 2], &src.g).is_err());
+        // axpy, scale, sum_squares
+        let a = rand_pair(&cpu, &g, &[7, 9], 4, 1.0);
+        let b = rand_pair(&cpu, &g, &[7, 9], 5, 1.0);
+        let (mut ag, mut ac) = (a.g.clone(), a.c.clone());
+        g.axpy(&mut ag, -0.7, &b.g).unwrap();
+        cpu.axpy(&mut ac, -0.7, &b.c).unwrap();
+        close("axpy", &g, &ag, &ac, t);
+        g.scale(&mut ag, 1.5).unwrap();
+        cpu.scale(&mut ac, 1.5).unwrap();
+        close("scale", &g, &ag, &ac, t);
+        let wrong = g.zeros(&[9, 7]).unwrap();
+        assert!(matches!(
+            g.axpy(&mut ag, 1.0, &wrong),
+            Err(Error::Shape { .. })
+        ));
+        let big = rand_pair(&cpu, &g, &[1000, 37], 6, 1.0);
+        let (sg, sc) = (
+            g.sum_squares(&big.g).unwrap(),
+            cpu.sum_squares(&big.c).unwrap(),
+        );
+        assert!(
+            (sg - sc).abs() <= 1e-9 * sc.max(1.0),
+            "sum_squares {sg} vs {sc}"
+        );
+    }
+}
+
+#[test]
+fn dense_linear() {
+    let cpu = Cpu;
+    for d in DTYPES {
+        let Some(g) = gpu(d, "dense_linear") else {
+            return;
+        };
+        for (i, &(t, din, dout, _)) in CASES.iter().enumerate() {
+            let s = 100 * i as u64;
+            let x = rand_pair(&cpu, &g, &[t, din], s, 1.0);
+            let w = rand_pair(&cpu, &g, &[dout, din], s + 1, 0.3);
+            let b = rand_pair(&cpu, &g, &[dout], s + 2, 1.0);
+            for bias in [None, Some(&b)] {
+                close(
+                    "linear",
+                    &g,
+                    &g.linear(&x.g, &w.g, bias.map(|p| &p.g)).unwrap(),
+                    &cpu.linear(&x.c, &w.c, bias.map(|p| &p.c)).unwrap(),
+                    tol(d),
+                );
+            }
+            let dy = rand_pair(&cpu, &g, &[t, dout], s + 3, 1.0);
+            let dxg = g.linear_backward_input(&dy.g, &w.g, None).unwrap().unwrap();
+            let dxc = cpu
+                .linear_backward_input(&dy.c, &w.c, None)
+                .unwrap()
+                .unwrap();
+            close("linear_backward_input", &g, &dxg, &dxc, tol(d));
+            let (mut ag, mut ac) = (x.g.clone(), x.c.clone());
+            assert!(
+                g.linear_backward_input(&dy.g, &w.g, Some(&mut ag))
+                    .unwrap()
+                    .is_none()
+            );
+            cpu.linear_backward_input(&dy.c, &w.c, Some(&mut ac))
+                .unwrap();
+            close("linear_backward_input acc", &g, &ag, &ac, tol(d));
+            let (mut dwg, mut dwc) = (w.g.clone(), w.c.clone());
+            g.linear_backward_weight(&dy.g, &x.g, &mut dwg).unwrap();
+            cpu.linear_backward_weight(&dy.c, &x.c, &mut dwc).unwrap();
+            close("linear_backward_weight", &g, &dwg, &dwc, tol(d));
+            assert!(matches!(g.linear(&w.g, &x.g, None), Err(Error::Shape { .. })) || din == dout);
+        }
+    }
+}
+
+#[test]
+fn lora() {
+    let cpu = Cpu;
+    for d in DTYPES {
+        let Some(g) = gpu(d, "lora") else { return };
+        let tl = tol(d);
+        for (i, &(t, din, dout, r)) in CASES.iter().enumerate() {
+            let s = 1000 + 100 * i as u64;
+            let x = rand_pair(&cpu, &g, &[t, din], s, 1.0);
+            let w = rand_pair(&cpu, &g, &[dout, din], s + 1, 0.3);
+            let a = rand_pair(&cpu, &g, &[r, din], s + 2, 0.3);
+            let b = rand_pair(&cpu, &g, &[dout, r], s + 3, 0.3);
+            let bias = rand_pair(&cpu, &g, &[dout], s + 4, 1.0);
+            let sc = 2.0 / r as f32;
+            let (yg, hg) = g
+                .lora_forward(&x.g, &w.g, Some(&bias.g), &a.g, &b.g, sc)
+                .unwrap();
+            let (yc, hc) = cpu
+                .lora_forward(&x.c, &w.c, Some(&bias.c), &a.c, &b.c, sc)
+                .unwrap();
+            close("lora_forward y", &g, &yg, &yc, tl);
+            close("lora_forward h", &g, &hg, &hc, tl);
+            let dy = rand_pair(&cpu, &g, &[t, dout], s + 5, 1.0);
+            let h = pair(&cpu, &g, &g.download(&hg).unwrap(), &[t, r]);
+            let (dxg, dag, dbg) = g
+                .lora_backward(&dy.g, &x.g, &h.g, &w.g, &a.g, &b.g, sc)
+                .unwrap();
+            let (dxc, dac, dbc) = cpu
+                .lora_backward(&dy.c, &x.c, &h.c, &w.c, &a.c, &b.c, sc)
+                .unwrap();
+            close("lora_backward dx", &g, &dxg, &dxc, tl);
+            close("lora_backward dA", &g, &dag, &dac, tl);
+            close("lora_backward dB", &g, &dbg, &dbc, tl);
+            // adapter terms over a base computed elsewhere
+            let (mut y2g, mut y2c) = (dy.g.clone(), dy.c.clone());
+            let h2g = g.lora_add(&mut y2g, &x.g, &a.g, &b.g, sc).unwrap();
+            let h2c = cpu.lora_add(&mut y2c, &x.c, &a.c, &b.c, sc).unwrap();
+            close("lora_add y", &g, &y2g, &y2c, tl);
+            close("lora_add h", &g, &h2g, &h2c, tl);
+            let (mut dx2g, mut dx2c) = (x.g.clone(), x.c.clone());
+            let (da2g, db2g) = g
+                .lora_backward_adapter(&dy.g, &x.g, &h.g, &a.g, &b.g, sc, &mut dx2g)
+                .unwrap();
+            let (da2c, db2c) = cpu
+                .lora_backward_adapter(&dy.c, &x.c, &h.c, &a.c, &b.c, sc, &mut dx2c)
+                .unwrap();
+            close("lora_backward_adapter dx", &g, &dx2g, &dx2c, tl);
+            close("lora_backward_adapter dA", &g, &da2g, &da2c, tl);
+            close("lora_backward_adapter dB", &g, &db2g, &db2c, tl);
+            // merge / unmerge
+            let (mut wg, mut wc) = (w.g.clone(), w.c.clone());
+            g.lora_merge(&mut wg, &a.g, &b.g, sc, 1.0).unwrap();
+            cpu.lora_merge(&mut wc, &a.c, &b.c, sc, 1.0).unwrap();
+            close("lora_merge", &g, &wg, &wc, tl);
+            g.lora_merge(&mut wg, &a.g, &b.g, sc, -1.0).unwrap();
+            close("lora unmerge round trip", &g, &wg, &w.c, 4.0 * tl);
+            // bad input: r = 0, mismatched B
+            let b_bad = g.zeros(&[dout + 1, r]).unwrap();
+            assert!(matches!(
+                g.lora_forward(&x.g, &w.g, None, &a.g, &b_bad, sc),
+                Err(Error::Shape { .. })
+            ));
+            let a0 = g.zeros(&[0, din]).unwrap();
+            let b0 = g.zeros(&[dout, 0]).unwrap();
+            assert!(g.lora_forward(&x.g, &w.g, None, &a0, &b0, sc).is_err());
+        }
+    }
+}
+
+#[test]
+fn dora() {
+    let cpu = Cpu;
+    for d in DTYPES {
+        let Some(g) = gpu(d, "dora") else { return };
+        let tl = tol(d);
+        for (i, &(t, din, dout, r)) in CASES.iter().enumerate() {
+            let s = 2000 + 100 * i as u64;
+            let x = rand_pair(&cpu, &g, &[t, din], s, 1.0);
+            let w = rand_pair(&cpu, &g, &[dout, din], s + 1, 0.3);
+            let a = rand_pair(&cpu, &g, &[r, din], s + 2, 0.3);
+            let b = rand_pair(&cpu, &g, &[dout, r], s + 3, 0.3);
+            let bias = rand_pair(&cpu, &g, &[dout], s + 4, 1.0);
+            let sc = 0.5;
+            let sqg = g.row_sq_norms(&w.g).unwrap();
+            let sqc = cpu.row_sq_norms(&w.c).unwrap();
+            close("row_sq_norms", &g, &sqg, &sqc, tl);
+            let sq = pair(&cpu, &g, sqc.data(), &[dout]);
+            let ng = g.dora_weight_norm(&w.g, &sq.g, &a.g, &b.g, sc).unwrap();
+            let nc = cpu.dora_weight_norm(&w.c, &sq.c, &a.c, &b.c, sc).unwrap();
+            close("dora_weight_norm", &g, &ng, &nc, tl);
+            let n = pair(&cpu, &g, nc.data(), &[dout]);
+            let m = pair(
+                &cpu,
+                &g,
+                &vals(dout, s + 5, 1.0)
+                    .iter()
+                    .map(|v| 1.0 + 0.5 * v)
+                    .collect::<Vec<_>>(),
+                &[dout],
+            );
+            let (yg, svg) = g
+                .dora_forward(&x.g, &w.g, Some(&bias.g), &a.g, &b.g, sc, &m.g, &n.g)
+                .unwrap();
+            let (yc, svc) = cpu
+                .dora_forward(&x.c, &w.c, Some(&bias.c), &a.c, &b.c, sc, &m.c, &n.c)
+                .unwrap();
+            close("dora_forward y", &g, &yg, &yc, tl);
+            close("dora_forward h", &g, &svg.h, &svc.h, tl);
+            close("dora_forward z", &g, &svg.z, &svc.z, tl);
+            let dy = rand_pair(&cpu, &g, &[t, dout], s + 6, 1.0);
+            let saved_g = DoraSaved {
+                h: g.upload(&g.download(&svg.h).unwrap(), &[t, r]).unwrap(),
+                z: g.upload(&g.download(&svg.z).unwrap(), &[t, dout]).unwrap(),
+            };
+            let saved_c = DoraSaved {
+                h: cpu.upload(&g.download(&svg.h).unwrap(), &[t, r]).unwrap(),
+                z: cpu
+                    .upload(&g.download(&svg.z).unwrap(), &[t, dout])
+                    .unwrap(),
+            };
+            let gg = g
+                .dora_backward(&dy.g, &x.g, &saved_g, &w.g, &a.g, &b.g, sc, &m.g, &n.g)
+                .unwrap();
+            let gc = cpu
+                .dora_backward(&dy.c, &x.c, &saved_c, &w.c, &a.c, &b.c, sc, &m.c, &n.c)
+                .unwrap();
+            close("dora_backward dx", &g, &gg.dx, &gc.dx, tl);
+            close("dora_backward dA", &g, &gg.d_lora_a, &gc.d_lora_a, tl);
+            close("dora_backward dB", &g, &gg.d_lora_b, &gc.d_lora_b, tl);
+            close("dora_backward dm", &g, &gg.d_magnitude, &gc.d_magnitude, tl);
+            // base-agnostic terms
+            let base = pair(
+                &cpu,
+                &g,
+                &cpu.linear(&x.c, &w.c, None).unwrap().into_vec(),
+                &[t, dout],
+            );
+            let (y2g, _) = g
+                .dora_forward_from_base(base.g, &x.g, None, &a.g, &b.g, sc, &m.g, &n.g)
+                .unwrap();
+            let (y2c, _) = cpu
+                .dora_forward_from_base(base.c, &x.c, None, &a.c, &b.c, sc, &m.c, &n.c)
+                .unwrap();
+            close("dora_forward_from_base", &g, &y2g, &y2c, tl);
+            let (ag_, gkg) = g
+                .dora_backward_adapter(&dy.g, &x.g, &saved_g, &a.g, &b.g, sc, &m.g, &n.g)
+                .unwrap();
+            let (ac_, gkc) = cpu
+                .dora_backward_adapter(&dy.c, &x.c, &saved_c, &a.c, &b.c, sc, &m.c, &n.c)
+                .unwrap();
+            close("dora_backward_adapter dx", &g, &ag_.dx, &ac_.dx, tl);
+            close("dora_backward_adapter g'", &g, &gkg, &gkc, tl);
+            close(
+                "dora_backward_adapter dm",
+                &g,
+                &ag_.d_magnitude,
+                &ac_.d_magnitude,
+                tl,
+            );
+            // merge / unmerge
+            let (mut wg, mut wc) = (w.g.clone(), w.c.clone());
+            g.dora_merge(&mut wg, &a.g, &b.g, sc, &m.g, &n.g).unwrap();
+            cpu.dora_merge(&mut wc, &a.c, &b.c, sc, &m.c, &n.c).unwrap();
+            close("dora_merge", &g, &wg, &wc, tl);
+            g.dora_unmerge(&mut wg, &a.g, &b.g, sc, &m.g, &n.g).unwrap();
+            close("dora unmerge round trip", &g, &wg, &w.c, 8.0 * tl);
+            let m0 = g.zeros(&[dout]).unwrap();
+            assert!(matches!(
+                g.dora_unmerge(&mut wg, &a.g, &b.g, sc, &m0, &n.g),
+                Err(Error::InvalidArgument { .. })
+            ));
+            let short = g.zeros(&[dout + 1]).unwrap();
+            assert!(
+                g.dora_forward(&x.g, &w.g, None, &a.g, &b.g, sc, &short, &n.g)
+                    .is_err()
+            );
+        }
+    }
+}
+
+#[test]
+fn vera() {
+    let cpu = Cpu;
+    for d in DTYPES {
+        let Some(g) = gpu(d, "vera") else { return };
+        let tl = tol(d);
+        for (i, &(t, din, dout, r)) in CASES.iter().enumerate() {
+            let s = 3000 + 100 * i as u64;
+            let (max_in, max_out) = (din + 5, dout + 3);
+            let x = rand_pair(&cpu, &g, &[t, din], s, 1.0);
+            let w = rand_pair(&cpu, &g, &[dout, din], s + 1, 0.3);
+            let va = rand_pair(&cpu, &g, &[r, max_in], s + 2, 0.3);
+            let vb = rand_pair(&cpu, &g, &[max_out, r], s + 3, 0.3);
+            let ld = rand_pair(&cpu, &g, &[r], s + 4, 1.0);
+            let lb = rand_pair(&cpu, &g, &[dout], s + 5, 1.0);
+            let bias = rand_pair(&cpu, &g, &[dout], s + 6, 1.0);
+            let (yg, hg) = g
+                .vera_forward(&x.g, &w.g, Some(&bias.g), &va.g, &vb.g, &ld.g, &lb.g)
+                .unwrap();
+            let (yc, hc) = cpu
+                .vera_forward(&x.c, &w.c, Some(&bias.c), &va.c, &vb.c, &ld.c, &lb.c)
+                .unwrap();
+            close("vera_forward y", &g, &yg, &yc, tl);
+            close("vera_forward h", &g, &hg, &hc, tl);
+            let h = pair(&cpu, &g, &g.download(&hg).unwrap(), &[t, r]);
+            let dy = rand_pair(&cpu, &g, &[t, dout], s + 7, 1.0);
+            let (dxg, dldg, dlbg) = g
+                .vera_backward(&dy.g, &x.g, &h.g, &w.g, &va.g, &vb.g, &ld.g, &lb.g)
+                .unwrap();
+            let (dxc, dldc, dlbc) = cpu
+                .vera_backward(&dy.c, &x.c, &h.c, &w.c, &va.c, &vb.c, &ld.c, &lb.c)
+                .unwrap();
+            close("vera_backward dx", &g, &dxg, &dxc, tl);
+            close("vera_backward dlambda_d", &g, &dldg, &dldc, tl);
+            close("vera_backward dlambda_b", &g, &dlbg, &dlbc, tl);
+            let (mut wg, mut wc) = (w.g.clone(), w.c.clone());
+            g.vera_merge(&mut wg, &va.g, &vb.g, &ld.g, &lb.g, 1.0)
+                .unwrap();
+            cpu.vera_merge(&mut wc, &va.c, &vb.c, &ld.c, &lb.c, 1.0)
+                .unwrap();
+            close("vera_merge", &g, &wg, &wc, tl);
+            let small_a = g.zeros(&[r, din - 1]).unwrap();
+            assert!(matches!(
+                g.vera_forward(&x.g, &w.g, None, &small_a, &vb.g, &ld.g, &lb.g),
+                Err(Error::Shape { .. })
+            ));
+        }
+    }
+}
+
+#[test]
+fn adalora() {
+    let cpu = Cpu;
+    for d in DTYPES {
+        let Some(g) = gpu(d, "adalora") else { return };
+        let tl = tol(d);
+        for (i, &(t, din, dout, r)) in CASES.iter().enumerate() {
+            let s = 4000 + 100 * i as u64;
+            let x = rand_pair(&cpu, &g, &[t, din], s, 1.0);
+            let w = rand_pair(&cpu, &g, &[dout, din], s + 1, 0.3);
+            let a = rand_pair(&cpu, &g, &[r, din], s + 2, 0.3);
+            let b = rand_pair(&cpu, &g, &[dout, r], s + 3, 0.3);
+            // every third rank masked (E = 0)
+            let ev: Vec<f32> = vals(r, s + 4, 1.0)
+                .iter()
+                .enumerate()
+                .map(|(j, v)| if j % 3 == 2 { 0.0 } else { *v })
+                .collect();
+            let e = pair(&cpu, &g, &ev, &[r, 1]);
+            let (scaling, ranknum) = (8.0, r as f32);
+            let (yg, hg) = g
+                .adalora_forward(&x.g, &w.g, None, &a.g, &b.g, &e.g, scaling, ranknum)
+                .unwrap();
+            let (yc, hc) = cpu
+                .adalora_forward(&x.c, &w.c, None, &a.c, &b.c, &e.c, scaling, ranknum)
+                .unwrap();
+            close("adalora_forward y", &g, &yg, &yc, tl);
+            close("adalora_forward h", &g, &hg, &hc, tl);
+            let h = pair(&cpu, &g, &g.download(&hg).unwrap(), &[t, r]);
+            let dy = rand_pair(&cpu, &g, &[t, dout], s + 5, 1.0);
+            let gg = g
+                .adalora_backward(&dy.g, &x.g, &h.g, &w.g, &a.g, &b.g, &e.g, scaling, ranknum)
+                .unwrap();
+            let gc = cpu
+                .adalora_backward(&dy.c, &x.c, &h.c, &w.c, &a.c, &b.c, &e.c, scaling, ranknum)
+                .unwrap();
+            close("adalora_backward dx", &g, &gg.dx, &gc.dx, tl);
+            close("adalora_backward dA", &g, &gg.d_lora_a, &gc.d_lora_a, tl);
+            close("adalora_backward dB", &g, &gg.d_lora_b, &gc.d_lora_b, tl);
+            close("adalora_backward dE", &g, &gg.d_lora_e, &gc.d_lora_e, tl);
+            let (mut wg, mut wc) = (w.g.clone(), w.c.clone());
+            g.adalora_merge(&mut wg, &a.g, &b.g, &e.g, scaling, ranknum, 1.0)
+                .unwrap();
+            cpu.adalora_merge(&mut wc, &a.c, &b.c, &e.c, scaling, ranknum, 1.0)
+                .unwrap();
+            close("adalora_merge", &g, &wg, &wc, tl);
+            assert!(matches!(
+                g.adalora_forward(&x.g, &w.g, None, &a.g, &b.g, &e.g, scaling, 0.0),
+                Err(Error::InvalidArgument { .. })
+            ));
+        }
+    }
+}
+
+#[test]
+fn nf4_bit_exact_and_linear() {
+    let cpu = Cpu;
+    for d in DTYPES {
+        let Some(g) = gpu(d, "nf4") else { return };
+        let tl = tol(d);
+        // [out, in] with n not a multiple of the blocksize (short last block) and odd in.
+        for (k, &(dout, din, bs, dq)) in [
+            (29usize, 37usize, 64usize, false),
+            (67, 83, 64, true),
+            (300, 128, 128, true),
+            (45, 64, 32, false),
+        ]
+        .iter()
+        .enumerate()
+        {
+            let wv = round(d, &vals(dout * din, 5000 + k as u64, 0.5));
+            let qt = quantize_nf4(&wv, &[dout, din], bs, dq).unwrap();
+            // quantize on the GPU: identical bytes
+            let wg_dense = g.upload(&wv, &[dout, din]).unwrap();
+            let gq = g.quantize_nf4(&wg_dense, bs, dq).unwrap();
+            let back = g.download_nf4(&gq).unwrap();
+            assert_eq!(
+                back, qt,
+                "GPU quantize_nf4 differs from the CPU ({dout}x{din}, bs {bs}, dq {dq})"
+            );
+            assert_eq!(gq.bytes(), qt.bytes());
+            // dequantize: bit-exact in f32, the rounded CPU values otherwise
+            let wg = g.upload_nf4(&qt).unwrap();
+            let wc = cpu.upload_nf4(&qt).unwrap();
+            let deq = g.download(&g.nf4_dequantize(&wg).unwrap()).unwrap();
+            let want = round(d, cpu.nf4_dequantize(&wc).unwrap().data());
+            assert!(
+                deq.iter()
+                    .zip(&want)
+                    .all(|(a, b)| a.to_bits() == b.to_bits()),
+                "nf4_dequantize not bit-exact ({d:?}, {dout}x{din})"
+            );
+            for t in [1usize, 3, 17, 130] {
+                let x = rand_pair(&cpu, &g, &[t, din], 5100 + t as u64, 1.0);
+                let bias = rand_pair(&cpu, &g, &[dout], 5200, 1.0);
+                close(
+                    "nf4_linear",
+                    &g,
+                    &g.nf4_linear(&x.g, &wg, Some(&bias.g)).unwrap(),
+                    &cpu.nf4_linear(&x.c, &wc, Some(&bias.c)).unwrap(),
+                    tl,
+                );
+                let dy = rand_pair(&cpu, &g, &[t, dout], 5300 + t as u64, 1.0);
+                let dxg = g
+                    .nf4_linear_backward_input(&dy.g, &wg, None)
+                    .unwrap()
+                    .unwrap();
+                let dxc = cpu
+                    .nf4_linear_backward_input(&dy.c, &wc, None)
+                    .unwrap()
+                    .unwrap();
+                close("nf4_linear_backward_input", &g, &dxg, &dxc, tl);
+                let (mut accg, mut accc) = (x.g.clone(), x.c.clone());
+                g.nf4_linear_backward_input(&dy.g, &wg, Some(&mut accg))
+                    .unwrap();
+                cpu.nf4_linear_backward_input(&dy.c, &wc, Some(&mut accc))
+                    .unwrap();
+                close("nf4_linear_backward_input acc", &g, &accg, &accc, tl);
+                // the fused QLoRA forward vs nf4_linear + lora_add on the CPU
+                let r = 1 + t % 9;
+                let a = rand_pair(&cpu, &g, &[r, din], 5400, 0.3);
+                let b = rand_pair(&cpu, &g, &[dout, r], 5401, 0.3);
+                let (yg, hg) = g
+                    .nf4_lora_forward(&x.g, &wg, Some(&bias.g), &a.g, &b.g, 0.5)
+                    .unwrap();
+                let mut yc = cpu.nf4_linear(&x.c, &wc, Some(&bias.c)).unwrap();
+                let hc = cpu.lora_add(&mut yc, &x.c, &a.c, &b.c, 0.5).unwrap();
+                close("nf4_lora_forward y", &g, &yg, &yc, tl);
+                close("nf4_lora_forward h", &g, &hg, &hc, tl);
+            }
+            let sqg = g.nf4_row_sq_norms(&wg).unwrap();
+            let sqc = cpu.nf4_row_sq_norms(&wc).unwrap();
+            close("nf4_row_sq_norms", &g, &sqg, &sqc, tl);
+            let r = 4;
+            let a = rand_pair(&cpu, &g, &[r, din], 5500, 0.3);
+            let b = rand_pair(&cpu, &g, &[dout, r], 5501, 0.3);
+            let sq = pair(&cpu, &g, sqc.data(), &[dout]);
+            close(
+                "nf4_dora_weight_norm",
+                &g,
+                &g.nf4_dora_weight_norm(&wg, &sq.g, &a.g, &b.g, 0.7).unwrap(),
+                &cpu.nf4_dora_weight_norm(&wc, &sq.c, &a.c, &b.c, 0.7)
+                    .unwrap(),
+                tl,
+            );
+            let xbad = g.zeros(&[2, din + 1]).unwrap();
+            assert!(g.nf4_linear(&xbad, &wg, None).is_err());
+        }
+        // non-finite input and a bad blocksize
+        let mut wv = vals(64 * 3, 1, 1.0);
+        wv[70] = f32::NAN;
+        let wt = g.upload(&wv, &[3, 64]).unwrap();
+        assert!(matches!(
+            g.quantize_nf4(&wt, 64, false),
+            Err(Error::NonFinite { index: 70, .. })
+        ));
+        assert!(g.quantize_nf4(&wt, 48, false).is_err());
+    }
+}
+
+#[test]
+fn model_ops() {
+    let cpu = Cpu;
+    for d in DTYPES {
+        let Some(g) = gpu(d, "model_ops") else { return };
+        let tl = tol(d);
+        for &(t, dim) in &[(1usize, 37usize), (17, 64), (130, 83)] {
+            let x = rand_pair(&cpu, &g, &[t, dim], 6000 + t as u64, 2.0);
+            let wt = rand_pair(&cpu, &g, &[dim], 6001, 1.0);
+            let (yg, rg) = g.rmsnorm(&x.g, &wt.g, 1e-5).unwrap();
+            let (yc, rc) = cpu.rmsnorm(&x.c, &wt.c, 1e-5).unwrap();
+            close("rmsnorm y", &g, &yg, &yc, tl);
+            close("rmsnorm rstd", &g, &rg, &rc, 2e-4);
+            let dy = rand_pair(&cpu, &g, &[t, dim], 6002, 1.0);
+            let (mut dwg, mut dwc) = (wt.g.clone(), wt.c.clone());
+            let dxg = g
+                .rmsnorm_backward(&dy.g, &x.g, &wt.g, &rg, Some(&mut dwg))
+                .unwrap();
+            let dxc = cpu
+                .rmsnorm_backward(&dy.c, &x.c, &wt.c, &rc, Some(&mut dwc))
+                .unwrap();
+            close("rmsnorm_backward dx", &g, &dxg, &dxc, tl);
+            close("rmsnorm_backward dweight", &g, &dwg, &dwc, tl);
+            let gate = rand_pair(&cpu, &g, &[t, dim], 6003, 4.0);
+            let up = rand_pair(&cpu, &g, &[t, dim], 6004, 2.0);
+            close(
+                "swiglu",
+                &g,
+                &g.swiglu(&gate.g, &up.g).unwrap(),
+                &cpu.swiglu(&gate.c, &up.c).unwrap(),
+                tl,
+            );
+            let (dgg, dug) = g.swiglu_backward(&dy.g, &gate.g, &up.g).unwrap();
+            let (dgc, duc) = cpu.swiglu_backward(&dy.c, &gate.c, &up.c).unwrap();
+            close("swiglu_backward dgate", &g, &dgg, &dgc, tl);
+            close("swiglu_backward dup", &g, &dug, &duc, tl);
+            // cross-entropy with ignored rows
+            let labels: Vec<i32> = (0..t)
+                .map(|i| {
+                    if i % 4 == 1 {
+                        -100
+                    } else {
+                        ((i * 7) % dim) as i32
+                    }
+                })
+                .collect();
+            let (lg, gg) = g.cross_entropy(&x.g, &labels, 0.25).unwrap();
+            let (lc, gc) = cpu.cross_entropy(&x.c, &labels, 0.25).unwrap();
+            assert!(
+                (lg - lc).abs() <= 1e-4 * lc.abs().max(1.0),
+                "cross_entropy loss {lg} vs {lc}"
+            );
+            close("cross_entropy dlogits", &g, &gg, &gc, tl);
+            assert!(g.cross_entropy(&x.g, &vec![dim as i32; t], 1.0).is_err());
+            // AdamW, two steps
+            let (mut pg, mut pc) = (x.g.clone(), x.c.clone());
+            let (mut mg, mut mc) = (g.zeros(&[t, dim]).unwrap(), cpu.zeros(&[t, dim]).unwrap());
+            let (mut vg, mut vc) = (g.zeros(&[t, dim]).unwrap(), cpu.zeros(&[t, dim]).unwrap());
+            for step in 1..=2 {
+                let p = AdamWParams {
+                    lr: 1e-2,
+                    beta1: 0.9,
+                    beta2: 0.999,
+                    eps: 1e-8,
+                    weight_decay: 0.01,
+                    step,
+                };
+                g.adamw_step(&mut pg, &dy.g, &mut mg, &mut vg, &p).unwrap();
+                cpu.adamw_step(&mut pc, &dy.c, &mut mc, &mut vc, &p)
+                    .unwrap();
+            }
+            close("adamw param", &g, &pg, &pc, tl);
+            close("adamw exp_avg", &g, &mg, &mc, tl);
+            close("adamw exp_avg_sq", &g, &vg, &vc, tl);
+            let p0 = AdamWParams {
+                lr: 1e-2,
+                beta1: 0.9,
+                beta2: 0.999,
+                eps: 1e-8,
+                weight_decay: 0.0,
+                step: 0,
+            };
+            assert!(g.adamw_step(&mut pg, &dy.g, &mut mg, &mut vg, &p0).is_err());
+        }
+        // RoPE: forward against the CPU, then the inverse restores the input
+        for &(t, heads, hd) in &[(5usize, 3usize, 8usize), (19, 2, 64)] {
+            let x = rand_pair(&cpu, &g, &[t, heads * hd], 6100, 1.0);
+            let pos: Vec<u32> = (0..t as u32).map(|i| i * 37 % 101).collect();
+            let (mut xg, mut xc) = (x.g.clone(), x.c.clone());
+            g.rope(&mut xg, &pos, hd, 10000.0, false).unwrap();
+            cpu.rope(&mut xc, &pos, hd, 10000.0, false).unwrap();
+            close("rope", &g, &xg, &xc, tl);
+            g.rope(&mut xg, &pos, hd, 10000.0, true).unwrap();
+            close("rope inverse", &g, &xg, &x.c, 2.0 * tl);
+            assert!(g.rope(&mut xg, &pos[1..], hd, 10000.0, false).is_err());
+        }
+    }
+}
+
+#[test]
+fn attention() {
+    let cpu = Cpu;
+    for d in DTYPES {
+        let Some(g) = gpu(d, "attention") else { return };
+        let tl = tol(d);
+        // GQA 4:2 and 3:1, head dims 16, 64, 160; packed spans with a gap row and an empty span.
+        for &(hq, hkv, hd) in &[(4usize, 2usize, 16usize), (3, 1, 64), (2, 2, 160)] {
+            let seqs = [
+                SeqSpan { start: 0, len: 5 },
+                SeqSpan { start: 5, len: 0 },
+                SeqSpan { start: 6, len: 41 },
+                SeqSpan { start: 47, len: 1 },
+            ];
+            let t = 48;
+            let q = rand_pair(&cpu, &g, &[t, hq * hd], 7000 + hd as u64, 1.0);
+            let k = rand_pair(&cpu, &g, &[t, hkv * hd], 7001 + hd as u64, 1.0);
+            let v = rand_pair(&cpu, &g, &[t, hkv * hd], 7002 + hd as u64, 1.0);
+            let scale = 1.0 / (hd as f32).sqrt();
+            let sg = g
+                .attention(&q.g, &k.g, &v.g, &seqs, hq, hkv, scale)
+                .unwrap();
+            let sc = cpu
+                .attention(&q.c, &k.c, &v.c, &seqs, hq, hkv, scale)
+                .unwrap();
+            close("attention out", &g, &sg.out, &sc.out, tl);
+            close("attention lse", &g, &sg.lse, &sc.lse, 2e-3);
+            let dout = rand_pair(&cpu, &g, &[t, hq * hd], 7003, 1.0);
+            let saved_c = AttentionSaved {
+                out: cpu
+                    .upload(&g.download(&sg.out).unwrap(), &[t, hq * hd])
+                    .unwrap(),
+                lse: cpu.upload(&g.download(&sg.lse).unwrap(), &[hq, t]).unwrap(),
+            };
+            let (dqg, dkg, dvg) = g
+                .attention_backward(&dout.g, &q.g, &k.g, &v.g, &sg, &seqs, hq, hkv, scale)
+                .unwrap();
+            let (dqc, dkc, dvc) = cpu
+                .attention_backward(&dout.c, &q.c, &k.c, &v.c, &saved_c, &seqs, hq, hkv, scale)
+                .unwrap();
+            close("attention dq", &g, &dqg, &dqc, 2.0 * tl);
+            close("attention dk", &g, &dkg, &dkc, 2.0 * tl);
+            close("attention dv", &g, &dvg, &dvc, 2.0 * tl);
+            let bad = [SeqSpan { start: 40, len: 9 }];
+            assert!(g.attention(&q.g, &k.g, &v.g, &bad, hq, hkv, scale).is_err());
+        }
+    }
+}
+
+#[test]
+fn dtype_mismatch_is_an_error() {
+    let Some(g32) = gpu(DType::F32, "dtype_mismatch") else {
+        return;
+    };
+    let g16 = g32.to_dtype(DType::BF16);
+    let x = g32.upload(&[1.0; 6], &[2, 3]).unwrap();
+    let w = g16.upload(&[1.0; 12], &[4, 3]).unwrap();
+    assert!(matches!(
+        g32.linear(&x, &w, None),
+        Err(Error::InvalidArgument { .. })
+    ));
+}
