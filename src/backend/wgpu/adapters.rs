@@ -113,8 +113,8 @@ pub(super) fn row_chunks(
                     be.ctx.max_binding
                 )));
             }
-            if v.rs > 0 {
-                n = n.min(1 + (limit - pad - w) / v.rs);
+            if let Some(more) = (limit - pad - w).checked_div(v.rs) {
+                n = n.min(1 + more);
             }
         }
         out.push((r0, r0 + n));
