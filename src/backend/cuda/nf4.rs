@@ -11,8 +11,9 @@
 //!   [`crate::quant::nf4::quantize_nf4`] (absmax, packing and the nested 8-bit codes on the
 //!   GPU; the one scalar `offset = mean(absmax)` on the host in torch's summation order).
 
-use super::adapters::{DECODE_MAX_T, dora_norm_from_p, lora_add, pu};
+use super::adapters::{DECODE_MAX_T, lora_add, pu};
 use super::blas::Mat;
+use super::dora::dora_norm_from_p;
 use super::{Arg, Cuda, CudaNf4, DType, berr, blocks};
 use crate::backend::{Nf4Weight, Tensor, check};
 use crate::error::{Error, Result};
