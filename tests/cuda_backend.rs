@@ -29,7 +29,8 @@ fn gpu(dtype: DType, test: &str) -> Option<Cuda> {
                 !required(),
                 "LORAFUSE_REQUIRE=cuda but the CUDA backend is unavailable: {e}"
             );
-            eprintln!("SKIPPED {test}: {e}");
+            println!("SKIP: {test}: {e}");
+            eprintln!("SKIP: {test}: {e}");
             None
         }
     }
@@ -135,7 +136,7 @@ fn new_without_hardware_is_an_error_not_a_panic() {
         Err(e) => {
             assert!(matches!(e, Error::BackendUnavailable { .. }), "{e}");
             assert!(!required(), "LORAFUSE_REQUIRE=cuda but: {e}");
-            eprintln!("SKIPPED (GPU part) new_without_hardware: {e}");
+            eprintln!("SKIP: (GPU part of) new_without_hardware: {e}");
         }
     }
 }
