@@ -14,6 +14,9 @@ if [ -z "${LORAFUSE_MODEL:-}" ]; then
   LORAFUSE_MODEL="$(target/release/lorafuse fetch)"
   export LORAFUSE_MODEL
 fi
+# NVRTC, the CUDA headers and ptxas from NVIDIA's pip wheels (.cuda-pip/), so that every
+# kernels/*.cu is compiled and assembled even without a GPU (tests/cuda_compile.rs).
+source scripts/cuda-env.sh >/dev/null
 cargo test --release
 # The Python wheel: built with maturin into python/.venv and tested with pytest.
 bash scripts/test-python.sh

@@ -85,8 +85,8 @@ struct ModelArgs {
     /// ($LORAFUSE_CACHE, else ~/.cache/lorafuse) on first use.
     #[arg(long)]
     model: Option<PathBuf>,
-    /// Where to run: cpu (the reference), wgpu (Vulkan/Metal/DX12: any GPU wgpu reaches, or
-    /// Mesa's lavapipe on the CPU), or auto (the CPU until the CUDA backend runs end to end).
+    /// Where to run: cpu (the reference), cuda (GPU 0), wgpu (Vulkan/Metal/DX12: any GPU wgpu
+    /// reaches, or Mesa's lavapipe on the CPU), or auto (CUDA when present, else the CPU).
     /// `merge` always runs on the CPU.
     #[arg(long, value_enum, default_value_t = Device::Auto)]
     device: Device,
@@ -358,29 +358,40 @@ fn main() {
 /// The backend a command runs on, as `--device` picks it.
 enum Picked {
     Cpu,
+    #[cfg(feature = "cuda")]
+    Cuda(lorafuse::backend::cuda::Cuda),
     #[cfg(feature = "wgpu")]
     Wgpu(lorafuse::Wgpu),
 }
 
-/// Resolves `--device`: `cpu`; `wgpu` (the first Vulkan/Metal/DX12 adapter, a software one
-/// included); `auto` is the CPU reference until the CUDA backend runs end to end (wgpu is
-/// chosen explicitly: probing Vulkan on every start costs time and prints loader noise on
-/// headless machines). Errors: the requested backend is unavailable on this machine or not
-/// compiled in.
+/// Resolves `--device`: `cpu`; `cuda` (GPU 0); `wgpu` (the first Vulkan/Metal/DX12 adapter, a
+/// software one included); `auto` is CUDA when a CUDA GPU is present, else the CPU reference
+/// (wgpu is chosen explicitly: probing Vulkan on every start costs time and prints loader
+/// noise on headless machines). Errors: the requested backend is unavailable on this machine
+/// or not compiled in.
 fn pick(d: Device) -> Result<Picked> {
     match d {
         Device::Cpu => Ok(Picked::Cpu),
         #[cfg(feature = "wgpu")]
         Device::Wgpu => Ok(Picked::Wgpu(lorafuse::Wgpu::new()?)),
+        #[cfg(feature = "cuda")]
+        Device::Auto => Ok(match lorafuse::backend::cuda::Cuda::new(0) {
+            Ok(c) => Picked::Cuda(c),
+            Err(_) => Picked::Cpu,
+        }),
+        #[cfg(not(feature = "cuda"))]
         Device::Auto => Ok(Picked::Cpu),
         #[cfg(not(feature = "wgpu"))]
         Device::Wgpu => Err(Error::BackendUnavailable {
             backend: "wgpu".into(),
             reason: "this build has no `wgpu` feature".into(),
         }),
+        #[cfg(feature = "cuda")]
+        Device::Cuda => Ok(Picked::Cuda(lorafuse::backend::cuda::Cuda::new(0)?)),
+        #[cfg(not(feature = "cuda"))]
         Device::Cuda => Err(Error::BackendUnavailable {
             backend: "cuda".into(),
-            reason: "the CUDA backend cannot run end to end yet; use --device cpu or wgpu".into(),
+            reason: "this build has no `cuda` feature".into(),
         }),
     }
 }
@@ -391,6 +402,11 @@ macro_rules! on_backend {
         match pick($device)? {
             Picked::Cpu => {
                 let $be = Cpu;
+                $body
+            }
+            #[cfg(feature = "cuda")]
+            Picked::Cuda(c) => {
+                let $be = c;
                 $body
             }
             #[cfg(feature = "wgpu")]

@@ -19,6 +19,10 @@ impl Backend for Cuda {
         "cuda"
     }
 
+    fn synchronize(&self) -> Result<()> {
+        Cuda::synchronize(self)
+    }
+
     fn upload(&self, data: &[f32], shape: &[usize]) -> Result<Tensor<Self>> {
         let n: usize = shape.iter().product();
         if data.len() != n {
