@@ -40,6 +40,6 @@ pub mod quant;
 pub mod train;
 
 #[cfg(feature = "wgpu")]
-pub use backend::wgpu::Wgpu;
+pub use backend::wgpu::{Wgpu, WgpuOptions};
 pub use backend::{Backend, Tensor, cpu::Cpu};
 pub use error::{Error, Result};

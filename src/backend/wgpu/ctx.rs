@@ -71,6 +71,10 @@ pub(crate) struct Ctx {
     /// Alignment of storage binding offsets in bytes.
     pub offset_align: u64,
     pub max_groups: u32,
+    /// Reductions may use subgroup operations (the adapter has SUBGROUP and the options allow).
+    pub subgroups: bool,
+    /// Frozen weights may be stored as f16 (the adapter has SHADER_F16 and the options allow).
+    pub f16: bool,
     kernels: Mutex<HashMap<String, Arc<Kernel>>>,
     pending: Mutex<Pending>,
     /// First error reported by the device (validation, out of memory, device lost).
@@ -125,7 +129,8 @@ fn err(msg: impl Into<String>) -> Error {
 impl Ctx {
     /// Opens the first Vulkan/Metal/DX12 adapter (a software one such as lavapipe when no
     /// hardware adapter exists). Errors: [`Error::BackendUnavailable`] when there is none.
-    pub fn new(max_binding: Option<u64>) -> Result<Arc<Ctx>> {
+    pub fn new(opts: &super::WgpuOptions) -> Result<Arc<Ctx>> {
+        let max_binding = opts.max_binding;
         let unavailable = |reason: String| Error::BackendUnavailable {
             backend: "wgpu".into(),
             reason,
@@ -176,6 +181,8 @@ impl Ctx {
             max_binding: max_binding.map_or(adapter_max, |m| m.min(adapter_max)),
             offset_align: limits.min_storage_buffer_offset_alignment as u64,
             max_groups: limits.max_compute_workgroups_per_dimension,
+            subgroups: opts.subgroups && features.contains(wgpu::Features::SUBGROUP),
+            f16: opts.f16 && features.contains(wgpu::Features::SHADER_F16),
             device,
             queue,
             kernels: Mutex::new(HashMap::new()),

@@ -28,6 +28,29 @@ pub use self::nf4::Nf4Gpu;
 
 const ELEMENTWISE: &str = include_str!("../../../shaders/elementwise.wgsl");
 
+/// Settings of a [`Wgpu`] backend. The defaults use everything the adapter offers.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct WgpuOptions {
+    /// Largest storage binding in bytes (at most the adapter's own limit); `None` for the
+    /// adapter's. Tests set a small value to exercise the splitting of large buffers.
+    pub max_binding: Option<u64>,
+    /// Use subgroup operations in reductions where the adapter has `SUBGROUP` (else the
+    /// workgroup-memory versions run).
+    pub subgroups: bool,
+    /// Store frozen weights as f16 where the adapter has `SHADER_F16` (else f32).
+    pub f16: bool,
+}
+
+impl Default for WgpuOptions {
+    fn default() -> Self {
+        WgpuOptions {
+            max_binding: None,
+            subgroups: true,
+            f16: true,
+        }
+    }
+}
+
 /// The wgpu backend. Cloning shares the device.
 #[derive(Clone)]
 pub struct Wgpu {
@@ -46,16 +69,22 @@ impl Wgpu {
     ///
     /// Errors: [`Error::BackendUnavailable`] when no adapter or device can be had.
     pub fn new() -> Result<Wgpu> {
+        Self::with_options(&WgpuOptions::default())
+    }
+
+    /// Like [`Wgpu::new`], with explicit [`WgpuOptions`].
+    pub fn with_options(opts: &WgpuOptions) -> Result<Wgpu> {
         Ok(Wgpu {
-            ctx: Ctx::new(None)?,
+            ctx: Ctx::new(opts)?,
         })
     }
 
     /// Like [`Wgpu::new`], with storage bindings limited to `bytes` (at most the adapter's own
     /// limit). Tests use a small limit to exercise the splitting of large buffers.
     pub fn with_max_binding(bytes: u64) -> Result<Wgpu> {
-        Ok(Wgpu {
-            ctx: Ctx::new(Some(bytes))?,
+        Self::with_options(&WgpuOptions {
+            max_binding: Some(bytes),
+            ..WgpuOptions::default()
         })
     }
 
@@ -70,14 +99,16 @@ impl Wgpu {
         self.ctx.info.device_type == wgpu::DeviceType::Cpu
     }
 
-    /// True when the adapter supports f16 in shaders (`SHADER_F16`).
+    /// True when frozen weights may be stored as f16: the adapter supports f16 in shaders
+    /// (`SHADER_F16`) and the options allow it.
     pub fn has_f16(&self) -> bool {
-        self.ctx.features.contains(wgpu::Features::SHADER_F16)
+        self.ctx.f16
     }
 
-    /// True when the adapter supports subgroup operations (`SUBGROUP`).
+    /// True when reductions use subgroup operations: the adapter supports them (`SUBGROUP`)
+    /// and the options allow it.
     pub fn has_subgroups(&self) -> bool {
-        self.ctx.features.contains(wgpu::Features::SUBGROUP)
+        self.ctx.subgroups
     }
 
     /// The storage-binding limit in bytes that this backend splits work to respect.
