@@ -65,7 +65,6 @@ pub(crate) struct Ctx {
     pub device: wgpu::Device,
     pub queue: wgpu::Queue,
     pub info: wgpu::AdapterInfo,
-    pub features: wgpu::Features,
     /// Largest storage binding in bytes (the adapter's limit, or a lower one set for tests).
     pub max_binding: u64,
     /// Alignment of storage binding offsets in bytes.
@@ -177,7 +176,6 @@ impl Ctx {
         });
         Ok(Arc::new(Ctx {
             info,
-            features,
             max_binding: max_binding.map_or(adapter_max, |m| m.min(adapter_max)),
             offset_align: limits.min_storage_buffer_offset_alignment as u64,
             max_groups: limits.max_compute_workgroups_per_dimension,
