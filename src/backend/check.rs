@@ -1,7 +1,7 @@
 //! Argument checks shared by every backend, so that each kernel's contract (shapes, ranges) is
 //! enforced in one place and every backend returns the same error for the same bad input.
 
-use super::{Backend, SeqSpan, Tensor};
+use super::{AdamWParams, AttentionSaved, Backend, SeqSpan, Tensor, same_shape};
 use crate::error::{Error, Result};
 
 /// Checks `x [T, in]` against `w [out, in]`, returning `(T, in, out)`.
@@ -202,10 +202,56 @@ pub fn rope(width: usize, t: usize, positions: &[u32], head_dim: usize) -> Resul
     Ok(())
 }
 
-/// Checks an AdamW step number (1-based).
-pub fn adamw_step(step: u64) -> Result<()> {
-    if step == 0 {
+/// The per-step constants of torch's single-tensor AdamW, computed once on the host in the
+/// same precision by every backend: `step_size = lr / (1 - beta1^t)`,
+/// `bc2_sqrt = sqrt(1 - beta2^t)` (f64, then f32) and the decoupled decay `1 - lr * wd`.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct AdamWFactors {
+    pub step_size: f32,
+    pub bc2_sqrt: f32,
+    pub decay: f32,
+}
+
+/// Checks one AdamW update (grad and both moments shaped like the parameter, a 1-based step)
+/// and returns its [`AdamWFactors`].
+pub fn adamw<B: Backend>(
+    param: &Tensor<B>,
+    grad: &Tensor<B>,
+    m: &Tensor<B>,
+    v: &Tensor<B>,
+    p: &AdamWParams,
+) -> Result<AdamWFactors> {
+    same_shape("grad", grad, param)?;
+    same_shape("exp_avg", m, param)?;
+    same_shape("exp_avg_sq", v, param)?;
+    if p.step == 0 {
         return Err(Error::arg("step", "AdamW steps are 1-based"));
     }
-    Ok(())
+    let bc1 = 1.0 - (p.beta1 as f64).powi(p.step as i32);
+    let bc2 = 1.0 - (p.beta2 as f64).powi(p.step as i32);
+    Ok(AdamWFactors {
+        step_size: (p.lr as f64 / bc1) as f32,
+        bc2_sqrt: bc2.sqrt() as f32,
+        decay: 1.0 - p.lr * p.weight_decay,
+    })
+}
+
+/// Checks the inputs of an attention backward: `d_out` and `saved.out` shaped like q,
+/// `saved.lse [n_heads, T]`, and everything [`attention`] checks. Returns `(T, head_dim, group)`.
+#[allow(clippy::too_many_arguments)]
+pub fn attention_backward<B: Backend>(
+    d_out: &Tensor<B>,
+    q: &Tensor<B>,
+    k: &Tensor<B>,
+    v: &Tensor<B>,
+    saved: &AttentionSaved<B>,
+    seqs: &[SeqSpan],
+    n_heads: usize,
+    n_kv_heads: usize,
+) -> Result<(usize, usize, usize)> {
+    let dims = attention(q, k, v, seqs, n_heads, n_kv_heads)?;
+    d_out.expect_shape("d_out", q.shape())?;
+    saved.out.expect_shape("saved.out", q.shape())?;
+    saved.lse.expect_shape("saved.lse", &[n_heads, dims.0])?;
+    Ok(dims)
 }

@@ -764,19 +764,13 @@ impl Backend for Cpu {
         v: &mut Tensor<Self>,
         p: &AdamWParams,
     ) -> Result<()> {
-        same_shape("grad", grad, param)?;
-        same_shape("exp_avg", m, param)?;
-        same_shape("exp_avg_sq", v, param)?;
-        if p.step == 0 {
-            return Err(Error::arg("step", "AdamW steps are 1-based"));
-        }
         // torch.optim.AdamW (single-tensor path): decay, moments, bias-corrected update with
         // eps added to sqrt(v_hat).
-        let bc1 = 1.0 - (p.beta1 as f64).powi(p.step as i32);
-        let bc2 = 1.0 - (p.beta2 as f64).powi(p.step as i32);
-        let step_size = (p.lr as f64 / bc1) as f32;
-        let bc2_sqrt = bc2.sqrt() as f32;
-        let decay = 1.0 - p.lr * p.weight_decay;
+        let check::AdamWFactors {
+            step_size,
+            bc2_sqrt,
+            decay,
+        } = check::adamw(param, grad, m, v, p)?;
         for (((w, &g), m), v) in param
             .buf
             .iter_mut()

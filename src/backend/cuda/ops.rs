@@ -327,10 +327,7 @@ pub(super) fn attention_backward(
     n_kv_heads: usize,
     scale: f32,
 ) -> Result<(Tensor<Cuda>, Tensor<Cuda>, Tensor<Cuda>)> {
-    let (t, hd, _) = check::attention(q, k, v, seqs, n_heads, n_kv_heads)?;
-    d_out.expect_shape("d_out", q.shape())?;
-    saved.out.expect_shape("saved.out", q.shape())?;
-    saved.lse.expect_shape("saved.lse", &[n_heads, t])?;
+    let (t, hd, _) = check::attention_backward(d_out, q, k, v, saved, seqs, n_heads, n_kv_heads)?;
     let kt = att_kt(hd)?;
     let delta = be.alloc_typed(&[n_heads, t], DType::F32)?;
     let deltap = be.rd_f32("delta", &delta)?;
@@ -488,15 +485,11 @@ pub(super) fn adamw_step(
     v: &mut Tensor<Cuda>,
     p: &AdamWParams,
 ) -> Result<()> {
-    same("grad", grad, param)?;
-    same("exp_avg", m, param)?;
-    same("exp_avg_sq", v, param)?;
-    check::adamw_step(p.step)?;
-    let bc1 = 1.0 - (p.beta1 as f64).powi(p.step as i32);
-    let bc2 = 1.0 - (p.beta2 as f64).powi(p.step as i32);
-    let step_size = (p.lr as f64 / bc1) as f32;
-    let bc2_sqrt = bc2.sqrt() as f32;
-    let decay = 1.0 - p.lr * p.weight_decay;
+    let check::AdamWFactors {
+        step_size,
+        bc2_sqrt,
+        decay,
+    } = check::adamw(param, grad, m, v, p)?;
     let n = param.len();
     let gp = be.rd("grad", grad)?;
     let wp = pu(be.wr("param", param)?);

@@ -898,16 +898,12 @@ impl Backend for Wgpu {
         v: &mut Tensor<Self>,
         p: &AdamWParams,
     ) -> Result<()> {
-        same_shape("grad", grad, param)?;
-        same_shape("exp_avg", m, param)?;
-        same_shape("exp_avg_sq", v, param)?;
-        check::adamw_step(p.step)?;
         // The same f32 constants as the CPU reference (torch's single-tensor AdamW).
-        let bc1 = 1.0 - (p.beta1 as f64).powi(p.step as i32);
-        let bc2 = 1.0 - (p.beta2 as f64).powi(p.step as i32);
-        let step_size = (p.lr as f64 / bc1) as f32;
-        let bc2_sqrt = bc2.sqrt() as f32;
-        let decay = 1.0 - p.lr * p.weight_decay;
+        let check::AdamWFactors {
+            step_size,
+            bc2_sqrt,
+            decay,
+        } = check::adamw(param, grad, m, v, p)?;
         self.elementwise(
             "adamw",
             param.len(),

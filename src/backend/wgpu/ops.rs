@@ -581,11 +581,8 @@ pub(super) fn attention_backward(
     n_kv_heads: usize,
     scale: f32,
 ) -> Result<(Tensor<Wgpu>, Tensor<Wgpu>, Tensor<Wgpu>)> {
-    let (t, hd, _) = check::attention(q, k, v, seqs, n_heads, n_kv_heads)?;
+    let (t, hd, _) = check::attention_backward(d_out, q, k, v, saved, seqs, n_heads, n_kv_heads)?;
     let (qw, kw) = (n_heads * hd, n_kv_heads * hd);
-    d_out.expect_shape("d_out", q.shape())?;
-    saved.out.expect_shape("saved.out", q.shape())?;
-    saved.lse.expect_shape("saved.lse", &[n_heads, t])?;
     check_head_dim(hd)?;
     let dq = be.alloc(&[t, qw]);
     let dk = be.alloc(&[t, kw]);
