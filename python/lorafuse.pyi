@@ -5,7 +5,8 @@ shape given in its docstring; otherwise TypeError (not an ndarray, wrong dtype) 
 (ndim, shape, contiguity, NaN/Inf) is raised naming the argument. Results are new float32 arrays.
 """
 
-from typing import Optional, Tuple
+import os
+from typing import Any, Optional, Tuple
 
 import numpy as np
 import numpy.typing as npt
@@ -177,3 +178,9 @@ class _Nf4Module:
         """bitsandbytes' CPU quantize_4bit(quant_type='nf4'), bit for bit."""
 
 nf4: _Nf4Module
+
+# ---- PEFT adapter folders ----
+def load_adapter(path: str | os.PathLike[str]) -> tuple[dict[str, Any], dict[str, F32]]: ...
+def save_adapter(
+    path: str | os.PathLike[str], config: dict[str, Any], tensors: dict[str, F32]
+) -> None: ...
