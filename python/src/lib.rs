@@ -1153,14 +1153,6 @@ fn nf4_quantize(
     Ok(PyNf4 { inner })
 }
 
-// ---- module -----------------------------------------------------------------------------------------
-
-/// Fused LoRA-family kernels (CPU reference backend) on numpy float32 arrays, and
-/// bitsandbytes-compatible NF4 quantization in ``lorafuse.nf4``.
-///
-/// Layouts follow PEFT: weights ``[out, in]`` (torch ``nn.Linear``), activations ``[T, in]``,
-/// ``lora_A [r, in]``, ``lora_B [out, r]``. Every array must be a C-contiguous float32 numpy
-/// array with finite values; anything else raises TypeError/ValueError naming the argument.
 // ---- PEFT adapter files ---------------------------------------------------------------------------
 
 /// Reads a PEFT adapter folder (``adapter_config.json`` + ``adapter_model.safetensors``), as
@@ -1259,6 +1251,14 @@ fn file_err(e: Error) -> PyErr {
     }
 }
 
+// ---- module -----------------------------------------------------------------------------------------
+
+/// Fused LoRA-family kernels (CPU reference backend) on numpy float32 arrays, and
+/// bitsandbytes-compatible NF4 quantization in ``lorafuse.nf4``.
+///
+/// Layouts follow PEFT: weights ``[out, in]`` (torch ``nn.Linear``), activations ``[T, in]``,
+/// ``lora_A [r, in]``, ``lora_B [out, r]``. Every array must be a C-contiguous float32 numpy
+/// array with finite values; anything else raises TypeError/ValueError naming the argument.
 #[pymodule]
 #[pyo3(name = "lorafuse")]
 fn lorafuse_py(m: &Bound<'_, PyModule>) -> PyResult<()> {
