@@ -166,6 +166,10 @@ class Nf4Tensor:
     def quant_type(self) -> str: ...
     @property
     def nbytes(self) -> int: ...
+    def to_bnb(self, weight_key: str) -> dict[str, npt.NDArray[np.uint8] | F32]:
+        """bitsandbytes checkpoint tensors under `weight_key` (weight, .absmax, .quant_map, ...)."""
+    @staticmethod
+    def from_bnb(tensors: dict[str, npt.NDArray[Any]], weight_key: str) -> "Nf4Tensor": ...
     def absmax_f32(self) -> F32:
         """float32 [nblocks], the decoded absmax."""
     def dequantize(self) -> F32:

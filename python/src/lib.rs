@@ -13,7 +13,7 @@
 
 use std::panic::{AssertUnwindSafe, catch_unwind};
 
-use lorafuse::io::peft;
+use lorafuse::io::{bnb, peft};
 use lorafuse::quant::nf4::{Absmax, NF4_CODE, Nf4Tensor as RsNf4, quantize_nf4};
 use lorafuse::{Backend, Cpu, Error, Tensor};
 use numpy::{
@@ -1084,6 +1084,83 @@ impl PyNf4 {
     /// the decoded ``nested_quant_map[absmax] * nested_absmax[i // 256] + offset``.
     fn absmax_f32<'py>(&self, py: Python<'py>) -> Bound<'py, PyAny> {
         PyArray::from_vec(py, self.inner.absmax_f32()).into_any()
+    }
+
+    /// The tensors bitsandbytes/transformers store for this weight in a checkpoint, keyed
+    /// under ``weight_key`` (e.g. ``model.layers.0.self_attn.q_proj.weight``): the packed
+    /// ``weight`` (uint8), ``.absmax``, ``.quant_map``, with double quant ``.nested_absmax``
+    /// and ``.nested_quant_map``, and ``.quant_state.bitsandbytes__nf4`` (uint8 JSON), each a
+    /// numpy array of the stored dtype (uint8 or float32) and shape.
+    fn to_bnb<'py>(&self, py: Python<'py>, weight_key: &str) -> PyResult<Bound<'py, PyDict>> {
+        let dict = PyDict::new(py);
+        for (name, dtype, shape, bytes) in bnb::nf4_to_bnb_tensors(weight_key, &self.inner) {
+            let arr = match dtype {
+                safetensors::Dtype::U8 => PyArray::from_vec(py, bytes)
+                    .reshape(shape.as_slice())?
+                    .into_any(),
+                _ => {
+                    let v: Vec<f32> = bytes
+                        .chunks_exact(4)
+                        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                        .collect();
+                    PyArray::from_vec(py, v)
+                        .reshape(shape.as_slice())?
+                        .into_any()
+                }
+            };
+            dict.set_item(name, arr)?;
+        }
+        Ok(dict)
+    }
+
+    /// Reads an NF4 weight from bitsandbytes checkpoint tensors (the inverse of
+    /// :meth:`to_bnb`): ``tensors`` maps the keys under ``weight_key`` to uint8/float32 numpy
+    /// arrays (other keys are ignored).
+    ///
+    /// Raises:
+    ///     TypeError: ``tensors`` is not a dict, or a value is not a uint8/float32 array.
+    ///     ValueError: a missing key, a quant state that is not NF4 or not valid JSON, sizes
+    ///         that disagree with the shape and block sizes.
+    #[staticmethod]
+    fn from_bnb(tensors: &Bound<'_, PyAny>, weight_key: &str) -> PyResult<PyNf4> {
+        let py = tensors.py();
+        let dict = tensors.cast::<PyDict>().map_err(|_| {
+            PyTypeError::new_err(format!(
+                "`tensors` must be a dict, got {}",
+                type_name(tensors)
+            ))
+        })?;
+        let mut raw: Vec<(String, safetensors::Dtype, Vec<usize>, Vec<u8>)> = Vec::new();
+        for (k, v) in dict.iter() {
+            let Ok(name) = k.extract::<String>() else {
+                continue;
+            };
+            if name != weight_key && !name.starts_with(&format!("{weight_key}.")) {
+                continue;
+            }
+            let a = v.cast::<PyUntypedArray>().map_err(|_| {
+                PyTypeError::new_err(format!("`tensors[{name:?}]` must be a numpy.ndarray"))
+            })?;
+            let dt = a.dtype();
+            let dtype = if dt.is_equiv_to(&numpy::dtype::<u8>(py)) {
+                safetensors::Dtype::U8
+            } else if dt.is_equiv_to(&numpy::dtype::<f32>(py)) {
+                safetensors::Dtype::F32
+            } else {
+                return Err(PyTypeError::new_err(format!(
+                    "`tensors[{name:?}]` must be uint8 or float32, got {dt}"
+                )));
+            };
+            let bytes: Vec<u8> = v.call_method0("tobytes")?.extract()?;
+            raw.push((name, dtype, a.shape().to_vec(), bytes));
+        }
+        let inner = bnb::nf4_from_bnb_tensors(weight_key, |key| {
+            raw.iter()
+                .find(|(n, ..)| n == key)
+                .map(|(_, d, s, b)| (*d, s.clone(), b.as_slice()))
+        })
+        .map_err(file_err)?;
+        Ok(PyNf4 { inner })
     }
 
     /// Dequantizes to float32 with the tensor's ``shape`` (bitsandbytes' ``dequantize_4bit``,
