@@ -224,7 +224,8 @@ pub(super) fn attention_backward(
     n_kv_heads: usize,
     scale: f32,
 ) -> Result<(Tensor<Cpu>, Tensor<Cpu>, Tensor<Cpu>)> {
-    let (t, hd, group) = check::attention_backward(d_out, q, k, v, saved, seqs, n_heads, n_kv_heads)?;
+    let (t, hd, group) =
+        check::attention_backward(d_out, q, k, v, saved, seqs, n_heads, n_kv_heads)?;
     let (qw, kw) = (n_heads * hd, n_kv_heads * hd);
     let results: Vec<_> = tasks(seqs, n_kv_heads)
         .into_par_iter()
