@@ -216,3 +216,19 @@ fn clones_are_values_and_bad_shapes_are_errors() {
     let (mut m, mut v) = (be.zeros(&[4, 10]).unwrap(), be.zeros(&[4, 10]).unwrap());
     assert!(be.adamw_step(&mut a, &b, &mut m, &mut v, &p).is_err());
 }
+
+#[test]
+fn out_of_memory_is_an_error_and_the_device_stays_usable() {
+    let Some(be) = wgpu("out_of_memory_is_an_error_and_the_device_stays_usable") else {
+        return;
+    };
+    // 256 GiB: beyond any adapter's buffer limit.
+    let e = be.zeros(&[1 << 36]).map(|_| ()).unwrap_err().to_string();
+    assert!(e.contains("wgpu"), "{e}");
+    let e = be.upload(&[1.0; 8], &[2, 4]).and_then(|t| be.download(&t));
+    assert_eq!(
+        e.unwrap(),
+        vec![1.0; 8],
+        "the device works after the failed allocation"
+    );
+}
