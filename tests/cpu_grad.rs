@@ -9,54 +9,12 @@ use lorafuse::model::LlamaConfig;
 use lorafuse::model::llama::{FullFinetune, Llama, PackedBatch, random_tensors};
 use lorafuse::{Cpu, Tensor};
 
-const EPS: f32 = 1e-2;
-
-/// Deterministic values in [-1, 1).
-fn vals(n: usize, seed: u64) -> Vec<f32> {
-    let mut s = seed
-        .wrapping_mul(6364136223846793005)
-        .wrapping_add(1442695040888963407);
-    (0..n)
-        .map(|_| {
-            s = s
-                .wrapping_mul(6364136223846793005)
-                .wrapping_add(1442695040888963407);
-            ((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
-        })
-        .collect()
-}
+#[path = "common/fd.rs"]
+mod fd;
+use fd::*;
 
 fn t(data: Vec<f32>, shape: &[usize]) -> Tensor<Cpu> {
     Cpu.from_vec(data, shape).unwrap()
-}
-
-fn dot(a: &[f32], b: &[f32]) -> f64 {
-    a.iter().zip(b).map(|(x, y)| *x as f64 * *y as f64).sum()
-}
-
-/// Compares the analytic gradient `grad` of `f` at `x` with central differences on up to 24
-/// coordinates spread over the tensor.
-fn check(name: &str, x: &[f32], grad: &[f32], f: &dyn Fn(&[f32]) -> f64) {
-    assert_eq!(x.len(), grad.len(), "{name}: grad length");
-    let n = x.len();
-    let step = (n / 24).max(1);
-    let mut worst = 0.0f64;
-    for i in (0..n).step_by(step) {
-        let mut xp = x.to_vec();
-        xp[i] += EPS;
-        let lp = f(&xp);
-        xp[i] -= 2.0 * EPS;
-        let lm = f(&xp);
-        let fd = (lp - lm) / (2.0 * EPS as f64);
-        let an = grad[i] as f64;
-        let err = (fd - an).abs() / (1e-2 + fd.abs().max(an.abs()));
-        worst = worst.max(err);
-        assert!(
-            err < 2e-2,
-            "{name}[{i}]: finite difference {fd:.6} vs analytic {an:.6}"
-        );
-    }
-    println!("{name}: {n} elements, worst relative error {worst:.2e}");
 }
 
 #[test]

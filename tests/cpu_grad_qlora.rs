@@ -9,29 +9,12 @@ use lorafuse::backend::{Backend, DoraSaved};
 use lorafuse::quant::nf4::quantize_nf4;
 use lorafuse::{Cpu, Tensor};
 
-const EPS: f32 = 1e-2;
-
-/// Deterministic values in [-1, 1).
-fn vals(n: usize, seed: u64) -> Vec<f32> {
-    let mut s = seed
-        .wrapping_mul(6364136223846793005)
-        .wrapping_add(1442695040888963407);
-    (0..n)
-        .map(|_| {
-            s = s
-                .wrapping_mul(6364136223846793005)
-                .wrapping_add(1442695040888963407);
-            ((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
-        })
-        .collect()
-}
+#[path = "common/fd.rs"]
+mod fd;
+use fd::*;
 
 fn t(data: &[f32], shape: &[usize]) -> Tensor<Cpu> {
     Cpu.from_vec(data.to_vec(), shape).unwrap()
-}
-
-fn dot(a: &[f32], b: &[f32]) -> f64 {
-    a.iter().zip(b).map(|(x, y)| *x as f64 * *y as f64).sum()
 }
 
 /// An NF4 base `[out, in]` quantized from deterministic values, and its dense dequantized twin.
@@ -60,38 +43,6 @@ fn assert_near(what: &str, got: &[f32], want: &[f32], tol: f32) {
         "{what}: {} values, max |diff| {worst:.2e} (scale {scale:.1})",
         got.len()
     );
-}
-
-/// Compares the analytic gradient `grad` of `f` at `x` with central differences on up to 24
-/// coordinates spread over the tensor (and always the last one).
-fn check(name: &str, x: &[f32], grad: &[f32], f: &dyn Fn(&[f32]) -> f64) {
-    assert_eq!(x.len(), grad.len(), "{name}: grad length");
-    let n = x.len();
-    let step = (n / 24).max(1);
-    let mut worst = 0.0f64;
-    for i in (0..n).step_by(step).chain(std::iter::once(n - 1)) {
-        let mut xp = x.to_vec();
-        xp[i] += EPS;
-        let lp = f(&xp);
-        xp[i] -= 2.0 * EPS;
-        let lm = f(&xp);
-        let fd = (lp - lm) / (2.0 * EPS as f64);
-        let an = grad[i] as f64;
-        let err = (fd - an).abs() / (1e-2 + fd.abs().max(an.abs()));
-        worst = worst.max(err);
-        assert!(
-            err < 2e-2,
-            "{name}[{i}]: finite difference {fd:.6} vs analytic {an:.6}"
-        );
-    }
-    println!("{name}: {n} elements, worst relative error {worst:.2e}");
-}
-
-fn err_msg<T>(r: lorafuse::Result<T>) -> String {
-    match r {
-        Ok(_) => panic!("expected an error"),
-        Err(e) => e.to_string(),
-    }
 }
 
 /// `(T, out, in, blocksize, double quant)`: T = 1, odd sizes, an `out` below / above / not a
