@@ -2,19 +2,19 @@
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use indicatif::{ProgressBar, ProgressStyle};
-use lorafuse::adapter::{BaseWeight, LoraConfig, MethodKind};
+use lorafuse::adapter::{BaseWeight, LoraConfig};
 use lorafuse::backend::Backend;
+use lorafuse::io::export::{RawTensor, WeightDtype, model_tensors, write_safetensors};
 use lorafuse::io::gguf::GgufFile;
 use lorafuse::io::{fetch, peft};
 use lorafuse::model::llama::{Llama, Nf4Spec, PROJ_NAMES, PackedBatch, argmax, proj_path};
 use lorafuse::model::load::llama_from_gguf_with;
 use lorafuse::model::tokenizer::Tokenizer;
 use lorafuse::train::compare::{self, CompareRow};
-use lorafuse::train::data::{
-    self, BadRecordPolicy, Record, render_chatml, split_train_eval, tokenize_records,
-};
-use lorafuse::train::recipe::{self, AdaLoraSettings, FullSettings, Method, Recipe, VeraSettings};
-use lorafuse::train::report::{write_atomic, write_json, write_loss_png};
+use lorafuse::train::data::{BadRecordPolicy, render_chatml};
+use lorafuse::train::job::{FinetuneJob, JobEvent, run_finetune};
+use lorafuse::train::recipe::{AdaLoraSettings, FullSettings, Method, Recipe, VeraSettings};
+use lorafuse::train::report::{write_atomic, write_json};
 use lorafuse::train::trainer::TrainConfig;
 use lorafuse::{Cpu, Error, Result};
 use std::path::{Path, PathBuf};
@@ -295,6 +295,15 @@ enum MergeDtype {
     Bf16,
 }
 
+impl MergeDtype {
+    fn weight_dtype(self) -> WeightDtype {
+        match self {
+            MergeDtype::F32 => WeightDtype::F32,
+            MergeDtype::Bf16 => WeightDtype::Bf16,
+        }
+    }
+}
+
 #[derive(Args)]
 struct MergeArgs {
     #[command(flatten)]
@@ -457,8 +466,6 @@ fn recipe_from(a: &FinetuneArgs) -> Result<Recipe> {
         use_rslora: a.use_rslora,
         target_modules: a.target_modules.clone(),
     };
-    lora.validate()?;
-    lorafuse::model::llama::target_indices(&lora.target_modules)?;
     let train = TrainConfig {
         steps: a.steps,
         batch_size: a.batch_size,
@@ -468,17 +475,7 @@ fn recipe_from(a: &FinetuneArgs) -> Result<Recipe> {
         seed: a.seed,
         ..TrainConfig::default()
     };
-    train.validate()?;
-    if a.max_len < 2 {
-        return Err(Error::arg("max_len", "must be at least 2 tokens"));
-    }
-    if method != Method::Full && (a.freeze_embeddings || a.unfreeze_every.is_some()) {
-        return Err(Error::arg(
-            "method",
-            "--freeze-embeddings and --unfreeze-every apply to --method full",
-        ));
-    }
-    Ok(Recipe {
+    let recipe = Recipe {
         method,
         lora,
         vera: VeraSettings {
@@ -502,7 +499,9 @@ fn recipe_from(a: &FinetuneArgs) -> Result<Recipe> {
         train,
         seed: a.seed,
         nf4: Nf4Spec::default(),
-    })
+    };
+    recipe.validate()?;
+    Ok(recipe)
 }
 
 fn finetune(a: FinetuneArgs) -> Result<()> {
@@ -510,90 +509,49 @@ fn finetune(a: FinetuneArgs) -> Result<()> {
 }
 
 fn finetune_on<B: Backend>(be: B, a: &FinetuneArgs) -> Result<()> {
-    let recipe = recipe_from(a)?;
-    let records: Vec<Record> = match &a.data {
-        None => data::default_records()?,
-        Some(p) => {
-            let policy = match a.bad_records {
-                BadRecords::Reject => BadRecordPolicy::Reject,
-                BadRecords::Skip => BadRecordPolicy::Skip,
-            };
-            let rep = data::load_records(p, policy)?;
-            for (loc, why) in &rep.skipped {
-                eprintln!(
-                    "skipped record at {} {loc} of {}: {why}",
-                    rep.format.location_name(),
-                    p.display()
-                );
-            }
-            rep.records
-        }
+    let job = FinetuneJob {
+        model: a.model.model.clone(),
+        data: a.data.clone(),
+        bad_records: match a.bad_records {
+            BadRecords::Reject => BadRecordPolicy::Reject,
+            BadRecords::Skip => BadRecordPolicy::Skip,
+        },
+        max_len: a.max_len,
+        eval: !a.no_eval,
+        out: a.out.clone(),
+        recipe: recipe_from(a)?,
     };
-    let (train_recs, eval_recs) = split_train_eval(records);
-    let nf4 = recipe.method.quantized_base().then_some(recipe.nf4);
-    let (be, tok, mut model) = load_with(be, &a.model, nf4)?;
-    let encode = |s: &str| tok.encode(s);
-    let train_ex = tokenize_records(encode, &train_recs, a.max_len)?;
-    let eval_ex = if a.no_eval {
-        Vec::new()
-    } else {
-        tokenize_records(encode, &eval_recs, a.max_len)?
-    };
-    eprintln!(
-        "data: {} train / {} eval examples ({} eval target tokens); method {}, lr {:.1e}",
-        train_ex.len(),
-        eval_ex.len(),
-        eval_ex.iter().map(|e| e.n_targets()).sum::<usize>(),
-        recipe.method.name(),
-        recipe.train.lr
-    );
-    let steps = recipe.train.steps;
-    let bar = ProgressBar::new(steps as u64);
+    job.validate()?;
+    let bar = ProgressBar::new(job.recipe.train.steps as u64);
     bar.set_style(
         ProgressStyle::with_template("{bar:30} {pos}/{len} [{elapsed_precise}<{eta}] {msg}")
             .unwrap_or_else(|_| ProgressStyle::default_bar()),
     );
-    if !eval_ex.is_empty() {
-        bar.set_message("evaluating before training...");
-    }
-    let metrics = recipe::run(&be, &mut model, &recipe, &train_ex, &eval_ex, |m| {
-        bar.set_message(format!(
-            "loss {:.4}  lr {:.2e}  {:.0} tok/s",
-            m.loss,
-            m.lr,
-            m.tokens as f64 / m.seconds
-        ));
-        bar.inc(1);
-        if m.step + 1 == steps && !eval_ex.is_empty() {
-            bar.set_message("evaluating after training...");
+    let report = run_finetune(&be, &job, &mut |e| match e {
+        JobEvent::Log(line) => bar.suspend(|| eprintln!("{line}")),
+        JobEvent::Evaluating { after } => bar.set_message(if after {
+            "evaluating after training..."
+        } else {
+            "evaluating before training..."
+        }),
+        JobEvent::Step(m) => {
+            bar.set_message(format!(
+                "loss {:.4}  lr {:.2e}  {:.0} tok/s",
+                m.loss,
+                m.lr,
+                m.tokens as f64 / m.seconds
+            ));
+            bar.inc(1);
         }
     })?;
     bar.finish_and_clear();
+    let metrics = &report.metrics;
     eprintln!(
         "{} trainable parameters ({:.3}% of {})",
         metrics.trainable_params,
-        100.0 * metrics.trainable_params as f64 / model.n_base_params() as f64,
-        model.n_base_params()
+        100.0 * metrics.trainable_params as f64 / report.n_base_params as f64,
+        report.n_base_params
     );
-
-    std::fs::create_dir_all(&a.out).map_err(|e| Error::io(&a.out, e))?;
-    let model_name = a
-        .model
-        .model
-        .as_ref()
-        .map(|p| p.display().to_string())
-        .unwrap_or_else(|| fetch::DEFAULT_MODEL_FILE.to_string());
-    let saved = save_trained(&be, &model, &recipe, &metrics, &a.out, model_name)?;
-    write_json(&a.out.join("metrics.json"), &metrics)?;
-    write_loss_png(
-        &a.out.join("loss_curve.png"),
-        &metrics,
-        &format!(
-            "lorafuse {} on {}",
-            recipe.method.name(),
-            fetch::DEFAULT_MODEL_FILE
-        ),
-    )?;
     if let (Some(b), Some(f)) = (metrics.eval_loss_before, metrics.eval_loss_after) {
         println!("eval loss {b:.4} -> {f:.4} ({:+.1}%)", 100.0 * (f - b) / b);
     }
@@ -606,68 +564,11 @@ fn finetune_on<B: Backend>(be: B, a: &FinetuneArgs) -> Result<()> {
         metrics.peak_rss_bytes.unwrap_or(0) >> 20
     );
     println!(
-        "{saved}, metrics.json and loss_curve.png written to {}",
+        "{}, metrics.json and loss_curve.png written to {}",
+        report.saved,
         a.out.display()
     );
     Ok(())
-}
-
-/// Saves what was trained: the adapter in PEFT's layout (AdaLoRA's masked ranks dropped and
-/// its rank pattern in the config, as PEFT saves them), or for full fine-tuning the whole
-/// model as `model.safetensors` with transformers' names. Returns what was written.
-fn save_trained<B: Backend>(
-    be: &B,
-    model: &Llama<B>,
-    recipe: &Recipe,
-    metrics: &lorafuse::train::trainer::Metrics,
-    out: &Path,
-    model_name: String,
-) -> Result<&'static str> {
-    let kind = match recipe.method {
-        Method::Full => {
-            write_safetensors(
-                &out.join("model.safetensors"),
-                model_tensors(be, model, MergeDtype::F32)?,
-            )?;
-            return Ok("model.safetensors");
-        }
-        Method::Lora | Method::Qlora => MethodKind::Lora,
-        Method::Dora | Method::Qdora => MethodKind::Dora,
-        Method::Vera => MethodKind::Vera,
-        Method::AdaLora => MethodKind::AdaLora,
-    };
-    let mut lora = recipe.lora.clone();
-    if kind == MethodKind::AdaLora {
-        lora.r = recipe.adalora.init_r;
-    }
-    let pattern = metrics.adalora_rank_pattern.clone();
-    let a = &recipe.adalora;
-    let opts = peft::MethodOptions {
-        base_model_name_or_path: Some(model_name),
-        vera: peft::VeraOptions {
-            projection_prng_key: recipe.vera.projection_prng_key,
-            d_initial: recipe.vera.d_initial as f64,
-            ..Default::default()
-        },
-        adalora: peft::AdaLoraOptions {
-            target_r: a.target_r,
-            tinit: a.tinit,
-            tfinal: a.tfinal,
-            delta_t: a.delta_t,
-            beta1: a.beta1,
-            beta2: a.beta2,
-            orth_reg_weight: a.orth_reg_weight as f64,
-            total_step: Some(recipe.train.steps as u64),
-            rank_pattern: pattern.clone(),
-        },
-    };
-    let cfg = peft::adapter_config_for_method(kind, &lora, &opts)?;
-    let (tensors, _) = match &pattern {
-        Some(p) => peft::llama_adapter_export(be, model, peft::AdaLoraMask::Pattern(p))?,
-        None => peft::llama_adapter_export(be, model, peft::AdaLoraMask::KeepAll)?,
-    };
-    peft::save_adapter(out, &cfg, &tensors)?;
-    Ok("PEFT adapter")
 }
 
 /// Runs `lorafuse finetune` once per method in a child process (so each run's peak memory is
@@ -856,7 +757,7 @@ fn merge(a: MergeArgs) -> Result<()> {
     let tensors = if a.requantize_nf4 {
         nf4_merged_tensors(&model, a.dtype, spec)?
     } else {
-        model_tensors(&be, &model, a.dtype)?
+        model_tensors(&be, &model, a.dtype.weight_dtype())?
     };
     let n = tensors.len();
     write_safetensors(&a.out, tensors)?;
@@ -886,19 +787,7 @@ fn nf4_merged_tensors(
     spec: Nf4Spec,
 ) -> Result<Vec<RawTensor>> {
     let encode = |name: String, t: &lorafuse::Tensor<Cpu>| -> RawTensor {
-        let (st, bytes) = match dtype {
-            MergeDtype::F32 => (
-                safetensors::Dtype::F32,
-                t.data().iter().flat_map(|v| v.to_le_bytes()).collect(),
-            ),
-            MergeDtype::Bf16 => (
-                safetensors::Dtype::BF16,
-                t.data()
-                    .iter()
-                    .flat_map(|&v| half::bf16::from_f32(v).to_le_bytes())
-                    .collect(),
-            ),
-        };
+        let (st, bytes) = dtype.weight_dtype().encode(t.data());
         (name, st, t.shape().to_vec(), bytes)
     };
     let mut tensors = vec![encode(
@@ -937,76 +826,6 @@ fn nf4_merged_tensors(
         tensors.push(encode("lm_head.weight".into(), h));
     }
     Ok(tensors)
-}
-
-type RawTensor = (String, safetensors::Dtype, Vec<usize>, Vec<u8>);
-
-/// Every base weight of the model with transformers' names (q/k rows in transformers' order),
-/// encoded in `dtype`; NF4 bases are written dequantized.
-fn model_tensors<B: Backend>(
-    be: &B,
-    model: &Llama<B>,
-    dtype: MergeDtype,
-) -> Result<Vec<RawTensor>> {
-    let (st, width) = match dtype {
-        MergeDtype::F32 => (safetensors::Dtype::F32, 4),
-        MergeDtype::Bf16 => (safetensors::Dtype::BF16, 2),
-    };
-    let enc = |t: &lorafuse::Tensor<B>| -> Result<Vec<u8>> {
-        let mut out = Vec::with_capacity(t.len() * width);
-        for v in be.download(t)? {
-            match dtype {
-                MergeDtype::F32 => out.extend_from_slice(&v.to_le_bytes()),
-                MergeDtype::Bf16 => out.extend_from_slice(&half::bf16::from_f32(v).to_le_bytes()),
-            }
-        }
-        Ok(out)
-    };
-    let mut tensors = Vec::new();
-    let mut push = |name: String, t: &lorafuse::Tensor<B>| -> Result<()> {
-        tensors.push((name, st, t.shape().to_vec(), enc(t)?));
-        Ok(())
-    };
-    push("model.embed_tokens.weight".into(), &model.embed_tokens)?;
-    for (l, b) in model.layers.iter().enumerate() {
-        push(
-            format!("model.layers.{l}.input_layernorm.weight"),
-            &b.input_layernorm,
-        )?;
-        push(
-            format!("model.layers.{l}.post_attention_layernorm.weight"),
-            &b.post_attention_layernorm,
-        )?;
-        for (p, proj) in b.proj.iter().enumerate() {
-            match &proj.base.weight {
-                BaseWeight::Dense(w) => push(format!("{}.weight", proj_path(l, p)), w)?,
-                BaseWeight::Nf4(q) => push(
-                    format!("{}.weight", proj_path(l, p)),
-                    &be.nf4_dequantize(q)?,
-                )?,
-            }
-        }
-    }
-    push("model.norm.weight".into(), &model.norm)?;
-    if let Some(h) = &model.lm_head {
-        push("lm_head.weight".into(), h)?;
-    }
-    Ok(tensors)
-}
-
-/// Serializes raw little-endian tensors to a safetensors file, atomically.
-fn write_safetensors(path: &Path, tensors: Vec<RawTensor>) -> Result<()> {
-    let views = tensors
-        .iter()
-        .map(|(n, d, s, b)| {
-            safetensors::tensor::TensorView::new(*d, s.clone(), b)
-                .map(|v| (n.clone(), v))
-                .map_err(|e| Error::format(path, e.to_string()))
-        })
-        .collect::<Result<Vec<_>>>()?;
-    let bytes =
-        safetensors::serialize(views, None).map_err(|e| Error::format(path, e.to_string()))?;
-    write_atomic(path, &bytes)
 }
 
 /// `lorafuse bench`: times the cases on the backend `--device` picks, with the machine's

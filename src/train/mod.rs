@@ -2,6 +2,7 @@
 
 pub mod compare;
 pub mod data;
+pub mod job;
 pub mod optim;
 pub mod recipe;
 pub mod report;

@@ -164,6 +164,26 @@ pub struct Recipe {
     pub nf4: Nf4Spec,
 }
 
+impl Recipe {
+    /// Checks the settings that need no model: the LoRA config (r, alpha, known target
+    /// modules), the training config, and that the full-fine-tuning options (frozen
+    /// embeddings, gradual unfreezing) are used only with [`Method::Full`].
+    pub fn validate(&self) -> Result<()> {
+        self.lora.validate()?;
+        crate::model::llama::target_indices(&self.lora.target_modules)?;
+        self.train.validate()?;
+        if self.method != Method::Full
+            && (self.full.freeze_embeddings || self.full.unfreeze_every.is_some())
+        {
+            return Err(Error::arg(
+                "method",
+                "--freeze-embeddings and --unfreeze-every apply to --method full",
+            ));
+        }
+        Ok(())
+    }
+}
+
 /// Puts the method's trainable tensors on `model`: adapters with their init, or full
 /// fine-tuning. Errors: invalid settings, an unknown target module.
 pub fn prepare<B: Backend>(be: &B, model: &mut Llama<B>, recipe: &Recipe) -> Result<()> {

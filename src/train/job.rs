@@ -1,0 +1,224 @@
+//! One whole fine-tuning run, as `lorafuse finetune` and Python's `lorafuse.finetune` do it:
+//! load the GGUF model and its tokenizer, read and split the data, train with a [`Recipe`],
+//! and write the adapter (PEFT's layout) or the full model, `metrics.json` and
+//! `loss_curve.png`.
+
+use crate::adapter::MethodKind;
+use crate::backend::Backend;
+use crate::error::{Error, Result};
+use crate::io::export::{WeightDtype, model_tensors, write_safetensors};
+use crate::io::gguf::GgufFile;
+use crate::io::{fetch, peft};
+use crate::model::llama::Llama;
+use crate::model::load::llama_from_gguf_with;
+use crate::model::tokenizer::Tokenizer;
+use crate::train::data::{self, BadRecordPolicy, Record, split_train_eval, tokenize_records};
+use crate::train::recipe::{self, Method, Recipe};
+use crate::train::report::{write_json, write_loss_png};
+use crate::train::trainer::{Metrics, StepMetric};
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+/// What a run needs besides the backend.
+#[derive(Clone, Debug)]
+pub struct FinetuneJob {
+    /// The GGUF model; `None` fetches the default (SmolLM2-135M-Instruct) into the cache.
+    pub model: Option<PathBuf>,
+    /// Training data (Alpaca, chat pairs or messages; .jsonl or .json); `None` for the
+    /// embedded chatterbot-corpus set. Records with index % 10 == 9 form the eval split.
+    pub data: Option<PathBuf>,
+    /// What to do with a malformed record in `data`.
+    pub bad_records: BadRecordPolicy,
+    /// Maximum tokens per example (longer ones are truncated); at least 2.
+    pub max_len: usize,
+    /// Evaluate the eval split before and after training.
+    pub eval: bool,
+    /// Output folder (created if missing).
+    pub out: PathBuf,
+    pub recipe: Recipe,
+}
+
+/// What happens during a run, for progress display.
+pub enum JobEvent<'a> {
+    /// A line worth showing (model loaded, data sizes, skipped records).
+    Log(String),
+    /// The eval split is being evaluated (`after` training or before it).
+    Evaluating { after: bool },
+    /// One optimizer step finished.
+    Step(&'a StepMetric),
+}
+
+/// The outcome of a run.
+#[derive(Debug)]
+pub struct JobReport {
+    pub metrics: Metrics,
+    /// Base parameters of the model (before adapters).
+    pub n_base_params: usize,
+    /// What was written besides metrics.json and loss_curve.png: `PEFT adapter` or
+    /// `model.safetensors`.
+    pub saved: &'static str,
+}
+
+impl FinetuneJob {
+    /// Checks everything that can be checked before loading anything: the recipe (see
+    /// [`Recipe::validate`]) and `max_len`.
+    pub fn validate(&self) -> Result<()> {
+        self.recipe.validate()?;
+        if self.max_len < 2 {
+            return Err(Error::arg("max_len", "must be at least 2 tokens"));
+        }
+        Ok(())
+    }
+}
+
+/// Runs `job` on `be`, reporting progress through `on_event`. Errors: an invalid job, a model
+/// or data file that cannot be read, a backend failure, or an output that cannot be written
+/// (every file is written atomically, so none is left half-written).
+pub fn run_finetune<B: Backend>(
+    be: &B,
+    job: &FinetuneJob,
+    on_event: &mut dyn FnMut(JobEvent<'_>),
+) -> Result<JobReport> {
+    job.validate()?;
+    let recipe = &job.recipe;
+    let records: Vec<Record> = match &job.data {
+        None => data::default_records()?,
+        Some(p) => {
+            let rep = data::load_records(p, job.bad_records)?;
+            for (loc, why) in &rep.skipped {
+                on_event(JobEvent::Log(format!(
+                    "skipped record at {} {loc} of {}: {why}",
+                    rep.format.location_name(),
+                    p.display()
+                )));
+            }
+            rep.records
+        }
+    };
+    let (train_recs, eval_recs) = split_train_eval(records);
+    let path = match &job.model {
+        Some(p) => p.clone(),
+        None => fetch::default_model(&mut |s| on_event(JobEvent::Log(s.to_string())))?,
+    };
+    let t = Instant::now();
+    let g = GgufFile::open(&path)?;
+    let tok = Tokenizer::from_gguf(&g)?;
+    let nf4 = recipe.method.quantized_base().then_some(recipe.nf4);
+    let mut model = llama_from_gguf_with(be, &g, nf4)?;
+    on_event(JobEvent::Log(format!(
+        "loaded {} ({} parameters, {} layers) in {:.1}s on {}",
+        path.display(),
+        model.n_base_params(),
+        model.cfg.num_hidden_layers,
+        t.elapsed().as_secs_f64(),
+        be.name()
+    )));
+    let encode = |s: &str| tok.encode(s);
+    let train_ex = tokenize_records(encode, &train_recs, job.max_len)?;
+    let eval_ex = if job.eval {
+        tokenize_records(encode, &eval_recs, job.max_len)?
+    } else {
+        Vec::new()
+    };
+    on_event(JobEvent::Log(format!(
+        "data: {} train / {} eval examples ({} eval target tokens); method {}, lr {:.1e}",
+        train_ex.len(),
+        eval_ex.len(),
+        eval_ex.iter().map(|e| e.n_targets()).sum::<usize>(),
+        recipe.method.name(),
+        recipe.train.lr
+    )));
+    let steps = recipe.train.steps;
+    if !eval_ex.is_empty() {
+        on_event(JobEvent::Evaluating { after: false });
+    }
+    let metrics = recipe::run(be, &mut model, recipe, &train_ex, &eval_ex, |m| {
+        on_event(JobEvent::Step(m));
+        if m.step + 1 == steps && !eval_ex.is_empty() {
+            on_event(JobEvent::Evaluating { after: true });
+        }
+    })?;
+
+    std::fs::create_dir_all(&job.out).map_err(|e| Error::io(&job.out, e))?;
+    let model_name = job
+        .model
+        .as_ref()
+        .map(|p| p.display().to_string())
+        .unwrap_or_else(|| fetch::DEFAULT_MODEL_FILE.to_string());
+    let saved = save_trained(be, &model, recipe, &metrics, &job.out, model_name)?;
+    write_json(&job.out.join("metrics.json"), &metrics)?;
+    write_loss_png(
+        &job.out.join("loss_curve.png"),
+        &metrics,
+        &format!(
+            "lorafuse {} on {}",
+            recipe.method.name(),
+            path.file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default()
+        ),
+    )?;
+    Ok(JobReport {
+        n_base_params: model.n_base_params(),
+        metrics,
+        saved,
+    })
+}
+
+/// Saves what was trained: the adapter in PEFT's layout (AdaLoRA's masked ranks dropped and
+/// its rank pattern in the config, as PEFT saves them), or for full fine-tuning the whole
+/// model as `model.safetensors` with transformers' names. Returns what was written.
+pub fn save_trained<B: Backend>(
+    be: &B,
+    model: &Llama<B>,
+    recipe: &Recipe,
+    metrics: &Metrics,
+    out: &Path,
+    model_name: String,
+) -> Result<&'static str> {
+    let kind = match recipe.method {
+        Method::Full => {
+            write_safetensors(
+                &out.join("model.safetensors"),
+                model_tensors(be, model, WeightDtype::F32)?,
+            )?;
+            return Ok("model.safetensors");
+        }
+        Method::Lora | Method::Qlora => MethodKind::Lora,
+        Method::Dora | Method::Qdora => MethodKind::Dora,
+        Method::Vera => MethodKind::Vera,
+        Method::AdaLora => MethodKind::AdaLora,
+    };
+    let mut lora = recipe.lora.clone();
+    if kind == MethodKind::AdaLora {
+        lora.r = recipe.adalora.init_r;
+    }
+    let pattern = metrics.adalora_rank_pattern.clone();
+    let a = &recipe.adalora;
+    let opts = peft::MethodOptions {
+        base_model_name_or_path: Some(model_name),
+        vera: peft::VeraOptions {
+            projection_prng_key: recipe.vera.projection_prng_key,
+            d_initial: recipe.vera.d_initial as f64,
+            ..Default::default()
+        },
+        adalora: peft::AdaLoraOptions {
+            target_r: a.target_r,
+            tinit: a.tinit,
+            tfinal: a.tfinal,
+            delta_t: a.delta_t,
+            beta1: a.beta1,
+            beta2: a.beta2,
+            orth_reg_weight: a.orth_reg_weight as f64,
+            total_step: Some(recipe.train.steps as u64),
+            rank_pattern: pattern.clone(),
+        },
+    };
+    let cfg = peft::adapter_config_for_method(kind, &lora, &opts)?;
+    let (tensors, _) = match &pattern {
+        Some(p) => peft::llama_adapter_export(be, model, peft::AdaLoraMask::Pattern(p))?,
+        None => peft::llama_adapter_export(be, model, peft::AdaLoraMask::KeepAll)?,
+    };
+    peft::save_adapter(out, &cfg, &tensors)?;
+    Ok("PEFT adapter")
+}
