@@ -188,3 +188,38 @@ def load_adapter(path: str | os.PathLike[str]) -> tuple[dict[str, Any], dict[str
 def save_adapter(
     path: str | os.PathLike[str], config: dict[str, Any], tensors: dict[str, F32]
 ) -> None: ...
+
+# ---- fine-tuning ----
+def finetune(
+    out: str | os.PathLike[str],
+    method: str = "lora",
+    model: Optional[str | os.PathLike[str]] = None,
+    data: Optional[str | os.PathLike[str]] = None,
+    *,
+    steps: int = 60,
+    batch_size: int = 8,
+    lr: Optional[float] = None,
+    r: int = 8,
+    lora_alpha: float = 16.0,
+    use_rslora: bool = False,
+    target_modules: Optional[list[str]] = None,
+    warmup_steps: int = 5,
+    weight_decay: float = 0.0,
+    max_len: int = 128,
+    seed: int = 42,
+    eval: bool = True,
+    bad_records: str = "reject",
+    vera_d_initial: float = 0.1,
+    projection_prng_key: int = 0,
+    init_r: int = 12,
+    target_r: int = 8,
+    tinit: int = 10,
+    tfinal: int = 20,
+    delta_t: int = 5,
+    adalora_beta1: float = 0.85,
+    adalora_beta2: float = 0.85,
+    orth_reg_weight: float = 0.5,
+    freeze_embeddings: bool = False,
+    unfreeze_every: Optional[int] = None,
+    progress: bool = True,
+) -> dict[str, Any]: ...

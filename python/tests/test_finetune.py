@@ -1,0 +1,55 @@
+"""lorafuse.finetune: the CLI's trainer from Python, on the real model (LORAFUSE_MODEL)."""
+
+import json
+import os
+
+import pytest
+
+import lorafuse
+
+
+def model_path():
+    path = os.environ.get("LORAFUSE_MODEL")
+    if path and os.path.isfile(path):
+        return path
+    reason = "LORAFUSE_MODEL is not set to the SmolLM2 GGUF"
+    if "model" in os.environ.get("LORAFUSE_REQUIRE", ""):
+        pytest.fail(f"LORAFUSE_REQUIRE lists model: {reason}")
+    pytest.skip(reason)
+
+
+def test_finetune_writes_a_peft_adapter_and_returns_metrics(tmp_path):
+    data = tmp_path / "data.jsonl"
+    rows = [{"instruction": f"Say {w}.", "output": f"{w}!"} for w in ("hi", "yes", "no", "ok")]
+    lines = [json.dumps(r) for r in rows * 3] + ['{"instruction": 5}']
+    data.write_text("\n".join(lines) + "\n")
+    out = tmp_path / "run"
+    m = lorafuse.finetune(
+        str(out), "lora", model_path(), str(data), steps=2, batch_size=2, r=4,
+        max_len=32, bad_records="skip", progress=False,
+    )
+    assert len(m["steps"]) == 2
+    assert all(s["loss"] > 0 for s in m["steps"])
+    assert m["trainable_params"] > 0 and m["eval_loss_before"] is not None
+    for f in ("adapter_config.json", "adapter_model.safetensors", "metrics.json", "loss_curve.png"):
+        assert (out / f).is_file(), f
+    config, tensors = lorafuse.load_adapter(str(out))
+    assert config["peft_type"] == "LORA" and config["r"] == 4
+    assert any(k.endswith("lora_A.weight") for k in tensors)
+    assert json.loads((out / "metrics.json").read_text())["steps"] == m["steps"]
+
+
+def test_finetune_bad_settings_raise_before_anything_runs(tmp_path):
+    with pytest.raises(ValueError, match="method"):
+        lorafuse.finetune(str(tmp_path / "a"), "bogus")
+    with pytest.raises(ValueError, match="r"):
+        lorafuse.finetune(str(tmp_path / "a"), r=0)
+    with pytest.raises(ValueError, match="qkv"):
+        lorafuse.finetune(str(tmp_path / "a"), target_modules=["qkv"])
+    with pytest.raises(ValueError, match="bad_records"):
+        lorafuse.finetune(str(tmp_path / "a"), bad_records="maybe")
+    with pytest.raises(ValueError, match="full"):
+        lorafuse.finetune(str(tmp_path / "a"), "lora", freeze_embeddings=True)
+    with pytest.raises(RuntimeError, match="missing.gguf"):
+        lorafuse.finetune(str(tmp_path / "a"), model=str(tmp_path / "missing.gguf"), steps=1)
+    assert not (tmp_path / "a").exists()
