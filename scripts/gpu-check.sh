@@ -23,6 +23,15 @@
 # Device call (from a session with a lent GPU):
 #   run(command="bash scripts/gpu-check.sh run", carry=[".gpu", ".whl"], timeout_s=600)
 # then append $files_at/benchmarks-section.md to BENCHMARKS.md in the checkout and commit it.
+#
+# The WGSL backend on the same GPU through Vulkan, in a second call (the carry limit is 64 MiB):
+#   bash scripts/gpu-check.sh pack-wgpu   # HERE: the wgpu test binaries and `lorafuse` into
+#                                         # .gpu-wgpu/bin, the Vulkan loader debs into .gl/
+#   run(command="bash scripts/gpu-check.sh run-wgpu", carry=[".gpu-wgpu", ".gl"], timeout_s=600)
+# `run-wgpu` unpacks the loader, runs every wgpu test with LORAFUSE_REQUIRE=wgpu
+# (wgpu-tests.log), then `lorafuse bench` on wgpu and on cuda in the same run and writes the
+# ratios issue 5 asks for (LoRA fwd+bwd, NF4 dequant-matmul, tiled matmul vs cuBLAS SGEMM) to
+# wgpu-section.md, appended to BENCHMARKS.md.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 mode="${1:-run}"
@@ -46,7 +55,96 @@ PY
   du -sh .gpu
   exit 0
 fi
-[ "$mode" = run ] || { echo "usage: $0 pack|run" >&2; exit 2; }
+if [ "$mode" = pack-wgpu ]; then
+  set -e
+  mkdir -p .gpu-wgpu/bin
+  cargo build --release --bin lorafuse
+  cp target/release/lorafuse .gpu-wgpu/bin/
+  cargo test --release --no-run --test wgpu_linear --test wgpu_ops --test wgpu_adapters \
+    --test wgpu_nf4 --test wgpu_finetune --message-format=json-render-diagnostics >.gpu-wgpu/build.json
+  python3 - <<'PY'
+import json, shutil, os
+for line in open(".gpu-wgpu/build.json"):
+    m = json.loads(line)
+    if m.get("reason") == "compiler-artifact" and m.get("executable") and m["target"]["name"].startswith("wgpu_"):
+        dst = os.path.join(".gpu-wgpu/bin", m["target"]["name"])
+        shutil.copy(m["executable"], dst)
+        print("packed", dst)
+PY
+  for f in .gpu-wgpu/bin/*; do strip "$f" 2>/dev/null || true; done
+  rm -f .gpu-wgpu/build.json
+  if ! ls .gl/*.deb >/dev/null 2>&1; then
+    # The Vulkan/EGL loaders for the device image (its NVIDIA driver brings the ICD).
+    mkdir -p .gl /tmp/amd64/partial
+    o='-oAPT::Architecture=amd64 -oAPT::Architectures=amd64 -oDir::State::Lists=/tmp/amd64'
+    # shellcheck disable=SC2086
+    apt-get $o update -qq
+    # shellcheck disable=SC2086
+    (cd .gl && apt-get $o download libvulkan1 libegl1 libglvnd0 libopengl0 libgl1 libglx0 libgles2)
+  fi
+  du -sh .gpu-wgpu .gl
+  exit 0
+fi
+
+if [ "$mode" = run-wgpu ]; then
+  out="${OUT:-target/gpu-check}"
+  mkdir -p "$out"
+  status=0
+  for f in .gl/*.deb; do [ -e "$f" ] && dpkg -x "$f" /; done
+  ldconfig 2>/dev/null || true
+  for icd in /usr/local/nvidia/share/vulkan/icd.d/nvidia_icd.json /usr/share/vulkan/icd.d/nvidia_icd.json; do
+    if [ -z "${VK_DRIVER_FILES:-}" ] && [ -e "$icd" ]; then export VK_DRIVER_FILES="$icd"; fi
+  done
+  export XDG_RUNTIME_DIR="${XDG_RUNTIME_DIR:-/tmp}"
+  cuda="${CUDA_HOME:-/usr/local/cuda}"
+  export LD_LIBRARY_PATH="$cuda/lib64:$cuda/lib:${LD_LIBRARY_PATH:-}"
+  export LORAFUSE_CUDA_INCLUDE="${LORAFUSE_CUDA_INCLUDE:-$cuda/include}"
+  export LORAFUSE_REPO_DIR="$PWD"
+  bin=.gpu-wgpu/bin
+  [ -x "$bin/lorafuse" ] || { echo "missing $bin: run 'bash scripts/gpu-check.sh pack-wgpu' here first" >&2; exit 2; }
+  for t in "$bin"/wgpu_*; do
+    echo "== $(basename "$t")" >>"$out/wgpu-tests.log"
+    LORAFUSE_REQUIRE=wgpu "$t" --nocapture >>"$out/wgpu-tests.log" 2>&1 || status=1
+  done
+  grep -E "^test result|wgpu adapter" "$out/wgpu-tests.log" >&2 || true
+  for dev in wgpu cuda; do
+    "$bin/lorafuse" bench --device "$dev" --cases "${LORAFUSE_BENCH_CASES:-default}" --min-time 0.5 --json "$out/bench-$dev.json" \
+      >"$out/bench-$dev.txt" 2>&1 || status=1
+    head -2 "$out/bench-$dev.txt" >&2
+  done
+  python3 - "$out" <<'PY' || status=1
+import json, sys, datetime, os, re
+out = sys.argv[1]
+def load(dev):
+    p = os.path.join(out, f"bench-{dev}.json")
+    return {r["case"]: r for r in json.load(open(p))} if os.path.exists(p) else {}
+def peak(dev):
+    p = os.path.join(out, f"bench-{dev}.txt")
+    m = re.search(r"SGEMM peak \(linear 2048\^3\) ([0-9.]+) GFLOP/s", open(p).read()) if os.path.exists(p) else None
+    return float(m.group(1)) if m else None
+w, c = load("wgpu"), load("cuda")
+dev = open(os.path.join(out, "nvidia-smi.txt")).read().split("\n")[0] if os.path.exists(os.path.join(out, "nvidia-smi.txt")) else "GPU"
+lines = [f"\n## WGSL backend (Vulkan) vs CUDA backend, {datetime.date.today().isoformat()}, same GPU, same run\n",
+         "f32 storage on both; `lorafuse bench` medians; ratio = CUDA time / wgpu time (issue 5 bars: "
+         "LoRA fwd+bwd >= 0.5, NF4 dequant-matmul >= 0.6 of CUDA throughput, tiled matmul >= 0.4 of cuBLAS).\n",
+         "| case | wgpu ms | cuda ms | cuda/wgpu |", "| --- | ---: | ---: | ---: |"]
+for name, r in w.items():
+    if name in c:
+        lines.append(f"| {name} | {1e3 * r['ours_s']:.3f} | {1e3 * c[name]['ours_s']:.3f} | {c[name]['ours_s'] / r['ours_s']:.2f} |")
+pw, pc = peak("wgpu"), peak("cuda")
+if pw and pc:
+    lines.append(f"\nSGEMM 2048^3 through `linear`: wgpu tiled matmul {pw:.0f} GFLOP/s, cuBLAS {pc:.0f} GFLOP/s ({100 * pw / pc:.0f}%).")
+text = "\n".join(lines) + "\n"
+open(os.path.join(out, "wgpu-section.md"), "w").write(text)
+with open("BENCHMARKS.md", "a") as f:
+    f.write(text)
+print(text)
+PY
+  echo "gpu-check run-wgpu status: $status (0 = all passed)" | tee -a "$out/wgpu-tests.log"
+  exit "$status"
+fi
+
+[ "$mode" = run ] || { echo "usage: $0 pack|run|pack-wgpu|run-wgpu" >&2; exit 2; }
 
 out="${OUT:-target/gpu-check}"
 mkdir -p "$out"
