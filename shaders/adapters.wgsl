@@ -1,7 +1,8 @@
 // Reductions and row scalings of the DoRA, VeRA and AdaLoRA kernels (backend/wgpu/adapters.rs);
 // every product goes through the matmul of matmul.wgsl. Operands are 2-D views: row i, column
 // c of `x` is x[x_off + i * x_rs + c] (likewise y, z, o). `rows` and the offsets are local to
-// this dispatch (large tensors are processed in bound ranges of rows).
+// this dispatch (large tensors are processed in bound ranges of rows). Needs a reduction
+// prelude (reduce.wgsl, or reduce_subgroup.wgsl with subgroups; prepended by the host).
 
 struct P {
     rows: u32, cols: u32, flags: u32, s: f32,
@@ -45,10 +46,11 @@ fn comp_add(acc: vec2<f32>, t: f32) -> vec2<f32> {
 }
 
 // o[o_off + i] = sum_c x[i, c] y[i, c] (* v[v_off + c] with F_V): one workgroup per row, 256
-// compensated strided partial sums combined by a fixed tree (deterministic).
+// compensated strided partial sums combined by the prelude's `wg_sum` (a fixed tree, or
+// subgroup sums; deterministic either way).
 @compute @workgroup_size(256)
 fn rowdot(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_id) lid: vec3<u32>,
-          @builtin(num_workgroups) nwg: vec3<u32>) {
+          @builtin(num_workgroups) nwg: vec3<u32>, ln: Lanes) {
     let i = group_index(wg, nwg);
     var acc = vec2<f32>(0.0, 0.0);
     if (i < p.rows) {
@@ -60,16 +62,9 @@ fn rowdot(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_id) li
             acc = comp_add(acc, t);
         }
     }
-    part[lid.x] = acc.x + acc.y;
-    workgroupBarrier();
-    for (var w = 128u; w > 0u; w >>= 1u) {
-        if (lid.x < w) {
-            part[lid.x] += part[lid.x + w];
-        }
-        workgroupBarrier();
-    }
+    let total = wg_sum(acc.x + acc.y, ln);
     if (lid.x == 0u && i < p.rows) {
-        o[p.o_off + i * p.o_rs] = part[0];
+        o[p.o_off + i * p.o_rs] = total;
     }
 }
 

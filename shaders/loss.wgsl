@@ -1,8 +1,9 @@
 // Cross-entropy: one workgroup per counted row (the host lists (row, label) for labels >= 0;
-// ignored rows stay zero). Needs reduce.wgsl (prepended). Writes dlogits =
-// scale * (softmax - onehot) once, and (max, sum of exp, logit of the label) per entry, from
-// which the host forms the loss in f64. Rows in ranges that fit one binding: `x_off`, `d_off`
-// locate the range's first row, list rows are relative to it.
+// ignored rows stay zero). Needs a reduction prelude (reduce.wgsl, or reduce_subgroup.wgsl
+// with subgroups; prepended by the host). Writes dlogits = scale * (softmax - onehot) once,
+// and (max, sum of exp, logit of the label) per entry, from which the host forms the loss in
+// f64. Rows in ranges that fit one binding: `x_off`, `d_off` locate the range's first row,
+// list rows are relative to it.
 
 struct P {
     count: u32,
@@ -22,7 +23,7 @@ struct P {
 
 @compute @workgroup_size(256)
 fn cross_entropy(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_id) lid: vec3<u32>,
-                 @builtin(num_workgroups) nwg: vec3<u32>) {
+                 @builtin(num_workgroups) nwg: vec3<u32>, ln: Lanes) {
     let k = wg.y * nwg.x + wg.x;
     if (k >= p.count) {
         return;
@@ -34,12 +35,12 @@ fn cross_entropy(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation
     for (var c = lid.x; c < p.v; c += WG) {
         m = max(m, x[xo + c]);
     }
-    m = wg_max(m, lid.x);
+    m = wg_max(m, ln);
     var s = 0.0;
     for (var c = lid.x; c < p.v; c += WG) {
         s += exp(x[xo + c] - m);
     }
-    s = wg_sum(s, lid.x);
+    s = wg_sum(s, ln);
     let inv = p.scale / s;
     let o = p.d_off + row * p.v;
     for (var c = lid.x; c < p.v; c += WG) {

@@ -1,8 +1,9 @@
 // Row reductions: sum of squares (partials finished in f64 on the host), RMSNorm and its
-// backward. Needs reduce.wgsl (prepended). Rows are processed in ranges that fit one storage
-// binding; the `*_off` parameters are the element offsets of the range's first row inside
-// each binding. One workgroup of 256 invocations per row, except the column reduction of
-// dweight (16 columns x 16 row lanes per workgroup).
+// backward. Needs a reduction prelude (reduce.wgsl, or reduce_subgroup.wgsl with subgroups;
+// prepended by the host). Rows are processed in ranges that fit one storage binding; the
+// `*_off` parameters are the element offsets of the range's first row inside each binding.
+// One workgroup of 256 invocations per row, except the column reduction of dweight (16
+// columns x 16 row lanes per workgroup, a fixed tree in `red`).
 
 struct P {
     rows: u32,
@@ -31,7 +32,7 @@ const SQ_BLOCK: u32 = 4096u;
 // partials.
 @compute @workgroup_size(256)
 fn sum_squares(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_id) lid: vec3<u32>,
-               @builtin(num_workgroups) nwg: vec3<u32>) {
+               @builtin(num_workgroups) nwg: vec3<u32>, ln: Lanes) {
     let g = wg.y * nwg.x + wg.x;
     if (g >= p.rows) {
         return;
@@ -44,7 +45,7 @@ fn sum_squares(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_i
             acc = fma(v, v, acc);
         }
     }
-    let s = wg_sum(acc, lid.x);
+    let s = wg_sum(acc, ln);
     if (lid.x == 0u) {
         y[p.y_off + g] = s;
     }
@@ -53,7 +54,7 @@ fn sum_squares(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_i
 // y = w * (x * r), r = 1 / sqrt(mean(x^2) + eps), rs_out = r.
 @compute @workgroup_size(256)
 fn rmsnorm(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_id) lid: vec3<u32>,
-           @builtin(num_workgroups) nwg: vec3<u32>) {
+           @builtin(num_workgroups) nwg: vec3<u32>, ln: Lanes) {
     let row = wg.y * nwg.x + wg.x;
     if (row >= p.rows) {
         return;
@@ -64,7 +65,7 @@ fn rmsnorm(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_id) l
         let v = x[xo + c];
         acc = fma(v, v, acc);
     }
-    let ms = wg_sum(acc, lid.x) / f32(p.d);
+    let ms = wg_sum(acc, ln) / f32(p.d);
     let r = 1.0 / sqrt(ms + p.eps);
     let yo = p.y_off + row * p.d;
     for (var c = lid.x; c < p.d; c += WG) {
@@ -78,7 +79,7 @@ fn rmsnorm(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_id) l
 // dx (into y) = r (dy w) - x r^3 mean(dy w x).
 @compute @workgroup_size(256)
 fn rmsnorm_dx(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_id) lid: vec3<u32>,
-              @builtin(num_workgroups) nwg: vec3<u32>) {
+              @builtin(num_workgroups) nwg: vec3<u32>, ln: Lanes) {
     let row = wg.y * nwg.x + wg.x;
     if (row >= p.rows) {
         return;
@@ -90,7 +91,7 @@ fn rmsnorm_dx(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_id
     for (var c = lid.x; c < p.d; c += WG) {
         acc = fma(dy[go + c] * w[c], x[xo + c], acc);
     }
-    let dot = wg_sum(acc, lid.x);
+    let dot = wg_sum(acc, ln);
     let k = r * r * r * dot / f32(p.d);
     let yo = p.y_off + row * p.d;
     for (var c = lid.x; c < p.d; c += WG) {

@@ -1,13 +1,23 @@
-// Workgroup reductions over the 256 invocations of a row kernel: a tree in workgroup memory,
-// so the summation is pairwise and its order fixed (deterministic, no atomics). Prepended to
-// the row-reduction shaders (norm.wgsl, loss.wgsl) by the host; every invocation of the
-// workgroup must call these from uniform control flow.
+// Workgroup reductions over the 256 invocations of a row kernel, workgroup-memory version: a
+// tree in workgroup memory, so the summation is pairwise and its order fixed (deterministic,
+// no atomics). The host prepends this file, or reduce_subgroup.wgsl where the device has
+// subgroup operations, to the row-reduction shaders (norm.wgsl, loss.wgsl, adapters.wgsl).
+// Both define the same names: `WG`, `red` (256 f32 of workgroup memory, also used directly by
+// column reductions), the entry-point parameter struct `Lanes` (the builtins the reductions
+// need; every entry point that calls `wg_sum`/`wg_max` takes a `ln: Lanes` parameter) and
+// `wg_sum` / `wg_max`. Every invocation of the workgroup must call these from uniform
+// control flow.
 
 const WG: u32 = 256u;
 
 var<workgroup> red: array<f32, 256>;
 
-fn wg_sum(v: f32, lid: u32) -> f32 {
+struct Lanes {
+    @builtin(local_invocation_index) lid: u32,
+}
+
+fn wg_sum(v: f32, ln: Lanes) -> f32 {
+    let lid = ln.lid;
     red[lid] = v;
     workgroupBarrier();
     for (var s = WG / 2u; s > 0u; s = s >> 1u) {
@@ -21,7 +31,8 @@ fn wg_sum(v: f32, lid: u32) -> f32 {
     return r;
 }
 
-fn wg_max(v: f32, lid: u32) -> f32 {
+fn wg_max(v: f32, ln: Lanes) -> f32 {
+    let lid = ln.lid;
     red[lid] = v;
     workgroupBarrier();
     for (var s = WG / 2u; s > 0u; s = s >> 1u) {

@@ -8,9 +8,10 @@
 //! `nscale`; `As = vera_A[:, :in]` and `Bs = vera_B[:out, :]` are strided views, never copied.
 //! Merges that add a low-rank product into `W` run as `K = 0` matmuls (epilogue only). The rest
 //! are the small kernels of `shaders/adapters.wgsl`: deterministic row and column reductions
-//! (compensated f32 partial sums combined by a fixed tree, where the CPU sums in f64), row
-//! scalings, and DoRA's norm from its low-rank terms. Tensors wider than one storage binding
-//! are processed in bound ranges of rows.
+//! (compensated f32 partial sums, where the CPU sums in f64, combined in a fixed order: the
+//! row sums by the shared reduction prelude, i.e. subgroup sums where the device has them,
+//! else a workgroup-memory tree), row scalings, and DoRA's norm from its low-rank terms.
+//! Tensors wider than one storage binding are processed in bound ranges of rows.
 
 use super::ctx::Bind;
 use super::matmul::{LowRank, Matmul, Operand};
@@ -178,7 +179,7 @@ fn run(
     binds: Vec<(u32, Bind<'_>)>,
     groups: (u32, u32, u32),
 ) -> Result<()> {
-    let kernel = be.ctx.kernel(&format!("adapters.{entry}"), SRC, entry)?;
+    let kernel = be.ctx.reduce_kernel("adapters", SRC, entry)?;
     be.ctx.dispatch(&kernel, &p.words(), &binds, groups)
 }
 

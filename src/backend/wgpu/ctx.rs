@@ -11,6 +11,11 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use wgpu::util::DeviceExt;
 
+/// The workgroup reduction prelude of row kernels: a tree in workgroup memory, and the
+/// subgroup version used where the device has `SUBGROUP` (see [`Ctx::reduce_kernel`]).
+const REDUCE: &str = include_str!("../../../shaders/reduce.wgsl");
+const REDUCE_SUBGROUP: &str = include_str!("../../../shaders/reduce_subgroup.wgsl");
+
 /// Dispatches recorded before a submit.
 const BATCH: usize = 256;
 /// Bytes reserved per dispatch in the batch's uniform buffer (the largest uniform alignment
@@ -70,7 +75,8 @@ pub(crate) struct Ctx {
     /// Alignment of storage binding offsets in bytes.
     pub offset_align: u64,
     pub max_groups: u32,
-    /// Reductions may use subgroup operations (the adapter has SUBGROUP and the options allow).
+    /// Reductions use subgroup operations (the adapter has SUBGROUP and the options allow);
+    /// selects the prelude of [`Ctx::reduce_kernel`].
     pub subgroups: bool,
     /// Frozen weights may be stored as f16 (the adapter has SHADER_F16 and the options allow).
     pub f16: bool,
@@ -268,6 +274,31 @@ impl Ctx {
 
     /// The kernel `entry` of the WGSL module `source`, compiled once and cached under `key`.
     pub fn kernel(&self, key: &str, source: &str, entry: &str) -> Result<Arc<Kernel>> {
+        self.kernel_with(key, entry, || source.to_string())
+    }
+
+    /// The kernel `entry` of a module that reduces across the workgroup: `src` with a
+    /// reduction prelude in front, `shaders/reduce_subgroup.wgsl` where [`Ctx::subgroups`]
+    /// holds, else the workgroup-memory tree of `shaders/reduce.wgsl` (both define `Lanes`,
+    /// `wg_sum`, `wg_max`, `red`). Cached per variant under `module.entry+variant`.
+    pub fn reduce_kernel(&self, module: &str, src: &str, entry: &str) -> Result<Arc<Kernel>> {
+        let (prelude, variant) = if self.subgroups {
+            (REDUCE_SUBGROUP, "subgroup")
+        } else {
+            (REDUCE, "workgroup")
+        };
+        self.kernel_with(&format!("{module}.{entry}+{variant}"), entry, || {
+            format!("{prelude}\n{src}")
+        })
+    }
+
+    /// Like [`Ctx::kernel`], building the source only when `key` is not cached yet.
+    fn kernel_with(
+        &self,
+        key: &str,
+        entry: &str,
+        source: impl FnOnce() -> String,
+    ) -> Result<Arc<Kernel>> {
         let mut cache = self.kernels.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(k) = cache.get(key) {
             return Ok(k.clone());
@@ -276,7 +307,7 @@ impl Ctx {
             .device
             .create_shader_module(wgpu::ShaderModuleDescriptor {
                 label: Some(key),
-                source: wgpu::ShaderSource::Wgsl(source.into()),
+                source: wgpu::ShaderSource::Wgsl(source().into()),
             });
         let pipeline = self
             .device

@@ -35,7 +35,10 @@ pub struct WgpuOptions {
     /// adapter's. Tests set a small value to exercise the splitting of large buffers.
     pub max_binding: Option<u64>,
     /// Use subgroup operations in reductions where the adapter has `SUBGROUP` (else the
-    /// workgroup-memory versions run).
+    /// workgroup-memory versions run). The row reductions (RMSNorm, cross-entropy, sum of
+    /// squares, the adapters' row sums) then add within each subgroup with `subgroupAdd` and
+    /// combine the subgroups' partials in a fixed order: deterministic for a fixed subgroup
+    /// size (same device and driver), though not bit-identical to the workgroup-memory tree.
     pub subgroups: bool,
     /// Store frozen weights as f16 where the adapter has `SHADER_F16` (else f32).
     pub f16: bool,

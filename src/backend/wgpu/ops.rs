@@ -2,12 +2,16 @@
 //! attention, cross-entropy and reductions. Same contracts as the trait docs; same math as
 //! `backend/cpu/ops.rs`.
 //!
-//! Kernels are in `shaders/{embed,norm,rope,attention,loss}.wgsl`; the row reductions share
-//! the workgroup tree of `shaders/reduce.wgsl`. Integer side data (row lists, positions,
-//! sequence starts, labels) is built on the host and uploaded as 32-bit words. Every kernel is
-//! deterministic: no float atomics, each output element is written by one invocation that sums
-//! in a fixed order. Buffers wider than one storage binding (an embedding table or a logits
-//! matrix over a large vocabulary) are processed in row ranges, each bound on its own.
+//! Kernels are in `shaders/{embed,norm,rope,attention,loss}.wgsl`; the row reductions (sum of
+//! squares, RMSNorm forward/backward, cross-entropy's max and sum) share a reduction prelude:
+//! subgroup sums (`shaders/reduce_subgroup.wgsl`) where the device has `SUBGROUP` and
+//! [`super::WgpuOptions::subgroups`] allows, else a tree in workgroup memory
+//! (`shaders/reduce.wgsl`). Integer side data (row lists, positions, sequence starts, labels)
+//! is built on the host and uploaded as 32-bit words. Every kernel is deterministic: no float
+//! atomics, each output element is written by one invocation that sums in a fixed order (with
+//! subgroups, fixed for a given subgroup size: the same device and driver give the same bits,
+//! though not the tree's bits). Buffers wider than one storage binding (an embedding table or
+//! a logits matrix over a large vocabulary) are processed in row ranges, each bound on its own.
 
 use super::Wgpu;
 use super::ctx::{Bind, Ctx, GpuBuf, Kernel};
@@ -15,7 +19,6 @@ use crate::backend::{AttentionSaved, SeqSpan, Tensor, check};
 use crate::error::{Error, Result};
 use std::collections::BTreeMap;
 
-const REDUCE: &str = include_str!("../../../shaders/reduce.wgsl");
 const EMBED: &str = include_str!("../../../shaders/embed.wgsl");
 const NORM: &str = include_str!("../../../shaders/norm.wgsl");
 const ROPE: &str = include_str!("../../../shaders/rope.wgsl");
@@ -44,11 +47,10 @@ fn kernel(
     entry: &str,
     reduce: bool,
 ) -> Result<std::sync::Arc<Kernel>> {
-    let key = format!("{module}.{entry}");
     if reduce {
-        ctx.kernel(&key, &format!("{REDUCE}\n{src}"), entry)
+        ctx.reduce_kernel(module, src, entry)
     } else {
-        ctx.kernel(&key, src, entry)
+        ctx.kernel(&format!("{module}.{entry}"), src, entry)
     }
 }
 
