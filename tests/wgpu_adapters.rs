@@ -1,7 +1,10 @@
 //! The wgpu backend's DoRA, VeRA and AdaLoRA kernels against the CPU reference over odd shapes
 //! (T = 1, 3, 17; in/out not multiples of 4; r from 1 to 64), merge/unmerge round trips, the
 //! splitting of tensors wider than one storage binding, and bad inputs giving the CPU's errors.
-//! Skips loudly without a Vulkan/Metal/DX12 adapter; `LORAFUSE_REQUIRE=wgpu` fails.
+//! DoRA, VeRA and AdaLoRA (whose row sums use the shared reduction prelude) run with subgroup
+//! reductions and with the workgroup-memory fallback. Skips loudly without a Vulkan/Metal/DX12
+//! adapter, `LORAFUSE_REQUIRE=wgpu` fails; likewise for the subgroup mode without `SUBGROUP`
+//! and `LORAFUSE_REQUIRE=wgpu-subgroups`.
 #![cfg(feature = "wgpu")]
 
 mod common;
@@ -116,10 +119,9 @@ fn dora_cases(be: &Wgpu, label: &str, shapes: &[(usize, usize, usize)], ranks: &
 
 #[test]
 fn dora_matches_cpu() {
-    let Some(be) = wgpu("dora_matches_cpu") else {
-        return;
-    };
-    dora_cases(&be, "full binding", &SHAPES, &RANKS);
+    for (mode, be) in wgpu_modes("dora_matches_cpu") {
+        dora_cases(&be, &format!("{mode}, full binding"), &SHAPES, &RANKS);
+    }
 }
 
 fn vera_cases(be: &Wgpu, label: &str) {
@@ -168,10 +170,9 @@ fn vera_cases(be: &Wgpu, label: &str) {
 
 #[test]
 fn vera_matches_cpu() {
-    let Some(be) = wgpu("vera_matches_cpu") else {
-        return;
-    };
-    vera_cases(&be, "full binding");
+    for (mode, be) in wgpu_modes("vera_matches_cpu") {
+        vera_cases(&be, &format!("{mode}, full binding"));
+    }
 }
 
 fn adalora_cases(be: &Wgpu, label: &str) {
@@ -228,10 +229,9 @@ fn adalora_cases(be: &Wgpu, label: &str) {
 
 #[test]
 fn adalora_matches_cpu() {
-    let Some(be) = wgpu("adalora_matches_cpu") else {
-        return;
-    };
-    adalora_cases(&be, "full binding");
+    for (mode, be) in wgpu_modes("adalora_matches_cpu") {
+        adalora_cases(&be, &format!("{mode}, full binding"));
+    }
 }
 
 #[test]

@@ -1,8 +1,10 @@
 //! The wgpu backend's model ops (embedding gather/scatter, sum of squares, RMSNorm, RoPE,
 //! causal GQA attention over packed sequences, cross-entropy) against the CPU reference over
 //! odd shapes, the splitting of tables wider than one storage binding, and bad inputs (which
-//! must fail with the CPU's error). Skips loudly without a Vulkan/Metal/DX12 adapter;
-//! `LORAFUSE_REQUIRE=wgpu` fails.
+//! must fail with the CPU's error). The row reductions (sum of squares, RMSNorm, cross-entropy)
+//! run with subgroup reductions and with the workgroup-memory fallback. Skips loudly without a
+//! Vulkan/Metal/DX12 adapter, `LORAFUSE_REQUIRE=wgpu` fails; likewise for the subgroup mode
+//! without `SUBGROUP` and `LORAFUSE_REQUIRE=wgpu-subgroups`.
 #![cfg(feature = "wgpu")]
 
 mod common;
@@ -107,18 +109,22 @@ fn gather_and_scatter_add_split_tables_wider_than_one_binding() {
 
 #[test]
 fn sum_squares_matches_cpu() {
-    let Some(be) = wgpu("sum_squares_matches_cpu") else {
+    let modes = wgpu_modes("sum_squares_matches_cpu");
+    if modes.is_empty() {
         return;
-    };
+    }
     let small = small_bindings("sum_squares_matches_cpu");
     for (i, n) in [1usize, 3, 17, 4095, 4097, 100_003].into_iter().enumerate() {
-        let (ac, ag) = rand_pair(&be, &[n], 50 + i as u64);
+        let ac = Cpu.upload(&rand_vec(n, 50 + i as u64), &[n]).unwrap();
         let want = Cpu.sum_squares(&ac).unwrap();
-        let got = be.sum_squares(&ag).unwrap();
-        assert!(
-            (got - want).abs() <= 1e-6 * want,
-            "sum_squares n={n}: got {got}, want {want}"
-        );
+        for (mode, be) in &modes {
+            let ag = be.upload(ac.data(), &[n]).unwrap();
+            let got = be.sum_squares(&ag).unwrap();
+            assert!(
+                (got - want).abs() <= 1e-6 * want,
+                "{mode} sum_squares n={n}: got {got}, want {want}"
+            );
+        }
         if let Some(sb) = &small {
             let ag = sb.upload(ac.data(), &[n]).unwrap();
             let got = sb.sum_squares(&ag).unwrap();
@@ -128,7 +134,9 @@ fn sum_squares_matches_cpu() {
             );
         }
     }
-    assert_eq!(be.sum_squares(&be.zeros(&[0]).unwrap()).unwrap(), 0.0);
+    for (_, be) in &modes {
+        assert_eq!(be.sum_squares(&be.zeros(&[0]).unwrap()).unwrap(), 0.0);
+    }
 }
 
 fn rmsnorm_cases(be: &Wgpu, label: &str, shapes: &[(usize, usize)]) {
@@ -141,6 +149,15 @@ fn rmsnorm_cases(be: &Wgpu, label: &str, shapes: &[(usize, usize)]) {
         let (yc, rc) = Cpu.rmsnorm(&xc, &wc, 1e-5).unwrap();
         assert_tensor(be, &format!("{what} y"), &y, &yc, 1e-5);
         assert_tensor(be, &format!("{what} rstd"), &r, &rc, 1e-5);
+        // deterministic in either reduction mode: a second run gives the same bits
+        let (y2, r2) = be.rmsnorm(&xg, &wg, 1e-5).unwrap();
+        for (a, b, name) in [(&y, &y2, "y"), (&r, &r2, "rstd")] {
+            let (a, b) = (be.download(a).unwrap(), be.download(b).unwrap());
+            assert!(
+                a.iter().zip(&b).all(|(x, y)| x.to_bits() == y.to_bits()),
+                "{what} {name}: two runs differ"
+            );
+        }
         let (dyc, dyg) = rand_pair(be, &[t, d], s + 2);
         let (mut dwc, mut dwg) = rand_pair(be, &[d], s + 3);
         let dx = be
@@ -158,14 +175,13 @@ fn rmsnorm_cases(be: &Wgpu, label: &str, shapes: &[(usize, usize)]) {
 
 #[test]
 fn rmsnorm_matches_cpu() {
-    let Some(be) = wgpu("rmsnorm_matches_cpu") else {
-        return;
-    };
-    rmsnorm_cases(
-        &be,
-        "full binding",
-        &[(1, 5), (3, 67), (17, 300), (65, 576), (2, 1)],
-    );
+    for (mode, be) in wgpu_modes("rmsnorm_matches_cpu") {
+        rmsnorm_cases(
+            &be,
+            &format!("{mode}, full binding"),
+            &[(1, 5), (3, 67), (17, 300), (65, 576), (2, 1)],
+        );
+    }
     if let Some(sb) = small_bindings("rmsnorm_matches_cpu") {
         rmsnorm_cases(&sb, "1 KiB bindings", &[(65, 37), (9, 190)]);
     }
@@ -318,14 +334,17 @@ fn cross_entropy_cases(be: &Wgpu, label: &str, shapes: &[(usize, usize)]) {
 
 #[test]
 fn cross_entropy_matches_cpu() {
-    let Some(be) = wgpu("cross_entropy_matches_cpu") else {
+    let modes = wgpu_modes("cross_entropy_matches_cpu");
+    for (mode, be) in &modes {
+        cross_entropy_cases(
+            be,
+            &format!("{mode}, full binding"),
+            &[(1, 5), (3, 67), (17, 1000), (4, 49152)],
+        );
+    }
+    let Some((_, be)) = modes.into_iter().next() else {
         return;
     };
-    cross_entropy_cases(
-        &be,
-        "full binding",
-        &[(1, 5), (3, 67), (17, 1000), (4, 49152)],
-    );
     // every label ignored
     let (_, lg) = rand_pair(&be, &[2, 7], 1);
     let (loss, d) = be.cross_entropy(&lg, &[-100, -100], 1.0).unwrap();

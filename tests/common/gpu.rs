@@ -20,6 +20,43 @@ pub fn wgpu(test: &str) -> Option<lorafuse::Wgpu> {
     }
 }
 
+/// The wgpu backend in each reduction mode, named: `"subgroups"` (subgroup reductions) and
+/// `"workgroup"` (the workgroup-memory fallback). Without an adapter: empty, after the skip
+/// of [`wgpu`].
+/// Without `SUBGROUP` on the adapter the subgroup mode is skipped loudly, a failure when
+/// `LORAFUSE_REQUIRE` lists `wgpu-subgroups`.
+#[cfg(feature = "wgpu")]
+pub fn wgpu_modes(test: &str) -> Vec<(&'static str, lorafuse::Wgpu)> {
+    let open = |subgroups: bool| {
+        lorafuse::Wgpu::with_options(&lorafuse::WgpuOptions {
+            subgroups,
+            ..lorafuse::WgpuOptions::default()
+        })
+    };
+    let mut modes = Vec::new();
+    match open(true) {
+        Ok(be) if be.has_subgroups() => modes.push(("subgroups", be)),
+        Ok(be) => skip_or_fail(
+            "wgpu-subgroups",
+            &format!(
+                "{test}: subgroup reductions untested, {} lacks SUBGROUP",
+                be.adapter_name()
+            ),
+        ),
+        Err(e) => {
+            skip_or_fail("wgpu", &format!("{test}: {e}"));
+            return modes;
+        }
+    }
+    let be = open(false).expect("the adapter opened a moment ago");
+    assert!(
+        !be.has_subgroups(),
+        "subgroups: false must select the fallback"
+    );
+    modes.push(("workgroup", be));
+    modes
+}
+
 /// `n` values uniform in `[-1, 1)` from `seed`.
 pub fn rand_vec(n: usize, seed: u64) -> Vec<f32> {
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
