@@ -27,6 +27,11 @@ const F_DIV: u32 = 4u;
 @group(0) @binding(4) var<storage, read_write> o: array<f32>;
 @group(0) @binding(5) var<storage, read> z: array<f32>;
 
+// x and y are read only through these, so that the host can make the variant in which either
+// is a frozen f16 weight (`array<f16>`, converted on load): DoRA's ||W0||_row^2 is rowdot(W0, W0).
+fn ld_x(i: u32) -> f32 { return x[i]; }
+fn ld_y(i: u32) -> f32 { return y[i]; }
+
 var<workgroup> part: array<f32, 256>;
 
 fn group_index(wg: vec3<u32>, nwg: vec3<u32>) -> u32 {
@@ -55,7 +60,7 @@ fn rowdot(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_id) li
     var acc = vec2<f32>(0.0, 0.0);
     if (i < p.rows) {
         for (var c = lid.x; c < p.cols; c += 256u) {
-            var t = x[p.x_off + i * p.x_rs + c] * y[p.y_off + i * p.y_rs + c];
+            var t = ld_x(p.x_off + i * p.x_rs + c) * ld_y(p.y_off + i * p.y_rs + c);
             if ((p.flags & F_V) != 0u) {
                 t *= v[p.v_off + c];
             }
@@ -77,7 +82,7 @@ fn colsum(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_id) li
     var acc = vec2<f32>(0.0, 0.0);
     if (c < p.cols) {
         for (var i = lid.y; i < p.rows; i += 4u) {
-            acc = comp_add(acc, x[p.x_off + i * p.x_rs + c] * y[p.y_off + i * p.y_rs + c]);
+            acc = comp_add(acc, ld_x(p.x_off + i * p.x_rs + c) * ld_y(p.y_off + i * p.y_rs + c));
         }
     }
     part[lid.y * 64u + lid.x] = acc.x + acc.y;
@@ -102,7 +107,7 @@ fn row_scale(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_id)
     if (e < p.rows * p.cols) {
         let i = e / p.cols;
         let c = e % p.cols;
-        let a = x[p.x_off + i * p.x_rs + c];
+        let a = ld_x(p.x_off + i * p.x_rs + c);
         let k = v[p.v_off + i];
         var r = a * k;
         if ((p.flags & F_DIV) != 0u) {
@@ -142,8 +147,8 @@ fn dora_norm(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_id)
         var quad = vec2<f32>(0.0, 0.0);
         for (var c = 0u; c < p.cols; c++) {
             let b = z[p.z_off + i * p.z_rs + c];
-            cross = comp_add(cross, x[p.x_off + i * p.x_rs + c] * b);
-            quad = comp_add(quad, y[p.y_off + i * p.y_rs + c] * b);
+            cross = comp_add(cross, ld_x(p.x_off + i * p.x_rs + c) * b);
+            quad = comp_add(quad, ld_y(p.y_off + i * p.y_rs + c) * b);
         }
         let s = p.s;
         let lin = (2.0 * s) * (cross.x + cross.y);

@@ -1,4 +1,4 @@
-// Tiled f32 matmul with a fused epilogue: the base GEMM of every linear layer, and the place
+// Tiled f32 matmul (A and B may be stored as f16) with a fused epilogue: the base GEMM of every linear layer, and the place
 // where the low-rank adapter terms are added in the same pass over the output.
 //
 //   C(i, j) = cs[j] * (alpha * sum_k A(i, k) B(k, j)
@@ -38,6 +38,11 @@ const F_NSCALE: u32 = 16u;
 @group(0) @binding(6) var<storage, read> h: array<f32>;
 @group(0) @binding(7) var<storage, read> g: array<f32>;
 @group(0) @binding(8) var<storage, read> jv: array<f32>;
+
+// A and B are read only through these, so that the host can make the variant in which either
+// is a frozen f16 weight (`array<f16>`, converted to f32 on load; backend/wgpu/matmul.rs).
+fn ld_a(i: u32) -> f32 { return a[i]; }
+fn ld_b(i: u32) -> f32 { return b[i]; }
 
 const TM: u32 = 64u;
 const TN: u32 = 64u;
@@ -110,7 +115,7 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_id) lid:
             }
             var v = 0.0;
             if (row0 + i < p.m && k0 + kk < p.k) {
-                v = a[p.a_off + (row0 + i) * p.a_rs + (k0 + kk) * p.a_cs];
+                v = ld_a(p.a_off + (row0 + i) * p.a_rs + (k0 + kk) * p.a_cs);
             }
             As[kk * TM + i] = v;
             var j = idx % TN;
@@ -121,7 +126,7 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_id) lid:
             }
             var w = 0.0;
             if (col0 + j < p.n && k0 + kb < p.k) {
-                w = b[p.b_off + (k0 + kb) * p.b_rs + (col0 + j) * p.b_cs];
+                w = ld_b(p.b_off + (k0 + kb) * p.b_rs + (col0 + j) * p.b_cs);
             }
             Bs[kb * TN + j] = w;
         }

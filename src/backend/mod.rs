@@ -20,7 +20,8 @@ pub mod wgpu;
 use crate::error::{Error, Result};
 use crate::quant::nf4::Nf4Tensor;
 
-/// A backend buffer with a row-major shape. Storage is f32 on the CPU reference.
+/// A backend buffer with a row-major shape. Storage is f32 on the CPU reference; a backend may
+/// store a frozen weight ([`Backend::upload_frozen`]) in a narrower type.
 pub struct Tensor<B: Backend> {
     pub(crate) buf: B::Buf,
     pub(crate) shape: Vec<usize>,
@@ -213,6 +214,27 @@ pub trait Backend: Clone + Send + Sync + Sized + 'static {
 
     /// Copies host f32 data in. Errors: `data.len()` differs from the shape's element count.
     fn upload(&self, data: &[f32], shape: &[usize]) -> Result<Tensor<Self>>;
+    /// Copies host f32 data in as a FROZEN weight: one that no kernel will modify in place (a
+    /// base projection weight under an adapter, never a trained one or one an adapter is merged
+    /// into). A backend may store it in a narrower type (wgpu: f16 where the adapter has
+    /// `SHADER_F16`), so the values read back and used by every kernel are `data` rounded to
+    /// that type; arithmetic stays f32. In-place kernels return an error for such a tensor.
+    /// The default (CPU, CUDA) is [`Backend::upload`]. Errors: as [`Backend::upload`].
+    fn upload_frozen(&self, data: &[f32], shape: &[usize]) -> Result<Tensor<Self>> {
+        self.upload(data, shape)
+    }
+    /// Turns a tensor already on the device into a frozen weight, as if it had been uploaded
+    /// with [`Backend::upload_frozen`] (the values may round to a narrower storage type). Used
+    /// when training is prepared and it is known which base weights stay frozen. The default
+    /// returns `t` unchanged.
+    fn freeze(&self, t: Tensor<Self>) -> Result<Tensor<Self>> {
+        Ok(t)
+    }
+    /// Bytes `t` occupies on the device: 4 per element unless it is a frozen weight stored
+    /// narrower (see [`Backend::upload_frozen`]).
+    fn stored_bytes(t: &Tensor<Self>) -> usize {
+        4 * t.len()
+    }
     /// Copies a tensor back to the host.
     fn download(&self, t: &Tensor<Self>) -> Result<Vec<f32>>;
     /// A zero-filled tensor.

@@ -57,6 +57,41 @@ pub fn wgpu_modes(test: &str) -> Vec<(&'static str, lorafuse::Wgpu)> {
     modes
 }
 
+/// The wgpu backend with `opts`, or `None` after printing why (a failure under
+/// `LORAFUSE_REQUIRE=wgpu`).
+#[cfg(feature = "wgpu")]
+pub fn wgpu_with(test: &str, opts: &lorafuse::WgpuOptions) -> Option<lorafuse::Wgpu> {
+    match lorafuse::Wgpu::with_options(opts) {
+        Ok(be) => Some(be),
+        Err(e) => {
+            skip_or_fail("wgpu", &format!("{test}: {e}"));
+            None
+        }
+    }
+}
+
+/// The wgpu backend storing frozen weights as f16 (with storage bindings of at most
+/// `max_binding` bytes), or `None` after printing why: no adapter (a failure under
+/// `LORAFUSE_REQUIRE=wgpu`) or an adapter without `SHADER_F16` (a failure under
+/// `LORAFUSE_REQUIRE=wgpu-f16`).
+#[cfg(feature = "wgpu")]
+pub fn wgpu_f16(test: &str, max_binding: Option<u64>) -> Option<lorafuse::Wgpu> {
+    let opts = lorafuse::WgpuOptions {
+        max_binding,
+        f16: true,
+        ..Default::default()
+    };
+    let be = wgpu_with(test, &opts)?;
+    if !be.has_f16() {
+        skip_or_fail(
+            "wgpu-f16",
+            &format!("{test}: {} has no SHADER_F16", be.adapter_name()),
+        );
+        return None;
+    }
+    Some(be)
+}
+
 /// `n` values uniform in `[-1, 1)` from `seed`.
 pub fn rand_vec(n: usize, seed: u64) -> Vec<f32> {
     let mut rng = ChaCha8Rng::seed_from_u64(seed);

@@ -93,6 +93,16 @@ pub(super) fn bind_words<'a>(
     ))
 }
 
+/// Elements of one storage binding and the offset alignment, in elements of `buf`'s storage
+/// type (f32 or a frozen f16 weight).
+fn elem_limits(be: &Wgpu, buf: &GpuBuf) -> (usize, usize) {
+    let esz = buf.dtype.size();
+    (
+        be.ctx.max_binding as usize / esz,
+        (be.ctx.offset_align as usize / esz).max(1),
+    )
+}
+
 /// Ranges of rows covering `0..rows` such that the rows of each view bind within one storage
 /// binding. Errors when a single row does not fit.
 pub(super) fn row_chunks(
@@ -100,12 +110,12 @@ pub(super) fn row_chunks(
     rows: usize,
     views: &[Rows<'_>],
 ) -> Result<Vec<(usize, usize)>> {
-    let (limit, align) = limits(be);
     let mut out = Vec::new();
     let mut r0 = 0;
     while r0 < rows {
         let mut n = rows - r0;
         for v in views {
+            let (limit, align) = elem_limits(be, v.buf);
             let pad = (v.off + r0 * v.rs) % align;
             let w = v.w.max(1);
             if pad + w > limit {
@@ -124,11 +134,19 @@ pub(super) fn row_chunks(
     Ok(out)
 }
 
-/// The binding of rows `r0..r1` of a view and the view's offset within it.
+/// The binding of rows `r0..r1` of a view and the view's offset within it (in elements of
+/// the view's storage type).
 fn bind_rows<'a>(be: &Wgpu, v: &Rows<'a>, r0: usize, r1: usize) -> Result<(Bind<'a>, u32)> {
     let lo = v.off + r0 * v.rs;
     let hi = v.off + (r1 - 1) * v.rs + v.w.max(1) - 1;
-    let (b, start) = bind_words(be, v.buf, lo, hi)?;
+    let (b, start) = Bind::elems(&be.ctx, v.buf, lo, hi);
+    if hi + 1 - start > elem_limits(be, v.buf).0 {
+        return Err(backend_err(format!(
+            "a range of {} values exceeds the {}-byte storage binding limit",
+            hi + 1 - start,
+            be.ctx.max_binding
+        )));
+    }
     Ok((b, (lo - start) as u32))
 }
 
@@ -172,6 +190,8 @@ impl Params {
     }
 }
 
+/// Dispatches `entry`; where `x` (binding 1) or `y` (binding 2) is a frozen f16 weight, the
+/// variant of the module that reads it as f16 (one cached pipeline per variant).
 fn run(
     be: &Wgpu,
     entry: &str,
@@ -179,7 +199,11 @@ fn run(
     binds: Vec<(u32, Bind<'_>)>,
     groups: (u32, u32, u32),
 ) -> Result<()> {
-    let kernel = be.ctx.reduce_kernel("adapters", SRC, entry)?;
+    let f16: Vec<(&str, u32)> = [("x", 1), ("y", 2)]
+        .into_iter()
+        .filter(|&(_, i)| binds.iter().any(|(j, b)| *j == i && b.f16))
+        .collect();
+    let kernel = be.ctx.reduce_kernel_f16("adapters", SRC, entry, &f16)?;
     be.ctx.dispatch(&kernel, &p.words(), &binds, groups)
 }
 
@@ -633,6 +657,7 @@ pub(super) fn dora_merge(
     n: &Tensor<Wgpu>,
 ) -> Result<()> {
     let (dout, din, r) = dora_merge_dims(w, a, b, m, n)?;
+    Wgpu::mutable("dora_merge", w)?;
     // W += s B A, then each row times k = m / n.
     be.gemm_into(
         dout,
@@ -667,6 +692,7 @@ pub(super) fn dora_unmerge(
     n: &Tensor<Wgpu>,
 ) -> Result<()> {
     let (dout, din, r) = dora_merge_dims(w, a, b, m, n)?;
+    Wgpu::mutable("dora_unmerge", w)?;
     // k on the host, as the CPU computes it, to check that it is invertible (merges are not on
     // the training path; this reads back 2 * out values).
     let (mh, nh) = (be.download(m)?, be.download(n)?);
@@ -868,6 +894,7 @@ pub(super) fn vera_merge(
 ) -> Result<()> {
     let (dout, din) = w.dims2("w")?;
     let (r, max_in) = check::vera(din, dout, vera_a, vera_b, lambda_d, lambda_b)?;
+    Wgpu::mutable("vera_merge", w)?;
     // W += sign (lambda_b ⊙ Bs) diag(lambda_d) As: lambda_b scales W's rows, so it goes into
     // the [out, r] factor; lambda_d is the rank scale of a K = 0 pass over W.
     let bl = vera_bl(be, vera_b, lambda_b, dout, r)?;
@@ -1053,6 +1080,7 @@ pub(super) fn adalora_merge(
     let (dout, din) = w.dims2("w")?;
     let r = check::adalora(din, dout, a, b, e)?;
     let c = check::adalora_factor(scaling, ranknum)?;
+    Wgpu::mutable("adalora_merge", w)?;
     // W += sign c B diag(E) A: a K = 0 pass over W with E as the rank scale.
     add_lowrank_into(
         be,

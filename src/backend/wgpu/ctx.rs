@@ -29,6 +29,9 @@ pub(crate) struct Bind<'a> {
     pub offset: u64,
     /// Bytes bound (a multiple of 4, at least 4).
     pub size: u64,
+    /// The buffer holds f16 values ([`DType::F16`]); only bindings a kernel declared f16 may
+    /// take it (checked by [`Ctx::dispatch`]).
+    pub f16: bool,
 }
 
 impl<'a> Bind<'a> {
@@ -38,6 +41,7 @@ impl<'a> Bind<'a> {
             buffer: &buf.buffer,
             offset: 0,
             size: buf.bytes(),
+            f16: buf.dtype == DType::F16,
         }
     }
     /// Bytes `offset..offset + size` of a buffer.
@@ -46,8 +50,72 @@ impl<'a> Bind<'a> {
             buffer: &buf.buffer,
             offset,
             size,
+            f16: buf.dtype == DType::F16,
         }
     }
+    /// Elements `lo..=hi` of `buf` (of either storage type), from the element at or before
+    /// `lo` where a binding may start (the storage offset alignment, in elements: always even
+    /// for f16, so a binding starts on a 4-byte word), rounded up to whole 4-byte words (an f16
+    /// buffer is padded to whole words, so the rounding stays inside it). Returns the binding
+    /// and the index of its first element.
+    pub fn elems(ctx: &Ctx, buf: &'a GpuBuf, lo: usize, hi: usize) -> (Self, usize) {
+        let esz = buf.dtype.size();
+        let align = (ctx.offset_align as usize / esz).max(1);
+        let start = lo / align * align;
+        let size = (esz * (hi + 1 - start)).div_ceil(4) * 4;
+        (Bind::range(buf, (esz * start) as u64, size as u64), start)
+    }
+}
+
+/// How a [`GpuBuf`] stores its values. Kernels compute in f32 either way.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DType {
+    F32,
+    /// IEEE half, two per little-endian 32-bit word (element `2w` in the low half of word `w`),
+    /// the last word zero-padded for an odd length. Only frozen weights are stored so
+    /// ([`crate::Backend::upload_frozen`]), and only where the adapter has `SHADER_F16`.
+    F16,
+}
+
+impl DType {
+    /// Bytes per element.
+    pub fn size(self) -> usize {
+        match self {
+            DType::F32 => 4,
+            DType::F16 => 2,
+        }
+    }
+}
+
+/// `src` with the storage arrays `names` (each declared `var<storage, read> NAME: array<f32>;`
+/// and read only through `fn ld_NAME(i: u32) -> f32 { return NAME[i]; }`) turned into
+/// `array<f16>` read as f32, and `enable f16;` prepended. Errors (a bug in a shader): a
+/// declaration or loader not found.
+pub(crate) fn f16_variant(src: &str, names: &[&str]) -> Result<String> {
+    let mut out = format!("enable f16;\n{src}");
+    for n in names {
+        let decl = format!("var<storage, read> {n}: array<f32>;");
+        let load = format!("fn ld_{n}(i: u32) -> f32 {{ return {n}[i]; }}");
+        if !out.contains(&decl) || !out.contains(&load) {
+            return Err(err(format!(
+                "shader has no f32 array `{n}` read through `ld_{n}` to make f16"
+            )));
+        }
+        out = out
+            .replace(&decl, &format!("var<storage, read> {n}: array<f16>;"))
+            .replace(
+                &load,
+                &format!("fn ld_{n}(i: u32) -> f32 {{ return f32({n}[i]); }}"),
+            );
+    }
+    Ok(out)
+}
+
+/// The error of an in-place kernel handed a frozen f16 weight.
+pub(crate) fn frozen_err(what: &str) -> Error {
+    err(format!(
+        "{what}: frozen f16 weight cannot be modified in place; upload it with upload()"
+    ))
 }
 
 /// A compiled kernel: a pipeline and its bind group layout (binding 0 is the uniform
@@ -56,6 +124,9 @@ impl<'a> Bind<'a> {
 pub(crate) struct Kernel {
     pipeline: wgpu::ComputePipeline,
     layout: wgpu::BindGroupLayout,
+    key: String,
+    /// Bit `i` set: binding `i` is declared `array<f16>` (every other storage binding is f32).
+    f16_mask: u32,
 }
 
 struct Pending {
@@ -88,12 +159,13 @@ pub(crate) struct Ctx {
     dummy: wgpu::Buffer,
 }
 
-/// A storage buffer of f32 values on the device.
+/// A storage buffer of f32 (or, for a frozen weight, f16) values on the device.
 pub struct GpuBuf {
     pub(crate) ctx: Arc<Ctx>,
     pub(crate) buffer: wgpu::Buffer,
-    /// Number of f32 elements (the buffer holds at least one).
+    /// Number of elements (the buffer holds at least one 32-bit word).
     pub(crate) len: usize,
+    pub(crate) dtype: DType,
 }
 
 impl GpuBuf {
@@ -107,20 +179,27 @@ impl GpuBuf {
 /// changed by in-place kernels run on the original).
 impl Clone for GpuBuf {
     fn clone(&self) -> Self {
-        let out = self.ctx.alloc(self.len);
+        // The same bytes in a buffer of the same size and storage type.
+        let buffer = self.ctx.device.create_buffer(&wgpu::BufferDescriptor {
+            label: None,
+            size: self.buffer.size(),
+            usage: self.buffer.usage(),
+            mapped_at_creation: false,
+        });
         self.ctx
-            .copy(&self.buffer, 0, &out.buffer, 0, self.buffer.size());
+            .copy(&self.buffer, 0, &buffer, 0, self.buffer.size());
         GpuBuf {
             ctx: self.ctx.clone(),
-            buffer: out.buffer,
+            buffer,
             len: self.len,
+            dtype: self.dtype,
         }
     }
 }
 
 impl std::fmt::Debug for GpuBuf {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "GpuBuf[{}]", self.len)
+        write!(f, "GpuBuf[{}; {:?}]", self.len, self.dtype)
     }
 }
 
@@ -224,6 +303,20 @@ impl Ctx {
             ctx: self.clone(),
             buffer,
             len,
+            dtype: DType::F32,
+        }
+    }
+
+    /// A buffer holding `data` rounded to f16 (round to nearest even, as `half::f16::from_f32`),
+    /// packed two per word.
+    pub fn upload_f16(self: &Arc<Self>, data: &[f32]) -> GpuBuf {
+        let halves: Vec<u16> = data
+            .iter()
+            .map(|&v| half::f16::from_f32(v).to_bits())
+            .collect();
+        GpuBuf {
+            dtype: DType::F16,
+            ..self.upload_bytes(bytemuck::cast_slice(&halves), data.len())
         }
     }
 
@@ -255,6 +348,7 @@ impl Ctx {
             ctx: self.clone(),
             buffer,
             len,
+            dtype: DType::F32,
         }
     }
 
@@ -274,7 +368,7 @@ impl Ctx {
 
     /// The kernel `entry` of the WGSL module `source`, compiled once and cached under `key`.
     pub fn kernel(&self, key: &str, source: &str, entry: &str) -> Result<Arc<Kernel>> {
-        self.kernel_with(key, entry, || source.to_string())
+        self.kernel_f16(key, || Ok(source.to_string()), entry, 0)
     }
 
     /// The kernel `entry` of a module that reduces across the workgroup: `src` with a
@@ -282,22 +376,53 @@ impl Ctx {
     /// holds, else the workgroup-memory tree of `shaders/reduce.wgsl` (both define `Lanes`,
     /// `wg_sum`, `wg_max`, `red`). Cached per variant under `module.entry+variant`.
     pub fn reduce_kernel(&self, module: &str, src: &str, entry: &str) -> Result<Arc<Kernel>> {
+        self.reduce_kernel_f16(module, src, entry, &[])
+    }
+
+    /// [`Ctx::reduce_kernel`] with the storage arrays `f16` (`(name, binding)` pairs) read as
+    /// frozen f16 weights ([`f16_variant`]); one cached pipeline per variant.
+    pub fn reduce_kernel_f16(
+        &self,
+        module: &str,
+        src: &str,
+        entry: &str,
+        f16: &[(&str, u32)],
+    ) -> Result<Arc<Kernel>> {
         let (prelude, variant) = if self.subgroups {
             (REDUCE_SUBGROUP, "subgroup")
         } else {
             (REDUCE, "workgroup")
         };
-        self.kernel_with(&format!("{module}.{entry}+{variant}"), entry, || {
-            format!("{prelude}\n{src}")
-        })
+        let names: Vec<&str> = f16.iter().map(|&(n, _)| n).collect();
+        let mask = f16.iter().fold(0u32, |m, &(_, b)| m | (1 << b));
+        let key = if names.is_empty() {
+            format!("{module}.{entry}+{variant}")
+        } else {
+            format!("{module}.{entry}+{variant}+f16:{}", names.join(","))
+        };
+        self.kernel_f16(
+            &key,
+            || {
+                let full = format!("{prelude}\n{src}");
+                if names.is_empty() {
+                    Ok(full)
+                } else {
+                    f16_variant(&full, &names)
+                }
+            },
+            entry,
+            mask,
+        )
     }
 
-    /// Like [`Ctx::kernel`], building the source only when `key` is not cached yet.
-    fn kernel_with(
+    /// [`Ctx::kernel`] for a module whose bindings in `f16_mask` (bit `i` for binding `i`) are
+    /// `array<f16>`; the source is made only on the first use of `key`.
+    pub fn kernel_f16(
         &self,
         key: &str,
+        source: impl FnOnce() -> Result<String>,
         entry: &str,
-        source: impl FnOnce() -> String,
+        f16_mask: u32,
     ) -> Result<Arc<Kernel>> {
         let mut cache = self.kernels.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(k) = cache.get(key) {
@@ -307,7 +432,7 @@ impl Ctx {
             .device
             .create_shader_module(wgpu::ShaderModuleDescriptor {
                 label: Some(key),
-                source: wgpu::ShaderSource::Wgsl(source().into()),
+                source: wgpu::ShaderSource::Wgsl(source()?.into()),
             });
         let pipeline = self
             .device
@@ -326,7 +451,12 @@ impl Ctx {
         self.check()
             .map_err(|e| err(format!("compiling kernel `{key}`: {e}")))?;
         let layout = pipeline.get_bind_group_layout(0);
-        let k = Arc::new(Kernel { pipeline, layout });
+        let k = Arc::new(Kernel {
+            pipeline,
+            layout,
+            key: key.to_string(),
+            f16_mask,
+        });
         cache.insert(key.to_string(), k.clone());
         Ok(k)
     }
@@ -348,6 +478,16 @@ impl Ctx {
                 "dispatch of {groups:?} workgroups exceeds the adapter's {} per dimension",
                 self.max_groups
             )));
+        }
+        // A frozen f16 weight bound where the kernel reads f32 would be misread: refuse it.
+        for (i, b) in binds {
+            if b.f16 && (*i >= 32 || kernel.f16_mask & (1 << i) == 0) {
+                return Err(err(format!(
+                    "kernel `{}` reads binding {i} as f32 but it holds a frozen f16 weight; \
+                     upload that tensor with upload()",
+                    kernel.key
+                )));
+            }
         }
         let mut p = self.pending.lock().unwrap_or_else(|p| p.into_inner());
         if p.params_buf.is_none() {
@@ -406,6 +546,7 @@ impl Ctx {
             buffer: &self.dummy,
             offset: 0,
             size: 16,
+            f16: false,
         }
     }
 

@@ -7,8 +7,12 @@
 //! the byte range it reads. Cuts along K accumulate (`beta = 1`) and carry the additive
 //! epilogue terms (bias, low-rank, the caller's beta) in the first part only, so the result is
 //! the same sum.
+//!
+//! A and B may be frozen f16 weights ([`DType::F16`]): the kernel is then the variant of the
+//! same source in which that operand is `array<f16>` (one cached pipeline per variant), and
+//! its span is measured and bound in f16 elements. C and the epilogue vectors are f32.
 
-use super::ctx::{Bind, Ctx, GpuBuf};
+use super::ctx::{Bind, Ctx, DType, GpuBuf, f16_variant};
 use crate::error::Result;
 
 const SRC: &str = include_str!("../../../shaders/matmul.wgsl");
@@ -137,14 +141,33 @@ pub(crate) fn run(ctx: &Ctx, mm: &Matmul<'_>) -> Result<()> {
             msg: "matmul: column scale and low-rank column scale share one binding".into(),
         });
     }
-    let kernel = ctx.kernel("matmul", SRC, "main")?;
+    if mm.c.dtype != DType::F32 {
+        return Err(super::ctx::frozen_err("matmul output"));
+    }
+    let (a16, b16) = (mm.a.buf.dtype == DType::F16, mm.b.buf.dtype == DType::F16);
+    let kernel = match (a16, b16) {
+        (false, false) => ctx.kernel("matmul", SRC, "main")?,
+        (true, false) => {
+            ctx.kernel_f16("matmul.a16", || f16_variant(SRC, &["a"]), "main", 1 << 1)?
+        }
+        (false, true) => {
+            ctx.kernel_f16("matmul.b16", || f16_variant(SRC, &["b"]), "main", 1 << 2)?
+        }
+        (true, true) => ctx.kernel_f16(
+            "matmul.a16b16",
+            || f16_variant(SRC, &["a", "b"]),
+            "main",
+            (1 << 1) | (1 << 2),
+        )?,
+    };
     let mut stack = vec![Sub {
         m: (0, mm.m),
         n: (0, mm.n),
         k: (0, mm.k),
         first_k: true,
     }];
-    let limit = (ctx.max_binding / 4) as usize;
+    // Elements of one binding, per operand's storage type.
+    let limit = |b: &GpuBuf| ctx.max_binding as usize / b.dtype.size();
     while let Some(s) = stack.pop() {
         let kr = if s.k.1 > s.k.0 { s.k } else { (0, 1) };
         let (alo, ahi) = mm.a.span(s.m, kr);
@@ -155,11 +178,11 @@ pub(crate) fn run(ctx: &Ctx, mm: &Matmul<'_>) -> Result<()> {
         );
         // Which dimension to cut, if an operand is too wide for one binding: the one that
         // carries the operand's larger stride.
-        let cut = if ahi - alo >= limit && s.k.1 > s.k.0 {
+        let cut = if ahi - alo >= limit(mm.a.buf) && s.k.1 > s.k.0 {
             Some(pick(mm.a.rs, mm.a.cs, Dim::M, Dim::K, &s))
-        } else if bhi - blo >= limit && s.k.1 > s.k.0 {
+        } else if bhi - blo >= limit(mm.b.buf) && s.k.1 > s.k.0 {
             Some(pick(mm.b.rs, mm.b.cs, Dim::K, Dim::N, &s))
-        } else if chi - clo >= limit {
+        } else if chi - clo >= limit(mm.c) {
             Some(pick(mm.c_rs, 1, Dim::M, Dim::N, &s))
         } else {
             None
@@ -238,12 +261,9 @@ fn pick(rs: usize, cs: usize, rd: Dim, cd: Dim, s: &Sub) -> Dim {
 }
 
 /// A binding of elements `lo..=hi` of `buf`, starting at an aligned offset; returns the bind
-/// and the element index of its first word.
+/// and the element index of its first element.
 fn bind_span<'b>(ctx: &Ctx, buf: &'b GpuBuf, lo: usize, hi: usize) -> (Bind<'b>, usize) {
-    let align = (ctx.offset_align / 4).max(1) as usize;
-    let start = lo / align * align;
-    let size = 4 * (hi + 1 - start) as u64;
-    (Bind::range(buf, 4 * start as u64, size), start)
+    Bind::elems(ctx, buf, lo, hi)
 }
 
 fn dispatch(

@@ -1,7 +1,12 @@
 //! The WGSL backend: every kernel in `shaders/*.wgsl`, run through wgpu on Vulkan, Metal or
 //! DX12 (and in CI on Mesa's lavapipe, a Vulkan device on the CPU).
 //!
-//! Storage is f32. All dense products go through one tiled matmul whose epilogue adds the
+//! Storage is f32, except frozen weights ([`Backend::upload_frozen`], [`Backend::freeze`]),
+//! which are stored as f16 where the adapter has `SHADER_F16` and [`WgpuOptions::f16`] allows
+//! it: half the memory and bandwidth of the base weights, arithmetic still in f32. The kernels
+//! that read a frozen weight (the matmul's A and B operands, the row norms of DoRA) have f16
+//! variants; the in-place kernels refuse one with an error; every other kernel refuses an f16
+//! binding at dispatch rather than misread it. All dense products go through one tiled matmul whose epilogue adds the
 //! adapter terms in the same pass over the output (`shaders/matmul.wgsl`, [`matmul`]); the
 //! rest are small elementwise and reduction kernels. Dispatches are batched into few command
 //! buffers and nothing is read back inside a step except what the caller asks for.
@@ -14,7 +19,7 @@ mod matmul;
 mod nf4;
 mod ops;
 
-use self::ctx::{Bind, Ctx, GpuBuf};
+use self::ctx::{Bind, Ctx, DType, GpuBuf};
 use self::matmul::{LowRank, Matmul, Operand};
 use super::{
     AdaLoraGrads, AdamWParams, AttentionSaved, Backend, DoraGrads, DoraSaved, Nf4Weight, SeqSpan,
@@ -130,6 +135,19 @@ impl Wgpu {
         self.tensor(self.ctx.alloc(shape.iter().product()), shape)
     }
 
+    /// Errors when `t` is a frozen f16 weight, which `what` (an in-place kernel) would modify.
+    fn mutable(what: &str, t: &Tensor<Wgpu>) -> Result<()> {
+        if t.buf.dtype == DType::F16 {
+            return Err(ctx::frozen_err(what));
+        }
+        Ok(())
+    }
+
+    /// True when `t` is stored as f16 (a frozen weight on an adapter with `SHADER_F16`).
+    pub fn is_f16(t: &Tensor<Wgpu>) -> bool {
+        t.buf.dtype == DType::F16
+    }
+
     /// Runs the elementwise kernel `entry` over `n` elements. `arrays` are `(binding, buffer)`
     /// pairs of n-element arrays, bound in matching ranges when `n` exceeds one binding;
     /// `vectors` are bound whole (per-column vectors). `f` are the scalar parameters.
@@ -235,9 +253,53 @@ impl Backend for Wgpu {
         Ok(t)
     }
 
+    /// With f16 enabled ([`Wgpu::has_f16`]), stores the values rounded to f16 (round to
+    /// nearest even); else as [`Backend::upload`].
+    fn upload_frozen(&self, data: &[f32], shape: &[usize]) -> Result<Tensor<Self>> {
+        if !self.ctx.f16 {
+            return self.upload(data, shape);
+        }
+        let n: usize = shape.iter().product();
+        if data.len() != n {
+            return Err(Error::arg(
+                "data",
+                format!("{} values for shape {shape:?} ({n} elements)", data.len()),
+            ));
+        }
+        let t = self.tensor(self.ctx.upload_f16(data), shape);
+        self.ctx.check()?;
+        Ok(t)
+    }
+
+    /// With f16 enabled, an f32 tensor is read back and uploaded again as f16 (done once per
+    /// weight, when training is prepared); otherwise `t` is returned as is.
+    fn freeze(&self, t: Tensor<Self>) -> Result<Tensor<Self>> {
+        if !self.ctx.f16 || t.buf.dtype == DType::F16 {
+            return Ok(t);
+        }
+        let data = self.download(&t)?;
+        self.upload_frozen(&data, t.shape())
+    }
+
+    fn stored_bytes(t: &Tensor<Self>) -> usize {
+        t.buf.dtype.size() * t.len()
+    }
+
     fn download(&self, t: &Tensor<Self>) -> Result<Vec<f32>> {
-        let words = self.ctx.read(&t.buf.buffer, t.buf.len)?;
-        Ok(bytemuck::cast_slice(&words).to_vec())
+        match t.buf.dtype {
+            DType::F32 => {
+                let words = self.ctx.read(&t.buf.buffer, t.buf.len)?;
+                Ok(bytemuck::cast_slice(&words).to_vec())
+            }
+            DType::F16 => {
+                let words = self.ctx.read(&t.buf.buffer, t.buf.len.div_ceil(2))?;
+                let halves: &[u16] = bytemuck::cast_slice(&words);
+                Ok(halves[..t.buf.len]
+                    .iter()
+                    .map(|&h| half::f16::from_bits(h).to_f32())
+                    .collect())
+            }
+        }
     }
 
     fn zeros(&self, shape: &[usize]) -> Result<Tensor<Self>> {
@@ -319,12 +381,14 @@ impl Backend for Wgpu {
             return Err(Error::shape("x", format!("[{t}, in]"), x.shape()));
         }
         dw.expect_shape("dw", &[dout, din])?;
+        Self::mutable("linear_backward_weight", dw)?;
         let (a, b) = (Operand::t(&dy.buf, dout), Operand::n(&x.buf, din));
         self.gemm_into(dout, din, t, a, b, 1.0, 1.0, &dw.buf)
     }
 
     fn axpy(&self, a: &mut Tensor<Self>, alpha: f32, b: &Tensor<Self>) -> Result<()> {
         same_shape("b", b, a)?;
+        Self::mutable("axpy", a)?;
         self.elementwise(
             "axpy",
             a.len(),
@@ -337,6 +401,7 @@ impl Backend for Wgpu {
     }
 
     fn scale(&self, a: &mut Tensor<Self>, alpha: f32) -> Result<()> {
+        Self::mutable("scale", a)?;
         self.elementwise("scale", a.len(), &[(1, &a.buf)], &[], 0, 0, &[alpha])
     }
 
@@ -448,6 +513,7 @@ impl Backend for Wgpu {
     ) -> Result<()> {
         let (dout, din) = w.dims2("w")?;
         let r = check::lora(din, dout, lora_a, lora_b)?;
+        Self::mutable("lora_merge", w)?;
         self.gemm_into(
             dout,
             din,
@@ -907,6 +973,9 @@ impl Backend for Wgpu {
             bc2_sqrt,
             decay,
         } = check::adamw(param, grad, m, v, p)?;
+        Self::mutable("adamw_step", param)?;
+        Self::mutable("adamw_step exp_avg", m)?;
+        Self::mutable("adamw_step exp_avg_sq", v)?;
         self.elementwise(
             "adamw",
             param.len(),
