@@ -1,7 +1,9 @@
 //! Every fine-tuning method end to end on the wgpu backend (lavapipe in CI): a few steps on a
 //! tiny random Llama land within 1% of the CPU reference's eval loss for the same seed and
-//! recipe, and the step losses track the CPU's. Skips loudly without an adapter;
-//! `LORAFUSE_REQUIRE=wgpu` fails instead.
+//! recipe, and the step losses track the CPU's; all in f32, and LoRA and DoRA again with the
+//! frozen bases stored as f16. Skips loudly without an adapter; `LORAFUSE_REQUIRE=wgpu` fails
+//! instead (`LORAFUSE_REQUIRE=wgpu-f16` also fails the f16 run on an adapter without
+//! SHADER_F16).
 #![cfg(feature = "wgpu")]
 
 mod common;
@@ -14,7 +16,7 @@ use lorafuse::model::llama::{Llama, Nf4Spec, random_tensors};
 use lorafuse::train::data::Example;
 use lorafuse::train::recipe::{self, AdaLoraSettings, Method, Recipe};
 use lorafuse::train::trainer::{Metrics, TrainConfig};
-use lorafuse::{Backend, Cpu};
+use lorafuse::{Backend, Cpu, WgpuOptions};
 
 fn tiny_cfg() -> LlamaConfig {
     LlamaConfig {
@@ -97,7 +99,12 @@ fn run<B: Backend>(be: &B, method: Method) -> Metrics {
 
 #[test]
 fn every_method_matches_the_cpu_reference() {
-    let Some(be) = gpu::wgpu("every_method_matches_the_cpu_reference") else {
+    // f32 storage throughout, so the eval loss before training agrees to f32 rounding.
+    let opts = WgpuOptions {
+        f16: false,
+        ..WgpuOptions::default()
+    };
+    let Some(be) = gpu::wgpu_with("every_method_matches_the_cpu_reference", &opts) else {
         return;
     };
     for method in [
@@ -143,5 +150,53 @@ fn every_method_matches_the_cpu_reference() {
             );
         }
         assert_eq!(cpu.trainable_params, gpu.trainable_params);
+    }
+}
+
+#[test]
+fn lora_and_dora_over_f16_frozen_bases_match_the_cpu_reference() {
+    let Some(be) = gpu::wgpu_f16(
+        "lora_and_dora_over_f16_frozen_bases_match_the_cpu_reference",
+        None,
+    ) else {
+        return;
+    };
+    for method in [Method::Lora, Method::Dora] {
+        let cpu = run(&Cpu, method);
+        let gpu = run(&be, method);
+        let (cb, gb) = (cpu.eval_loss_before.unwrap(), gpu.eval_loss_before.unwrap());
+        let (ca, ga) = (cpu.eval_loss_after.unwrap(), gpu.eval_loss_after.unwrap());
+        eprintln!(
+            "{:<8} f16 bases: eval before cpu {cb:.5} wgpu {gb:.5}; after cpu {ca:.5} wgpu {ga:.5}",
+            method.name()
+        );
+        // The projections are stored as f16 (half the bytes), the rest of the model in f32.
+        assert_eq!(2 * gpu.base_weight_bytes, cpu.base_weight_bytes);
+        // f16 rounding of the bases moves the untrained loss by ~1e-5 relative here.
+        assert!(
+            (cb - gb).abs() <= 1e-3 * cb,
+            "{}: eval loss before",
+            method.name()
+        );
+        assert!(
+            (ca - ga).abs() <= 0.01 * ca,
+            "{}: eval loss after",
+            method.name()
+        );
+        assert!(
+            ga < gb,
+            "{}: training must lower the eval loss",
+            method.name()
+        );
+        for (c, g) in cpu.steps.iter().zip(&gpu.steps) {
+            assert!(
+                (c.loss - g.loss).abs() <= 0.01 * c.loss,
+                "{} step {}: loss cpu {} wgpu {}",
+                method.name(),
+                c.step,
+                c.loss,
+                g.loss
+            );
+        }
     }
 }

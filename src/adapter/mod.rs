@@ -20,7 +20,8 @@ use crate::backend::{Backend, Nf4Weight, Tensor};
 use crate::error::{Error, Result};
 use crate::quant::nf4::Nf4Tensor;
 
-/// A frozen base weight `[out, in]`: dense f32, or NF4-quantized (QLoRA).
+/// A frozen base weight `[out, in]`: dense (f32, or narrower where the backend stores frozen
+/// weights so, see [`Backend::freeze`]), or NF4-quantized (QLoRA).
 ///
 /// Every adapter works over both: it calls the fused dense kernel over a dense base, and over
 /// any other format the format's base product ([`BaseWeight::matmul`],
@@ -45,12 +46,13 @@ impl<B: Backend> BaseWeight<B> {
         }
     }
 
-    /// Bytes the weight occupies on its backend: `4 out in` for dense f32; for NF4 the packed
+    /// Bytes the weight occupies on its backend: `4 out in` for dense f32 (`2 out in` for a
+    /// frozen weight the backend stores as f16, [`Backend::stored_bytes`]); for NF4 the packed
     /// indices plus the absmax statistics ([`Nf4Tensor::bytes`]), about `0.5 + 4 / blocksize`
     /// bytes per parameter (0.5 + ~0.016 with double quant at blocksize 64).
     pub fn bytes(&self) -> usize {
         match self {
-            BaseWeight::Dense(w) => 4 * w.len(),
+            BaseWeight::Dense(w) => B::stored_bytes(w),
             BaseWeight::Nf4(w) => w.bytes(),
         }
     }

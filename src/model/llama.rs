@@ -479,7 +479,23 @@ impl<B: Backend> Llama<B> {
         Ok(())
     }
 
-    /// Bytes held by the projection base weights (NF4 or f32).
+    /// Marks every dense projection weight frozen ([`Backend::freeze`]): on a backend that
+    /// stores frozen weights narrower (wgpu with `SHADER_F16`: f16) they are converted, halving
+    /// their memory; elsewhere nothing changes. For adapter training only: a frozen weight
+    /// cannot be trained (full fine-tuning) or merged into in place on such a backend.
+    pub fn freeze_bases(&mut self, be: &B) -> Result<()> {
+        for b in &mut self.layers {
+            for proj in &mut b.proj {
+                if let BaseWeight::Dense(w) = &mut proj.base.weight {
+                    let t = std::mem::replace(w, be.zeros(&[0])?);
+                    *w = be.freeze(t)?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Bytes held by the projection base weights (NF4, f32 or f16).
     pub fn base_weight_bytes(&self) -> usize {
         self.layers
             .iter()

@@ -184,13 +184,20 @@ impl Recipe {
     }
 }
 
-/// Puts the method's trainable tensors on `model`: adapters with their init, or full
-/// fine-tuning. Errors: invalid settings, an unknown target module.
+/// Puts the method's trainable tensors on `model`: adapters with their init (over dense bases
+/// made frozen with [`Llama::freeze_bases`], or NF4 bases for QLoRA/QDoRA), or full
+/// fine-tuning (which needs bases that were never frozen on a backend that stores them
+/// narrower). Errors: invalid settings, an unknown target module.
 pub fn prepare<B: Backend>(be: &B, model: &mut Llama<B>, recipe: &Recipe) -> Result<()> {
     model.remove_adapters();
     model.full_finetune = None;
     if recipe.method.quantized_base() {
         model.quantize_bases(be, recipe.nf4)?;
+    } else if recipe.method.adapter_kind().is_some() {
+        // The dense bases stay frozen under adapters: a backend may store them narrower (wgpu:
+        // f16 where the adapter has SHADER_F16). Before the adapters' init, so that DoRA's
+        // magnitude is the norm of the weight as stored.
+        model.freeze_bases(be)?;
     }
     match recipe.method.adapter_kind() {
         None => {
