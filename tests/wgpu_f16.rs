@@ -165,7 +165,11 @@ fn frozen_cases(be: &Wgpu, label: &str) {
 
 #[test]
 fn frozen_f16_weights_match_cpu_on_rounded_weights() {
-    let Some(be) = wgpu_f16("frozen_f16_weights_match_cpu_on_rounded_weights", None) else {
+    let Some(be) = wgpu_f16(
+        "frozen_f16_weights_match_cpu_on_rounded_weights",
+        None,
+        true,
+    ) else {
         return;
     };
     eprintln!("wgpu adapter: {} (f16)", be.adapter_name());
@@ -174,10 +178,13 @@ fn frozen_f16_weights_match_cpu_on_rounded_weights() {
 
 #[test]
 fn frozen_f16_weights_wider_than_one_binding_are_split() {
-    // 1 KiB bindings hold 512 halves: the weights above are cut, at odd element offsets too.
+    // 1 KiB bindings hold 512 halves: the weights above are cut, at odd element offsets too;
+    // and the row reductions run on the workgroup-memory fallback (the other test, subgroups
+    // where the adapter has them).
     let Some(be) = wgpu_f16(
         "frozen_f16_weights_wider_than_one_binding_are_split",
         Some(1024),
+        false,
     ) else {
         return;
     };
@@ -223,7 +230,7 @@ fn refused<T>(what: &str, r: lorafuse::Result<T>) {
 
 #[test]
 fn in_place_kernels_refuse_frozen_f16_weights() {
-    let Some(be) = wgpu_f16("in_place_kernels_refuse_frozen_f16_weights", None) else {
+    let Some(be) = wgpu_f16("in_place_kernels_refuse_frozen_f16_weights", None, true) else {
         return;
     };
     let (dout, din, r) = (6, 5, 2);
@@ -334,7 +341,7 @@ fn with_f16_off_frozen_uploads_are_bit_identical_f32() {
 
 #[test]
 fn freeze_converts_to_f16() {
-    let Some(be) = wgpu_f16("freeze_converts_to_f16", None) else {
+    let Some(be) = wgpu_f16("freeze_converts_to_f16", None, true) else {
         return;
     };
     let data = rand_vec(33, 5);

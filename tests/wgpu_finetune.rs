@@ -158,6 +158,7 @@ fn lora_and_dora_over_f16_frozen_bases_match_the_cpu_reference() {
     let Some(be) = gpu::wgpu_f16(
         "lora_and_dora_over_f16_frozen_bases_match_the_cpu_reference",
         None,
+        true,
     ) else {
         return;
     };

@@ -71,15 +71,15 @@ pub fn wgpu_with(test: &str, opts: &lorafuse::WgpuOptions) -> Option<lorafuse::W
 }
 
 /// The wgpu backend storing frozen weights as f16 (with storage bindings of at most
-/// `max_binding` bytes), or `None` after printing why: no adapter (a failure under
-/// `LORAFUSE_REQUIRE=wgpu`) or an adapter without `SHADER_F16` (a failure under
-/// `LORAFUSE_REQUIRE=wgpu-f16`).
+/// `max_binding` bytes, subgroup reductions where available when `subgroups`), or `None`
+/// after printing why: no adapter (a failure under `LORAFUSE_REQUIRE=wgpu`) or an adapter
+/// without `SHADER_F16` (a failure under `LORAFUSE_REQUIRE=wgpu-f16`).
 #[cfg(feature = "wgpu")]
-pub fn wgpu_f16(test: &str, max_binding: Option<u64>) -> Option<lorafuse::Wgpu> {
+pub fn wgpu_f16(test: &str, max_binding: Option<u64>, subgroups: bool) -> Option<lorafuse::Wgpu> {
     let opts = lorafuse::WgpuOptions {
         max_binding,
+        subgroups,
         f16: true,
-        ..Default::default()
     };
     let be = wgpu_with(test, &opts)?;
     if !be.has_f16() {
