@@ -1535,7 +1535,7 @@ fn file_err(e: Error) -> PyErr {
 /// ``lora_A [r, in]``, ``lora_B [out, r]``. Every array must be a C-contiguous float32 numpy
 /// array with finite values; anything else raises TypeError/ValueError naming the argument.
 #[pymodule]
-#[pyo3(name = "lorafuse")]
+#[pyo3(name = "_lorafuse")]
 fn lorafuse_py(m: &Bound<'_, PyModule>) -> PyResult<()> {
     let py = m.py();
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;

@@ -1,4 +1,4 @@
-"""Type stubs of the `lorafuse` extension module (python/src/lib.rs).
+"""Type stubs of the `lorafuse._lorafuse` extension module (python/src/lib.rs), re-exported by `lorafuse`.
 
 Every array argument must be a C-contiguous float32 numpy array with finite values and the
 shape given in its docstring; otherwise TypeError (not an ndarray, wrong dtype) or ValueError
