@@ -154,13 +154,16 @@ class DoraFunction(torch.autograd.Function):
     def forward(ctx, x, w0, bias, lora_A, lora_B, magnitude, scaling):  # type: ignore[override]
         x2 = _tokens(x)
         s = float(scaling)
-        w0n, an, bn = _np(w0, "w0"), _np(lora_A, "lora_A"), _np(lora_B, "lora_B")
-        norm = _k.dora_weight_norm(w0n, an, bn, s)
+        # weight_norm=None: the kernel computes n itself (low-rank identity, no B @ A), and
+        # backward recomputes the same n from the same saved tensors (autograd's version
+        # counters reject an in-place change in between), which costs less than one more call
+        # copying w0 in and n out.
         y = _k.dora_forward(
-            _np(x2, "x"), w0n, an, bn, s, _np(magnitude, "magnitude"), norm, _opt(bias, "bias")
+            _np(x2, "x"), _np(w0, "w0"), _np(lora_A, "lora_A"), _np(lora_B, "lora_B"), s,
+            _np(magnitude, "magnitude"), None, _opt(bias, "bias"),
         )
         ctx.save_for_backward(x2, w0, lora_A, lora_B, magnitude)
-        ctx.norm, ctx.scaling, ctx.x_shape = norm, s, x.shape
+        ctx.scaling, ctx.x_shape = s, x.shape
         return _back(y, tuple(x.shape[:-1]))
 
     @staticmethod
@@ -169,7 +172,7 @@ class DoraFunction(torch.autograd.Function):
         dy2 = _tokens(dy)
         dx, da, db, dm = _k.dora_backward(
             _np(dy2, "dy"), _np(x2, "x"), _np(w0, "w0"), _np(a, "lora_A"), _np(b, "lora_B"),
-            ctx.scaling, _np(m, "magnitude"), ctx.norm,
+            ctx.scaling, _np(m, "magnitude"), None,
         )
         dx = torch.from_numpy(dx).reshape(ctx.x_shape) if ctx.needs_input_grad[0] else None
         return (
