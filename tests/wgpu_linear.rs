@@ -73,6 +73,19 @@ fn operands_wider_than_one_binding_are_split() {
     };
     assert!(be.max_binding() <= 1024);
     linear_cases(&be, "1 KiB bindings");
+    // Rows just under one binding (250 of 256 floats) at offsets that are not aligned: the
+    // aligned-down start makes the bound range wider than the span, so they must be cut too.
+    let (xc, xg) = rand_pair(&be, &[5, 250], 7);
+    let (wc, wg) = rand_pair(&be, &[3, 250], 8);
+    let (bc, bg) = rand_pair(&be, &[3], 9);
+    let y = be.linear(&xg, &wg, Some(&bg)).unwrap();
+    assert_tensor(
+        &be,
+        "rows of 250 floats",
+        &y,
+        &Cpu.linear(&xc, &wc, Some(&bc)).unwrap(),
+        1e-5,
+    );
     // elementwise kernels walk the tensor in bound ranges
     let n = 5000;
     let (mut ac, mut ag) = rand_pair(&be, &[n], 1);

@@ -166,8 +166,14 @@ pub(crate) fn run(ctx: &Ctx, mm: &Matmul<'_>) -> Result<()> {
         k: (0, mm.k),
         first_k: true,
     }];
-    // Elements of one binding, per operand's storage type.
-    let limit = |b: &GpuBuf| ctx.max_binding as usize / b.dtype.size();
+    // Whether elements lo..=hi of a buffer fit one binding as `Bind::elems` binds them: from
+    // the aligned-down start, rounded up to whole words.
+    let fits = |b: &GpuBuf, lo: usize, hi: usize| {
+        let esz = b.dtype.size();
+        let align = (ctx.offset_align as usize / esz).max(1);
+        let start = lo / align * align;
+        (esz * (hi + 1 - start)).div_ceil(4) * 4 <= ctx.max_binding as usize
+    };
     while let Some(s) = stack.pop() {
         let kr = if s.k.1 > s.k.0 { s.k } else { (0, 1) };
         let (alo, ahi) = mm.a.span(s.m, kr);
@@ -178,11 +184,11 @@ pub(crate) fn run(ctx: &Ctx, mm: &Matmul<'_>) -> Result<()> {
         );
         // Which dimension to cut, if an operand is too wide for one binding: the one that
         // carries the operand's larger stride.
-        let cut = if ahi - alo >= limit(mm.a.buf) && s.k.1 > s.k.0 {
+        let cut = if !fits(mm.a.buf, alo, ahi) && s.k.1 > s.k.0 {
             Some(pick(mm.a.rs, mm.a.cs, Dim::M, Dim::K, &s))
-        } else if bhi - blo >= limit(mm.b.buf) && s.k.1 > s.k.0 {
+        } else if !fits(mm.b.buf, blo, bhi) && s.k.1 > s.k.0 {
             Some(pick(mm.b.rs, mm.b.cs, Dim::K, Dim::N, &s))
-        } else if chi - clo >= limit(mm.c) {
+        } else if !fits(mm.c, clo, chi) {
             Some(pick(mm.c_rs, 1, Dim::M, Dim::N, &s))
         } else {
             None
