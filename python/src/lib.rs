@@ -39,8 +39,20 @@ type Out<'py> = Bound<'py, PyArrayDyn<f32>>;
 /// A validated float32 argument, copied out of its numpy array (the kernels copy into their own
 /// tensors anyway), so that no Python object is touched while the GIL is released.
 struct Arr {
-    data: Vec<f32>,
-    shape: Vec<usize>,
+    t: T,
+}
+
+impl Arr {
+    fn shape(&self) -> &[usize] {
+        self.t.shape()
+    }
+    fn data(&self) -> &[f32] {
+        self.t.data()
+    }
+    fn into_parts(self) -> (Vec<usize>, Vec<f32>) {
+        let shape = self.t.shape().to_vec();
+        (shape, self.t.into_vec())
+    }
 }
 
 fn type_name(obj: &Bound<'_, PyAny>) -> String {
@@ -93,7 +105,11 @@ fn array(obj: &Bound<'_, PyAny>, name: &str, ndim: Option<usize>) -> PyResult<Ar
             data[i]
         )));
     }
-    Ok(Arr { data, shape })
+    // The one copy out of numpy becomes the kernel's tensor as it is.
+    let t = Cpu
+        .from_vec(data, &shape)
+        .map_err(|e| PyValueError::new_err(format!("`{name}`: {e}")))?;
+    Ok(Arr { t })
 }
 
 fn fmt_shape(s: &[usize]) -> String {
@@ -121,7 +137,7 @@ impl Dims {
         let a = array(obj, name, Some(spec.len()))?;
         let mismatch = spec
             .iter()
-            .zip(&a.shape)
+            .zip(a.shape())
             .any(|(sym, &got)| self.want(sym).is_some_and(|want| want != got));
         if mismatch {
             let expected: Vec<String> = spec
@@ -134,10 +150,10 @@ impl Dims {
             return Err(PyValueError::new_err(format!(
                 "`{name}` must have shape [{}], got {}",
                 expected.join(", "),
-                fmt_shape(&a.shape)
+                fmt_shape(a.shape())
             )));
         }
-        for (sym, &got) in spec.iter().zip(&a.shape) {
+        for (sym, &got) in spec.iter().zip(a.shape()) {
             if self.want(sym).is_none() {
                 self.0.push((sym, got));
             }
@@ -206,12 +222,13 @@ fn run<R: Send>(py: Python<'_>, f: impl FnOnce(&Cpu) -> lorafuse::Result<R> + Se
         .map_err(to_py)
 }
 
-fn up(be: &Cpu, a: &Arr) -> lorafuse::Result<T> {
-    be.upload(&a.data, &a.shape)
+/// The argument's tensor, borrowed (no copy).
+fn up<'a>(_be: &Cpu, a: &'a Arr) -> lorafuse::Result<&'a T> {
+    Ok(&a.t)
 }
 
-fn up_opt(be: &Cpu, a: &Option<Arr>) -> lorafuse::Result<Option<T>> {
-    a.as_ref().map(|a| up(be, a)).transpose()
+fn up_opt<'a>(_be: &Cpu, a: &'a Option<Arr>) -> lorafuse::Result<Option<&'a T>> {
+    Ok(a.as_ref().map(|a| &a.t))
 }
 
 fn down(be: &Cpu, t: &T) -> lorafuse::Result<Host> {
@@ -260,14 +277,8 @@ fn lora_forward<'py>(
     let s = scalar(scaling, "scaling")?;
     let y = run(py, |be| {
         let bias = up_opt(be, &bias)?;
-        let (y, _h) = be.lora_forward(
-            &up(be, &x)?,
-            &up(be, &w0)?,
-            bias.as_ref(),
-            &up(be, &a)?,
-            &up(be, &b)?,
-            s,
-        )?;
+        let (y, _h) =
+            be.lora_forward(up(be, &x)?, up(be, &w0)?, bias, up(be, &a)?, up(be, &b)?, s)?;
         down(be, &y)
     })?;
     out(py, y)
@@ -313,11 +324,11 @@ fn lora_backward<'py>(
     let (dx, da, db) = run(py, |be| {
         let (x, a) = (up(be, &x)?, up(be, &a)?);
         let h = match up_opt(be, &h)? {
-            Some(h) => h,
-            None => be.linear(&x, &a, None)?,
+            Some(h) => h.clone(),
+            None => be.linear(x, a, None)?,
         };
         let (dx, da, db) =
-            be.lora_backward(&up(be, &dy)?, &x, &h, &up(be, &w0)?, &a, &up(be, &b)?, s)?;
+            be.lora_backward(up(be, &dy)?, x, &h, up(be, &w0)?, a, up(be, &b)?, s)?;
         Ok((down(be, &dx)?, down(be, &da)?, down(be, &db)?))
     })?;
     Ok((out(py, dx)?, out(py, da)?, out(py, db)?))
@@ -338,8 +349,8 @@ fn lora_merge_impl<'py>(
     let b = d.take(lora_B, "lora_B", &["out", "r"])?;
     let s = scalar(scaling, "scaling")?;
     let m = run(py, |be| {
-        let mut w = up(be, &w)?;
-        be.lora_merge(&mut w, &up(be, &a)?, &up(be, &b)?, s, sign)?;
+        let mut w = up(be, &w)?.clone();
+        be.lora_merge(&mut w, up(be, &a)?, up(be, &b)?, s, sign)?;
         down(be, &w)
     })?;
     out(py, m)
@@ -382,7 +393,7 @@ fn lora_unmerge<'py>(
 /// The norm `n` given by the caller, or computed from `w0` (which must then be the UNmerged base).
 fn dora_norm(be: &Cpu, w0: &T, a: &T, b: &T, s: f32, given: &Option<Arr>) -> lorafuse::Result<T> {
     match given {
-        Some(n) => up(be, n),
+        Some(n) => up(be, n).cloned(),
         None => be.dora_weight_norm(w0, &be.row_sq_norms(w0)?, a, b, s),
     }
 }
@@ -408,7 +419,7 @@ fn dora_weight_norm<'py>(
     let s = scalar(scaling, "scaling")?;
     let n = run(py, |be| {
         let w0 = up(be, &w0)?;
-        let n = dora_norm(be, &w0, &up(be, &a)?, &up(be, &b)?, s, &None)?;
+        let n = dora_norm(be, w0, up(be, &a)?, up(be, &b)?, s, &None)?;
         down(be, &n)
     })?;
     out(py, n)
@@ -457,18 +468,9 @@ fn dora_forward<'py>(
     let s = scalar(scaling, "scaling")?;
     let y = run(py, |be| {
         let (w0, a, b) = (up(be, &w0)?, up(be, &a)?, up(be, &b)?);
-        let n = dora_norm(be, &w0, &a, &b, s, &n)?;
+        let n = dora_norm(be, w0, a, b, s, &n)?;
         let bias = up_opt(be, &bias)?;
-        let (y, _saved) = be.dora_forward(
-            &up(be, &x)?,
-            &w0,
-            bias.as_ref(),
-            &a,
-            &b,
-            s,
-            &up(be, &m)?,
-            &n,
-        )?;
+        let (y, _saved) = be.dora_forward(up(be, &x)?, w0, bias, a, b, s, up(be, &m)?, &n)?;
         down(be, &y)
     })?;
     out(py, y)
@@ -519,9 +521,9 @@ fn dora_backward<'py>(
             up(be, &b)?,
             up(be, &m)?,
         );
-        let n = dora_norm(be, &w0, &a, &b, s, &n)?;
-        let (_y, saved) = be.dora_forward(&x, &w0, None, &a, &b, s, &m, &n)?;
-        let g = be.dora_backward(&up(be, &dy)?, &x, &saved, &w0, &a, &b, s, &m, &n)?;
+        let n = dora_norm(be, w0, a, b, s, &n)?;
+        let (_y, saved) = be.dora_forward(x, w0, None, a, b, s, m, &n)?;
+        let g = be.dora_backward(up(be, &dy)?, x, &saved, w0, a, b, s, m, &n)?;
         Ok((
             down(be, &g.dx)?,
             down(be, &g.d_lora_a)?,
@@ -557,9 +559,9 @@ fn dora_merge<'py>(
     let n = d.take_opt(weight_norm, "weight_norm", &["out"])?;
     let s = scalar(scaling, "scaling")?;
     let w = run(py, |be| {
-        let (mut w, a, b) = (up(be, &w0)?, up(be, &a)?, up(be, &b)?);
-        let n = dora_norm(be, &w, &a, &b, s, &n)?;
-        be.dora_merge(&mut w, &a, &b, s, &up(be, &m)?, &n)?;
+        let (mut w, a, b) = (up(be, &w0)?.clone(), up(be, &a)?, up(be, &b)?);
+        let n = dora_norm(be, &w, a, b, s, &n)?;
+        be.dora_merge(&mut w, a, b, s, up(be, &m)?, &n)?;
         down(be, &w)
     })?;
     out(py, w)
@@ -590,14 +592,14 @@ fn dora_unmerge<'py>(
     let n = d.take(weight_norm, "weight_norm", &["out"])?;
     let s = scalar(scaling, "scaling")?;
     let w = run(py, |be| {
-        let mut w = up(be, &w)?;
+        let mut w = up(be, &w)?.clone();
         be.dora_unmerge(
             &mut w,
-            &up(be, &a)?,
-            &up(be, &b)?,
+            up(be, &a)?,
+            up(be, &b)?,
             s,
-            &up(be, &m)?,
-            &up(be, &n)?,
+            up(be, &m)?,
+            up(be, &n)?,
         )?;
         down(be, &w)
     })?;
@@ -668,13 +670,13 @@ fn vera_forward<'py>(
     let y = run(py, |be| {
         let bias = up_opt(be, &bias)?;
         let (y, _h) = be.vera_forward(
-            &up(be, &x)?,
-            &up(be, &w0)?,
-            bias.as_ref(),
-            &up(be, &v.a)?,
-            &up(be, &v.b)?,
-            &up(be, &v.ld)?,
-            &up(be, &v.lb)?,
+            up(be, &x)?,
+            up(be, &w0)?,
+            bias,
+            up(be, &v.a)?,
+            up(be, &v.b)?,
+            up(be, &v.ld)?,
+            up(be, &v.lb)?,
         )?;
         down(be, &y)
     })?;
@@ -716,10 +718,10 @@ fn vera_backward<'py>(
         let (x, w0) = (up(be, &x)?, up(be, &w0)?);
         let (a, b, ld, lb) = (up(be, &v.a)?, up(be, &v.b)?, up(be, &v.ld)?, up(be, &v.lb)?);
         let h = match up_opt(be, &h)? {
-            Some(h) => h,
-            None => be.vera_forward(&x, &w0, None, &a, &b, &ld, &lb)?.1,
+            Some(h) => h.clone(),
+            None => be.vera_forward(x, w0, None, a, b, ld, lb)?.1,
         };
-        let (dx, dld, dlb) = be.vera_backward(&up(be, &dy)?, &x, &h, &w0, &a, &b, &ld, &lb)?;
+        let (dx, dld, dlb) = be.vera_backward(up(be, &dy)?, x, &h, w0, a, b, ld, lb)?;
         Ok((down(be, &dx)?, down(be, &dld)?, down(be, &dlb)?))
     })?;
     Ok((out(py, dx)?, out(py, dld)?, out(py, dlb)?))
@@ -739,13 +741,13 @@ fn vera_merge_impl<'py>(
     let w = d.take(w, wname, &["out", "in"])?;
     let v = vera_args(&mut d, vera_A, vera_B, lambda_d, lambda_b)?;
     let m = run(py, |be| {
-        let mut w = up(be, &w)?;
+        let mut w = up(be, &w)?.clone();
         be.vera_merge(
             &mut w,
-            &up(be, &v.a)?,
-            &up(be, &v.b)?,
-            &up(be, &v.ld)?,
-            &up(be, &v.lb)?,
+            up(be, &v.a)?,
+            up(be, &v.b)?,
+            up(be, &v.ld)?,
+            up(be, &v.lb)?,
             sign,
         )?;
         down(be, &w)
@@ -831,12 +833,12 @@ fn adalora_forward<'py>(
     let y = run(py, |be| {
         let bias = up_opt(be, &bias)?;
         let (y, _h) = be.adalora_forward(
-            &up(be, &x)?,
-            &up(be, &w0)?,
-            bias.as_ref(),
-            &up(be, &a)?,
-            &up(be, &b)?,
-            &up(be, &e)?,
+            up(be, &x)?,
+            up(be, &w0)?,
+            bias,
+            up(be, &a)?,
+            up(be, &b)?,
+            up(be, &e)?,
             s,
             rn,
         )?;
@@ -891,10 +893,10 @@ fn adalora_backward<'py>(
             up(be, &e)?,
         );
         let h = match up_opt(be, &h)? {
-            Some(h) => h,
-            None => be.adalora_forward(&x, &w0, None, &a, &b, &e, s, rn)?.1,
+            Some(h) => h.clone(),
+            None => be.adalora_forward(x, w0, None, a, b, e, s, rn)?.1,
         };
-        let g = be.adalora_backward(&up(be, &dy)?, &x, &h, &w0, &a, &b, &e, s, rn)?;
+        let g = be.adalora_backward(up(be, &dy)?, x, &h, w0, a, b, e, s, rn)?;
         Ok((
             down(be, &g.dx)?,
             down(be, &g.d_lora_a)?,
@@ -923,16 +925,8 @@ fn adalora_merge_impl<'py>(
     let e = d.take(lora_E, "lora_E", &["r", "1"])?;
     let (s, rn) = (scalar(scaling, "scaling")?, scalar(ranknum, "ranknum")?);
     let m = run(py, |be| {
-        let mut w = up(be, &w)?;
-        be.adalora_merge(
-            &mut w,
-            &up(be, &a)?,
-            &up(be, &b)?,
-            &up(be, &e)?,
-            s,
-            rn,
-            sign,
-        )?;
+        let mut w = up(be, &w)?.clone();
+        be.adalora_merge(&mut w, up(be, &a)?, up(be, &b)?, up(be, &e)?, s, rn, sign)?;
         down(be, &w)
     })?;
     out(py, m)
@@ -1224,14 +1218,14 @@ fn nf4_quantize(
     double_quant: bool,
 ) -> PyResult<PyNf4> {
     let w = array(w, "w", None)?;
-    if w.shape.is_empty() || w.data.is_empty() {
+    if w.shape().is_empty() || w.data().is_empty() {
         return Err(PyValueError::new_err(format!(
             "`w` must have at least one dim and one element, got shape {}",
-            fmt_shape(&w.shape)
+            fmt_shape(w.shape())
         )));
     }
     let inner = run(py, |_| {
-        quantize_nf4(&w.data, &w.shape, blocksize, double_quant)
+        quantize_nf4(w.data(), w.shape(), blocksize, double_quant)
     })?;
     Ok(PyNf4 { inner })
 }
@@ -1317,7 +1311,8 @@ fn save_adapter(
             .extract()
             .map_err(|_| PyTypeError::new_err("`tensors` keys must be str"))?;
         let a = array(&v, &format!("tensors[{name:?}]"), None)?;
-        list.push((name, a.shape, a.data));
+        let (shape, data) = a.into_parts();
+        list.push((name, shape, data));
     }
     py.detach(|| catch_unwind(AssertUnwindSafe(|| peft::save_adapter(&path, &cfg, &list))))
         .map_err(|_| PyRuntimeError::new_err("internal error: writing an adapter panicked"))?
