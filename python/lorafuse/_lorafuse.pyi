@@ -45,8 +45,10 @@ def dora_forward(
     magnitude: F32,
     weight_norm: Optional[F32] = None,
     bias: Optional[F32] = None,
-) -> F32:
-    """y [T, out] = (magnitude / weight_norm) * (x @ w0.T + s * x @ lora_A.T @ lora_B.T) + bias"""
+    return_saved: bool = False,
+) -> F32 | Tuple[F32, F32, F32, F32]:
+    """y [T, out] = (magnitude / weight_norm) * (x @ w0.T + s * x @ lora_A.T @ lora_B.T) + bias;
+    with return_saved, (y, h [T, r], z [T, out], weight_norm [out]) for dora_backward."""
 
 def dora_backward(
     dy: F32,
@@ -57,8 +59,11 @@ def dora_backward(
     scaling: float,
     magnitude: F32,
     weight_norm: Optional[F32] = None,
+    h: Optional[F32] = None,
+    z: Optional[F32] = None,
 ) -> Tuple[F32, F32, F32, F32]:
-    """(dx [T, in], d_lora_A [r, in], d_lora_B [out, r], d_magnitude [out])"""
+    """(dx [T, in], d_lora_A [r, in], d_lora_B [out, r], d_magnitude [out]); h, z and
+    weight_norm from dora_forward(..., return_saved=True) skip recomputing the forward."""
 
 def dora_merge(
     w0: F32,
@@ -223,3 +228,12 @@ def finetune(
     unfreeze_every: Optional[int] = None,
     progress: bool = True,
 ) -> dict[str, Any]: ...
+
+class FrozenWeight:
+    """A frozen float32 weight checked and copied into lorafuse once; pass it as `w0` to any
+    kernel instead of the array (no per-call copy or check)."""
+
+    def __init__(self, w: F32) -> None: ...
+    @property
+    def shape(self) -> Tuple[int, ...]: ...
+    def numpy(self) -> F32: ...

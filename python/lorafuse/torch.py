@@ -86,6 +86,22 @@ def _np(t: Tensor, name: str) -> np.ndarray:
     return t.resolve_conj().resolve_neg().numpy()
 
 
+def _frozen(w: Tensor):
+    """The frozen base weight `w` as a `lorafuse.FrozenWeight`: copied into lorafuse and checked
+    once, then reused by every call until `w` changes: a new storage (``w.data = ...``) or an
+    in-place change that autograd counts (``copy_``/``add_`` under ``no_grad``, a merge,
+    ``load_state_dict``). A change made through ``w.data.<op>_()`` is invisible to torch's
+    version counter; after one, delete ``w._lorafuse_frozen`` to refresh.
+    """
+    key = (w.data_ptr(), w._version)
+    cached = getattr(w, "_lorafuse_frozen", None)
+    if cached is not None and cached[0] == key:
+        return cached[1]
+    fw = _k.FrozenWeight(_np(w, "w0"))
+    w._lorafuse_frozen = (key, fw)
+    return fw
+
+
 def _opt(t: Optional[Tensor], name: str) -> Optional[np.ndarray]:
     return None if t is None else _np(t, name)
 
@@ -122,7 +138,7 @@ class LoraFunction(torch.autograd.Function):
     def forward(ctx, x, w0, bias, lora_A, lora_B, scaling):  # type: ignore[override]
         x2 = _tokens(x)
         y = _k.lora_forward(
-            _np(x2, "x"), _np(w0, "w0"), _np(lora_A, "lora_A"), _np(lora_B, "lora_B"),
+            _np(x2, "x"), _frozen(w0), _np(lora_A, "lora_A"), _np(lora_B, "lora_B"),
             float(scaling), _opt(bias, "bias"),
         )
         ctx.save_for_backward(x2, w0, lora_A, lora_B)
@@ -134,7 +150,7 @@ class LoraFunction(torch.autograd.Function):
         x2, w0, a, b = ctx.saved_tensors
         dy2 = _tokens(dy)
         dx, da, db = _k.lora_backward(
-            _np(dy2, "dy"), _np(x2, "x"), _np(w0, "w0"), _np(a, "lora_A"), _np(b, "lora_B"),
+            _np(dy2, "dy"), _np(x2, "x"), _frozen(w0), _np(a, "lora_A"), _np(b, "lora_B"),
             ctx.scaling,
         )
         dx = torch.from_numpy(dx).reshape(ctx.x_shape) if ctx.needs_input_grad[0] else None
@@ -154,25 +170,25 @@ class DoraFunction(torch.autograd.Function):
     def forward(ctx, x, w0, bias, lora_A, lora_B, magnitude, scaling):  # type: ignore[override]
         x2 = _tokens(x)
         s = float(scaling)
-        # weight_norm=None: the kernel computes n itself (low-rank identity, no B @ A), and
-        # backward recomputes the same n from the same saved tensors (autograd's version
-        # counters reject an in-place change in between), which costs less than one more call
-        # copying w0 in and n out.
-        y = _k.dora_forward(
-            _np(x2, "x"), _np(w0, "w0"), _np(lora_A, "lora_A"), _np(lora_B, "lora_B"), s,
-            _np(magnitude, "magnitude"), None, _opt(bias, "bias"),
+        # weight_norm=None: the kernel computes n itself (low-rank identity, no B @ A) and
+        # returns it with the forward's saved h and z, so backward recomputes nothing.
+        y, h, z, n = _k.dora_forward(
+            _np(x2, "x"), _frozen(w0), _np(lora_A, "lora_A"), _np(lora_B, "lora_B"), s,
+            _np(magnitude, "magnitude"), None, _opt(bias, "bias"), return_saved=True,
         )
         ctx.save_for_backward(x2, w0, lora_A, lora_B, magnitude)
+        ctx.dora_saved = (h, z, n)
         ctx.scaling, ctx.x_shape = s, x.shape
         return _back(y, tuple(x.shape[:-1]))
 
     @staticmethod
     def backward(ctx, dy):  # type: ignore[override]
         x2, w0, a, b, m = ctx.saved_tensors
+        h, z, n = ctx.dora_saved
         dy2 = _tokens(dy)
         dx, da, db, dm = _k.dora_backward(
-            _np(dy2, "dy"), _np(x2, "x"), _np(w0, "w0"), _np(a, "lora_A"), _np(b, "lora_B"),
-            ctx.scaling, _np(m, "magnitude"), None,
+            _np(dy2, "dy"), _np(x2, "x"), _frozen(w0), _np(a, "lora_A"), _np(b, "lora_B"),
+            ctx.scaling, _np(m, "magnitude"), n, h, z,
         )
         dx = torch.from_numpy(dx).reshape(ctx.x_shape) if ctx.needs_input_grad[0] else None
         return (
@@ -195,7 +211,7 @@ class VeraFunction(torch.autograd.Function):
     def forward(ctx, x, w0, bias, vera_A, vera_B, lambda_d, lambda_b):  # type: ignore[override]
         x2 = _tokens(x)
         y = _k.vera_forward(
-            _np(x2, "x"), _np(w0, "w0"), _np(vera_A, "vera_A"), _np(vera_B, "vera_B"),
+            _np(x2, "x"), _frozen(w0), _np(vera_A, "vera_A"), _np(vera_B, "vera_B"),
             _np(lambda_d, "lambda_d"), _np(lambda_b, "lambda_b"), _opt(bias, "bias"),
         )
         ctx.save_for_backward(x2, w0, vera_A, vera_B, lambda_d, lambda_b)
@@ -207,7 +223,7 @@ class VeraFunction(torch.autograd.Function):
         x2, w0, va, vb, ld, lb = ctx.saved_tensors
         dy2 = _tokens(dy)
         dx, dld, dlb = _k.vera_backward(
-            _np(dy2, "dy"), _np(x2, "x"), _np(w0, "w0"), _np(va, "vera_A"), _np(vb, "vera_B"),
+            _np(dy2, "dy"), _np(x2, "x"), _frozen(w0), _np(va, "vera_A"), _np(vb, "vera_B"),
             _np(ld, "lambda_d"), _np(lb, "lambda_b"),
         )
         dx = torch.from_numpy(dx).reshape(ctx.x_shape) if ctx.needs_input_grad[0] else None
@@ -231,7 +247,7 @@ class AdaLoraFunction(torch.autograd.Function):
     def forward(ctx, x, w0, bias, lora_A, lora_B, lora_E, scaling, ranknum):  # type: ignore[override]
         x2 = _tokens(x)
         y = _k.adalora_forward(
-            _np(x2, "x"), _np(w0, "w0"), _np(lora_A, "lora_A"), _np(lora_B, "lora_B"),
+            _np(x2, "x"), _frozen(w0), _np(lora_A, "lora_A"), _np(lora_B, "lora_B"),
             _np(lora_E, "lora_E"), float(scaling), float(ranknum), _opt(bias, "bias"),
         )
         ctx.save_for_backward(x2, w0, lora_A, lora_B, lora_E)
@@ -243,7 +259,7 @@ class AdaLoraFunction(torch.autograd.Function):
         x2, w0, a, b, e = ctx.saved_tensors
         dy2 = _tokens(dy)
         dx, da, db, de = _k.adalora_backward(
-            _np(dy2, "dy"), _np(x2, "x"), _np(w0, "w0"), _np(a, "lora_A"), _np(b, "lora_B"),
+            _np(dy2, "dy"), _np(x2, "x"), _frozen(w0), _np(a, "lora_A"), _np(b, "lora_B"),
             _np(e, "lora_E"), ctx.scaling, ctx.ranknum,
         )
         dx = torch.from_numpy(dx).reshape(ctx.x_shape) if ctx.needs_input_grad[0] else None

@@ -12,6 +12,7 @@
 #![allow(clippy::too_many_arguments)]
 
 use std::panic::{AssertUnwindSafe, catch_unwind};
+use std::sync::Arc;
 
 use indicatif::{ProgressBar, ProgressStyle};
 use lorafuse::adapter::LoraConfig;
@@ -39,19 +40,70 @@ type Out<'py> = Bound<'py, PyArrayDyn<f32>>;
 /// A validated float32 argument, copied out of its numpy array (the kernels copy into their own
 /// tensors anyway), so that no Python object is touched while the GIL is released.
 struct Arr {
-    t: T,
+    t: Held,
+}
+
+/// An argument's tensor: copied out of a numpy array, or shared with a [`PyFrozenWeight`].
+enum Held {
+    Owned(T),
+    Shared(Arc<T>),
 }
 
 impl Arr {
+    fn tensor(&self) -> &T {
+        match &self.t {
+            Held::Owned(t) => t,
+            Held::Shared(t) => t,
+        }
+    }
     fn shape(&self) -> &[usize] {
-        self.t.shape()
+        self.tensor().shape()
     }
     fn data(&self) -> &[f32] {
-        self.t.data()
+        self.tensor().data()
     }
     fn into_parts(self) -> (Vec<usize>, Vec<f32>) {
-        let shape = self.t.shape().to_vec();
-        (shape, self.t.into_vec())
+        let shape = self.shape().to_vec();
+        match self.t {
+            Held::Owned(t) => (shape, t.into_vec()),
+            Held::Shared(t) => (shape, t.data().to_vec()),
+        }
+    }
+}
+
+/// A frozen weight checked and copied into lorafuse once, then passed to the kernels in place
+/// of its array (``w0`` arguments) with no per-call copy or check: what a layer does with a
+/// base weight that never changes.
+///
+/// Args:
+///     w: float32 C-contiguous array, finite (checked once, here).
+#[pyclass(module = "lorafuse", name = "FrozenWeight", frozen)]
+struct PyFrozenWeight {
+    inner: Arc<T>,
+}
+
+#[pymethods]
+impl PyFrozenWeight {
+    #[new]
+    fn new(w: &Bound<'_, PyAny>) -> PyResult<Self> {
+        let a = array(w, "w", None)?;
+        let t = match a.t {
+            Held::Owned(t) => Arc::new(t),
+            Held::Shared(t) => t,
+        };
+        Ok(PyFrozenWeight { inner: t })
+    }
+    /// The weight's shape.
+    #[getter]
+    fn shape<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyTuple>> {
+        PyTuple::new(py, self.inner.shape())
+    }
+    /// A new float32 array holding the weight.
+    fn numpy<'py>(&self, py: Python<'py>) -> PyResult<Out<'py>> {
+        out(
+            py,
+            (self.inner.data().to_vec(), self.inner.shape().to_vec()),
+        )
     }
 }
 
@@ -66,6 +118,18 @@ fn type_name(obj: &Bound<'_, PyAny>) -> String {
 /// and only finite values, and copies it out.
 fn array(obj: &Bound<'_, PyAny>, name: &str, ndim: Option<usize>) -> PyResult<Arr> {
     let py = obj.py();
+    if let Ok(f) = obj.cast::<PyFrozenWeight>() {
+        let t = f.get().inner.clone();
+        if let Some(nd) = ndim
+            && t.shape().len() != nd
+        {
+            return Err(PyValueError::new_err(format!(
+                "`{name}` must be a {nd}-D array, got shape {}",
+                fmt_shape(t.shape())
+            )));
+        }
+        return Ok(Arr { t: Held::Shared(t) });
+    }
     let a = obj.cast::<PyUntypedArray>().map_err(|_| {
         PyTypeError::new_err(format!(
             "`{name}` must be a numpy.ndarray of dtype float32, got {}",
@@ -109,7 +173,7 @@ fn array(obj: &Bound<'_, PyAny>, name: &str, ndim: Option<usize>) -> PyResult<Ar
     let t = Cpu
         .from_vec(data, &shape)
         .map_err(|e| PyValueError::new_err(format!("`{name}`: {e}")))?;
-    Ok(Arr { t })
+    Ok(Arr { t: Held::Owned(t) })
 }
 
 fn fmt_shape(s: &[usize]) -> String {
@@ -224,11 +288,11 @@ fn run<R: Send>(py: Python<'_>, f: impl FnOnce(&Cpu) -> lorafuse::Result<R> + Se
 
 /// The argument's tensor, borrowed (no copy).
 fn up<'a>(_be: &Cpu, a: &'a Arr) -> lorafuse::Result<&'a T> {
-    Ok(&a.t)
+    Ok(a.tensor())
 }
 
 fn up_opt<'a>(_be: &Cpu, a: &'a Option<Arr>) -> lorafuse::Result<Option<&'a T>> {
-    Ok(a.as_ref().map(|a| &a.t))
+    Ok(a.as_ref().map(Arr::tensor))
 }
 
 fn down(be: &Cpu, t: &T) -> lorafuse::Result<Host> {
@@ -438,14 +502,18 @@ fn dora_weight_norm<'py>(
 ///     magnitude: float32 ``[out]``, PEFT's ``lora_magnitude_vector``.
 ///     weight_norm: optional float32 ``[out]``; computed with ``dora_weight_norm`` when omitted.
 ///     bias: optional float32 ``[out]``.
+///     return_saved: also return what ``dora_backward`` needs, so it need not recompute the
+///         forward.
 ///
 /// Returns:
-///     y, float32 ``[T, out]``.
+///     y, float32 ``[T, out]``; with ``return_saved``, ``(y, h, z, weight_norm)``: ``h = x @
+///     lora_A.T`` ``[T, r]``, ``z = x @ w0.T + scaling * h @ lora_B.T`` ``[T, out]`` (no bias)
+///     and the norm used ``[out]``.
 ///
 /// Raises:
 ///     TypeError, ValueError: as ``lora_forward``.
 #[pyfunction]
-#[pyo3(signature = (x, w0, lora_A, lora_B, scaling, magnitude, weight_norm=None, bias=None))]
+#[pyo3(signature = (x, w0, lora_A, lora_B, scaling, magnitude, weight_norm=None, bias=None, return_saved=false))]
 fn dora_forward<'py>(
     py: Python<'py>,
     x: &Bound<'py, PyAny>,
@@ -456,7 +524,8 @@ fn dora_forward<'py>(
     magnitude: &Bound<'py, PyAny>,
     weight_norm: Option<&Bound<'py, PyAny>>,
     bias: Option<&Bound<'py, PyAny>>,
-) -> PyResult<Out<'py>> {
+    return_saved: bool,
+) -> PyResult<Bound<'py, PyAny>> {
     let mut d = Dims::default();
     let x = d.take(x, "x", &["T", "in"])?;
     let w0 = d.take(w0, "w0", &["out", "in"])?;
@@ -466,24 +535,45 @@ fn dora_forward<'py>(
     let n = d.take_opt(weight_norm, "weight_norm", &["out"])?;
     let bias = d.take_opt(bias, "bias", &["out"])?;
     let s = scalar(scaling, "scaling")?;
-    let y = run(py, |be| {
+    let (y, h, z, n) = run(py, |be| {
         let (w0, a, b) = (up(be, &w0)?, up(be, &a)?, up(be, &b)?);
         let n = dora_norm(be, w0, a, b, s, &n)?;
         let bias = up_opt(be, &bias)?;
-        let (y, _saved) = be.dora_forward(up(be, &x)?, w0, bias, a, b, s, up(be, &m)?, &n)?;
-        down(be, &y)
+        let (y, saved) = be.dora_forward(up(be, &x)?, w0, bias, a, b, s, up(be, &m)?, &n)?;
+        Ok((
+            down(be, &y)?,
+            down(be, &saved.h)?,
+            down(be, &saved.z)?,
+            down(be, &n)?,
+        ))
     })?;
-    out(py, y)
+    let y = out(py, y)?.into_any();
+    if !return_saved {
+        return Ok(y);
+    }
+    Ok(PyTuple::new(
+        py,
+        [
+            y,
+            out(py, h)?.into_any(),
+            out(py, z)?.into_any(),
+            out(py, n)?.into_any(),
+        ],
+    )?
+    .into_any())
 }
 
 /// DoRA backward with the norm detached (as PEFT): with ``g = dy * magnitude / weight_norm``,
 /// ``dx = g @ w0 + s * (g @ lora_B) @ lora_A``, ``d_lora_A = s * (g @ lora_B).T @ x``,
 /// ``d_lora_B = s * g.T @ (x @ lora_A.T)``,
 /// ``d_magnitude = sum_T(dy * (x @ w0.T + s * x @ lora_A.T @ lora_B.T)) / weight_norm``.
-/// The forward's saved state is recomputed.
+/// The forward's saved state is recomputed unless ``h`` and ``z`` (from ``dora_forward(...,
+/// return_saved=True)``, with its ``weight_norm``) are given.
 ///
 /// Args:
 ///     dy: float32 ``[T, out]``; the others as ``dora_forward``.
+///     h, z: optional float32 ``[T, r]`` and ``[T, out]``, the forward's saved state; both or
+///         neither, and with them ``weight_norm``.
 ///
 /// Returns:
 ///     (dx ``[T, in]``, d_lora_A ``[r, in]``, d_lora_B ``[out, r]``, d_magnitude ``[out]``),
@@ -492,7 +582,7 @@ fn dora_forward<'py>(
 /// Raises:
 ///     TypeError, ValueError: as ``lora_forward``.
 #[pyfunction]
-#[pyo3(signature = (dy, x, w0, lora_A, lora_B, scaling, magnitude, weight_norm=None))]
+#[pyo3(signature = (dy, x, w0, lora_A, lora_B, scaling, magnitude, weight_norm=None, h=None, z=None))]
 fn dora_backward<'py>(
     py: Python<'py>,
     dy: &Bound<'py, PyAny>,
@@ -503,6 +593,8 @@ fn dora_backward<'py>(
     scaling: &Bound<'py, PyAny>,
     magnitude: &Bound<'py, PyAny>,
     weight_norm: Option<&Bound<'py, PyAny>>,
+    h: Option<&Bound<'py, PyAny>>,
+    z: Option<&Bound<'py, PyAny>>,
 ) -> PyResult<(Out<'py>, Out<'py>, Out<'py>, Out<'py>)> {
     let mut d = Dims::default();
     let x = d.take(x, "x", &["T", "in"])?;
@@ -512,7 +604,14 @@ fn dora_backward<'py>(
     let dy = d.take(dy, "dy", &["T", "out"])?;
     let m = d.take(magnitude, "magnitude", &["out"])?;
     let n = d.take_opt(weight_norm, "weight_norm", &["out"])?;
+    let h = d.take_opt(h, "h", &["T", "r"])?;
+    let z = d.take_opt(z, "z", &["T", "out"])?;
     let s = scalar(scaling, "scaling")?;
+    if h.is_some() != z.is_some() || (h.is_some() && n.is_none()) {
+        return Err(PyValueError::new_err(
+            "`h` and `z` go together, and with the `weight_norm` of the same forward",
+        ));
+    }
     let g = run(py, |be| {
         let (x, w0, a, b, m) = (
             up(be, &x)?,
@@ -522,7 +621,13 @@ fn dora_backward<'py>(
             up(be, &m)?,
         );
         let n = dora_norm(be, w0, a, b, s, &n)?;
-        let (_y, saved) = be.dora_forward(x, w0, None, a, b, s, m, &n)?;
+        let saved = match (&h, &z) {
+            (Some(h), Some(z)) => lorafuse::backend::DoraSaved {
+                h: h.tensor().clone(),
+                z: z.tensor().clone(),
+            },
+            _ => be.dora_forward(x, w0, None, a, b, s, m, &n)?.1,
+        };
         let g = be.dora_backward(up(be, &dy)?, x, &saved, w0, a, b, s, m, &n)?;
         Ok((
             down(be, &g.dx)?,
@@ -1534,6 +1639,7 @@ fn file_err(e: Error) -> PyErr {
 fn lorafuse_py(m: &Bound<'_, PyModule>) -> PyResult<()> {
     let py = m.py();
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
+    m.add_class::<PyFrozenWeight>()?;
     m.add_function(wrap_pyfunction!(finetune, m)?)?;
     m.add_function(wrap_pyfunction!(load_adapter, m)?)?;
     m.add_function(wrap_pyfunction!(save_adapter, m)?)?;

@@ -181,3 +181,27 @@ def test_releases_gil():
     for t in threads:
         t.join()
     assert len(results) == 20 and all(np.array_equal(r, ref) for r in results)
+
+
+def test_frozen_weight_stands_in_for_w0():
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((3, 20)).astype(np.float32)
+    w0 = rng.standard_normal((7, 20)).astype(np.float32)
+    a = rng.standard_normal((2, 20)).astype(np.float32)
+    b = rng.standard_normal((7, 2)).astype(np.float32)
+    fw = lorafuse.FrozenWeight(w0)
+    assert fw.shape == (7, 20)
+    np.testing.assert_array_equal(fw.numpy(), w0)
+    assert lorafuse.lora_forward(x, fw, a, b, 0.5).tobytes() == lorafuse.lora_forward(x, w0, a, b, 0.5).tobytes()
+    m = np.linalg.norm(w0, axis=1).astype(np.float32)
+    dy = rng.standard_normal((3, 7)).astype(np.float32)
+    for got, want in zip(lorafuse.dora_backward(dy, x, fw, a, b, 0.5, m), lorafuse.dora_backward(dy, x, w0, a, b, 0.5, m)):
+        assert got.tobytes() == want.tobytes()
+    with pytest.raises(ValueError, match="w0"):
+        lorafuse.lora_forward(x, lorafuse.FrozenWeight(w0[0]), a, b, 0.5)
+    with pytest.raises(ValueError, match="w0"):
+        lorafuse.lora_forward(x, lorafuse.FrozenWeight(w0[:, :10].copy()), a, b, 0.5)
+    with pytest.raises(ValueError, match="finite"):
+        bad = w0.copy()
+        bad[0, 0] = np.nan
+        lorafuse.FrozenWeight(bad)

@@ -50,6 +50,15 @@ def test_dora(path):
         merged = lorafuse.dora_merge(w0, a, b, s, m, weight_norm=norm)
         close(merged, d["merged.weight"], Y_TOL, name="merged.weight")
     close(lorafuse.dora_unmerge(merged, a, b, s, m, n), w0, 1e-4, name="unmerged")
+    # The forward's saved state handed to the backward gives the same gradients, bit for bit.
+    y, h, z, n2 = lorafuse.dora_forward(x, w0, a, b, s, m, bias=bias, return_saved=True)
+    close(y, d["y"], Y_TOL, name="y (return_saved)")
+    close(n2, n, Y_TOL, name="weight_norm (return_saved)")
+    again = lorafuse.dora_backward(g, x, w0, a, b, s, m, n2, h, z)
+    for got, want in zip(again, lorafuse.dora_backward(g, x, w0, a, b, s, m, weight_norm=n2)):
+        assert got.tobytes() == want.tobytes()
+    with pytest.raises(ValueError, match="together"):
+        lorafuse.dora_backward(g, x, w0, a, b, s, m, n2, h)
 
 
 @pytest.mark.parametrize("path", params("vera"))

@@ -260,3 +260,26 @@ def test_restore_then_save_pretrained_round_trips(method, tmp_path):
     ours.save_pretrained(tmp_path)
     loaded = peft.PeftModel.from_pretrained(mlp(4321), tmp_path)
     close(loaded(x), y, "loaded y")
+
+
+def test_cached_frozen_weight_follows_changes_of_the_base_weight():
+    """The kernels reuse one copy of each base weight; a change autograd counts (copy_ under
+    no_grad, as load_state_dict does) or a new storage must be seen by the next forward."""
+    ref = peft_model("lora")
+    ref.eval()
+    ours = copy.deepcopy(ref)
+    lt.replace_peft_layers(ours, strict=True)
+    x, _ = inputs(3)
+    with torch.no_grad():
+        close(ours(x), ref(x), "y")
+        for (name, p), (_, q) in zip(ref.named_parameters(), ours.named_parameters()):
+            if name.endswith("base_layer.weight"):
+                p.add_(0.25)
+                q.add_(0.25)
+        close(ours(x), ref(x), "y after an in-place change")
+        for (name, p), (_, q) in zip(ref.named_parameters(), ours.named_parameters()):
+            if name.endswith("base_layer.weight"):
+                new = torch.randn_like(p)
+                p.data = new.clone()
+                q.data = new.clone()
+        close(ours(x), ref(x), "y after a new storage")
