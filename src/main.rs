@@ -5,20 +5,17 @@ use indicatif::{ProgressBar, ProgressStyle};
 use lorafuse::adapter::{BaseWeight, LoraConfig};
 use lorafuse::backend::Backend;
 use lorafuse::io::export::{RawTensor, WeightDtype, model_tensors, write_safetensors};
-use lorafuse::io::gguf::GgufFile;
 use lorafuse::io::{fetch, peft};
 use lorafuse::model::llama::{Llama, Nf4Spec, PROJ_NAMES, PackedBatch, argmax, proj_path};
-use lorafuse::model::load::llama_from_gguf_with;
 use lorafuse::model::tokenizer::Tokenizer;
 use lorafuse::train::compare::{self, CompareRow};
 use lorafuse::train::data::{BadRecordPolicy, render_chatml};
-use lorafuse::train::job::{FinetuneJob, JobEvent, run_finetune};
+use lorafuse::train::job::{FinetuneJob, JobEvent, load_model, run_finetune};
 use lorafuse::train::recipe::{AdaLoraSettings, FullSettings, Method, Recipe, VeraSettings};
 use lorafuse::train::report::{write_atomic, write_json};
 use lorafuse::train::trainer::TrainConfig;
 use lorafuse::{Cpu, Error, Result};
 use std::path::{Path, PathBuf};
-use std::time::Instant;
 
 #[derive(Parser)]
 #[command(
@@ -427,13 +424,6 @@ macro_rules! on_backend {
     };
 }
 
-fn model_path(m: &ModelArgs) -> Result<PathBuf> {
-    match &m.model {
-        Some(p) => Ok(p.clone()),
-        None => fetch::default_model(&mut |s| eprintln!("{s}")),
-    }
-}
-
 /// Opens the GGUF and builds tokenizer and model on `be`, quantizing the projections to NF4
 /// while reading them when `nf4` is given.
 fn load_with<B: Backend>(
@@ -441,19 +431,7 @@ fn load_with<B: Backend>(
     m: &ModelArgs,
     nf4: Option<Nf4Spec>,
 ) -> Result<(B, Tokenizer, Llama<B>)> {
-    let path = model_path(m)?;
-    let t = Instant::now();
-    let g = GgufFile::open(&path)?;
-    let tok = Tokenizer::from_gguf(&g)?;
-    let model = llama_from_gguf_with(&be, &g, nf4)?;
-    eprintln!(
-        "loaded {} ({} parameters, {} layers) in {:.1}s on {}",
-        path.display(),
-        model.n_base_params(),
-        model.cfg.num_hidden_layers,
-        t.elapsed().as_secs_f64(),
-        be.name()
-    );
+    let (_, tok, model) = load_model(&be, m.model.as_deref(), nf4, &mut |l| eprintln!("{l}"))?;
     Ok((be, tok, model))
 }
 

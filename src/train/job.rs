@@ -9,7 +9,7 @@ use crate::error::{Error, Result};
 use crate::io::export::{WeightDtype, model_tensors, write_safetensors};
 use crate::io::gguf::GgufFile;
 use crate::io::{fetch, peft};
-use crate::model::llama::Llama;
+use crate::model::llama::{Llama, Nf4Spec};
 use crate::model::load::llama_from_gguf_with;
 use crate::model::tokenizer::Tokenizer;
 use crate::train::data::{self, BadRecordPolicy, Record, split_train_eval, tokenize_records};
@@ -96,23 +96,10 @@ pub fn run_finetune<B: Backend>(
         }
     };
     let (train_recs, eval_recs) = split_train_eval(records);
-    let path = match &job.model {
-        Some(p) => p.clone(),
-        None => fetch::default_model(&mut |s| on_event(JobEvent::Log(s.to_string())))?,
-    };
-    let t = Instant::now();
-    let g = GgufFile::open(&path)?;
-    let tok = Tokenizer::from_gguf(&g)?;
     let nf4 = recipe.method.quantized_base().then_some(recipe.nf4);
-    let mut model = llama_from_gguf_with(be, &g, nf4)?;
-    on_event(JobEvent::Log(format!(
-        "loaded {} ({} parameters, {} layers) in {:.1}s on {}",
-        path.display(),
-        model.n_base_params(),
-        model.cfg.num_hidden_layers,
-        t.elapsed().as_secs_f64(),
-        be.name()
-    )));
+    let (path, tok, mut model) = load_model(be, job.model.as_deref(), nf4, &mut |line| {
+        on_event(JobEvent::Log(line))
+    })?;
     let encode = |s: &str| tok.encode(s);
     let train_ex = tokenize_records(encode, &train_recs, job.max_len)?;
     let eval_ex = if job.eval {
@@ -163,6 +150,35 @@ pub fn run_finetune<B: Backend>(
         metrics,
         saved,
     })
+}
+
+/// Opens a GGUF model (`None`: the default model, fetched into the cache on first use) and
+/// builds its tokenizer and the model on `be`, quantizing the projections to NF4 while reading
+/// them when `nf4` is given; reports progress lines (fetch, `loaded ... in 1.2s on cpu`) to
+/// `log`. Returns the file's path, the tokenizer and the model.
+pub fn load_model<B: Backend>(
+    be: &B,
+    model: Option<&Path>,
+    nf4: Option<Nf4Spec>,
+    log: &mut dyn FnMut(String),
+) -> Result<(PathBuf, Tokenizer, Llama<B>)> {
+    let path = match model {
+        Some(p) => p.to_path_buf(),
+        None => fetch::default_model(&mut |s| log(s.to_string()))?,
+    };
+    let t = Instant::now();
+    let g = GgufFile::open(&path)?;
+    let tok = Tokenizer::from_gguf(&g)?;
+    let model = llama_from_gguf_with(be, &g, nf4)?;
+    log(format!(
+        "loaded {} ({} parameters, {} layers) in {:.1}s on {}",
+        path.display(),
+        model.n_base_params(),
+        model.cfg.num_hidden_layers,
+        t.elapsed().as_secs_f64(),
+        be.name()
+    ));
+    Ok((path, tok, model))
 }
 
 /// Saves what was trained: the adapter in PEFT's layout (AdaLoRA's masked ranks dropped and
