@@ -779,27 +779,19 @@ pub(super) fn vera_forward(
         1.0,
     )?;
     // y = x W0^T + bias + lambda_b ⊙ ((lambda_d ⊙ h) Bs^T) in one pass.
-    let y = be.alloc(&[t, dout]);
-    let mut mm = Matmul::new(
-        t,
-        dout,
-        din,
-        Operand::n(&x.buf, din),
-        Operand::t(&w0.buf, din),
-        &y.buf,
-        1.0,
-        0.0,
-    );
-    mm.bias = bias.map(|b| &b.buf);
-    mm.lowrank = Some(LowRank {
-        r,
-        h: Operand::n(&h.buf, r),
-        g: Operand::n(&vera_b.buf, r),
-        scale: 1.0,
-        jscale: Some(&lambda_d.buf),
-        nscale: Some(&lambda_b.buf),
-    });
-    be.matmul(&mm)?;
+    let y = be.linear_lowrank(
+        x,
+        w0,
+        bias,
+        Some(LowRank {
+            r,
+            h: Operand::n(&h.buf, r),
+            g: Operand::n(&vera_b.buf, r),
+            scale: 1.0,
+            jscale: Some(&lambda_d.buf),
+            nscale: Some(&lambda_b.buf),
+        }),
+    )?;
     Ok((y, h))
 }
 
@@ -949,27 +941,19 @@ pub(super) fn adalora_forward(
     mh.colscale = Some(&e.buf);
     be.matmul(&mh)?;
     // y = x W0^T + bias + c h B^T in one pass.
-    let y = be.alloc(&[t, dout]);
-    let mut mm = Matmul::new(
-        t,
-        dout,
-        din,
-        Operand::n(&x.buf, din),
-        Operand::t(&w0.buf, din),
-        &y.buf,
-        1.0,
-        0.0,
-    );
-    mm.bias = bias.map(|b| &b.buf);
-    mm.lowrank = Some(LowRank {
-        r,
-        h: Operand::n(&h.buf, r),
-        g: Operand::n(&b.buf, r),
-        scale: c,
-        jscale: None,
-        nscale: None,
-    });
-    be.matmul(&mm)?;
+    let y = be.linear_lowrank(
+        x,
+        w0,
+        bias,
+        Some(LowRank {
+            r,
+            h: Operand::n(&h.buf, r),
+            g: Operand::n(&b.buf, r),
+            scale: c,
+            jscale: None,
+            nscale: None,
+        }),
+    )?;
     Ok((y, h))
 }
 

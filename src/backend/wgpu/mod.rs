@@ -227,6 +227,39 @@ impl Wgpu {
     }
 }
 
+impl Wgpu {
+    /// `y = x W^T + bias (+ the low-rank term)` in one pass over y: x `[T, in]`, w `[out, in]`,
+    /// bias `[out]` (checked here) → y `[T, out]`. The fused forward of every additive adapter
+    /// (LoRA, VeRA, AdaLoRA) and, without a low-rank term, the plain linear layer.
+    pub(crate) fn linear_lowrank(
+        &self,
+        x: &Tensor<Wgpu>,
+        w: &Tensor<Wgpu>,
+        bias: Option<&Tensor<Wgpu>>,
+        lowrank: Option<LowRank<'_>>,
+    ) -> Result<Tensor<Wgpu>> {
+        let (t, din, dout) = check::linear(x, w)?;
+        if let Some(b) = bias {
+            check::vector("bias", b, dout)?;
+        }
+        let y = self.alloc(&[t, dout]);
+        let mut mm = Matmul::new(
+            t,
+            dout,
+            din,
+            Operand::n(&x.buf, din),
+            Operand::t(&w.buf, din),
+            &y.buf,
+            1.0,
+            0.0,
+        );
+        mm.bias = bias.map(|b| &b.buf);
+        mm.lowrank = lowrank;
+        self.matmul(&mm)?;
+        Ok(y)
+    }
+}
+
 impl Backend for Wgpu {
     type Buf = GpuBuf;
     /// Packed indices and absmax statistics on the device, shared between clones (frozen).
@@ -327,24 +360,7 @@ impl Backend for Wgpu {
         w: &Tensor<Self>,
         bias: Option<&Tensor<Self>>,
     ) -> Result<Tensor<Self>> {
-        let (t, din, dout) = check::linear(x, w)?;
-        if let Some(b) = bias {
-            check::vector("bias", b, dout)?;
-        }
-        let y = self.alloc(&[t, dout]);
-        let mut mm = Matmul::new(
-            t,
-            dout,
-            din,
-            Operand::n(&x.buf, din),
-            Operand::t(&w.buf, din),
-            &y.buf,
-            1.0,
-            0.0,
-        );
-        mm.bias = bias.map(|b| &b.buf);
-        self.matmul(&mm)?;
-        Ok(y)
+        self.linear_lowrank(x, w, bias, None)
     }
 
     fn linear_backward_input(
@@ -432,27 +448,15 @@ impl Backend for Wgpu {
             Operand::t(&lora_a.buf, din),
             1.0,
         )?;
-        let y = self.alloc(&[t, dout]);
-        let mut mm = Matmul::new(
-            t,
-            dout,
-            din,
-            Operand::n(&x.buf, din),
-            Operand::t(&w0.buf, din),
-            &y.buf,
-            1.0,
-            0.0,
-        );
-        mm.bias = bias.map(|b| &b.buf);
-        mm.lowrank = Some(LowRank {
+        let lowrank = LowRank {
             r,
             h: Operand::n(&h.buf, r),
             g: Operand::n(&lora_b.buf, r),
             scale: scaling,
             jscale: None,
             nscale: None,
-        });
-        self.matmul(&mm)?;
+        };
+        let y = self.linear_lowrank(x, w0, bias, Some(lowrank))?;
         Ok((y, h))
     }
 
