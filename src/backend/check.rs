@@ -156,6 +156,38 @@ pub fn attention<B: Backend>(
     Ok((t, hd, n_heads / n_kv_heads))
 }
 
+/// Checks the inputs of an RMSNorm backward: `dy` and `x [T, d]`, `weight [d]`, `rstd [T]`.
+/// Returns `(T, d)`.
+pub fn rmsnorm_backward<B: Backend>(
+    dy: &Tensor<B>,
+    x: &Tensor<B>,
+    weight: &Tensor<B>,
+    rstd: &Tensor<B>,
+) -> Result<(usize, usize)> {
+    let (t, d) = x.dims2("x")?;
+    dy.expect_shape("dy", &[t, d])?;
+    weight.expect_shape("weight", &[d])?;
+    rstd.expect_shape("rstd", &[t])?;
+    Ok((t, d))
+}
+
+/// Checks `dy [T, out]` against a quantized weight of logical shape `[out, in]` (the input
+/// of `dx = dy W`), returning `(T, out, in)`.
+pub fn backward_input_dims<B: Backend>(
+    dy: &Tensor<B>,
+    (out, in_): (usize, usize),
+) -> Result<(usize, usize, usize)> {
+    let (t, dout) = dy.dims2("dy")?;
+    if dout != out {
+        return Err(Error::shape(
+            "nf4 weight",
+            format!("[{dout}, in]"),
+            &[out, in_],
+        ));
+    }
+    Ok((t, dout, in_))
+}
+
 /// Checks cross-entropy labels against `logits [n, vocab]`: one per row, each negative
 /// (ignored) or `< vocab`.
 pub fn labels(labels: &[i32], n: usize, vocab: usize) -> Result<()> {

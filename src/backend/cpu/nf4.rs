@@ -175,15 +175,7 @@ pub(super) fn linear_backward_input(
     w: &Nf4Weight<Cpu>,
     acc: Option<&mut Tensor<Cpu>>,
 ) -> Result<Option<Tensor<Cpu>>> {
-    let (t, dout) = dy.dims2("dy")?;
-    if dout != w.out {
-        return Err(Error::shape(
-            "nf4 weight",
-            format!("[{dout}, in]"),
-            &[w.out, w.in_],
-        ));
-    }
-    let din = w.in_;
+    let (t, _, din) = check::backward_input_dims(dy, w.dims())?;
     match acc {
         Some(dx) => {
             dx.expect_shape("dx", &[t, din])?;

@@ -42,10 +42,7 @@ pub(super) fn rmsnorm_backward(
     rstd: &Tensor<Cpu>,
     dweight: Option<&mut Tensor<Cpu>>,
 ) -> Result<Tensor<Cpu>> {
-    let (t, d) = x.dims2("x")?;
-    dy.expect_shape("dy", &[t, d])?;
-    w.expect_shape("weight", &[d])?;
-    rstd.expect_shape("rstd", &[t])?;
+    let (t, d) = check::rmsnorm_backward(dy, x, w, rstd)?;
     // y = w * x * r with r = (mean(x^2) + eps)^(-1/2); dr/dx = -r^3 x / d.
     // dx = r (dy*w) - x r^3 mean(dy*w*x)
     let mut dx = vec![0.0f32; t * d];

@@ -378,15 +378,7 @@ pub(super) fn linear_backward_input(
     w: &Nf4Weight<Cuda>,
     acc: Option<&mut Tensor<Cuda>>,
 ) -> Result<Option<Tensor<Cuda>>> {
-    let (t, dout) = dy.dims2("dy")?;
-    if dout != w.out {
-        return Err(Error::shape(
-            "nf4 weight",
-            format!("[{dout}, in]"),
-            &[w.out, w.in_],
-        ));
-    }
-    let din = w.in_;
+    let (t, dout, din) = check::backward_input_dims(dy, w.dims())?;
     let run = |dxp: u64, beta0: f32| -> Result<()> {
         let dyp = be.ptr("dy", dy)?;
         let tr = Cuda::nf4_tile_rows(din, dout);

@@ -150,10 +150,7 @@ pub(super) fn rmsnorm_backward(
     rstd: &Tensor<Cuda>,
     dweight: Option<&mut Tensor<Cuda>>,
 ) -> Result<Tensor<Cuda>> {
-    let (t, d) = x.dims2("x")?;
-    dy.expect_shape("dy", &[t, d])?;
-    w.expect_shape("weight", &[d])?;
-    rstd.expect_shape("rstd", &[t])?;
+    let (t, d) = check::rmsnorm_backward(dy, x, w, rstd)?;
     let dx = be.alloc(&[t, d])?;
     be.launch(
         "model",

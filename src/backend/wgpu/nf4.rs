@@ -285,15 +285,7 @@ pub(super) fn linear_backward_input(
     w: &Nf4Weight<Wgpu>,
     acc: Option<&mut Tensor<Wgpu>>,
 ) -> Result<Option<Tensor<Wgpu>>> {
-    let (t, dout) = dy.dims2("dy")?;
-    if dout != w.out {
-        return Err(Error::shape(
-            "nf4 weight",
-            format!("[{dout}, in]"),
-            &[w.out, w.in_],
-        ));
-    }
-    let din = w.in_;
+    let (t, dout, din) = check::backward_input_dims(dy, w.dims())?;
     // dx (+)= dy[:, o0..o1] tile, tile by tile, accumulating after the first.
     let run = |dx: &GpuBuf, mut first: bool| {
         if t == 0 {

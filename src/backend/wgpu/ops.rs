@@ -373,10 +373,7 @@ pub(super) fn rmsnorm_backward(
     rstd: &Tensor<Wgpu>,
     dweight: Option<&mut Tensor<Wgpu>>,
 ) -> Result<Tensor<Wgpu>> {
-    let (t, d) = x.dims2("x")?;
-    dy.expect_shape("dy", &[t, d])?;
-    weight.expect_shape("weight", &[d])?;
-    rstd.expect_shape("rstd", &[t])?;
+    let (t, d) = check::rmsnorm_backward(dy, x, weight, rstd)?;
     if let Some(dw) = &dweight {
         dw.expect_shape("dweight", &[d])?;
     }
