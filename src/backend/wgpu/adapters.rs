@@ -833,26 +833,18 @@ pub(super) fn vera_backward(
         &dld.buf,
     )?;
     // dx = dy W0 + (q ⊙ lambda_d) As in one pass (lambda_d as the rank scale).
-    let dx = be.alloc(&[t, din]);
-    let mut mm = Matmul::new(
-        t,
-        din,
-        dout,
-        Operand::n(&dy.buf, dout),
-        Operand::n(&w0.buf, din),
-        &dx.buf,
-        1.0,
-        0.0,
-    );
-    mm.lowrank = Some(LowRank {
-        r,
-        h: Operand::n(&q.buf, r),
-        g: Operand::t(&vera_a.buf, max_in),
-        scale: 1.0,
-        jscale: Some(&lambda_d.buf),
-        nscale: None,
-    });
-    be.matmul(&mm)?;
+    let dx = be.backward_input_lowrank(
+        dy,
+        w0,
+        LowRank {
+            r,
+            h: Operand::n(&q.buf, r),
+            g: Operand::t(&vera_a.buf, max_in),
+            scale: 1.0,
+            jscale: Some(&lambda_d.buf),
+            nscale: None,
+        },
+    )?;
     // dlambda_b[o] = sum_j (dy^T h)[o, j] Bs[o, j] lambda_d[j]
     let gh = be.gemm(
         dout,
@@ -985,26 +977,18 @@ pub(super) fn adalora_backward(
         1.0,
     )?;
     // dx = dy W0 + c gB (A ⊙ E) in one pass (E as the rank scale).
-    let dx = be.alloc(&[t, din]);
-    let mut mm = Matmul::new(
-        t,
-        din,
-        dout,
-        Operand::n(&dy.buf, dout),
-        Operand::n(&w0.buf, din),
-        &dx.buf,
-        1.0,
-        0.0,
-    );
-    mm.lowrank = Some(LowRank {
-        r,
-        h: Operand::n(&gb.buf, r),
-        g: Operand::t(&a.buf, din),
-        scale: c,
-        jscale: Some(&e.buf),
-        nscale: None,
-    });
-    be.matmul(&mm)?;
+    let dx = be.backward_input_lowrank(
+        dy,
+        w0,
+        LowRank {
+            r,
+            h: Operand::n(&gb.buf, r),
+            g: Operand::t(&a.buf, din),
+            scale: c,
+            jscale: Some(&e.buf),
+            nscale: None,
+        },
+    )?;
     // dB = c dy^T h
     let db = be.gemm(
         dout,

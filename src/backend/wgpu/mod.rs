@@ -258,6 +258,32 @@ impl Wgpu {
         self.matmul(&mm)?;
         Ok(y)
     }
+
+    /// `dx = dy W + (the low-rank term)` in one pass over dx: dy `[T, out]`, w `[out, in]` →
+    /// dx `[T, in]`. The input gradient of every additive adapter over a dense base.
+    pub(crate) fn backward_input_lowrank(
+        &self,
+        dy: &Tensor<Wgpu>,
+        w: &Tensor<Wgpu>,
+        lowrank: LowRank<'_>,
+    ) -> Result<Tensor<Wgpu>> {
+        let (t, dout) = dy.dims2("dy")?;
+        let (_, din) = w.dims2("w")?;
+        let dx = self.alloc(&[t, din]);
+        let mut mm = Matmul::new(
+            t,
+            din,
+            dout,
+            Operand::n(&dy.buf, dout),
+            Operand::n(&w.buf, din),
+            &dx.buf,
+            1.0,
+            0.0,
+        );
+        mm.lowrank = Some(lowrank);
+        self.matmul(&mm)?;
+        Ok(dx)
+    }
 }
 
 impl Backend for Wgpu {
@@ -483,26 +509,18 @@ impl Backend for Wgpu {
             Operand::n(&lora_b.buf, r),
             1.0,
         )?;
-        let dx = self.alloc(&[t, din]);
-        let mut mm = Matmul::new(
-            t,
-            din,
-            dout,
-            Operand::n(&dy.buf, dout),
-            Operand::n(&w0.buf, din),
-            &dx.buf,
-            1.0,
-            0.0,
-        );
-        mm.lowrank = Some(LowRank {
-            r,
-            h: Operand::n(&g.buf, r),
-            g: Operand::t(&lora_a.buf, din),
-            scale: scaling,
-            jscale: None,
-            nscale: None,
-        });
-        self.matmul(&mm)?;
+        let dx = self.backward_input_lowrank(
+            dy,
+            w0,
+            LowRank {
+                r,
+                h: Operand::n(&g.buf, r),
+                g: Operand::t(&lora_a.buf, din),
+                scale: scaling,
+                jscale: None,
+                nscale: None,
+            },
+        )?;
         let (da, db) = adapters::lora_grads(self, dy, x, h, &g, scaling)?;
         Ok((dx, da, db))
     }
