@@ -421,16 +421,15 @@ pub(super) fn add_lowrank(
     r: usize,
     s: f32,
 ) -> Result<()> {
-    let mut mm = Matmul::new(t, dout, 0, Operand::n(y, 1), Operand::n(y, 1), y, 1.0, 1.0);
-    mm.lowrank = Some(LowRank {
+    let lowrank = LowRank {
         r,
         h: Operand::n(&h.buf, r),
         g: Operand::n(&lora_b.buf, r),
         scale: s,
         jscale: None,
         nscale: None,
-    });
-    be.matmul(&mm)
+    };
+    add_lowrank_into(be, y, t, dout, lowrank)
 }
 
 // ---- DoRA --------------------------------------------------------------------------------------
