@@ -12,7 +12,7 @@
 #![allow(clippy::too_many_arguments)]
 
 use std::panic::{AssertUnwindSafe, catch_unwind};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use indicatif::{ProgressBar, ProgressStyle};
 use lorafuse::adapter::LoraConfig;
@@ -46,14 +46,35 @@ struct Arr {
 /// An argument's tensor: copied out of a numpy array, or shared with a [`PyFrozenWeight`].
 enum Held {
     Owned(T),
-    Shared(Arc<T>),
+    Shared(Arc<Frozen>),
+}
+
+/// A frozen weight and what is derived from it once (DoRA's `||W0||_row^2`, on first use).
+struct Frozen {
+    w: T,
+    row_sq: OnceLock<T>,
 }
 
 impl Arr {
     fn tensor(&self) -> &T {
         match &self.t {
             Held::Owned(t) => t,
-            Held::Shared(t) => t,
+            Held::Shared(f) => &f.w,
+        }
+    }
+    /// `||W||_row^2` of a 2-D weight: computed once per [`PyFrozenWeight`], per call otherwise.
+    fn row_sq(&self, be: &Cpu) -> lorafuse::Result<std::borrow::Cow<'_, T>> {
+        match &self.t {
+            Held::Owned(t) => Ok(std::borrow::Cow::Owned(be.row_sq_norms(t)?)),
+            Held::Shared(f) => {
+                if f.row_sq.get().is_none() {
+                    // Two threads may both compute it; they get the same values.
+                    let _ = f.row_sq.set(be.row_sq_norms(&f.w)?);
+                }
+                Ok(std::borrow::Cow::Borrowed(
+                    f.row_sq.get().expect("set just above"),
+                ))
+            }
         }
     }
     fn shape(&self) -> &[usize] {
@@ -66,7 +87,7 @@ impl Arr {
         let shape = self.shape().to_vec();
         match self.t {
             Held::Owned(t) => (shape, t.into_vec()),
-            Held::Shared(t) => (shape, t.data().to_vec()),
+            Held::Shared(f) => (shape, f.w.data().to_vec()),
         }
     }
 }
@@ -79,7 +100,7 @@ impl Arr {
 ///     w: float32 C-contiguous array, finite (checked once, here).
 #[pyclass(module = "lorafuse", name = "FrozenWeight", frozen)]
 struct PyFrozenWeight {
-    inner: Arc<T>,
+    inner: Arc<Frozen>,
 }
 
 #[pymethods]
@@ -87,22 +108,25 @@ impl PyFrozenWeight {
     #[new]
     fn new(w: &Bound<'_, PyAny>) -> PyResult<Self> {
         let a = array(w, "w", None)?;
-        let t = match a.t {
-            Held::Owned(t) => Arc::new(t),
-            Held::Shared(t) => t,
+        let f = match a.t {
+            Held::Owned(w) => Arc::new(Frozen {
+                w,
+                row_sq: OnceLock::new(),
+            }),
+            Held::Shared(f) => f,
         };
-        Ok(PyFrozenWeight { inner: t })
+        Ok(PyFrozenWeight { inner: f })
     }
     /// The weight's shape.
     #[getter]
     fn shape<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyTuple>> {
-        PyTuple::new(py, self.inner.shape())
+        PyTuple::new(py, self.inner.w.shape())
     }
     /// A new float32 array holding the weight.
     fn numpy<'py>(&self, py: Python<'py>) -> PyResult<Out<'py>> {
         out(
             py,
-            (self.inner.data().to_vec(), self.inner.shape().to_vec()),
+            (self.inner.w.data().to_vec(), self.inner.w.shape().to_vec()),
         )
     }
 }
@@ -121,11 +145,11 @@ fn array(obj: &Bound<'_, PyAny>, name: &str, ndim: Option<usize>) -> PyResult<Ar
     if let Ok(f) = obj.cast::<PyFrozenWeight>() {
         let t = f.get().inner.clone();
         if let Some(nd) = ndim
-            && t.shape().len() != nd
+            && t.w.shape().len() != nd
         {
             return Err(PyValueError::new_err(format!(
                 "`{name}` must be a {nd}-D array, got shape {}",
-                fmt_shape(t.shape())
+                fmt_shape(t.w.shape())
             )));
         }
         return Ok(Arr { t: Held::Shared(t) });
@@ -455,10 +479,10 @@ fn lora_unmerge<'py>(
 // ---- DoRA -------------------------------------------------------------------------------------------
 
 /// The norm `n` given by the caller, or computed from `w0` (which must then be the UNmerged base).
-fn dora_norm(be: &Cpu, w0: &T, a: &T, b: &T, s: f32, given: &Option<Arr>) -> lorafuse::Result<T> {
+fn dora_norm(be: &Cpu, w0: &Arr, a: &T, b: &T, s: f32, given: &Option<Arr>) -> lorafuse::Result<T> {
     match given {
         Some(n) => up(be, n).cloned(),
-        None => be.dora_weight_norm(w0, &be.row_sq_norms(w0)?, a, b, s),
+        None => be.dora_weight_norm(w0.tensor(), &*w0.row_sq(be)?, a, b, s),
     }
 }
 
@@ -482,8 +506,7 @@ fn dora_weight_norm<'py>(
     let b = d.take(lora_B, "lora_B", &["out", "r"])?;
     let s = scalar(scaling, "scaling")?;
     let n = run(py, |be| {
-        let w0 = up(be, &w0)?;
-        let n = dora_norm(be, w0, up(be, &a)?, up(be, &b)?, s, &None)?;
+        let n = dora_norm(be, &w0, up(be, &a)?, up(be, &b)?, s, &None)?;
         down(be, &n)
     })?;
     out(py, n)
@@ -536,10 +559,20 @@ fn dora_forward<'py>(
     let bias = d.take_opt(bias, "bias", &["out"])?;
     let s = scalar(scaling, "scaling")?;
     let (y, h, z, n) = run(py, |be| {
-        let (w0, a, b) = (up(be, &w0)?, up(be, &a)?, up(be, &b)?);
-        let n = dora_norm(be, w0, a, b, s, &n)?;
+        let (a, b, x, m) = (up(be, &a)?, up(be, &b)?, up(be, &x)?, up(be, &m)?);
         let bias = up_opt(be, &bias)?;
-        let (y, saved) = be.dora_forward(up(be, &x)?, w0, bias, a, b, s, up(be, &m)?, &n)?;
+        let (y, saved, n) = match &n {
+            Some(n) => {
+                let n = up(be, n)?.clone();
+                let (y, saved) = be.dora_forward(x, w0.tensor(), bias, a, b, s, m, &n)?;
+                (y, saved, n)
+            }
+            // The norm's pass over w0 rides the forward's (and ||w0||^2 is cached by a
+            // FrozenWeight).
+            None => {
+                be.dora_forward_with_norm(x, w0.tensor(), &*w0.row_sq(be)?, bias, a, b, s, m)?
+            }
+        };
         Ok((
             down(be, &y)?,
             down(be, &saved.h)?,
@@ -613,22 +646,26 @@ fn dora_backward<'py>(
         ));
     }
     let g = run(py, |be| {
-        let (x, w0, a, b, m) = (
-            up(be, &x)?,
-            up(be, &w0)?,
-            up(be, &a)?,
-            up(be, &b)?,
-            up(be, &m)?,
-        );
-        let n = dora_norm(be, w0, a, b, s, &n)?;
-        let saved = match (&h, &z) {
-            (Some(h), Some(z)) => lorafuse::backend::DoraSaved {
-                h: h.tensor().clone(),
-                z: z.tensor().clone(),
-            },
-            _ => be.dora_forward(x, w0, None, a, b, s, m, &n)?.1,
+        let (x, a, b, m) = (up(be, &x)?, up(be, &a)?, up(be, &b)?, up(be, &m)?);
+        let (saved, n) = match (&h, &z, &n) {
+            (Some(h), Some(z), Some(n)) => (
+                lorafuse::backend::DoraSaved {
+                    h: h.tensor().clone(),
+                    z: z.tensor().clone(),
+                },
+                up(be, n)?.clone(),
+            ),
+            (_, _, Some(n)) => {
+                let n = up(be, n)?.clone();
+                (be.dora_forward(x, w0.tensor(), None, a, b, s, m, &n)?.1, n)
+            }
+            _ => {
+                let (_, saved, n) =
+                    be.dora_forward_with_norm(x, w0.tensor(), &*w0.row_sq(be)?, None, a, b, s, m)?;
+                (saved, n)
+            }
         };
-        let g = be.dora_backward(up(be, &dy)?, x, &saved, w0, a, b, s, m, &n)?;
+        let g = be.dora_backward(up(be, &dy)?, x, &saved, w0.tensor(), a, b, s, m, &n)?;
         Ok((
             down(be, &g.dx)?,
             down(be, &g.d_lora_a)?,
@@ -664,8 +701,9 @@ fn dora_merge<'py>(
     let n = d.take_opt(weight_norm, "weight_norm", &["out"])?;
     let s = scalar(scaling, "scaling")?;
     let w = run(py, |be| {
-        let (mut w, a, b) = (up(be, &w0)?.clone(), up(be, &a)?, up(be, &b)?);
-        let n = dora_norm(be, &w, a, b, s, &n)?;
+        let (a, b) = (up(be, &a)?, up(be, &b)?);
+        let n = dora_norm(be, &w0, a, b, s, &n)?;
+        let mut w = w0.tensor().clone();
         be.dora_merge(&mut w, a, b, s, up(be, &m)?, &n)?;
         down(be, &w)
     })?;

@@ -155,29 +155,33 @@ impl<B: Backend> DoraLayer<B> {
         base: &Linear<B>,
         x: &Tensor<B>,
     ) -> Result<(Tensor<B>, DoraLayerSaved<B>)> {
-        let n = self.weight_norm(be, base)?;
-        let (y, kernel) = match &base.weight {
-            BaseWeight::Dense(w) => be.dora_forward(
+        self.check_unmerged()?;
+        let (y, kernel, n) = match &base.weight {
+            BaseWeight::Dense(w) => be.dora_forward_with_norm(
                 x,
                 w,
+                &self.base_row_sq,
                 base.bias.as_ref(),
                 &self.lora_a,
                 &self.lora_b,
                 self.scaling,
                 &self.lora_magnitude_vector,
-                &n,
             )?,
             // Any other format: its own base product, then the DoRA epilogue.
-            BaseWeight::Nf4(_) => be.dora_forward_from_base(
-                base.weight.matmul(be, x)?,
-                x,
-                base.bias.as_ref(),
-                &self.lora_a,
-                &self.lora_b,
-                self.scaling,
-                &self.lora_magnitude_vector,
-                &n,
-            )?,
+            BaseWeight::Nf4(_) => {
+                let n = self.weight_norm(be, base)?;
+                let (y, kernel) = be.dora_forward_from_base(
+                    base.weight.matmul(be, x)?,
+                    x,
+                    base.bias.as_ref(),
+                    &self.lora_a,
+                    &self.lora_b,
+                    self.scaling,
+                    &self.lora_magnitude_vector,
+                    &n,
+                )?;
+                (y, kernel, n)
+            }
         };
         Ok((
             y,
@@ -226,21 +230,21 @@ impl<B: Backend> DoraLayer<B> {
         }
     }
 
-    /// PEFT `merge`: `W = (m / n)[:, None] ⊙ (W0 + s B A)` in place; n (from the unmerged W0)
-    /// is kept for [`DoraLayer::unmerge`]. Errors if already merged, or over an NF4 base: merge
+    /// PEFT `merge`: `W = (m / n)[:, None] ⊙ (W0 + s B A)` in place, with `n = ||W0 + s B A||_row`
+    /// ([`Backend::dora_merge_with_norm`]: on the CPU the norm of the merged rows, as PEFT takes
+    /// it); n is kept for [`DoraLayer::unmerge`]. Errors if already merged, or over an NF4 base: merge
     /// into `base.dequantized(be)?` instead (this same layer works there: its cached
     /// `||W0||_row^2` is of the same dequantized values).
     pub fn merge(&mut self, be: &B, base: &mut Linear<B>) -> Result<()> {
-        base.weight.dense_or_err("DoRA merge")?;
-        let n = self.weight_norm(be, base)?;
+        self.check_unmerged()?;
         let w = base.weight.dense_mut_or_err("DoRA merge")?;
-        be.dora_merge(
+        let n = be.dora_merge_with_norm(
             w,
+            &self.base_row_sq,
             &self.lora_a,
             &self.lora_b,
             self.scaling,
             &self.lora_magnitude_vector,
-            &n,
         )?;
         self.merged_weight_norm = Some(n);
         Ok(())

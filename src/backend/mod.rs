@@ -369,6 +369,28 @@ pub trait Backend: Clone + Send + Sync + Sized + 'static {
         weight_norm: &Tensor<Self>,
     ) -> Result<(Tensor<Self>, DoraSaved<Self>)>;
 
+    /// [`Backend::dora_forward`] that also computes the weight norm `n` it needs (as
+    /// [`Backend::dora_weight_norm`], from `w0_row_sq = ||W0||_row^2 [out]`) and returns it:
+    /// `(y [T, out], saved, n [out])`. The default makes the two calls; the CPU backend takes
+    /// `W0 A^T` (the norm's only pass over W0) in the same W0 pass as `x W0^T`, by multiplying
+    /// the stacked `[x; A]` `[T + r, in]`. Errors: as the two calls.
+    #[allow(clippy::too_many_arguments)]
+    fn dora_forward_with_norm(
+        &self,
+        x: &Tensor<Self>,
+        w0: &Tensor<Self>,
+        w0_row_sq: &Tensor<Self>,
+        bias: Option<&Tensor<Self>>,
+        lora_a: &Tensor<Self>,
+        lora_b: &Tensor<Self>,
+        scaling: f32,
+        magnitude: &Tensor<Self>,
+    ) -> Result<(Tensor<Self>, DoraSaved<Self>, Tensor<Self>)> {
+        let n = self.dora_weight_norm(w0, w0_row_sq, lora_a, lora_b, scaling)?;
+        let (y, saved) = self.dora_forward(x, w0, bias, lora_a, lora_b, scaling, magnitude, &n)?;
+        Ok((y, saved, n))
+    }
+
     /// DoRA backward from `dy [T, out]` (n detached, as PEFT): with `g' = dy ⊙ k`,
     /// `dx = g' W0 + s (g' B) A`, `dA = s (g' B)^T x`, `dB = s g'^T h`,
     /// `dm = sum_T(dy ⊙ z) / n`.
@@ -398,6 +420,29 @@ pub trait Backend: Clone + Send + Sync + Sized + 'static {
         magnitude: &Tensor<Self>,
         weight_norm: &Tensor<Self>,
     ) -> Result<()>;
+
+    /// DoRA merge that also computes the weight norm, as PEFT's `merge` does: forms
+    /// `W' = W + s B A`, takes `n = ||W'||_row` of the merged rows (not the low-rank identity the
+    /// forward uses), writes `W = (m / n)[:, None] ⊙ W'` and returns `n [out]` (keep it for
+    /// [`Backend::dora_unmerge`]). w `[out, in]`, `w_row_sq [out]` = `||W||_row^2` of the
+    /// unmerged base (used by backends that take the norm through the low-rank identity
+    /// instead). The default is [`Backend::dora_weight_norm`] then [`Backend::dora_merge`]; the
+    /// CPU backend does it in one pass over `W`, row block by row block. Errors: shapes as for
+    /// [`Backend::dora_merge`].
+    #[allow(clippy::too_many_arguments)]
+    fn dora_merge_with_norm(
+        &self,
+        w: &mut Tensor<Self>,
+        w_row_sq: &Tensor<Self>,
+        lora_a: &Tensor<Self>,
+        lora_b: &Tensor<Self>,
+        scaling: f32,
+        magnitude: &Tensor<Self>,
+    ) -> Result<Tensor<Self>> {
+        let n = self.dora_weight_norm(w, w_row_sq, lora_a, lora_b, scaling)?;
+        self.dora_merge(w, lora_a, lora_b, scaling, magnitude, &n)?;
+        Ok(n)
+    }
 
     /// Inverse of [`Backend::dora_merge`] (PEFT `unmerge`): `W = W / (m / n)[:, None] - s B A`,
     /// with the same `n` that the merge used. Errors: an `m / n` that is zero or not finite

@@ -2,10 +2,11 @@
 //! `../shared/golden/README.md` sections 2-4). Plain loops around [`sgemm`]; every `[out, in]`
 //! product that PEFT forms (`B A`, the full-weight norm) is avoided except in the merges.
 
-use super::gemm::{Op, sgemm};
+use super::gemm::{Op, sgemm, sgemm_serial};
 use super::{Cpu, new};
 use crate::backend::{AdaLoraGrads, Backend, DoraGrads, DoraSaved, Tensor, check};
 use crate::error::{Error, Result};
+use rayon::prelude::*;
 
 /// `x A^T` for x `[t, din]`, a `[r, din]` → `[t, r]`.
 fn shrink(x: &[f32], a: &[f32], t: usize, din: usize, r: usize) -> Vec<f32> {
@@ -16,15 +17,68 @@ fn shrink(x: &[f32], a: &[f32], t: usize, din: usize, r: usize) -> Vec<f32> {
 
 // ---- DoRA --------------------------------------------------------------------------------------
 
+/// `v *= k`, with AVX-512 where the CPU has it.
+fn scale_in_place(v: &mut [f32], k: f32) {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx512f") {
+        #[target_feature(enable = "avx512f")]
+        unsafe fn avx512(v: &mut [f32], k: f32) {
+            v.iter_mut().for_each(|x| *x *= k);
+        }
+        // SAFETY: the CPU has AVX-512F (checked just above).
+        return unsafe { avx512(v, k) };
+    }
+    v.iter_mut().for_each(|x| *x *= k);
+}
+
+/// `sum(v^2)` accumulated in f64 (its rounding error is far below f32's, whatever the order):
+/// AVX-512 with four 8-lane accumulators where the CPU has it, else 8 interleaved partial sums.
+/// (A single running f64 sum would be one serial chain of adds.)
+fn sum_sq_f64(v: &[f32]) -> f64 {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx512f") {
+        // SAFETY: the CPU has AVX-512F (checked just above).
+        return unsafe { sum_sq_f64_avx512(v) };
+    }
+    let mut acc = [0.0f64; 8];
+    let mut chunks = v.chunks_exact(8);
+    for c in &mut chunks {
+        for (a, &x) in acc.iter_mut().zip(c) {
+            *a += x as f64 * x as f64;
+        }
+    }
+    for (a, &x) in acc.iter_mut().zip(chunks.remainder()) {
+        *a += x as f64 * x as f64;
+    }
+    acc.iter().sum()
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn sum_sq_f64_avx512(v: &[f32]) -> f64 {
+    use std::arch::x86_64::*;
+    let mut acc = [_mm512_setzero_pd(); 4];
+    let mut chunks = v.chunks_exact(32);
+    for c in &mut chunks {
+        for (j, a) in acc.iter_mut().enumerate() {
+            // SAFETY: c holds 32 floats; lanes 8j..8j+8 are in bounds.
+            let x = _mm512_cvtps_pd(unsafe { _mm256_loadu_ps(c.as_ptr().add(8 * j)) });
+            *a = _mm512_fmadd_pd(x, x, *a);
+        }
+    }
+    let tail: f64 = chunks
+        .remainder()
+        .iter()
+        .map(|&x| x as f64 * x as f64)
+        .sum();
+    let sum = _mm512_add_pd(_mm512_add_pd(acc[0], acc[1]), _mm512_add_pd(acc[2], acc[3]));
+    _mm512_reduce_add_pd(sum) + tail
+}
+
 pub(super) fn row_sq_norms(w: &Tensor<Cpu>) -> Result<Tensor<Cpu>> {
     let (dout, din) = w.dims2("w")?;
     let out: Vec<f32> = (0..dout)
-        .map(|o| {
-            w.data()[o * din..(o + 1) * din]
-                .iter()
-                .map(|&v| v as f64 * v as f64)
-                .sum::<f64>() as f32
-        })
+        .map(|o| sum_sq_f64(&w.data()[o * din..(o + 1) * din]) as f32)
         .collect();
     Ok(new(out, &[dout]))
 }
@@ -39,8 +93,26 @@ pub(super) fn dora_weight_norm(
     let (dout, din) = w0.dims2("w0")?;
     let r = check::lora(din, dout, a, b)?;
     check::vector("w0_row_sq", w0_row_sq, dout)?;
-    // P = W0 A^T [out, r]; G = A A^T [r, r]; Q = B G [out, r].
+    // P = W0 A^T [out, r].
     let p = shrink(w0.data(), a.data(), dout, din, r);
+    Ok(norm_from_p(&p, (r, 1), w0_row_sq, a, b, s))
+}
+
+/// The low-rank identity `n_o^2 = ||W0_o||^2 + 2 s (P B^T)_oo + s^2 (B G B^T)_oo` with
+/// `P = W0 A^T [out, r]` (element `(o, j)` at `p[o * p_strides.0 + j * p_strides.1]`),
+/// `G = A A^T [r, r]`, in f64 (cancellation between the terms stays small). Shapes checked by
+/// the caller.
+fn norm_from_p(
+    p: &[f32],
+    p_strides: (usize, usize),
+    w0_row_sq: &Tensor<Cpu>,
+    a: &Tensor<Cpu>,
+    b: &Tensor<Cpu>,
+    s: f32,
+) -> Tensor<Cpu> {
+    let (r, din) = (a.dim(0), a.dim(1));
+    let dout = b.dim(0);
+    // G = A A^T [r, r]; Q = B G [out, r].
     let mut g = vec![0.0f32; r * r];
     sgemm(
         Op::N,
@@ -57,19 +129,62 @@ pub(super) fn dora_weight_norm(
     let mut q = vec![0.0f32; dout * r];
     sgemm(Op::N, Op::N, dout, r, r, 1.0, b.data(), &g, 0.0, &mut q);
     let s = s as f64;
+    let (ps_o, ps_j) = p_strides;
     let n: Vec<f32> = (0..dout)
         .map(|o| {
             let br = &b.data()[o * r..(o + 1) * r];
             let (mut cross, mut quad) = (0.0f64, 0.0f64);
             for j in 0..r {
-                cross += p[o * r + j] as f64 * br[j] as f64;
+                cross += p[o * ps_o + j * ps_j] as f64 * br[j] as f64;
                 quad += q[o * r + j] as f64 * br[j] as f64;
             }
             let sq = w0_row_sq.data()[o] as f64 + 2.0 * s * cross + s * s * quad;
             sq.max(0.0).sqrt() as f32
         })
         .collect();
-    Ok(new(n, &[dout]))
+    new(n, &[dout])
+}
+
+/// [`dora_forward`] with its weight norm, one pass over W0 for both: `[x; A] W0^T` gives the base
+/// product (first T rows) and `P^T = A W0^T` (last r rows) of [`dora_weight_norm`].
+#[allow(clippy::too_many_arguments)]
+pub(super) fn dora_forward_with_norm(
+    x: &Tensor<Cpu>,
+    w0: &Tensor<Cpu>,
+    w0_row_sq: &Tensor<Cpu>,
+    bias: Option<&Tensor<Cpu>>,
+    a: &Tensor<Cpu>,
+    b: &Tensor<Cpu>,
+    s: f32,
+    m: &Tensor<Cpu>,
+) -> Result<(Tensor<Cpu>, DoraSaved<Cpu>, Tensor<Cpu>)> {
+    let (t, din, dout) = check::linear(x, w0)?;
+    let r = check::lora(din, dout, a, b)?;
+    check::vector("w0_row_sq", w0_row_sq, dout)?;
+    check::vector("lora_magnitude_vector", m, dout)?;
+    if let Some(bias) = bias {
+        check::vector("bias", bias, dout)?;
+    }
+    let mut stacked = Vec::with_capacity((t + r) * din);
+    stacked.extend_from_slice(x.data());
+    stacked.extend_from_slice(a.data());
+    let mut prod = vec![0.0f32; (t + r) * dout];
+    sgemm(
+        Op::N,
+        Op::T,
+        t + r,
+        dout,
+        din,
+        1.0,
+        &stacked,
+        w0.data(),
+        0.0,
+        &mut prod,
+    );
+    let n = norm_from_p(&prod[t * dout..], (1, dout), w0_row_sq, a, b, s);
+    prod.truncate(t * dout);
+    let (y, saved) = dora_forward_from_base(new(prod, &[t, dout]), x, bias, a, b, s, m, &n)?;
+    Ok((y, saved, n))
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -182,6 +297,58 @@ pub(super) fn dora_merge(
         row.iter_mut().for_each(|v| *v *= k);
     }
     Ok(())
+}
+
+/// Rows per task of [`dora_merge_with_norm`]: a block of `W` (64 x 4096 f32 = 1 MiB at most for
+/// Llama widths) is updated, measured and scaled while it sits in the core's cache.
+const MERGE_ROWS: usize = 64;
+
+/// PEFT's DoRA merge in one pass over `W`: per block of rows, `W' = W + s B A` (a serial GEMM on
+/// the block), `n = ||W'||_row`, `W = (m / n) W'`. Returns n.
+/// `w_row_sq` is only checked: the norm is taken from the merged rows, as PEFT's `merge` does.
+/// Sums of squares in f64, as [`row_sq_norms`].
+pub(super) fn dora_merge_with_norm(
+    w: &mut Tensor<Cpu>,
+    w_row_sq: &Tensor<Cpu>,
+    a: &Tensor<Cpu>,
+    b: &Tensor<Cpu>,
+    s: f32,
+    m: &Tensor<Cpu>,
+) -> Result<Tensor<Cpu>> {
+    let (dout, din) = w.dims2("w")?;
+    let r = check::lora(din, dout, a, b)?;
+    check::vector("w0_row_sq", w_row_sq, dout)?;
+    check::vector("lora_magnitude_vector", m, dout)?;
+    let mut n = vec![0.0f32; dout];
+    if din == 0 {
+        return Ok(new(n, &[dout]));
+    }
+    let (a, b, m) = (a.data(), b.data(), m.data());
+    w.data_mut()
+        .par_chunks_mut(MERGE_ROWS * din)
+        .zip(n.par_chunks_mut(MERGE_ROWS))
+        .enumerate()
+        .for_each(|(blk, (wc, nc))| {
+            let o0 = blk * MERGE_ROWS;
+            let rows = nc.len();
+            sgemm_serial(
+                Op::N,
+                Op::N,
+                rows,
+                din,
+                r,
+                s,
+                &b[o0 * r..(o0 + rows) * r],
+                a,
+                1.0,
+                wc,
+            );
+            for ((row, nv), mv) in wc.chunks_mut(din).zip(nc.iter_mut()).zip(&m[o0..]) {
+                *nv = sum_sq_f64(row).sqrt() as f32;
+                scale_in_place(row, mv / *nv);
+            }
+        });
+    Ok(new(n, &[dout]))
 }
 
 pub(super) fn dora_unmerge(
@@ -729,4 +896,97 @@ pub(super) fn dora_backward_adapter(
         },
         new(gk, &[t, dout]),
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The forward that takes `W0 A^T` in its own W0 pass gives the two-call result: the same n
+    /// (to rounding: the dot products are summed by another kernel) and the same y, h, z.
+    #[test]
+    fn dora_forward_with_norm_matches_the_two_calls() {
+        let val = |i: usize, salt: usize| ((i * 7919 + salt * 104729) % 211) as f32 / 211.0 - 0.5;
+        for (t, dout, din, r) in [
+            (1, 1, 1, 1),
+            (5, 63, 37, 3),
+            (16, 300, 257, 16),
+            (40, 33, 300, 8),
+        ] {
+            let x = new((0..t * din).map(|i| val(i, 1)).collect(), &[t, din]);
+            let w0 = new((0..dout * din).map(|i| val(i, 2)).collect(), &[dout, din]);
+            let a = new((0..r * din).map(|i| val(i, 3)).collect(), &[r, din]);
+            let b = new((0..dout * r).map(|i| val(i, 4)).collect(), &[dout, r]);
+            let m = new((0..dout).map(|i| 0.5 + val(i, 5).abs()).collect(), &[dout]);
+            let bias = new((0..dout).map(|i| val(i, 6)).collect(), &[dout]);
+            let sq = row_sq_norms(&w0).unwrap();
+            let (y, saved, n) =
+                dora_forward_with_norm(&x, &w0, &sq, Some(&bias), &a, &b, 0.5, &m).unwrap();
+            let n2 = dora_weight_norm(&w0, &sq, &a, &b, 0.5).unwrap();
+            let (y2, saved2) = dora_forward(&x, &w0, Some(&bias), &a, &b, 0.5, &m, &n2).unwrap();
+            let close = |what: &str, u: &[f32], v: &[f32]| {
+                assert_eq!(u.len(), v.len());
+                for (i, (p, q)) in u.iter().zip(v).enumerate() {
+                    assert!(
+                        (p - q).abs() <= 1e-5 * (1.0 + q.abs()),
+                        "{what}[{i}]: {p} vs {q}"
+                    );
+                }
+            };
+            close("n", n.data(), n2.data());
+            close("y", y.data(), y2.data());
+            close("h", saved.h.data(), saved2.h.data());
+            close("z", saved.z.data(), saved2.z.data());
+        }
+    }
+
+    /// The one-pass merge against its definition, computed step by step in f64: `W' = W0 + s B A`,
+    /// `n = ||W'||_row`, `W = (m / n) W'`. Row counts straddle the row blocks.
+    #[test]
+    fn dora_merge_with_norm_matches_its_definition() {
+        for (dout, din, r) in [(1, 1, 1), (63, 5, 3), (130, 77, 8), (200, 33, 16)] {
+            let val =
+                |i: usize, salt: usize| ((i * 7919 + salt * 104729) % 211) as f32 / 211.0 - 0.5;
+            let w0: Vec<f32> = (0..dout * din).map(|i| val(i, 1)).collect();
+            let a: Vec<f32> = (0..r * din).map(|i| val(i, 2)).collect();
+            let b: Vec<f32> = (0..dout * r).map(|i| val(i, 3)).collect();
+            let m: Vec<f32> = (0..dout).map(|i| 0.5 + val(i, 4).abs()).collect();
+            let s = 0.75f32;
+            let mut w = new(w0.clone(), &[dout, din]);
+            let row_sq = row_sq_norms(&w).unwrap();
+            let n = dora_merge_with_norm(
+                &mut w,
+                &row_sq,
+                &new(a.clone(), &[r, din]),
+                &new(b.clone(), &[dout, r]),
+                s,
+                &new(m.clone(), &[dout]),
+            )
+            .unwrap();
+            for o in 0..dout {
+                let row: Vec<f64> = (0..din)
+                    .map(|i| {
+                        w0[o * din + i] as f64
+                            + s as f64
+                                * (0..r)
+                                    .map(|j| b[o * r + j] as f64 * a[j * din + i] as f64)
+                                    .sum::<f64>()
+                    })
+                    .collect();
+                let nn = row.iter().map(|v| v * v).sum::<f64>().sqrt();
+                assert!(
+                    (n.data()[o] as f64 - nn).abs() <= 1e-5 * nn,
+                    "{dout}x{din} row {o}"
+                );
+                for (i, rv) in row.iter().enumerate() {
+                    let want = m[o] as f64 / nn * rv;
+                    let got = w.data()[o * din + i] as f64;
+                    assert!(
+                        (got - want).abs() <= 1e-5,
+                        "{dout}x{din} [{o}, {i}]: {got} vs {want}"
+                    );
+                }
+            }
+        }
+    }
 }

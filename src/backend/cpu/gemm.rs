@@ -38,6 +38,24 @@ pub fn sgemm(
     beta: f32,
     c: &mut [f32],
 ) {
+    sgemm_on(ta, tb, m, n, k, alpha, a, b, beta, c, true);
+}
+
+/// [`sgemm`], on rayon's pool when `parallel` and the product is large enough, else serially.
+#[allow(clippy::too_many_arguments)]
+fn sgemm_on(
+    ta: Op,
+    tb: Op,
+    m: usize,
+    n: usize,
+    k: usize,
+    alpha: f32,
+    a: &[f32],
+    b: &[f32],
+    beta: f32,
+    c: &mut [f32],
+    parallel: bool,
+) {
     debug_assert!(a.len() >= m * k && b.len() >= k * n && c.len() >= m * n);
     if m == 0 || n == 0 {
         return;
@@ -49,7 +67,8 @@ pub fn sgemm(
         return;
     }
     #[cfg(target_arch = "x86_64")]
-    if ta == Op::N
+    if parallel
+        && ta == Op::N
         && m <= small_m::MAX_M
         && n >= small_m::MIN_NK_SIDE
         && k >= small_m::MIN_NK_SIDE
@@ -67,7 +86,7 @@ pub fn sgemm(
         Op::N => (n as isize, 1isize),
         Op::T => (1isize, k as isize),
     };
-    let par = if m * n * k >= PARALLEL_MIN_MACS {
+    let par = if parallel && m * n * k >= PARALLEL_MIN_MACS {
         Parallelism::Rayon(0)
     } else {
         Parallelism::None
@@ -98,6 +117,24 @@ pub fn sgemm(
             par,
         );
     }
+}
+
+/// [`sgemm`] on the calling thread only: for callers that already split the work across
+/// rayon tasks (a nested parallel GEMM would only add hand-offs).
+#[allow(clippy::too_many_arguments)]
+pub fn sgemm_serial(
+    ta: Op,
+    tb: Op,
+    m: usize,
+    n: usize,
+    k: usize,
+    alpha: f32,
+    a: &[f32],
+    b: &[f32],
+    beta: f32,
+    c: &mut [f32],
+) {
+    sgemm_on(ta, tb, m, n, k, alpha, a, b, beta, c, false);
 }
 
 /// Few-row GEMM (`m` tokens against a large weight `b`) that streams `b` once, unpacked.

@@ -449,6 +449,32 @@ impl Backend for Cpu {
         adapters::dora_merge(w, lora_a, lora_b, scaling, magnitude, weight_norm)
     }
 
+    fn dora_forward_with_norm(
+        &self,
+        x: &Tensor<Self>,
+        w0: &Tensor<Self>,
+        w0_row_sq: &Tensor<Self>,
+        bias: Option<&Tensor<Self>>,
+        lora_a: &Tensor<Self>,
+        lora_b: &Tensor<Self>,
+        scaling: f32,
+        magnitude: &Tensor<Self>,
+    ) -> Result<(Tensor<Self>, DoraSaved<Self>, Tensor<Self>)> {
+        adapters::dora_forward_with_norm(x, w0, w0_row_sq, bias, lora_a, lora_b, scaling, magnitude)
+    }
+
+    fn dora_merge_with_norm(
+        &self,
+        w: &mut Tensor<Self>,
+        w_row_sq: &Tensor<Self>,
+        lora_a: &Tensor<Self>,
+        lora_b: &Tensor<Self>,
+        scaling: f32,
+        magnitude: &Tensor<Self>,
+    ) -> Result<Tensor<Self>> {
+        adapters::dora_merge_with_norm(w, w_row_sq, lora_a, lora_b, scaling, magnitude)
+    }
+
     fn dora_unmerge(
         &self,
         w: &mut Tensor<Self>,
