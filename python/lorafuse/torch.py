@@ -16,8 +16,9 @@ What is here:
   ``vera_lambda_d.<adapter>``, ``lora_E.<adapter>``, ...), and ``Nf4Linear``, a frozen 4-bit
   base weight (``lorafuse.nf4``, bitsandbytes' layout) usable as their ``base_layer``.
 * ``replace_peft_layers(model)``: swaps PEFT's ``lora.Linear`` (plain, rsLoRA, DoRA),
-  ``vera.Linear`` and ``adalora.SVDLinear`` in a PeftModel for these, in place. Parameters are
-  shared, so an optimizer built before the swap keeps training the same tensors.
+  ``vera.Linear`` and ``adalora.SVDLinear``, and their bitsandbytes 4-bit (nf4) versions, in a
+  PeftModel for these, in place. Parameters are shared, so an optimizer built before the swap
+  keeps training the same tensors.
 
 Semantics follow PEFT 0.21 exactly: the base weight and bias are frozen (no gradient, unless the
 bias itself has ``requires_grad``, PEFT's ``bias="all"``); DoRA's weight norm
@@ -610,10 +611,24 @@ class AdaLoraLinear(_AdapterLinear):
 # ---- swapping PEFT's layers --------------------------------------------------------------------
 
 
-def _peft_classes() -> dict:
+def _peft_classes() -> List[Tuple[str, type]]:
+    """(kind, PEFT layer class) pairs; PEFT's bitsandbytes 4-bit classes too when bitsandbytes is
+    importable (PEFT defines them only then)."""
     from peft.tuners import adalora, lora, vera
 
-    return {"lora": lora.Linear, "vera": vera.Linear, "adalora": adalora.SVDLinear}
+    classes = [("lora", lora.Linear), ("vera", vera.Linear), ("adalora", adalora.SVDLinear)]
+    try:
+        from peft.tuners.adalora.bnb import SVDLinear4bit
+        from peft.tuners.lora.bnb import Linear4bit
+    except ImportError:
+        return classes
+    return classes + [("lora", Linear4bit), ("adalora", SVDLinear4bit)]
+
+
+def _is_bnb_4bit(base: nn.Module) -> bool:
+    """A bitsandbytes ``Linear4bit`` (by class name, so bitsandbytes need not be imported)."""
+    return any(c.__name__ == "Linear4bit" and c.__module__.startswith("bitsandbytes")
+               for c in type(base).__mro__)
 
 
 def _dropout_p(m: nn.Module) -> float:
@@ -631,14 +646,25 @@ def _why_not(kind: str, layer: nn.Module) -> Optional[str]:
     if layer.disable_adapters:
         return "adapters are disabled on this layer"
     base = layer.get_base_layer()
-    if type(base) is not nn.Linear:
-        return f"base layer is {type(base).__name__}, not a plain nn.Linear"
+    four_bit = _is_bnb_4bit(base)
+    if type(base) is not nn.Linear and not four_bit:
+        return f"base layer is {type(base).__name__}, not a plain nn.Linear or bitsandbytes Linear4bit"
+    if four_bit:
+        qs = getattr(base.weight, "quant_state", None)
+        if qs is None:
+            return "bitsandbytes Linear4bit whose weight is not quantized yet"
+        if getattr(qs, "quant_type", None) != "nf4":
+            return f"bitsandbytes Linear4bit with quant_type {getattr(qs, 'quant_type', None)!r}; only 'nf4'"
+        if layer.merged:
+            return "merged 4-bit layer (the merged weight was re-quantized by PEFT; unmerge it first)"
+        if base.weight.device.type != "cpu":
+            return f"tensor on {base.weight.device}; only CPU tensors are supported (the CUDA backend is not validated yet)"
     if getattr(layer, "fan_in_fan_out", False):
         return "fan_in_fan_out=True is not supported"
     drop = (layer.vera_dropout if kind == "vera" else layer.lora_dropout)[name]
     if _dropout_p(drop) != 0.0:
         return f"dropout {drop!r} > 0 is not supported (the kernels have no dropout)"
-    tensors = [base.weight] + ([base.bias] if base.bias is not None else [])
+    tensors = ([] if four_bit else [base.weight]) + ([base.bias] if base.bias is not None else [])
     if kind == "lora":
         tensors += [layer.lora_A[name].weight, layer.lora_B[name].weight]
         variant = layer.lora_variant.get(name)
@@ -665,6 +691,9 @@ def _why_not(kind: str, layer: nn.Module) -> Optional[str]:
 def _swap(kind: str, layer: nn.Module) -> nn.Module:
     name = layer.active_adapters[0]
     base = layer.get_base_layer()
+    if _is_bnb_4bit(base):
+        # The same NF4 bytes, absmax and quant state, held by lorafuse; the bias is shared.
+        base = Nf4Linear.from_bnb(base)
     new: _AdapterLinear
     if kind == "lora":
         a, b, s = layer.lora_A[name].weight, layer.lora_B[name].weight, layer.scaling[name]
@@ -700,10 +729,17 @@ def replace_peft_layers(model: nn.Module, *, strict: bool = False) -> List[str]:
     created before the call keeps working and ``model.state_dict()`` keys do not change. A merged
     layer stays merged (``unmerge()`` works on the new module).
 
+    QLoRA / QDoRA / 4-bit AdaLoRA: PEFT's bitsandbytes layers (``lora.bnb.Linear4bit``, also
+    with ``use_dora=True``, and ``adalora.bnb.SVDLinear4bit``) over an nf4 ``Linear4bit`` on the
+    CPU are swapped too; their base becomes an ``Nf4Linear`` holding the same packed bytes and
+    quant state (``Nf4Linear.from_bnb``, values bit-identical to bitsandbytes' dequantization)
+    and the same bias Parameter. The base's packed weight is then not a Parameter of the model:
+    ``state_dict()`` loses PEFT's 4-bit base entries until ``restore_peft_layers``.
+
     Left to PEFT (a warning per layer, or ValueError with ``strict=True``): dropout > 0, more
     than one adapter on the layer or a different active adapter, disabled adapters, a base that
-    is not a plain ``nn.Linear`` (e.g. bitsandbytes ``Linear4bit``: build ``Nf4Linear.from_bnb``
-    and the modules by hand), ``fan_in_fan_out``, ``lora_bias``, LoRA variants other than DoRA,
+    is neither a plain ``nn.Linear`` nor an nf4 bitsandbytes ``Linear4bit`` (fp4, 8-bit), a
+    merged 4-bit layer, ``fan_in_fan_out``, ``lora_bias``, LoRA variants other than DoRA,
     tensors that are not float32 or not on the CPU.
 
     After the swap, PEFT's own layer-walking helpers (``save_pretrained``, ``merge_and_unload``,
@@ -722,7 +758,7 @@ def replace_peft_layers(model: nn.Module, *, strict: bool = False) -> List[str]:
     classes = _peft_classes()
     todo = []
     for mod_name, m in model.named_modules():
-        for kind, cls in classes.items():
+        for kind, cls in classes:
             if type(m) is cls:
                 todo.append((mod_name, kind, m))
     swapped = []

@@ -283,3 +283,66 @@ def test_cached_frozen_weight_follows_changes_of_the_base_weight():
                 p.data = new.clone()
                 q.data = new.clone()
         close(ours(x), ref(x), "y after a new storage")
+
+
+def mlp_4bit(seed):
+    """`mlp(seed)` with both Linears replaced by nf4 bitsandbytes Linear4bit layers (CPU)."""
+    bnb = pytest.importorskip("bitsandbytes")
+    model = mlp(seed)
+    for i in (0, 2):
+        lin = model[i]
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            l4 = bnb.nn.Linear4bit(lin.in_features, lin.out_features, compute_dtype=torch.float32,
+                                   quant_type="nf4")
+            l4.weight = bnb.nn.Params4bit(lin.weight.data.clone(), requires_grad=False,
+                                          quant_type="nf4", blocksize=64, compress_statistics=True)
+            l4.bias = nn.Parameter(lin.bias.data.clone(), requires_grad=False)
+            model[i] = l4.to("cpu")
+    # What transformers sets on a model loaded in 4 bits: PEFT then builds its bnb layer classes.
+    model.is_loaded_in_4bit = True
+    return model
+
+
+@pytest.mark.parametrize("method", ["lora", "dora", "adalora"])
+def test_bnb_4bit_peft_layers_are_swapped_and_match(method):
+    """QLoRA, QDoRA and 4-bit AdaLoRA: PEFT's bitsandbytes layers swap to lorafuse modules over
+    an Nf4Linear with the same bytes, and give PEFT's outputs and gradients."""
+    ref = peft.get_peft_model(mlp_4bit(77), config(method))
+    g = torch.Generator().manual_seed(78)
+    with torch.no_grad():
+        for _, p in ref.named_parameters():
+            if p.requires_grad:
+                p.add_(0.2 * torch.randn(p.shape, generator=g))
+    peft_bnb = [type(m).__module__ for m in ref.modules() if type(m).__module__.startswith("peft")
+                and type(m).__name__ in ("Linear4bit", "SVDLinear4bit")]
+    assert len(peft_bnb) == 2 and all(m.endswith(".bnb") for m in peft_bnb), peft_bnb
+    ours = copy.deepcopy(ref)
+    assert len(lt.replace_peft_layers(ours, strict=True)) == 2
+    bases = [m.base_layer for m in ours.modules() if isinstance(m, lt._AdapterLinear)]
+    assert len(bases) == 2 and all(isinstance(b, lt.Nf4Linear) for b in bases)
+    x, dy = inputs(11)
+    out = {}
+    for tag, model in (("peft", ref), ("lorafuse", ours)):
+        xr = x.clone().requires_grad_(True)
+        y = model(xr)
+        (y * dy).sum().backward()
+        out[tag] = (y.detach(), xr.grad, {n: p.grad for n, p in model.named_parameters()
+                                           if p.requires_grad})
+    close(out["lorafuse"][0], out["peft"][0], "y")
+    close(out["lorafuse"][1], out["peft"][1], "dx")
+    assert out["peft"][2].keys() == out["lorafuse"][2].keys()
+    for n, gr in out["peft"][2].items():
+        close(out["lorafuse"][2][n], gr, n)
+    # Back to PEFT's layers (same adapter Parameters, the original 4-bit base).
+    assert len(lt.restore_peft_layers(ours)) == 2
+    close(ours(x), ref(x), "restored y")
+
+
+def test_merged_4bit_layer_is_left_to_peft():
+    model = peft.get_peft_model(mlp_4bit(79), config("lora"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model.base_model.merge_adapter()
+    with pytest.raises(ValueError, match="merged 4-bit"):
+        lt.replace_peft_layers(model, strict=True)
