@@ -10,7 +10,10 @@
 //!
 //! Everything here is host-side math on plain `&[f32]` slices (the values and gradients of
 //! `lora_A [r, in]`, `lora_B [out, r]`, `lora_E [r, 1]` of each layer, row-major), so it works
-//! with any backend: download, allocate, upload the masked `lora_E`.
+//! with any backend: download, allocate, upload the masked `lora_E`. It is also the reference
+//! of the allocator kernels of [`crate::backend::Backend`] (the CPU backend runs these very
+//! functions), which [`crate::adapter::device_rank_allocator`] drives so that training reads
+//! nothing back for AdaLoRA.
 //!
 //! # What PEFT does, step by step
 //!
@@ -267,27 +270,27 @@ impl EntryEma {
     /// Paper eq. (8)–(9), PEFT `update_ipt`, elementwise in f32 like torch:
     /// `I = |p * g|`, `Ī = b1 Ī + (1 - b1) I`, `Ū = b2 Ū + (1 - b2) |I - Ī|` (with the new Ī).
     fn update(&mut self, p: &[f32], g: &[f32], c: &EmaCoefs) {
-        for (((ipt_bar, unc_bar), &p), &g) in self
-            .exp_avg_ipt
-            .iter_mut()
-            .zip(self.exp_avg_unc.iter_mut())
-            .zip(p)
-            .zip(g)
-        {
-            let ipt = (p * g).abs();
-            *ipt_bar = c.b1 * *ipt_bar + c.one_minus_b1 * ipt;
-            *unc_bar = c.b2 * *unc_bar + c.one_minus_b2 * (ipt - *ipt_bar).abs();
-        }
+        update_ipt(p, g, &mut self.exp_avg_ipt, &mut self.exp_avg_unc, c);
     }
 
     /// PEFT `_element_score`: `s = Ī * Ū` per entry (paper eq. (10)).
     pub fn scores(&self) -> Vec<f32> {
-        self.exp_avg_ipt
-            .iter()
-            .zip(&self.exp_avg_unc)
-            .map(|(i, u)| i * u)
-            .collect()
+        element_scores(&self.exp_avg_ipt, &self.exp_avg_unc)
     }
+}
+
+/// [`EntryEma`]'s update over slices (the CPU backend's `adalora_update_ipt` is this too).
+pub(crate) fn update_ipt(p: &[f32], g: &[f32], ipt: &mut [f32], unc: &mut [f32], c: &EmaCoefs) {
+    for (((ipt_bar, unc_bar), &p), &g) in ipt.iter_mut().zip(unc.iter_mut()).zip(p).zip(g) {
+        let ipt = (p * g).abs();
+        *ipt_bar = c.b1 * *ipt_bar + c.one_minus_b1 * ipt;
+        *unc_bar = c.b2 * *unc_bar + c.one_minus_b2 * (ipt - *ipt_bar).abs();
+    }
+}
+
+/// PEFT `_element_score` over slices: `ipt * unc` per entry.
+fn element_scores(ipt: &[f32], unc: &[f32]) -> Vec<f32> {
+    ipt.iter().zip(unc).map(|(i, u)| i * u).collect()
 }
 
 /// The EMAs of one layer's three factors.
@@ -300,11 +303,43 @@ pub struct LayerEma {
 
 /// Torch multiplies an f32 tensor by a Python float as f32, with `1 - beta` computed in f64.
 #[derive(Clone, Copy, Debug)]
-struct EmaCoefs {
-    b1: f32,
-    one_minus_b1: f32,
-    b2: f32,
-    one_minus_b2: f32,
+pub(crate) struct EmaCoefs {
+    pub b1: f32,
+    pub one_minus_b1: f32,
+    pub b2: f32,
+    pub one_minus_b2: f32,
+}
+
+impl EmaCoefs {
+    /// The f32 coefficients of `beta1`, `beta2` (each in the open interval (0, 1), which PEFT
+    /// asserts). Errors: a beta outside it, named.
+    pub(crate) fn new(beta1: f64, beta2: f64) -> Result<Self> {
+        for (name, b) in [("beta1", beta1), ("beta2", beta2)] {
+            if !(b > 0.0 && b < 1.0) {
+                return Err(Error::arg(name, format!("must be in (0, 1), got {b}")));
+            }
+        }
+        Ok(EmaCoefs {
+            b1: beta1 as f32,
+            one_minus_b1: (1.0 - beta1) as f32,
+            b2: beta2 as f32,
+            one_minus_b2: (1.0 - beta2) as f32,
+        })
+    }
+}
+
+/// What one call of [`RankAllocator::update_and_allocate`] does (PEFT's branches of
+/// `AdaLoraModel.update_and_allocate`), from [`RankAllocator::plan`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StepPlan {
+    /// Before `total_step - tfinal`: update the EMAs, then mask to `mask` ranks when the
+    /// schedule masks at this step.
+    Update { mask: Option<usize> },
+    /// At `total_step - tfinal`: mask to the final `budget` with the current EMAs (no update),
+    /// then forget the EMAs.
+    Finalize { budget: usize },
+    /// After `total_step - tfinal`: re-apply the stored rank pattern.
+    Reapply,
 }
 
 /// The result of a mask computed from the scores.
@@ -331,6 +366,7 @@ struct LayerInfo {
 pub struct RankAllocator {
     schedule: AdaLoraSchedule,
     coefs: EmaCoefs,
+    betas: (f64, f64),
     layers: Vec<LayerInfo>,
     index: HashMap<String, usize>,
     init_bgt: usize,
@@ -358,11 +394,7 @@ impl RankAllocator {
         layers: &[(&str, usize)],
     ) -> Result<Self> {
         schedule.validate()?;
-        for (name, b) in [("beta1", beta1), ("beta2", beta2)] {
-            if !(b > 0.0 && b < 1.0) {
-                return Err(Error::arg(name, format!("must be in (0, 1), got {b}")));
-            }
-        }
+        let coefs = EmaCoefs::new(beta1, beta2)?;
         if layers.is_empty() {
             return Err(Error::arg("layers", "no AdaLoRA layers to allocate over"));
         }
@@ -393,12 +425,8 @@ impl RankAllocator {
         }
         Ok(RankAllocator {
             schedule,
-            coefs: EmaCoefs {
-                b1: beta1 as f32,
-                one_minus_b1: (1.0 - beta1) as f32,
-                b2: beta2 as f32,
-                one_minus_b2: (1.0 - beta2) as f32,
-            },
+            coefs,
+            betas: (beta1, beta2),
             layers: infos,
             index,
             init_bgt,
@@ -427,6 +455,52 @@ impl RankAllocator {
     pub fn budget(&self, step: u64) -> BudgetStep {
         self.schedule
             .budget_for(step, self.init_bgt, self.target_bgt)
+    }
+
+    /// The EMA coefficients `(beta1, beta2)` given to [`RankAllocator::new`].
+    pub fn betas(&self) -> (f64, f64) {
+        self.betas
+    }
+
+    /// The layers `(name, rank)` in the order given to [`RankAllocator::new`].
+    pub fn layers(&self) -> impl ExactSizeIterator<Item = (&str, usize)> {
+        self.layers.iter().map(|l| (l.name.as_str(), l.r))
+    }
+
+    /// What [`RankAllocator::update_and_allocate`] does at `step` (see [`StepPlan`]); the
+    /// device-resident allocator ([`crate::adapter::device_rank_allocator`]) follows the same
+    /// plan.
+    pub fn plan(&self, step: u64) -> StepPlan {
+        match self.schedule.phase(step) {
+            Phase::Warmup | Phase::Budgeting => {
+                let b = self.budget(step);
+                StepPlan::Update {
+                    mask: b.mask.then_some(b.budget),
+                }
+            }
+            Phase::Finalize => StepPlan::Finalize {
+                budget: self.budget(step).budget,
+            },
+            Phase::Final => StepPlan::Reapply,
+        }
+    }
+
+    /// PEFT's `k = init_bgt - budget` of `torch.kthvalue` for a mask to `budget`, 1-based.
+    /// Errors: `k` outside `1..=init_bgt` (PEFT: kthvalue out of range).
+    pub fn kth_for_budget(&self, budget: usize) -> Result<usize> {
+        self.init_bgt
+            .checked_sub(budget)
+            .filter(|&k| k >= 1)
+            .ok_or_else(|| {
+                Error::arg(
+                    "budget",
+                    format!(
+                        "budget {budget} leaves k = init_bgt - budget out of 1..={} (PEFT: \
+                         kthvalue out of range)",
+                        self.init_bgt
+                    ),
+                )
+            })
     }
 
     /// The EMAs of layer `name`, if any update happened since the start or the last reset.
@@ -488,34 +562,25 @@ impl RankAllocator {
         step: u64,
         layers: &mut [AdaLoraLayerView<'_>],
     ) -> Result<Option<Allocation>> {
-        let order = self.match_layers(layers)?;
-        match self.schedule.phase(step) {
-            Phase::Warmup | Phase::Budgeting => {
+        let order = self.match_layers(layers, |v| (v.name, v.r), |v| v.check())?;
+        match self.plan(step) {
+            StepPlan::Update { mask } => {
                 self.update_ipt(layers, &order);
-                let b = self.budget(step);
-                if b.mask {
-                    Ok(Some(self.mask_to_budget(b.budget, layers, &order)?))
-                } else {
-                    Ok(None)
+                match mask {
+                    Some(budget) => Ok(Some(self.mask_to_budget(budget, layers, &order)?)),
+                    None => Ok(None),
                 }
             }
-            Phase::Finalize => {
-                let b = self.budget(step);
-                let alloc = self.mask_to_budget(b.budget, layers, &order)?;
+            StepPlan::Finalize { budget } => {
+                let alloc = self.mask_to_budget(budget, layers, &order)?;
                 self.reset_ipt();
                 Ok(Some(alloc))
             }
-            Phase::Final => {
-                let pattern = self.rank_pattern.as_ref().ok_or_else(|| {
-                    Error::arg(
-                        "step",
-                        format!(
-                            "step {step} is in the final phase but no rank pattern exists; call \
-                             at step {} first or set one",
-                            self.schedule.final_step()
-                        ),
-                    )
-                })?;
+            StepPlan::Reapply => {
+                let pattern = self
+                    .rank_pattern
+                    .as_ref()
+                    .ok_or_else(|| self.no_pattern_err(step))?;
                 for view in layers.iter_mut() {
                     apply_mask(view.lora_e, &pattern[view.name]);
                 }
@@ -524,41 +589,58 @@ impl RankAllocator {
         }
     }
 
-    /// For each view, its registered layer index; checks names, ranks, sizes.
-    fn match_layers(&self, layers: &[AdaLoraLayerView<'_>]) -> Result<Vec<usize>> {
-        if layers.len() != self.layers.len() {
+    /// The error of a final-phase step without a rank pattern (PEFT fails on `None` there).
+    pub(crate) fn no_pattern_err(&self, step: u64) -> Error {
+        Error::arg(
+            "step",
+            format!(
+                "step {step} is in the final phase but no rank pattern exists; call at step {} \
+                 first or set one",
+                self.schedule.final_step()
+            ),
+        )
+    }
+
+    /// For each of `items` (a layer named and ranked by `key`), its registered layer index,
+    /// running `check` on each after its name and rank matched. Errors: not exactly the
+    /// registered set of layers, a rank that differs, what `check` reports.
+    pub(crate) fn match_layers<T>(
+        &self,
+        items: &[T],
+        key: impl Fn(&T) -> (&str, usize),
+        check: impl Fn(&T) -> Result<()>,
+    ) -> Result<Vec<usize>> {
+        if items.len() != self.layers.len() {
             return Err(Error::arg(
                 "layers",
                 format!(
                     "{} layers given, the allocator has {}",
-                    layers.len(),
+                    items.len(),
                     self.layers.len()
                 ),
             ));
         }
         let mut seen = vec![false; self.layers.len()];
-        let mut order = Vec::with_capacity(layers.len());
-        for v in layers {
+        let mut order = Vec::with_capacity(items.len());
+        for v in items {
+            let (name, r) = key(v);
             let i = *self
                 .index
-                .get(v.name)
-                .ok_or_else(|| Error::arg("layers", format!("unknown layer `{}`", v.name)))?;
+                .get(name)
+                .ok_or_else(|| Error::arg("layers", format!("unknown layer `{name}`")))?;
             if std::mem::replace(&mut seen[i], true) {
-                return Err(Error::arg(
-                    "layers",
-                    format!("layer `{}` given twice", v.name),
-                ));
+                return Err(Error::arg("layers", format!("layer `{name}` given twice")));
             }
-            if v.r != self.layers[i].r {
+            if r != self.layers[i].r {
                 return Err(Error::arg(
                     "layers",
                     format!(
-                        "layer `{}` has rank {}, the allocator expects {}",
-                        v.name, v.r, self.layers[i].r
+                        "layer `{name}` has rank {r}, the allocator expects {}",
+                        self.layers[i].r
                     ),
                 ));
             }
-            v.check()?;
+            check(v)?;
             order.push(i);
         }
         Ok(order)
@@ -591,13 +673,7 @@ impl RankAllocator {
         layers: &mut [AdaLoraLayerView<'_>],
         order: &[usize],
     ) -> Result<Allocation> {
-        let ema = self.ema.as_ref().ok_or_else(|| {
-            Error::arg(
-                "step",
-                "no importance scores to mask with: update_and_allocate was not called before \
-                 the final mask step",
-            )
-        })?;
+        let ema = self.ema.as_ref().ok_or_else(no_scores_err)?;
         let mut triplet_scores = BTreeMap::new();
         let mut all = Vec::with_capacity(self.init_bgt);
         for (v, &i) in layers.iter().zip(order) {
@@ -606,32 +682,13 @@ impl RankAllocator {
             triplet_scores.insert(v.name.to_string(), s);
         }
         // PEFT: torch.kthvalue(cat(all_score), k = init_bgt - budget), 1-based k-th smallest.
-        let k = self
-            .init_bgt
-            .checked_sub(budget)
-            .filter(|&k| k >= 1 && k <= all.len());
-        let k = k.ok_or_else(|| {
-            Error::arg(
-                "budget",
-                format!(
-                    "budget {budget} leaves k = init_bgt - budget out of 1..={} (PEFT: kthvalue \
-                     out of range)",
-                    all.len()
-                ),
-            )
-        })?;
-        let (_, &mut threshold, _) = all.select_nth_unstable_by(k - 1, f32::total_cmp);
+        let k = self.kth_for_budget(budget)?;
+        let threshold = kthvalue(&mut all, k);
         let mut pattern = RankPattern::new();
         for v in layers.iter_mut() {
             let keep: Vec<bool> = triplet_scores[v.name]
                 .iter()
-                // PEFT masks `score <= threshold`; a NaN score compares false and is kept.
-                .map(|&s| {
-                    !matches!(
-                        s.partial_cmp(&threshold),
-                        Some(Ordering::Less | Ordering::Equal)
-                    )
-                })
+                .map(|&s| !masked(s, threshold))
                 .collect();
             apply_mask(v.lora_e, &keep);
             pattern.insert(v.name.to_string(), keep);
@@ -645,14 +702,58 @@ impl RankAllocator {
     }
 }
 
-/// PEFT `_combine_ipt` over `mask_to_budget`'s row/column means: the score of rank `i` is
-/// `s(λ_i) + mean_j s(A_ij) + mean_k s(B_ki)` (paper eq. (7) uses the same averages).
-/// The means are accumulated in f64 and rounded to f32; the two means are added first, then
-/// E's score (as PEFT's `ipt_E + ipt_AB.sum(dim=1)`).
+/// The error of a mask asked for before any EMA update (or after the reset).
+pub(crate) fn no_scores_err() -> Error {
+    Error::arg(
+        "step",
+        "no importance scores to mask with: update_and_allocate was not called before the \
+         final mask step",
+    )
+}
+
+/// `torch.kthvalue(values, k)`: the 1-based k-th smallest in the total order of
+/// [`f32::total_cmp`] (NaN above +inf, as torch sorts it). `values` is reordered. Assumes
+/// `1 <= k <= values.len()`.
+pub(crate) fn kthvalue(values: &mut [f32], k: usize) -> f32 {
+    *values.select_nth_unstable_by(k - 1, f32::total_cmp).1
+}
+
+/// PEFT's mask predicate `score <= threshold`: a NaN on either side compares false, so a NaN
+/// score is kept (and a NaN threshold masks nothing).
+pub(crate) fn masked(score: f32, threshold: f32) -> bool {
+    matches!(
+        score.partial_cmp(&threshold),
+        Some(Ordering::Less | Ordering::Equal)
+    )
+}
+
 fn triplet_scores_of(ema: &LayerEma, r: usize, inp: usize, out: usize) -> Vec<f32> {
-    let sa = ema.a.scores();
-    let sb = ema.b.scores();
-    let se = ema.e.scores();
+    triplet_scores(
+        [
+            (ema.a.exp_avg_ipt.as_slice(), ema.a.exp_avg_unc.as_slice()),
+            (ema.b.exp_avg_ipt.as_slice(), ema.b.exp_avg_unc.as_slice()),
+            (ema.e.exp_avg_ipt.as_slice(), ema.e.exp_avg_unc.as_slice()),
+        ],
+        r,
+        inp,
+        out,
+    )
+}
+
+/// PEFT `_combine_ipt` over `mask_to_budget`'s row/column means: the score of rank `i` is
+/// `s(λ_i) + mean_j s(A_ij) + mean_k s(B_ki)` (paper eq. (7) uses the same averages), from the
+/// `(exp_avg_ipt, exp_avg_unc)` of A `[r, in]`, B `[out, r]` and E `[r]`. The means are
+/// accumulated in f64 and rounded to f32; the two means are added first, then E's score (as
+/// PEFT's `ipt_E + ipt_AB.sum(dim=1)`). A mean over no entries (`in` or `out` 0) is NaN.
+pub(crate) fn triplet_scores(
+    [(ia, ua), (ib, ub), (ie, ue)]: [(&[f32], &[f32]); 3],
+    r: usize,
+    inp: usize,
+    out: usize,
+) -> Vec<f32> {
+    let sa = element_scores(ia, ua);
+    let sb = element_scores(ib, ub);
+    let se = element_scores(ie, ue);
     (0..r)
         .map(|i| {
             let mean_a = if inp == 0 {
