@@ -237,6 +237,13 @@ pub trait Backend: Clone + Send + Sync + Sized + 'static {
     }
     /// Copies a tensor back to the host.
     fn download(&self, t: &Tensor<Self>) -> Result<Vec<f32>>;
+    /// Copies several tensors back to the host with one synchronization where the backend can
+    /// (wgpu: one staging buffer, one wait; a training step reads its loss and regularizer
+    /// together so). The default downloads them one by one (on CUDA the first waits for the
+    /// queued work, the others find the stream idle). Returns one vector per tensor, in order.
+    fn download_many(&self, ts: &[&Tensor<Self>]) -> Result<Vec<Vec<f32>>> {
+        ts.iter().map(|t| self.download(t)).collect()
+    }
     /// A zero-filled tensor.
     fn zeros(&self, shape: &[usize]) -> Result<Tensor<Self>>;
     /// Rows `idx` of a 2-D tensor `[n, d]`, gathered into `[idx.len(), d]`.

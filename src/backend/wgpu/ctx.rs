@@ -2,12 +2,14 @@
 //!
 //! Dispatches are recorded into one pending command encoder and submitted together (every
 //! [`BATCH`] dispatches, or when the host needs data back), so a training step costs a few
-//! submits, and the only readbacks are the ones the caller asks for (`download`, the loss).
+//! submits, and the only readbacks are the ones the caller asks for (`download`, the loss);
+//! [`Ctx::readbacks`] counts them.
 //! Each dispatch's uniform parameters go into one uniform buffer per batch, written once
 //! before its submit.
 
 use crate::error::{Error, Result};
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use wgpu::util::DeviceExt;
 
@@ -157,6 +159,8 @@ pub(crate) struct Ctx {
     error: Arc<Mutex<Option<String>>>,
     /// A 16-byte buffer bound where a kernel's optional input is absent.
     dummy: wgpu::Buffer,
+    /// Readbacks so far ([`Ctx::readbacks`]).
+    readbacks: AtomicU64,
 }
 
 /// A storage buffer of f32 (or, for a frozen weight, f16) values on the device.
@@ -277,6 +281,7 @@ impl Ctx {
             }),
             error,
             dummy,
+            readbacks: AtomicU64::new(0),
         }))
     }
 
@@ -576,20 +581,38 @@ impl Ctx {
     /// Reads `len` 32-bit words from the start of `buf` back to the host (submits pending work
     /// and waits for it).
     pub fn read(&self, buf: &wgpu::Buffer, len: usize) -> Result<Vec<u32>> {
-        if len == 0 {
-            return Ok(Vec::new());
+        Ok(self.read_many(&[(buf, len)])?.pop().unwrap_or_default())
+    }
+
+    /// Readbacks so far: calls of [`Ctx::read_many`] that waited for the device.
+    pub fn readbacks(&self) -> u64 {
+        self.readbacks.load(Ordering::Relaxed)
+    }
+
+    /// Reads the first `len` 32-bit words of each buffer back to the host with one staging
+    /// buffer, one submit and one wait (one readback, counted by [`Ctx::readbacks`]).
+    pub fn read_many(&self, bufs: &[(&wgpu::Buffer, usize)]) -> Result<Vec<Vec<u32>>> {
+        let total: usize = bufs.iter().map(|&(_, len)| len).sum();
+        if total == 0 {
+            return Ok(bufs.iter().map(|_| Vec::new()).collect());
         }
-        let size = 4 * len as u64;
+        self.readbacks.fetch_add(1, Ordering::Relaxed);
         let staging = self.device.create_buffer(&wgpu::BufferDescriptor {
             label: Some("readback"),
-            size,
+            size: 4 * total as u64,
             usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
             mapped_at_creation: false,
         });
         {
             let mut p = self.pending.lock().unwrap_or_else(|p| p.into_inner());
-            self.encoder(&mut p)
-                .copy_buffer_to_buffer(buf, 0, &staging, 0, size);
+            let enc = self.encoder(&mut p);
+            let mut off = 0u64;
+            for &(buf, len) in bufs {
+                if len > 0 {
+                    enc.copy_buffer_to_buffer(buf, 0, &staging, off, 4 * len as u64);
+                }
+                off += 4 * len as u64;
+            }
             self.submit_locked(&mut p);
         }
         let (tx, rx) = std::sync::mpsc::channel();
@@ -606,7 +629,13 @@ impl Ctx {
         let view = staging
             .get_mapped_range(..)
             .map_err(|e| err(format!("reading a mapped buffer: {e}")))?;
-        let out = bytemuck::cast_slice::<u8, u32>(&view).to_vec();
+        let words = bytemuck::cast_slice::<u8, u32>(&view);
+        let mut out = Vec::with_capacity(bufs.len());
+        let mut off = 0;
+        for &(_, len) in bufs {
+            out.push(words[off..off + len].to_vec());
+            off += len;
+        }
         drop(view);
         staging.unmap();
         Ok(out)

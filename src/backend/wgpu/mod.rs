@@ -124,6 +124,15 @@ impl Wgpu {
         self.ctx.max_binding
     }
 
+    /// How many times this device has read data back to the host so far (each a submit and a
+    /// wait for a mapped staging buffer: a [`Backend::download`], one
+    /// [`Backend::download_many`], a loss or a sum of squares), shared by the clones of this
+    /// backend. A statistic for tests and profiling: a training step reads back once, its
+    /// loss.
+    pub fn readbacks(&self) -> u64 {
+        self.ctx.readbacks()
+    }
+
     fn tensor(&self, buf: GpuBuf, shape: &[usize]) -> Tensor<Wgpu> {
         Tensor {
             buf,
@@ -345,20 +354,32 @@ impl Backend for Wgpu {
     }
 
     fn download(&self, t: &Tensor<Self>) -> Result<Vec<f32>> {
-        match t.buf.dtype {
-            DType::F32 => {
-                let words = self.ctx.read(&t.buf.buffer, t.buf.len)?;
-                Ok(bytemuck::cast_slice(&words).to_vec())
-            }
-            DType::F16 => {
-                let words = self.ctx.read(&t.buf.buffer, t.buf.len.div_ceil(2))?;
-                let halves: &[u16] = bytemuck::cast_slice(&words);
-                Ok(halves[..t.buf.len]
-                    .iter()
-                    .map(|&h| half::f16::from_bits(h).to_f32())
-                    .collect())
-            }
-        }
+        Ok(self.download_many(&[t])?.pop().unwrap_or_default())
+    }
+
+    /// One staging buffer and one wait for all of `ts` (one readback).
+    fn download_many(&self, ts: &[&Tensor<Self>]) -> Result<Vec<Vec<f32>>> {
+        let words = |t: &Tensor<Self>| match t.buf.dtype {
+            DType::F32 => t.buf.len,
+            DType::F16 => t.buf.len.div_ceil(2),
+        };
+        let bufs: Vec<(&wgpu::Buffer, usize)> =
+            ts.iter().map(|t| (&t.buf.buffer, words(t))).collect();
+        let read = self.ctx.read_many(&bufs)?;
+        Ok(ts
+            .iter()
+            .zip(read)
+            .map(|(t, w)| match t.buf.dtype {
+                DType::F32 => bytemuck::cast_slice::<u32, f32>(&w).to_vec(),
+                DType::F16 => {
+                    let halves: &[u16] = bytemuck::cast_slice(&w);
+                    halves[..t.buf.len]
+                        .iter()
+                        .map(|&h| half::f16::from_bits(h).to_f32())
+                        .collect::<Vec<f32>>()
+                }
+            })
+            .collect())
     }
 
     fn zeros(&self, shape: &[usize]) -> Result<Tensor<Self>> {
