@@ -409,7 +409,31 @@ LF_INST(swiglu_bwd, (const void* d, const void* gate, const void* up, void* dg, 
 // ---- cross-entropy -----------------------------------------------------------------------------
 
 // One CTA of 256 per row of logits [N, V]: pass 1 an online max/sum of exp, pass 2 the gradient
-// grad = grad_scale (softmax - onehot) (zero on rows with a negative label), and loss[row] =
+// grad = grad_scale (softmax - onehot) of a counted row (label >= 0). Every thread gets the
+// row's max M and sum of exp(x - M) S.
+template <typename T>
+__device__ void ce_row(const T* x, T* g, int label, int V, float grad_scale, float& M, float& S) {
+  float m = LF_NEG_INF, s = 0.f;
+  for (int c = threadIdx.x; c < V; c += blockDim.x) {
+    float v = ldf(x, c);
+    if (v > m) {
+      s = s * expf(m - v) + 1.f;
+      m = v;
+    } else {
+      s += expf(v - m);
+    }
+  }
+  M = block_max(m);
+  S = block_sum(m == LF_NEG_INF ? 0.f : s * expf(m - M));
+  float inv = grad_scale / S;
+  for (int c = threadIdx.x; c < V; c += blockDim.x) {
+    float e = expf(ldf(x, c) - M) * inv;
+    if (c == label) e -= grad_scale;
+    stf(g, c, e);
+  }
+}
+
+// Grid N: the gradient of every row (zero on rows with a negative label) and loss[row] =
 // logsumexp - logit[label] in f64 (0 on ignored rows).
 template <typename T>
 __device__ void cross_entropy(const T* logits, const int* labels, T* grad, double* loss, int V,
@@ -423,26 +447,33 @@ __device__ void cross_entropy(const T* logits, const int* labels, T* grad, doubl
     if (threadIdx.x == 0) loss[row] = 0.0;
     return;
   }
-  float m = LF_NEG_INF, s = 0.f;
-  for (int c = threadIdx.x; c < V; c += blockDim.x) {
-    float v = ldf(x, c);
-    if (v > m) {
-      s = s * expf(m - v) + 1.f;
-      m = v;
-    } else {
-      s += expf(v - m);
-    }
-  }
-  float M = block_max(m);
-  float S = block_sum(m == LF_NEG_INF ? 0.f : s * expf(m - M));
-  float inv = grad_scale / S;
-  for (int c = threadIdx.x; c < V; c += blockDim.x) {
-    float e = expf(ldf(x, c) - M) * inv;
-    if (c == label) e -= grad_scale;
-    stf(g, c, e);
-  }
+  float M, S;
+  ce_row(x, g, label, V, grad_scale, M, S);
   if (threadIdx.x == 0) loss[row] = (double)M + log((double)S) - (double)ldf(x, label);
 }
 LF_INST(cross_entropy,
         (const void* logits, const int* labels, void* grad, double* loss, int V, float grad_scale),
         ((const T*)logits, labels, (T*)grad, loss, V, grad_scale))
+
+// Grid K, one CTA per counted row rows[k] (the rows with label >= 0, in order; the others'
+// gradient rows stay as allocated, zero): its gradient and stats[3k..3k+3] = (M, S, the logit
+// of its label) in f32, from which the host forms the loss in f64 (the step's one readback).
+template <typename T>
+__device__ void cross_entropy_stats(const T* logits, const int* rows, const int* labels, T* grad,
+                                    float* stats, int V, float grad_scale) {
+  i64 k = blockIdx.x;
+  i64 row = rows[k];
+  int label = labels[row];
+  const T* x = logits + row * V;
+  float M, S;
+  ce_row(x, grad + row * V, label, V, grad_scale, M, S);
+  if (threadIdx.x == 0) {
+    stats[3 * k] = M;
+    stats[3 * k + 1] = S;
+    stats[3 * k + 2] = ldf(x, label);
+  }
+}
+LF_INST(cross_entropy_stats,
+        (const void* logits, const int* rows, const int* labels, void* grad, float* stats, int V,
+         float grad_scale),
+        ((const T*)logits, rows, labels, (T*)grad, stats, V, grad_scale))

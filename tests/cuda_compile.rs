@@ -182,6 +182,7 @@ fn launched_entry_points_exist() {
                 "swiglu",
                 "swiglu_bwd",
                 "cross_entropy",
+                "cross_entropy_stats",
             ],
         ),
         (

@@ -189,6 +189,17 @@ pub struct AdaLoraGrads<B: Backend> {
     pub d_lora_e: Tensor<B>,
 }
 
+/// The summed cross-entropy from the per-row statistics of [`Backend::cross_entropy_stats`]
+/// (`(max, sum of exp, logit of the label)` per counted row): `sum(max + ln(sum) - logit)`,
+/// each term and the sum in f64, in row order (the same per-row value as
+/// [`Backend::cross_entropy`] on the CPU). A trailing partial row is ignored.
+pub fn cross_entropy_loss(stats: &[f32]) -> f64 {
+    stats
+        .chunks_exact(3)
+        .map(|s| s[0] as f64 + (s[1] as f64).ln() - s[2] as f64)
+        .sum()
+}
+
 /// One method per kernel. The CPU implementation is the reference.
 ///
 /// Every method checks its inputs' shapes and returns [`Error::Shape`] naming the argument when
@@ -762,6 +773,20 @@ pub trait Backend: Clone + Send + Sync + Sized + 'static {
         labels: &[i32],
         grad_scale: f32,
     ) -> Result<(f64, Tensor<Self>)>;
+
+    /// [`Backend::cross_entropy`] with the loss left on the device: returns
+    /// `(stats [K, 3], dlogits [N, V])` where K is the number of counted rows (label >= 0) and
+    /// row k of `stats` holds, for the k-th counted row in order, `(max of its logits, sum of
+    /// exp(logit - max), the logit of its label)` in f32, from which [`cross_entropy_loss`]
+    /// forms the summed loss in f64 (the CPU's per-row value exactly). dlogits as
+    /// `cross_entropy`'s. A training step reads `stats` back once, together with any
+    /// regularizer ([`Backend::download_many`]). Errors: as [`Backend::cross_entropy`].
+    fn cross_entropy_stats(
+        &self,
+        logits: &Tensor<Self>,
+        labels: &[i32],
+        grad_scale: f32,
+    ) -> Result<(Tensor<Self>, Tensor<Self>)>;
 
     // ---- optimizer ----------------------------------------------------------------------------
 

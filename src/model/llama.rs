@@ -245,6 +245,19 @@ struct LayerCache<B: Backend> {
     saved: [ProjSaved<B>; 7],
 }
 
+/// Output of a training forward + backward with the loss still on the device
+/// ([`Llama::loss_and_grads_deferred`]).
+pub struct DeferredLossAndGrads<B: Backend> {
+    /// Per-target cross-entropy statistics `[n_targets, 3]` (see
+    /// [`Backend::cross_entropy_stats`]); [`crate::backend::cross_entropy_loss`] of their
+    /// download is the sum of cross-entropy over the batch's targets.
+    pub loss_stats: Tensor<B>,
+    /// Number of targets.
+    pub n_targets: usize,
+    /// Gradients of the mean loss, in the order of [`Llama::trainable_params`].
+    pub grads: Vec<Tensor<B>>,
+}
+
 /// Output of a training forward + backward.
 pub struct LossAndGrads<B: Backend> {
     /// Sum of cross-entropy over the batch's targets.
@@ -701,6 +714,24 @@ impl<B: Backend> Llama<B> {
     /// adapters, and with full fine-tuning the base tensors too. Errors: no target in the
     /// batch, a trained base weight that is not dense.
     pub fn loss_and_grads(&self, be: &B, batch: &PackedBatch) -> Result<LossAndGrads<B>> {
+        let out = self.loss_and_grads_deferred(be, batch)?;
+        let stats = be.download(&out.loss_stats)?;
+        Ok(LossAndGrads {
+            loss_sum: crate::backend::cross_entropy_loss(&stats),
+            n_targets: out.n_targets,
+            grads: out.grads,
+            reg: 0.0,
+        })
+    }
+
+    /// [`Llama::loss_and_grads`] with the loss left on the device, so that the caller reads it
+    /// back once with whatever else the step computed (the trainer: with AdaLoRA's
+    /// regularizer). Nothing is read back. Errors: as [`Llama::loss_and_grads`].
+    pub fn loss_and_grads_deferred(
+        &self,
+        be: &B,
+        batch: &PackedBatch,
+    ) -> Result<DeferredLossAndGrads<B>> {
         let n = batch.n_targets();
         if n == 0 {
             return Err(Error::Data("batch has no target token".into()));
@@ -714,8 +745,8 @@ impl<B: Backend> Llama<B> {
         let sel = be.gather_rows(&x, &batch.target_rows)?;
         let (hn, rstd_f) = be.rmsnorm(&sel, &self.norm, c.rms_norm_eps)?;
         let logits = be.linear(&hn, self.head(), None)?;
-        let (loss_sum, dlogits) =
-            be.cross_entropy(&logits, &batch.target_labels, 1.0 / n as f32)?;
+        let (loss_stats, dlogits) =
+            be.cross_entropy_stats(&logits, &batch.target_labels, 1.0 / n as f32)?;
         drop(logits);
         let dhn = be
             .linear_backward_input(&dlogits, self.head(), None)?
@@ -838,11 +869,10 @@ impl<B: Backend> Llama<B> {
                 })
             })
             .collect::<Result<Vec<_>>>()?;
-        Ok(LossAndGrads {
-            loss_sum,
+        Ok(DeferredLossAndGrads {
+            loss_stats,
             n_targets: n,
             grads: ordered,
-            reg: 0.0,
         })
     }
 

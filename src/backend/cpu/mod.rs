@@ -782,6 +782,15 @@ impl Backend for Cpu {
         ops::cross_entropy(logits, labels, grad_scale)
     }
 
+    fn cross_entropy_stats(
+        &self,
+        logits: &Tensor<Self>,
+        labels: &[i32],
+        grad_scale: f32,
+    ) -> Result<(Tensor<Self>, Tensor<Self>)> {
+        ops::cross_entropy_stats(logits, labels, grad_scale)
+    }
+
     fn adamw_step(
         &self,
         param: &mut Tensor<Self>,

@@ -287,6 +287,22 @@ pub(super) fn attention_backward(
     Ok((new(dq, &[t, qw]), new(dk, &[t, kw]), new(dv, &[t, kw])))
 }
 
+/// One counted row of the cross-entropy: writes `grad_scale * (softmax - onehot)` into `g`
+/// and returns `(max, sum of exp(x - max))`.
+fn ce_row(g: &mut [f32], row: &[f32], label: usize, grad_scale: f32) -> (f32, f32) {
+    let m = row.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
+    let mut sum = 0.0f32;
+    for (gv, &x) in g.iter_mut().zip(row) {
+        let e = (x - m).exp();
+        *gv = e;
+        sum += e;
+    }
+    let inv = grad_scale / sum;
+    g.iter_mut().for_each(|gv| *gv *= inv);
+    g[label] -= grad_scale;
+    (m, sum)
+}
+
 pub(super) fn cross_entropy(
     logits: &Tensor<Cpu>,
     labels: &[i32],
@@ -303,19 +319,34 @@ pub(super) fn cross_entropy(
             if label < 0 {
                 return 0.0;
             }
-            let m = row.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
-            let mut sum = 0.0f32;
-            for (gv, &x) in g.iter_mut().zip(row) {
-                let e = (x - m).exp();
-                *gv = e;
-                sum += e;
-            }
-            let inv = grad_scale / sum;
-            g.iter_mut().for_each(|gv| *gv *= inv);
-            g[label as usize] -= grad_scale;
+            let (m, sum) = ce_row(g, row, label as usize, grad_scale);
             let lse = m as f64 + (sum as f64).ln();
             lse - row[label as usize] as f64
         })
         .sum();
     Ok((loss, new(grad, &[n, vocab])))
+}
+
+pub(super) fn cross_entropy_stats(
+    logits: &Tensor<Cpu>,
+    labels: &[i32],
+    grad_scale: f32,
+) -> Result<(Tensor<Cpu>, Tensor<Cpu>)> {
+    let (n, vocab) = logits.dims2("logits")?;
+    check::labels(labels, n, vocab)?;
+    let mut grad = vec![0.0f32; n * vocab];
+    let rows: Vec<Option<[f32; 3]>> = grad
+        .par_chunks_mut(vocab.max(1))
+        .zip(logits.buf.par_chunks(vocab.max(1)))
+        .zip(labels.par_iter())
+        .map(|((g, row), &label)| {
+            (label >= 0).then(|| {
+                let (m, sum) = ce_row(g, row, label as usize, grad_scale);
+                [m, sum, row[label as usize]]
+            })
+        })
+        .collect();
+    let stats: Vec<f32> = rows.into_iter().flatten().flatten().collect();
+    let k = stats.len() / 3;
+    Ok((new(stats, &[k, 3]), new(grad, &[n, vocab])))
 }

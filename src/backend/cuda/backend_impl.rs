@@ -529,6 +529,15 @@ impl Backend for Cuda {
         ops::cross_entropy(self, logits, labels, grad_scale)
     }
 
+    fn cross_entropy_stats(
+        &self,
+        logits: &Tensor<Self>,
+        labels: &[i32],
+        grad_scale: f32,
+    ) -> Result<(Tensor<Self>, Tensor<Self>)> {
+        ops::cross_entropy_stats(self, logits, labels, grad_scale)
+    }
+
     fn adamw_step(
         &self,
         param: &mut Tensor<Self>,

@@ -474,6 +474,45 @@ pub(super) fn cross_entropy(
     Ok((be.download_f64(&loss, n)?.iter().sum(), grad))
 }
 
+pub(super) fn cross_entropy_stats(
+    be: &Cuda,
+    logits: &Tensor<Cuda>,
+    labels: &[i32],
+    grad_scale: f32,
+) -> Result<(Tensor<Cuda>, Tensor<Cuda>)> {
+    let (n, vocab) = logits.dims2("logits")?;
+    check::labels(labels, n, vocab)?;
+    let grad = be.alloc(&[n, vocab])?;
+    // The counted rows in order; the others' gradient rows stay zero (as allocated).
+    let rows: Vec<i32> = (0..n)
+        .filter(|&r| labels[r] >= 0)
+        .map(|r| r as i32)
+        .collect();
+    let stats = be.alloc_typed(&[rows.len(), 3], DType::F32)?;
+    if rows.is_empty() {
+        return Ok((stats, grad));
+    }
+    let lab = be.upload_i32(labels)?;
+    let rp = be.upload_i32(&rows)?;
+    be.launch(
+        "model",
+        "cross_entropy_stats",
+        (rows.len() as u32, 1, 1),
+        (256, 1, 1),
+        0,
+        &[
+            be.rd("logits", logits)?,
+            Arg::P(be.slice_ptr(&rp)),
+            Arg::P(be.slice_ptr(&lab)),
+            be.rd("dlogits", &grad)?,
+            be.rd_f32("stats", &stats)?,
+            Arg::I(vocab as i32),
+            Arg::F(grad_scale),
+        ],
+    )?;
+    Ok((stats, grad))
+}
+
 pub(super) fn adamw_step(
     be: &Cuda,
     param: &mut Tensor<Cuda>,

@@ -652,12 +652,25 @@ pub(super) fn cross_entropy(
     labels: &[i32],
     grad_scale: f32,
 ) -> Result<(f64, Tensor<Wgpu>)> {
+    let (stats, grad) = cross_entropy_stats(be, logits, labels, grad_scale)?;
+    // The step's one readback: per counted row (max, sum of exp, logit of the label).
+    let words = be.ctx.read(&stats.buf.buffer, stats.len())?;
+    let loss = crate::backend::cross_entropy_loss(bytemuck::cast_slice::<u32, f32>(&words));
+    Ok((loss, grad))
+}
+
+pub(super) fn cross_entropy_stats(
+    be: &Wgpu,
+    logits: &Tensor<Wgpu>,
+    labels: &[i32],
+    grad_scale: f32,
+) -> Result<(Tensor<Wgpu>, Tensor<Wgpu>)> {
     let (n, vocab) = logits.dims2("logits")?;
     check::labels(labels, n, vocab)?;
     let grad = be.alloc(&[n, vocab]);
     let counted = labels.iter().filter(|&&l| l >= 0).count();
     if counted == 0 || vocab == 0 {
-        return Ok((0.0, grad));
+        return Ok((be.alloc(&[0, 3]), grad));
     }
     let ctx = &*be.ctx;
     let per_batch = (capacity(ctx) / 3).max(1);
@@ -677,13 +690,13 @@ pub(super) fn cross_entropy(
         }
     }
     let list = words.upload(be);
-    let stats = be.ctx.alloc(stat_off);
+    let stats = be.alloc(&[counted, 3]);
     let kernel = kernel(ctx, "loss", LOSS, "cross_entropy", true)?;
     for &(r0, r1, off, count, st) in &batches {
         let (bx, xo) = span(ctx, &logits.buf, r0 * vocab, (r1 - r0) * vocab);
         let (bd, dof) = span(ctx, &grad.buf, r0 * vocab, (r1 - r0) * vocab);
         let (bl, lo) = span(ctx, &list, off, 2 * count);
-        let (bs, so) = span(ctx, &stats, st, 3 * count);
+        let (bs, so) = span(ctx, &stats.buf, st, 3 * count);
         let params = [
             count as u32,
             vocab as u32,
@@ -700,11 +713,6 @@ pub(super) fn cross_entropy(
             grid(ctx, count),
         )?;
     }
-    // The step's one readback: per counted row (max, sum of exp, logit of the label).
-    let words = ctx.read(&stats.buffer, stat_off)?;
-    let loss = bytemuck::cast_slice::<u32, f32>(&words)
-        .chunks_exact(3)
-        .map(|s| s[0] as f64 + (s[1] as f64).ln() - s[2] as f64)
-        .sum();
-    Ok((loss, grad))
+    debug_assert_eq!(stat_off, 3 * counted);
+    Ok((stats, grad))
 }
