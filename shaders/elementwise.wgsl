@@ -113,3 +113,18 @@ fn colscale_bias(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation
         o0[e] = v;
     }
 }
+
+// AdaLoRA's importance EMAs (PEFT RankAllocator.update_ipt): i1 = param, i2 = grad,
+// o4 = exp_avg_ipt, o5 = exp_avg_unc; f0 = beta1, f1 = 1 - beta1, f2 = beta2, f3 = 1 - beta2
+// (computed in f64 on the host and rounded, as torch's Python scalars).
+@compute @workgroup_size(256)
+fn adalora_update_ipt(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_id) lid: vec3<u32>,
+                      @builtin(num_workgroups) nwg: vec3<u32>) {
+    let e = index(wg, lid, nwg);
+    if (e < p.n) {
+        let ipt = abs(i1[e] * i2[e]);
+        let avg = p.f0 * o4[e] + p.f1 * ipt;
+        o4[e] = avg;
+        o5[e] = p.f2 * o5[e] + p.f3 * abs(ipt - avg);
+    }
+}

@@ -156,7 +156,19 @@ fn launched_entry_points_exist() {
             ],
         ),
         ("vera", &["vera_lambda_grads"]),
-        ("adalora", &["adalora_grads"]),
+        (
+            "adalora",
+            &[
+                "adalora_grads",
+                "adalora_update_ipt",
+                "adalora_triplet_scores",
+                "adalora_kthvalue",
+                "adalora_rank_mask",
+                "adalora_apply_mask",
+                "adalora_orth_gram",
+                "adalora_orth_total",
+            ],
+        ),
         (
             "nf4",
             &[

@@ -1,7 +1,8 @@
 //! Argument checks shared by every backend, so that each kernel's contract (shapes, ranges) is
 //! enforced in one place and every backend returns the same error for the same bad input.
 
-use super::{AdamWParams, AttentionSaved, Backend, SeqSpan, Tensor, same_shape};
+use super::{AdaLoraIpt, AdamWParams, AttentionSaved, Backend, SeqSpan, Tensor, same_shape};
+use crate::adapter::rank_allocator::EmaCoefs;
 use crate::error::{Error, Result};
 
 /// Checks `x [T, in]` against `w [out, in]`, returning `(T, in, out)`.
@@ -124,6 +125,128 @@ pub fn adalora<B: Backend>(
     let r = lora(din, dout, a, b)?;
     e.expect_shape("lora_E", &[r, 1])?;
     Ok(r)
+}
+
+/// Checks one AdaLoRA EMA update (grad and both EMAs shaped like the parameter) and returns
+/// the f32 coefficients of `beta1`, `beta2`. Errors: shapes, a beta outside (0, 1).
+pub(crate) fn adalora_update_ipt<B: Backend>(
+    param: &Tensor<B>,
+    grad: &Tensor<B>,
+    ipt: &Tensor<B>,
+    unc: &Tensor<B>,
+    beta1: f64,
+    beta2: f64,
+) -> Result<EmaCoefs> {
+    same_shape("grad", grad, param)?;
+    same_shape("exp_avg_ipt", ipt, param)?;
+    same_shape("exp_avg_unc", unc, param)?;
+    EmaCoefs::new(beta1, beta2)
+}
+
+/// Checks that `v` is 1-D `[n]` and that `offset..offset + r` lies in it; returns n.
+fn range<B: Backend>(name: &str, v: &Tensor<B>, offset: usize, r: usize) -> Result<usize> {
+    let n = match v.shape() {
+        [n] => *n,
+        _ => return Err(Error::shape(name, "1-D [n]", v.shape())),
+    };
+    if offset.checked_add(r).is_none_or(|end| end > n) {
+        return Err(Error::arg(
+            "offset",
+            format!("ranks {offset}..{offset}+{r} outside `{name}` of {n} entries"),
+        ));
+    }
+    Ok(n)
+}
+
+/// Checks a layer's AdaLoRA EMAs (`[r, in]`, `[out, r]`, `[r, 1]`, each pair alike, r >= 1)
+/// and the range `offset..offset + r` of `scores [n]`; returns `(r, in, out)`.
+pub fn adalora_triplet_scores<B: Backend>(
+    ema: &AdaLoraIpt<B>,
+    scores: &Tensor<B>,
+    offset: usize,
+) -> Result<(usize, usize, usize)> {
+    let (r, din) = ema.ipt_a.dims2("exp_avg_ipt[lora_A]")?;
+    if r == 0 {
+        return Err(Error::arg("r", "AdaLoRA rank must be at least 1"));
+    }
+    let (dout, _) = ema.ipt_b.dims2("exp_avg_ipt[lora_B]")?;
+    ema.unc_a.expect_shape("exp_avg_unc[lora_A]", &[r, din])?;
+    ema.ipt_b.expect_shape("exp_avg_ipt[lora_B]", &[dout, r])?;
+    ema.unc_b.expect_shape("exp_avg_unc[lora_B]", &[dout, r])?;
+    ema.ipt_e.expect_shape("exp_avg_ipt[lora_E]", &[r, 1])?;
+    ema.unc_e.expect_shape("exp_avg_unc[lora_E]", &[r, 1])?;
+    range("scores", scores, offset, r)?;
+    Ok((r, din, dout))
+}
+
+/// Checks `scores [n]` and a 1-based `k` in `1..=n` (torch.kthvalue); returns n.
+pub fn adalora_threshold<B: Backend>(scores: &Tensor<B>, k: usize) -> Result<usize> {
+    let n = range("scores", scores, 0, 0)?;
+    if k == 0 || k > n {
+        return Err(Error::arg(
+            "k",
+            format!("kthvalue k = {k} outside 1..={n} (PEFT: k = init_bgt - budget)"),
+        ));
+    }
+    Ok(n)
+}
+
+/// Checks `scores [n]` and `threshold [1]`; returns n.
+pub fn adalora_rank_mask<B: Backend>(scores: &Tensor<B>, threshold: &Tensor<B>) -> Result<usize> {
+    threshold.expect_shape("threshold", &[1])?;
+    range("scores", scores, 0, 0)
+}
+
+/// Checks `lora_E [r, 1]` and the range `offset..offset + r` of `keep [n]`; returns r.
+pub fn adalora_apply_mask<B: Backend>(
+    lora_e: &Tensor<B>,
+    keep: &Tensor<B>,
+    offset: usize,
+) -> Result<usize> {
+    let r = match lora_e.shape() {
+        [r, 1] => *r,
+        _ => return Err(Error::shape("lora_E", "[r, 1]", lora_e.shape())),
+    };
+    range("keep", keep, offset, r)?;
+    Ok(r)
+}
+
+/// Checks the orthogonal regularizer's inputs: as many gradient pairs as factor pairs, each
+/// `lora_A [r, in]` (r >= 1) with `lora_B [out, r]`, gradients shaped like their factors, and
+/// a weight that is finite and >= 0 (PEFT raises for < 0). Returns `(r, in, out)` per layer.
+pub fn adalora_orth_reg<B: Backend>(
+    factors: &[(&Tensor<B>, &Tensor<B>)],
+    grads: &[(&mut Tensor<B>, &mut Tensor<B>)],
+    orth_reg_weight: f32,
+) -> Result<Vec<(usize, usize, usize)>> {
+    if !(orth_reg_weight >= 0.0 && orth_reg_weight.is_finite()) {
+        return Err(Error::arg(
+            "orth_reg_weight",
+            format!("must be finite and >= 0, got {orth_reg_weight}"),
+        ));
+    }
+    if grads.len() != factors.len() {
+        return Err(Error::arg(
+            "grads",
+            format!(
+                "{} gradient pairs for {} layers",
+                grads.len(),
+                factors.len()
+            ),
+        ));
+    }
+    factors
+        .iter()
+        .zip(grads)
+        .map(|(&(a, b), (ga, gb))| {
+            let (_, din) = a.dims2("lora_A")?;
+            let (dout, _) = b.dims2("lora_B")?;
+            let r = lora(din, dout, a, b)?;
+            same_shape("grad_A", ga, a)?;
+            same_shape("grad_B", gb, b)?;
+            Ok((r, din, dout))
+        })
+        .collect()
 }
 
 /// Shape checks shared by attention forward and backward; returns `(T, head_dim, group)`.

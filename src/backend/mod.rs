@@ -189,6 +189,46 @@ pub struct AdaLoraGrads<B: Backend> {
     pub d_lora_e: Tensor<B>,
 }
 
+/// The importance EMAs of one AdaLoRA layer (PEFT `RankAllocator.exp_avg_ipt` and
+/// `exp_avg_unc` of its `lora_A`, `lora_B` and `lora_E`), each shaped like its parameter:
+/// `[r, in]`, `[out, r]`, `[r, 1]`. Updated by [`Backend::adalora_update_ipt`], scored by
+/// [`Backend::adalora_triplet_scores`].
+pub struct AdaLoraIpt<B: Backend> {
+    pub ipt_a: Tensor<B>,
+    pub unc_a: Tensor<B>,
+    pub ipt_b: Tensor<B>,
+    pub unc_b: Tensor<B>,
+    pub ipt_e: Tensor<B>,
+    pub unc_e: Tensor<B>,
+}
+
+impl<B: Backend> AdaLoraIpt<B> {
+    /// Zero EMAs for a layer of rank `r` over `[out, in]` (PEFT starts them at 0).
+    pub fn zeros(be: &B, r: usize, in_features: usize, out_features: usize) -> Result<Self> {
+        Ok(AdaLoraIpt {
+            ipt_a: be.zeros(&[r, in_features])?,
+            unc_a: be.zeros(&[r, in_features])?,
+            ipt_b: be.zeros(&[out_features, r])?,
+            unc_b: be.zeros(&[out_features, r])?,
+            ipt_e: be.zeros(&[r, 1])?,
+            unc_e: be.zeros(&[r, 1])?,
+        })
+    }
+}
+
+impl<B: Backend> Clone for AdaLoraIpt<B> {
+    fn clone(&self) -> Self {
+        AdaLoraIpt {
+            ipt_a: self.ipt_a.clone(),
+            unc_a: self.unc_a.clone(),
+            ipt_b: self.ipt_b.clone(),
+            unc_b: self.unc_b.clone(),
+            ipt_e: self.ipt_e.clone(),
+            unc_e: self.unc_e.clone(),
+        }
+    }
+}
+
 /// The summed cross-entropy from the per-row statistics of [`Backend::cross_entropy_stats`]
 /// (`(max, sum of exp, logit of the label)` per counted row): `sum(max + ln(sum) - logit)`,
 /// each term and the sum in f64, in row order (the same per-row value as
@@ -577,6 +617,93 @@ pub trait Backend: Clone + Send + Sync + Sized + 'static {
         ranknum: f32,
         sign: f32,
     ) -> Result<()>;
+
+    // ---- AdaLoRA's rank allocator and orthogonal regularizer (PEFT `RankAllocator`) ----------
+    //
+    // The pieces of `RankAllocator.update_and_allocate` and of the regularizer of
+    // `AdaLoraModel.forward`, so that the allocator runs on the device with nothing read back
+    // (see `adapter::device_rank_allocator`). The CPU implementations are the host allocator's
+    // own functions (`adapter::rank_allocator`), so a device allocator on the CPU backend is
+    // bit-identical to it. GPU backends may sum in a different order or precision, as each
+    // method says.
+
+    /// PEFT `RankAllocator.update_ipt` for one parameter, in place and elementwise, in f32 as
+    /// torch computes it: `I = |p * g|`, `ipt = b1 ipt + (1 - b1) I`,
+    /// `unc = b2 unc + (1 - b2) |I - ipt|` (with the new `ipt`), where `b1`, `1 - b1`, `b2`,
+    /// `1 - b2` are computed in f64 from `beta1`, `beta2` and rounded to f32 (torch's Python
+    /// float scalars). param, grad, exp_avg_ipt, exp_avg_unc: one shape. A GPU may fuse a
+    /// multiply and an add (one rounding fewer). Errors: shapes that differ; a beta outside
+    /// the open interval (0, 1).
+    fn adalora_update_ipt(
+        &self,
+        param: &Tensor<Self>,
+        grad: &Tensor<Self>,
+        exp_avg_ipt: &mut Tensor<Self>,
+        exp_avg_unc: &mut Tensor<Self>,
+        beta1: f64,
+        beta2: f64,
+    ) -> Result<()>;
+
+    /// The triplet scores of one layer (PEFT `mask_to_budget` + `_combine_ipt`), written to
+    /// `scores[offset..offset + r]`: with `s = exp_avg_ipt * exp_avg_unc` per entry,
+    /// `score_i = s(E_i) + (mean_j s(A_ij) + mean_k s(B_ki))`. ema: see [`AdaLoraIpt`];
+    /// scores `[n]` with `offset + r <= n` (one buffer for every layer, so that
+    /// [`Backend::adalora_threshold`] sees them all). The CPU accumulates the means in f64;
+    /// wgpu in compensated f32 and CUDA in f64, each rounded once to f32, so a GPU score may
+    /// differ from the CPU's in the last bits (ties between nearly equal scores may then
+    /// break differently). A mean over no entries (`in` or `out` 0) is NaN. Errors: EMA
+    /// shapes that disagree, a range outside `scores`.
+    fn adalora_triplet_scores(
+        &self,
+        ema: &AdaLoraIpt<Self>,
+        scores: &mut Tensor<Self>,
+        offset: usize,
+    ) -> Result<()>;
+
+    /// The masking threshold: `torch.kthvalue(scores, k)` for a 1-based `k`, the k-th smallest
+    /// of `scores [n]` in the total order of [`f32::total_cmp`] (NaN above every number, as
+    /// torch sorts it), returned as a `[1]` tensor (exact: one of the scores). PEFT's
+    /// `k = init_bgt - budget`. Errors: scores not 1-D, `k` outside `1..=n`.
+    fn adalora_threshold(&self, scores: &Tensor<Self>, k: usize) -> Result<Tensor<Self>>;
+
+    /// The keep-mask of every rank at once: `keep [n]` with `0.0` where `scores[i] <=
+    /// threshold[0]` (PEFT masks those) and `1.0` elsewhere; a NaN score or threshold compares
+    /// false, so it keeps. This is PEFT's rank pattern as floats. Errors: scores not 1-D,
+    /// threshold not `[1]`.
+    fn adalora_rank_mask(
+        &self,
+        scores: &Tensor<Self>,
+        threshold: &Tensor<Self>,
+    ) -> Result<Tensor<Self>>;
+
+    /// PEFT's `lora_E.masked_fill_(~keep, 0.0)` for one layer: `lora_e[i] = 0` where
+    /// `keep[offset + i] == 0`, else unchanged. lora_e `[r, 1]`, keep `[n]` (from
+    /// [`Backend::adalora_rank_mask`]) with `offset + r <= n`. Errors: those shapes.
+    fn adalora_apply_mask(
+        &self,
+        lora_e: &mut Tensor<Self>,
+        keep: &Tensor<Self>,
+        offset: usize,
+    ) -> Result<()>;
+
+    /// AdaLoRA's orthogonal regularizer over every layer, as `AdaLoraModel.forward` adds it to
+    /// the loss: with `n_A = ||A A^T - I||_F`, `n_B = ||B^T B - I||_F` (Frobenius norms, NOT
+    /// squared: PEFT's `torch.norm(p="fro")`) and `w = orth_reg_weight / (2 n_layers)` (the
+    /// mean over the `lora_A` and `lora_B` parameters), returns the loss
+    /// `w * sum_layers (n_A + n_B)` as a `[1]` tensor and adds its gradient into each layer's
+    /// gradients: `grad_A += w * 2 (A A^T - I) A / n_A`, `grad_B += w * 2 B (B^T B - I) / n_B`
+    /// (nothing where a norm is 0, as torch's). Every rank counts, masked or not. The norms
+    /// stay on the device; nothing is read back. factors: `(lora_A [r, in], lora_B [out, r])`
+    /// per layer; grads: `(grad_A, grad_B)` shaped alike, per layer. No layers give 0. The
+    /// CPU computes in f64 and rounds as `rank_allocator::orth_reg_total`; wgpu in f32; CUDA
+    /// forms the Gram matrices in f32 (cuBLAS) and sums the norms in f64. Errors: lists of
+    /// different lengths, shapes that disagree, a weight that is negative or not finite.
+    fn adalora_orth_reg(
+        &self,
+        factors: &[(&Tensor<Self>, &Tensor<Self>)],
+        grads: &mut [(&mut Tensor<Self>, &mut Tensor<Self>)],
+        orth_reg_weight: f32,
+    ) -> Result<Tensor<Self>>;
 
     // ---- NF4 base weights (QLoRA, Dettmers et al. 2023) ---------------------------------------
     //

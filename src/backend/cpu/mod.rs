@@ -2,6 +2,7 @@
 //! rayon for the rest. Every other backend is tested against these functions, so they favour
 //! plain, obviously-correct loops around the GEMMs.
 
+mod adalora;
 mod adapters;
 pub mod gemm;
 mod nf4;
@@ -9,8 +10,8 @@ mod ops;
 
 use self::gemm::{Op, sgemm};
 use super::{
-    AdaLoraGrads, AdamWParams, AttentionSaved, Backend, DoraGrads, DoraSaved, Nf4Weight, SeqSpan,
-    Tensor, check, same_shape,
+    AdaLoraGrads, AdaLoraIpt, AdamWParams, AttentionSaved, Backend, DoraGrads, DoraSaved,
+    Nf4Weight, SeqSpan, Tensor, check, same_shape,
 };
 use crate::error::{Error, Result};
 use crate::quant::nf4::Nf4Tensor;
@@ -566,6 +567,57 @@ impl Backend for Cpu {
         sign: f32,
     ) -> Result<()> {
         adapters::adalora_merge(w, lora_a, lora_b, lora_e, scaling, ranknum, sign)
+    }
+
+    fn adalora_update_ipt(
+        &self,
+        param: &Tensor<Self>,
+        grad: &Tensor<Self>,
+        exp_avg_ipt: &mut Tensor<Self>,
+        exp_avg_unc: &mut Tensor<Self>,
+        beta1: f64,
+        beta2: f64,
+    ) -> Result<()> {
+        adalora::update_ipt(param, grad, exp_avg_ipt, exp_avg_unc, beta1, beta2)
+    }
+
+    fn adalora_triplet_scores(
+        &self,
+        ema: &AdaLoraIpt<Self>,
+        scores: &mut Tensor<Self>,
+        offset: usize,
+    ) -> Result<()> {
+        adalora::triplet_scores(ema, scores, offset)
+    }
+
+    fn adalora_threshold(&self, scores: &Tensor<Self>, k: usize) -> Result<Tensor<Self>> {
+        adalora::threshold(scores, k)
+    }
+
+    fn adalora_rank_mask(
+        &self,
+        scores: &Tensor<Self>,
+        threshold: &Tensor<Self>,
+    ) -> Result<Tensor<Self>> {
+        adalora::rank_mask(scores, threshold)
+    }
+
+    fn adalora_apply_mask(
+        &self,
+        lora_e: &mut Tensor<Self>,
+        keep: &Tensor<Self>,
+        offset: usize,
+    ) -> Result<()> {
+        adalora::apply_mask(lora_e, keep, offset)
+    }
+
+    fn adalora_orth_reg(
+        &self,
+        factors: &[(&Tensor<Self>, &Tensor<Self>)],
+        grads: &mut [(&mut Tensor<Self>, &mut Tensor<Self>)],
+        orth_reg_weight: f32,
+    ) -> Result<Tensor<Self>> {
+        adalora::orth_reg(factors, grads, orth_reg_weight)
     }
 
     fn upload_nf4(&self, w: &Nf4Tensor) -> Result<Nf4Weight<Self>> {

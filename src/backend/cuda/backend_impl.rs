@@ -1,11 +1,12 @@
 //! `impl Backend for Cuda`: each method delegates to the module of its kernel family.
 
 use super::{
-    Cuda, CudaBuf, CudaNf4, adalora_vera, adapters, berr, check_dims, decode, dora, nf4, ops,
+    Cuda, CudaBuf, CudaNf4, adalora_alloc, adalora_vera, adapters, berr, check_dims, decode, dora,
+    nf4, ops,
 };
 use crate::backend::{
-    AdaLoraGrads, AdamWParams, AttentionSaved, Backend, DoraGrads, DoraSaved, Nf4Weight, SeqSpan,
-    Tensor,
+    AdaLoraGrads, AdaLoraIpt, AdamWParams, AttentionSaved, Backend, DoraGrads, DoraSaved,
+    Nf4Weight, SeqSpan, Tensor,
 };
 use crate::error::{Error, Result};
 use crate::quant::nf4::Nf4Tensor;
@@ -331,6 +332,57 @@ impl Backend for Cuda {
         sign: f32,
     ) -> Result<()> {
         adalora_vera::adalora_merge(self, w, lora_a, lora_b, lora_e, scaling, ranknum, sign)
+    }
+
+    fn adalora_update_ipt(
+        &self,
+        param: &Tensor<Self>,
+        grad: &Tensor<Self>,
+        exp_avg_ipt: &mut Tensor<Self>,
+        exp_avg_unc: &mut Tensor<Self>,
+        beta1: f64,
+        beta2: f64,
+    ) -> Result<()> {
+        adalora_alloc::update_ipt(self, param, grad, exp_avg_ipt, exp_avg_unc, beta1, beta2)
+    }
+
+    fn adalora_triplet_scores(
+        &self,
+        ema: &AdaLoraIpt<Self>,
+        scores: &mut Tensor<Self>,
+        offset: usize,
+    ) -> Result<()> {
+        adalora_alloc::triplet_scores(self, ema, scores, offset)
+    }
+
+    fn adalora_threshold(&self, scores: &Tensor<Self>, k: usize) -> Result<Tensor<Self>> {
+        adalora_alloc::threshold(self, scores, k)
+    }
+
+    fn adalora_rank_mask(
+        &self,
+        scores: &Tensor<Self>,
+        threshold: &Tensor<Self>,
+    ) -> Result<Tensor<Self>> {
+        adalora_alloc::rank_mask(self, scores, threshold)
+    }
+
+    fn adalora_apply_mask(
+        &self,
+        lora_e: &mut Tensor<Self>,
+        keep: &Tensor<Self>,
+        offset: usize,
+    ) -> Result<()> {
+        adalora_alloc::apply_mask(self, lora_e, keep, offset)
+    }
+
+    fn adalora_orth_reg(
+        &self,
+        factors: &[(&Tensor<Self>, &Tensor<Self>)],
+        grads: &mut [(&mut Tensor<Self>, &mut Tensor<Self>)],
+        orth_reg_weight: f32,
+    ) -> Result<Tensor<Self>> {
+        adalora_alloc::orth_reg(self, factors, grads, orth_reg_weight)
     }
 
     fn upload_nf4(&self, w: &Nf4Tensor) -> Result<Nf4Weight<Self>> {

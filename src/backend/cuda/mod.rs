@@ -17,6 +17,7 @@
 //!
 //! Kernels run on one stream in order; downloads synchronize.
 
+mod adalora_alloc;
 mod adalora_vera;
 mod adapters;
 mod backend_impl;

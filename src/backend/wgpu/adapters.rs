@@ -243,7 +243,7 @@ pub(super) fn rowdot(
 
 /// `o[c] = sum_i x[i, c] y[i, c]` (then `/ v[c]`) for `i < rows`, `c < cols`; `o` is `[cols]`
 /// (left as is when `rows = 0`).
-fn colsum(
+pub(super) fn colsum(
     be: &Wgpu,
     rows: usize,
     cols: usize,

@@ -13,6 +13,7 @@
 //! Results equal the CPU reference ([`crate::Cpu`]) up to f32 summation order; the tests in
 //! `tests/wgpu_*.rs` check every kernel against it.
 
+mod adalora;
 mod adapters;
 mod ctx;
 mod matmul;
@@ -22,8 +23,8 @@ mod ops;
 use self::ctx::{Bind, Ctx, DType, GpuBuf};
 use self::matmul::{LowRank, Matmul, Operand};
 use super::{
-    AdaLoraGrads, AdamWParams, AttentionSaved, Backend, DoraGrads, DoraSaved, Nf4Weight, SeqSpan,
-    Tensor, check, same_shape,
+    AdaLoraGrads, AdaLoraIpt, AdamWParams, AttentionSaved, Backend, DoraGrads, DoraSaved,
+    Nf4Weight, SeqSpan, Tensor, check, same_shape,
 };
 use crate::error::{Error, Result};
 use crate::quant::nf4::Nf4Tensor;
@@ -742,6 +743,57 @@ impl Backend for Wgpu {
         sign: f32,
     ) -> Result<()> {
         adapters::adalora_merge(self, w, lora_a, lora_b, lora_e, scaling, ranknum, sign)
+    }
+
+    fn adalora_update_ipt(
+        &self,
+        param: &Tensor<Self>,
+        grad: &Tensor<Self>,
+        exp_avg_ipt: &mut Tensor<Self>,
+        exp_avg_unc: &mut Tensor<Self>,
+        beta1: f64,
+        beta2: f64,
+    ) -> Result<()> {
+        adalora::update_ipt(self, param, grad, exp_avg_ipt, exp_avg_unc, beta1, beta2)
+    }
+
+    fn adalora_triplet_scores(
+        &self,
+        ema: &AdaLoraIpt<Self>,
+        scores: &mut Tensor<Self>,
+        offset: usize,
+    ) -> Result<()> {
+        adalora::triplet_scores(self, ema, scores, offset)
+    }
+
+    fn adalora_threshold(&self, scores: &Tensor<Self>, k: usize) -> Result<Tensor<Self>> {
+        adalora::threshold(self, scores, k)
+    }
+
+    fn adalora_rank_mask(
+        &self,
+        scores: &Tensor<Self>,
+        threshold: &Tensor<Self>,
+    ) -> Result<Tensor<Self>> {
+        adalora::rank_mask(self, scores, threshold)
+    }
+
+    fn adalora_apply_mask(
+        &self,
+        lora_e: &mut Tensor<Self>,
+        keep: &Tensor<Self>,
+        offset: usize,
+    ) -> Result<()> {
+        adalora::apply_mask(self, lora_e, keep, offset)
+    }
+
+    fn adalora_orth_reg(
+        &self,
+        factors: &[(&Tensor<Self>, &Tensor<Self>)],
+        grads: &mut [(&mut Tensor<Self>, &mut Tensor<Self>)],
+        orth_reg_weight: f32,
+    ) -> Result<Tensor<Self>> {
+        adalora::orth_reg(self, factors, grads, orth_reg_weight)
     }
 
     fn upload_nf4(&self, w: &Nf4Tensor) -> Result<Nf4Weight<Self>> {

@@ -79,7 +79,7 @@ fn span<'b>(ctx: &Ctx, buf: &'b GpuBuf, lo: usize, len: usize) -> (Bind<'b>, u32
 }
 
 /// The whole of `buf` (its first `len` words), which must fit one binding.
-fn whole<'b>(ctx: &Ctx, what: &str, buf: &'b GpuBuf, len: usize) -> Result<Bind<'b>> {
+pub(super) fn whole<'b>(ctx: &Ctx, what: &str, buf: &'b GpuBuf, len: usize) -> Result<Bind<'b>> {
     if len > limits(ctx).0 {
         return Err(err(format!(
             "{what}: {} MiB is more than one storage binding ({} MiB)",
