@@ -11,7 +11,8 @@
 //! `lora_A [r, in]` (Q), `lora_E [r, 1]` (Λ), `lora_B [out, r]` (P) are all trained. Masking a
 //! rank zeroes its E entry ([`AdaLoraLayer::apply_rank_mask`]); its gradient is still computed
 //! (PEFT's RankAllocator re-applies the mask after each step). The RankAllocator itself (budget
-//! schedule, importance scores) and the orthogonality regulariser are not here yet.
+//! schedule, importance scores) and the orthogonality regulariser are in
+//! [`super::rank_allocator`] (host) and [`super::device_rank_allocator`] (on the backend).
 
 use super::Linear;
 use crate::backend::{AdaLoraGrads, Backend, Tensor};

@@ -4,6 +4,7 @@
 //! touching it (PEFT's injection model), so the same adapter code runs over every base format.
 
 pub mod adalora;
+pub mod device_rank_allocator;
 pub mod dora;
 pub mod lora;
 pub mod method;

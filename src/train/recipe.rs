@@ -1,10 +1,9 @@
 //! What to fine-tune and how: the method, its hyperparameters (PEFT's names), and the training
 //! run around it. The CLI and the Python module both build a [`Recipe`] and call [`run`].
 
-use crate::adapter::rank_allocator::{
-    AdaLoraLayerView, AdaLoraSchedule, OrthRegInput, RankAllocator, orth_reg_total,
-};
-use crate::adapter::{Adapter, LoraConfig, MethodKind};
+use crate::adapter::device_rank_allocator::{AdaLoraDeviceLayer, DeviceRankAllocator};
+use crate::adapter::rank_allocator::AdaLoraSchedule;
+use crate::adapter::{AdaLoraLayer, Adapter, LoraConfig, MethodKind};
 use crate::backend::{Backend, Tensor};
 use crate::error::{Error, Result};
 use crate::model::llama::{FullFinetune, Llama, Nf4Spec, proj_path};
@@ -245,9 +244,9 @@ pub fn run<B: Backend>(
         cfg.unfreeze_every = recipe.full.unfreeze_every;
     }
     if recipe.method == Method::AdaLora {
-        let mut hook = AdaLoraHook::new(model, &recipe.adalora, cfg.steps as u64)?;
+        let mut hook = AdaLoraHook::new(be, model, &recipe.adalora, cfg.steps as u64)?;
         let mut metrics = train_with(be, model, train, eval, &cfg, on_step, &mut hook)?;
-        metrics.adalora_rank_pattern = hook.alloc.rank_pattern().cloned();
+        metrics.adalora_rank_pattern = hook.alloc.rank_pattern(be)?;
         Ok(metrics)
     } else {
         train_with(
@@ -264,17 +263,23 @@ pub fn run<B: Backend>(
 
 /// AdaLoRA's work around each optimizer step, as PEFT's `AdaLoraModel` does it: the
 /// orthogonal regularizer's gradient joins the loss's before the update, and
-/// `update_and_allocate(global_step)` runs after it (1-based steps).
-pub struct AdaLoraHook {
-    alloc: RankAllocator,
+/// `update_and_allocate(global_step)` runs after it (1-based steps). Both run on the backend
+/// ([`Backend::adalora_orth_reg`], [`DeviceRankAllocator`]): the regularizer's value is read
+/// back with the loss and nothing else is, mask steps included.
+pub struct AdaLoraHook<B: Backend> {
+    alloc: DeviceRankAllocator<B>,
     orth_reg_weight: f32,
-    /// `(module path, layer index, projection index)` of every AdaLoRA layer.
+    /// `(module path, layer index, projection index)` of every AdaLoRA layer, in the order of
+    /// the model's layers and projections.
     layers: Vec<(String, usize, usize)>,
 }
 
-impl AdaLoraHook {
-    /// Errors: the schedule or budget is invalid for this model (see [`RankAllocator::new`]).
-    pub fn new<B: Backend>(model: &Llama<B>, s: &AdaLoraSettings, total_step: u64) -> Result<Self> {
+impl<B: Backend> AdaLoraHook<B> {
+    /// Errors: the schedule or budget is invalid for this model (see [`RankAllocator::new`]);
+    /// a backend error allocating the allocator's buffers.
+    ///
+    /// [`RankAllocator::new`]: crate::adapter::rank_allocator::RankAllocator::new
+    pub fn new(be: &B, model: &Llama<B>, s: &AdaLoraSettings, total_step: u64) -> Result<Self> {
         let mut layers = Vec::new();
         let mut ranks = Vec::new();
         for (l, b) in model.layers.iter().enumerate() {
@@ -299,50 +304,40 @@ impl AdaLoraHook {
             total_step,
         };
         Ok(AdaLoraHook {
-            alloc: RankAllocator::new(schedule, s.beta1, s.beta2, &named)?,
+            alloc: DeviceRankAllocator::new(be, schedule, s.beta1, s.beta2, &named)?,
             orth_reg_weight: s.orth_reg_weight,
             layers,
         })
     }
 
-    /// The current rank pattern (after the first mask).
-    pub fn allocator(&self) -> &RankAllocator {
+    /// The rank allocator (its rank pattern after the first mask:
+    /// [`DeviceRankAllocator::rank_pattern`]).
+    pub fn allocator(&self) -> &DeviceRankAllocator<B> {
         &self.alloc
+    }
+
+    /// Every AdaLoRA layer of `model`, in the hook's order. Errors: the layers changed since
+    /// the hook was made.
+    fn adapters<'m>(&self, model: &'m Llama<B>) -> Result<Vec<&'m AdaLoraLayer<B>>> {
+        let found: Vec<&AdaLoraLayer<B>> = self
+            .layers
+            .iter()
+            .filter_map(
+                |(_, l, p)| match &model.layers.get(*l)?.proj.get(*p)?.adapter {
+                    Some(Adapter::AdaLora(a)) => Some(a),
+                    _ => None,
+                },
+            )
+            .collect();
+        if found.len() != self.layers.len() {
+            return Err(disappeared());
+        }
+        Ok(found)
     }
 }
 
-/// Host copies of one AdaLoRA layer's tensors.
-struct HostLayer {
-    a: Vec<f32>,
-    b: Vec<f32>,
-    e: Vec<f32>,
-    r: usize,
-    inp: usize,
-    out: usize,
-}
-
-fn host_layers<B: Backend>(
-    be: &B,
-    model: &Llama<B>,
-    layers: &[(String, usize, usize)],
-) -> Result<Vec<HostLayer>> {
-    layers
-        .iter()
-        .map(|(_, l, p)| match &model.layers[*l].proj[*p].adapter {
-            Some(Adapter::AdaLora(a)) => Ok(HostLayer {
-                a: be.download(&a.lora_a)?,
-                b: be.download(&a.lora_b)?,
-                e: be.download(&a.lora_e)?,
-                r: a.r(),
-                inp: a.lora_a.dim(1),
-                out: a.lora_b.dim(0),
-            }),
-            _ => Err(Error::arg(
-                "adapter",
-                "AdaLoRA layer disappeared during training",
-            )),
-        })
-        .collect()
+fn disappeared() -> Error {
+    Error::arg("adapter", "AdaLoRA layer disappeared during training")
 }
 
 fn grad_index(names: &[String], name: &str) -> Result<usize> {
@@ -352,7 +347,7 @@ fn grad_index(names: &[String], name: &str) -> Result<usize> {
         .ok_or_else(|| Error::arg("grads", format!("no gradient named `{name}`")))
 }
 
-impl<B: Backend> StepHook<B> for AdaLoraHook {
+impl<B: Backend> StepHook<B> for AdaLoraHook<B> {
     fn before_update(
         &mut self,
         be: &B,
@@ -360,30 +355,31 @@ impl<B: Backend> StepHook<B> for AdaLoraHook {
         model: &Llama<B>,
         names: &[String],
         grads: &mut [Tensor<B>],
-    ) -> Result<f64> {
+    ) -> Result<Option<Tensor<B>>> {
         if self.orth_reg_weight == 0.0 {
-            return Ok(0.0);
+            return Ok(None);
         }
-        let host = host_layers(be, model, &self.layers)?;
-        let inputs: Vec<OrthRegInput<'_>> = host
-            .iter()
-            .map(|h| OrthRegInput {
-                lora_a: &h.a,
-                lora_b: &h.b,
-                r: h.r,
-                in_features: h.inp,
-                out_features: h.out,
-            })
+        let factors: Vec<(&Tensor<B>, &Tensor<B>)> = self
+            .adapters(model)?
+            .into_iter()
+            .map(|a| (&a.lora_a, &a.lora_b))
             .collect();
-        let total = orth_reg_total(&inputs, self.orth_reg_weight)?;
-        for ((path, _, _), (ga, gb)) in self.layers.iter().zip(&total.grads) {
-            for (suffix, g) in [("lora_A", ga), ("lora_B", gb)] {
+        // Disjoint mutable borrows of each layer's two gradients.
+        let mut slots: Vec<Option<&mut Tensor<B>>> = grads.iter_mut().map(Some).collect();
+        let mut pairs = Vec::with_capacity(self.layers.len());
+        for (path, _, _) in &self.layers {
+            let mut take = |suffix: &str| {
                 let i = grad_index(names, &format!("{path}.{suffix}"))?;
-                let t = be.upload(g, grads[i].shape())?;
-                be.axpy(&mut grads[i], 1.0, &t)?;
-            }
+                slots.get_mut(i).and_then(Option::take).ok_or_else(|| {
+                    Error::arg("grads", format!("gradient `{path}.{suffix}` missing"))
+                })
+            };
+            let ga = take("lora_A")?;
+            let gb = take("lora_B")?;
+            pairs.push((ga, gb));
         }
-        Ok(total.loss as f64)
+        be.adalora_orth_reg(&factors, &mut pairs, self.orth_reg_weight)
+            .map(Some)
     }
 
     fn after_update(
@@ -394,40 +390,41 @@ impl<B: Backend> StepHook<B> for AdaLoraHook {
         names: &[String],
         grads: &[Tensor<B>],
     ) -> Result<()> {
-        let mut host = host_layers(be, model, &self.layers)?;
-        let mut g = Vec::with_capacity(host.len());
-        for (path, _, _) in &self.layers {
-            let mut three = Vec::with_capacity(3);
-            for suffix in ["lora_A", "lora_B", "lora_E"] {
-                three.push(be.download(&grads[grad_index(names, &format!("{path}.{suffix}"))?])?);
-            }
-            g.push(three);
-        }
-        let mut views: Vec<AdaLoraLayerView<'_>> = host
+        let mut adapters: Vec<&mut AdaLoraLayer<B>> = model
+            .layers
             .iter_mut()
-            .zip(&self.layers)
-            .zip(&g)
-            .map(|((h, (path, _, _)), g)| AdaLoraLayerView {
-                name: path,
-                lora_a: &h.a,
-                grad_a: &g[0],
-                lora_b: &h.b,
-                grad_b: &g[1],
-                lora_e: &mut h.e,
-                grad_e: &g[2],
-                r: h.r,
-                in_features: h.inp,
-                out_features: h.out,
+            .flat_map(|b| b.proj.iter_mut())
+            .filter_map(|proj| match &mut proj.adapter {
+                Some(Adapter::AdaLora(a)) => Some(a),
+                _ => None,
             })
             .collect();
-        self.alloc
-            .update_and_allocate(step as u64 + 1, &mut views)?;
-        drop(views);
-        for (h, (_, l, p)) in host.iter().zip(&self.layers) {
-            if let Some(Adapter::AdaLora(a)) = &mut model.layers[*l].proj[*p].adapter {
-                a.lora_e = be.upload(&h.e, &[h.r, 1])?;
-            }
+        if adapters.len() != self.layers.len() {
+            return Err(disappeared());
         }
+        let mut views = Vec::with_capacity(self.layers.len());
+        for ((path, _, _), a) in self.layers.iter().zip(adapters.iter_mut()) {
+            let grad = |suffix: &str| -> Result<&Tensor<B>> {
+                Ok(&grads[grad_index(names, &format!("{path}.{suffix}"))?])
+            };
+            let AdaLoraLayer {
+                lora_a,
+                lora_b,
+                lora_e,
+                ..
+            } = &mut **a;
+            views.push(AdaLoraDeviceLayer {
+                name: path,
+                lora_a,
+                grad_a: grad("lora_A")?,
+                lora_b,
+                grad_b: grad("lora_B")?,
+                lora_e,
+                grad_e: grad("lora_E")?,
+            });
+        }
+        self.alloc
+            .update_and_allocate(be, step as u64 + 1, &mut views)?;
         Ok(())
     }
 }

@@ -1,7 +1,7 @@
 //! The training loop: batches in a seeded order, forward + backward, AdamW with a linear
 //! warmup/decay schedule, evaluation before and after, and the metrics written to JSON.
 
-use crate::backend::{Backend, Tensor};
+use crate::backend::{Backend, Tensor, cross_entropy_loss};
 use crate::error::{Error, Result};
 use crate::model::llama::{Llama, PackedBatch};
 use crate::train::data::{Example, shuffled_order};
@@ -145,10 +145,13 @@ fn pack<'a>(examples: impl Iterator<Item = &'a Example>) -> Result<PackedBatch> 
 }
 
 /// Method-specific work around each optimizer step (AdaLoRA's regularizer and rank
-/// allocator). The default methods do nothing.
+/// allocator). The default methods do nothing. A hook should keep its work on the device: the
+/// trainer reads back one thing per step, the loss (with the regularizer's value).
 pub trait StepHook<B: Backend> {
     /// Before the update: may add regularizer gradients into `grads` (named `names`, the
-    /// model's trainable order); returns the regularizer's value added to the loss.
+    /// model's trainable order); returns the regularizer's value as a device tensor `[1]`,
+    /// which the trainer adds to the loss, reading both back together (or `None`: no
+    /// regularizer).
     fn before_update(
         &mut self,
         _be: &B,
@@ -156,8 +159,8 @@ pub trait StepHook<B: Backend> {
         _model: &Llama<B>,
         _names: &[String],
         _grads: &mut [Tensor<B>],
-    ) -> Result<f64> {
-        Ok(0.0)
+    ) -> Result<Option<Tensor<B>>> {
+        Ok(None)
     }
     /// After the update, with the gradients of this step.
     fn after_update(
@@ -265,14 +268,23 @@ pub fn train_with<B: Backend>(
             cursor += 1;
         }
         let batch = pack(picked.into_iter())?;
-        let mut out = model.loss_and_grads(be, &batch)?;
+        let mut out = model.loss_and_grads_deferred(be, &batch)?;
         let names: Vec<String> = model
             .trainable_params()
             .into_iter()
             .map(|(n, _)| n)
             .collect();
         let reg = hook.before_update(be, step, model, &names, &mut out.grads)?;
-        let loss = out.loss_sum / out.n_targets as f64 + reg;
+        // The step's one readback: the loss statistics and the regularizer together.
+        let mut wanted = vec![&out.loss_stats];
+        wanted.extend(reg.as_ref());
+        let host = be.download_many(&wanted)?;
+        let loss_sum = cross_entropy_loss(&host[0]);
+        let reg = host
+            .get(1)
+            .and_then(|v| v.first())
+            .map_or(0.0, |&v| v as f64);
+        let loss = loss_sum / out.n_targets as f64 + reg;
         if !loss.is_finite() {
             return Err(Error::Data(format!("loss became {loss} at step {step}")));
         }
