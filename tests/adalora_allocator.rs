@@ -8,6 +8,8 @@
 //! orthogonal regulariser's loss and gradients through `AdaLoraModel.forward`.
 
 mod common;
+#[path = "common/adalora_twin.rs"]
+mod twin;
 
 use lorafuse::adapter::rank_allocator::{
     AdaLoraLayerView, AdaLoraSchedule, KeptFactors, OrthRegInput, Phase, RankAllocator,
@@ -15,7 +17,7 @@ use lorafuse::adapter::rank_allocator::{
     rank_pattern_from_adapter_config, rank_pattern_from_json, rank_pattern_to_json,
 };
 use lorafuse::adapter::{AdaLoraLayer, Linear};
-use lorafuse::{Backend, Cpu, Error};
+use lorafuse::{Backend, Cpu, Error, Tensor};
 use proptest::prelude::*;
 use serde_json::Value;
 use std::path::Path;
@@ -694,4 +696,199 @@ fn rank_pattern_round_trips_through_peft_adapter_config() {
             "{bad}"
         );
     }
+}
+
+/// The device-resident allocator over the CPU backend runs the host allocator's own functions:
+/// every step leaves the same bits (lora_E, EMAs, scores, threshold, rank pattern), with a NaN
+/// gradient in one run (its rank's score is NaN: kept, as PEFT's `<=` keeps it).
+#[test]
+fn device_allocator_on_the_cpu_is_bit_identical_to_the_host_allocator() {
+    let with_nan = twin::Scenario {
+        nan_at: Some((5, 1, 4)),
+        ..twin::scenario(7)
+    };
+    for sc in [twin::scenario(1), twin::scenario(2), with_nan] {
+        let host = twin::run_host(&sc);
+        let dev = twin::run_device(&Cpu, &sc);
+        let masks = host.iter().filter(|h| h.masked_to.is_some()).count();
+        assert!(masks >= 4, "the scenario should mask several times");
+        for (h, d) in host.iter().zip(&dev) {
+            let step = h.step;
+            assert_eq!(h.masked_to, d.masked_to, "step {step}");
+            for (l, (he, de)) in h.e.iter().zip(&d.e).enumerate() {
+                assert_eq!(
+                    twin::bits(he),
+                    twin::bits(de),
+                    "lora_E of layer {l}, step {step}"
+                );
+            }
+            assert_eq!(h.ema.is_some(), d.ema.is_some(), "EMAs at step {step}");
+            for (he, de) in h.ema.iter().flatten().zip(d.ema.iter().flatten()) {
+                for (hv, dv) in he.iter().zip(de) {
+                    assert_eq!(twin::bits(hv), twin::bits(dv), "EMA at step {step}");
+                }
+            }
+            assert_eq!(
+                h.scores.as_deref().map(twin::bits),
+                d.scores.as_deref().map(twin::bits),
+                "scores at step {step}"
+            );
+            assert_eq!(
+                h.threshold.map(f32::to_bits),
+                d.threshold.map(f32::to_bits),
+                "threshold at step {step}"
+            );
+            assert_eq!(h.pattern, d.pattern, "rank pattern at step {step}");
+        }
+    }
+}
+
+/// The device allocator's argument and phase errors are the host's.
+#[test]
+fn device_allocator_errors_match_the_host_allocator() {
+    use lorafuse::adapter::device_rank_allocator::{AdaLoraDeviceLayer, DeviceRankAllocator};
+    let be = Cpu;
+    let s = AdaLoraSchedule {
+        delta_t: 1,
+        ..sched(3, 1, 0, 2, 6)
+    };
+    let up = |v: &[f32], shape: &[usize]| be.upload(v, shape).unwrap();
+    let (a, b, g) = (
+        up(&[1.0; 6], &[3, 2]),
+        up(&[1.0; 6], &[2, 3]),
+        up(&[0.5; 6], &[3, 2]),
+    );
+    let gb = up(&[0.5; 6], &[2, 3]);
+    let ge = up(&[0.5; 3], &[3, 1]);
+    let mut e = up(&[1.0; 3], &[3, 1]);
+    let mut alloc = DeviceRankAllocator::new(&be, s, 0.85, 0.85, &[("x", 3)]).unwrap();
+    let mut run =
+        |alloc: &mut DeviceRankAllocator<Cpu>, name: &str, step: u64, ge: &Tensor<Cpu>| {
+            alloc.update_and_allocate(
+                &be,
+                step,
+                &mut [AdaLoraDeviceLayer {
+                    name,
+                    lora_a: &a,
+                    grad_a: &g,
+                    lora_b: &b,
+                    grad_b: &gb,
+                    lora_e: &mut e,
+                    grad_e: ge,
+                }],
+            )
+        };
+    // The final mask without any update, the final phase without a pattern: "step".
+    assert_eq!(arg_name(run(&mut alloc, "x", 4, &ge).unwrap_err()), "step");
+    assert_eq!(arg_name(run(&mut alloc, "x", 5, &ge).unwrap_err()), "step");
+    assert!(alloc.rank_pattern(&be).unwrap().is_none());
+    // Unknown layer; a gradient of the wrong shape.
+    assert_eq!(
+        arg_name(run(&mut alloc, "y", 1, &ge).unwrap_err()),
+        "layers"
+    );
+    let bad = up(&[0.5; 2], &[2, 1]);
+    assert!(matches!(
+        run(&mut alloc, "x", 1, &bad),
+        Err(Error::Shape { .. })
+    ));
+    // A set pattern is re-applied in the final phase, and read back as set.
+    let mut p = RankPattern::new();
+    p.insert("x".into(), vec![true, false, true]);
+    alloc.set_rank_pattern(&be, p.clone()).unwrap();
+    run(&mut alloc, "x", 5, &ge).unwrap();
+    assert_eq!(e.data(), &[1.0, 0.0, 1.0]);
+    assert_eq!(alloc.rank_pattern(&be).unwrap(), Some(p));
+    // Invalid settings are refused as the host refuses them.
+    assert_eq!(
+        arg_name(
+            DeviceRankAllocator::new(&be, s, 1.0, 0.85, &[("x", 3)])
+                .err()
+                .unwrap()
+        ),
+        "beta1"
+    );
+}
+
+/// The CPU backend's regularizer is `orth_reg_total` added into the gradients, bit for bit
+/// (what the host path did: upload the gradients and `axpy` them with 1).
+#[test]
+fn orth_reg_on_the_cpu_backend_is_orth_reg_total() {
+    let be = Cpu;
+    let dims = [(3usize, 5usize, 4usize), (1, 2, 7), (6, 9, 3)];
+    let host: Vec<(Vec<f32>, Vec<f32>)> = dims
+        .iter()
+        .enumerate()
+        .map(|(i, &(r, inp, out))| {
+            (
+                lcg(10 + i as u64, r * inp, 0.7),
+                lcg(20 + i as u64, out * r, 0.7),
+            )
+        })
+        .collect();
+    let inputs: Vec<OrthRegInput> = host
+        .iter()
+        .zip(&dims)
+        .map(|((a, b), &(r, inp, out))| OrthRegInput {
+            lora_a: a,
+            lora_b: b,
+            r,
+            in_features: inp,
+            out_features: out,
+        })
+        .collect();
+    let want = orth_reg_total(&inputs, 0.3).unwrap();
+    let t: Vec<(Tensor<Cpu>, Tensor<Cpu>)> = host
+        .iter()
+        .zip(&dims)
+        .map(|((a, b), &(r, inp, out))| {
+            (
+                be.upload(a, &[r, inp]).unwrap(),
+                be.upload(b, &[out, r]).unwrap(),
+            )
+        })
+        .collect();
+    let g0: Vec<(Vec<f32>, Vec<f32>)> = (0..dims.len())
+        .map(|i| {
+            (
+                lcg(30 + i as u64, host[i].0.len(), 1.0),
+                lcg(40 + i as u64, host[i].1.len(), 1.0),
+            )
+        })
+        .collect();
+    let mut grads: Vec<(Tensor<Cpu>, Tensor<Cpu>)> = g0
+        .iter()
+        .zip(&t)
+        .map(|((ga, gb), (a, b))| {
+            (
+                be.upload(ga, a.shape()).unwrap(),
+                be.upload(gb, b.shape()).unwrap(),
+            )
+        })
+        .collect();
+    let factors: Vec<(&Tensor<Cpu>, &Tensor<Cpu>)> = t.iter().map(|(a, b)| (a, b)).collect();
+    let mut pairs: Vec<(&mut Tensor<Cpu>, &mut Tensor<Cpu>)> =
+        grads.iter_mut().map(|(a, b)| (a, b)).collect();
+    let loss = be.adalora_orth_reg(&factors, &mut pairs, 0.3).unwrap();
+    assert_eq!(loss.data(), &[want.loss]);
+    // A negative weight is refused (naming it) before any gradient moves.
+    assert_eq!(
+        arg_name(be.adalora_orth_reg(&factors, &mut pairs, -1.0).unwrap_err()),
+        "orth_reg_weight"
+    );
+    for (i, ((ga, gb), (wa, wb))) in grads.iter().zip(&want.grads).enumerate() {
+        let sum = |g: &[f32], w: &[f32]| -> Vec<u32> {
+            g.iter()
+                .zip(w)
+                .map(|(g, w)| (g + 1.0 * w).to_bits())
+                .collect()
+        };
+        assert_eq!(twin::bits(ga.data()), sum(&g0[i].0, wa), "grad_A {i}");
+        assert_eq!(twin::bits(gb.data()), sum(&g0[i].1, wb), "grad_B {i}");
+    }
+    // No layers: 0.
+    assert_eq!(
+        be.adalora_orth_reg(&[], &mut [], 0.5).unwrap().data(),
+        &[0.0]
+    );
 }
