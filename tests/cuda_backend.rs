@@ -10,9 +10,14 @@
 //! `LORAFUSE_REQUIRE` contains `cuda`, which turns the absence into a failure.
 #![cfg(feature = "cuda")]
 
+#[path = "common/adalora_twin.rs"]
+mod twin;
+
 use half::{bf16, f16};
 use lorafuse::backend::cuda::{Cuda, DType};
-use lorafuse::backend::{AdamWParams, AttentionSaved, Backend, DoraSaved, SeqSpan};
+use lorafuse::backend::{
+    AdaLoraIpt, AdamWParams, AttentionSaved, Backend, DoraSaved, SeqSpan, cross_entropy_loss,
+};
 use lorafuse::quant::nf4::quantize_nf4;
 use lorafuse::{Cpu, Error, Tensor};
 
@@ -532,6 +537,159 @@ fn adalora() {
     }
 }
 
+/// AdaLoRA's rank allocator and orthogonal regularizer: the EMA update and triplet scores
+/// within the dtype's tolerance, kthvalue and the masks bit for bit (on dtype-rounded scores
+/// with ties and NaN), the regularizer's loss and gradients, and in f32 the device-resident
+/// allocator over a whole schedule with the CPU's rank patterns.
+#[test]
+fn adalora_allocator() {
+    let cpu = Cpu;
+    for d in DTYPES {
+        let Some(g) = gpu(d, "adalora_allocator") else {
+            return;
+        };
+        let tl = tol(d);
+        for (i, &(_, din, dout, r)) in CASES.iter().enumerate() {
+            let s = 9000 + 100 * i as u64;
+            // two EMA updates on each factor shape
+            for (shape, k) in [([r, din], 0u64), ([dout, r], 10), ([r, 1], 20)] {
+                let p = rand_pair(&cpu, &g, &shape, s + k, 1.0);
+                let gr = rand_pair(&cpu, &g, &shape, s + k + 1, 1.0);
+                let mut ipt = pair(&cpu, &g, &vals(shape[0] * shape[1], s + k + 2, 0.5), &shape);
+                let mut unc = pair(&cpu, &g, &vals(shape[0] * shape[1], s + k + 3, 0.5), &shape);
+                for _ in 0..2 {
+                    g.adalora_update_ipt(&p.g, &gr.g, &mut ipt.g, &mut unc.g, 0.85, 0.95)
+                        .unwrap();
+                    cpu.adalora_update_ipt(&p.c, &gr.c, &mut ipt.c, &mut unc.c, 0.85, 0.95)
+                        .unwrap();
+                }
+                close("adalora_update_ipt ipt", &g, &ipt.g, &ipt.c, tl);
+                close("adalora_update_ipt unc", &g, &unc.g, &unc.c, tl);
+            }
+            // triplet scores of non-negative EMAs into a slice of a larger buffer
+            let nn = |shape: &[usize], k: u64| {
+                let v: Vec<f32> = vals(shape.iter().product(), s + k, 1.0)
+                    .iter()
+                    .map(|x| x.abs())
+                    .collect();
+                pair(&cpu, &g, &v, shape)
+            };
+            let e = [
+                nn(&[r, din], 31),
+                nn(&[r, din], 32),
+                nn(&[dout, r], 33),
+                nn(&[dout, r], 34),
+                nn(&[r, 1], 35),
+                nn(&[r, 1], 36),
+            ];
+            let [ia, ua, ib, ub, ie, ue] = e;
+            let ema_g = AdaLoraIpt {
+                ipt_a: ia.g,
+                unc_a: ua.g,
+                ipt_b: ib.g,
+                unc_b: ub.g,
+                ipt_e: ie.g,
+                unc_e: ue.g,
+            };
+            let ema_c = AdaLoraIpt {
+                ipt_a: ia.c,
+                unc_a: ua.c,
+                ipt_b: ib.c,
+                unc_b: ub.c,
+                ipt_e: ie.c,
+                unc_e: ue.c,
+            };
+            let mut sc = rand_pair(&cpu, &g, &[r + 8], s + 40, 1.0);
+            g.adalora_triplet_scores(&ema_g, &mut sc.g, 5).unwrap();
+            cpu.adalora_triplet_scores(&ema_c, &mut sc.c, 5).unwrap();
+            close("adalora_triplet_scores", &g, &sc.g, &sc.c, tl);
+            assert!(
+                g.adalora_triplet_scores(&ema_g, &mut sc.g, 9).is_err(),
+                "a range beyond the scores"
+            );
+        }
+        // kthvalue, the keep-mask and the masking of E, bit for bit
+        for &n in &[1usize, 7, 256, 257, 3001] {
+            let mut v: Vec<f32> = round(d, &vals(n, 9500 + n as u64, 1.0));
+            for i in (0..n).step_by(5) {
+                v[i] = v[i / 3];
+            }
+            if n > 8 {
+                v[1] = 0.0;
+                v[2] = -0.0;
+                v[4] = f32::NAN;
+            }
+            let sp = pair(&cpu, &g, &v, &[n]);
+            for k in [1, n.div_ceil(3), n] {
+                let tg = g.adalora_threshold(&sp.g, k).unwrap();
+                let tc = cpu.adalora_threshold(&sp.c, k).unwrap();
+                let bits = |v: &[f32]| twin::bits(v);
+                assert_eq!(
+                    bits(&g.download(&tg).unwrap()),
+                    bits(tc.data()),
+                    "kthvalue n={n} k={k}"
+                );
+                let kg = g.adalora_rank_mask(&sp.g, &tg).unwrap();
+                let kc = cpu.adalora_rank_mask(&sp.c, &tc).unwrap();
+                assert_eq!(g.download(&kg).unwrap(), kc.data(), "keep n={n} k={k}");
+                let r = n.min(5);
+                let mut e = rand_pair(&cpu, &g, &[r, 1], 9600 + k as u64, 1.0);
+                g.adalora_apply_mask(&mut e.g, &kg, n - r).unwrap();
+                cpu.adalora_apply_mask(&mut e.c, &kc, n - r).unwrap();
+                assert_eq!(g.download(&e.g).unwrap(), e.c.data(), "lora_E n={n} k={k}");
+            }
+            assert!(g.adalora_threshold(&sp.g, n + 1).is_err());
+        }
+        // the orthogonal regularizer over several layers
+        let dims = [(1usize, 37usize, 29usize), (7, 61, 45), (64, 83, 67)];
+        let f: Vec<(Pair, Pair)> = dims
+            .iter()
+            .enumerate()
+            .map(|(i, &(r, din, dout))| {
+                (
+                    rand_pair(&cpu, &g, &[r, din], 9700 + i as u64, 0.3),
+                    rand_pair(&cpu, &g, &[dout, r], 9710 + i as u64, 0.3),
+                )
+            })
+            .collect();
+        let mut gr: Vec<(Pair, Pair)> = f
+            .iter()
+            .enumerate()
+            .map(|(i, (a, b))| {
+                (
+                    rand_pair(&cpu, &g, a.c.shape(), 9720 + i as u64, 1.0),
+                    rand_pair(&cpu, &g, b.c.shape(), 9730 + i as u64, 1.0),
+                )
+            })
+            .collect();
+        let fg: Vec<(&Tensor<Cuda>, &Tensor<Cuda>)> = f.iter().map(|(a, b)| (&a.g, &b.g)).collect();
+        let fc: Vec<(&Tensor<Cpu>, &Tensor<Cpu>)> = f.iter().map(|(a, b)| (&a.c, &b.c)).collect();
+        let lg = {
+            let mut p: Vec<_> = gr.iter_mut().map(|(a, b)| (&mut a.g, &mut b.g)).collect();
+            g.adalora_orth_reg(&fg, &mut p, 0.5).unwrap()
+        };
+        let lc = {
+            let mut p: Vec<_> = gr.iter_mut().map(|(a, b)| (&mut a.c, &mut b.c)).collect();
+            cpu.adalora_orth_reg(&fc, &mut p, 0.5).unwrap()
+        };
+        close("adalora_orth_reg loss", &g, &lg, &lc, tl);
+        for (a, b) in &gr {
+            close("adalora_orth_reg grad_A", &g, &a.g, &a.c, 2.0 * tl);
+            close("adalora_orth_reg grad_B", &g, &b.g, &b.c, 2.0 * tl);
+        }
+        // the allocator end to end (f32: near-ties between scores rounded to f16 could differ)
+        if d == DType::F32 {
+            let sc = twin::scenario(4);
+            let want = twin::run_device(&cpu, &sc);
+            let got = twin::run_device(&g, &sc);
+            for (w, h) in want.iter().zip(&got) {
+                assert_eq!(w.masked_to, h.masked_to, "step {}", w.step);
+                assert_eq!(w.pattern, h.pattern, "rank pattern at step {}", w.step);
+            }
+        }
+    }
+}
+
 #[test]
 fn nf4_bit_exact_and_linear() {
     let cpu = Cpu;
@@ -692,6 +850,20 @@ fn model_ops() {
             );
             close("cross_entropy dlogits", &g, &gg, &gc, tl);
             assert!(g.cross_entropy(&x.g, &vec![dim as i32; t], 1.0).is_err());
+            // the same loss left on the device: per-row statistics, read back by the caller
+            let (sg, dsg) = g.cross_entropy_stats(&x.g, &labels, 0.25).unwrap();
+            let (sc, dsc) = cpu.cross_entropy_stats(&x.c, &labels, 0.25).unwrap();
+            close("cross_entropy_stats stats", &g, &sg, &sc, 2e-4);
+            close("cross_entropy_stats dlogits", &g, &dsg, &dsc, tl);
+            let ls = cross_entropy_loss(&g.download(&sg).unwrap());
+            assert!(
+                (ls - lc).abs() <= 1e-4 * lc.abs().max(1.0),
+                "cross_entropy_stats loss {ls} vs {lc}"
+            );
+            assert!(
+                g.cross_entropy_stats(&x.g, &vec![dim as i32; t], 1.0)
+                    .is_err()
+            );
             // AdamW, two steps
             let (mut pg, mut pc) = (x.g.clone(), x.c.clone());
             let (mut mg, mut mc) = (g.zeros(&[t, dim]).unwrap(), cpu.zeros(&[t, dim]).unwrap());
