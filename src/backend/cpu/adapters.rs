@@ -427,6 +427,15 @@ fn vera_slices<'a>(
     Ok((r, a_s, &vera_b.data()[..dout * r]))
 }
 
+/// `diag(l) B` for `B [len(l), r]` (row o scaled by `l[o]`): VeRA's `lambda_b` folded into `Bs`.
+fn scale_rows(b: &[f32], r: usize, l: &[f32]) -> Vec<f32> {
+    let mut out = b[..l.len() * r].to_vec();
+    for (row, l) in out.chunks_mut(r.max(1)).zip(l) {
+        row.iter_mut().for_each(|v| *v *= l);
+    }
+    out
+}
+
 #[allow(clippy::too_many_arguments)]
 pub(super) fn vera_forward(
     x: &Tensor<Cpu>,
@@ -439,23 +448,18 @@ pub(super) fn vera_forward(
 ) -> Result<(Tensor<Cpu>, Tensor<Cpu>)> {
     let (t, din, dout) = check::linear(x, w0)?;
     let (r, a_s, b_s) = vera_slices(din, dout, vera_a, vera_b, lambda_d, lambda_b)?;
-    let y0 = Cpu.linear(x, w0, bias)?;
+    let mut y = Cpu.linear(x, w0, bias)?.into_vec();
     let h = shrink(x.data(), &a_s, t, din, r);
-    // hd = lambda_d ⊙ h; u = hd Bs^T; y += lambda_b ⊙ u.
+    // hd = lambda_d ⊙ h; y += lambda_b ⊙ (hd Bs^T) = hd (lambda_b ⊙ Bs)^T, accumulated straight
+    // into y (lambda_b scales the [out, r] factor, not a [T, out] temporary).
     let mut hd = h.clone();
     for row in hd.chunks_mut(r) {
         row.iter_mut()
             .zip(lambda_d.data())
             .for_each(|(v, l)| *v *= l);
     }
-    let mut u = vec![0.0f32; t * dout];
-    sgemm(Op::N, Op::T, t, dout, r, 1.0, &hd, b_s, 0.0, &mut u);
-    let mut y = y0.into_vec();
-    for (yr, ur) in y.chunks_mut(dout.max(1)).zip(u.chunks(dout.max(1))) {
-        for o in 0..dout {
-            yr[o] += lambda_b.data()[o] * ur[o];
-        }
-    }
+    let b_l = scale_rows(b_s, r, lambda_b.data());
+    sgemm(Op::N, Op::T, t, dout, r, 1.0, &hd, &b_l, 1.0, &mut y);
     Ok((new(y, &[t, dout]), new(h, &[t, r])))
 }
 
@@ -474,15 +478,10 @@ pub(super) fn vera_backward(
     let (r, a_s, b_s) = vera_slices(din, dout, vera_a, vera_b, lambda_d, lambda_b)?;
     dy.expect_shape("dy", &[t, dout])?;
     h.expect_shape("h", &[t, r])?;
-    // q = (dy ⊙ lambda_b) Bs  [T, r]
-    let mut gl = dy.data().to_vec();
-    for row in gl.chunks_mut(dout.max(1)) {
-        row.iter_mut()
-            .zip(lambda_b.data())
-            .for_each(|(v, l)| *v *= l);
-    }
+    // q = (dy ⊙ lambda_b) Bs = dy (lambda_b ⊙ Bs)  [T, r]
+    let b_l = scale_rows(b_s, r, lambda_b.data());
     let mut q = vec![0.0f32; t * r];
-    sgemm(Op::N, Op::N, t, r, dout, 1.0, &gl, b_s, 0.0, &mut q);
+    sgemm(Op::N, Op::N, t, r, dout, 1.0, dy.data(), &b_l, 0.0, &mut q);
     // dlambda_d = sum_T(q ⊙ h)
     let mut dld = vec![0.0f64; r];
     for (qr, hr) in q.chunks(r).zip(h.data().chunks(r)) {
