@@ -76,7 +76,14 @@ def overhead(args, rows):
         lorafuse.lora_forward(x, w0, a, b, 2.0)
         lorafuse.lora_backward(dy, x, w0, a, b, 2.0, h)
 
+    fw0 = lorafuse.FrozenWeight(w0)
+
+    def fwd_bwd_frozen():
+        lorafuse.lora_forward(x, fw0, a, b, 2.0)
+        lorafuse.lora_backward(dy, x, fw0, a, b, 2.0, h)
+
     t_py = timeit(fwd_bwd, args.min_time)
+    t_frozen = timeit(fwd_bwd_frozen, args.min_time)
     t_rs = None
     if os.path.exists(args.cli):
         with tempfile.TemporaryDirectory() as d:
@@ -89,11 +96,12 @@ def overhead(args, rows):
             for case in json.load(open(js)):
                 if case["method"] == "lora" and case["op"] == "fwd_bwd":
                     t_rs = case["ours_s"]
-    rows.append((
-        f"lora fwd+bwd {out_f}x{in_f} r{r} T{tok}: Python (2 calls) vs Rust kernels",
-        t_py * 1e6, None if t_rs is None else t_rs * 1e6,
-        None if t_rs is None else (t_py - t_rs) / 2 * 1e6,
-    ))
+    for what, t in (("w0 an array", t_py), ("w0 a FrozenWeight", t_frozen)):
+        rows.append((
+            f"lora fwd+bwd {out_f}x{in_f} r{r} T{tok}, {what}: Python (2 calls) vs Rust kernels",
+            t * 1e6, None if t_rs is None else t_rs * 1e6,
+            None if t_rs is None else (t - t_rs) / 2 * 1e6,
+        ))
 
 
 def peft_vs_swapped(args, rows):
