@@ -46,8 +46,9 @@ fn assert_near(what: &str, got: &[f32], want: &[f32], tol: f32) {
 }
 
 /// `(T, out, in, blocksize, double quant)`: T = 1, odd sizes, an `out` below / above / not a
-/// multiple of the tile rows (16..=256, a multiple of 16), several backward waves, and a small
-/// `out` with a large T (the GEMM, not the tiles, is parallel).
+/// multiple of the tile rows (16..=256, a multiple of 16), several backward waves, a small
+/// `out` with a large T (the GEMM, not the tiles, is parallel), and T >= 64 with the larger
+/// many-token tiles (a ragged last tile; two backward waves).
 const SHAPES: &[(usize, usize, usize, usize, bool)] = &[
     (1, 1, 1, 64, false),
     (1, 48, 64, 64, true),
@@ -59,6 +60,8 @@ const SHAPES: &[(usize, usize, usize, usize, bool)] = &[
     (4, 1001, 1030, 64, false),
     (600, 20, 64, 64, true),
     (17, 37, 129, 256, false),
+    (70, 300, 70, 64, true),
+    (96, 1001, 1030, 64, false),
 ];
 
 #[test]

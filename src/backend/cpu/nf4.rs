@@ -2,9 +2,9 @@
 //! `adapters.rs`.
 //!
 //! An NF4 weight `[out, in]` is never dequantized whole: each kernel cuts it into tiles of
-//! [`tile_rows`] rows, dequantizes a tile into a scratch buffer (one per rayon worker, at most
-//! ~256 KiB) with [`Nf4Tensor::dequantize_rows`] (bitsandbytes' values, bit for bit) and feeds
-//! it to the GEMM. So a QLoRA layer holds its base at the NF4 size (~0.5 bytes per parameter)
+//! [`tile_rows`] rows, dequantizes a tile into a scratch buffer (one per rayon worker, ~256 KiB;
+//! up to 4 MiB in the products with many tokens, see [`gemm_tile_rows`]) with
+//! [`Nf4Tensor::dequantize_rows`] (bitsandbytes' values, bit for bit) and feeds it to the GEMM. So a QLoRA layer holds its base at the NF4 size (~0.5 bytes per parameter)
 //! and the f32 weight exists only one tile at a time.
 //!
 //! * Forward `y = x W^T`: tiles run in parallel, each writing its own columns of `y` (a strided
@@ -33,6 +33,29 @@ const PARALLEL_MIN_MACS: usize = 1 << 18;
 pub(super) fn tile_rows(din: usize, dout: usize) -> usize {
     let rows = (TILE_BYTES / (4 * din.max(1))).clamp(16, 256) / 16 * 16;
     rows.min(dout).max(1)
+}
+
+/// From this many tokens on, the products use [`GEMM_TILE_BYTES`] tiles.
+const MANY_TOKENS: usize = 64;
+
+/// Largest dequantized tile (f32) when the product has many tokens.
+const GEMM_TILE_BYTES: usize = 4 << 20;
+
+/// Rows per tile of a product with `t` tokens. Each tile is one GEMM call, and each call packs
+/// its whole `[t, in]` (or `[t, rows]`) token operand again and, in the backward, reads and
+/// writes all of dx: with many tokens that repacking dominates small tiles (at T 512 on a
+/// 4096x4096 layer, 256 tiles of 16 rows moved about 2 GB per forward). So from
+/// [`MANY_TOKENS`] on a tile is up to [`GEMM_TILE_BYTES`], but never more than a
+/// `1 / (2 * threads)` share of the rows, so the tiles still spread over the threads and the
+/// f32 weight is never whole (the scratch is at most half of it, in the backward's wave).
+fn gemm_tile_rows(t: usize, din: usize, dout: usize) -> usize {
+    let small = tile_rows(din, dout);
+    if t < MANY_TOKENS {
+        return small;
+    }
+    let share = dout.div_ceil(2 * rayon::current_num_threads()).div_ceil(16) * 16;
+    let big = (GEMM_TILE_BYTES / (4 * din.max(1))) / 16 * 16;
+    big.min(share).max(small).min(dout).max(1)
 }
 
 /// A raw pointer that may cross threads. Sound here because the threads that share it write
@@ -120,7 +143,7 @@ pub(super) fn linear(
     }
     let q = quant(w);
     let absmax = q.absmax_f32();
-    let tr = tile_rows(din, dout);
+    let tr = gemm_tile_rows(t, din, dout);
     let n_tiles = dout.div_ceil(tr);
     // Few tiles (a small `out`) but a large product: let the GEMM use the threads instead.
     let par = if n_tiles < rayon::current_num_threads() && t * tr * din >= PARALLEL_MIN_MACS {
@@ -198,7 +221,7 @@ fn backward_into(dy: &[f32], w: &Nf4Weight<Cpu>, t: usize, dx: &mut [f32]) {
     }
     let q = quant(w);
     let absmax = q.absmax_f32();
-    let tr = tile_rows(din, dout);
+    let tr = gemm_tile_rows(t, din, dout);
     let wave = (tr * rayon::current_num_threads()).min(dout);
     let mut scratch = vec![0.0f32; wave * din];
     let mut o0 = 0;
