@@ -6,23 +6,27 @@ shape given in its docstring; otherwise TypeError (not an ndarray, wrong dtype) 
 """
 
 import os
-from typing import Any, Optional, Tuple
+from typing import Any, Optional, Tuple, Union
 
 import numpy as np
 import numpy.typing as npt
 
 F32 = npt.NDArray[np.float32]
+# A base weight [out, in]: a float32 array, a FrozenWeight, or (LoRA and DoRA forward/backward
+# and dora_weight_norm: QLoRA / QDoRA) an nf4.Nf4Tensor, dequantized tile by tile inside the
+# products and never whole.
+W0 = Union[F32, "FrozenWeight", "Nf4Tensor"]
 
 __version__: str
 
 # ---- LoRA: x [T, in], w0 [out, in], lora_A [r, in], lora_B [out, r], bias [out] ----
 def lora_forward(
-    x: F32, w0: F32, lora_A: F32, lora_B: F32, scaling: float, bias: Optional[F32] = None
+    x: F32, w0: W0, lora_A: F32, lora_B: F32, scaling: float, bias: Optional[F32] = None
 ) -> F32:
     """y [T, out] = x @ w0.T + bias + scaling * (x @ lora_A.T) @ lora_B.T"""
 
 def lora_backward(
-    dy: F32, x: F32, w0: F32, lora_A: F32, lora_B: F32, scaling: float, h: Optional[F32] = None
+    dy: F32, x: F32, w0: W0, lora_A: F32, lora_B: F32, scaling: float, h: Optional[F32] = None
 ) -> Tuple[F32, F32, F32]:
     """(dx [T, in], d_lora_A [r, in], d_lora_B [out, r]); h = x @ lora_A.T, recomputed if None."""
 
@@ -33,12 +37,12 @@ def lora_unmerge(w: F32, lora_A: F32, lora_B: F32, scaling: float) -> F32:
     """New w - scaling * lora_B @ lora_A, [out, in]."""
 
 # ---- DoRA: magnitude [out] (lora_magnitude_vector), weight_norm [out] ----
-def dora_weight_norm(w0: F32, lora_A: F32, lora_B: F32, scaling: float) -> F32:
+def dora_weight_norm(w0: W0, lora_A: F32, lora_B: F32, scaling: float) -> F32:
     """||w0 + scaling * lora_B @ lora_A|| per output row, [out]."""
 
 def dora_forward(
     x: F32,
-    w0: F32,
+    w0: W0,
     lora_A: F32,
     lora_B: F32,
     scaling: float,
@@ -53,7 +57,7 @@ def dora_forward(
 def dora_backward(
     dy: F32,
     x: F32,
-    w0: F32,
+    w0: W0,
     lora_A: F32,
     lora_B: F32,
     scaling: float,

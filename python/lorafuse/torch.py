@@ -103,6 +103,27 @@ def _frozen(w: Tensor):
     return fw
 
 
+def _base(w0: Any):
+    """A base weight as the kernels take it: a float32 tensor as a cached `FrozenWeight`, or an
+    ``nf4.Nf4Tensor`` as it is (the products dequantize it tile by tile)."""
+    return _frozen(w0) if isinstance(w0, Tensor) else w0
+
+
+def _save_base(ctx: Any, w0: Any, *tensors: Tensor) -> None:
+    """save_for_backward for the tensors (w0 among them when it is a tensor)."""
+    if isinstance(w0, Tensor):
+        ctx.save_for_backward(w0, *tensors)
+        ctx.nf4 = None
+    else:
+        ctx.save_for_backward(*tensors)
+        ctx.nf4 = w0
+
+
+def _saved_base(ctx: Any) -> Tuple[Any, Tuple[Tensor, ...]]:
+    saved = ctx.saved_tensors
+    return (saved[0], saved[1:]) if ctx.nf4 is None else (ctx.nf4, saved)
+
+
 def _opt(t: Optional[Tensor], name: str) -> Optional[np.ndarray]:
     return None if t is None else _np(t, name)
 
@@ -131,27 +152,28 @@ class LoraFunction(torch.autograd.Function):
     """``y = x @ w0.T + bias + scaling * (x @ lora_A.T) @ lora_B.T`` with lorafuse's kernels.
 
     ``apply(x [..., in], w0 [out, in], bias [out] | None, lora_A [r, in], lora_B [out, r],
-    scaling: float) -> y [..., out]``; all float32 CPU tensors. Gradients: x, lora_A, lora_B
-    (and bias when it requires grad); w0 is treated as frozen (no gradient).
+    scaling: float) -> y [..., out]``; all float32 CPU tensors, except that w0 may be an
+    ``nf4.Nf4Tensor`` (QLoRA). Gradients: x, lora_A, lora_B (and bias when it requires grad); w0
+    is treated as frozen (no gradient).
     """
 
     @staticmethod
     def forward(ctx, x, w0, bias, lora_A, lora_B, scaling):  # type: ignore[override]
         x2 = _tokens(x)
         y = _k.lora_forward(
-            _np(x2, "x"), _frozen(w0), _np(lora_A, "lora_A"), _np(lora_B, "lora_B"),
+            _np(x2, "x"), _base(w0), _np(lora_A, "lora_A"), _np(lora_B, "lora_B"),
             float(scaling), _opt(bias, "bias"),
         )
-        ctx.save_for_backward(x2, w0, lora_A, lora_B)
+        _save_base(ctx, w0, x2, lora_A, lora_B)
         ctx.scaling, ctx.x_shape = float(scaling), x.shape
         return _back(y, tuple(x.shape[:-1]))
 
     @staticmethod
     def backward(ctx, dy):  # type: ignore[override]
-        x2, w0, a, b = ctx.saved_tensors
+        w0, (x2, a, b) = _saved_base(ctx)
         dy2 = _tokens(dy)
         dx, da, db = _k.lora_backward(
-            _np(dy2, "dy"), _np(x2, "x"), _frozen(w0), _np(a, "lora_A"), _np(b, "lora_B"),
+            _np(dy2, "dy"), _np(x2, "x"), _base(w0), _np(a, "lora_A"), _np(b, "lora_B"),
             ctx.scaling,
         )
         dx = torch.from_numpy(dx).reshape(ctx.x_shape) if ctx.needs_input_grad[0] else None
@@ -163,8 +185,9 @@ class DoraFunction(torch.autograd.Function):
     with ``n = ||w0 + s * lora_B @ lora_A||`` per output row, computed here and detached.
 
     ``apply(x [..., in], w0 [out, in], bias [out] | None, lora_A [r, in], lora_B [out, r],
-    magnitude [out], scaling: float) -> y [..., out]``; float32 CPU tensors. Gradients: x,
-    lora_A, lora_B, magnitude (and bias when it requires grad); none for w0 or through n.
+    magnitude [out], scaling: float) -> y [..., out]``; float32 CPU tensors, except that w0 may
+    be an ``nf4.Nf4Tensor`` (QDoRA). Gradients: x, lora_A, lora_B, magnitude (and bias when it
+    requires grad); none for w0 or through n.
     """
 
     @staticmethod
@@ -174,21 +197,21 @@ class DoraFunction(torch.autograd.Function):
         # weight_norm=None: the kernel computes n itself (low-rank identity, no B @ A) and
         # returns it with the forward's saved h and z, so backward recomputes nothing.
         y, h, z, n = _k.dora_forward(
-            _np(x2, "x"), _frozen(w0), _np(lora_A, "lora_A"), _np(lora_B, "lora_B"), s,
+            _np(x2, "x"), _base(w0), _np(lora_A, "lora_A"), _np(lora_B, "lora_B"), s,
             _np(magnitude, "magnitude"), None, _opt(bias, "bias"), return_saved=True,
         )
-        ctx.save_for_backward(x2, w0, lora_A, lora_B, magnitude)
+        _save_base(ctx, w0, x2, lora_A, lora_B, magnitude)
         ctx.dora_saved = (h, z, n)
         ctx.scaling, ctx.x_shape = s, x.shape
         return _back(y, tuple(x.shape[:-1]))
 
     @staticmethod
     def backward(ctx, dy):  # type: ignore[override]
-        x2, w0, a, b, m = ctx.saved_tensors
+        w0, (x2, a, b, m) = _saved_base(ctx)
         h, z, n = ctx.dora_saved
         dy2 = _tokens(dy)
         dx, da, db, dm = _k.dora_backward(
-            _np(dy2, "dy"), _np(x2, "x"), _frozen(w0), _np(a, "lora_A"), _np(b, "lora_B"),
+            _np(dy2, "dy"), _np(x2, "x"), _base(w0), _np(a, "lora_A"), _np(b, "lora_B"),
             ctx.scaling, _np(m, "magnitude"), n, h, z,
         )
         dx = torch.from_numpy(dx).reshape(ctx.x_shape) if ctx.needs_input_grad[0] else None
@@ -277,9 +300,10 @@ class Nf4Linear(nn.Module):
     """A frozen linear layer whose weight is stored NF4-quantized (``lorafuse.nf4.Nf4Tensor``,
     bitsandbytes' layout and values): ``y = x @ W.T + bias`` with ``W = weight.dequantize()``.
 
-    The weight is dequantized to float32 ``[out, in]`` on every forward (the memory saving is the
-    point; no fused 4-bit kernel is exposed to Python yet). Usable as the ``base_layer`` of the
-    adapter modules here (QLoRA / QDoRA on CPU).
+    Its own forward dequantizes the weight to float32 ``[out, in]``. As the ``base_layer`` of
+    ``LoraLinear`` / ``DoraLinear`` (QLoRA / QDoRA on CPU) the kernels take the NF4 tensor itself
+    and dequantize it tile by tile inside the products, so the float32 weight never exists
+    whole; ``VeraLinear`` and ``AdaLoraLinear`` over it use the dequantized weight.
 
     Args:
         weight: an ``Nf4Tensor`` of shape ``(out, in)``.
@@ -378,6 +402,13 @@ class _AdapterLinear(nn.Module):
     def _w0(self) -> Tensor:
         return self.base_layer.weight
 
+    def _kernel_w0(self) -> Any:
+        """What the LoRA/DoRA kernels take as w0: the NF4 tensor itself over an ``Nf4Linear``
+        (QLoRA/QDoRA: dequantized tile by tile inside the products), else the weight."""
+        if isinstance(self.base_layer, Nf4Linear):
+            return self.base_layer.nf4
+        return self.base_layer.weight
+
     def _set_w0(self, w: np.ndarray) -> None:
         if isinstance(self.base_layer, Nf4Linear):
             raise TypeError("merge/unmerge need a float base weight; an NF4 base cannot hold the merged weight")
@@ -453,7 +484,7 @@ class LoraLinear(_AdapterLinear):
         return self.lora_B[self.adapter_name].weight
 
     def _adapter_forward(self, x: Tensor) -> Tensor:
-        return LoraFunction.apply(x, self._w0(), self.base_layer.bias, self.A, self.B, self.scaling)
+        return LoraFunction.apply(x, self._kernel_w0(), self.base_layer.bias, self.A, self.B, self.scaling)
 
     def _merge(self) -> None:
         self._set_w0(_k.lora_merge(_np(self._w0(), "w0"), _np(self.A, "lora_A"), _np(self.B, "lora_B"), self.scaling))
@@ -490,7 +521,7 @@ class DoraLinear(LoraLinear):
 
     def _adapter_forward(self, x: Tensor) -> Tensor:
         return DoraFunction.apply(
-            x, self._w0(), self.base_layer.bias, self.A, self.B, self.magnitude, self.scaling
+            x, self._kernel_w0(), self.base_layer.bias, self.A, self.B, self.magnitude, self.scaling
         )
 
     def _merge(self) -> None:

@@ -16,6 +16,7 @@ use std::sync::{Arc, OnceLock};
 
 use indicatif::{ProgressBar, ProgressStyle};
 use lorafuse::adapter::LoraConfig;
+use lorafuse::backend::{DoraGrads, DoraSaved, Nf4Weight};
 use lorafuse::io::{bnb, peft};
 use lorafuse::model::llama::Nf4Spec;
 use lorafuse::quant::nf4::{Absmax, NF4_CODE, Nf4Tensor as RsNf4, quantize_nf4};
@@ -223,9 +224,33 @@ impl Dims {
     /// Checks and copies array argument `name`, whose shape must be `spec` (dim symbols).
     fn take(&mut self, obj: &Bound<'_, PyAny>, name: &str, spec: &[&'static str]) -> PyResult<Arr> {
         let a = array(obj, name, Some(spec.len()))?;
+        self.bind(name, a.shape(), spec)?;
+        Ok(a)
+    }
+
+    /// A base weight argument `[out, in]`: a float32 array, a `FrozenWeight`, or an
+    /// `nf4.Nf4Tensor` (then the products dequantize it tile by tile, QLoRA's way).
+    fn take_w0(&mut self, obj: &Bound<'_, PyAny>, name: &str) -> PyResult<W0> {
+        let Ok(q) = obj.cast::<PyNf4>() else {
+            return self.take(obj, name, &["out", "in"]).map(W0::Dense);
+        };
+        let handle = q.clone().unbind();
+        let q = q.get();
+        if q.inner.shape().len() != 2 {
+            return Err(PyValueError::new_err(format!(
+                "`{name}` must be a 2-D Nf4Tensor [out, in], got shape {}",
+                fmt_shape(q.inner.shape())
+            )));
+        }
+        self.bind(name, q.inner.shape(), &["out", "in"])?;
+        Ok(W0::Nf4(handle, q.weight().map_err(to_py)?))
+    }
+
+    /// Checks `shape` of argument `name` against `spec` and binds its new symbols.
+    fn bind(&mut self, name: &str, shape: &[usize], spec: &[&'static str]) -> PyResult<()> {
         let mismatch = spec
             .iter()
-            .zip(a.shape())
+            .zip(shape)
             .any(|(sym, &got)| self.want(sym).is_some_and(|want| want != got));
         if mismatch {
             let expected: Vec<String> = spec
@@ -238,15 +263,15 @@ impl Dims {
             return Err(PyValueError::new_err(format!(
                 "`{name}` must have shape [{}], got {}",
                 expected.join(", "),
-                fmt_shape(a.shape())
+                fmt_shape(shape)
             )));
         }
-        for (sym, &got) in spec.iter().zip(a.shape()) {
+        for (sym, &got) in spec.iter().zip(shape) {
             if self.want(sym).is_none() {
                 self.0.push((sym, got));
             }
         }
-        Ok(a)
+        Ok(())
     }
 
     fn take_opt(
@@ -327,13 +352,164 @@ fn out<'py>(py: Python<'py>, (data, shape): Host) -> PyResult<Out<'py>> {
     PyArray::from_vec(py, data).reshape(shape.as_slice())
 }
 
+// ---- base weights: dense or NF4 --------------------------------------------------------------------
+
+/// A `w0` argument as the kernels take it.
+enum W0 {
+    Dense(Arr),
+    /// An NF4 weight (the Python object, which caches its `||W||_row^2`, and the weight).
+    Nf4(Py<PyNf4>, Nf4Weight<Cpu>),
+}
+
+impl W0 {
+    fn dense(&self, what: &str) -> lorafuse::Result<&T> {
+        match self {
+            W0::Dense(a) => Ok(a.tensor()),
+            W0::Nf4(..) => Err(Error::arg(
+                "w0",
+                format!("{what} needs a float32 weight; dequantize the Nf4Tensor first"),
+            )),
+        }
+    }
+    /// `||W||_row^2`: computed once per FrozenWeight or Nf4Tensor, per call for an array.
+    fn row_sq(&self, be: &Cpu) -> lorafuse::Result<std::borrow::Cow<'_, T>> {
+        match self {
+            W0::Dense(a) => a.row_sq(be),
+            W0::Nf4(q, w) => {
+                // A frozen pyclass: readable without the GIL.
+                let q = q.get();
+                if q.row_sq.get().is_none() {
+                    // Two threads may both compute it; they get the same values.
+                    let _ = q.row_sq.set(be.nf4_row_sq_norms(w)?);
+                }
+                Ok(std::borrow::Cow::Borrowed(
+                    q.row_sq.get().expect("set just above"),
+                ))
+            }
+        }
+    }
+}
+
+/// LoRA forward over either base: `(y, h)`.
+fn lora_fwd(
+    be: &Cpu,
+    x: &T,
+    w0: &W0,
+    bias: Option<&T>,
+    a: &T,
+    b: &T,
+    s: f32,
+) -> lorafuse::Result<(T, T)> {
+    match w0 {
+        W0::Dense(w) => be.lora_forward(x, w.tensor(), bias, a, b, s),
+        W0::Nf4(_, w) => {
+            let mut y = be.nf4_linear(x, w, bias)?;
+            let h = be.lora_add(&mut y, x, a, b, s)?;
+            Ok((y, h))
+        }
+    }
+}
+
+/// LoRA backward over either base: `(dx, dA, dB)`.
+#[allow(clippy::too_many_arguments)]
+fn lora_bwd(
+    be: &Cpu,
+    dy: &T,
+    x: &T,
+    h: &T,
+    w0: &W0,
+    a: &T,
+    b: &T,
+    s: f32,
+) -> lorafuse::Result<(T, T, T)> {
+    match w0 {
+        W0::Dense(w) => be.lora_backward(dy, x, h, w.tensor(), a, b, s),
+        W0::Nf4(_, w) => {
+            let mut dx = be
+                .nf4_linear_backward_input(dy, w, None)?
+                .expect("no accumulator given: a new dx");
+            let (da, db) = be.lora_backward_adapter(dy, x, h, a, b, s, &mut dx)?;
+            Ok((dx, da, db))
+        }
+    }
+}
+
+/// DoRA's weight norm over either base.
+fn dora_w0_norm(be: &Cpu, w0: &W0, a: &T, b: &T, s: f32) -> lorafuse::Result<T> {
+    let sq = w0.row_sq(be)?;
+    match w0 {
+        W0::Dense(w) => be.dora_weight_norm(w.tensor(), &sq, a, b, s),
+        W0::Nf4(_, w) => be.nf4_dora_weight_norm(w, &sq, a, b, s),
+    }
+}
+
+/// DoRA forward over either base: `(y, saved, n)`, with `n` computed unless given.
+#[allow(clippy::too_many_arguments)]
+fn dora_fwd(
+    be: &Cpu,
+    x: &T,
+    w0: &W0,
+    bias: Option<&T>,
+    a: &T,
+    b: &T,
+    s: f32,
+    m: &T,
+    n: Option<&T>,
+) -> lorafuse::Result<(T, DoraSaved<Cpu>, T)> {
+    match (w0, n) {
+        (W0::Dense(w), Some(n)) => {
+            let (y, saved) = be.dora_forward(x, w.tensor(), bias, a, b, s, m, n)?;
+            Ok((y, saved, n.clone()))
+        }
+        // The norm's pass over w0 rides the forward's.
+        (W0::Dense(w), None) => {
+            be.dora_forward_with_norm(x, w.tensor(), &*w0.row_sq(be)?, bias, a, b, s, m)
+        }
+        (W0::Nf4(_, w), n) => {
+            let n = match n {
+                Some(n) => n.clone(),
+                None => dora_w0_norm(be, w0, a, b, s)?,
+            };
+            let base = be.nf4_linear(x, w, None)?;
+            let (y, saved) = be.dora_forward_from_base(base, x, bias, a, b, s, m, &n)?;
+            Ok((y, saved, n))
+        }
+    }
+}
+
+/// DoRA backward over either base.
+#[allow(clippy::too_many_arguments)]
+fn dora_bwd(
+    be: &Cpu,
+    dy: &T,
+    x: &T,
+    saved: &DoraSaved<Cpu>,
+    w0: &W0,
+    a: &T,
+    b: &T,
+    s: f32,
+    m: &T,
+    n: &T,
+) -> lorafuse::Result<DoraGrads<Cpu>> {
+    match w0 {
+        W0::Dense(w) => be.dora_backward(dy, x, saved, w.tensor(), a, b, s, m, n),
+        W0::Nf4(_, w) => {
+            let (mut g, gk) = be.dora_backward_adapter(dy, x, saved, a, b, s, m, n)?;
+            be.nf4_linear_backward_input(&gk, w, Some(&mut g.dx))?;
+            Ok(g)
+        }
+    }
+}
+
 // ---- LoRA -------------------------------------------------------------------------------------------
 
 /// Fused LoRA forward (PEFT ``lora.Linear``): ``y = x @ w0.T + bias + scaling * (x @ lora_A.T) @ lora_B.T``.
 ///
 /// Args:
 ///     x: float32 ``[T, in]``.
-///     w0: float32 ``[out, in]``, the frozen base weight (torch ``nn.Linear`` layout).
+///     w0: the frozen base weight ``[out, in]`` (torch ``nn.Linear`` layout): a float32 array, a
+///         ``FrozenWeight``, or an ``nf4.Nf4Tensor`` (QLoRA: dequantized tile by tile inside the
+///         products, bitsandbytes' values, never whole).
 ///     lora_A: float32 ``[r, in]``.
 ///     lora_B: float32 ``[out, r]``.
 ///     scaling: float, ``alpha / r`` (or ``alpha / sqrt(r)`` for rsLoRA).
@@ -358,15 +534,14 @@ fn lora_forward<'py>(
 ) -> PyResult<Out<'py>> {
     let mut d = Dims::default();
     let x = d.take(x, "x", &["T", "in"])?;
-    let w0 = d.take(w0, "w0", &["out", "in"])?;
+    let w0 = d.take_w0(w0, "w0")?;
     let a = d.take(lora_A, "lora_A", &["r", "in"])?;
     let b = d.take(lora_B, "lora_B", &["out", "r"])?;
     let bias = d.take_opt(bias, "bias", &["out"])?;
     let s = scalar(scaling, "scaling")?;
     let y = run(py, |be| {
         let bias = up_opt(be, &bias)?;
-        let (y, _h) =
-            be.lora_forward(up(be, &x)?, up(be, &w0)?, bias, up(be, &a)?, up(be, &b)?, s)?;
+        let (y, _h) = lora_fwd(be, up(be, &x)?, &w0, bias, up(be, &a)?, up(be, &b)?, s)?;
         down(be, &y)
     })?;
     out(py, y)
@@ -378,7 +553,7 @@ fn lora_forward<'py>(
 /// Args:
 ///     dy: float32 ``[T, out]``, the gradient of the loss with respect to y.
 ///     x: float32 ``[T, in]``, the forward input.
-///     w0: float32 ``[out, in]``.
+///     w0: ``[out, in]``, as for ``lora_forward`` (an array, FrozenWeight or Nf4Tensor).
 ///     lora_A: float32 ``[r, in]``.
 ///     lora_B: float32 ``[out, r]``.
 ///     scaling: float.
@@ -403,7 +578,7 @@ fn lora_backward<'py>(
 ) -> PyResult<(Out<'py>, Out<'py>, Out<'py>)> {
     let mut d = Dims::default();
     let x = d.take(x, "x", &["T", "in"])?;
-    let w0 = d.take(w0, "w0", &["out", "in"])?;
+    let w0 = d.take_w0(w0, "w0")?;
     let a = d.take(lora_A, "lora_A", &["r", "in"])?;
     let b = d.take(lora_B, "lora_B", &["out", "r"])?;
     let dy = d.take(dy, "dy", &["T", "out"])?;
@@ -415,8 +590,7 @@ fn lora_backward<'py>(
             Some(h) => h.clone(),
             None => be.linear(x, a, None)?,
         };
-        let (dx, da, db) =
-            be.lora_backward(up(be, &dy)?, x, &h, up(be, &w0)?, a, up(be, &b)?, s)?;
+        let (dx, da, db) = lora_bwd(be, up(be, &dy)?, x, &h, &w0, a, up(be, &b)?, s)?;
         Ok((down(be, &dx)?, down(be, &da)?, down(be, &db)?))
     })?;
     Ok((out(py, dx)?, out(py, da)?, out(py, db)?))
@@ -479,16 +653,17 @@ fn lora_unmerge<'py>(
 // ---- DoRA -------------------------------------------------------------------------------------------
 
 /// The norm `n` given by the caller, or computed from `w0` (which must then be the UNmerged base).
-fn dora_norm(be: &Cpu, w0: &Arr, a: &T, b: &T, s: f32, given: &Option<Arr>) -> lorafuse::Result<T> {
+fn dora_norm(be: &Cpu, w0: &W0, a: &T, b: &T, s: f32, given: &Option<Arr>) -> lorafuse::Result<T> {
     match given {
         Some(n) => up(be, n).cloned(),
-        None => be.dora_weight_norm(w0.tensor(), &*w0.row_sq(be)?, a, b, s),
+        None => dora_w0_norm(be, w0, a, b, s),
     }
 }
 
 /// DoRA's weight norm ``n = ||w0 + scaling * lora_B @ lora_A||`` per output row (PEFT's
 /// ``dim=1``), float32 ``[out]``, computed without forming ``lora_B @ lora_A``.
-/// Shapes: w0 ``[out, in]``, lora_A ``[r, in]``, lora_B ``[out, r]``.
+/// Shapes: w0 ``[out, in]`` (an array, FrozenWeight or Nf4Tensor), lora_A ``[r, in]``,
+/// lora_B ``[out, r]``.
 ///
 /// Raises:
 ///     TypeError, ValueError: as ``lora_forward``.
@@ -501,7 +676,7 @@ fn dora_weight_norm<'py>(
     scaling: &Bound<'py, PyAny>,
 ) -> PyResult<Out<'py>> {
     let mut d = Dims::default();
-    let w0 = d.take(w0, "w0", &["out", "in"])?;
+    let w0 = d.take_w0(w0, "w0")?;
     let a = d.take(lora_A, "lora_A", &["r", "in"])?;
     let b = d.take(lora_B, "lora_B", &["out", "r"])?;
     let s = scalar(scaling, "scaling")?;
@@ -518,7 +693,7 @@ fn dora_weight_norm<'py>(
 ///
 /// Args:
 ///     x: float32 ``[T, in]``.
-///     w0: float32 ``[out, in]``.
+///     w0: ``[out, in]``, as for ``lora_forward`` (an array, FrozenWeight or Nf4Tensor: QDoRA).
 ///     lora_A: float32 ``[r, in]``.
 ///     lora_B: float32 ``[out, r]``.
 ///     scaling: float.
@@ -551,7 +726,7 @@ fn dora_forward<'py>(
 ) -> PyResult<Bound<'py, PyAny>> {
     let mut d = Dims::default();
     let x = d.take(x, "x", &["T", "in"])?;
-    let w0 = d.take(w0, "w0", &["out", "in"])?;
+    let w0 = d.take_w0(w0, "w0")?;
     let a = d.take(lora_A, "lora_A", &["r", "in"])?;
     let b = d.take(lora_B, "lora_B", &["out", "r"])?;
     let m = d.take(magnitude, "magnitude", &["out"])?;
@@ -561,18 +736,7 @@ fn dora_forward<'py>(
     let (y, h, z, n) = run(py, |be| {
         let (a, b, x, m) = (up(be, &a)?, up(be, &b)?, up(be, &x)?, up(be, &m)?);
         let bias = up_opt(be, &bias)?;
-        let (y, saved, n) = match &n {
-            Some(n) => {
-                let n = up(be, n)?.clone();
-                let (y, saved) = be.dora_forward(x, w0.tensor(), bias, a, b, s, m, &n)?;
-                (y, saved, n)
-            }
-            // The norm's pass over w0 rides the forward's (and ||w0||^2 is cached by a
-            // FrozenWeight).
-            None => {
-                be.dora_forward_with_norm(x, w0.tensor(), &*w0.row_sq(be)?, bias, a, b, s, m)?
-            }
-        };
+        let (y, saved, n) = dora_fwd(be, x, &w0, bias, a, b, s, m, up_opt(be, &n)?)?;
         Ok((
             down(be, &y)?,
             down(be, &saved.h)?,
@@ -631,7 +795,7 @@ fn dora_backward<'py>(
 ) -> PyResult<(Out<'py>, Out<'py>, Out<'py>, Out<'py>)> {
     let mut d = Dims::default();
     let x = d.take(x, "x", &["T", "in"])?;
-    let w0 = d.take(w0, "w0", &["out", "in"])?;
+    let w0 = d.take_w0(w0, "w0")?;
     let a = d.take(lora_A, "lora_A", &["r", "in"])?;
     let b = d.take(lora_B, "lora_B", &["out", "r"])?;
     let dy = d.take(dy, "dy", &["T", "out"])?;
@@ -649,23 +813,18 @@ fn dora_backward<'py>(
         let (x, a, b, m) = (up(be, &x)?, up(be, &a)?, up(be, &b)?, up(be, &m)?);
         let (saved, n) = match (&h, &z, &n) {
             (Some(h), Some(z), Some(n)) => (
-                lorafuse::backend::DoraSaved {
+                DoraSaved {
                     h: h.tensor().clone(),
                     z: z.tensor().clone(),
                 },
                 up(be, n)?.clone(),
             ),
-            (_, _, Some(n)) => {
-                let n = up(be, n)?.clone();
-                (be.dora_forward(x, w0.tensor(), None, a, b, s, m, &n)?.1, n)
-            }
-            _ => {
-                let (_, saved, n) =
-                    be.dora_forward_with_norm(x, w0.tensor(), &*w0.row_sq(be)?, None, a, b, s, m)?;
+            (_, _, n) => {
+                let (_, saved, n) = dora_fwd(be, x, &w0, None, a, b, s, m, up_opt(be, n)?)?;
                 (saved, n)
             }
         };
-        let g = be.dora_backward(up(be, &dy)?, x, &saved, w0.tensor(), a, b, s, m, &n)?;
+        let g = dora_bwd(be, up(be, &dy)?, x, &saved, &w0, a, b, s, m, &n)?;
         Ok((
             down(be, &g.dx)?,
             down(be, &g.d_lora_a)?,
@@ -694,7 +853,7 @@ fn dora_merge<'py>(
     weight_norm: Option<&Bound<'py, PyAny>>,
 ) -> PyResult<Out<'py>> {
     let mut d = Dims::default();
-    let w0 = d.take(w0, "w0", &["out", "in"])?;
+    let w0 = W0::Dense(d.take(w0, "w0", &["out", "in"])?);
     let a = d.take(lora_A, "lora_A", &["r", "in"])?;
     let b = d.take(lora_B, "lora_B", &["out", "r"])?;
     let m = d.take(magnitude, "magnitude", &["out"])?;
@@ -703,7 +862,7 @@ fn dora_merge<'py>(
     let w = run(py, |be| {
         let (a, b) = (up(be, &a)?, up(be, &b)?);
         let n = dora_norm(be, &w0, a, b, s, &n)?;
-        let mut w = w0.tensor().clone();
+        let mut w = w0.dense("dora_merge")?.clone();
         be.dora_merge(&mut w, a, b, s, up(be, &m)?, &n)?;
         down(be, &w)
     })?;
@@ -1123,6 +1282,27 @@ fn adalora_unmerge<'py>(
 #[pyclass(module = "lorafuse.nf4", name = "Nf4Tensor", frozen)]
 struct PyNf4 {
     inner: RsNf4,
+    /// The weight as the kernels take it (an `Arc` of `inner`'s bytes), made on first use.
+    weight: OnceLock<Nf4Weight<Cpu>>,
+    /// `||W||_row^2` of the dequantized weight (DoRA's cached base norm), on first use.
+    row_sq: OnceLock<T>,
+}
+
+impl PyNf4 {
+    fn new(inner: RsNf4) -> Self {
+        PyNf4 {
+            inner,
+            weight: OnceLock::new(),
+            row_sq: OnceLock::new(),
+        }
+    }
+
+    fn weight(&self) -> lorafuse::Result<Nf4Weight<Cpu>> {
+        if self.weight.get().is_none() {
+            let _ = self.weight.set(Cpu.upload_nf4(&self.inner)?);
+        }
+        Ok(self.weight.get().expect("set just above").clone())
+    }
 }
 
 #[pymethods]
@@ -1303,7 +1483,7 @@ impl PyNf4 {
                 .map(|(_, d, s, b)| (*d, s.clone(), b.as_slice()))
         })
         .map_err(file_err)?;
-        Ok(PyNf4 { inner })
+        Ok(PyNf4::new(inner))
     }
 
     /// Dequantizes to float32 with the tensor's ``shape`` (bitsandbytes' ``dequantize_4bit``,
@@ -1370,7 +1550,7 @@ fn nf4_quantize(
     let inner = run(py, |_| {
         quantize_nf4(w.data(), w.shape(), blocksize, double_quant)
     })?;
-    Ok(PyNf4 { inner })
+    Ok(PyNf4::new(inner))
 }
 
 // ---- PEFT adapter files ---------------------------------------------------------------------------
