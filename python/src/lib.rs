@@ -344,8 +344,10 @@ fn up_opt<'a>(_be: &Cpu, a: &'a Option<Arr>) -> lorafuse::Result<Option<&'a T>> 
     Ok(a.as_ref().map(Arr::tensor))
 }
 
-fn down(be: &Cpu, t: &T) -> lorafuse::Result<Host> {
-    Ok((be.download(t)?, t.shape().to_vec()))
+/// A result tensor handed to numpy: its buffer moves, it is not copied.
+fn down(_be: &Cpu, t: T) -> lorafuse::Result<Host> {
+    let shape = t.shape().to_vec();
+    Ok((t.into_vec(), shape))
 }
 
 fn out<'py>(py: Python<'py>, (data, shape): Host) -> PyResult<Out<'py>> {
@@ -542,7 +544,7 @@ fn lora_forward<'py>(
     let y = run(py, |be| {
         let bias = up_opt(be, &bias)?;
         let (y, _h) = lora_fwd(be, up(be, &x)?, &w0, bias, up(be, &a)?, up(be, &b)?, s)?;
-        down(be, &y)
+        down(be, y)
     })?;
     out(py, y)
 }
@@ -591,7 +593,7 @@ fn lora_backward<'py>(
             None => be.linear(x, a, None)?,
         };
         let (dx, da, db) = lora_bwd(be, up(be, &dy)?, x, &h, &w0, a, up(be, &b)?, s)?;
-        Ok((down(be, &dx)?, down(be, &da)?, down(be, &db)?))
+        Ok((down(be, dx)?, down(be, da)?, down(be, db)?))
     })?;
     Ok((out(py, dx)?, out(py, da)?, out(py, db)?))
 }
@@ -613,7 +615,7 @@ fn lora_merge_impl<'py>(
     let m = run(py, |be| {
         let mut w = up(be, &w)?.clone();
         be.lora_merge(&mut w, up(be, &a)?, up(be, &b)?, s, sign)?;
-        down(be, &w)
+        down(be, w)
     })?;
     out(py, m)
 }
@@ -682,7 +684,7 @@ fn dora_weight_norm<'py>(
     let s = scalar(scaling, "scaling")?;
     let n = run(py, |be| {
         let n = dora_norm(be, &w0, up(be, &a)?, up(be, &b)?, s, &None)?;
-        down(be, &n)
+        down(be, n)
     })?;
     out(py, n)
 }
@@ -738,10 +740,10 @@ fn dora_forward<'py>(
         let bias = up_opt(be, &bias)?;
         let (y, saved, n) = dora_fwd(be, x, &w0, bias, a, b, s, m, up_opt(be, &n)?)?;
         Ok((
-            down(be, &y)?,
-            down(be, &saved.h)?,
-            down(be, &saved.z)?,
-            down(be, &n)?,
+            down(be, y)?,
+            down(be, saved.h)?,
+            down(be, saved.z)?,
+            down(be, n)?,
         ))
     })?;
     let y = out(py, y)?.into_any();
@@ -826,10 +828,10 @@ fn dora_backward<'py>(
         };
         let g = dora_bwd(be, up(be, &dy)?, x, &saved, &w0, a, b, s, m, &n)?;
         Ok((
-            down(be, &g.dx)?,
-            down(be, &g.d_lora_a)?,
-            down(be, &g.d_lora_b)?,
-            down(be, &g.d_magnitude)?,
+            down(be, g.dx)?,
+            down(be, g.d_lora_a)?,
+            down(be, g.d_lora_b)?,
+            down(be, g.d_magnitude)?,
         ))
     })?;
     Ok((out(py, g.0)?, out(py, g.1)?, out(py, g.2)?, out(py, g.3)?))
@@ -864,7 +866,7 @@ fn dora_merge<'py>(
         let n = dora_norm(be, &w0, a, b, s, &n)?;
         let mut w = w0.dense("dora_merge")?.clone();
         be.dora_merge(&mut w, a, b, s, up(be, &m)?, &n)?;
-        down(be, &w)
+        down(be, w)
     })?;
     out(py, w)
 }
@@ -903,7 +905,7 @@ fn dora_unmerge<'py>(
             up(be, &m)?,
             up(be, &n)?,
         )?;
-        down(be, &w)
+        down(be, w)
     })?;
     out(py, w)
 }
@@ -980,7 +982,7 @@ fn vera_forward<'py>(
             up(be, &v.ld)?,
             up(be, &v.lb)?,
         )?;
-        down(be, &y)
+        down(be, y)
     })?;
     out(py, y)
 }
@@ -1024,7 +1026,7 @@ fn vera_backward<'py>(
             None => be.vera_forward(x, w0, None, a, b, ld, lb)?.1,
         };
         let (dx, dld, dlb) = be.vera_backward(up(be, &dy)?, x, &h, w0, a, b, ld, lb)?;
-        Ok((down(be, &dx)?, down(be, &dld)?, down(be, &dlb)?))
+        Ok((down(be, dx)?, down(be, dld)?, down(be, dlb)?))
     })?;
     Ok((out(py, dx)?, out(py, dld)?, out(py, dlb)?))
 }
@@ -1052,7 +1054,7 @@ fn vera_merge_impl<'py>(
             up(be, &v.lb)?,
             sign,
         )?;
-        down(be, &w)
+        down(be, w)
     })?;
     out(py, m)
 }
@@ -1144,7 +1146,7 @@ fn adalora_forward<'py>(
             s,
             rn,
         )?;
-        down(be, &y)
+        down(be, y)
     })?;
     out(py, y)
 }
@@ -1200,10 +1202,10 @@ fn adalora_backward<'py>(
         };
         let g = be.adalora_backward(up(be, &dy)?, x, &h, w0, a, b, e, s, rn)?;
         Ok((
-            down(be, &g.dx)?,
-            down(be, &g.d_lora_a)?,
-            down(be, &g.d_lora_b)?,
-            down(be, &g.d_lora_e)?,
+            down(be, g.dx)?,
+            down(be, g.d_lora_a)?,
+            down(be, g.d_lora_b)?,
+            down(be, g.d_lora_e)?,
         ))
     })?;
     Ok((out(py, g.0)?, out(py, g.1)?, out(py, g.2)?, out(py, g.3)?))
@@ -1229,7 +1231,7 @@ fn adalora_merge_impl<'py>(
     let m = run(py, |be| {
         let mut w = up(be, &w)?.clone();
         be.adalora_merge(&mut w, up(be, &a)?, up(be, &b)?, up(be, &e)?, s, rn, sign)?;
-        down(be, &w)
+        down(be, w)
     })?;
     out(py, m)
 }
@@ -1493,7 +1495,7 @@ impl PyNf4 {
         let host = run(py, |be| {
             if w.shape().len() == 2 {
                 let t = be.nf4_dequantize(&be.upload_nf4(w)?)?;
-                down(be, &t)
+                down(be, t)
             } else {
                 let mut v = vec![0.0; w.n_elements()];
                 w.dequantize_into(&mut v)?;
