@@ -15,7 +15,7 @@ mod gpu;
 mod twin;
 
 use gpu::*;
-use lorafuse::adapter::device_rank_allocator::{AdaLoraDeviceLayer, DeviceRankAllocator};
+use lorafuse::adapter::device_rank_allocator::DeviceRankAllocator;
 use lorafuse::backend::{AdaLoraIpt, cross_entropy_loss};
 use lorafuse::{Backend, Cpu, Tensor, Wgpu};
 
@@ -372,20 +372,7 @@ fn device_allocator_matches_cpu_and_reads_nothing_back() {
     let mut es: Vec<Tensor<Wgpu>> = t.iter().map(|d| d[4].clone()).collect();
     let before = be.readbacks();
     for step in 1..=sc.steps {
-        let mut views: Vec<AdaLoraDeviceLayer<'_, Wgpu>> = es
-            .iter_mut()
-            .zip(&t)
-            .zip(&sc.layers)
-            .map(|((e, d), l)| AdaLoraDeviceLayer {
-                name: &l.0,
-                lora_a: &d[0],
-                grad_a: &d[1],
-                lora_b: &d[2],
-                grad_b: &d[3],
-                lora_e: e,
-                grad_e: &d[5],
-            })
-            .collect();
+        let mut views = twin::device_views(&sc, &mut es, &t);
         alloc.update_and_allocate(&be, step, &mut views).unwrap();
     }
     be.synchronize().unwrap();
@@ -393,14 +380,6 @@ fn device_allocator_matches_cpu_and_reads_nothing_back() {
     // The pattern, when asked for: one readback.
     assert!(alloc.rank_pattern(&be).unwrap().is_some());
     assert_eq!(be.readbacks(), before + 1);
-}
-
-/// Asserts both backends fail, with the same message.
-fn same_error<T, U>(what: &str, got: lorafuse::Result<T>, want: lorafuse::Result<U>) {
-    let (Err(g), Err(w)) = (got, want) else {
-        panic!("{what}: expected both backends to fail");
-    };
-    assert_eq!(g.to_string(), w.to_string(), "{what}");
 }
 
 #[test]

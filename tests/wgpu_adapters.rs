@@ -257,14 +257,6 @@ fn tensors_wider_than_one_binding_are_split() {
     adalora_cases(&be, "1 KiB bindings");
 }
 
-/// Asserts both backends fail, with the same message.
-fn same_error<T, U>(what: &str, got: lorafuse::Result<T>, want: lorafuse::Result<U>) {
-    let (Err(g), Err(w)) = (got, want) else {
-        panic!("{what}: expected both backends to fail");
-    };
-    assert_eq!(g.to_string(), w.to_string(), "{what}");
-}
-
 #[test]
 fn bad_inputs_give_the_cpu_errors() {
     let Some(be) = wgpu("bad_inputs_give_the_cpu_errors") else {

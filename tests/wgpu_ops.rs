@@ -355,14 +355,6 @@ fn cross_entropy_matches_cpu() {
     }
 }
 
-/// Runs `f` on the CPU and on wgpu and asserts both fail with the same message.
-fn same_error<T, U>(what: &str, cpu: lorafuse::Result<T>, gpu: lorafuse::Result<U>) {
-    let (Err(c), Err(g)) = (cpu, gpu) else {
-        panic!("{what}: expected both backends to fail");
-    };
-    assert_eq!(g.to_string(), c.to_string(), "{what}");
-}
-
 #[test]
 fn bad_inputs_fail_as_on_the_cpu() {
     let Some(be) = wgpu("bad_inputs_fail_as_on_the_cpu") else {

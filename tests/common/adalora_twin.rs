@@ -144,6 +144,28 @@ pub fn run_host(sc: &Scenario) -> Vec<StepRecord> {
 }
 
 /// The device allocator's run on `be` (downloads only to record, after each step).
+/// The device allocator's view of each layer: `lora_E` from `es`, the other factors and all
+/// gradients from `d` (`[A, dA, B, dB, E-step, dE]` per layer, the order `run_device` uploads).
+pub fn device_views<'a, B: Backend>(
+    sc: &'a Scenario,
+    es: &'a mut [Tensor<B>],
+    d: &'a [[Tensor<B>; 6]],
+) -> Vec<AdaLoraDeviceLayer<'a, B>> {
+    es.iter_mut()
+        .zip(d)
+        .zip(&sc.layers)
+        .map(|((e, d), (name, ..))| AdaLoraDeviceLayer {
+            name,
+            lora_a: &d[0],
+            grad_a: &d[1],
+            lora_b: &d[2],
+            grad_b: &d[3],
+            lora_e: e,
+            grad_e: &d[5],
+        })
+        .collect()
+}
+
 pub fn run_device<B: Backend>(be: &B, sc: &Scenario) -> Vec<StepRecord> {
     let mut alloc =
         DeviceRankAllocator::new(be, sc.schedule, sc.betas.0, sc.betas.1, &names(sc)).unwrap();
@@ -173,20 +195,7 @@ pub fn run_device<B: Backend>(be: &B, sc: &Scenario) -> Vec<StepRecord> {
         for (e, d) in es.iter_mut().zip(&d) {
             be.axpy(e, 1.0, &d[4]).unwrap();
         }
-        let mut views: Vec<AdaLoraDeviceLayer<'_, B>> = es
-            .iter_mut()
-            .zip(&d)
-            .zip(&sc.layers)
-            .map(|((e, d), (name, ..))| AdaLoraDeviceLayer {
-                name,
-                lora_a: &d[0],
-                grad_a: &d[1],
-                lora_b: &d[2],
-                grad_b: &d[3],
-                lora_e: e,
-                grad_e: &d[5],
-            })
-            .collect();
+        let mut views = device_views(sc, &mut es, &d);
         let got = alloc.update_and_allocate(be, step, &mut views).unwrap();
         drop(views);
         let ema = sc

@@ -136,3 +136,11 @@ pub fn assert_tensor<B: Backend>(
     let g = be.download(got).expect("download");
     assert_close(what, &g, want.data(), rtol, 1e-6);
 }
+
+/// Asserts that two backends' results both fail, with the same message.
+pub fn same_error<T, U>(what: &str, a: lorafuse::Result<T>, b: lorafuse::Result<U>) {
+    let (Err(a), Err(b)) = (a, b) else {
+        panic!("{what}: expected both backends to fail");
+    };
+    assert_eq!(a.to_string(), b.to_string(), "{what}");
+}
