@@ -50,6 +50,16 @@ enum Held {
     Shared(Arc<Frozen>),
 }
 
+/// The value in `cell`, computed by `make` the first time (two threads may both compute it; the
+/// values are the same and one is kept). `OnceLock::get_or_try_init` is not stable yet.
+fn once<V>(cell: &OnceLock<V>, make: impl FnOnce() -> lorafuse::Result<V>) -> lorafuse::Result<&V> {
+    if let Some(v) = cell.get() {
+        return Ok(v);
+    }
+    let v = make()?;
+    Ok(cell.get_or_init(|| v))
+}
+
 /// A frozen weight and what is derived from it once (DoRA's `||W0||_row^2`, on first use).
 struct Frozen {
     w: T,
@@ -67,15 +77,9 @@ impl Arr {
     fn row_sq(&self, be: &Cpu) -> lorafuse::Result<std::borrow::Cow<'_, T>> {
         match &self.t {
             Held::Owned(t) => Ok(std::borrow::Cow::Owned(be.row_sq_norms(t)?)),
-            Held::Shared(f) => {
-                if f.row_sq.get().is_none() {
-                    // Two threads may both compute it; they get the same values.
-                    let _ = f.row_sq.set(be.row_sq_norms(&f.w)?);
-                }
-                Ok(std::borrow::Cow::Borrowed(
-                    f.row_sq.get().expect("set just above"),
-                ))
-            }
+            Held::Shared(f) => Ok(std::borrow::Cow::Borrowed(once(&f.row_sq, || {
+                be.row_sq_norms(&f.w)
+            })?)),
         }
     }
     fn shape(&self) -> &[usize] {
@@ -377,17 +381,10 @@ impl W0 {
     fn row_sq(&self, be: &Cpu) -> lorafuse::Result<std::borrow::Cow<'_, T>> {
         match self {
             W0::Dense(a) => a.row_sq(be),
-            W0::Nf4(q, w) => {
-                // A frozen pyclass: readable without the GIL.
-                let q = q.get();
-                if q.row_sq.get().is_none() {
-                    // Two threads may both compute it; they get the same values.
-                    let _ = q.row_sq.set(be.nf4_row_sq_norms(w)?);
-                }
-                Ok(std::borrow::Cow::Borrowed(
-                    q.row_sq.get().expect("set just above"),
-                ))
-            }
+            // A frozen pyclass: readable without the GIL.
+            W0::Nf4(q, w) => Ok(std::borrow::Cow::Borrowed(once(&q.get().row_sq, || {
+                be.nf4_row_sq_norms(w)
+            })?)),
         }
     }
 }
@@ -1300,10 +1297,7 @@ impl PyNf4 {
     }
 
     fn weight(&self) -> lorafuse::Result<Nf4Weight<Cpu>> {
-        if self.weight.get().is_none() {
-            let _ = self.weight.set(Cpu.upload_nf4(&self.inner)?);
-        }
-        Ok(self.weight.get().expect("set just above").clone())
+        once(&self.weight, || Cpu.upload_nf4(&self.inner)).cloned()
     }
 }
 

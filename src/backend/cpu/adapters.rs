@@ -427,10 +427,11 @@ fn vera_slices<'a>(
     Ok((r, a_s, &vera_b.data()[..dout * r]))
 }
 
-/// `diag(l) B` for `B [len(l), r]` (row o scaled by `l[o]`): VeRA's `lambda_b` folded into `Bs`.
-fn scale_rows(b: &[f32], r: usize, l: &[f32]) -> Vec<f32> {
-    let mut out = b[..l.len() * r].to_vec();
-    for (row, l) in out.chunks_mut(r.max(1)).zip(l) {
+/// `diag(l) B` for `B [len(l), cols]` (row o scaled by `l[o]`): VeRA's `lambda_b` folded into
+/// `Bs`, AdaLoRA's `E` into `A`.
+fn scale_rows(b: &[f32], cols: usize, l: &[f32]) -> Vec<f32> {
+    let mut out = b[..l.len() * cols].to_vec();
+    for (row, l) in out.chunks_mut(cols.max(1)).zip(l) {
         row.iter_mut().for_each(|v| *v *= l);
     }
     out
@@ -582,11 +583,7 @@ fn adalora_ae(
 ) -> Result<(usize, Vec<f32>)> {
     let r = check::lora(din, dout, a, b)?;
     e.expect_shape("lora_E", &[r, 1])?;
-    let mut ae = a.data().to_vec();
-    for (row, e) in ae.chunks_mut(din.max(1)).zip(e.data()) {
-        row.iter_mut().for_each(|v| *v *= e);
-    }
-    Ok((r, ae))
+    Ok((r, scale_rows(a.data(), din, e.data())))
 }
 
 #[allow(clippy::too_many_arguments)]
