@@ -9,25 +9,24 @@
 //!
 //! Compiled PTX is cached on disk per compute capability and per hash of (source, options):
 //! `$LORAFUSE_CACHE/ptx/` or `~/.cache/lorafuse/ptx/`, written atomically (temp file + rename),
-//! so a second process start skips NVRTC.
+//! so a second process start skips NVRTC. The source's hash is computed by build.rs
+//! ([`HASHES`]), not at run time.
 
 use crate::error::{Error, Result};
 use sha2::{Digest, Sha256};
 use std::path::{Path, PathBuf};
 
-/// `common.cuh`: dtype conversions, reductions and the `LF_INST` instantiation macro.
-pub const COMMON: &str = include_str!("../../../kernels/common.cuh");
+// `COMMON`, `SOURCES` and `HASHES`, written by build.rs from `kernels/`.
+include!(concat!(env!("OUT_DIR"), "/kernels.rs"));
 
-/// Every kernel source file, by module name (the file stem in `kernels/`).
-pub const SOURCES: &[(&str, &str)] = &[
-    ("lora", include_str!("../../../kernels/lora.cu")),
-    ("dora", include_str!("../../../kernels/dora.cu")),
-    ("vera", include_str!("../../../kernels/vera.cu")),
-    ("adalora", include_str!("../../../kernels/adalora.cu")),
-    ("nf4", include_str!("../../../kernels/nf4.cu")),
-    ("model", include_str!("../../../kernels/model.cu")),
-    ("optim", include_str!("../../../kernels/optim.cu")),
-];
+/// The hex sha256 of [`source`]`(name)`, computed at build time. Errors: an unknown module.
+pub fn source_hash(name: &str) -> Result<&'static str> {
+    HASHES
+        .iter()
+        .find(|(n, _)| *n == name)
+        .map(|&(_, h)| h)
+        .ok_or_else(|| Error::arg("kernel module", format!("no kernels/{name}.cu")))
+}
 
 /// The source of module `name` with `common.cuh` pasted in. Errors: an unknown module.
 pub fn source(name: &str) -> Result<String> {
@@ -140,13 +139,14 @@ pub fn cache_dir() -> Option<PathBuf> {
     std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache/lorafuse/ptx"))
 }
 
-/// The cache file of module `name` for `arch`, named by a hash of the source and options.
+/// The cache file of module `name` for `arch`, named by a hash of the source's hash
+/// ([`source_hash`]) and the options. Errors: an unknown module.
 fn cache_path(name: &str, arch: &str) -> Result<Option<PathBuf>> {
     let Some(dir) = cache_dir() else {
         return Ok(None);
     };
     let mut h = Sha256::new();
-    h.update(source(name)?.as_bytes());
+    h.update(source_hash(name)?.as_bytes());
     for o in options(arch) {
         h.update(o.as_bytes());
         h.update([0u8]);
@@ -183,4 +183,25 @@ pub(crate) fn cached_ptx(name: &str, arch: &str, fresh: bool) -> Result<String> 
         }
     }
     Ok(ptx)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The hash build.rs embedded is the sha256 of the source as [`source`] builds it, for
+    /// every module, and the tables list the same modules in the same order.
+    #[test]
+    fn embedded_hashes_match_sources() {
+        assert_eq!(SOURCES.len(), HASHES.len());
+        for ((name, _), (hname, hash)) in SOURCES.iter().zip(HASHES) {
+            assert_eq!(name, hname);
+            let hex: String = Sha256::digest(source(name).unwrap().as_bytes())
+                .iter()
+                .map(|b| format!("{b:02x}"))
+                .collect();
+            assert_eq!(*hash, hex, "kernels/{name}.cu");
+        }
+        assert!(source_hash("no_such_module").is_err());
+    }
 }

@@ -7,6 +7,7 @@
 //! Each dispatch's uniform parameters go into one uniform buffer per batch, written once
 //! before its submit.
 
+use super::compose;
 use crate::error::{Error, Result};
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -89,28 +90,10 @@ impl DType {
     }
 }
 
-/// `src` with the storage arrays `names` (each declared `var<storage, read> NAME: array<f32>;`
-/// and read only through `fn ld_NAME(i: u32) -> f32 { return NAME[i]; }`) turned into
-/// `array<f16>` read as f32, and `enable f16;` prepended. Errors (a bug in a shader): a
-/// declaration or loader not found.
+/// `src` with the storage arrays `names` made f16 ([`compose::f16_variant`], the rule
+/// `build.rs` validates). Errors (a bug in a shader): a declaration or loader not found.
 pub(crate) fn f16_variant(src: &str, names: &[&str]) -> Result<String> {
-    let mut out = format!("enable f16;\n{src}");
-    for n in names {
-        let decl = format!("var<storage, read> {n}: array<f32>;");
-        let load = format!("fn ld_{n}(i: u32) -> f32 {{ return {n}[i]; }}");
-        if !out.contains(&decl) || !out.contains(&load) {
-            return Err(err(format!(
-                "shader has no f32 array `{n}` read through `ld_{n}` to make f16"
-            )));
-        }
-        out = out
-            .replace(&decl, &format!("var<storage, read> {n}: array<f16>;"))
-            .replace(
-                &load,
-                &format!("fn ld_{n}(i: u32) -> f32 {{ return f32({n}[i]); }}"),
-            );
-    }
-    Ok(out)
+    compose::f16_variant(src, names).map_err(err)
 }
 
 /// The error of an in-place kernel handed a frozen f16 weight.
@@ -408,7 +391,7 @@ impl Ctx {
         self.kernel_f16(
             &key,
             || {
-                let full = format!("{prelude}\n{src}");
+                let full = compose::with_prelude(prelude, src);
                 if names.is_empty() {
                     Ok(full)
                 } else {

@@ -15,6 +15,7 @@
 
 mod adalora;
 mod adapters;
+mod compose;
 mod ctx;
 mod matmul;
 mod nf4;
