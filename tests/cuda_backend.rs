@@ -10,6 +10,7 @@
 //! `LORAFUSE_REQUIRE` contains `cuda`, which turns the absence into a failure.
 #![cfg(feature = "cuda")]
 
+mod common;
 #[path = "common/adalora_twin.rs"]
 mod twin;
 
@@ -21,21 +22,12 @@ use lorafuse::backend::{
 use lorafuse::quant::nf4::quantize_nf4;
 use lorafuse::{Cpu, Error, Tensor};
 
-fn required() -> bool {
-    std::env::var("LORAFUSE_REQUIRE").is_ok_and(|v| v.contains("cuda"))
-}
-
 /// The backend in `dtype`, or None (with a printed reason) when no GPU is usable.
 fn gpu(dtype: DType, test: &str) -> Option<Cuda> {
     match Cuda::with_dtype(0, dtype) {
         Ok(be) => Some(be),
         Err(e) => {
-            assert!(
-                !required(),
-                "LORAFUSE_REQUIRE=cuda but the CUDA backend is unavailable: {e}"
-            );
-            println!("SKIP: {test}: {e}");
-            eprintln!("SKIP: {test}: {e}");
+            common::skip_or_fail("cuda", &format!("{test}: {e}"));
             None
         }
     }
@@ -140,8 +132,7 @@ fn new_without_hardware_is_an_error_not_a_panic() {
         }
         Err(e) => {
             assert!(matches!(e, Error::BackendUnavailable { .. }), "{e}");
-            assert!(!required(), "LORAFUSE_REQUIRE=cuda but: {e}");
-            eprintln!("SKIP: (GPU part of) new_without_hardware: {e}");
+            common::skip_or_fail("cuda", &format!("(GPU part of) new_without_hardware: {e}"));
         }
     }
 }

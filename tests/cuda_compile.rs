@@ -6,13 +6,11 @@
 //! `ptxas` is likewise a failure under `LORAFUSE_REQUIRE=nvrtc`.
 #![cfg(feature = "cuda")]
 
+mod common;
+
 use lorafuse::backend::cuda::kernels;
 use std::path::PathBuf;
 use std::process::Command;
-
-fn required() -> bool {
-    std::env::var("LORAFUSE_REQUIRE").is_ok_and(|v| v.contains("nvrtc"))
-}
 
 fn ptxas() -> Option<PathBuf> {
     if let Some(p) = std::env::var_os("LORAFUSE_PTXAS") {
@@ -62,19 +60,16 @@ fn kernels_compile_with_nvrtc_and_assemble_with_ptxas() {
     if !kernels::nvrtc_available() {
         let msg = "libnvrtc not found: source scripts/cuda-env.sh (or put a CUDA 13 libnvrtc on \
                    LD_LIBRARY_PATH)";
-        assert!(!required(), "LORAFUSE_REQUIRE=nvrtc but {msg}");
-        println!("SKIP: cuda_compile: {msg}");
-        eprintln!("SKIP: cuda_compile: {msg}");
+        common::skip_or_fail("nvrtc", &format!("cuda_compile: {msg}"));
         return;
     }
     eprintln!("NVRTC include dir: {:?}", kernels::include_dir());
     let ptxas = ptxas();
     if ptxas.is_none() {
-        assert!(
-            !required(),
-            "LORAFUSE_REQUIRE=nvrtc but ptxas was not found (PATH or LORAFUSE_PTXAS)"
+        common::skip_or_fail(
+            "nvrtc",
+            "cuda_compile: ptxas not found (PATH or LORAFUSE_PTXAS): PTX is compiled, not assembled",
         );
-        eprintln!("NOTE: ptxas not found (PATH or LORAFUSE_PTXAS): PTX is not assembled");
     }
     let tmp = std::env::temp_dir().join(format!("lorafuse-ptx-{}", std::process::id()));
     std::fs::create_dir_all(&tmp).unwrap();
@@ -128,11 +123,7 @@ fn kernels_compile_with_nvrtc_and_assemble_with_ptxas() {
 #[test]
 fn launched_entry_points_exist() {
     if !kernels::nvrtc_available() {
-        assert!(
-            !required(),
-            "LORAFUSE_REQUIRE=nvrtc but libnvrtc was not found"
-        );
-        eprintln!("SKIP: launched_entry_points_exist: libnvrtc not found");
+        common::skip_or_fail("nvrtc", "launched_entry_points_exist: libnvrtc not found");
         return;
     }
     let typed: &[(&str, &[&str])] = &[

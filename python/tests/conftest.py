@@ -9,7 +9,7 @@ from safetensors.numpy import load_file
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[2]
 GOLDEN_DIR = pathlib.Path(
-    os.environ.get("LORAFUSE_GOLDEN_DIR", str(REPO_ROOT.parent / "shared" / "golden"))
+    os.environ.get("LORAFUSE_GOLDEN_DIR", str(REPO_ROOT / "tests" / "golden"))
 )
 
 
@@ -40,3 +40,34 @@ def close(actual, expected, atol, rtol=1e-5, name=""):
     err = float(np.max(np.abs(actual.astype(np.float64) - expected)))
     print(f"  {name}: max abs err {err:.3g}")
     np.testing.assert_allclose(actual, expected, atol=atol, rtol=rtol, err_msg=name)
+
+
+def _resource(reason):
+    """The LORAFUSE_REQUIRE name a skip reason is about (for scripts/test.sh's summary)."""
+    if "torch" in reason:
+        return "torch"
+    if "LORAFUSE_MODEL" in reason:
+        return "model"
+    return "python"
+
+
+def _log_skip(nodeid, longrepr):
+    log = os.environ.get("LORAFUSE_SKIP_LOG")
+    if not log:
+        return
+    reason = longrepr[2] if isinstance(longrepr, tuple) else str(longrepr)
+    reason = " ".join(str(reason).split())
+    with open(log, "a", encoding="utf-8") as f:
+        f.write(f"{_resource(reason)}\t{nodeid}: {reason}\n")
+
+
+def pytest_runtest_logreport(report):
+    """Appends every skipped test to $LORAFUSE_SKIP_LOG (one `resource<TAB>reason` line)."""
+    if report.skipped and report.when in ("setup", "call"):
+        _log_skip(report.nodeid, report.longrepr)
+
+
+def pytest_collectreport(report):
+    """Module-level skips (e.g. test_torch.py without torch) happen at collection."""
+    if report.skipped:
+        _log_skip(report.nodeid, report.longrepr)

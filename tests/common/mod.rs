@@ -2,20 +2,22 @@
 //! how a test that lacks an optional resource skips (loudly) or fails.
 //!
 //! Environment:
-//! * `LORAFUSE_GOLDEN_DIR`: the golden folder (default `../shared/golden` beside the crate).
+//! * `LORAFUSE_GOLDEN_DIR`: the golden folder (default `tests/golden` in the repository).
 //! * `LORAFUSE_MODEL`: path of the SmolLM2-135M-Instruct GGUF for the tests that need it.
 //! * `LORAFUSE_REQUIRE`: comma/space separated resources whose absence fails a test instead of
 //!   skipping it (`model`, `cuda`, `wgpu` ...).
+//! * `LORAFUSE_SKIP_LOG`: a file every skip appends one `resource<TAB>reason` line to, so that
+//!   `scripts/test.sh` can end with a summary (cargo hides the `SKIP` lines of passing tests).
 
 #![allow(dead_code)] // each test binary uses a different subset
 
 use std::path::{Path, PathBuf};
 
-/// The golden folder: `$LORAFUSE_GOLDEN_DIR`, else `<crate>/../shared/golden`.
+/// The golden folder: `$LORAFUSE_GOLDEN_DIR`, else `<crate>/tests/golden`.
 pub fn golden_dir() -> PathBuf {
     match std::env::var_os("LORAFUSE_GOLDEN_DIR") {
         Some(dir) => PathBuf::from(dir),
-        None => Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/golden"),
+        None => Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/golden"),
     }
 }
 
@@ -49,13 +51,30 @@ pub fn required(what: &str) -> bool {
 }
 
 /// Reports that `what` is unavailable: panics if `LORAFUSE_REQUIRE` lists `what`, else prints a
-/// loud `SKIP:` line. The caller returns right after.
+/// loud `SKIP:` line and appends `what<TAB>reason` to `$LORAFUSE_SKIP_LOG` when it is set. The
+/// caller returns right after.
 pub fn skip_or_fail(what: &str, reason: &str) {
     if required(what) {
         panic!("LORAFUSE_REQUIRE lists `{what}` but it is unavailable: {reason}");
     }
     println!("SKIP: {reason}");
     eprintln!("SKIP: {reason}");
+    if let Some(log) = std::env::var_os("LORAFUSE_SKIP_LOG") {
+        use std::io::Write;
+        // One short write per line in append mode, so parallel tests do not interleave.
+        let line = format!("{what}\t{}\n", reason.replace(['\n', '\t'], " "));
+        let appended = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log)
+            .and_then(|mut f| f.write_all(line.as_bytes()));
+        if let Err(e) = appended {
+            eprintln!(
+                "cannot append to LORAFUSE_SKIP_LOG {}: {e}",
+                Path::new(&log).display()
+            );
+        }
+    }
 }
 
 /// The real model, or `None` after [`skip_or_fail`] (`"model"`) when `LORAFUSE_MODEL` is unset
