@@ -828,11 +828,9 @@ fn bench_on<B: Backend>(be: B, a: &BenchArgs) -> Result<()> {
     };
     let peak = hb::measure_peak(&be)?;
     println!(
-        "backend {}; machine: {} threads; SGEMM peak (linear 2048^3) {:.1} GFLOP/s; update bandwidth {:.1} GB/s",
+        "backend {}; machine: {} threads; {peak}",
         be.name(),
-        rayon::current_num_threads(),
-        peak.sgemm_gflops,
-        peak.copy_gbps
+        rayon::current_num_threads()
     );
     println!(
         "{:<36} {:>10} {:>5} {:>8} {:>6} {:>7} {:>6} {:>6}",

@@ -8,6 +8,8 @@
 //! of the measured device-to-device copy bandwidth).
 #![cfg(feature = "cuda")]
 
+mod common;
+
 use lorafuse::Result;
 use lorafuse::backend::Backend;
 use lorafuse::backend::cuda::{Cuda, DType};
@@ -56,11 +58,7 @@ fn bench_cuda_kernels() {
     let be = match Cuda::with_dtype(0, DType::BF16) {
         Ok(b) => b,
         Err(e) => {
-            assert!(
-                !std::env::var("LORAFUSE_REQUIRE").is_ok_and(|v| v.contains("cuda")),
-                "LORAFUSE_REQUIRE=cuda but: {e}"
-            );
-            eprintln!("SKIP: bench_cuda_kernels: {e}");
+            common::skip_or_fail("cuda", &format!("bench_cuda_kernels: {e}"));
             return;
         }
     };
@@ -68,7 +66,8 @@ fn bench_cuda_kernels() {
     let mut rows = Vec::new();
     // Copy bandwidth: 1 GiB device-to-device, bytes read + written.
     let big = be.zeros(&[1 << 29]).unwrap();
-    let s = time(&be, || be.device_copy(&big).map(|_| ()));
+    let mut dst = be.zeros(&[1 << 29]).unwrap();
+    let s = time(&be, || be.copy_into(&big, &mut dst));
     let copy_bps = 2.0 * (1u64 << 30) as f64 / s;
     rows.push(Row {
         name: "copy_1GiB".into(),

@@ -4,7 +4,9 @@
 //! Used by `lorafuse bench` (whose JSON `scripts/peft_bench.py` reads to time PEFT on the same
 //! cases in the same run) and by the criterion benches in `benches/`. Timings are reported with
 //! the machine's limits measured in the same process: the SGEMM peak ([`measure_peak`], a
-//! `2048^3` [`Backend::linear`]) and the memory bandwidth (a parallel in-place update), so every number is
+//! `2048^3` [`Backend::linear`]) and the memory bandwidth of the memory the backend computes in
+//! (the host's for the CPU backend, a parallel in-place update; the device's own for a GPU
+//! backend, a device-to-device [`Backend::copy_into`]; see [`Bandwidth`]), so every number is
 //! also a fraction of what the machine can do.
 //!
 //! What is timed, per method (the layer types of [`crate::adapter`], dense f32 base unless
@@ -444,19 +446,67 @@ fn median(ts: &mut [f64]) -> f64 {
     }
 }
 
+/// Which memory [`MachinePeak::copy_gbps`] measured, and how.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Bandwidth {
+    /// Host memory (the CPU backend): a rayon-parallel in-place update of 768 MiB (`v = v * a`,
+    /// every byte read and written once: the access pattern of a merge).
+    #[default]
+    HostMemory,
+    /// The device's own memory (GPU backends): device-to-device copies of a 256 MiB tensor
+    /// through [`Backend::copy_into`], four between synchronizations, no host memory involved.
+    DeviceCopy,
+}
+
+impl Bandwidth {
+    /// Short description for reports, e.g. `device copy (device-to-device, read + write)`.
+    pub fn describe(self) -> &'static str {
+        match self {
+            Bandwidth::HostMemory => "host memory (in-place update, read + write)",
+            Bandwidth::DeviceCopy => "device copy (device-to-device, read + write)",
+        }
+    }
+}
+
+impl std::fmt::Display for Bandwidth {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.describe())
+    }
+}
+
 /// The machine's limits as measured by [`measure_peak`].
 #[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
 pub struct MachinePeak {
     /// SGEMM throughput of [`Backend::linear`] on `2048 x 2048 x 2048`, GFLOP/s.
     pub sgemm_gflops: f64,
-    /// Memory bandwidth of a parallel in-place update of 768 MiB (`v = v * a`, every byte read
-    /// and written once: the access pattern of a merge), GB/s counting bytes read + written.
+    /// Memory bandwidth, GB/s counting bytes read + written, of the memory [`bandwidth`]
+    /// names: the host's for the CPU backend, the device's own for a GPU backend (whose
+    /// kernels never touch host memory, so a host figure would be the wrong roofline).
+    ///
+    /// [`bandwidth`]: MachinePeak::bandwidth
     pub copy_gbps: f64,
+    /// What [`MachinePeak::copy_gbps`] measured (absent in older JSON: host memory).
+    #[serde(default)]
+    pub bandwidth: Bandwidth,
+}
+
+impl std::fmt::Display for MachinePeak {
+    /// `SGEMM peak (linear 2048^3) X GFLOP/s; bandwidth Y GB/s, <what it is>`.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "SGEMM peak (linear 2048^3) {:.1} GFLOP/s; bandwidth {:.1} GB/s, {}",
+            self.sgemm_gflops, self.copy_gbps, self.bandwidth
+        )
+    }
 }
 
 /// Measures the SGEMM peak through `be.linear` on `2048^3` (median of 5 after a warm-up; the
-/// large square product is the GEMM's best case) and the host memory bandwidth with a
-/// rayon-parallel in-place update (median of 5 after a warm-up).
+/// large square product is the GEMM's best case) and the memory bandwidth (median of 5 after
+/// a warm-up): for the CPU backend the host's, with a rayon-parallel in-place update; for any
+/// other backend the device's own, with device-to-device copies through
+/// [`Backend::copy_into`] timed with [`Backend::synchronize`] (see [`Bandwidth`]).
 pub fn measure_peak<B: Backend>(be: &B) -> Result<MachinePeak> {
     let n = 2048;
     let x = random_tensor(be, &[n, n], 1.0, 11)?;
@@ -471,7 +521,21 @@ pub fn measure_peak<B: Backend>(be: &B) -> Result<MachinePeak> {
         }
     }
     let sgemm_gflops = 2.0 * (n * n * n) as f64 / median(&mut ts) / 1e9;
+    drop((x, w));
+    let (copy_gbps, bandwidth) = if be.name() == "cpu" {
+        (host_update_gbps(), Bandwidth::HostMemory)
+    } else {
+        (device_copy_gbps(be, 64 << 20)?, Bandwidth::DeviceCopy)
+    };
+    Ok(MachinePeak {
+        sgemm_gflops,
+        copy_gbps,
+        bandwidth,
+    })
+}
 
+/// Host memory bandwidth: a rayon-parallel in-place update of 768 MiB, GB/s read + written.
+fn host_update_gbps() -> f64 {
     use rayon::prelude::*;
     // 192 Mi f32 = 768 MiB: well past the last-level cache of a server CPU (260 MiB on the
     // 2-core CI VM), so this is DRAM bandwidth.
@@ -490,11 +554,48 @@ pub fn measure_peak<B: Backend>(be: &B) -> Result<MachinePeak> {
             ts.push(t0.elapsed().as_secs_f64());
         }
     }
-    let copy_gbps = 8.0 * len as f64 / median(&mut ts) / 1e9;
-    Ok(MachinePeak {
-        sgemm_gflops,
-        copy_gbps,
-    })
+    8.0 * len as f64 / median(&mut ts) / 1e9
+}
+
+/// The device's copy bandwidth: [`Backend::copy_into`] of a tensor of `len` f32 (64 Mi =
+/// 256 MiB in [`measure_peak`]: 4x the L2 of an H200, and wgpu's default largest buffer), four
+/// copies between synchronizations so that the launch and wait overheads are a few percent of
+/// a timed run, GB/s counting bytes read + written.
+fn device_copy_gbps<B: Backend>(be: &B, len: usize) -> Result<f64> {
+    const COPIES: usize = 4;
+    // Non-zero, varied data (a copy of zeros can run faster than one of real data), integers
+    // that f16 and bf16 storage hold exactly, so the check below is exact on every backend.
+    let val = |i: usize| 1.0 + (i % 251) as f32;
+    let src = be.upload(&(0..len).map(val).collect::<Vec<f32>>(), &[len])?;
+    let mut dst = be.zeros(&[len])?;
+    let bytes = 2.0 * COPIES as f64 * B::stored_bytes(&src) as f64;
+    let mut ts = Vec::new();
+    for k in 0..6 {
+        be.synchronize()?;
+        let t0 = Instant::now();
+        for _ in 0..COPIES {
+            be.copy_into(&src, &mut dst)?;
+        }
+        be.synchronize()?;
+        if k >= 1 {
+            ts.push(t0.elapsed().as_secs_f64());
+        }
+    }
+    // Every element written (dst started as zeros): a timing of a copy that did not happen
+    // would be no bandwidth at all.
+    let got = be.download(&dst)?;
+    if let Some(i) = (0..len).find(|&i| got.get(i) != Some(&val(i))) {
+        let msg = format!(
+            "copy_into: dst[{i}] is {:?}, src[{i}] is {}",
+            got.get(i),
+            val(i)
+        );
+        return Err(Error::Backend {
+            backend: be.name().into(),
+            msg,
+        });
+    }
+    Ok(bytes / median(&mut ts) / 1e9)
 }
 
 /// One timed case, as written to JSON.
@@ -521,6 +622,9 @@ pub struct BenchResult {
     /// The limits this was measured against.
     pub peak_sgemm_gflops: f64,
     pub peak_copy_gbps: f64,
+    /// What `peak_copy_gbps` measured: host memory (CPU) or the device's copy bandwidth.
+    #[serde(default)]
+    pub peak_bandwidth: Bandwidth,
 }
 
 /// Prepares and times one case.
@@ -549,6 +653,7 @@ pub fn bench_case<B: Backend>(
         frac_limit: roof / s,
         peak_sgemm_gflops: peak.sgemm_gflops,
         peak_copy_gbps: peak.copy_gbps,
+        peak_bandwidth: peak.bandwidth,
     })
 }
 
@@ -577,6 +682,31 @@ mod tests {
                 assert!(err < 1e-4, "{}: base changed by {err}", case.name());
             }
         }
+    }
+
+    #[test]
+    fn device_copy_path_copies_and_reports_a_bandwidth() {
+        // The GPU path of measure_peak, run on the CPU backend's default copy_into.
+        let gbps = device_copy_gbps(&Cpu, 1 << 16).unwrap();
+        assert!(gbps.is_finite() && gbps > 0.0, "{gbps}");
+        let src = Cpu.upload(&[1.0, 2.0, 3.0], &[3]).unwrap();
+        let mut dst = Cpu.zeros(&[3]).unwrap();
+        Cpu.copy_into(&src, &mut dst).unwrap();
+        assert_eq!(Cpu.download(&dst).unwrap(), vec![1.0, 2.0, 3.0]);
+        let mut wrong = Cpu.zeros(&[2]).unwrap();
+        assert!(Cpu.copy_into(&src, &mut wrong).is_err());
+        // The kind travels in the JSON; older JSON without it reads as host memory.
+        let peak = MachinePeak {
+            sgemm_gflops: 1.0,
+            copy_gbps: 2.0,
+            bandwidth: Bandwidth::DeviceCopy,
+        };
+        let json = serde_json::to_string(&peak).unwrap();
+        assert!(json.contains("\"bandwidth\":\"device_copy\""), "{json}");
+        let old: MachinePeak =
+            serde_json::from_str(r#"{"sgemm_gflops": 1.0, "copy_gbps": 2.0}"#).unwrap();
+        assert_eq!(old.bandwidth, Bandwidth::HostMemory);
+        assert!(peak.to_string().contains("device copy"), "{peak}");
     }
 
     #[test]

@@ -297,6 +297,16 @@ pub trait Backend: Clone + Send + Sync + Sized + 'static {
     }
     /// A zero-filled tensor.
     fn zeros(&self, shape: &[usize]) -> Result<Tensor<Self>>;
+    /// `dst = src`, a copy within the device's memory (no host round trip); every byte of
+    /// `src` read once and of `dst` written once. [`bench::measure_peak`] times it for the
+    /// device's copy bandwidth. GPU backends copy into `dst`'s own buffer; the default (CPU)
+    /// replaces `dst` with a clone of `src`, a deep copy there. Errors: shapes that differ, a
+    /// storage type that differs (or a frozen `dst`, which no kernel modifies).
+    fn copy_into(&self, src: &Tensor<Self>, dst: &mut Tensor<Self>) -> Result<()> {
+        same_shape("dst", dst, src)?;
+        *dst = src.clone();
+        Ok(())
+    }
     /// Rows `idx` of a 2-D tensor `[n, d]`, gathered into `[idx.len(), d]`.
     /// Also the embedding lookup. Errors: an index `>= n`.
     fn gather_rows(&self, t: &Tensor<Self>, idx: &[u32]) -> Result<Tensor<Self>>;

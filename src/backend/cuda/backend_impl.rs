@@ -58,6 +58,19 @@ impl Backend for Cuda {
         self.alloc(shape)
     }
 
+    fn copy_into(&self, src: &Tensor<Self>, dst: &mut Tensor<Self>) -> Result<()> {
+        crate::backend::same_shape("dst", dst, src)?;
+        if src.buf.dtype != dst.buf.dtype || src.buf.mem.len() != dst.buf.mem.len() {
+            return Err(Error::arg("src", "storage type differs from dst's"));
+        }
+        if Arc::get_mut(&mut dst.buf.mem).is_none() {
+            // Shared with a clone, which keeps its values: copy into a buffer of dst's own.
+            dst.buf.mem = Arc::new(self.raw_alloc(src.buf.mem.len())?);
+        }
+        let mem = Arc::get_mut(&mut dst.buf.mem).ok_or_else(|| berr("dst is shared"))?;
+        self.stream().memcpy_dtod(&*src.buf.mem, mem).map_err(berr)
+    }
+
     fn gather_rows(&self, t: &Tensor<Self>, idx: &[u32]) -> Result<Tensor<Self>> {
         ops::gather_rows(self, t, idx)
     }

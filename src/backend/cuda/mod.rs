@@ -266,23 +266,6 @@ impl Cuda {
         Ok(())
     }
 
-    /// A device-to-device copy of `t` (for measuring the copy bandwidth that the memory-bound
-    /// kernels are compared against). Errors: out of memory.
-    pub fn device_copy(&self, t: &Tensor<Cuda>) -> Result<Tensor<Cuda>> {
-        let mut fresh = self.raw_alloc(t.buf.mem.len())?;
-        self.stream()
-            .memcpy_dtod(&*t.buf.mem, &mut fresh)
-            .map_err(berr)?;
-        Ok(Tensor {
-            buf: CudaBuf {
-                mem: Arc::new(fresh),
-                dtype: t.buf.dtype,
-                len: t.buf.len,
-            },
-            shape: t.shape.clone(),
-        })
-    }
-
     fn stream(&self) -> &Arc<CudaStream> {
         &self.inner.stream
     }

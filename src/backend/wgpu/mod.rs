@@ -390,6 +390,18 @@ impl Backend for Wgpu {
         Ok(t)
     }
 
+    fn copy_into(&self, src: &Tensor<Self>, dst: &mut Tensor<Self>) -> Result<()> {
+        same_shape("dst", dst, src)?;
+        Self::mutable("copy_into", dst)?;
+        if src.buf.dtype != dst.buf.dtype {
+            return Err(Error::arg("src", "storage type differs from dst's"));
+        }
+        // A buffer-to-buffer copy in the pending encoder (each tensor owns its buffer).
+        let bytes = src.buf.bytes().min(dst.buf.bytes());
+        self.ctx.copy(&src.buf.buffer, 0, &dst.buf.buffer, 0, bytes);
+        self.ctx.check()
+    }
+
     fn gather_rows(&self, t: &Tensor<Self>, idx: &[u32]) -> Result<Tensor<Self>> {
         ops::gather_rows(self, t, idx)
     }
