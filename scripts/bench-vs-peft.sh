@@ -6,7 +6,7 @@
 # 1. builds and runs `lorafuse bench --json` (our times, and the machine's SGEMM peak and copy
 #    bandwidth measured in the same process);
 # 2. runs scripts/peft_bench.py on the same case list with $PEERS_PYTHON (default python3), which
-#    needs torch and peft (see shared/golden/peers-env.txt for an offline recipe); without them it
+#    needs torch and peft (see tests/golden/peers-env.txt for an offline recipe); without them it
 #    says so and the table shows our times only;
 # 3. prints a Markdown table (ours, PEFT, PEFT/ours, fraction of the machine's limits) with the
 #    machine, the load and the date; --append adds it to BENCHMARKS.md.

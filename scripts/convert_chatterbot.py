@@ -30,7 +30,7 @@ Usage::
 
     python3 scripts/convert_chatterbot.py \\
         --corpus-dir WHEEL_DIR/chatterbot_corpus/data/english \\
-        [--stats ../shared/golden/smollm2/data_stats.json] \\
+        [--stats tests/golden/smollm2/data_stats.json] \\
         [--out data/chatterbot_en.jsonl]
 
 Requires PyYAML (``pip install pyyaml``; the reference used PyYAML 6.0.3).
@@ -49,7 +49,7 @@ import yaml
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_CORPUS = None  # the unpacked wheel's chatterbot_corpus/data/english (required)
-DEFAULT_STATS = REPO_ROOT.parent / "shared" / "golden" / "smollm2" / "data_stats.json"
+DEFAULT_STATS = REPO_ROOT / "tests" / "golden" / "smollm2" / "data_stats.json"
 DEFAULT_OUT = REPO_ROOT / "data" / "chatterbot_en.jsonl"
 
 

@@ -15,7 +15,7 @@ comparison cannot tell a correct adapter from an ignored one (a warning is print
 
 Note for lorafuse: PEFT adapters hold lora_B rows of q_proj/k_proj in transformers (un-permuted) order; an
 implementation that keeps llama.cpp's permuted GGUF row order must permute lora_B rows of q/k when exporting
-(shared/golden/smollm2/README.md, "q/k permutation").
+(tests/golden/smollm2/README.md, "q/k permutation").
 
 `--selftest DIR` proves the script without lorafuse: it saves a PEFT adapter with random nonzero A and B in
 DIR/adapter, writes DIR/logits.safetensors with torch, then runs the check on them (must pass) and on a

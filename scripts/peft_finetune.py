@@ -5,7 +5,7 @@ Runs in the peers venv (scripts/setup-peers.sh), CPU, fp32:
 
     PEERS/venv/bin/python scripts/peft_finetune.py --out peft_result.json   # PEERS: scripts/setup-peers.sh
 
-Task spec: shared/golden/smollm2/SPEC.md (+ README.md). Recipe = lorafuse's CLI defaults:
+Task spec: tests/golden/smollm2/SPEC.md (+ README.md). Recipe = lorafuse's CLI defaults:
   * LoRA r=8, alpha=16, dropout 0, bias none, targets q,k,v,o,gate,up,down (torch.manual_seed(--lora-seed)
     immediately before get_peft_model, so A is PEFT's kaiming-uniform init from that seed and B = 0).
   * torch.optim.AdamW(lr 2e-4, betas (0.9, 0.999), eps 1e-8, weight_decay 0); NO gradient clipping.
@@ -36,7 +36,7 @@ import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
-GOLDEN = os.environ.get("LORAFUSE_GOLDEN", os.path.join(os.path.dirname(REPO), "shared", "golden", "smollm2"))
+GOLDEN = os.environ.get("LORAFUSE_GOLDEN", os.path.join(REPO, "tests", "golden", "smollm2"))
 
 MASK64 = (1 << 64) - 1
 GOLDEN_RATIO = 0x9E3779B97F4A7C15
@@ -184,7 +184,7 @@ def main():
     ap.add_argument("--lora-seed", type=int, default=42, help="torch.manual_seed before get_peft_model")
     ap.add_argument("--order", choices=["shuffled", "identity"], default="shuffled",
                     help="shuffled = lorafuse's shuffled_order (the recipe); identity = train examples in index "
-                         "order, which is what shared/golden/smollm2/README.md's step-0/1 losses "
+                         "order, which is what tests/golden/smollm2/README.md's step-0/1 losses "
                          "(3.203598, 3.903128) were measured with")
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--eval-batch-size", type=int, default=8)

@@ -10,7 +10,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 root="$PWD"
-export LORAFUSE_GOLDEN_DIR="${LORAFUSE_GOLDEN_DIR:-$root/../shared/golden}"
+export LORAFUSE_GOLDEN_DIR="${LORAFUSE_GOLDEN_DIR:-$root/tests/golden}"
 peers="${LORAFUSE_PEERS_VENV:-$root/.peers/venv}"
 if [ ! -x "$peers/bin/python" ]; then
   echo "no torch venv at $peers: run 'bash scripts/setup-peers.sh' (about 2.8 GB from PyPI)" \

@@ -2,11 +2,11 @@
 # Builds the Python wheel (python/, PyO3 + maturin, abi3 for CPython 3.9+) in release mode,
 # installs it into a git-ignored venv (python/.venv) with numpy, pytest and safetensors from
 # PyPI, and runs the pytest suite (golden vectors from $LORAFUSE_GOLDEN_DIR, default
-# ../shared/golden, and bad-argument tests) against the installed wheel, not the source tree.
+# tests/golden, and bad-argument tests) against the installed wheel, not the source tree.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 root="$PWD"
-export LORAFUSE_GOLDEN_DIR="${LORAFUSE_GOLDEN_DIR:-$root/../shared/golden}"
+export LORAFUSE_GOLDEN_DIR="${LORAFUSE_GOLDEN_DIR:-$root/tests/golden}"
 venv="$root/python/.venv"
 py="${PYTHON:-python3}"
 if [ ! -x "$venv/bin/python" ]; then

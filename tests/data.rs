@@ -14,20 +14,14 @@ use lorafuse::train::data::{
 use serde_json::Value;
 use sha2::{Digest, Sha256};
 
+mod common;
+
 // ---------------------------------------------------------------------------------------------
 // helpers
 
-/// The golden directory: `LORAFUSE_GOLDEN_DIR`, else `../shared/golden` next to the crate.
-fn golden_dir() -> PathBuf {
-    std::env::var_os("LORAFUSE_GOLDEN_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../shared/golden")))
-}
-
 /// Reads a golden JSON file of the SmolLM2 set, printing which file is checked.
 fn golden_json(name: &str) -> Value {
-    let path = golden_dir().join("smollm2").join(name);
-    println!("checking against {}", path.display());
+    let path = common::golden_file(&format!("smollm2/{name}"));
     let text = std::fs::read_to_string(&path).unwrap_or_else(|e| {
         panic!(
             "cannot read golden file {} ({e}); set LORAFUSE_GOLDEN_DIR to the golden directory",

@@ -1,5 +1,5 @@
 //! PEFT adapter folders for every method (LoRA, rsLoRA, DoRA, VeRA, AdaLoRA): PEFT's golden
-//! folders (`../shared/golden/adapters/mlp_*`, README sections 2, 3, 4, 7) load, apply and
+//! folders (`tests/golden/adapters/mlp_*`, README sections 2, 3, 4, 7) load, apply and
 //! reproduce PEFT's output, and save back to the same keys, shapes, values and config; a tiny
 //! Llama with each method round-trips through a saved folder.
 

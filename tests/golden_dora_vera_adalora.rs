@@ -1,8 +1,8 @@
 //! Golden tests of DoRA, VeRA and AdaLoRA layers against vectors made by PEFT 0.21.2 (see
-//! `../shared/golden/README.md`, sections 2, 3 and 4).
+//! `tests/golden/README.md`, sections 2, 3 and 4).
 //!
 //! Files are found by name pattern (`dora_*`, `vera_*`, `adalora_*` `.safetensors` in the golden
-//! folder, `$LORAFUSE_GOLDEN_DIR` or `../shared/golden`), and each file checked is printed
+//! folder, `$LORAFUSE_GOLDEN_DIR` or `tests/golden`), and each file checked is printed
 //! (`cargo test --release --test golden_dora_vera_adalora -- --nocapture`). Tolerances are the
 //! README's: atol 1e-5 + rtol 1e-5 on outputs and merged weights, atol 5e-5 on gradients.
 

@@ -1,8 +1,8 @@
 //! Golden tests of LoRA / rsLoRA against vectors made by PEFT 0.21.2 (see
-//! `../shared/golden/README.md`, sections 1 and 7), and of PEFT adapter folders in and out
+//! `tests/golden/README.md`, sections 1 and 7), and of PEFT adapter folders in and out
 //! (`lorafuse::io::peft`).
 //!
-//! The golden folder is `$LORAFUSE_GOLDEN_DIR`, or `../shared/golden` beside the crate. Files are
+//! The golden folder is `$LORAFUSE_GOLDEN_DIR`, or `tests/golden` beside the crate. Files are
 //! found by name pattern (`lora_*.safetensors`, `adapters/*/`), never from a fixed list, and each
 //! file checked is printed (`cargo test --test golden_lora -- --nocapture`).
 //!
@@ -33,7 +33,7 @@ const GRAD_ATOL: f32 = 5e-5;
 
 // ---- helpers -----------------------------------------------------------------------------------
 
-/// The golden folder (`common::golden_dir`: `$LORAFUSE_GOLDEN_DIR` or `../shared/golden`
+/// The golden folder (`common::golden_dir`: `$LORAFUSE_GOLDEN_DIR` or `tests/golden`
 /// beside the crate), which must exist: golden files ship with the repository.
 fn golden_dir() -> PathBuf {
     let dir = common::golden_dir();

@@ -18,7 +18,7 @@
 //! [`quantize_nf4`] reproduces bitsandbytes' default (pure torch) CPU `quantize_4bit` kernel and,
 //! for double quant, its C++ CPU `quantize_blockwise` kernel with the 65536-cell lookup table,
 //! including their rounding quirks (see the function's docs). The golden vectors in
-//! `shared/golden/nf4_*.safetensors` are matched bit for bit.
+//! `tests/golden/nf4_*.safetensors` are matched bit for bit.
 
 use crate::error::{Error, Result};
 use rayon::prelude::*;

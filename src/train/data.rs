@@ -2,7 +2,7 @@
 //! train/eval split, the ChatML template, tokenization with label masking, and the
 //! deterministic training order.
 //!
-//! The rules come from the SmolLM2 golden spec (`shared/golden/smollm2/SPEC.md`, "DATA" and
+//! The rules come from the SmolLM2 golden spec (`tests/golden/smollm2/SPEC.md`, "DATA" and
 //! "TEMPLATE"), which the Python PEFT reference scripts follow too:
 //!
 //! * a [`Record`] is one (user turn, assistant answer) pair, both trimmed and non-empty;

@@ -1,5 +1,5 @@
 //! CPU reference of the DoRA, VeRA and AdaLoRA kernels (PEFT 0.21 formulas, see
-//! `../shared/golden/README.md` sections 2-4). Plain loops around [`sgemm`]; every `[out, in]`
+//! `tests/golden/README.md` sections 2-4). Plain loops around [`sgemm`]; every `[out, in]`
 //! product that PEFT forms (`B A`, the full-weight norm) is avoided except in the merges.
 
 use super::gemm::{Op, sgemm, sgemm_serial};
