@@ -5,7 +5,7 @@ mod common;
 
 use criterion::{Criterion, criterion_group, criterion_main};
 use lorafuse::Cpu;
-use lorafuse::backend::bench::BenchMethod;
+use lorafuse::adapter::bench::BenchMethod;
 
 fn benches(c: &mut Criterion) {
     common::bench_method(c, &Cpu, BenchMethod::Adalora, true);

@@ -6,7 +6,7 @@ mod common;
 
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use lorafuse::Cpu;
-use lorafuse::backend::bench::random_tensor;
+use lorafuse::adapter::bench::random_tensor;
 use lorafuse::backend::{Backend, SeqSpan};
 use std::hint::black_box;
 

@@ -5,8 +5,8 @@
 mod common;
 
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
-use lorafuse::backend::Backend;
-use lorafuse::backend::bench::{random_tensor, random_vec};
+use lorafuse::adapter::bench::{random_tensor, random_vec};
+use lorafuse::backend::{Backend, Base};
 use lorafuse::quant::nf4::quantize_nf4;
 use lorafuse::{Cpu, Tensor};
 use std::hint::black_box;
@@ -28,13 +28,19 @@ fn benches(c: &mut Criterion) {
         let dy = random_tensor(&be, &[t, o], 1.0, 3).unwrap();
         g.throughput(Throughput::Elements((2 * t * o * i) as u64));
         g.bench_function(format!("nf4_linear {o}x{i} T{t}"), |b| {
-            b.iter(|| black_box(be.nf4_linear(&x, &wq, None).unwrap()))
+            b.iter(|| black_box(be.linear_lowrank(&x, Base::Nf4(&wq), None, None).unwrap().y))
         });
         g.bench_function(format!("dense linear {o}x{i} T{t}"), |b| {
             b.iter(|| black_box(be.linear(&x, &wd, None).unwrap()))
         });
         g.bench_function(format!("nf4_linear_backward_input {o}x{i} T{t}"), |b| {
-            b.iter(|| black_box(be.nf4_linear_backward_input(&dy, &wq, None).unwrap()))
+            b.iter(|| {
+                black_box(
+                    be.backward_input(&dy, Base::Nf4(&wq), None, None)
+                        .unwrap()
+                        .0,
+                )
+            })
         });
     }
     g.finish();

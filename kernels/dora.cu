@@ -1,13 +1,17 @@
-// DoRA kernels (PEFT `DoraLinearLayer`). The forward epilogue (m / n reweighting fused into the
-// LoRA expand) is `adapter_expand` in lora.cu; merges are `lowrank_merge` there.
+// The column scale c = m / n of the fused low-rank product (DoRA, PEFT `DoraLinearLayer`): the
+// weight norm n = ||W + ΔW||_row by the low-rank identity and the magnitude's gradient. The
+// forward epilogue (c fused into the expand) is `adapter_expand` in lora.cu, the merges are
+// `lowrank_merge` there.
 //
 //   row_sq_norms     ||W||_row^2 in f64, one warp per row (never an [out, in] temporary)
-//   dora_norm_finish n = sqrt(max(0, ||W0||^2 + 2 s rowdot(W0 A^T, B) + s^2 rowdot(B A A^T, B)))
-//   dora_bwd_scale   one pass over dy and z: g' = dy ⊙ (m / n) and dm partial sums of dy ⊙ z
+//   dora_norm_finish n = sqrt(max(0, ||W||^2 + 2 s rowdot(W A^T, B') + s^2 rowdot(B' A A^T, B'))),
+//                    B' = diag(o) B diag(ρ)
+//   dora_bwd_scale   one pass over dy and z: dm partial sums of dy ⊙ z (and g' = dy ⊙ (m / n)
+//                    when asked)
 //   dora_dm_finish   dm = sum / n
 #include "common.cuh"
 
-// w: [out, in] -> res [out]; grid ceil(out / 4), block 128.
+// w: [out, in] -> res [out]; grid ceil(out / 4), block 128 (one warp per row); no smem.
 template <typename T>
 __device__ void row_sq_norms(const T* w, int out, int in, T* res) {
   int lane = threadIdx.x & 31;
@@ -24,16 +28,16 @@ __device__ void row_sq_norms(const T* w, int out, int in, T* res) {
 LF_INST(row_sq_norms, (const void* w, int out, int in, void* res),
         ((const T*)w, out, in, (T*)res))
 
-// P = W0 A^T [out, r] (f32), Q = B (A A^T) [out, r] (f32), B [out, r], sq [out] -> n [out].
-// Grid ceil(out / 128), block 128.
+// P = W A^T [out, r] (f32), Bf = B' = diag(o) B diag(ρ) [out, r] (f32), Q = B' (A A^T) [out, r]
+// (f32), sq = ||W||_row^2 [out] -> n [out]. Grid ceil(out / 128), block 128; no smem.
 template <typename T>
-__device__ void dora_norm_finish(const float* P, const float* Q, const T* B, const T* sq, T* n,
-                                 int out, int r, float s) {
+__device__ void dora_norm_finish(const float* P, const float* Q, const float* Bf, const T* sq,
+                                 T* n, int out, int r, float s) {
   int o = blockIdx.x * blockDim.x + threadIdx.x;
   if (o >= out) return;
   double cross = 0.0, quad = 0.0;
   for (int j = 0; j < r; ++j) {
-    double b = ldf(B, (i64)o * r + j);
+    double b = Bf[(i64)o * r + j];
     cross += (double)P[(i64)o * r + j] * b;
     quad += (double)Q[(i64)o * r + j] * b;
   }
@@ -42,13 +46,13 @@ __device__ void dora_norm_finish(const float* P, const float* Q, const T* B, con
   stf(n, o, (float)sqrt(v > 0.0 ? v : 0.0));
 }
 LF_INST(dora_norm_finish,
-        (const float* P, const float* Q, const void* B, const void* sq, void* n, int out, int r,
-         float s),
-        (P, Q, (const T*)B, (const T*)sq, (T*)n, out, r, s))
+        (const float* P, const float* Q, const float* Bf, const void* sq, void* n, int out,
+         int r, float s),
+        (P, Q, Bf, (const T*)sq, (T*)n, out, r, s))
 
 #define DM_ROWS 64
-// dy, z: [T, out]; gk = dy * (m / n) [T, out]; dm_acc[o] += sum_t dy z (f64, zeroed first).
-// Grid (ceil(out / 32), ceil(T / 64)); block (32, 8).
+// dy, z: [T, out]; dm_acc[o] += sum_t dy z (f64, zeroed first); gk = dy * (m / n) [T, out] when
+// gk is non-null. Grid (ceil(out / 32), ceil(T / 64)); block (32, 8); static smem 8 x 33 doubles.
 template <typename T>
 __device__ void dora_bwd_scale(const T* dy, const T* z, const T* m, const T* n, T* gk,
                                double* dm_acc, int ntok, int out) {
@@ -61,7 +65,7 @@ __device__ void dora_bwd_scale(const T* dy, const T* z, const T* m, const T* n, 
     for (int t = blockIdx.y * DM_ROWS + threadIdx.y; t < t1; t += 8) {
       i64 idx = (i64)t * out + o;
       float g = ldf(dy, idx);
-      stf(gk, idx, g * k);
+      if (gk) stf(gk, idx, g * k);
       acc += (double)g * (double)ldf(z, idx);
     }
   }
@@ -78,7 +82,7 @@ LF_INST(dora_bwd_scale,
          int ntok, int out),
         ((const T*)dy, (const T*)z, (const T*)m, (const T*)n, (T*)gk, dm_acc, ntok, out))
 
-// dm[o] = acc[o] / n[o]; grid ceil(out / 128), block 128.
+// dm[o] = acc[o] / n[o]; grid ceil(out / 128), block 128; no smem.
 template <typename T>
 __device__ void dora_dm_finish(const double* acc, const T* n, T* dm, int out) {
   int o = blockIdx.x * blockDim.x + threadIdx.x;

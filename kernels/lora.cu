@@ -1,21 +1,27 @@
-// LoRA kernels (PEFT `lora.Linear`) and the low-rank helpers that DoRA, VeRA and AdaLoRA reuse.
-// The big dense products (x W0^T, x A^T for many tokens, the backward GEMMs) go to cuBLAS; these
-// kernels are everything around them, fused:
+// The fused low-rank product (src/backend/lowrank.rs), y = c ⊙ (x W^T + s·o ⊙ (((x A^T) ⊙ ρ) B^T))
+// + bias over a dense or NF4 base: LoRA, rsLoRA, DoRA, VeRA, AdaLoRA and their quantized twins are
+// all these kernels with different scales (ρ = rank scale, o = out scale, c = m / n column scale;
+// a null scale reads as 1). The big dense products (x W^T, x A^T for many tokens, the backward
+// GEMMs) go to cuBLAS; these kernels are everything around them, fused:
 //
-//   adapter_expand   one pass over y: y = k ⊙ (base + s·bscale ⊙ ((dscale ⊙ h) B^T)) + bias
-//                    (LoRA: k = bscale = dscale = 1; VeRA: bscale = lambda_b, dscale = lambda_d;
-//                    AdaLoRA: s = scaling / (ranknum + 1e-5); DoRA: k = m / n and z saved)
-//   shrink_small     h = x A^T for T <= 8 tokens (one warp per rank row, x read from cache)
-//   linear_decode    T <= 8: y = x W0^T + bias + s (h B^T): reads W0 once, LoRA term fused
-//   scale_rows       dst[o, j] = src[o, j] * scale[o] (lambda ⊙ slices, A ⊙ E)
-//   lowrank_merge    in place W = post ⊙ (pre(W) + c · (bscale ⊙ B)(ascale ⊙ A)), one pass over W
+//   adapter_expand    one pass over y: y = c ⊙ (base + s·o ⊙ ((ρ ⊙ h) B^T)) + bias (z saved when
+//                     asked); with r = 0 it is the column scale (dy ⊙ c) or the bias add alone
+//   shrink_small      h = x A^T for T <= 8 tokens (one warp per rank row, x read from cache)
+//   linear_decode     T <= 8: y = x W^T + bias + s·o ⊙ ((ρ ⊙ h) B^T): reads W once, term fused
+//   scale_rows        dst[o, j] = src[o, j] * scale[o] (diag(o) B, diag(ρ) A for the input gradient)
+//   scale_rc_from_f32 an f32 product into storage with row and column scales (dA = s ρ ⊙ M,
+//                     dB = s (c o) ⊙ P ⊙ ρ)
+//   scale_rc_to_f32   storage into f32 with row and column scales (B' = diag(o) B diag(ρ))
+//   lowrank_merge     in place W = post ⊙ (pre(W) + c · (o ⊙ B)(ρ ⊙ A)), one pass over W
 #include "common.cuh"
 
 #define EXPAND_COLS 128
 #define EXPAND_ROWS 8
 
-// base, y, z: [T, out] (base may alias y or z); h: [T, r]; B: [out, ldb] (first r columns used);
-// bias, bscale, mag, norm: [out] or null; dscale: [r] or null.
+// y[t, o] = k[o] * z[t, o] + bias[o] with z[t, o] = base[t, o] + s * bscale[o] * sum_j dscale[j]
+// h[t, j] B[o, j] and k = mag / norm (1 when mag is null); z written when non-null.
+// base, y, z: [T, out] (base may alias y or z); h: [T, r]; B: [out, ldb] (first r columns used;
+// h and B unread when r = 0); bias, bscale, mag, norm: [out] or null; dscale: [r] or null.
 // Grid: (ceil(out / 128), ceil(T / 8)); block 128; dynamic smem 8 * r floats.
 template <typename T>
 __device__ void adapter_expand(const T* base, T* y, T* z, const T* h, const T* B, int ldb,
@@ -60,8 +66,9 @@ LF_INST(adapter_expand,
         ((const T*)base, (T*)y, (T*)z, (const T*)h, (const T*)B, ldb, (const T*)bias,
          (const T*)dscale, (const T*)bscale, (const T*)mag, (const T*)norm, ntok, out, r, s))
 
-// h[t, j] = ascale[j] * sum_i x[t, i] A[j, i], t < ntok <= 8; A: [r, lda] (first `in` columns).
-// Grid: ceil(r / 4); block 128 (one warp per rank row j).
+// h[t, j] = ascale[j] * sum_i x[t, i] A[j, i], t < ntok <= 8; A: [r, lda] (first `in` columns);
+// ascale [r] or null (the fused op passes null: its h is x A^T, before the rank scale).
+// Grid: ceil(r / 4); block 128 (one warp per rank row j); no dynamic smem.
 template <typename T>
 __device__ void shrink_small(const T* x, const T* A, int lda, const T* ascale, T* h, int ntok,
                              int in, int r) {
@@ -92,8 +99,9 @@ LF_INST(shrink_small,
 
 // Decode path (ntok <= 8): y[t, o] = sum_i x[t, i] W[o, i] + bias[o]
 //                                    + s * bscale[o] * sum_j dscale[j] h[t, j] B[o, j].
-// W: [out, in]; h: [T, r] or null (no adapter term). One warp per output row: W is read once,
-// 16 bytes per lane per step when rows are 16-byte aligned. Grid: ceil(out / 4); block 128.
+// W: [out, in]; h: [T, r] or null (no adapter term); B: [out, ldb]; dscale [r], bscale [out] or
+// null. One warp per output row: W is read once, 16 bytes per lane per step when rows are 16-byte
+// aligned. Grid: ceil(out / 4); block 128; no dynamic smem.
 template <typename T>
 __device__ void linear_decode(const T* x, const T* W, const T* bias, T* y, const T* h,
                               const T* B, int ldb, const T* dscale, const T* bscale, int ntok,
@@ -154,7 +162,7 @@ LF_INST(linear_decode,
          (const T*)dscale, (const T*)bscale, ntok, in, out, r, s))
 
 // dst[o, j] = src[o * lds + j] * scale[o] for o < rows, j < cols; dst is dense [rows, cols].
-// Grid: ceil(rows * cols / 256); block 256.
+// Grid: ceil(rows * cols / 256); block 256; no smem.
 template <typename T>
 __device__ void scale_rows(const T* src, int lds, const T* scale, T* dst, int rows, int cols) {
   i64 k = (i64)blockIdx.x * blockDim.x + threadIdx.x;
@@ -165,12 +173,55 @@ __device__ void scale_rows(const T* src, int lds, const T* scale, T* dst, int ro
 LF_INST(scale_rows, (const void* src, int lds, const void* scale, void* dst, int rows, int cols),
         ((const T*)src, lds, (const T*)scale, (T*)dst, rows, cols))
 
+// dst[o, j] = s * src[o * lds + j] * rs[o] * (mag[o] / norm[o]) * cs[j] for o < rows, j < cols;
+// each scale null reads as 1 (mag and norm go together); src: [rows, lds] (first cols used), dst
+// dense [rows, cols]; the scales are storage-typed. One rounding to D per element.
+// Grid: ceil(rows * cols / 256); block 256; no smem.
+template <typename S, typename D, typename T>
+__device__ void scale_rc(const S* src, int lds, D* dst, int rows, int cols, const T* rs,
+                         const T* mag, const T* norm, const T* cs, float s) {
+  i64 k = (i64)blockIdx.x * blockDim.x + threadIdx.x;
+  if (k >= (i64)rows * cols) return;
+  int o = (int)(k / cols), j = (int)(k % cols);
+  float v = s * ldf(src, (i64)o * lds + j);
+  v *= ldf_or(rs, o, 1.f);
+  if (mag) v *= ldf(mag, o) / ldf(norm, o);
+  v *= ldf_or(cs, j, 1.f);
+  stf(dst, k, v);
+}
+
+// src f32 [rows, lds] -> dst storage [rows, cols] (the factor gradients from f32 GEMM products).
+template <typename T>
+__device__ void scale_rc_from_f32(const float* src, int lds, T* dst, int rows, int cols,
+                                  const T* rs, const T* mag, const T* norm, const T* cs,
+                                  float s) {
+  scale_rc<float, T, T>(src, lds, dst, rows, cols, rs, mag, norm, cs, s);
+}
+LF_INST(scale_rc_from_f32,
+        (const float* src, int lds, void* dst, int rows, int cols, const void* rs,
+         const void* mag, const void* norm, const void* cs, float s),
+        (src, lds, (T*)dst, rows, cols, (const T*)rs, (const T*)mag, (const T*)norm,
+         (const T*)cs, s))
+
+// src storage [rows, lds] -> dst f32 [rows, cols] (B' = diag(o) B diag(ρ) of the weight norm).
+template <typename T>
+__device__ void scale_rc_to_f32(const T* src, int lds, float* dst, int rows, int cols,
+                                const T* rs, const T* mag, const T* norm, const T* cs, float s) {
+  scale_rc<T, float, T>(src, lds, dst, rows, cols, rs, mag, norm, cs, s);
+}
+LF_INST(scale_rc_to_f32,
+        (const void* src, int lds, float* dst, int rows, int cols, const void* rs,
+         const void* mag, const void* norm, const void* cs, float s),
+        ((const T*)src, lds, dst, rows, cols, (const T*)rs, (const T*)mag, (const T*)norm,
+         (const T*)cs, s))
+
 #define MERGE_ROWS 16
 // In place, W [out, in]:
-//   mode 0: W = W + c * acc                 (LoRA, VeRA, AdaLoRA merge/unmerge)
-//   mode 1: W = (m / n) * (W + c * acc)     (DoRA merge)
-//   mode 2: W = W / (m / n) + c * acc       (DoRA unmerge, c = -s)
-// with acc[o, i] = sum_j (bscale[o] B[o, j]) (ascale[j] A[j, i]); A: [r, lda], B: [out, ldb].
+//   mode 0: W = W + c * acc                 (no column scale: merge c = s, unmerge c = -s)
+//   mode 1: W = (m / n) * (W + c * acc)     (column scale merge, c = s)
+//   mode 2: W = W / (m / n) + c * acc       (column scale unmerge, c = -s)
+// with acc[o, i] = sum_j (bscale[o] B[o, j]) (ascale[j] A[j, i]); A: [r, lda] (first `in` columns),
+// B: [out, ldb]; ascale = ρ [r], bscale = o [out], mag, norm [out] or null.
 // Grid: (ceil(in / 256), ceil(out / 16)); block 256; dynamic smem 16 * r floats.
 template <typename T>
 __device__ void lowrank_merge(T* W, int out, int in, const T* A, int lda, const T* B, int ldb,

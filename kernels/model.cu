@@ -1,6 +1,7 @@
 // Llama block kernels: embedding gather/scatter, RMSNorm (+ backward), RoPE (transformers'
 // rotate_half), causal GQA attention over packed sequences with online softmax (no T x T
-// matrix in global memory) and its backward from the saved log-sum-exp, SwiGLU (+ backward),
+// matrix in global memory) and its backward from the saved log-sum-exp, the same forward over a
+// KV cache (new queries over a longer context: attention_cached_fwd), SwiGLU (+ backward),
 // and cross-entropy that reads the logits twice (online max/sum, then the gradient) and
 // materializes softmax once, as the gradient.
 #include "common.cuh"
@@ -196,6 +197,87 @@ LF_INST(attention_fwd,
          const int* lens, int ntok, int Hq, int Hkv, int hd, float scale, int kt),
         ((const T*)q, (const T*)k, (const T*)v, (T*)out, lse, starts, lens, ntok, Hq, Hkv, hd,
          scale, kt))
+
+// Attention of each sequence's new tokens over its whole context (the KV cache of generation):
+// sequence z's queries are rows q_starts[z] + i (i < q_lens[z]) of q [Tq, Hq*hd], its keys and
+// values rows kv_starts[z] + j (j < kv_lens[z], the new tokens last) of k, v [Tk, Hkv*hd];
+// query i sits at position p = kv_len - q_len + i and attends to keys 0..=p (causal), q_len <=
+// kv_len. Otherwise as attention_fwd (no lse kept). out [Tq, Hq*hd].
+// Grid (ceil(max q_len / 4), Hq, nseq); block 128; dynamic smem (2 kt (hd + 1) + 4 hd) floats.
+template <typename T>
+__device__ void attention_cached_fwd(const T* q, const T* k, const T* v, T* out,
+                                     const int* q_starts, const int* q_lens,
+                                     const int* kv_starts, const int* kv_lens, int Hq, int Hkv,
+                                     int hd, float scale, int kt) {
+  extern __shared__ float sm[];
+  float* ks = sm;
+  float* vs = ks + kt * (hd + 1);
+  float* qs = vs + kt * (hd + 1);
+  int w = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  int qstart = q_starts[blockIdx.z], qlen = q_lens[blockIdx.z];
+  int kstart = kv_starts[blockIdx.z], klen = kv_lens[blockIdx.z];
+  int past = klen - qlen;
+  int i0 = blockIdx.x * ATT_WARPS;
+  if (i0 >= qlen) return;
+  int i = i0 + w;
+  bool active = i < qlen;
+  int pos = past + i;
+  int h = blockIdx.y, kvh = h / (Hq / Hkv);
+  i64 qw = (i64)Hq * hd, kw = (i64)Hkv * hd;
+  for (int d = lane; d < hd; d += 32)
+    qs[w * hd + d] = active ? ldf(q, (qstart + i) * qw + h * hd + d) : 0.f;
+  float m = LF_NEG_INF, l = 0.f, o[ATT_MAXC];
+#pragma unroll
+  for (int c = 0; c < ATT_MAXC; ++c) o[c] = 0.f;
+  int last = past + min(qlen - 1, i0 + ATT_WARPS - 1);
+  for (int kb = 0; kb <= last; kb += kt) {
+    __syncthreads();
+    for (int idx = threadIdx.x; idx < kt * hd; idx += blockDim.x) {
+      int jj = idx / hd, d = idx % hd, key = kb + jj;
+      bool ok = key < klen;
+      ks[jj * (hd + 1) + d] = ok ? ldf(k, (kstart + key) * kw + kvh * hd + d) : 0.f;
+      vs[jj * (hd + 1) + d] = ok ? ldf(v, (kstart + key) * kw + kvh * hd + d) : 0.f;
+    }
+    __syncthreads();
+    if (active && kb <= pos) {
+      int key = kb + lane;
+      float sc = LF_NEG_INF;
+      if (lane < kt && key <= pos) {
+        float dot = 0.f;
+        for (int d = 0; d < hd; ++d) dot += qs[w * hd + d] * ks[lane * (hd + 1) + d];
+        sc = dot * scale;
+      }
+      float mnew = fmaxf(m, warp_max(sc));
+      float corr = expf(m - mnew);
+      float p = lane < kt && key <= pos ? expf(sc - mnew) : 0.f;
+      l = l * corr + warp_sum(p);
+#pragma unroll
+      for (int c = 0; c < ATT_MAXC; ++c) o[c] *= corr;
+      int nk = min(kt, pos - kb + 1);
+      for (int jj = 0; jj < nk; ++jj) {
+        float pj = __shfl_sync(0xffffffffu, p, jj);
+#pragma unroll
+        for (int c = 0; c < ATT_MAXC; ++c) {
+          int d = lane + 32 * c;
+          if (d < hd) o[c] += pj * vs[jj * (hd + 1) + d];
+        }
+      }
+      m = mnew;
+    }
+  }
+  if (!active) return;
+#pragma unroll
+  for (int c = 0; c < ATT_MAXC; ++c) {
+    int d = lane + 32 * c;
+    if (d < hd) stf(out, (qstart + i) * qw + h * hd + d, o[c] / l);
+  }
+}
+LF_INST(attention_cached_fwd,
+        (const void* q, const void* k, const void* v, void* out, const int* q_starts,
+         const int* q_lens, const int* kv_starts, const int* kv_lens, int Hq, int Hkv, int hd,
+         float scale, int kt),
+        ((const T*)q, (const T*)k, (const T*)v, (T*)out, q_starts, q_lens, kv_starts, kv_lens,
+         Hq, Hkv, hd, scale, kt))
 
 // delta[h, t] = sum_d dO[t, h, d] O[t, h, d] (f32). Grid ceil(T * Hq / 4); block 128.
 template <typename T>

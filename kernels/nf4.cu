@@ -7,7 +7,8 @@
 //
 //   nf4_dequantize   elements [start, start + count) -> out (T); 8 elements per thread
 //   nf4_gemv         T <= 8 tokens: y = x W^T + bias (+ s h B^T), packed W streamed once,
-//                    code table in shared memory, one warp per output row
+//                    code table in shared memory, one warp per output row (a term with a rank,
+//                    out or column scale: nf4_gemv for the base, then lora.cu's adapter_expand)
 //   nf4_row_sq_norms ||dequant(W)||_row^2 in f64
 //   nf4_quantize     bnb quantize_4bit (nf4): absmax, reciprocal, bucketize, pack
 //   nf4_double_quant bnb quantize_blockwise of absmax - offset with the 65536-cell LUT
@@ -30,7 +31,7 @@ __device__ __forceinline__ int nf4_index(const u8* packed, i64 e) {
       const float *code2, float offset, int nbs, int bs, const float *code16
 #define NF4_ARGS packed, absmax, aq, nested, code2, offset, nbs, bs, code16
 
-// Grid ceil(count / (256 * 8)); block 256.
+// Grid ceil(count / (256 * 8)); block 256; static smem 16 floats (the code table).
 template <typename T>
 __device__ void nf4_dequantize(NF4_ARGS_DECL, i64 start, i64 count, T* out) {
   __shared__ float code[16];
@@ -58,7 +59,7 @@ LF_INST(nf4_dequantize,
         (NF4_ARGS, start, count, (T*)out))
 
 // x [ntok, in], W [out, in] (NF4), bias [out] or null, h [ntok, r] or null, B [out, r].
-// y [ntok, out] = x W^T + bias + s h B^T. Grid ceil(out / 4); block 128.
+// y [ntok, out] = x W^T + bias + s h B^T. Grid ceil(out / 4); block 128; static smem 16 floats.
 template <typename T>
 __device__ void nf4_gemv(NF4_ARGS_DECL, const T* x, int ntok, int in, int out, const T* bias,
                          T* y, const T* h, const T* B, int r, float s) {
@@ -129,7 +130,8 @@ LF_INST(nf4_gemv,
         (NF4_ARGS, (const T*)x, ntok, in, out, (const T*)bias, (T*)y, (const T*)h, (const T*)B,
          r, s))
 
-// res [out] = row sums of squares of dequant(W) [out, in]; grid ceil(out / 4), block 128.
+// res [out] = row sums of squares of dequant(W) [out, in]; grid ceil(out / 4), block 128; static
+// smem 16 floats.
 template <typename T>
 __device__ void nf4_row_sq_norms(NF4_ARGS_DECL, int out, int in, T* res) {
   __shared__ float code[16];

@@ -62,11 +62,3 @@ LF_INST(adamw,
         (void* w, const void* g, void* m, void* v, long long n, float b1, float b2, float eps,
          float decay, float step_size, float bc2_sqrt),
         ((T*)w, (const T*)g, (T*)m, (T*)v, n, b1, b2, eps, decay, step_size, bc2_sqrt))
-
-// dst[i] = (float) src[i] (an f32 copy of a storage tensor).
-template <typename T>
-__device__ void to_f32(const T* src, float* dst, i64 n) {
-  for (i64 i = (i64)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (i64)gridDim.x * blockDim.x)
-    dst[i] = ldf(src, i);
-}
-LF_INST(to_f32, (const void* src, float* dst, long long n), ((const T*)src, dst, n))

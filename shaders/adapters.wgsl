@@ -1,8 +1,9 @@
-// Reductions and row scalings of the DoRA, VeRA and AdaLoRA kernels (backend/wgpu/adapters.rs);
-// every product goes through the matmul of matmul.wgsl. Operands are 2-D views: row i, column
-// c of `x` is x[x_off + i * x_rs + c] (likewise y, z, o). `rows` and the offsets are local to
-// this dispatch (large tensors are processed in bound ranges of rows). Needs a reduction
-// prelude (reduce.wgsl, or reduce_subgroup.wgsl with subgroups; prepended by the host).
+// Reductions and row scalings of the fused low-rank product and the AdaLoRA allocator
+// (backend/wgpu/dense.rs, lowrank.rs); every product goes through the matmul of matmul.wgsl.
+// Operands are 2-D views: row i, column c of `x` is x[x_off + i * x_rs + c] (likewise y, z,
+// o). `rows` and the offsets are local to this dispatch (large tensors are processed in bound
+// ranges of rows). Needs a reduction prelude (reduce.wgsl, or reduce_subgroup.wgsl with
+// subgroups; prepended by the host).
 
 struct P {
     rows: u32, cols: u32, flags: u32, s: f32,
@@ -137,7 +138,8 @@ fn row_scale_inplace(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invoca
 
 // DoRA's weight norm from its low-rank terms, one invocation per output row i:
 // o[i] = sqrt(max(v[i] + 2 s (x[i, :] . z[i, :]) + s^2 (y[i, :] . z[i, :]), 0)) with x = W0 A^T,
-// y = B (A A^T), z = B (all [out, r], cols = r) and v = ||W0||_row^2.
+// y = B' (A A^T), z = B' (all [out, r], cols = r; B' = diag(o) B diag(rho), the term's factor
+// with its scales folded in) and v = ||W0||_row^2.
 @compute @workgroup_size(256)
 fn dora_norm(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_id) lid: vec3<u32>,
              @builtin(num_workgroups) nwg: vec3<u32>) {

@@ -8,6 +8,10 @@
 // rows that can attend the block (up to qend, computed on the host), so every gradient element
 // is written by exactly one invocation (deterministic, no atomics). 64 invocations: 4 per row,
 // each owning the dims d = lane + 4 i (head_dim <= 128).
+//
+// attn_cached is the forward of new query rows over a separate context (a KV cache): q has
+// `t` rows, k and v `tk`, and `qrange[2 t], qrange[2 t + 1]` is the range lo..hi of kv rows
+// that q row t attends (lo = NONE: a row in no sequence, left zero). No lse (no backward).
 
 struct P {
     t: u32,
@@ -17,6 +21,8 @@ struct P {
     group: u32,
     scale: f32,
     n_heads: u32,
+    // Rows of k and v (= t except in attn_cached).
+    tk: u32,
 }
 
 const B: u32 = 16u;
@@ -39,6 +45,7 @@ const NEG: f32 = -1.0e30;
 @group(0) @binding(13) var<storage, read_write> dk: array<f32>;
 @group(0) @binding(14) var<storage, read_write> dv: array<f32>;
 @group(0) @binding(15) var<storage, read> qend: array<u32>;
+@group(0) @binding(16) var<storage, read> qrange: array<u32>;
 
 // One tile of 16 rows x hd (keys, values, query rows or output gradients).
 var<workgroup> tile: array<f32, 2048>;
@@ -75,7 +82,7 @@ fn load_k(row0: u32, head: u32, tid: u32) {
     for (var e = tid; e < B * p.hd; e += 64u) {
         let row = row0 + e / p.hd;
         var val = 0.0;
-        if (row < p.t) {
+        if (row < p.tk) {
             val = k[row * p.kw + head * p.hd + e % p.hd];
         }
         tile[e] = val;
@@ -86,7 +93,7 @@ fn load_v(row0: u32, head: u32, tid: u32) {
     for (var e = tid; e < B * p.hd; e += 64u) {
         let row = row0 + e / p.hd;
         var val = 0.0;
-        if (row < p.t) {
+        if (row < p.tk) {
             val = v[row * p.kw + head * p.hd + e % p.hd];
         }
         tile[e] = val;
@@ -390,6 +397,122 @@ fn attn_dkv(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_inde
         for (var i = 0u; i < nd; i++) {
             dk[ko + lane + 4u * i] = acc_k[i];
             dv[ko + lane + 4u * i] = acc_v[i];
+        }
+    }
+}
+
+// The kv range lo..hi of q row t (lo = NONE past the rows or outside every sequence).
+fn cached_range(t: u32) -> vec2<u32> {
+    if (t < p.t) {
+        return vec2<u32>(qrange[2u * t], qrange[2u * t + 1u]);
+    }
+    return vec2<u32>(NONE, 0u);
+}
+
+// Key range of a block of query rows of attn_cached: min lo .. max hi over its rows in a
+// sequence, made uniform through workgroup memory.
+fn cached_block_range(t0: u32, tid: u32) -> vec2<u32> {
+    if (tid == 0u) {
+        var lo = NONE;
+        var hi = 0u;
+        for (var i = 0u; i < B; i++) {
+            let rr = cached_range(t0 + i);
+            if (rr.x != NONE) {
+                lo = min(lo, rr.x);
+                hi = max(hi, rr.y);
+            }
+        }
+        if (hi == 0u) {
+            lo = 0u;
+        }
+        lo_s = lo;
+        hi_s = hi;
+    }
+    return vec2<u32>(workgroupUniformLoad(&lo_s), workgroupUniformLoad(&hi_s));
+}
+
+// attn_fwd over a separate context: q row t attends kv rows cached_range(t).
+@compute @workgroup_size(64)
+fn attn_cached(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) tid: u32) {
+    let h = wg.y;
+    let kvh = h / p.group;
+    let t0 = wg.x * B;
+    let r = tid / 4u;
+    let lane = tid % 4u;
+    let t = t0 + r;
+    let valid = cached_range(t).x != NONE;
+    let nd = (p.hd + 3u - lane) / 4u;
+    let qo = t * p.qw + h * p.hd;
+    if (tid < B) {
+        wm[tid] = NEG;
+        wl[tid] = 0.0;
+        wa[tid] = 1.0;
+    }
+    let range = cached_block_range(t0, tid);
+    var acc: array<f32, 32>;
+    for (var k0 = range.x; k0 < range.y; k0 += B) {
+        load_k(k0, kvh, tid);
+        workgroupBarrier();
+        if (valid) {
+            var s: array<f32, 4>;
+            for (var d = 0u; d < p.hd; d++) {
+                let qv = q[qo + d];
+                for (var jj = 0u; jj < 4u; jj++) {
+                    s[jj] = fma(qv, tile[(lane + 4u * jj) * p.hd + d], s[jj]);
+                }
+            }
+            for (var jj = 0u; jj < 4u; jj++) {
+                sc[r * B + lane + 4u * jj] = s[jj] * p.scale;
+            }
+        }
+        workgroupBarrier();
+        if (tid < B) {
+            let kr = cached_range(t0 + tid);
+            if (kr.x != NONE) {
+                let m_old = wm[tid];
+                var mx = m_old;
+                for (var j = 0u; j < B; j++) {
+                    let key = k0 + j;
+                    if (key >= kr.x && key < kr.y) {
+                        mx = max(mx, sc[tid * B + j]);
+                    }
+                }
+                let alpha = exp(m_old - mx);
+                var l = wl[tid] * alpha;
+                for (var j = 0u; j < B; j++) {
+                    let key = k0 + j;
+                    var pj = 0.0;
+                    if (key >= kr.x && key < kr.y) {
+                        pj = exp(sc[tid * B + j] - mx);
+                    }
+                    sc[tid * B + j] = pj;
+                    l += pj;
+                }
+                wm[tid] = mx;
+                wl[tid] = l;
+                wa[tid] = alpha;
+            }
+        }
+        load_v(k0, kvh, tid);
+        workgroupBarrier();
+        if (valid) {
+            let alpha = wa[r];
+            for (var i = 0u; i < nd; i++) {
+                acc[i] *= alpha;
+            }
+            for (var j = 0u; j < B; j++) {
+                let pj = sc[r * B + j];
+                for (var i = 0u; i < nd; i++) {
+                    acc[i] = fma(pj, tile[j * p.hd + lane + 4u * i], acc[i]);
+                }
+            }
+        }
+        workgroupBarrier();
+    }
+    if (valid) {
+        let l = wl[r];
+        for (var i = 0u; i < nd; i++) {
+            out[qo + lane + 4u * i] = acc[i] / l;
         }
     }
 }

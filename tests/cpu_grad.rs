@@ -11,7 +11,10 @@ use lorafuse::{Cpu, Tensor};
 
 #[path = "common/fd.rs"]
 mod fd;
+#[path = "common/per_method.rs"]
+mod per_method;
 use fd::*;
+use per_method::PerMethod;
 
 fn t(data: Vec<f32>, shape: &[usize]) -> Tensor<Cpu> {
     Cpu.from_vec(data, shape).unwrap()

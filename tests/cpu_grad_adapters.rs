@@ -5,15 +5,20 @@
 //! Each check builds `L = sum(y * g)` with a fixed random `g`, perturbs sampled coordinates by
 //! ±eps and compares `(L+ - L-) / 2eps` with the analytic gradient.
 
+use lorafuse::adapter::DoraSaved;
 use lorafuse::adapter::{
     AdaLoraLayer, BaseWeight, DoraLayer, Linear, LoraConfig, VeraLayer, VeraShared,
 };
-use lorafuse::backend::{Backend, DoraSaved};
+use lorafuse::backend::Backend;
+use lorafuse::backend::Base;
 use lorafuse::{Cpu, Tensor};
 
 #[path = "common/fd.rs"]
 mod fd;
+#[path = "common/per_method.rs"]
+mod per_method;
 use fd::*;
+use per_method::PerMethod;
 
 fn t(data: &[f32], shape: &[usize]) -> Tensor<Cpu> {
     Cpu.from_vec(data.to_vec(), shape).unwrap()
@@ -80,7 +85,7 @@ fn dora_norm_low_rank_identity_equals_direct_norm() {
         let a = vals(r * inp, 200 + case as u64);
         let b = vals(out * r, 300 + case as u64);
         let w0t = t(&w0, &[out, inp]);
-        let sq = Cpu.row_sq_norms(&w0t).unwrap();
+        let sq = Cpu.row_sq_norms(Base::Dense(&w0t)).unwrap();
         let n = Cpu
             .dora_weight_norm(&w0t, &sq, &t(&a, &[r, inp]), &t(&b, &[out, r]), s)
             .unwrap();
@@ -119,7 +124,7 @@ fn dora_backward_matches_finite_differences() {
     let g = vals(tk * dout, 5);
     let bias = vals(dout, 6);
     let w0t = t(&w0, &[dout, din]);
-    let sq = Cpu.row_sq_norms(&w0t).unwrap();
+    let sq = Cpu.row_sq_norms(Base::Dense(&w0t)).unwrap();
     // The norm is detached (PEFT): a constant in L, computed once from the starting factors.
     let n = Cpu
         .dora_weight_norm(&w0t, &sq, &t(&a, &[r, din]), &t(&b, &[dout, r]), s)
@@ -204,7 +209,7 @@ fn dora_merge_unmerge_round_trip_and_errors() {
     let mut mz = m.data().to_vec();
     mz[3] = 0.0;
     let n = Cpu
-        .dora_weight_norm(w, &Cpu.row_sq_norms(w).unwrap(), &a, &b, s)
+        .dora_weight_norm(w, &Cpu.row_sq_norms(Base::Dense(w)).unwrap(), &a, &b, s)
         .unwrap();
     let mut wz = w.clone();
     Cpu.dora_merge(&mut wz, &a, &b, s, &t(&mz, &[dout]), &n)
@@ -230,7 +235,7 @@ fn dora_init_starts_at_the_base() {
     };
     let layer = DoraLayer::init(&Cpu, &base, &cfg, 7).unwrap();
     assert!(layer.lora_b.data().iter().all(|&v| v == 0.0));
-    let sq = Cpu.row_sq_norms(&w0).unwrap();
+    let sq = Cpu.row_sq_norms(Base::Dense(&w0)).unwrap();
     for (m, s) in layer.lora_magnitude_vector.data().iter().zip(sq.data()) {
         assert!((m - s.sqrt()).abs() < 1e-6, "m = ||W0||_row at init");
     }
@@ -248,7 +253,7 @@ fn dora_bad_shapes_name_the_tensor() {
     let a = t(&vals(r * din, 3), &[r, din]);
     let b = t(&vals(dout * r, 4), &[dout, r]);
     let m = t(&vals(dout, 5), &[dout]);
-    let sq = Cpu.row_sq_norms(&w0).unwrap();
+    let sq = Cpu.row_sq_norms(Base::Dense(&w0)).unwrap();
     let bad_a = t(&vals(r * (din + 1), 3), &[r, din + 1]);
     let bad_b = t(&vals((dout + 1) * r, 4), &[dout + 1, r]);
     let bad_v = t(&vals(dout + 1, 5), &[dout + 1]);

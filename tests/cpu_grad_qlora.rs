@@ -4,14 +4,17 @@
 //! over the dequantized dense base, their backwards against central finite differences, the
 //! memory of an NF4 base, and the errors.
 
-use lorafuse::adapter::{BaseWeight, DoraLayer, DoraLayerSaved, Linear, LoraLayer};
-use lorafuse::backend::{Backend, DoraSaved};
+use lorafuse::adapter::{BaseWeight, DoraLayer, DoraLayerSaved, DoraSaved, Linear, LoraLayer};
+use lorafuse::backend::{Backend, Base, LowRank};
 use lorafuse::quant::nf4::quantize_nf4;
 use lorafuse::{Cpu, Tensor};
 
 #[path = "common/fd.rs"]
 mod fd;
+#[path = "common/per_method.rs"]
+mod per_method;
 use fd::*;
+use per_method::PerMethod;
 
 fn t(data: &[f32], shape: &[usize]) -> Tensor<Cpu> {
     Cpu.from_vec(data.to_vec(), shape).unwrap()
@@ -115,7 +118,7 @@ fn nf4_linear_equals_dense_linear_over_the_dequantized_weight() {
         );
         // Row norms: same values, same order, bit for bit.
         let got = Cpu.nf4_row_sq_norms(w).unwrap();
-        let want = Cpu.row_sq_norms(wd).unwrap();
+        let want = Cpu.row_sq_norms(Base::Dense(wd)).unwrap();
         assert_eq!(got.data(), want.data(), "nf4_row_sq_norms");
         // The dequantized copy is the same dense weight.
         let deq = nf4.dequantized(&Cpu).unwrap();
@@ -240,17 +243,20 @@ fn qdora_equals_dora_over_the_dequantized_weight_and_matches_finite_differences(
         let n = sq.weight_norm.clone();
         let fwd = |x: &[f32], a: &[f32], b: &[f32], m: &[f32]| -> (Tensor<Cpu>, DoraSaved<Cpu>) {
             let xt = t(x, &[tk, din]);
-            Cpu.dora_forward_from_base(
-                nf4.weight.matmul(&Cpu, &xt).unwrap(),
-                &xt,
-                nf4.bias.as_ref(),
-                &t(a, &[r, din]),
-                &t(b, &[dout, r]),
-                s,
-                &t(m, &[dout]),
-                &n,
-            )
-            .unwrap()
+            let (at, bt, mt) = (t(a, &[r, din]), t(b, &[dout, r]), t(m, &[dout]));
+            let o = Cpu
+                .linear_lowrank(
+                    &xt,
+                    nf4.weight.as_base(),
+                    nf4.bias.as_ref(),
+                    Some(&LowRank::dora(&at, &bt, s, &mt, Some(&n))),
+                )
+                .unwrap();
+            let saved = DoraSaved {
+                h: o.h.unwrap(),
+                z: o.z.unwrap(),
+            };
+            (o.y, saved)
         };
         let f = |x: &[f32], a: &[f32], b: &[f32], m: &[f32]| dot(fwd(x, a, b, m).0.data(), &g);
         let (y0, kernel) = fwd(&x, &a, &b, &m);

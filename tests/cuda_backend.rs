@@ -1,6 +1,8 @@
 //! Every `Backend` method of the CUDA backend against the CPU reference, over odd shapes
 //! (T = 1, 3, 17, 130 tokens: the decode and the cuBLAS paths; in/out not multiples of 8;
 //! r from 1 to 64), in f32, f16 and bf16 storage, plus bad-input errors and NF4 bit-exactness.
+//! The per-method calls are the test-only [`PerMethod`] descriptions of the one fused op; every
+//! method is also checked over an NF4 base (QLoRA, QDoRA, QVeRA, QAdaLoRA), forward and backward.
 //!
 //! Inputs are rounded to the storage dtype before the CPU sees them, so only the GPU's own
 //! arithmetic is measured. Tolerance: `max |gpu - cpu| <= tol * max(|cpu|)` per output with
@@ -11,16 +13,21 @@
 #![cfg(feature = "cuda")]
 
 mod common;
+#[path = "common/per_method.rs"]
+mod per_method;
 #[path = "common/adalora_twin.rs"]
 mod twin;
 
 use half::{bf16, f16};
+use lorafuse::adapter::DoraSaved;
 use lorafuse::backend::cuda::{Cuda, DType};
 use lorafuse::backend::{
-    AdaLoraIpt, AdamWParams, AttentionSaved, Backend, DoraSaved, SeqSpan, cross_entropy_loss,
+    AdaLoraIpt, AdamWParams, AttentionSaved, Backend, Base, GradWants, LowRank, Nf4Weight, SeqSpan,
+    check, cross_entropy_loss,
 };
 use lorafuse::quant::nf4::quantize_nf4;
 use lorafuse::{Cpu, Error, Tensor};
+use per_method::PerMethod;
 
 /// The backend in `dtype`, or None (with a printed reason) when no GPU is usable.
 fn gpu(dtype: DType, test: &str) -> Option<Cuda> {
@@ -118,6 +125,101 @@ const CASES: [(usize, usize, usize, usize); 5] = [
     (130, 83, 67, 16),
     (8, 136, 72, 5),
 ];
+
+/// The NF4 twin of a test weight (its values as the CPU holds them, already rounded to the GPU
+/// dtype): quantized once (blocksize 64, double quant), the same bytes on both backends.
+fn nf4_pair(
+    cpu: &Cpu,
+    g: &Cuda,
+    w: &Pair,
+    dout: usize,
+    din: usize,
+) -> (Nf4Weight<Cpu>, Nf4Weight<Cuda>) {
+    let q = quantize_nf4(w.c.data(), &[dout, din], 64, true).unwrap();
+    (cpu.upload_nf4(&q).unwrap(), g.upload_nf4(&q).unwrap())
+}
+
+/// A GPU tensor as a pair (the GPU's values, on both backends), to feed both backwards the same
+/// saved state.
+fn from_gpu(cpu: &Cpu, g: &Cuda, t: &Tensor<Cuda>) -> Pair {
+    pair(cpu, g, &g.download(t).unwrap(), t.shape())
+}
+
+/// The fused op on both backends over `base`, forward (y, h, and z under a column scale) and
+/// backward (dx, g, and every gradient `wants` asks for), compared at `tl`. The backwards get the
+/// GPU forward's h and z, so only the backward's own arithmetic is compared.
+#[allow(clippy::too_many_arguments)]
+fn check_fused(
+    what: &str,
+    cpu: &Cpu,
+    g: &Cuda,
+    (bc, bg): (Base<'_, Cpu>, Base<'_, Cuda>),
+    x: &Pair,
+    bias: Option<&Pair>,
+    dy: &Pair,
+    (tc, tg): (&LowRank<'_, Cpu>, &LowRank<'_, Cuda>),
+    wants: GradWants,
+    tl: f32,
+) {
+    let og = g
+        .linear_lowrank(&x.g, bg, bias.map(|b| &b.g), Some(tg))
+        .unwrap();
+    let oc = cpu
+        .linear_lowrank(&x.c, bc, bias.map(|b| &b.c), Some(tc))
+        .unwrap();
+    close(&format!("{what} forward y"), g, &og.y, &oc.y, tl);
+    let (hg, hc) = (og.h.unwrap(), oc.h.unwrap());
+    close(&format!("{what} forward h"), g, &hg, &hc, tl);
+    let z = match (og.z, oc.z) {
+        (Some(zg), Some(zc)) => {
+            close(&format!("{what} forward z"), g, &zg, &zc, tl);
+            Some(from_gpu(cpu, g, &zg))
+        }
+        (None, None) => None,
+        _ => panic!("{what}: z on one backend only"),
+    };
+    let h = from_gpu(cpu, g, &hg);
+    let (_, gg) = g.backward_input(&dy.g, bg, Some(tg), None).unwrap();
+    let (_, gc) = cpu.backward_input(&dy.c, bc, Some(tc), None).unwrap();
+    close(
+        &format!("{what} backward g"),
+        g,
+        &gg.unwrap(),
+        &gc.unwrap(),
+        tl,
+    );
+    let dg = g
+        .linear_lowrank_backward(&dy.g, &x.g, &h.g, z.as_ref().map(|z| &z.g), bg, tg, wants)
+        .unwrap();
+    let dc = cpu
+        .linear_lowrank_backward(&dy.c, &x.c, &h.c, z.as_ref().map(|z| &z.c), bc, tc, wants)
+        .unwrap();
+    close(&format!("{what} backward dx"), g, &dg.dx, &dc.dx, tl);
+    let grads = [
+        ("dA", dg.d_lora_a, dc.d_lora_a, wants.lora_a),
+        ("dB", dg.d_lora_b, dc.d_lora_b, wants.lora_b),
+        (
+            "d rank_scale",
+            dg.d_rank_scale,
+            dc.d_rank_scale,
+            wants.rank_scale,
+        ),
+        (
+            "d out_scale",
+            dg.d_out_scale,
+            dc.d_out_scale,
+            wants.out_scale,
+        ),
+        ("dm", dg.d_magnitude, dc.d_magnitude, wants.magnitude),
+    ];
+    for (name, gd, cd, wanted) in grads {
+        match (gd, cd) {
+            (Some(gd), Some(cd)) => close(&format!("{what} backward {name}"), g, &gd, &cd, tl),
+            (None, None) => assert!(!wanted, "{what}: {name} wanted but missing"),
+            _ => panic!("{what}: {name} on one backend only"),
+        }
+    }
+}
 
 #[test]
 fn new_without_hardware_is_an_error_not_a_panic() {
@@ -277,22 +379,42 @@ fn lora() {
             close("lora_backward dx", &g, &dxg, &dxc, tl);
             close("lora_backward dA", &g, &dag, &dac, tl);
             close("lora_backward dB", &g, &dbg, &dbc, tl);
-            // adapter terms over a base computed elsewhere
-            let (mut y2g, mut y2c) = (dy.g.clone(), dy.c.clone());
-            let h2g = g.lora_add(&mut y2g, &x.g, &a.g, &b.g, sc).unwrap();
-            let h2c = cpu.lora_add(&mut y2c, &x.c, &a.c, &b.c, sc).unwrap();
-            close("lora_add y", &g, &y2g, &y2c, tl);
-            close("lora_add h", &g, &h2g, &h2c, tl);
+            // the same term over an NF4 base (QLoRA), forward and backward
+            let (qc, qg) = nf4_pair(&cpu, &g, &w, dout, din);
+            check_fused(
+                "qlora",
+                &cpu,
+                &g,
+                (Base::Nf4(&qc), Base::Nf4(&qg)),
+                &x,
+                Some(&bias),
+                &dy,
+                (
+                    &LowRank::lora(&a.c, &b.c, sc),
+                    &LowRank::lora(&a.g, &b.g, sc),
+                ),
+                GradWants::LORA,
+                tl,
+            );
+            // dx added into an accumulator over the NF4 base
             let (mut dx2g, mut dx2c) = (x.g.clone(), x.c.clone());
-            let (da2g, db2g) = g
-                .lora_backward_adapter(&dy.g, &x.g, &h.g, &a.g, &b.g, sc, &mut dx2g)
+            let (none_g, _) = g
+                .backward_input(
+                    &dy.g,
+                    Base::Nf4(&qg),
+                    Some(&LowRank::lora(&a.g, &b.g, sc)),
+                    Some(&mut dx2g),
+                )
                 .unwrap();
-            let (da2c, db2c) = cpu
-                .lora_backward_adapter(&dy.c, &x.c, &h.c, &a.c, &b.c, sc, &mut dx2c)
-                .unwrap();
-            close("lora_backward_adapter dx", &g, &dx2g, &dx2c, tl);
-            close("lora_backward_adapter dA", &g, &da2g, &da2c, tl);
-            close("lora_backward_adapter dB", &g, &db2g, &db2c, tl);
+            cpu.backward_input(
+                &dy.c,
+                Base::Nf4(&qc),
+                Some(&LowRank::lora(&a.c, &b.c, sc)),
+                Some(&mut dx2c),
+            )
+            .unwrap();
+            assert!(none_g.is_none());
+            close("qlora backward_input acc", &g, &dx2g, &dx2c, tl);
             // merge / unmerge
             let (mut wg, mut wc) = (w.g.clone(), w.c.clone());
             g.lora_merge(&mut wg, &a.g, &b.g, sc, 1.0).unwrap();
@@ -327,8 +449,8 @@ fn dora() {
             let b = rand_pair(&cpu, &g, &[dout, r], s + 3, 0.3);
             let bias = rand_pair(&cpu, &g, &[dout], s + 4, 1.0);
             let sc = 0.5;
-            let sqg = g.row_sq_norms(&w.g).unwrap();
-            let sqc = cpu.row_sq_norms(&w.c).unwrap();
+            let sqg = g.row_sq_norms(Base::Dense(&w.g)).unwrap();
+            let sqc = cpu.row_sq_norms(Base::Dense(&w.c)).unwrap();
             close("row_sq_norms", &g, &sqg, &sqc, tl);
             let sq = pair(&cpu, &g, sqc.data(), &[dout]);
             let ng = g.dora_weight_norm(&w.g, &sq.g, &a.g, &b.g, sc).unwrap();
@@ -374,35 +496,53 @@ fn dora() {
             close("dora_backward dA", &g, &gg.d_lora_a, &gc.d_lora_a, tl);
             close("dora_backward dB", &g, &gg.d_lora_b, &gc.d_lora_b, tl);
             close("dora_backward dm", &g, &gg.d_magnitude, &gc.d_magnitude, tl);
-            // base-agnostic terms
-            let base = pair(
-                &cpu,
-                &g,
-                &cpu.linear(&x.c, &w.c, None).unwrap().into_vec(),
-                &[t, dout],
-            );
-            let (y2g, _) = g
-                .dora_forward_from_base(base.g, &x.g, None, &a.g, &b.g, sc, &m.g, &n.g)
-                .unwrap();
-            let (y2c, _) = cpu
-                .dora_forward_from_base(base.c, &x.c, None, &a.c, &b.c, sc, &m.c, &n.c)
-                .unwrap();
-            close("dora_forward_from_base", &g, &y2g, &y2c, tl);
-            let (ag_, gkg) = g
-                .dora_backward_adapter(&dy.g, &x.g, &saved_g, &a.g, &b.g, sc, &m.g, &n.g)
-                .unwrap();
-            let (ac_, gkc) = cpu
-                .dora_backward_adapter(&dy.c, &x.c, &saved_c, &a.c, &b.c, sc, &m.c, &n.c)
-                .unwrap();
-            close("dora_backward_adapter dx", &g, &ag_.dx, &ac_.dx, tl);
-            close("dora_backward_adapter g'", &g, &gkg, &gkc, tl);
+            // the same term over an NF4 base (QDoRA): its own weight norm, forward, backward
+            let (qc, qg) = nf4_pair(&cpu, &g, &w, dout, din);
+            let qsqc = cpu.row_sq_norms(Base::Nf4(&qc)).unwrap();
             close(
-                "dora_backward_adapter dm",
+                "nf4 row_sq_norms",
                 &g,
-                &ag_.d_magnitude,
-                &ac_.d_magnitude,
+                &g.row_sq_norms(Base::Nf4(&qg)).unwrap(),
+                &qsqc,
                 tl,
             );
+            let qsq = pair(&cpu, &g, qsqc.data(), &[dout]);
+            let qnc = cpu
+                .lowrank_row_norms(Base::Nf4(&qc), &qsq.c, &LowRank::lora(&a.c, &b.c, sc))
+                .unwrap();
+            close(
+                "qdora weight norm",
+                &g,
+                &g.lowrank_row_norms(Base::Nf4(&qg), &qsq.g, &LowRank::lora(&a.g, &b.g, sc))
+                    .unwrap(),
+                &qnc,
+                tl,
+            );
+            let qn = pair(&cpu, &g, qnc.data(), &[dout]);
+            check_fused(
+                "qdora",
+                &cpu,
+                &g,
+                (Base::Nf4(&qc), Base::Nf4(&qg)),
+                &x,
+                Some(&bias),
+                &dy,
+                (
+                    &LowRank::dora(&a.c, &b.c, sc, &m.c, Some(&qn.c)),
+                    &LowRank::dora(&a.g, &b.g, sc, &m.g, Some(&qn.g)),
+                ),
+                GradWants::DORA,
+                tl,
+            );
+            // the forward that takes its own weight norm, over the dense base
+            let (ywg, _, nwg) = g
+                .dora_forward_with_norm(&x.g, &w.g, &sq.g, Some(&bias.g), &a.g, &b.g, sc, &m.g)
+                .unwrap();
+            let (ywc, _, nwc) = cpu
+                .dora_forward_with_norm(&x.c, &w.c, &sq.c, Some(&bias.c), &a.c, &b.c, sc, &m.c)
+                .unwrap();
+            close("dora_forward_with_norm y", &g, &ywg, &ywc, tl);
+            close("dora_forward_with_norm n", &g, &nwg, &nwc, tl);
             // merge / unmerge
             let (mut wg, mut wc) = (w.g.clone(), w.c.clone());
             g.dora_merge(&mut wg, &a.g, &b.g, sc, &m.g, &n.g).unwrap();
@@ -410,6 +550,16 @@ fn dora() {
             close("dora_merge", &g, &wg, &wc, tl);
             g.dora_unmerge(&mut wg, &a.g, &b.g, sc, &m.g, &n.g).unwrap();
             close("dora unmerge round trip", &g, &wg, &w.c, 8.0 * tl);
+            // PEFT's merge that takes the norm of the merged rows (CUDA: by the identity)
+            let (mut wg, mut wc) = (w.g.clone(), w.c.clone());
+            let nmg = g
+                .dora_merge_with_norm(&mut wg, &sq.g, &a.g, &b.g, sc, &m.g)
+                .unwrap();
+            let nmc = cpu
+                .dora_merge_with_norm(&mut wc, &sq.c, &a.c, &b.c, sc, &m.c)
+                .unwrap();
+            close("dora_merge_with_norm n", &g, &nmg, &nmc, tl);
+            close("dora_merge_with_norm w", &g, &wg, &wc, tl);
             let m0 = g.zeros(&[dout]).unwrap();
             assert!(matches!(
                 g.dora_unmerge(&mut wg, &a.g, &b.g, sc, &m0, &n.g),
@@ -465,6 +615,23 @@ fn vera() {
             cpu.vera_merge(&mut wc, &va.c, &vb.c, &ld.c, &lb.c, 1.0)
                 .unwrap();
             close("vera_merge", &g, &wg, &wc, tl);
+            // QVeRA: the same shared term over an NF4 base, forward and backward
+            let (qc, qg) = nf4_pair(&cpu, &g, &w, dout, din);
+            check_fused(
+                "qvera",
+                &cpu,
+                &g,
+                (Base::Nf4(&qc), Base::Nf4(&qg)),
+                &x,
+                Some(&bias),
+                &dy,
+                (
+                    &LowRank::vera(&va.c, &vb.c, &ld.c, &lb.c),
+                    &LowRank::vera(&va.g, &vb.g, &ld.g, &lb.g),
+                ),
+                GradWants::VERA,
+                tl,
+            );
             let small_a = g.zeros(&[r, din - 1]).unwrap();
             assert!(matches!(
                 g.vera_forward(&x.g, &w.g, None, &small_a, &vb.g, &ld.g, &lb.g),
@@ -520,6 +687,25 @@ fn adalora() {
             cpu.adalora_merge(&mut wc, &a.c, &b.c, &e.c, scaling, ranknum, 1.0)
                 .unwrap();
             close("adalora_merge", &g, &wg, &wc, tl);
+            // QAdaLoRA: the same term over an NF4 base, forward and backward (with a bias)
+            let (qc, qg) = nf4_pair(&cpu, &g, &w, dout, din);
+            let bias = rand_pair(&cpu, &g, &[dout], s + 6, 1.0);
+            let c = check::adalora_factor(scaling, ranknum).unwrap();
+            check_fused(
+                "qadalora",
+                &cpu,
+                &g,
+                (Base::Nf4(&qc), Base::Nf4(&qg)),
+                &x,
+                Some(&bias),
+                &dy,
+                (
+                    &LowRank::adalora(&a.c, &b.c, &e.c, c),
+                    &LowRank::adalora(&a.g, &b.g, &e.g, c),
+                ),
+                GradWants::ADALORA,
+                tl,
+            );
             assert!(matches!(
                 g.adalora_forward(&x.g, &w.g, None, &a.g, &b.g, &e.g, scaling, 0.0),
                 Err(Error::InvalidArgument { .. })
@@ -745,17 +931,28 @@ fn nf4_bit_exact_and_linear() {
                 cpu.nf4_linear_backward_input(&dy.c, &wc, Some(&mut accc))
                     .unwrap();
                 close("nf4_linear_backward_input acc", &g, &accg, &accc, tl);
-                // the fused QLoRA forward vs nf4_linear + lora_add on the CPU
+                // the fused QLoRA forward (one nf4_gemv with the term for T <= 8)
                 let r = 1 + t % 9;
                 let a = rand_pair(&cpu, &g, &[r, din], 5400, 0.3);
                 let b = rand_pair(&cpu, &g, &[dout, r], 5401, 0.3);
-                let (yg, hg) = g
-                    .nf4_lora_forward(&x.g, &wg, Some(&bias.g), &a.g, &b.g, 0.5)
+                let og = g
+                    .linear_lowrank(
+                        &x.g,
+                        Base::Nf4(&wg),
+                        Some(&bias.g),
+                        Some(&LowRank::lora(&a.g, &b.g, 0.5)),
+                    )
                     .unwrap();
-                let mut yc = cpu.nf4_linear(&x.c, &wc, Some(&bias.c)).unwrap();
-                let hc = cpu.lora_add(&mut yc, &x.c, &a.c, &b.c, 0.5).unwrap();
-                close("nf4_lora_forward y", &g, &yg, &yc, tl);
-                close("nf4_lora_forward h", &g, &hg, &hc, tl);
+                let oc = cpu
+                    .linear_lowrank(
+                        &x.c,
+                        Base::Nf4(&wc),
+                        Some(&bias.c),
+                        Some(&LowRank::lora(&a.c, &b.c, 0.5)),
+                    )
+                    .unwrap();
+                close("nf4 fused lora y", &g, &og.y, &oc.y, tl);
+                close("nf4 fused lora h", &g, &og.h.unwrap(), &oc.h.unwrap(), tl);
             }
             let sqg = g.nf4_row_sq_norms(&wg).unwrap();
             let sqc = cpu.nf4_row_sq_norms(&wc).unwrap();
@@ -945,6 +1142,27 @@ fn attention() {
             close("attention dv", &g, &dvg, &dvc, 2.0 * tl);
             let bad = [SeqSpan { start: 40, len: 9 }];
             assert!(g.attention(&q.g, &k.g, &v.g, &bad, hq, hkv, scale).is_err());
+            // the same spans as queries and context: attention's output
+            let cg = g
+                .attention_cached(&q.g, &k.g, &v.g, &seqs, &seqs, hq, hkv, scale)
+                .unwrap();
+            close("attention_cached (same spans)", &g, &cg, &sc.out, tl);
+            // new tokens over a longer context (a KV cache): 2, 0, 3 and 1 new queries, the
+            // context's last rows being the new tokens
+            let q_seqs = [
+                SeqSpan { start: 0, len: 2 },
+                SeqSpan { start: 2, len: 0 },
+                SeqSpan { start: 2, len: 3 },
+                SeqSpan { start: 5, len: 1 },
+            ];
+            let qn = rand_pair(&cpu, &g, &[6, hq * hd], 7004 + hd as u64, 1.0);
+            let cg = g
+                .attention_cached(&qn.g, &k.g, &v.g, &q_seqs, &seqs, hq, hkv, scale)
+                .unwrap();
+            let cc = cpu
+                .attention_cached(&qn.c, &k.c, &v.c, &q_seqs, &seqs, hq, hkv, scale)
+                .unwrap();
+            close("attention_cached", &g, &cg, &cc, tl);
         }
     }
 }

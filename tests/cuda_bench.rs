@@ -9,11 +9,14 @@
 #![cfg(feature = "cuda")]
 
 mod common;
+#[path = "common/per_method.rs"]
+mod per_method;
 
 use lorafuse::Result;
-use lorafuse::backend::Backend;
 use lorafuse::backend::cuda::{Cuda, DType};
+use lorafuse::backend::{Backend, Base};
 use lorafuse::quant::nf4::quantize_nf4;
+use per_method::PerMethod;
 use std::time::Instant;
 
 fn vals(n: usize, seed: u64, b: f32) -> Vec<f32> {
@@ -103,7 +106,7 @@ fn bench_cuda_kernels() {
     let a = be.upload(&vals(r * dim, 4, 0.02), &[r, dim]).unwrap();
     let b = be.upload(&vals(dim * r, 5, 0.02), &[dim, r]).unwrap();
     let m = be.upload(&vec![1.0; dim], &[dim]).unwrap();
-    let sq = be.row_sq_norms(&w0).unwrap();
+    let sq = be.row_sq_norms(Base::Dense(&w0)).unwrap();
     for t in [256usize, 4096] {
         let x = be.upload(&vals(t * dim, 6, 1.0), &[t, dim]).unwrap();
         let dy = be.upload(&vals(t * dim, 7, 1.0), &[t, dim]).unwrap();

@@ -134,6 +134,8 @@ fn launched_entry_points_exist() {
                 "shrink_small",
                 "linear_decode",
                 "scale_rows",
+                "scale_rc_from_f32",
+                "scale_rc_to_f32",
                 "lowrank_merge",
             ],
         ),
@@ -146,11 +148,10 @@ fn launched_entry_points_exist() {
                 "dora_dm_finish",
             ],
         ),
-        ("vera", &["vera_lambda_grads"]),
+        ("vera", &["lowrank_scale_grads"]),
         (
             "adalora",
             &[
-                "adalora_grads",
                 "adalora_update_ipt",
                 "adalora_triplet_scores",
                 "adalora_kthvalue",
@@ -182,6 +183,7 @@ fn launched_entry_points_exist() {
                 "attention_bwd_delta",
                 "attention_bwd_dq",
                 "attention_bwd_dkdv",
+                "attention_cached_fwd",
                 "swiglu",
                 "swiglu_bwd",
                 "cross_entropy",
@@ -190,7 +192,7 @@ fn launched_entry_points_exist() {
         ),
         (
             "optim",
-            &["axpy", "scale", "sum_squares", "add_f32", "adamw", "to_f32"],
+            &["axpy", "scale", "sum_squares", "add_f32", "adamw"],
         ),
     ];
     for (module, names) in typed {

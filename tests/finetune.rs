@@ -185,3 +185,97 @@ fn bad_adapter_settings_are_errors() {
         .to_string();
     assert!(e.contains("empty"), "{e}");
 }
+
+/// The recipe of the quantized-base test: a method with small hyperparameters.
+fn quant_recipe(method: lorafuse::train::recipe::Method) -> lorafuse::train::recipe::Recipe {
+    use lorafuse::train::recipe::{AdaLoraSettings, Recipe};
+    Recipe {
+        method,
+        lora: LoraConfig {
+            r: 4,
+            lora_alpha: 8.0,
+            ..LoraConfig::default()
+        },
+        vera: Default::default(),
+        adalora: AdaLoraSettings {
+            init_r: 6,
+            target_r: 3,
+            tinit: 2,
+            tfinal: 2,
+            delta_t: 1,
+            ..AdaLoraSettings::default()
+        },
+        full: Default::default(),
+        train: TrainConfig {
+            steps: 6,
+            batch_size: 4,
+            lr: 1e-2,
+            warmup_steps: 1,
+            eval_batch_size: 8,
+            ..TrainConfig::default()
+        },
+        seed: 3,
+        nf4: lorafuse::model::llama::Nf4Spec::default(),
+    }
+}
+
+/// QVeRA and QAdaLoRA (and QLoRA, QDoRA) need no code of their own: each trains over the NF4
+/// base as its dense method trains over the dequantized weights (the same losses, to f32
+/// summation order), and lowers the loss.
+#[test]
+fn quantized_base_methods_train_as_their_dense_method_on_the_dequantized_weights() {
+    use lorafuse::adapter::BaseWeight;
+    use lorafuse::train::recipe::{self, Method};
+    let cfg = tiny_cfg();
+    let data = examples(40);
+    let (tr, ev) = data.split_at(32);
+    for (quantized, dense) in [
+        (Method::Qlora, Method::Lora),
+        (Method::Qdora, Method::Dora),
+        (Method::Qvera, Method::Vera),
+        (Method::Qadalora, Method::AdaLora),
+    ] {
+        assert!(quantized.quantized_base() && !dense.quantized_base());
+        let rec = quant_recipe(quantized);
+        let mut q = Llama::from_tensors(&Cpu, cfg.clone(), random_tensors(&cfg, 5)).unwrap();
+        let mq = recipe::run(&Cpu, &mut q, &rec, tr, ev, |_| {}).unwrap();
+        assert!(
+            q.layers[0].proj[0].base.weight.is_quantized(),
+            "{}: the base is NF4",
+            quantized.name()
+        );
+        // The dense twin: the same weights, quantized and dequantized, kept dense.
+        let mut d = Llama::from_tensors(&Cpu, cfg.clone(), random_tensors(&cfg, 5)).unwrap();
+        d.quantize_bases(&Cpu, rec.nf4).unwrap();
+        for b in &mut d.layers {
+            for p in &mut b.proj {
+                p.base = p.base.dequantized(&Cpu).unwrap();
+                assert!(matches!(p.base.weight, BaseWeight::Dense(_)));
+            }
+        }
+        let md = recipe::run(&Cpu, &mut d, &quant_recipe(dense), tr, ev, |_| {}).unwrap();
+        let (qb, db) = (mq.eval_loss_before.unwrap(), md.eval_loss_before.unwrap());
+        let (qa, da) = (mq.eval_loss_after.unwrap(), md.eval_loss_after.unwrap());
+        println!(
+            "{}: eval {qb:.5} -> {qa:.5}; {} on the dequantized base {db:.5} -> {da:.5}",
+            quantized.name(),
+            dense.name()
+        );
+        assert!(
+            (qb - db).abs() <= 1e-5 * db,
+            "{}: eval before",
+            quantized.name()
+        );
+        assert!(
+            (qa - da).abs() <= 1e-3 * da,
+            "{}: eval after",
+            quantized.name()
+        );
+        assert!(
+            qa < qb,
+            "{}: training lowers the eval loss",
+            quantized.name()
+        );
+        assert_eq!(mq.trainable_params, md.trainable_params);
+    }
+}

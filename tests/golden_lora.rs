@@ -10,6 +10,9 @@
 //! on gradients.
 
 mod common;
+#[path = "common/per_method.rs"]
+mod per_method;
+use per_method::PerMethod;
 
 use lorafuse::adapter::{Adapter, BaseWeight, Linear, LoraConfig, LoraLayer};
 use lorafuse::backend::Backend;

@@ -454,3 +454,34 @@ fn base_model_eval_loss_is_2_685() {
         "base eval loss {loss} is not {BASE_EVAL_LOSS} ± {BASE_EVAL_LOSS_TOL}"
     );
 }
+
+/// Generation with the KV cache on the real model gives the recompute-everything reference's
+/// greedy tokens, for two chat prompts decoded together in one batch.
+#[test]
+fn cached_generation_matches_the_reference_on_the_real_model() {
+    let Some((tok, model)) =
+        real_model("cached_generation_matches_the_reference_on_the_real_model")
+    else {
+        return;
+    };
+    let prompts: Vec<Vec<u32>> = ["What is the capital of France?", "Tell me a joke."]
+        .iter()
+        .map(|q| tok.encode(&render_chatml(q, "").0).unwrap())
+        .collect();
+    let eos = tok.eos_id();
+    let together = model
+        .generate(
+            &Cpu,
+            &prompts,
+            24,
+            eos,
+            lorafuse::model::generate::Sampling::GREEDY,
+        )
+        .unwrap();
+    for (p, got) in prompts.iter().zip(&together) {
+        let want = model.generate_greedy_uncached(&Cpu, p, 24, eos).unwrap();
+        println!("{:?}", tok.decode(got).unwrap());
+        assert_eq!(got, &want);
+        assert!(!got.is_empty());
+    }
+}

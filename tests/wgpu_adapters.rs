@@ -1,6 +1,8 @@
 //! The wgpu backend's DoRA, VeRA and AdaLoRA kernels against the CPU reference over odd shapes
 //! (T = 1, 3, 17; in/out not multiples of 4; r from 1 to 64), merge/unmerge round trips, the
 //! splitting of tensors wider than one storage binding, and bad inputs giving the CPU's errors.
+//! DoRA also over an NF4 base (QDoRA: weight norm, forward, backward) and with the forward
+//! taking its own weight norm over either base.
 //! DoRA, VeRA and AdaLoRA (whose row sums use the shared reduction prelude) run with subgroup
 //! reductions and with the workgroup-memory fallback. Skips loudly without a Vulkan/Metal/DX12
 //! adapter, `LORAFUSE_REQUIRE=wgpu` fails; likewise for the subgroup mode without `SUBGROUP`
@@ -10,9 +12,14 @@
 mod common;
 #[path = "common/gpu.rs"]
 mod gpu;
+#[path = "common/per_method.rs"]
+mod per_method;
 
 use gpu::*;
+use lorafuse::backend::{Base, GradWants, LowRank};
+use lorafuse::quant::nf4::quantize_nf4;
 use lorafuse::{Backend, Cpu, Tensor, Wgpu};
+use per_method::PerMethod;
 
 /// `(T, in, out)`.
 const SHAPES: [(usize, usize, usize); 3] = [(1, 5, 3), (3, 67, 70), (17, 130, 9)];
@@ -37,8 +44,8 @@ fn dora_cases(be: &Wgpu, label: &str, shapes: &[(usize, usize, usize)], ranks: &
             let (mc, mg) = positive_pair(be, dout, s + 5);
             let sc = 2.0 / r as f32;
 
-            let sq = be.row_sq_norms(&wg).unwrap();
-            let sqc = Cpu.row_sq_norms(&wc).unwrap();
+            let sq = be.row_sq_norms(Base::Dense(&wg)).unwrap();
+            let sqc = Cpu.row_sq_norms(Base::Dense(&wc)).unwrap();
             assert_tensor(be, &format!("{what} row_sq_norms"), &sq, &sqc, 1e-6);
             let n = be.dora_weight_norm(&wg, &sq, &ag, &lbg, sc).unwrap();
             let nc = Cpu.dora_weight_norm(&wc, &sqc, &ac, &lbc, sc).unwrap();
@@ -53,23 +60,68 @@ fn dora_cases(be: &Wgpu, label: &str, shapes: &[(usize, usize, usize)], ranks: &
             assert_tensor(be, &format!("{what} y"), &y, &yc, 1e-5);
             assert_tensor(be, &format!("{what} h"), &saved.h, &savedc.h, 1e-5);
             assert_tensor(be, &format!("{what} z"), &saved.z, &savedc.z, 1e-5);
-            // from a base product computed elsewhere, without bias
-            let base = be.linear(&xg, &wg, None).unwrap();
-            let basec = Cpu.linear(&xc, &wc, None).unwrap();
-            let (y2, saved2) = be
-                .dora_forward_from_base(base, &xg, None, &ag, &lbg, sc, &mg, &n)
+            // over an NF4 base (QDoRA), without bias: the norm, the forward and its saved z
+            let q = quantize_nf4(&be.download(&wg).unwrap(), &[dout, din], 64, true).unwrap();
+            let (qg, qc) = (be.upload_nf4(&q).unwrap(), Cpu.upload_nf4(&q).unwrap());
+            let qsq = be.row_sq_norms(Base::Nf4(&qg)).unwrap();
+            let qsqc = Cpu.row_sq_norms(Base::Nf4(&qc)).unwrap();
+            assert_tensor(be, &format!("{what} nf4 row_sq_norms"), &qsq, &qsqc, 1e-6);
+            let qn = be
+                .lowrank_row_norms(Base::Nf4(&qg), &qsq, &LowRank::lora(&ag, &lbg, sc))
                 .unwrap();
-            let (y2c, _) = Cpu
-                .dora_forward_from_base(basec, &xc, None, &ac, &lbc, sc, &mc, &nc)
+            let qnc = Cpu
+                .lowrank_row_norms(Base::Nf4(&qc), &qsqc, &LowRank::lora(&ac, &lbc, sc))
                 .unwrap();
-            assert_tensor(be, &format!("{what} from_base y"), &y2, &y2c, 1e-5);
-            assert_tensor(
-                be,
-                &format!("{what} from_base z"),
-                &saved2.z,
-                &savedc.z,
-                1e-5,
-            );
+            assert_tensor(be, &format!("{what} nf4 weight_norm"), &qn, &qnc, 1e-5);
+            let tq = LowRank::dora(&ag, &lbg, sc, &mg, Some(&qn));
+            let tqc = LowRank::dora(&ac, &lbc, sc, &mc, Some(&qnc));
+            let oq = be
+                .linear_lowrank(&xg, Base::Nf4(&qg), None, Some(&tq))
+                .unwrap();
+            let oqc = Cpu
+                .linear_lowrank(&xc, Base::Nf4(&qc), None, Some(&tqc))
+                .unwrap();
+            assert_tensor(be, &format!("{what} nf4 y"), &oq.y, &oqc.y, 1e-5);
+            let (qh, qhc) = (oq.h.unwrap(), oqc.h.unwrap());
+            let (qz, qzc) = (oq.z.unwrap(), oqc.z.unwrap());
+            assert_tensor(be, &format!("{what} nf4 h"), &qh, &qhc, 1e-5);
+            assert_tensor(be, &format!("{what} nf4 z"), &qz, &qzc, 1e-5);
+            // the forward that takes its own weight norm, over either base (over NF4 from the
+            // same dequantized tiles as the product)
+            for (base, basec, sqg, sqcc, name) in [
+                (Base::Dense(&wg), Base::Dense(&wc), &sq, &sqc, "dense"),
+                (Base::Nf4(&qg), Base::Nf4(&qc), &qsq, &qsqc, "nf4"),
+            ] {
+                let o = be
+                    .linear_lowrank_with_norm(
+                        &xg,
+                        base,
+                        sqg,
+                        Some(&bg),
+                        &LowRank::dora(&ag, &lbg, sc, &mg, None),
+                    )
+                    .unwrap();
+                let oc = Cpu
+                    .linear_lowrank_with_norm(
+                        &xc,
+                        basec,
+                        sqcc,
+                        Some(&bc),
+                        &LowRank::dora(&ac, &lbc, sc, &mc, None),
+                    )
+                    .unwrap();
+                let what = format!("{what} {name} with_norm");
+                assert_tensor(be, &format!("{what} y"), &o.y, &oc.y, 1e-5);
+                assert_tensor(
+                    be,
+                    &format!("{what} z"),
+                    &o.z.unwrap(),
+                    &oc.z.unwrap(),
+                    1e-5,
+                );
+                let (n1, n1c) = (o.weight_norm.unwrap(), oc.weight_norm.unwrap());
+                assert_tensor(be, &format!("{what} n"), &n1, &n1c, 1e-5);
+            }
 
             let (dyc, dyg) = rand_pair(be, &[t, dout], s + 6);
             let g = be
@@ -88,21 +140,51 @@ fn dora_cases(be: &Wgpu, label: &str, shapes: &[(usize, usize, usize)], ranks: &
                 &gc.d_magnitude,
                 1e-5,
             );
-            let (ga, gk) = be
-                .dora_backward_adapter(&dyg, &xg, &saved, &ag, &lbg, sc, &mg, &n)
+            // the backward over the NF4 base: g = (dy ⊙ m / n) B, dx, the gradients
+            let (_, gq) = be
+                .backward_input(&dyg, Base::Nf4(&qg), Some(&tq), None)
                 .unwrap();
-            let (gac, gkc) = Cpu
-                .dora_backward_adapter(&dyc, &xc, &savedc, &ac, &lbc, sc, &mc, &nc)
+            let (_, gqc) = Cpu
+                .backward_input(&dyc, Base::Nf4(&qc), Some(&tqc), None)
                 .unwrap();
-            assert_tensor(be, &format!("{what} adapter g'"), &gk, &gkc, 1e-6);
-            assert_tensor(be, &format!("{what} adapter dx"), &ga.dx, &gac.dx, 1e-5);
             assert_tensor(
                 be,
-                &format!("{what} adapter dm"),
-                &ga.d_magnitude,
-                &gac.d_magnitude,
+                &format!("{what} nf4 g"),
+                &gq.unwrap(),
+                &gqc.unwrap(),
                 1e-5,
             );
+            let ga = be
+                .linear_lowrank_backward(
+                    &dyg,
+                    &xg,
+                    &qh,
+                    Some(&qz),
+                    Base::Nf4(&qg),
+                    &tq,
+                    GradWants::DORA,
+                )
+                .unwrap();
+            let gac = Cpu
+                .linear_lowrank_backward(
+                    &dyc,
+                    &xc,
+                    &qhc,
+                    Some(&qzc),
+                    Base::Nf4(&qc),
+                    &tqc,
+                    GradWants::DORA,
+                )
+                .unwrap();
+            assert_tensor(be, &format!("{what} nf4 dx"), &ga.dx, &gac.dx, 1e-5);
+            for (name, got, want) in [
+                ("dA", &ga.d_lora_a, &gac.d_lora_a),
+                ("dB", &ga.d_lora_b, &gac.d_lora_b),
+                ("dm", &ga.d_magnitude, &gac.d_magnitude),
+            ] {
+                let (got, want) = (got.as_ref().unwrap(), want.as_ref().unwrap());
+                assert_tensor(be, &format!("{what} nf4 {name}"), got, want, 1e-5);
+            }
 
             // merge, then unmerge back to W0
             let (mut wm, mut wmc) = (wg.clone(), wc.clone());
@@ -246,12 +328,12 @@ fn tensors_wider_than_one_binding_are_split() {
     dora_cases(&be, "1 KiB bindings", &[(70, 67, 70), (3, 130, 9)], &[7]);
     // a [130, 67] weight: 8710 values, row norms and merges in ranges of rows
     let (wc, wg) = rand_pair(&be, &[130, 67], 7);
-    let sq = be.row_sq_norms(&wg).unwrap();
+    let sq = be.row_sq_norms(Base::Dense(&wg)).unwrap();
     assert_tensor(
         &be,
         "1 KiB row_sq_norms",
         &sq,
-        &Cpu.row_sq_norms(&wc).unwrap(),
+        &Cpu.row_sq_norms(Base::Dense(&wc)).unwrap(),
         1e-6,
     );
     adalora_cases(&be, "1 KiB bindings");
@@ -270,8 +352,8 @@ fn bad_inputs_give_the_cpu_errors() {
     let (bad_bc, bad_bg) = rand_pair(&be, &[dout + 1, r], 5);
     let (mc, mg) = positive_pair(&be, dout, 6);
     let (bad_mc, bad_mg) = positive_pair(&be, dout + 1, 7);
-    let sqc = Cpu.row_sq_norms(&wc).unwrap();
-    let sqg = be.row_sq_norms(&wg).unwrap();
+    let sqc = Cpu.row_sq_norms(Base::Dense(&wc)).unwrap();
+    let sqg = be.row_sq_norms(Base::Dense(&wg)).unwrap();
     let nc = Cpu.dora_weight_norm(&wc, &sqc, &ac, &lbc, 1.0).unwrap();
     let ng = be.dora_weight_norm(&wg, &sqg, &ag, &lbg, 1.0).unwrap();
 
@@ -342,7 +424,7 @@ fn bad_inputs_give_the_cpu_errors() {
 
     // AdaLoRA: E of the wrong shape, a ranknum that is not positive
     let (ec, eg) = rand_pair(&be, &[r, 1], 13);
-    let (bad_ec, bad_eg) = rand_pair(&be, &[r], 14);
+    let (bad_ec, bad_eg) = rand_pair(&be, &[r + 1, 1], 14);
     same_error(
         "adalora forward, bad E",
         be.adalora_forward(&xg, &wg, None, &ag, &lbg, &bad_eg, 8.0, 2.0),

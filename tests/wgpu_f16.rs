@@ -11,10 +11,13 @@
 mod common;
 #[path = "common/gpu.rs"]
 mod gpu;
+#[path = "common/per_method.rs"]
+mod per_method;
 
 use gpu::*;
-use lorafuse::backend::AdamWParams;
+use lorafuse::backend::{AdamWParams, Base};
 use lorafuse::{Backend, Cpu, Tensor, Wgpu, WgpuOptions};
+use per_method::PerMethod;
 
 /// `(T, in, out)`: odd widths, so rows of an f16 weight start at odd elements (mid-word).
 const SHAPES: [(usize, usize, usize); 3] = [(1, 5, 3), (3, 67, 71), (17, 130, 9)];
@@ -63,8 +66,8 @@ fn frozen_cases(be: &Wgpu, label: &str) {
         Cpu.linear_backward_input(&dyc, &wc, Some(&mut accc))
             .unwrap();
         assert_tensor(be, &format!("{what} linear dx acc"), &accg, &accc, 1e-5);
-        let sq = be.row_sq_norms(&wg).unwrap();
-        let sqc = Cpu.row_sq_norms(&wc).unwrap();
+        let sq = be.row_sq_norms(Base::Dense(&wg)).unwrap();
+        let sqc = Cpu.row_sq_norms(Base::Dense(&wc)).unwrap();
         assert_tensor(be, &format!("{what} row_sq_norms"), &sq, &sqc, 1e-6);
 
         for r in RANKS {
@@ -206,12 +209,12 @@ fn frozen_f16_weights_wider_than_one_binding_are_split() {
     let dx = be.linear_backward_input(&dyg, &wg, None).unwrap().unwrap();
     let dxc = Cpu.linear_backward_input(&dyc, &wc, None).unwrap().unwrap();
     assert_tensor(&be, "wide linear dx", &dx, &dxc, 1e-5);
-    let sq = be.row_sq_norms(&wg).unwrap();
+    let sq = be.row_sq_norms(Base::Dense(&wg)).unwrap();
     assert_tensor(
         &be,
         "wide row_sq_norms",
         &sq,
-        &Cpu.row_sq_norms(&wc).unwrap(),
+        &Cpu.row_sq_norms(Base::Dense(&wc)).unwrap(),
         1e-6,
     );
 }

@@ -1,15 +1,20 @@
 //! The wgpu backend's dense kernels (linear, LoRA, elementwise, AdamW) against the CPU
 //! reference over odd shapes, including the splitting of operands wider than one storage
-//! binding. Skips loudly without a Vulkan/Metal/DX12 adapter; `LORAFUSE_REQUIRE=wgpu` fails.
+//! binding; LoRA's fused op also over an NF4 base (QLoRA: forward, backward, an input gradient
+//! added into an existing dx). Skips loudly without a Vulkan/Metal/DX12 adapter; `LORAFUSE_REQUIRE=wgpu` fails.
 #![cfg(feature = "wgpu")]
 
 mod common;
 #[path = "common/gpu.rs"]
 mod gpu;
+#[path = "common/per_method.rs"]
+mod per_method;
 
 use gpu::*;
-use lorafuse::backend::AdamWParams;
+use lorafuse::backend::{AdamWParams, Base, GradWants, LowRank};
+use lorafuse::quant::nf4::quantize_nf4;
 use lorafuse::{Backend, Cpu, Wgpu};
+use per_method::PerMethod;
 
 const SHAPES: [(usize, usize, usize); 5] = [
     (1, 5, 3),
@@ -124,22 +129,55 @@ fn lora_matches_cpu() {
             assert_tensor(&be, &format!("{what} dx"), &dx, &dxc, 1e-5);
             assert_tensor(&be, &format!("{what} dA"), &da, &dac, 1e-5);
             assert_tensor(&be, &format!("{what} dB"), &db, &dbc, 1e-5);
-            // the base-agnostic terms
-            let (mut y2c, mut y2g) = rand_pair(&be, &[t, dout], s + 6);
-            let h2 = be.lora_add(&mut y2g, &xg, &ag, &lbg, sc).unwrap();
-            let h2c = Cpu.lora_add(&mut y2c, &xc, &ac, &lbc, sc).unwrap();
-            assert_tensor(&be, &format!("{what} lora_add y"), &y2g, &y2c, 1e-5);
-            assert_tensor(&be, &format!("{what} lora_add h"), &h2, &h2c, 1e-5);
+            // the same term over an NF4 base (QLoRA): the fused op, its backward and an input
+            // gradient added into an existing dx
+            let q = quantize_nf4(&be.download(&wg).unwrap(), &[dout, din], 64, true).unwrap();
+            let (qg, qc) = (be.upload_nf4(&q).unwrap(), Cpu.upload_nf4(&q).unwrap());
+            let (tg, tc) = (LowRank::lora(&ag, &lbg, sc), LowRank::lora(&ac, &lbc, sc));
+            let og = be
+                .linear_lowrank(&xg, Base::Nf4(&qg), Some(&bg), Some(&tg))
+                .unwrap();
+            let oc = Cpu
+                .linear_lowrank(&xc, Base::Nf4(&qc), Some(&bc), Some(&tc))
+                .unwrap();
+            assert_tensor(&be, &format!("{what} nf4 y"), &og.y, &oc.y, 1e-5);
+            let (h2, h2c) = (og.h.unwrap(), oc.h.unwrap());
+            assert_tensor(&be, &format!("{what} nf4 h"), &h2, &h2c, 1e-5);
+            let g2 = be
+                .linear_lowrank_backward(&dyg, &xg, &h2, None, Base::Nf4(&qg), &tg, GradWants::LORA)
+                .unwrap();
+            let g2c = Cpu
+                .linear_lowrank_backward(
+                    &dyc,
+                    &xc,
+                    &h2c,
+                    None,
+                    Base::Nf4(&qc),
+                    &tc,
+                    GradWants::LORA,
+                )
+                .unwrap();
+            assert_tensor(&be, &format!("{what} nf4 dx"), &g2.dx, &g2c.dx, 1e-5);
+            let (da2, da2c) = (g2.d_lora_a.unwrap(), g2c.d_lora_a.unwrap());
+            assert_tensor(&be, &format!("{what} nf4 dA"), &da2, &da2c, 1e-5);
+            let (db2, db2c) = (g2.d_lora_b.unwrap(), g2c.d_lora_b.unwrap());
+            assert_tensor(&be, &format!("{what} nf4 dB"), &db2, &db2c, 1e-5);
             let (mut dx2c, mut dx2g) = rand_pair(&be, &[t, din], s + 7);
-            let (da2, db2) = be
-                .lora_backward_adapter(&dyg, &xg, &h2, &ag, &lbg, sc, &mut dx2g)
+            let (none, gg) = be
+                .backward_input(&dyg, Base::Nf4(&qg), Some(&tg), Some(&mut dx2g))
                 .unwrap();
-            let (da2c, db2c) = Cpu
-                .lora_backward_adapter(&dyc, &xc, &h2c, &ac, &lbc, sc, &mut dx2c)
+            assert!(none.is_none(), "{what}: dx added into acc");
+            let (_, ggc) = Cpu
+                .backward_input(&dyc, Base::Nf4(&qc), Some(&tc), Some(&mut dx2c))
                 .unwrap();
-            assert_tensor(&be, &format!("{what} adapter dx"), &dx2g, &dx2c, 1e-5);
-            assert_tensor(&be, &format!("{what} adapter dA"), &da2, &da2c, 1e-5);
-            assert_tensor(&be, &format!("{what} adapter dB"), &db2, &db2c, 1e-5);
+            assert_tensor(&be, &format!("{what} nf4 dx acc"), &dx2g, &dx2c, 1e-5);
+            assert_tensor(
+                &be,
+                &format!("{what} nf4 g"),
+                &gg.unwrap(),
+                &ggc.unwrap(),
+                1e-5,
+            );
             // merge then unmerge
             let mut wm = wg.clone();
             let mut wmc = wc.clone();

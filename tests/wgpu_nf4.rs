@@ -1,6 +1,7 @@
 //! The wgpu backend's NF4 kernels against the CPU reference: dequantization bit for bit (with
 //! and without double quantization, blocksizes 32 to 256, the golden bitsandbytes files when
-//! present), the dequantizing matmuls and norms, weights whose packed data exceed one storage
+//! present), the dequantizing matmuls and norms, VeRA's and AdaLoRA's fused terms over an NF4
+//! base (QVeRA, QAdaLoRA: forward and backward), weights whose packed data exceed one storage
 //! binding, and bad inputs giving the CPU's errors. Skips loudly without a Vulkan/Metal/DX12
 //! adapter; `LORAFUSE_REQUIRE=wgpu` fails.
 #![cfg(feature = "wgpu")]
@@ -8,10 +9,14 @@
 mod common;
 #[path = "common/gpu.rs"]
 mod gpu;
+#[path = "common/per_method.rs"]
+mod per_method;
 
 use gpu::*;
+use lorafuse::backend::{Base, GradWants, LowRank, check};
 use lorafuse::quant::nf4::{Nf4Tensor, quantize_nf4};
 use lorafuse::{Backend, Cpu, Wgpu};
+use per_method::PerMethod;
 use safetensors::{Dtype, SafeTensors};
 
 /// `(out, in)`: odd element counts (a padded last nibble), short last blocks, and with
@@ -141,6 +146,94 @@ fn weights_wider_than_one_binding_are_split() {
     assert!(be.max_binding() <= 1024);
     dequantize_cases(&be, "1 KiB bindings");
     matmul_cases(&be, "1 KiB bindings");
+    lowrank_term_cases(&be, "1 KiB bindings");
+}
+
+/// VeRA's and AdaLoRA's terms over an NF4 base (QVeRA, QAdaLoRA), which the fused op makes one
+/// description: forward (y, h), the input gradient (also added into an existing dx) and every
+/// gradient the method trains, against the CPU on the same NF4 weight.
+fn lowrank_term_cases(be: &Wgpu, label: &str) {
+    for (i, &(out, in_)) in WEIGHTS.iter().enumerate() {
+        let q = quantized(out, in_, 64, true, 300 + i as u64);
+        let (wg, wc) = (be.upload_nf4(&q).unwrap(), Cpu.upload_nf4(&q).unwrap());
+        for (t, r) in [(1usize, 1usize), (17, 7), (3, 16)] {
+            let s = 5000 + 1000 * i as u64 + 10 * t as u64 + r as u64;
+            let what = format!("{label} nf4 [{out}, {in_}] T={t} r={r}");
+            let (xc, xg) = rand_pair(be, &[t, in_], s);
+            let (bc, bg) = rand_pair(be, &[out], s + 1);
+            let (dyc, dyg) = rand_pair(be, &[t, out], s + 2);
+            // QVeRA: shared projections wider than the layer.
+            let (vac, vag) = rand_pair(be, &[r, in_ + 3], s + 3);
+            let (vbc, vbg) = rand_pair(be, &[out + 5, r], s + 4);
+            let (ldc, ldg) = rand_pair(be, &[r], s + 5);
+            let (lbc, lbg) = rand_pair(be, &[out], s + 6);
+            let vera = (
+                LowRank::vera(&vag, &vbg, &ldg, &lbg),
+                LowRank::vera(&vac, &vbc, &ldc, &lbc),
+                GradWants::VERA,
+            );
+            // QAdaLoRA: the last rank masked (E = 0), whose dE stays non-zero.
+            let (ac, ag) = rand_pair(be, &[r, in_], s + 7);
+            let (lbbc, lbbg) = rand_pair(be, &[out, r], s + 8);
+            let mut e = rand_vec(r, s + 9);
+            e[r - 1] = 0.0;
+            let (ec, eg) = pair(be, &e, &[r, 1]);
+            let c = check::adalora_factor(16.0, r as f32).unwrap();
+            let adalora = (
+                LowRank::adalora(&ag, &lbbg, &eg, c),
+                LowRank::adalora(&ac, &lbbc, &ec, c),
+                GradWants::ADALORA,
+            );
+            for (method, (tg, tc, wants)) in [("vera", vera), ("adalora", adalora)] {
+                let what = format!("{what} {method}");
+                let og = be
+                    .linear_lowrank(&xg, Base::Nf4(&wg), Some(&bg), Some(&tg))
+                    .unwrap();
+                let oc = Cpu
+                    .linear_lowrank(&xc, Base::Nf4(&wc), Some(&bc), Some(&tc))
+                    .unwrap();
+                assert_tensor(be, &format!("{what} y"), &og.y, &oc.y, 1e-5);
+                let (h, hc) = (og.h.unwrap(), oc.h.unwrap());
+                assert_tensor(be, &format!("{what} h"), &h, &hc, 1e-5);
+                let g = be
+                    .linear_lowrank_backward(&dyg, &xg, &h, None, Base::Nf4(&wg), &tg, wants)
+                    .unwrap();
+                let gc = Cpu
+                    .linear_lowrank_backward(&dyc, &xc, &hc, None, Base::Nf4(&wc), &tc, wants)
+                    .unwrap();
+                assert_tensor(be, &format!("{what} dx"), &g.dx, &gc.dx, 1e-5);
+                if method == "adalora" {
+                    let de = be.download(g.d_rank_scale.as_ref().unwrap()).unwrap();
+                    assert_ne!(de[r - 1], 0.0, "{what}: dE of a masked rank");
+                }
+                let grads = [
+                    ("dA", g.d_lora_a, gc.d_lora_a),
+                    ("dB", g.d_lora_b, gc.d_lora_b),
+                    ("d rank_scale", g.d_rank_scale, gc.d_rank_scale),
+                    ("d out_scale", g.d_out_scale, gc.d_out_scale),
+                ];
+                for (name, got, want) in grads {
+                    assert_eq!(got.is_some(), want.is_some(), "{what} {name}");
+                    if let (Some(got), Some(want)) = (got, want) {
+                        assert_tensor(be, &format!("{what} {name}"), &got, &want, 1e-5);
+                    }
+                }
+                let (mut accc, mut accg) = rand_pair(be, &[t, in_], s + 10);
+                be.backward_input(&dyg, Base::Nf4(&wg), Some(&tg), Some(&mut accg))
+                    .unwrap();
+                Cpu.backward_input(&dyc, Base::Nf4(&wc), Some(&tc), Some(&mut accc))
+                    .unwrap();
+                assert_tensor(be, &format!("{what} dx acc"), &accg, &accc, 1e-5);
+            }
+        }
+    }
+}
+
+#[test]
+fn vera_and_adalora_over_nf4_match_cpu() {
+    for (mode, be) in wgpu_modes("vera_and_adalora_over_nf4_match_cpu") {
+        lowrank_term_cases(&be, mode);
+    }
 }
 
 fn f32s(st: &SafeTensors, name: &str) -> Vec<f32> {

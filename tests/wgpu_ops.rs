@@ -1,8 +1,9 @@
 //! The wgpu backend's model ops (embedding gather/scatter, sum of squares, RMSNorm, RoPE,
-//! causal GQA attention over packed sequences, cross-entropy) against the CPU reference over
-//! odd shapes, the splitting of tables wider than one storage binding, and bad inputs (which
-//! must fail with the CPU's error). The row reductions (sum of squares, RMSNorm, cross-entropy)
-//! run with subgroup reductions and with the workgroup-memory fallback. Skips loudly without a
+//! causal GQA attention over packed sequences, and of new tokens over a KV cache,
+//! cross-entropy) against the CPU reference over odd shapes, the splitting of tables wider
+//! than one storage binding, and bad inputs (which must fail with the CPU's error). The row
+//! reductions (sum of squares, RMSNorm, cross-entropy) run with subgroup reductions and with
+//! the workgroup-memory fallback. Skips loudly without a
 //! Vulkan/Metal/DX12 adapter, `LORAFUSE_REQUIRE=wgpu` fails; likewise for the subgroup mode
 //! without `SUBGROUP` and `LORAFUSE_REQUIRE=wgpu-subgroups`.
 #![cfg(feature = "wgpu")]
@@ -288,6 +289,76 @@ fn attention_matches_cpu() {
             assert!(
                 a.iter().zip(&b).all(|(x, y)| x.to_bits() == y.to_bits()),
                 "{what} {name}: two runs differ"
+            );
+        }
+    }
+}
+
+#[test]
+fn cached_attention_matches_cpu() {
+    let Some(be) = wgpu("cached_attention_matches_cpu") else {
+        return;
+    };
+    // (Tq, q spans, Tk, kv spans, n_heads, n_kv_heads, head_dim): one-token decoding over a
+    // cache, several new tokens over a longer context, q rows in no sequence (left zero), an
+    // empty sequence, and the self-attention case q_seqs == kv_seqs.
+    type Case = (
+        usize,
+        Vec<SeqSpan>,
+        usize,
+        Vec<SeqSpan>,
+        usize,
+        usize,
+        usize,
+    );
+    let cases: Vec<Case> = vec![
+        (1, spans(&[(0, 1)]), 9, spans(&[(0, 9)]), 3, 1, 8),
+        (
+            2,
+            spans(&[(0, 1), (1, 1)]),
+            40,
+            spans(&[(0, 17), (17, 23)]),
+            2,
+            2,
+            64,
+        ),
+        (
+            7,
+            spans(&[(0, 3), (4, 0), (4, 2)]),
+            50,
+            spans(&[(0, 20), (20, 0), (25, 25)]),
+            6,
+            2,
+            128,
+        ),
+        (17, spans(&[(0, 17)]), 17, spans(&[(0, 17)]), 3, 3, 6),
+        (33, spans(&[(0, 33)]), 70, spans(&[(5, 65)]), 4, 1, 32),
+    ];
+    for (i, (tq, qs, tk, ks, hq, hkv, hd)) in cases.into_iter().enumerate() {
+        let s = 700 + 10 * i as u64;
+        let what =
+            format!("cached attention Tq={tq} Tk={tk} {hq}/{hkv} heads hd={hd} {qs:?} {ks:?}");
+        let scale = 1.0 / (hd as f32).sqrt();
+        let qd: Vec<f32> = rand_vec(tq * hq * hd, s).iter().map(|v| v * 3.0).collect();
+        let (qc, qg) = pair(&be, &qd, &[tq, hq * hd]);
+        let (kc, kg) = rand_pair(&be, &[tk, hkv * hd], s + 1);
+        let (vc, vg) = rand_pair(&be, &[tk, hkv * hd], s + 2);
+        let out = be
+            .attention_cached(&qg, &kg, &vg, &qs, &ks, hq, hkv, scale)
+            .unwrap();
+        let want = Cpu
+            .attention_cached(&qc, &kc, &vc, &qs, &ks, hq, hkv, scale)
+            .unwrap();
+        assert_tensor(&be, &format!("{what} out"), &out, &want, 1e-5);
+        if qs == ks {
+            let full = be.attention(&qg, &kg, &vg, &qs, hq, hkv, scale).unwrap();
+            let full = be.download(&full.out).unwrap();
+            assert_close(
+                &format!("{what} vs attention"),
+                &be.download(&out).unwrap(),
+                &full,
+                1e-5,
+                1e-6,
             );
         }
     }

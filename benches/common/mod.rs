@@ -1,5 +1,5 @@
 //! Shared by the criterion benches: one kernel family's cases on small real shapes, timed
-//! through `lorafuse::backend::bench` (the harness `lorafuse bench` uses), for every available
+//! through `lorafuse::adapter::bench` (the harness `lorafuse bench` uses), for every available
 //! backend (the CPU reference in this build).
 //!
 //! The shapes are SmolLM2-135M's MLP up-projection (`1536x576`, rank 16) at 16 and 128 tokens,
@@ -9,8 +9,8 @@
 #![allow(dead_code)]
 
 use criterion::{BenchmarkId, Criterion, Throughput};
+use lorafuse::adapter::bench::{BenchCase, BenchMethod, Prepared};
 use lorafuse::backend::Backend;
-use lorafuse::backend::bench::{BenchCase, BenchMethod, Prepared};
 use std::time::Duration;
 
 /// Short runs: 10 samples, 1 s of measurement per bench.

@@ -63,7 +63,7 @@ __all__ = [
 ]
 
 # Every name the extension defines is re-exported above; this catches one added to
-# python/src/lib.rs but not here (it is still reachable as lorafuse._lorafuse.NAME).
+# python/src/ but not here (it is still reachable as lorafuse._lorafuse.NAME).
 for _name in dir(_lorafuse):
     if not _name.startswith("_") and _name not in globals():
         globals()[_name] = getattr(_lorafuse, _name)

@@ -1,4 +1,4 @@
-"""Type stubs of the `lorafuse._lorafuse` extension module (python/src/lib.rs), re-exported by `lorafuse`.
+"""Type stubs of the `lorafuse._lorafuse` extension module (python/src/), re-exported by `lorafuse`.
 
 Every array argument must be a C-contiguous float32 numpy array with finite values and the
 shape given in its docstring; otherwise TypeError (not an ndarray, wrong dtype) or ValueError
@@ -135,7 +135,8 @@ def adalora_backward(
     ranknum: float,
     h: Optional[F32] = None,
 ) -> Tuple[F32, F32, F32, F32]:
-    """(dx [T, in], d_lora_A [r, in], d_lora_B [out, r], d_lora_E [r, 1])"""
+    """(dx [T, in], d_lora_A [r, in], d_lora_B [out, r], d_lora_E [r, 1]); h = x @ lora_A.T
+    (before lora_E, as for lora_backward), recomputed if None."""
 
 def adalora_merge(
     w0: F32, lora_A: F32, lora_B: F32, lora_E: F32, scaling: float, ranknum: float

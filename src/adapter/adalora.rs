@@ -5,7 +5,7 @@
 //! ```text
 //! c = scaling / (ranknum + 1e-5)     scaling = lora_alpha (NOT alpha/r) if lora_alpha > 0 else r
 //!                                    ranknum = float(init_r), never changed by masking
-//! y = x W0^T + bias + ((x (A ⊙ E)^T) B^T) * c           E = lora_E [r, 1] broadcasts over A's rows
+//! y = x W0^T + bias + (((x A^T) ⊙ E^T) B^T) * c          E = lora_E [r, 1], one scale per rank
 //! ```
 //!
 //! `lora_A [r, in]` (Q), `lora_E [r, 1]` (Λ), `lora_B [out, r]` (P) are all trained. Masking a
@@ -15,7 +15,8 @@
 //! [`super::rank_allocator`] (host) and [`super::device_rank_allocator`] (on the backend).
 
 use super::Linear;
-use crate::backend::{AdaLoraGrads, Backend, Tensor};
+use super::lora::{saved_h, wanted};
+use crate::backend::{Backend, GradWants, LowRank, Tensor, check};
 use crate::error::{Error, Result};
 use rand::{RngExt, SeedableRng};
 
@@ -35,8 +36,17 @@ pub struct AdaLoraLayer<B: Backend> {
     pub ranknum: f32,
 }
 
-fn dense<B: Backend>(base: &Linear<B>) -> Result<&Tensor<B>> {
-    base.weight.dense_or_err("AdaLoRA")
+/// Gradients of one AdaLoRA layer.
+pub struct AdaLoraGrads<B: Backend> {
+    /// `dL/dx`, `[T, in]`.
+    pub dx: Tensor<B>,
+    /// `dL/d lora_A`, `[r, in]`.
+    pub d_lora_a: Tensor<B>,
+    /// `dL/d lora_B`, `[out, r]`.
+    pub d_lora_b: Tensor<B>,
+    /// `dL/d lora_E`, `[r, 1]`; non-zero for masked ranks too (masking zeroes E, not its
+    /// gradient).
+    pub d_lora_e: Tensor<B>,
 }
 
 impl<B: Backend> AdaLoraLayer<B> {
@@ -142,23 +152,28 @@ impl<B: Backend> AdaLoraLayer<B> {
         Ok(())
     }
 
-    /// Fused forward over `base`: `(y [T, out], h = x (A ⊙ E)^T [T, r])`.
+    /// The term: `lora_E` per rank, the factor `c = scaling / (ranknum + 1e-5)`. Errors: a
+    /// ranknum that is not positive.
+    pub fn term(&self) -> Result<LowRank<'_, B>> {
+        let c = check::adalora_factor(self.scaling, self.ranknum)?;
+        Ok(LowRank::adalora(
+            &self.lora_a,
+            &self.lora_b,
+            &self.lora_e,
+            c,
+        ))
+    }
+
+    /// Fused forward over `base` (dense or NF4: QAdaLoRA): `(y [T, out], h = x A^T [T, r])`
+    /// (h before E's per-rank scale).
     pub fn forward(
         &self,
         be: &B,
         base: &Linear<B>,
         x: &Tensor<B>,
     ) -> Result<(Tensor<B>, Tensor<B>)> {
-        be.adalora_forward(
-            x,
-            dense(base)?,
-            base.bias.as_ref(),
-            &self.lora_a,
-            &self.lora_b,
-            &self.lora_e,
-            self.scaling,
-            self.ranknum,
-        )
+        let out = base.forward_lowrank(be, x, &self.term()?)?;
+        Ok((out.y, saved_h(out.h)?))
     }
 
     /// Backward from `dy [T, out]` with the saved `x`, `h`: dx, dA, dB, dE.
@@ -170,39 +185,32 @@ impl<B: Backend> AdaLoraLayer<B> {
         h: &Tensor<B>,
         dy: &Tensor<B>,
     ) -> Result<AdaLoraGrads<B>> {
-        be.adalora_backward(
+        let g = be.linear_lowrank_backward(
             dy,
             x,
             h,
-            dense(base)?,
-            &self.lora_a,
-            &self.lora_b,
-            &self.lora_e,
-            self.scaling,
-            self.ranknum,
-        )
+            None,
+            base.weight.as_base(),
+            &self.term()?,
+            GradWants::ADALORA,
+        )?;
+        Ok(AdaLoraGrads {
+            dx: g.dx,
+            d_lora_a: wanted(g.d_lora_a, "lora_A")?,
+            d_lora_b: wanted(g.d_lora_b, "lora_B")?,
+            d_lora_e: wanted(g.d_rank_scale, "lora_E")?,
+        })
     }
 
     /// PEFT `merge`: `W0 += c B (A ⊙ E)` in place.
     pub fn merge(&self, be: &B, base: &mut Linear<B>) -> Result<()> {
-        self.merge_sign(be, base, 1.0)
+        let w = base.weight.dense_mut_or_err("AdaLoRA merge")?;
+        be.lowrank_merge(w, &self.term()?, 1.0)
     }
 
     /// PEFT `unmerge`: `W0 -= c B (A ⊙ E)` in place.
     pub fn unmerge(&self, be: &B, base: &mut Linear<B>) -> Result<()> {
-        self.merge_sign(be, base, -1.0)
-    }
-
-    fn merge_sign(&self, be: &B, base: &mut Linear<B>, sign: f32) -> Result<()> {
-        let w = base.weight.dense_mut_or_err("AdaLoRA merge")?;
-        be.adalora_merge(
-            w,
-            &self.lora_a,
-            &self.lora_b,
-            &self.lora_e,
-            self.scaling,
-            self.ranknum,
-            sign,
-        )
+        let w = base.weight.dense_mut_or_err("AdaLoRA unmerge")?;
+        be.lowrank_merge(w, &self.term()?, -1.0)
     }
 }

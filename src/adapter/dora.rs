@@ -9,12 +9,35 @@
 //! `m = lora_magnitude_vector [out]` is trained; `n` carries no gradient (paper sec. 4.3), so
 //! `dA`, `dB` only see the `m/n`-scaled LoRA path and `dm` has no term through `n`. Unlike PEFT,
 //! which rebuilds `B A` through an identity matrix and the full `[out, in]` norm every forward,
-//! `n` is computed by the low-rank identity of [`Backend::dora_weight_norm`] from the cached
-//! `||W0||_row^2` (W0 is frozen). Dropout is not modelled (PEFT with dropout 0).
+//! `n` is computed by the low-rank identity of [`Backend::lowrank_row_norms`] from the cached
+//! `||W0||_row^2` (W0 is frozen). In the fused op DoRA is the LoRA term under the column scale
+//! `m / n` ([`LowRank::dora`]). Dropout is not modelled (PEFT with dropout 0).
 
-use super::{BaseWeight, Linear, LoraConfig, LoraLayer};
-use crate::backend::{Backend, DoraGrads, DoraSaved, Tensor};
+use super::lora::{saved_h, wanted};
+use super::{Linear, LoraConfig, LoraLayer};
+use crate::backend::{Backend, GradWants, LowRank, Tensor};
 use crate::error::{Error, Result};
+
+/// What a DoRA forward keeps for its backward.
+pub struct DoraSaved<B: Backend> {
+    /// `h = x A^T`, `[T, r]`.
+    pub h: Tensor<B>,
+    /// The unscaled adapted output `z = x W0^T + s h B^T`, `[T, out]` (no bias), so that
+    /// `dm = sum_T(dy ⊙ z) / n` needs no recomputation of the base product.
+    pub z: Tensor<B>,
+}
+
+/// Gradients of one DoRA layer.
+pub struct DoraGrads<B: Backend> {
+    /// `dL/dx`, `[T, in]`.
+    pub dx: Tensor<B>,
+    /// `dL/d lora_A`, `[r, in]`.
+    pub d_lora_a: Tensor<B>,
+    /// `dL/d lora_B`, `[out, r]`.
+    pub d_lora_b: Tensor<B>,
+    /// `dL/d lora_magnitude_vector`, `[out]`.
+    pub d_magnitude: Tensor<B>,
+}
 
 /// One DoRA adapter on a linear layer.
 #[derive(Clone, Debug)]
@@ -43,14 +66,6 @@ pub struct DoraLayerSaved<B: Backend> {
     pub weight_norm: Tensor<B>,
 }
 
-/// `||W0||_row^2 [out]` of any base format.
-fn base_row_sq<B: Backend>(be: &B, base: &Linear<B>) -> Result<Tensor<B>> {
-    match &base.weight {
-        BaseWeight::Dense(w) => be.row_sq_norms(w),
-        BaseWeight::Nf4(w) => be.nf4_row_sq_norms(w),
-    }
-}
-
 /// `||W0 + s B A||_row [out]` of any base format.
 fn base_weight_norm<B: Backend>(
     be: &B,
@@ -60,10 +75,11 @@ fn base_weight_norm<B: Backend>(
     lora_b: &Tensor<B>,
     scaling: f32,
 ) -> Result<Tensor<B>> {
-    match &base.weight {
-        BaseWeight::Dense(w) => be.dora_weight_norm(w, w0_row_sq, lora_a, lora_b, scaling),
-        BaseWeight::Nf4(w) => be.nf4_dora_weight_norm(w, w0_row_sq, lora_a, lora_b, scaling),
-    }
+    be.lowrank_row_norms(
+        base.weight.as_base(),
+        w0_row_sq,
+        &LowRank::lora(lora_a, lora_b, scaling),
+    )
 }
 
 impl<B: Backend> DoraLayer<B> {
@@ -97,7 +113,7 @@ impl<B: Backend> DoraLayer<B> {
             ));
         }
         lora_b.expect_shape("lora_B", &[out, r])?;
-        let base_row_sq = base_row_sq(be, base)?;
+        let base_row_sq = be.row_sq_norms(base.weight.as_base())?;
         let lora_magnitude_vector = match magnitude {
             Some(m) => {
                 m.expect_shape("lora_magnitude_vector", &[out])?;
@@ -148,7 +164,19 @@ impl<B: Backend> DoraLayer<B> {
         Ok(())
     }
 
-    /// Fused forward over the unmerged `base`: `(y [T, out], saved)`. Errors while merged.
+    /// The term, with the weight norm `n` (`None`: the op computes it).
+    fn term<'a>(&'a self, n: Option<&'a Tensor<B>>) -> LowRank<'a, B> {
+        LowRank::dora(
+            &self.lora_a,
+            &self.lora_b,
+            self.scaling,
+            &self.lora_magnitude_vector,
+            n,
+        )
+    }
+
+    /// Fused forward over the unmerged `base` (dense or NF4), the weight norm taken in the
+    /// same op: `(y [T, out], saved)`. Errors while merged.
     pub fn forward(
         &self,
         be: &B,
@@ -156,38 +184,22 @@ impl<B: Backend> DoraLayer<B> {
         x: &Tensor<B>,
     ) -> Result<(Tensor<B>, DoraLayerSaved<B>)> {
         self.check_unmerged()?;
-        let (y, kernel, n) = match &base.weight {
-            BaseWeight::Dense(w) => be.dora_forward_with_norm(
-                x,
-                w,
-                &self.base_row_sq,
-                base.bias.as_ref(),
-                &self.lora_a,
-                &self.lora_b,
-                self.scaling,
-                &self.lora_magnitude_vector,
-            )?,
-            // Any other format: its own base product, then the DoRA epilogue.
-            BaseWeight::Nf4(_) => {
-                let n = self.weight_norm(be, base)?;
-                let (y, kernel) = be.dora_forward_from_base(
-                    base.weight.matmul(be, x)?,
-                    x,
-                    base.bias.as_ref(),
-                    &self.lora_a,
-                    &self.lora_b,
-                    self.scaling,
-                    &self.lora_magnitude_vector,
-                    &n,
-                )?;
-                (y, kernel, n)
-            }
-        };
+        let out = be.linear_lowrank_with_norm(
+            x,
+            base.weight.as_base(),
+            &self.base_row_sq,
+            base.bias.as_ref(),
+            &self.term(None),
+        )?;
+        let missing = |w: &str| Error::arg("saved", format!("the DoRA forward kept no {w}"));
         Ok((
-            y,
+            out.y,
             DoraLayerSaved {
-                kernel,
-                weight_norm: n,
+                kernel: DoraSaved {
+                    h: saved_h(out.h)?,
+                    z: out.z.ok_or_else(|| missing("z"))?,
+                },
+                weight_norm: out.weight_norm.ok_or_else(|| missing("weight norm"))?,
             },
         ))
     }
@@ -201,51 +213,32 @@ impl<B: Backend> DoraLayer<B> {
         saved: &DoraLayerSaved<B>,
         dy: &Tensor<B>,
     ) -> Result<DoraGrads<B>> {
-        match &base.weight {
-            BaseWeight::Dense(w) => be.dora_backward(
-                dy,
-                x,
-                &saved.kernel,
-                w,
-                &self.lora_a,
-                &self.lora_b,
-                self.scaling,
-                &self.lora_magnitude_vector,
-                &saved.weight_norm,
-            ),
-            BaseWeight::Nf4(_) => {
-                let (mut grads, gk) = be.dora_backward_adapter(
-                    dy,
-                    x,
-                    &saved.kernel,
-                    &self.lora_a,
-                    &self.lora_b,
-                    self.scaling,
-                    &self.lora_magnitude_vector,
-                    &saved.weight_norm,
-                )?;
-                base.weight.matmul_backward_input(be, &gk, &mut grads.dx)?;
-                Ok(grads)
-            }
-        }
+        let g = be.linear_lowrank_backward(
+            dy,
+            x,
+            &saved.kernel.h,
+            Some(&saved.kernel.z),
+            base.weight.as_base(),
+            &self.term(Some(&saved.weight_norm)),
+            GradWants::DORA,
+        )?;
+        Ok(DoraGrads {
+            dx: g.dx,
+            d_lora_a: wanted(g.d_lora_a, "lora_A")?,
+            d_lora_b: wanted(g.d_lora_b, "lora_B")?,
+            d_magnitude: wanted(g.d_magnitude, "lora_magnitude_vector")?,
+        })
     }
 
     /// PEFT `merge`: `W = (m / n)[:, None] ⊙ (W0 + s B A)` in place, with `n = ||W0 + s B A||_row`
-    /// ([`Backend::dora_merge_with_norm`]: on the CPU the norm of the merged rows, as PEFT takes
-    /// it); n is kept for [`DoraLayer::unmerge`]. Errors if already merged, or over an NF4 base: merge
+    /// ([`Backend::lowrank_merge_with_norm`]: the norm of the merged rows, as PEFT takes it); n
+    /// is kept for [`DoraLayer::unmerge`]. Errors if already merged, or over an NF4 base: merge
     /// into `base.dequantized(be)?` instead (this same layer works there: its cached
     /// `||W0||_row^2` is of the same dequantized values).
     pub fn merge(&mut self, be: &B, base: &mut Linear<B>) -> Result<()> {
         self.check_unmerged()?;
         let w = base.weight.dense_mut_or_err("DoRA merge")?;
-        let n = be.dora_merge_with_norm(
-            w,
-            &self.base_row_sq,
-            &self.lora_a,
-            &self.lora_b,
-            self.scaling,
-            &self.lora_magnitude_vector,
-        )?;
+        let n = be.lowrank_merge_with_norm(w, &self.base_row_sq, &self.term(None))?;
         self.merged_weight_norm = Some(n);
         Ok(())
     }
@@ -259,14 +252,7 @@ impl<B: Backend> DoraLayer<B> {
             return Err(Error::arg("base", "the DoRA adapter is not merged"));
         };
         let w = base.weight.dense_mut_or_err("DoRA unmerge")?;
-        be.dora_unmerge(
-            w,
-            &self.lora_a,
-            &self.lora_b,
-            self.scaling,
-            &self.lora_magnitude_vector,
-            n,
-        )?;
+        be.lowrank_merge(w, &self.term(Some(n)), -1.0)?;
         self.merged_weight_norm = None;
         Ok(())
     }

@@ -2,8 +2,8 @@
 //! rsLoRA scaling (Kalajdzievski 2023), as PEFT's `lora.Linear` computes them:
 //! `y = x W0^T + b + s (x A^T) B^T` with `s = lora_alpha / r` (or `lora_alpha / sqrt(r)`).
 
-use super::{BaseWeight, Linear};
-use crate::backend::{Backend, Tensor};
+use super::Linear;
+use crate::backend::{Backend, GradWants, LowRank, Tensor};
 use crate::error::{Error, Result};
 use rand::{RngExt, SeedableRng};
 use serde::{Deserialize, Serialize};
@@ -132,29 +132,20 @@ impl<B: Backend> LoraLayer<B> {
         self.lora_a.dim(0)
     }
 
-    /// Fused forward over `base`: returns `(y [T, out], h [T, r])`.
+    /// The term this adapter adds: `s (x A^T) B^T`.
+    pub fn term(&self) -> LowRank<'_, B> {
+        LowRank::lora(&self.lora_a, &self.lora_b, self.scaling)
+    }
+
+    /// Fused forward over `base` (dense or NF4): returns `(y [T, out], h [T, r])`.
     pub fn forward(
         &self,
         be: &B,
         base: &Linear<B>,
         x: &Tensor<B>,
     ) -> Result<(Tensor<B>, Tensor<B>)> {
-        match &base.weight {
-            BaseWeight::Dense(w) => be.lora_forward(
-                x,
-                w,
-                base.bias.as_ref(),
-                &self.lora_a,
-                &self.lora_b,
-                self.scaling,
-            ),
-            // Any other format: its own base product, then the LoRA term added into it.
-            BaseWeight::Nf4(_) => {
-                let mut y = base.forward(be, x)?;
-                let h = be.lora_add(&mut y, x, &self.lora_a, &self.lora_b, self.scaling)?;
-                Ok((y, h))
-            }
-        }
+        let out = base.forward_lowrank(be, x, &self.term())?;
+        Ok((out.y, saved_h(out.h)?))
     }
 
     /// Backward from `dy [T, out]` with the saved `x` and `h`: `(dx, (dA, dB))`.
@@ -166,38 +157,46 @@ impl<B: Backend> LoraLayer<B> {
         h: &Tensor<B>,
         dy: &Tensor<B>,
     ) -> Result<(Tensor<B>, LoraGrads<B>)> {
-        match &base.weight {
-            BaseWeight::Dense(w) => {
-                let (dx, da, db) =
-                    be.lora_backward(dy, x, h, w, &self.lora_a, &self.lora_b, self.scaling)?;
-                Ok((dx, (da, db)))
-            }
-            BaseWeight::Nf4(_) => {
-                let mut dx = base.backward_input(be, dy)?;
-                let (da, db) = be.lora_backward_adapter(
-                    dy,
-                    x,
-                    h,
-                    &self.lora_a,
-                    &self.lora_b,
-                    self.scaling,
-                    &mut dx,
-                )?;
-                Ok((dx, (da, db)))
-            }
-        }
+        let g = be.linear_lowrank_backward(
+            dy,
+            x,
+            h,
+            None,
+            base.weight.as_base(),
+            &self.term(),
+            GradWants::LORA,
+        )?;
+        Ok((
+            g.dx,
+            (wanted(g.d_lora_a, "lora_A")?, wanted(g.d_lora_b, "lora_B")?),
+        ))
     }
 
     /// `W0 += s B A` in place (PEFT `merge`). Errors over an NF4 base: merge into
     /// [`Linear::dequantized`] instead.
     pub fn merge(&self, be: &B, base: &mut Linear<B>) -> Result<()> {
         let w = base.weight.dense_mut_or_err("LoRA merge")?;
-        be.lora_merge(w, &self.lora_a, &self.lora_b, self.scaling, 1.0)
+        be.lowrank_merge(w, &self.term(), 1.0)
     }
 
     /// `W0 -= s B A` in place (PEFT `unmerge`). Errors over an NF4 base.
     pub fn unmerge(&self, be: &B, base: &mut Linear<B>) -> Result<()> {
         let w = base.weight.dense_mut_or_err("LoRA unmerge")?;
-        be.lora_merge(w, &self.lora_a, &self.lora_b, self.scaling, -1.0)
+        be.lowrank_merge(w, &self.term(), -1.0)
     }
+}
+
+/// The `h` a fused forward with a term always keeps.
+pub(crate) fn saved_h<B: Backend>(h: Option<Tensor<B>>) -> Result<Tensor<B>> {
+    h.ok_or_else(|| Error::arg("h", "the fused forward kept no h"))
+}
+
+/// A gradient the backward was asked for.
+pub(crate) fn wanted<B: Backend>(g: Option<Tensor<B>>, what: &str) -> Result<Tensor<B>> {
+    g.ok_or_else(|| {
+        Error::arg(
+            "grads",
+            format!("the backward returned no gradient of {what}"),
+        )
+    })
 }

@@ -1,34 +1,38 @@
 //! Adapter math written once against [`Backend`]: forward, backward, merge and unmerge.
 //!
 //! A base layer is a [`Linear`] whose weight is a [`BaseWeight`]; adapters wrap it without
-//! touching it (PEFT's injection model), so the same adapter code runs over every base format.
+//! touching it (PEFT's injection model). Every adapter describes its term as one
+//! [`LowRank`] and calls the backend's one fused op over the base
+//! ([`Backend::linear_lowrank`] and its backward and merge), so each method is written once
+//! and runs over every base format: QLoRA, QDoRA, QVeRA and QAdaLoRA are their methods over an
+//! NF4 base, with no code of their own.
 
 pub mod adalora;
+pub mod bench;
 pub mod device_rank_allocator;
 pub mod dora;
 pub mod lora;
 pub mod method;
 pub mod rank_allocator;
+pub mod rank_pattern;
 pub mod vera;
 
-pub use adalora::AdaLoraLayer;
-pub use dora::{DoraLayer, DoraLayerSaved};
+pub use adalora::{AdaLoraGrads, AdaLoraLayer};
+pub use dora::{DoraGrads, DoraLayer, DoraLayerSaved, DoraSaved};
 pub use lora::{LoraConfig, LoraLayer};
 pub use method::{Adapter, AdapterSaved, MethodKind};
 pub use vera::{VeraLayer, VeraShared};
 
-use crate::backend::{Backend, Nf4Weight, Tensor};
+use crate::backend::{Backend, Base, LowRank, Nf4Weight, Tensor};
 use crate::error::{Error, Result};
 use crate::quant::nf4::Nf4Tensor;
 
 /// A frozen base weight `[out, in]`: dense (f32, or narrower where the backend stores frozen
 /// weights so, see [`Backend::freeze`]), or NF4-quantized (QLoRA).
 ///
-/// Every adapter works over both: it calls the fused dense kernel over a dense base, and over
-/// any other format the format's base product ([`BaseWeight::matmul`],
-/// [`BaseWeight::matmul_backward_input`]) plus the backend's base-agnostic adapter term
-/// (`lora_add`, `dora_forward_from_base`, ...). An NF4 base is never dequantized whole by the
-/// forward or the backward; see [`Linear::dequantized`] for merging.
+/// Every adapter works over both: the backend's fused op takes either ([`Base`]). An NF4 base
+/// is never dequantized whole by the forward or the backward; see [`Linear::dequantized`] for
+/// merging.
 #[derive(Clone, Debug)]
 pub enum BaseWeight<B: Backend> {
     /// Plain `[out, in]` weight.
@@ -63,21 +67,12 @@ impl<B: Backend> BaseWeight<B> {
         !matches!(self, BaseWeight::Dense(_))
     }
 
-    /// `x W^T` (no bias) for x `[T, in]` → `[T, out]`.
-    pub fn matmul(&self, be: &B, x: &Tensor<B>) -> Result<Tensor<B>> {
+    /// The weight as the backend's fused op reads it.
+    pub fn as_base(&self) -> Base<'_, B> {
         match self {
-            BaseWeight::Dense(w) => be.linear(x, w, None),
-            BaseWeight::Nf4(w) => be.nf4_linear(x, w, None),
+            BaseWeight::Dense(w) => Base::Dense(w),
+            BaseWeight::Nf4(w) => Base::Nf4(w),
         }
-    }
-
-    /// `dx += dy W` for dy `[T, out]`, dx `[T, in]`.
-    pub fn matmul_backward_input(&self, be: &B, dy: &Tensor<B>, dx: &mut Tensor<B>) -> Result<()> {
-        match self {
-            BaseWeight::Dense(w) => be.linear_backward_input(dy, w, Some(dx))?,
-            BaseWeight::Nf4(w) => be.nf4_linear_backward_input(dy, w, Some(dx))?,
-        };
-        Ok(())
     }
 
     /// The dense weight, or an error naming `what` needs it (e.g. a merge over an NF4 base).
@@ -148,18 +143,25 @@ impl<B: Backend> Linear<B> {
     }
     /// `y = x W^T + bias` for x `[T, in]`.
     pub fn forward(&self, be: &B, x: &Tensor<B>) -> Result<Tensor<B>> {
-        match &self.weight {
-            BaseWeight::Dense(w) => be.linear(x, w, self.bias.as_ref()),
-            BaseWeight::Nf4(w) => be.nf4_linear(x, w, self.bias.as_ref()),
-        }
+        Ok(be
+            .linear_lowrank(x, self.weight.as_base(), self.bias.as_ref(), None)?
+            .y)
     }
     /// `dx = dy W` for dy `[T, out]` (the base is frozen: no weight gradient).
     pub fn backward_input(&self, be: &B, dy: &Tensor<B>) -> Result<Tensor<B>> {
-        let dx = match &self.weight {
-            BaseWeight::Dense(w) => be.linear_backward_input(dy, w, None)?,
-            BaseWeight::Nf4(w) => be.nf4_linear_backward_input(dy, w, None)?,
-        };
-        dx.ok_or_else(|| Error::arg("dx", "backward_input without acc returned no tensor"))
+        be.backward_input(dy, self.weight.as_base(), None, None)?
+            .0
+            .ok_or_else(|| Error::arg("dx", "backward_input without acc returned no tensor"))
+    }
+    /// `y = x W^T + bias + term(x)` (the adapter's fused forward): `(y, h = x A^T, z)`, `z`
+    /// only under a column scale.
+    pub fn forward_lowrank(
+        &self,
+        be: &B,
+        x: &Tensor<B>,
+        term: &LowRank<'_, B>,
+    ) -> Result<crate::backend::LowRankOut<B>> {
+        be.linear_lowrank(x, self.weight.as_base(), self.bias.as_ref(), Some(term))
     }
     /// A dense copy of this layer: itself for a dense base; for an NF4 base the dequantized
     /// weight (bitsandbytes' `dequantize_4bit`, bit for bit). This materializes the f32 weight:

@@ -11,8 +11,8 @@
 //! Everything here is host-side math on plain `&[f32]` slices (the values and gradients of
 //! `lora_A [r, in]`, `lora_B [out, r]`, `lora_E [r, 1]` of each layer, row-major), so it works
 //! with any backend: download, allocate, upload the masked `lora_E`. It is also the reference
-//! of the allocator kernels of [`crate::backend::Backend`] (the CPU backend runs these very
-//! functions), which [`crate::adapter::device_rank_allocator`] drives so that training reads
+//! of the allocator kernels of [`crate::backend::Backend`] (the CPU backend's
+//! `backend::cpu::adalora`, whose reference math this runs), which [`crate::adapter::device_rank_allocator`] drives so that training reads
 //! nothing back for AdaLoRA.
 //!
 //! # What PEFT does, step by step
@@ -32,18 +32,17 @@
 //!
 //! [`RankAllocator::update_and_allocate`] is exactly that.
 
+pub use super::rank_pattern::{
+    KeptFactors, RankPattern, drop_masked_ranks, expand_masked_ranks,
+    rank_pattern_from_adapter_config, rank_pattern_from_json, rank_pattern_to_json,
+};
+use crate::backend::check::EmaCoefs;
+pub use crate::backend::cpu::adalora::{
+    OrthReg, OrthRegInput, OrthRegTotal, kthvalue, masked, orth_reg, orth_reg_total, triplet_scores,
+};
+use crate::backend::cpu::adalora::{element_scores, update_ipt};
 use crate::error::{Error, Result};
-use serde_json::Value;
-use std::cmp::Ordering;
 use std::collections::{BTreeMap, HashMap};
-
-/// Which ranks of each layer are kept: layer (module) name, e.g. `fc1` or
-/// `model.layers.0.self_attn.q_proj`, → one `bool` per rank (`true` = kept).
-///
-/// PEFT keys it by the `lora_E` parameter name (`fc1.lora_E.default` while training,
-/// `fc1.lora_E` in the saved `adapter_config.json`); see [`rank_pattern_to_json`] and
-/// [`rank_pattern_from_json`] for the conversion.
-pub type RankPattern = BTreeMap<String, Vec<bool>>;
 
 /// AdaLoRA's budget schedule: the config fields of PEFT's `AdaLoraConfig` that drive it.
 ///
@@ -279,53 +278,12 @@ impl EntryEma {
     }
 }
 
-/// [`EntryEma`]'s update over slices (the CPU backend's `adalora_update_ipt` is this too).
-pub(crate) fn update_ipt(p: &[f32], g: &[f32], ipt: &mut [f32], unc: &mut [f32], c: &EmaCoefs) {
-    for (((ipt_bar, unc_bar), &p), &g) in ipt.iter_mut().zip(unc.iter_mut()).zip(p).zip(g) {
-        let ipt = (p * g).abs();
-        *ipt_bar = c.b1 * *ipt_bar + c.one_minus_b1 * ipt;
-        *unc_bar = c.b2 * *unc_bar + c.one_minus_b2 * (ipt - *ipt_bar).abs();
-    }
-}
-
-/// PEFT `_element_score` over slices: `ipt * unc` per entry.
-fn element_scores(ipt: &[f32], unc: &[f32]) -> Vec<f32> {
-    ipt.iter().zip(unc).map(|(i, u)| i * u).collect()
-}
-
 /// The EMAs of one layer's three factors.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct LayerEma {
     pub a: EntryEma,
     pub b: EntryEma,
     pub e: EntryEma,
-}
-
-/// Torch multiplies an f32 tensor by a Python float as f32, with `1 - beta` computed in f64.
-#[derive(Clone, Copy, Debug)]
-pub(crate) struct EmaCoefs {
-    pub b1: f32,
-    pub one_minus_b1: f32,
-    pub b2: f32,
-    pub one_minus_b2: f32,
-}
-
-impl EmaCoefs {
-    /// The f32 coefficients of `beta1`, `beta2` (each in the open interval (0, 1), which PEFT
-    /// asserts). Errors: a beta outside it, named.
-    pub(crate) fn new(beta1: f64, beta2: f64) -> Result<Self> {
-        for (name, b) in [("beta1", beta1), ("beta2", beta2)] {
-            if !(b > 0.0 && b < 1.0) {
-                return Err(Error::arg(name, format!("must be in (0, 1), got {b}")));
-            }
-        }
-        Ok(EmaCoefs {
-            b1: beta1 as f32,
-            one_minus_b1: (1.0 - beta1) as f32,
-            b2: beta2 as f32,
-            one_minus_b2: (1.0 - beta2) as f32,
-        })
-    }
 }
 
 /// What one call of [`RankAllocator::update_and_allocate`] does (PEFT's branches of
@@ -711,22 +669,6 @@ pub(crate) fn no_scores_err() -> Error {
     )
 }
 
-/// `torch.kthvalue(values, k)`: the 1-based k-th smallest in the total order of
-/// [`f32::total_cmp`] (NaN above +inf, as torch sorts it). `values` is reordered. Assumes
-/// `1 <= k <= values.len()`.
-pub(crate) fn kthvalue(values: &mut [f32], k: usize) -> f32 {
-    *values.select_nth_unstable_by(k - 1, f32::total_cmp).1
-}
-
-/// PEFT's mask predicate `score <= threshold`: a NaN on either side compares false, so a NaN
-/// score is kept (and a NaN threshold masks nothing).
-pub(crate) fn masked(score: f32, threshold: f32) -> bool {
-    matches!(
-        score.partial_cmp(&threshold),
-        Some(Ordering::Less | Ordering::Equal)
-    )
-}
-
 fn triplet_scores_of(ema: &LayerEma, r: usize, inp: usize, out: usize) -> Vec<f32> {
     triplet_scores(
         [
@@ -740,359 +682,10 @@ fn triplet_scores_of(ema: &LayerEma, r: usize, inp: usize, out: usize) -> Vec<f3
     )
 }
 
-/// PEFT `_combine_ipt` over `mask_to_budget`'s row/column means: the score of rank `i` is
-/// `s(λ_i) + mean_j s(A_ij) + mean_k s(B_ki)` (paper eq. (7) uses the same averages), from the
-/// `(exp_avg_ipt, exp_avg_unc)` of A `[r, in]`, B `[out, r]` and E `[r]`. The means are
-/// accumulated in f64 and rounded to f32; the two means are added first, then E's score (as
-/// PEFT's `ipt_E + ipt_AB.sum(dim=1)`). A mean over no entries (`in` or `out` 0) is NaN.
-pub(crate) fn triplet_scores(
-    [(ia, ua), (ib, ub), (ie, ue)]: [(&[f32], &[f32]); 3],
-    r: usize,
-    inp: usize,
-    out: usize,
-) -> Vec<f32> {
-    let sa = element_scores(ia, ua);
-    let sb = element_scores(ib, ub);
-    let se = element_scores(ie, ue);
-    (0..r)
-        .map(|i| {
-            let mean_a = if inp == 0 {
-                f32::NAN
-            } else {
-                (sa[i * inp..(i + 1) * inp]
-                    .iter()
-                    .map(|&x| x as f64)
-                    .sum::<f64>()
-                    / inp as f64) as f32
-            };
-            let mean_b = if out == 0 {
-                f32::NAN
-            } else {
-                ((0..out).map(|k| sb[k * r + i] as f64).sum::<f64>() / out as f64) as f32
-            };
-            se[i] + (mean_a + mean_b)
-        })
-        .collect()
-}
-
 fn apply_mask(lora_e: &mut [f32], keep: &[bool]) {
     for (e, &k) in lora_e.iter_mut().zip(keep) {
         if !k {
             *e = 0.0;
         }
     }
-}
-
-/// The orthogonality penalty of one layer and its gradient (unweighted).
-#[derive(Clone, Debug, PartialEq)]
-pub struct OrthReg {
-    /// `||A A^T - I_r||_F + ||B^T B - I_r||_F` (Frobenius norms, **not** squared: PEFT uses
-    /// `torch.norm(·, p="fro")`; the paper's eq. (4) writes squared norms).
-    pub loss: f32,
-    /// `||A A^T - I||_F`.
-    pub norm_a: f32,
-    /// `||B^T B - I||_F`.
-    pub norm_b: f32,
-    /// `d loss / d A = 2 (A A^T - I) A / ||A A^T - I||_F` (0 where the norm is 0, as torch).
-    pub grad_a: Vec<f32>,
-    /// `d loss / d B = 2 B (B^T B - I) / ||B^T B - I||_F` (0 where the norm is 0, as torch).
-    pub grad_b: Vec<f32>,
-}
-
-/// The orthogonality penalty of one layer, `lora_a [r, in]`, `lora_b [out, r]` (paper sec. 3,
-/// `R(P, Q)`, in PEFT's unsquared form), with its gradients; f64 inside.
-///
-/// As in PEFT, every rank counts, masked or not (masking only zeroes `lora_E`).
-///
-/// Errors: slice lengths that do not match `r`, `in_features`, `out_features`.
-pub fn orth_reg(
-    lora_a: &[f32],
-    lora_b: &[f32],
-    r: usize,
-    in_features: usize,
-    out_features: usize,
-) -> Result<OrthReg> {
-    if lora_a.len() != r * in_features {
-        return Err(Error::shape(
-            "lora_A",
-            format!("[{r}, {in_features}]"),
-            &[lora_a.len()],
-        ));
-    }
-    if lora_b.len() != out_features * r {
-        return Err(Error::shape(
-            "lora_B",
-            format!("[{out_features}, {r}]"),
-            &[lora_b.len()],
-        ));
-    }
-    // A: rows are the r vectors (length in); B: columns are the r vectors (length out).
-    let (norm_a, grad_a) = gram_penalty(r, in_features, |i, j| lora_a[i * in_features + j]);
-    let (norm_b, grad_b) = gram_penalty(r, out_features, |i, k| lora_b[k * r + i]);
-    // grad_b comes back indexed [i][k] (vector-major); B is [out, r].
-    let mut gb = vec![0.0f32; out_features * r];
-    for i in 0..r {
-        for k in 0..out_features {
-            gb[k * r + i] = grad_b[i * out_features + k] as f32;
-        }
-    }
-    Ok(OrthReg {
-        loss: (norm_a + norm_b) as f32,
-        norm_a: norm_a as f32,
-        norm_b: norm_b as f32,
-        grad_a: grad_a.into_iter().map(|x| x as f32).collect(),
-        grad_b: gb,
-    })
-}
-
-/// For r vectors `v_i` of length n (`at(i, j)`), `G = V V^T - I`: `(||G||_F, 2 G V / ||G||_F)`,
-/// the gradient laid out `[r, n]`.
-fn gram_penalty(r: usize, n: usize, at: impl Fn(usize, usize) -> f32) -> (f64, Vec<f64>) {
-    let v: Vec<f64> = (0..r * n)
-        .map(|x| at(x / n.max(1), x % n.max(1)) as f64)
-        .collect();
-    let mut g = vec![0.0f64; r * r];
-    for i in 0..r {
-        for j in 0..r {
-            let dot: f64 = (0..n).map(|t| v[i * n + t] * v[j * n + t]).sum();
-            g[i * r + j] = dot - if i == j { 1.0 } else { 0.0 };
-        }
-    }
-    let norm = g.iter().map(|x| x * x).sum::<f64>().sqrt();
-    let mut grad = vec![0.0f64; r * n];
-    if norm > 0.0 {
-        for i in 0..r {
-            for t in 0..n {
-                let s: f64 = (0..r).map(|j| g[i * r + j] * v[j * n + t]).sum();
-                grad[i * n + t] = 2.0 * s / norm;
-            }
-        }
-    }
-    (norm, grad)
-}
-
-/// One layer's factors for [`orth_reg_total`].
-#[derive(Clone, Copy, Debug)]
-pub struct OrthRegInput<'a> {
-    pub lora_a: &'a [f32],
-    pub lora_b: &'a [f32],
-    pub r: usize,
-    pub in_features: usize,
-    pub out_features: usize,
-}
-
-/// The term PEFT's `AdaLoraModel.forward` adds to the loss, and its gradient per layer.
-#[derive(Clone, Debug, PartialEq)]
-pub struct OrthRegTotal {
-    /// `orth_reg_weight * (Σ_layers ||A A^T - I||_F + ||B^T B - I||_F) / (2 n_layers)`.
-    pub loss: f32,
-    /// Per layer `(d loss / d A, d loss / d B)`, already weighted and averaged.
-    pub grads: Vec<(Vec<f32>, Vec<f32>)>,
-}
-
-/// PEFT's regulariser over all layers: the sum of one Frobenius norm per `lora_A` and per
-/// `lora_B` parameter, divided by the number of such parameters (`2 n_layers`), times
-/// `orth_reg_weight`. No layers give 0.
-///
-/// Errors: `orth_reg_weight < 0` or not finite (PEFT raises for < 0); see [`orth_reg`].
-pub fn orth_reg_total(layers: &[OrthRegInput<'_>], orth_reg_weight: f32) -> Result<OrthRegTotal> {
-    if !(orth_reg_weight >= 0.0 && orth_reg_weight.is_finite()) {
-        return Err(Error::arg(
-            "orth_reg_weight",
-            format!("must be finite and >= 0, got {orth_reg_weight}"),
-        ));
-    }
-    if layers.is_empty() {
-        return Ok(OrthRegTotal {
-            loss: 0.0,
-            grads: Vec::new(),
-        });
-    }
-    let scale = orth_reg_weight as f64 / (2 * layers.len()) as f64;
-    let mut sum = 0.0f64;
-    let mut grads = Vec::with_capacity(layers.len());
-    for l in layers {
-        let o = orth_reg(l.lora_a, l.lora_b, l.r, l.in_features, l.out_features)?;
-        sum += o.norm_a as f64 + o.norm_b as f64;
-        let s = |g: Vec<f32>| g.into_iter().map(|x| (x as f64 * scale) as f32).collect();
-        grads.push((s(o.grad_a), s(o.grad_b)));
-    }
-    Ok(OrthRegTotal {
-        loss: (sum * scale) as f32,
-        grads,
-    })
-}
-
-/// The `rank_pattern` object PEFT writes in `adapter_config.json`: `"{layer}.lora_E"` → list of
-/// bools (PEFT's `_get_adapter_state_dict` strips the `.{adapter_name}` suffix before saving).
-pub fn rank_pattern_to_json(pattern: &RankPattern) -> Value {
-    let map = pattern
-        .iter()
-        .map(|(k, v)| {
-            (
-                format!("{k}.lora_E"),
-                Value::Array(v.iter().map(|&b| Value::Bool(b)).collect()),
-            )
-        })
-        .collect();
-    Value::Object(map)
-}
-
-/// Parses a `rank_pattern` object. Keys may be the saved form `"{layer}.lora_E"` or the
-/// in-training form `"{layer}.lora_E.{adapter_name}"` (PEFT's `mask_using_rank_pattern` accepts
-/// both); values are lists of bools (`0`/`1` integers, which PEFT's `bool()` also accepts, are
-/// read as bools).
-///
-/// Errors ([`Error::Json`]): not an object, a key without `.lora_E`, a value that is not a list
-/// of bools, two keys naming the same layer.
-pub fn rank_pattern_from_json(value: &Value, adapter_name: &str) -> Result<RankPattern> {
-    let bad = |msg: String| Error::Json {
-        context: "rank_pattern".into(),
-        msg,
-    };
-    let obj = value
-        .as_object()
-        .ok_or_else(|| bad("rank_pattern is not an object".into()))?;
-    let training_suffix = format!(".lora_E.{adapter_name}");
-    let mut out = RankPattern::new();
-    for (key, v) in obj {
-        let layer = key
-            .strip_suffix(".lora_E")
-            .or_else(|| key.strip_suffix(training_suffix.as_str()))
-            .ok_or_else(|| bad(format!("key `{key}` does not end in `.lora_E`")))?;
-        let list = v
-            .as_array()
-            .ok_or_else(|| bad(format!("`{key}` is not a list")))?;
-        let bits = list
-            .iter()
-            .map(|x| match x {
-                Value::Bool(b) => Ok(*b),
-                Value::Number(n) if n.as_u64() == Some(0) => Ok(false),
-                Value::Number(n) if n.as_u64() == Some(1) => Ok(true),
-                _ => Err(bad(format!("`{key}` holds {x}, not a bool"))),
-            })
-            .collect::<Result<Vec<bool>>>()?;
-        if out.insert(layer.to_string(), bits).is_some() {
-            return Err(bad(format!("layer `{layer}` appears twice")));
-        }
-    }
-    Ok(out)
-}
-
-/// The `rank_pattern` of an `adapter_config.json` text: `None` if the field is absent or `null`
-/// (an AdaLoRA adapter saved before any mask). Errors: invalid JSON or pattern.
-pub fn rank_pattern_from_adapter_config(
-    json: &str,
-    adapter_name: &str,
-) -> Result<Option<RankPattern>> {
-    let v: Value = serde_json::from_str(json).map_err(|e| Error::Json {
-        context: "adapter_config.json".into(),
-        msg: e.to_string(),
-    })?;
-    match v.get("rank_pattern") {
-        None | Some(Value::Null) => Ok(None),
-        Some(p) => rank_pattern_from_json(p, adapter_name).map(Some),
-    }
-}
-
-/// One layer's factors with only some ranks: `lora_a [kept, in]`, `lora_b [out, kept]`,
-/// `lora_e [kept]` (PEFT saves E as `[kept, 1]`).
-#[derive(Clone, Debug, PartialEq)]
-pub struct KeptFactors {
-    pub kept: usize,
-    pub lora_a: Vec<f32>,
-    pub lora_b: Vec<f32>,
-    pub lora_e: Vec<f32>,
-}
-
-fn check_factors(a: &[f32], b: &[f32], e: &[f32], r: usize, inp: usize, out: usize) -> Result<()> {
-    if a.len() != r * inp {
-        return Err(Error::shape("lora_A", format!("[{r}, {inp}]"), &[a.len()]));
-    }
-    if b.len() != out * r {
-        return Err(Error::shape("lora_B", format!("[{out}, {r}]"), &[b.len()]));
-    }
-    if e.len() != r {
-        return Err(Error::shape("lora_E", format!("[{r}, 1]"), &[e.len()]));
-    }
-    Ok(())
-}
-
-/// Drops the ranks where `keep` is false, as PEFT's `resize_state_dict_by_rank_pattern` does
-/// when saving (rows of A and E, columns of B). With every rank kept the tensors are unchanged.
-/// A layer with nothing kept gives rank 0 (PEFT allows `r == 0` for AdaLoRA).
-///
-/// Errors: `lora_a [r, in]`, `lora_b [out, r]`, `lora_e [r]` with `r = keep.len()` mismatched.
-pub fn drop_masked_ranks(
-    lora_a: &[f32],
-    lora_b: &[f32],
-    lora_e: &[f32],
-    in_features: usize,
-    out_features: usize,
-    keep: &[bool],
-) -> Result<KeptFactors> {
-    let r = keep.len();
-    check_factors(lora_a, lora_b, lora_e, r, in_features, out_features)?;
-    let idx: Vec<usize> = (0..r).filter(|&i| keep[i]).collect();
-    let kept = idx.len();
-    let mut a = Vec::with_capacity(kept * in_features);
-    for &i in &idx {
-        a.extend_from_slice(&lora_a[i * in_features..(i + 1) * in_features]);
-    }
-    let mut b = Vec::with_capacity(out_features * kept);
-    for k in 0..out_features {
-        b.extend(idx.iter().map(|&i| lora_b[k * r + i]));
-    }
-    let e = idx.iter().map(|&i| lora_e[i]).collect();
-    Ok(KeptFactors {
-        kept,
-        lora_a: a,
-        lora_b: b,
-        lora_e: e,
-    })
-}
-
-/// The inverse of [`drop_masked_ranks`]: back to rank `keep.len()` with zeros in A, B and E at
-/// the masked ranks, so the layer's output is unchanged. PEFT instead loads such an adapter at
-/// the kept rank (`resize_modules_by_rank_pattern`, `ranknum` still `init_r`); expanding lets a
-/// fixed-rank layer (and a resumed allocator) use it. Returns `(lora_a, lora_b, lora_e)`.
-///
-/// Errors: the kept factors do not have `count(keep)` ranks.
-pub fn expand_masked_ranks(
-    kept: &KeptFactors,
-    in_features: usize,
-    out_features: usize,
-    keep: &[bool],
-) -> Result<(Vec<f32>, Vec<f32>, Vec<f32>)> {
-    let r = keep.len();
-    let n = keep.iter().filter(|&&k| k).count();
-    if kept.kept != n {
-        return Err(Error::arg(
-            "rank_pattern",
-            format!(
-                "{n} kept ranks in the pattern, {} in the factors",
-                kept.kept
-            ),
-        ));
-    }
-    check_factors(
-        &kept.lora_a,
-        &kept.lora_b,
-        &kept.lora_e,
-        n,
-        in_features,
-        out_features,
-    )?;
-    let mut a = vec![0.0f32; r * in_features];
-    let mut b = vec![0.0f32; out_features * r];
-    let mut e = vec![0.0f32; r];
-    for (j, i) in (0..r).filter(|&i| keep[i]).enumerate() {
-        a[i * in_features..(i + 1) * in_features]
-            .copy_from_slice(&kept.lora_a[j * in_features..(j + 1) * in_features]);
-        for k in 0..out_features {
-            b[k * r + i] = kept.lora_b[k * n + j];
-        }
-        e[i] = kept.lora_e[j];
-    }
-    Ok((a, b, e))
 }

@@ -9,7 +9,8 @@
 //! Only `vera_lambda_d [r]` and `vera_lambda_b [out]` are trained (r + out per layer).
 
 use super::Linear;
-use crate::backend::{Backend, Tensor};
+use super::lora::{saved_h, wanted};
+use crate::backend::{Backend, GradWants, LowRank, Tensor};
 use crate::error::{Error, Result};
 use rand::{RngExt, SeedableRng};
 
@@ -78,10 +79,6 @@ pub struct VeraLayer<B: Backend> {
 /// Gradients of one VeRA layer: `(dlambda_d [r], dlambda_b [out])`.
 pub type VeraGrads<B> = (Tensor<B>, Tensor<B>);
 
-fn dense<B: Backend>(base: &Linear<B>) -> Result<&Tensor<B>> {
-    base.weight.dense_or_err("VeRA")
-}
-
 impl<B: Backend> VeraLayer<B> {
     /// PEFT's init: `vera_lambda_b = 0`, `vera_lambda_d = d_initial` (PEFT default 0.1), so the
     /// adapted layer starts equal to the base. Errors: the base is larger than the shared
@@ -132,7 +129,17 @@ impl<B: Backend> VeraLayer<B> {
         self.vera_lambda_b.expect_shape("vera_lambda_b", &[out])
     }
 
-    /// Fused forward over `base`: `(y [T, out], h = x As^T [T, r])`.
+    /// The term: the shared projections under `lambda_d` per rank and `lambda_b` per output.
+    pub fn term<'a>(&'a self, shared: &'a VeraShared<B>) -> LowRank<'a, B> {
+        LowRank::vera(
+            &shared.vera_a,
+            &shared.vera_b,
+            &self.vera_lambda_d,
+            &self.vera_lambda_b,
+        )
+    }
+
+    /// Fused forward over `base` (dense or NF4: QVeRA): `(y [T, out], h = x As^T [T, r])`.
     pub fn forward(
         &self,
         be: &B,
@@ -140,15 +147,8 @@ impl<B: Backend> VeraLayer<B> {
         base: &Linear<B>,
         x: &Tensor<B>,
     ) -> Result<(Tensor<B>, Tensor<B>)> {
-        be.vera_forward(
-            x,
-            dense(base)?,
-            base.bias.as_ref(),
-            &shared.vera_a,
-            &shared.vera_b,
-            &self.vera_lambda_d,
-            &self.vera_lambda_b,
-        )
+        let out = base.forward_lowrank(be, x, &self.term(shared))?;
+        Ok((out.y, saved_h(out.h)?))
     }
 
     /// Backward from `dy [T, out]` with the saved `x`, `h`: `(dx, (dlambda_d, dlambda_b))`.
@@ -161,44 +161,33 @@ impl<B: Backend> VeraLayer<B> {
         h: &Tensor<B>,
         dy: &Tensor<B>,
     ) -> Result<(Tensor<B>, VeraGrads<B>)> {
-        let (dx, dld, dlb) = be.vera_backward(
+        let g = be.linear_lowrank_backward(
             dy,
             x,
             h,
-            dense(base)?,
-            &shared.vera_a,
-            &shared.vera_b,
-            &self.vera_lambda_d,
-            &self.vera_lambda_b,
+            None,
+            base.weight.as_base(),
+            &self.term(shared),
+            GradWants::VERA,
         )?;
-        Ok((dx, (dld, dlb)))
+        Ok((
+            g.dx,
+            (
+                wanted(g.d_rank_scale, "vera_lambda_d")?,
+                wanted(g.d_out_scale, "vera_lambda_b")?,
+            ),
+        ))
     }
 
     /// PEFT `merge`: `W0 += (lambda_b[:, None] ⊙ Bs) (lambda_d[:, None] ⊙ As)` in place.
     pub fn merge(&self, be: &B, shared: &VeraShared<B>, base: &mut Linear<B>) -> Result<()> {
-        self.merge_sign(be, shared, base, 1.0)
+        let w = base.weight.dense_mut_or_err("VeRA merge")?;
+        be.lowrank_merge(w, &self.term(shared), 1.0)
     }
 
     /// PEFT `unmerge`: subtracts the same product.
     pub fn unmerge(&self, be: &B, shared: &VeraShared<B>, base: &mut Linear<B>) -> Result<()> {
-        self.merge_sign(be, shared, base, -1.0)
-    }
-
-    fn merge_sign(
-        &self,
-        be: &B,
-        shared: &VeraShared<B>,
-        base: &mut Linear<B>,
-        sign: f32,
-    ) -> Result<()> {
-        let w = base.weight.dense_mut_or_err("VeRA merge")?;
-        be.vera_merge(
-            w,
-            &shared.vera_a,
-            &shared.vera_b,
-            &self.vera_lambda_d,
-            &self.vera_lambda_b,
-            sign,
-        )
+        let w = base.weight.dense_mut_or_err("VeRA unmerge")?;
+        be.lowrank_merge(w, &self.term(shared), -1.0)
     }
 }

@@ -1,9 +1,312 @@
 //! Argument checks shared by every backend, so that each kernel's contract (shapes, ranges) is
 //! enforced in one place and every backend returns the same error for the same bad input.
 
-use super::{AdaLoraIpt, AdamWParams, AttentionSaved, Backend, SeqSpan, Tensor, same_shape};
-use crate::adapter::rank_allocator::EmaCoefs;
+use super::lowrank::{Base, GradWants, LowRank};
+use super::{
+    AdaLoraIpt, AdamWParams, AttentionSaved, Kernels as Backend, SeqSpan, Tensor, same_shape,
+};
 use crate::error::{Error, Result};
+use crate::quant::nf4::Nf4Tensor;
+
+/// Checks that `n` host values fill `shape`.
+pub fn upload(n: usize, shape: &[usize]) -> Result<()> {
+    let want: usize = shape.iter().product();
+    if n != want {
+        return Err(Error::arg(
+            "data",
+            format!("{n} values for shape {shape:?} ({want} elements)"),
+        ));
+    }
+    Ok(())
+}
+
+/// Checks a scatter-add of `src [idx.len(), d]` into `dst [n, d]` (every index first, so
+/// nothing is written when one is bad).
+pub fn scatter_add_rows<B: Backend>(dst: &Tensor<B>, idx: &[u32], src: &Tensor<B>) -> Result<()> {
+    let (n, d) = dst.dims2("dst")?;
+    src.expect_shape("src", &[idx.len(), d])?;
+    row_indices(idx, n)
+}
+
+/// Checks an NF4 tensor to be uploaded as a linear weight: 2-D `[out, in]`.
+pub fn nf4_weight(w: &Nf4Tensor) -> Result<()> {
+    match w.shape() {
+        [_, _] => Ok(()),
+        s => Err(Error::shape("nf4 weight", "2-D [out, in]", s)),
+    }
+}
+
+/// Checks a base weight (2-D for a dense one) and returns `(out, in)`.
+pub fn base<B: Backend>(base: Base<'_, B>) -> Result<(usize, usize)> {
+    match base {
+        Base::Dense(w) => w.dims2("w"),
+        Base::Nf4(w) => Ok(w.dims()),
+    }
+}
+
+/// The names a term's tensors go by in errors: PEFT's for the method the term describes.
+struct TermNames {
+    a: &'static str,
+    b: &'static str,
+    rank_scale: &'static str,
+    out_scale: &'static str,
+}
+
+fn names<B: Backend>(term: &LowRank<'_, B>) -> TermNames {
+    if term.shared {
+        TermNames {
+            a: "vera_A",
+            b: "vera_B",
+            rank_scale: "vera_lambda_d",
+            out_scale: "vera_lambda_b",
+        }
+    } else {
+        TermNames {
+            a: "lora_A",
+            b: "lora_B",
+            rank_scale: "lora_E",
+            out_scale: "out_scale",
+        }
+    }
+}
+
+/// Checks a low-rank term against a base `[dout, din]` and returns r: `lora_a [r >= 1, din]`
+/// and `lora_b [dout, r]` (a shared term: `[r, >= din]`, `[>= dout, r]`), `rank_scale` with r
+/// values (`[r]` or `[r, 1]`), `out_scale [dout]`, the column scale's magnitude and norm
+/// `[dout]`, a finite `scale`.
+pub fn lowrank_term<B: Backend>(din: usize, dout: usize, term: &LowRank<'_, B>) -> Result<usize> {
+    let nm = names(term);
+    let (r, ain) = term.lora_a.dims2(nm.a)?;
+    if r == 0 {
+        return Err(Error::arg("r", "the rank must be at least 1"));
+    }
+    let a_ok = if term.shared { ain >= din } else { ain == din };
+    if !a_ok {
+        let want = if term.shared {
+            format!("[r, >= {din}]")
+        } else {
+            format!("[r, {din}]")
+        };
+        return Err(Error::shape(nm.a, want, term.lora_a.shape()));
+    }
+    let (bout, br) = term.lora_b.dims2(nm.b)?;
+    let b_ok = br == r
+        && if term.shared {
+            bout >= dout
+        } else {
+            bout == dout
+        };
+    if !b_ok {
+        let want = if term.shared {
+            format!("[>= {dout}, {r}]")
+        } else {
+            format!("[{dout}, {r}]")
+        };
+        return Err(Error::shape(nm.b, want, term.lora_b.shape()));
+    }
+    if !term.scale.is_finite() {
+        return Err(Error::arg(
+            "scaling",
+            format!("must be finite, got {}", term.scale),
+        ));
+    }
+    if let Some(rs) = term.rank_scale {
+        let ok = matches!(rs.shape(), [n] if *n == r) || matches!(rs.shape(), [n, 1] if *n == r);
+        if !ok {
+            return Err(Error::shape(
+                nm.rank_scale,
+                format!("[{r}] or [{r}, 1]"),
+                rs.shape(),
+            ));
+        }
+    }
+    if let Some(os) = term.out_scale {
+        os.expect_shape(nm.out_scale, &[dout])?;
+    }
+    if let Some(c) = &term.col_scale {
+        c.magnitude.expect_shape("lora_magnitude_vector", &[dout])?;
+        if let Some(n) = c.weight_norm {
+            n.expect_shape("weight_norm", &[dout])?;
+        }
+    }
+    Ok(r)
+}
+
+fn need_norm<B: Backend>(term: &LowRank<'_, B>) -> Result<()> {
+    match &term.col_scale {
+        Some(c) if c.weight_norm.is_none() => Err(Error::arg(
+            "weight_norm",
+            "a column scale (DoRA) needs its weight norm here; the *_with_norm ops compute it",
+        )),
+        _ => Ok(()),
+    }
+}
+
+/// Checks that `term` has a column scale whose norm is still to be computed.
+pub fn col_norm_wanted<B: Backend>(term: &LowRank<'_, B>) -> Result<()> {
+    match &term.col_scale {
+        Some(c) if c.weight_norm.is_none() => Ok(()),
+        Some(_) => Err(Error::arg(
+            "weight_norm",
+            "this op computes the weight norm: pass the column scale without one",
+        )),
+        None => Err(Error::arg(
+            "col_scale",
+            "this op computes a column scale's weight norm but the term has none",
+        )),
+    }
+}
+
+/// Checks a fused forward: `x [T, in]` against the base `[out, in]`, `bias [out]`, the term;
+/// with `norm_given`, a column scale must carry its weight norm. Returns `(T, in, out)`.
+pub fn linear_lowrank<B: Backend>(
+    x: &Tensor<B>,
+    base: Base<'_, B>,
+    bias: Option<&Tensor<B>>,
+    term: Option<&LowRank<'_, B>>,
+    norm_given: bool,
+) -> Result<(usize, usize, usize)> {
+    let (t, din) = x.dims2("x")?;
+    let (dout, win) = self::base(base)?;
+    if win != din {
+        let name = if matches!(base, Base::Nf4(_)) {
+            "nf4 weight"
+        } else {
+            "w"
+        };
+        return Err(Error::shape(name, format!("[out, {din}]"), &[dout, win]));
+    }
+    if let Some(b) = bias {
+        b.expect_shape("bias", &[dout])?;
+    }
+    if let Some(term) = term {
+        lowrank_term(din, dout, term)?;
+        if norm_given {
+            need_norm(term)?;
+        }
+    }
+    Ok((t, din, dout))
+}
+
+/// Checks `dy [T, out]` against the base (and term) of an input gradient, and `acc [T, in]`.
+pub fn backward_input<B: Backend>(
+    dy: &Tensor<B>,
+    base: Base<'_, B>,
+    term: Option<&LowRank<'_, B>>,
+    acc: Option<&Tensor<B>>,
+) -> Result<(usize, usize, usize)> {
+    let (t, dout) = dy.dims2("dy")?;
+    let (wout, din) = self::base(base)?;
+    if wout != dout {
+        let name = if matches!(base, Base::Nf4(_)) {
+            "nf4 weight"
+        } else {
+            "w"
+        };
+        return Err(Error::shape(name, format!("[{dout}, in]"), &[wout, din]));
+    }
+    if let Some(term) = term {
+        lowrank_term(din, dout, term)?;
+        need_norm(term)?;
+    }
+    if let Some(a) = acc {
+        a.expect_shape("dx", &[t, din])?;
+    }
+    Ok((t, dout, din))
+}
+
+/// Checks a fused backward: `dy [T, out]`, `x [T, in]`, `h [T, r]`, `z [T, out]` (present
+/// exactly when the term has a column scale), and that `wants` asks only for parts the term
+/// has.
+#[allow(clippy::too_many_arguments)]
+pub fn linear_lowrank_backward<B: Backend>(
+    dy: &Tensor<B>,
+    x: &Tensor<B>,
+    h: &Tensor<B>,
+    z: Option<&Tensor<B>>,
+    base: Base<'_, B>,
+    term: &LowRank<'_, B>,
+    wants: GradWants,
+) -> Result<()> {
+    let (t, din, dout) = linear_lowrank(x, base, None, Some(term), true)?;
+    dy.expect_shape("dy", &[t, dout])?;
+    let r = term.r();
+    h.expect_shape("h", &[t, r])?;
+    match (z, &term.col_scale) {
+        (Some(z), Some(_)) => z.expect_shape("z", &[t, dout])?,
+        (None, None) => {}
+        (None, Some(_)) => return Err(Error::arg("z", "a column scale's backward needs z")),
+        (Some(_), None) => {
+            return Err(Error::arg(
+                "z",
+                "z belongs to a column scale, which this term lacks",
+            ));
+        }
+    }
+    let lacks = |what: &str| {
+        Err(Error::arg(
+            "wants",
+            format!("a gradient of {what}, which the term lacks"),
+        ))
+    };
+    if wants.rank_scale && term.rank_scale.is_none() {
+        return lacks("a per-rank scale");
+    }
+    if wants.out_scale && term.out_scale.is_none() {
+        return lacks("a per-output scale");
+    }
+    if wants.magnitude && term.col_scale.is_none() {
+        return lacks("a column scale's magnitude");
+    }
+    let _ = din;
+    Ok(())
+}
+
+/// Checks a merge into `w [out, in]`: the term, a column scale with its norm, `sign` ±1.
+pub fn lowrank_merge<B: Backend>(w: &Tensor<B>, term: &LowRank<'_, B>, sign: f32) -> Result<()> {
+    let (dout, din) = w.dims2("w")?;
+    lowrank_term(din, dout, term)?;
+    if sign != 1.0 && sign != -1.0 {
+        return Err(Error::arg(
+            "sign",
+            format!("must be 1 (merge) or -1 (unmerge), got {sign}"),
+        ));
+    }
+    if sign == -1.0 {
+        need_norm(term)?;
+    }
+    Ok(())
+}
+
+/// Checks a weight gradient: `dy [T, out]`, `x [T, in]`, `dw [out, in]`.
+pub fn linear_backward_weight<B: Backend>(
+    dy: &Tensor<B>,
+    x: &Tensor<B>,
+    dw: &Tensor<B>,
+) -> Result<()> {
+    let (t, dout) = dy.dims2("dy")?;
+    let (tx, din) = x.dims2("x")?;
+    if tx != t {
+        return Err(Error::shape("x", format!("[{t}, in]"), x.shape()));
+    }
+    dw.expect_shape("dw", &[dout, din])
+}
+
+/// Checks an RMSNorm: `x [T, d]`, `weight [d]`; returns `(T, d)`.
+pub fn rmsnorm<B: Backend>(x: &Tensor<B>, weight: &Tensor<B>) -> Result<(usize, usize)> {
+    let (t, d) = x.dims2("x")?;
+    weight.expect_shape("weight", &[d])?;
+    Ok((t, d))
+}
+
+/// Checks SwiGLU's `gate` and `up` (and the backward's `d`), all one shape.
+pub fn swiglu<B: Backend>(gate: &Tensor<B>, up: &Tensor<B>, d: Option<&Tensor<B>>) -> Result<()> {
+    same_shape("up", up, gate)?;
+    if let Some(d) = d {
+        same_shape("d", d, gate)?;
+    }
+    Ok(())
+}
 
 /// Checks `x [T, in]` against `w [out, in]`, returning `(T, in, out)`.
 pub fn linear<B: Backend>(x: &Tensor<B>, w: &Tensor<B>) -> Result<(usize, usize, usize)> {
@@ -409,4 +712,91 @@ pub fn attention_backward<B: Backend>(
     saved.out.expect_shape("saved.out", q.shape())?;
     saved.lse.expect_shape("saved.lse", &[n_heads, dims.0])?;
     Ok(dims)
+}
+
+/// Torch multiplies an f32 tensor by a Python float as f32, with `1 - beta` computed in f64.
+#[derive(Clone, Copy, Debug)]
+pub struct EmaCoefs {
+    pub b1: f32,
+    pub one_minus_b1: f32,
+    pub b2: f32,
+    pub one_minus_b2: f32,
+}
+
+impl EmaCoefs {
+    /// The f32 coefficients of `beta1`, `beta2` (each in the open interval (0, 1), which PEFT
+    /// asserts). Errors: a beta outside it, named.
+    pub fn new(beta1: f64, beta2: f64) -> Result<Self> {
+        for (name, b) in [("beta1", beta1), ("beta2", beta2)] {
+            if !(b > 0.0 && b < 1.0) {
+                return Err(Error::arg(name, format!("must be in (0, 1), got {b}")));
+            }
+        }
+        Ok(EmaCoefs {
+            b1: beta1 as f32,
+            one_minus_b1: (1.0 - beta1) as f32,
+            b2: beta2 as f32,
+            one_minus_b2: (1.0 - beta2) as f32,
+        })
+    }
+}
+
+/// Checks an attention over cached context: q `[Tq, Hq*hd]`, k and v `[Tk, Hkv*hd]`, one kv
+/// span per q span, each inside its tensor and with `q.len <= kv.len` (and `kv.len > 0` when
+/// there are queries). Returns `(Tq, head_dim, group)`.
+#[allow(clippy::too_many_arguments)]
+pub fn attention_cached<B: Backend>(
+    q: &Tensor<B>,
+    k: &Tensor<B>,
+    v: &Tensor<B>,
+    q_seqs: &[SeqSpan],
+    kv_seqs: &[SeqSpan],
+    n_heads: usize,
+    n_kv_heads: usize,
+) -> Result<(usize, usize, usize)> {
+    let (tq, qw) = q.dims2("q")?;
+    if n_heads == 0 || n_kv_heads == 0 || !n_heads.is_multiple_of(n_kv_heads) || qw % n_heads != 0 {
+        return Err(Error::arg(
+            "n_heads",
+            format!("{n_heads} query heads, {n_kv_heads} kv heads for q width {qw}"),
+        ));
+    }
+    let hd = qw / n_heads;
+    let (tk, kw) = k.dims2("k")?;
+    if kw != n_kv_heads * hd {
+        return Err(Error::shape(
+            "k",
+            format!("[Tk, {}]", n_kv_heads * hd),
+            k.shape(),
+        ));
+    }
+    v.expect_shape("v", &[tk, kw])?;
+    if q_seqs.len() != kv_seqs.len() {
+        return Err(Error::arg(
+            "kv_seqs",
+            format!(
+                "{} kv spans for {} query spans",
+                kv_seqs.len(),
+                q_seqs.len()
+            ),
+        ));
+    }
+    for (i, (qs, ks)) in q_seqs.iter().zip(kv_seqs).enumerate() {
+        if qs.start + qs.len > tq || ks.start + ks.len > tk {
+            return Err(Error::arg(
+                "seqs",
+                format!("sequence {i}: span outside q ({tq} rows) or k ({tk} rows)"),
+            ));
+        }
+        if qs.len > ks.len {
+            return Err(Error::arg(
+                "kv_seqs",
+                format!(
+                    "sequence {i}: {} new tokens but a context of {}",
+                    qs.len, ks.len
+                ),
+            ));
+        }
+    }
+    Ok((tq, hd, n_heads / n_kv_heads))
 }

@@ -1,33 +1,44 @@
 //! The seam between math and hardware.
 //!
-//! [`Backend`] has one method per kernel. Each method's contract (shapes, layout, what is fused)
-//! is written on the trait; the CPU implementation ([`cpu::Cpu`]) is the specification that every
-//! other backend is tested against. Adapters, the model and the trainer are generic over
-//! `B: Backend` and never branch on the device.
+//! [`Backend`] describes op families, not variants: every adapter that adds a low-rank term
+//! (with per-rank, per-output or per-column scales) to a base product is ONE fused op over a
+//! dense or NF4 base ([`lowrank`]: LoRA, rsLoRA, DoRA, VeRA, AdaLoRA, and their quantized
+//! twins). Each method's contract (shapes, layout, what is fused) is written on the trait and
+//! its arguments are checked there, once ([`check`]); a backend implements the unchecked
+//! [`Kernels`], and the blanket `impl<K: Kernels> Backend for K` is the only implementation of
+//! `Backend`, so no backend can skip a check. The CPU kernels ([`cpu::Cpu`]) are the
+//! specification that every other backend is tested against. Adapters, the model and the
+//! trainer are generic over `B: Backend` and never branch on the device.
 //!
 //! All tensors are row-major. Weights use torch's `nn.Linear` layout `[out, in]`; activations
 //! are `[tokens, features]`. Integer inputs (token ids, labels, sequence boundaries) are passed
 //! as host slices: they are small and every backend uploads them as it needs.
 
-pub mod bench;
 pub mod check;
 pub mod cpu;
 #[cfg(feature = "cuda")]
 pub mod cuda;
+pub mod kernels;
+pub mod lowrank;
 #[cfg(feature = "wgpu")]
 pub mod wgpu;
 
 use crate::error::{Error, Result};
 use crate::quant::nf4::Nf4Tensor;
 
+pub use kernels::Kernels;
+pub use lowrank::{
+    Base, ColScale, GradWants, InputGrad, LowRank, LowRankGrads, LowRankOut, ParamGrads,
+};
+
 /// A backend buffer with a row-major shape. Storage is f32 on the CPU reference; a backend may
 /// store a frozen weight ([`Backend::upload_frozen`]) in a narrower type.
-pub struct Tensor<B: Backend> {
+pub struct Tensor<B: Kernels> {
     pub(crate) buf: B::Buf,
     pub(crate) shape: Vec<usize>,
 }
 
-impl<B: Backend> Clone for Tensor<B> {
+impl<B: Kernels> Clone for Tensor<B> {
     fn clone(&self) -> Self {
         Tensor {
             buf: self.buf.clone(),
@@ -36,13 +47,13 @@ impl<B: Backend> Clone for Tensor<B> {
     }
 }
 
-impl<B: Backend> std::fmt::Debug for Tensor<B> {
+impl<B: Kernels> std::fmt::Debug for Tensor<B> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "Tensor{:?}", self.shape)
     }
 }
 
-impl<B: Backend> Tensor<B> {
+impl<B: Kernels> Tensor<B> {
     /// The row-major shape.
     pub fn shape(&self) -> &[usize] {
         &self.shape
@@ -80,17 +91,17 @@ impl<B: Backend> Tensor<B> {
 }
 
 /// A frozen NF4-quantized weight `[out, in]` resident on a backend (QLoRA's base weight): the
-/// backend's [`Backend::Nf4Buf`] plus the logical shape and the stored size. Made by
+/// backend's [`Kernels::Nf4Buf`] plus the logical shape and the stored size. Made by
 /// [`Backend::upload_nf4`]; consumed by the `nf4_*` kernels, which dequantize it tile by tile
 /// and never materialize the f32 `[out, in]` matrix.
-pub struct Nf4Weight<B: Backend> {
+pub struct Nf4Weight<B: Kernels> {
     pub(crate) buf: B::Nf4Buf,
     pub(crate) out: usize,
     pub(crate) in_: usize,
     pub(crate) bytes: usize,
 }
 
-impl<B: Backend> Clone for Nf4Weight<B> {
+impl<B: Kernels> Clone for Nf4Weight<B> {
     fn clone(&self) -> Self {
         Nf4Weight {
             buf: self.buf.clone(),
@@ -101,13 +112,13 @@ impl<B: Backend> Clone for Nf4Weight<B> {
     }
 }
 
-impl<B: Backend> std::fmt::Debug for Nf4Weight<B> {
+impl<B: Kernels> std::fmt::Debug for Nf4Weight<B> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "Nf4Weight[{}, {}]", self.out, self.in_)
     }
 }
 
-impl<B: Backend> Nf4Weight<B> {
+impl<B: Kernels> Nf4Weight<B> {
     /// `(out, in)`.
     pub fn dims(&self) -> (usize, usize) {
         (self.out, self.in_)
@@ -124,7 +135,7 @@ impl<B: Backend> Nf4Weight<B> {
 }
 
 /// Saved state of a causal attention forward pass, needed by its backward.
-pub struct AttentionSaved<B: Backend> {
+pub struct AttentionSaved<B: Kernels> {
     /// Attention output `[T, Hq*hd]` (before the output projection).
     pub out: Tensor<B>,
     /// Log-sum-exp of each softmax row, `[Hq, T]`.
@@ -155,45 +166,11 @@ pub struct SeqSpan {
     pub len: usize,
 }
 
-/// Saved state of a DoRA forward pass ([`Backend::dora_forward`]), needed by its backward.
-pub struct DoraSaved<B: Backend> {
-    /// `h = x A^T`, `[T, r]`.
-    pub h: Tensor<B>,
-    /// The unscaled adapted output `z = x W0^T + s h B^T`, `[T, out]` (no bias), so that
-    /// `dm = sum_T(dy ⊙ z) / n` needs no recomputation of the base product.
-    pub z: Tensor<B>,
-}
-
-/// Gradients of one DoRA layer ([`Backend::dora_backward`]).
-pub struct DoraGrads<B: Backend> {
-    /// `dL/dx`, `[T, in]`.
-    pub dx: Tensor<B>,
-    /// `dL/d lora_A`, `[r, in]`.
-    pub d_lora_a: Tensor<B>,
-    /// `dL/d lora_B`, `[out, r]`.
-    pub d_lora_b: Tensor<B>,
-    /// `dL/d lora_magnitude_vector`, `[out]`.
-    pub d_magnitude: Tensor<B>,
-}
-
-/// Gradients of one AdaLoRA layer ([`Backend::adalora_backward`]).
-pub struct AdaLoraGrads<B: Backend> {
-    /// `dL/dx`, `[T, in]`.
-    pub dx: Tensor<B>,
-    /// `dL/d lora_A`, `[r, in]`.
-    pub d_lora_a: Tensor<B>,
-    /// `dL/d lora_B`, `[out, r]`.
-    pub d_lora_b: Tensor<B>,
-    /// `dL/d lora_E`, `[r, 1]`; non-zero for masked ranks too (masking zeroes E, not its
-    /// gradient).
-    pub d_lora_e: Tensor<B>,
-}
-
 /// The importance EMAs of one AdaLoRA layer (PEFT `RankAllocator.exp_avg_ipt` and
 /// `exp_avg_unc` of its `lora_A`, `lora_B` and `lora_E`), each shaped like its parameter:
 /// `[r, in]`, `[out, r]`, `[r, 1]`. Updated by [`Backend::adalora_update_ipt`], scored by
 /// [`Backend::adalora_triplet_scores`].
-pub struct AdaLoraIpt<B: Backend> {
+pub struct AdaLoraIpt<B: Kernels> {
     pub ipt_a: Tensor<B>,
     pub unc_a: Tensor<B>,
     pub ipt_b: Tensor<B>,
@@ -216,7 +193,7 @@ impl<B: Backend> AdaLoraIpt<B> {
     }
 }
 
-impl<B: Backend> Clone for AdaLoraIpt<B> {
+impl<B: Kernels> Clone for AdaLoraIpt<B> {
     fn clone(&self) -> Self {
         AdaLoraIpt {
             ipt_a: self.ipt_a.clone(),
@@ -240,85 +217,91 @@ pub fn cross_entropy_loss(stats: &[f32]) -> f64 {
         .sum()
 }
 
-/// One method per kernel. The CPU implementation is the reference.
+/// The ops every part of lorafuse computes with. Every method is provided: it checks its
+/// arguments ([`check`]: shapes, ranges, the same error on every backend) and then runs the
+/// backend's kernel ([`Kernels`], same name with `_kernel`). The CPU kernels are the reference.
 ///
-/// Every method checks its inputs' shapes and returns [`Error::Shape`] naming the argument when
-/// they do not agree; none panics on bad input.
-pub trait Backend: Clone + Send + Sync + Sized + 'static {
-    /// Device storage of one tensor.
-    type Buf: Clone + Send + Sync;
-    /// Device storage of one NF4-quantized weight (packed indices + absmax statistics, in
-    /// bitsandbytes' layout); see [`Nf4Weight`].
-    type Nf4Buf: Clone + Send + Sync;
-
+/// None panics on bad input: a shape that does not agree is an [`Error::Shape`] naming the
+/// argument, a value outside its range an [`Error::InvalidArgument`].
+pub trait Backend: Kernels {
     /// Short backend name (`cpu`, `cuda`, `wgpu`).
-    fn name(&self) -> &'static str;
+    fn name(&self) -> &'static str {
+        self.name_kernel()
+    }
 
     /// Waits until every kernel queued so far has finished. GPU backends run asynchronously;
     /// code that times kernels calls this before reading the clock. Errors: a device failure
-    /// reported while waiting. The CPU reference runs synchronously, so its default is a no-op.
+    /// reported while waiting. The CPU reference runs synchronously (a no-op).
     fn synchronize(&self) -> Result<()> {
-        Ok(())
+        self.synchronize_kernel()
     }
 
-    // ---- memory -------------------------------------------------------------------------------
-
-    /// Copies host f32 data in. Errors: `data.len()` differs from the shape's element count.
-    fn upload(&self, data: &[f32], shape: &[usize]) -> Result<Tensor<Self>>;
-    /// Copies host f32 data in as a FROZEN weight: one that no kernel will modify in place (a
-    /// base projection weight under an adapter, never a trained one or one an adapter is merged
-    /// into). A backend may store it in a narrower type (wgpu: f16 where the adapter has
-    /// `SHADER_F16`), so the values read back and used by every kernel are `data` rounded to
-    /// that type; arithmetic stays f32. In-place kernels return an error for such a tensor.
-    /// The default (CPU, CUDA) is [`Backend::upload`]. Errors: as [`Backend::upload`].
-    fn upload_frozen(&self, data: &[f32], shape: &[usize]) -> Result<Tensor<Self>> {
-        self.upload(data, shape)
-    }
-    /// Turns a tensor already on the device into a frozen weight, as if it had been uploaded
-    /// with [`Backend::upload_frozen`] (the values may round to a narrower storage type). Used
-    /// when training is prepared and it is known which base weights stay frozen. The default
-    /// returns `t` unchanged.
-    fn freeze(&self, t: Tensor<Self>) -> Result<Tensor<Self>> {
-        Ok(t)
-    }
-    /// Bytes `t` occupies on the device: 4 per element unless it is a frozen weight stored
-    /// narrower (see [`Backend::upload_frozen`]).
+    /// Bytes `t` occupies on its backend: `4 len` for f32, `2 len` for a frozen weight the
+    /// backend stores as f16.
     fn stored_bytes(t: &Tensor<Self>) -> usize {
-        4 * t.len()
+        Self::stored_bytes_kernel(t)
     }
-    /// Copies a tensor back to the host.
-    fn download(&self, t: &Tensor<Self>) -> Result<Vec<f32>>;
-    /// Copies several tensors back to the host with one synchronization where the backend can
-    /// (wgpu: one staging buffer, one wait; a training step reads its loss and regularizer
-    /// together so). The default downloads them one by one (on CUDA the first waits for the
-    /// queued work, the others find the stream idle). Returns one vector per tensor, in order.
+
+    // ---- memory ---------------------------------------------------------------------------------
+
+    /// Uploads host data of `shape` (row-major). Errors: `data.len()` differs from the shape's
+    /// element count.
+    fn upload(&self, data: &[f32], shape: &[usize]) -> Result<Tensor<Self>> {
+        check::upload(data.len(), shape)?;
+        self.upload_kernel(data, shape)
+    }
+    /// Uploads a frozen weight: a backend may store it in a narrower type (the wgpu backend
+    /// stores f16 where the device has SHADER_F16), which only read-only kernels accept.
+    /// Errors: as [`Backend::upload`].
+    fn upload_frozen(&self, data: &[f32], shape: &[usize]) -> Result<Tensor<Self>> {
+        check::upload(data.len(), shape)?;
+        self.upload_frozen_kernel(data, shape)
+    }
+    /// The tensor as a frozen weight (see [`Backend::upload_frozen`]); a no-op on the CPU.
+    fn freeze(&self, t: Tensor<Self>) -> Result<Tensor<Self>> {
+        self.freeze_kernel(t)
+    }
+    /// Downloads a tensor as f32, row-major.
+    fn download(&self, t: &Tensor<Self>) -> Result<Vec<f32>> {
+        self.download_kernel(t)
+    }
+    /// Downloads several tensors at once (one readback on GPU backends).
     fn download_many(&self, ts: &[&Tensor<Self>]) -> Result<Vec<Vec<f32>>> {
-        ts.iter().map(|t| self.download(t)).collect()
+        self.download_many_kernel(ts)
     }
-    /// A zero-filled tensor.
-    fn zeros(&self, shape: &[usize]) -> Result<Tensor<Self>>;
+    /// A zero tensor of `shape`.
+    fn zeros(&self, shape: &[usize]) -> Result<Tensor<Self>> {
+        self.zeros_kernel(shape)
+    }
     /// `dst = src`, a copy within the device's memory (no host round trip); every byte of
-    /// `src` read once and of `dst` written once. [`bench::measure_peak`] times it for the
-    /// device's copy bandwidth. GPU backends copy into `dst`'s own buffer; the default (CPU)
-    /// replaces `dst` with a clone of `src`, a deep copy there. Errors: shapes that differ, a
-    /// storage type that differs (or a frozen `dst`, which no kernel modifies).
+    /// `src` read once and of `dst` written once (`adapter::bench::measure_peak` times it for the
+    /// device's copy bandwidth). Errors: shapes that differ, a storage type that differs (or a
+    /// frozen `dst`, which no kernel modifies).
     fn copy_into(&self, src: &Tensor<Self>, dst: &mut Tensor<Self>) -> Result<()> {
         same_shape("dst", dst, src)?;
-        *dst = src.clone();
-        Ok(())
+        self.copy_into_kernel(src, dst)
     }
-    /// Rows `idx` of a 2-D tensor `[n, d]`, gathered into `[idx.len(), d]`.
-    /// Also the embedding lookup. Errors: an index `>= n`.
-    fn gather_rows(&self, t: &Tensor<Self>, idx: &[u32]) -> Result<Tensor<Self>>;
-    /// `dst[idx[i]] += src[i]` row by row (the backward of [`Backend::gather_rows`]).
+    /// Rows `idx` of a 2-D tensor `[n, d]`, gathered into `[idx.len(), d]` (also the embedding
+    /// lookup). Errors: not 2-D, an index `>= n`.
+    fn gather_rows(&self, t: &Tensor<Self>, idx: &[u32]) -> Result<Tensor<Self>> {
+        let (n, _) = t.dims2("t")?;
+        check::row_indices(idx, n)?;
+        self.gather_rows_kernel(t, idx)
+    }
+    /// `dst[idx[i]] += src[i]` row by row (the backward of [`Backend::gather_rows`]); nothing
+    /// is written when an argument is bad. Errors: `src` not `[idx.len(), d]` for `dst [n, d]`,
+    /// an index `>= n`.
     fn scatter_add_rows(
         &self,
         dst: &mut Tensor<Self>,
         idx: &[u32],
         src: &Tensor<Self>,
-    ) -> Result<()>;
+    ) -> Result<()> {
+        check::scatter_add_rows(dst, idx, src)?;
+        self.scatter_add_rows_kernel(dst, idx, src)
+    }
 
-    // ---- dense linear algebra -----------------------------------------------------------------
+    // ---- the fused product: x W^T + bias + low-rank term, W dense or NF4 -----------------------------
 
     /// `y = x W^T + bias`: x `[T, in]`, w `[out, in]`, bias `[out]` → y `[T, out]`.
     fn linear(
@@ -326,308 +309,212 @@ pub trait Backend: Clone + Send + Sync + Sized + 'static {
         x: &Tensor<Self>,
         w: &Tensor<Self>,
         bias: Option<&Tensor<Self>>,
-    ) -> Result<Tensor<Self>>;
-    /// `dx = dy W`: dy `[T, out]`, w `[out, in]` → dx `[T, in]`; with `acc`, adds into it.
+    ) -> Result<Tensor<Self>> {
+        Ok(self.linear_lowrank(x, Base::Dense(w), bias, None)?.y)
+    }
+
+    /// The fused product of [`lowrank`]: `y = c ⊙ (x W^T + s o ⊙ (((x A^T) ⊙ ρ) B^T)) + bias`
+    /// over a dense or NF4 `base [out, in]`, x `[T, in]`, bias `[out]`; without `term`, the plain
+    /// `x W^T + bias`. Never forms `B A` (which would cost `out in r` and an `[out, in]`
+    /// temporary); an NF4 base is dequantized tile by tile, never whole. Returns `y [T, out]`
+    /// with `h = x A^T [T, r]` and, under a column scale, `z = x W^T + u` (see
+    /// [`LowRankOut`]) for the backward. Errors: shapes (see [`LowRank`]); a column scale
+    /// without its `weight_norm` (use [`Backend::linear_lowrank_with_norm`]).
+    fn linear_lowrank(
+        &self,
+        x: &Tensor<Self>,
+        base: Base<'_, Self>,
+        bias: Option<&Tensor<Self>>,
+        term: Option<&LowRank<'_, Self>>,
+    ) -> Result<LowRankOut<Self>> {
+        check::linear_lowrank(x, base, bias, term, true)?;
+        self.linear_lowrank_kernel(x, base, bias, term)
+    }
+
+    /// [`Backend::linear_lowrank`] for a term whose column scale has no `weight_norm`: also
+    /// computes DoRA's `n = ||W + ΔW||_row` (as [`Backend::lowrank_row_norms`], from
+    /// `base_row_sq = ||W||_row^2 [out]`) and returns it in [`LowRankOut::weight_norm`]. The
+    /// CPU takes the norm's only pass over W (`W A^T`) in the same pass as `x W^T`, by
+    /// multiplying the stacked `[x; A]`. Errors: as the two ops; a term without column scale.
+    fn linear_lowrank_with_norm(
+        &self,
+        x: &Tensor<Self>,
+        base: Base<'_, Self>,
+        base_row_sq: &Tensor<Self>,
+        bias: Option<&Tensor<Self>>,
+        term: &LowRank<'_, Self>,
+    ) -> Result<LowRankOut<Self>> {
+        check::linear_lowrank(x, base, bias, Some(term), false)?;
+        check::col_norm_wanted(term)?;
+        base_row_sq.expect_shape("w0_row_sq", &[base.dims().0])?;
+        self.linear_lowrank_with_norm_kernel(x, base, base_row_sq, bias, term)
+    }
+
+    /// `dx = dy W` for a dense w `[out, in]`, dy `[T, out]` → dx `[T, in]`; with `acc`, adds
+    /// into it and returns `None`.
     fn linear_backward_input(
         &self,
         dy: &Tensor<Self>,
         w: &Tensor<Self>,
         acc: Option<&mut Tensor<Self>>,
-    ) -> Result<Option<Tensor<Self>>>;
-    /// `dW += dy^T x`: dy `[T, out]`, x `[T, in]`, dw `[out, in]` (weight gradient, accumulated).
+    ) -> Result<Option<Tensor<Self>>> {
+        Ok(self.backward_input(dy, Base::Dense(w), None, acc)?.0)
+    }
+
+    /// The input gradient of the fused product, `dx = g' W + s ((g ⊙ ρ) A)` with
+    /// `g' = dy ⊙ c` and `g = (g' ⊙ o) B [T, r]` (the one formula of every method's `dx`),
+    /// over a dense or NF4 base; dy `[T, out]` → dx `[T, in]`. Returns `(dx, g)`: dx is `None`
+    /// when added into `acc`; g (with a term) is what [`Backend::linear_lowrank_backward`]
+    /// reuses. Errors: shapes; a column scale without `weight_norm`.
+    fn backward_input(
+        &self,
+        dy: &Tensor<Self>,
+        base: Base<'_, Self>,
+        term: Option<&LowRank<'_, Self>>,
+        acc: Option<&mut Tensor<Self>>,
+    ) -> Result<InputGrad<Self>> {
+        check::backward_input(dy, base, term, acc.as_deref())?;
+        self.backward_input_kernel(dy, base, term, acc)
+    }
+
+    /// Backward of [`Backend::linear_lowrank`] from `dy [T, out]` and what the forward kept
+    /// (`x`, `h`, and `z` under a column scale): `dx` and the gradients `wants` asks for, by
+    /// the chain rule through the one formula (module [`lowrank`]):
+    /// `dA = s ρ ⊙ (g^T x)`, `dB = s (c o) ⊙ (dy^T (h ⊙ ρ))` (row-scaled),
+    /// `dρ = s sum_T(g ⊙ h)`, `do = s c ⊙ rowdot(dy^T (h ⊙ ρ), B)`, `dm = sum_T(dy ⊙ z) / n`
+    /// (n detached, as PEFT). LoRA: `dA = s g^T x`, `dB = s dy^T h`; AdaLoRA's dE is non-zero
+    /// for masked ranks (masking zeroes E, not its gradient). Errors: shapes; a gradient asked
+    /// for a part the term does not have.
+    #[allow(clippy::too_many_arguments)]
+    fn linear_lowrank_backward(
+        &self,
+        dy: &Tensor<Self>,
+        x: &Tensor<Self>,
+        h: &Tensor<Self>,
+        z: Option<&Tensor<Self>>,
+        base: Base<'_, Self>,
+        term: &LowRank<'_, Self>,
+        wants: GradWants,
+    ) -> Result<LowRankGrads<Self>> {
+        check::linear_lowrank_backward(dy, x, h, z, base, term, wants)?;
+        let (dx, g) = self.backward_input_kernel(dy, base, Some(term), None)?;
+        let dx = dx.ok_or_else(|| Error::arg("dx", "backward_input returned no dx"))?;
+        let g = g.ok_or_else(|| Error::arg("g", "backward_input returned no g"))?;
+        Ok(self
+            .lowrank_grads_kernel(dy, x, h, z, &g, term, wants)?
+            .with_dx(dx))
+    }
+
+    /// In place `W += sign ΔW`, `ΔW = s diag(o) B diag(ρ) A` (PEFT `merge` with `sign = 1`,
+    /// `unmerge` with `-1`); the one place `B A` is formed, added straight into w `[out, in]`.
+    /// Under a column scale, merge is `W = c ⊙ (W + ΔW)` and unmerge `W = W / c - ΔW`, with
+    /// the `weight_norm` of the UNmerged weight. Errors: shapes; a column scale without
+    /// `weight_norm` (use [`Backend::lowrank_merge_with_norm`] to merge); an unmerge whose
+    /// `c` is zero or not finite (not invertible). Numerics: the unmerge restores W to a few
+    /// ulp of `max(|W0|, |ΔW|)` when `c ≈ 1`.
+    fn lowrank_merge(
+        &self,
+        w: &mut Tensor<Self>,
+        term: &LowRank<'_, Self>,
+        sign: f32,
+    ) -> Result<()> {
+        check::lowrank_merge(w, term, sign)?;
+        self.lowrank_merge_kernel(w, term, sign)
+    }
+
+    /// DoRA's merge as PEFT's `merge` does it: forms `W' = W + ΔW`, takes `n = ||W'||_row` of
+    /// the merged rows (not the low-rank identity the forward uses), writes `W = (m / n) ⊙ W'`
+    /// and returns `n [out]` (keep it for the unmerge). `w_row_sq = ||W||_row^2` of the
+    /// unmerged weight (for backends that take n by the identity). The CPU does it in one
+    /// pass over W, block of rows by block. Errors: shapes; a term without column scale.
+    fn lowrank_merge_with_norm(
+        &self,
+        w: &mut Tensor<Self>,
+        w_row_sq: &Tensor<Self>,
+        term: &LowRank<'_, Self>,
+    ) -> Result<Tensor<Self>> {
+        check::lowrank_merge(w, term, 1.0)?;
+        check::col_norm_wanted(term)?;
+        w_row_sq.expect_shape("w_row_sq", &[w.dim(0)])?;
+        self.lowrank_merge_with_norm_kernel(w, w_row_sq, term)
+    }
+
+    /// Squared L2 norm of each row of a dense or NF4 weight `[out, in]` → `[out]`,
+    /// accumulated in f64. DoRA computes `||W0||_row^2` once per frozen base.
+    fn row_sq_norms(&self, base: Base<'_, Self>) -> Result<Tensor<Self>> {
+        check::base(base)?;
+        self.row_sq_norms_kernel(base)
+    }
+
+    /// DoRA's weight norm `n = ||W + ΔW||_row` (one per OUTPUT row, PEFT's `dim=1`) `[out]`
+    /// for a term without column scale, by the low-rank identity
+    /// `n^2 = ||W||_row^2 + 2 rowdot(W A^T, B') + rowdot(B' (A A^T), B')`, `B' = s diag(o) B
+    /// diag(ρ)`, from `base_row_sq = ||W||_row^2 [out]` ([`Backend::row_sq_norms`]). One
+    /// `[out, in] x [in, r]` product, memory `O(out r + r^2)`, no `[out, in]` temporary (an
+    /// NF4 base is read tile by tile). The norm is a constant for autograd (PEFT detaches
+    /// it). Numerics: the three terms are summed in f64 and clamped at 0 before the square
+    /// root, so a row where `W + ΔW` nearly cancels is known to about
+    /// `eps_f32 (||W||^2 + ||ΔW||^2)` absolute. Errors: shapes; a term with a column scale.
+    fn lowrank_row_norms(
+        &self,
+        base: Base<'_, Self>,
+        base_row_sq: &Tensor<Self>,
+        term: &LowRank<'_, Self>,
+    ) -> Result<Tensor<Self>> {
+        let (dout, din) = check::base(base)?;
+        check::lowrank_term(din, dout, term)?;
+        if term.col_scale.is_some() {
+            return Err(Error::arg(
+                "col_scale",
+                "the weight norm is of W + ΔW without the column scale (LowRank::without_col_scale)",
+            ));
+        }
+        base_row_sq.expect_shape("w0_row_sq", &[dout])?;
+        self.lowrank_row_norms_kernel(base, base_row_sq, term)
+    }
+
+    /// `dW += dy^T x`: dy `[T, out]`, x `[T, in]`, dw `[out, in]` (full fine-tuning's weight
+    /// gradient, accumulated).
     fn linear_backward_weight(
         &self,
         dy: &Tensor<Self>,
         x: &Tensor<Self>,
         dw: &mut Tensor<Self>,
-    ) -> Result<()>;
-    /// `a += alpha * b`, elementwise, same shapes.
-    fn axpy(&self, a: &mut Tensor<Self>, alpha: f32, b: &Tensor<Self>) -> Result<()>;
+    ) -> Result<()> {
+        check::linear_backward_weight(dy, x, dw)?;
+        self.linear_backward_weight_kernel(dy, x, dw)
+    }
+    /// `a += alpha * b`, elementwise. Errors: shapes that differ.
+    fn axpy(&self, a: &mut Tensor<Self>, alpha: f32, b: &Tensor<Self>) -> Result<()> {
+        same_shape("b", b, a)?;
+        self.axpy_kernel(a, alpha, b)
+    }
     /// `a *= alpha`, elementwise.
-    fn scale(&self, a: &mut Tensor<Self>, alpha: f32) -> Result<()>;
-    /// Sum of squares of all elements (for gradient-norm reporting and clipping), in f64.
-    fn sum_squares(&self, a: &Tensor<Self>) -> Result<f64>;
-
-    // ---- LoRA (PEFT `lora.Linear`, paper: Hu et al. 2021, eq. 3) ------------------------------
-
-    /// Fused LoRA forward `y = x W0^T + bias + s (x A^T) B^T`.
-    ///
-    /// x `[T, in]`, w0 `[out, in]`, bias `[out]`, lora_a `[r, in]`, lora_b `[out, r]`, scaling
-    /// `s`. Returns `(y [T, out], h [T, r])`, `h = x A^T` kept for the backward. Never forms
-    /// `B A` (which would cost `out*in*r` and an `[out, in]` temporary).
-    fn lora_forward(
-        &self,
-        x: &Tensor<Self>,
-        w0: &Tensor<Self>,
-        bias: Option<&Tensor<Self>>,
-        lora_a: &Tensor<Self>,
-        lora_b: &Tensor<Self>,
-        scaling: f32,
-    ) -> Result<(Tensor<Self>, Tensor<Self>)>;
-
-    /// Fused LoRA backward for a frozen base weight, from `dy [T, out]` and the saved
-    /// `x [T, in]`, `h [T, r]`. Returns `(dx [T, in], dA [r, in], dB [out, r])`:
-    /// `g = dy B` `[T, r]`, `dx = dy W0 + s g A`, `dA = s g^T x`, `dB = s dy^T h`.
-    #[allow(clippy::too_many_arguments)]
-    fn lora_backward(
-        &self,
-        dy: &Tensor<Self>,
-        x: &Tensor<Self>,
-        h: &Tensor<Self>,
-        w0: &Tensor<Self>,
-        lora_a: &Tensor<Self>,
-        lora_b: &Tensor<Self>,
-        scaling: f32,
-    ) -> Result<(Tensor<Self>, Tensor<Self>, Tensor<Self>)>;
-
-    /// In place `W += sign * s * B A` (merge with `sign = 1`, unmerge with `sign = -1`);
-    /// w `[out, in]`, lora_a `[r, in]`, lora_b `[out, r]`. This is the one place `B A` is formed,
-    /// added straight into W.
-    fn lora_merge(
-        &self,
-        w: &mut Tensor<Self>,
-        lora_a: &Tensor<Self>,
-        lora_b: &Tensor<Self>,
-        scaling: f32,
-        sign: f32,
-    ) -> Result<()>;
-
-    // ---- DoRA (PEFT `DoraLinearLayer`, Liu et al. 2024) ---------------------------------------
-
-    /// Squared L2 norm of each row of `w [out, in]` → `[out]`, accumulated in f64. For DoRA,
-    /// `||W0||_row^2` is computed once per frozen base weight and passed to
-    /// [`Backend::dora_weight_norm`].
-    fn row_sq_norms(&self, w: &Tensor<Self>) -> Result<Tensor<Self>>;
-
-    /// DoRA's weight norm `n = ||W0 + s B A||_row` (one per OUTPUT row, PEFT's `dim=1`),
-    /// `[out]`, by the low-rank identity
-    /// `n^2 = ||W0||_row^2 + 2 s rowdot(W0 A^T, B) + s^2 rowdot(B (A A^T), B)`.
-    ///
-    /// w0 `[out, in]`, w0_row_sq `[out]` (= `row_sq_norms(w0)`), lora_a `[r, in]`, lora_b
-    /// `[out, r]`. Never forms `B A` or any `[out, in]` temporary: one `[out,in]x[in,r]`
-    /// product, memory `O(out r + r^2)`. The norm is a constant for autograd (PEFT detaches it).
-    /// Numerics: the three terms are summed in f64 and clamped at 0 before the square root;
-    /// the absolute error of `n^2` is about `eps_f32 * (||W0||^2 + s^2 ||B A||^2)`, so a row
-    /// where `W0 + s B A` nearly cancels is known only to that absolute accuracy.
-    fn dora_weight_norm(
-        &self,
-        w0: &Tensor<Self>,
-        w0_row_sq: &Tensor<Self>,
-        lora_a: &Tensor<Self>,
-        lora_b: &Tensor<Self>,
-        scaling: f32,
-    ) -> Result<Tensor<Self>>;
-
-    /// Fused DoRA forward `y = k ⊙ (x W0^T + s (x A^T) B^T) + bias`, `k = m / n` per output
-    /// feature; the bias is NOT scaled by k (PEFT).
-    ///
-    /// x `[T, in]`, w0 `[out, in]`, bias `[out]`, lora_a `[r, in]`, lora_b `[out, r]`,
-    /// magnitude `m [out]` (`lora_magnitude_vector`), weight_norm `n [out]` (from
-    /// [`Backend::dora_weight_norm`], treated as a constant). Returns `(y [T, out], saved)`.
-    #[allow(clippy::too_many_arguments)]
-    fn dora_forward(
-        &self,
-        x: &Tensor<Self>,
-        w0: &Tensor<Self>,
-        bias: Option<&Tensor<Self>>,
-        lora_a: &Tensor<Self>,
-        lora_b: &Tensor<Self>,
-        scaling: f32,
-        magnitude: &Tensor<Self>,
-        weight_norm: &Tensor<Self>,
-    ) -> Result<(Tensor<Self>, DoraSaved<Self>)>;
-
-    /// [`Backend::dora_forward`] that also computes the weight norm `n` it needs (as
-    /// [`Backend::dora_weight_norm`], from `w0_row_sq = ||W0||_row^2 [out]`) and returns it:
-    /// `(y [T, out], saved, n [out])`. The default makes the two calls; the CPU backend takes
-    /// `W0 A^T` (the norm's only pass over W0) in the same W0 pass as `x W0^T`, by multiplying
-    /// the stacked `[x; A]` `[T + r, in]`. Errors: as the two calls.
-    #[allow(clippy::too_many_arguments)]
-    fn dora_forward_with_norm(
-        &self,
-        x: &Tensor<Self>,
-        w0: &Tensor<Self>,
-        w0_row_sq: &Tensor<Self>,
-        bias: Option<&Tensor<Self>>,
-        lora_a: &Tensor<Self>,
-        lora_b: &Tensor<Self>,
-        scaling: f32,
-        magnitude: &Tensor<Self>,
-    ) -> Result<(Tensor<Self>, DoraSaved<Self>, Tensor<Self>)> {
-        let n = self.dora_weight_norm(w0, w0_row_sq, lora_a, lora_b, scaling)?;
-        let (y, saved) = self.dora_forward(x, w0, bias, lora_a, lora_b, scaling, magnitude, &n)?;
-        Ok((y, saved, n))
+    fn scale(&self, a: &mut Tensor<Self>, alpha: f32) -> Result<()> {
+        self.scale_kernel(a, alpha)
+    }
+    /// Sum of squares of all elements (gradient-norm reporting and clipping), in f64.
+    fn sum_squares(&self, a: &Tensor<Self>) -> Result<f64> {
+        self.sum_squares_kernel(a)
     }
 
-    /// DoRA backward from `dy [T, out]` (n detached, as PEFT): with `g' = dy ⊙ k`,
-    /// `dx = g' W0 + s (g' B) A`, `dA = s (g' B)^T x`, `dB = s g'^T h`,
-    /// `dm = sum_T(dy ⊙ z) / n`.
-    #[allow(clippy::too_many_arguments)]
-    fn dora_backward(
-        &self,
-        dy: &Tensor<Self>,
-        x: &Tensor<Self>,
-        saved: &DoraSaved<Self>,
-        w0: &Tensor<Self>,
-        lora_a: &Tensor<Self>,
-        lora_b: &Tensor<Self>,
-        scaling: f32,
-        magnitude: &Tensor<Self>,
-        weight_norm: &Tensor<Self>,
-    ) -> Result<DoraGrads<Self>>;
+    // ---- NF4 base weights (QLoRA, Dettmers et al. 2023) ----------------------------------------------
+    //
+    // An NF4 base is a `Base::Nf4` of the fused product: every kernel dequantizes it a tile of
+    // rows at a time (bitsandbytes' `dequantize_4bit`, bit for bit) into a bounded scratch
+    // buffer and multiplies that tile, so results equal the dense product on the dequantized
+    // weight up to f32 summation order.
 
-    /// DoRA merge in place: `W = (m / n)[:, None] ⊙ (W + s B A)`, where `n` must be the norm of
-    /// the UNmerged `W + s B A` (keep it for [`Backend::dora_unmerge`]). w `[out, in]`.
-    #[allow(clippy::too_many_arguments)]
-    fn dora_merge(
-        &self,
-        w: &mut Tensor<Self>,
-        lora_a: &Tensor<Self>,
-        lora_b: &Tensor<Self>,
-        scaling: f32,
-        magnitude: &Tensor<Self>,
-        weight_norm: &Tensor<Self>,
-    ) -> Result<()>;
-
-    /// DoRA merge that also computes the weight norm, as PEFT's `merge` does: forms
-    /// `W' = W + s B A`, takes `n = ||W'||_row` of the merged rows (not the low-rank identity the
-    /// forward uses), writes `W = (m / n)[:, None] ⊙ W'` and returns `n [out]` (keep it for
-    /// [`Backend::dora_unmerge`]). w `[out, in]`, `w_row_sq [out]` = `||W||_row^2` of the
-    /// unmerged base (used by backends that take the norm through the low-rank identity
-    /// instead). The default is [`Backend::dora_weight_norm`] then [`Backend::dora_merge`]; the
-    /// CPU backend does it in one pass over `W`, row block by row block. Errors: shapes as for
-    /// [`Backend::dora_merge`].
-    #[allow(clippy::too_many_arguments)]
-    fn dora_merge_with_norm(
-        &self,
-        w: &mut Tensor<Self>,
-        w_row_sq: &Tensor<Self>,
-        lora_a: &Tensor<Self>,
-        lora_b: &Tensor<Self>,
-        scaling: f32,
-        magnitude: &Tensor<Self>,
-    ) -> Result<Tensor<Self>> {
-        let n = self.dora_weight_norm(w, w_row_sq, lora_a, lora_b, scaling)?;
-        self.dora_merge(w, lora_a, lora_b, scaling, magnitude, &n)?;
-        Ok(n)
+    /// Uploads an NF4 tensor as a frozen linear weight `[out, in]`. Errors: not 2-D.
+    fn upload_nf4(&self, w: &Nf4Tensor) -> Result<Nf4Weight<Self>> {
+        check::nf4_weight(w)?;
+        self.upload_nf4_kernel(w)
     }
-
-    /// Inverse of [`Backend::dora_merge`] (PEFT `unmerge`): `W = W / (m / n)[:, None] - s B A`,
-    /// with the same `n` that the merge used. Errors: an `m / n` that is zero or not finite
-    /// (not invertible). Numerics: each row's rounding error is scaled by `n / m`; the round
-    /// trip restores W0 to a few ulp of `max(|W0|, |s B A|)` when `m ≈ n`.
-    #[allow(clippy::too_many_arguments)]
-    fn dora_unmerge(
-        &self,
-        w: &mut Tensor<Self>,
-        lora_a: &Tensor<Self>,
-        lora_b: &Tensor<Self>,
-        scaling: f32,
-        magnitude: &Tensor<Self>,
-        weight_norm: &Tensor<Self>,
-    ) -> Result<()>;
-
-    // ---- VeRA (PEFT `vera.Linear`, Kopiczko et al. 2024) --------------------------------------
-
-    /// Fused VeRA forward `y = x W0^T + bias + lambda_b ⊙ ((lambda_d ⊙ (x As^T)) Bs^T)`, no
-    /// alpha scaling, with `As = vera_A[:, :in]` and `Bs = vera_B[:out, :]` sliced inside.
-    ///
-    /// x `[T, in]`, w0 `[out, in]`, bias `[out]`, vera_a `[r, max_in]` and vera_b
-    /// `[max_out, r]` (the full shared projections, `max_in >= in`, `max_out >= out`),
-    /// lambda_d `[r]`, lambda_b `[out]`. Returns `(y [T, out], h = x As^T [T, r])`.
-    #[allow(clippy::too_many_arguments)]
-    fn vera_forward(
-        &self,
-        x: &Tensor<Self>,
-        w0: &Tensor<Self>,
-        bias: Option<&Tensor<Self>>,
-        vera_a: &Tensor<Self>,
-        vera_b: &Tensor<Self>,
-        lambda_d: &Tensor<Self>,
-        lambda_b: &Tensor<Self>,
-    ) -> Result<(Tensor<Self>, Tensor<Self>)>;
-
-    /// VeRA backward from `dy [T, out]` and the saved `x`, `h`. Returns
-    /// `(dx [T, in], dlambda_d [r], dlambda_b [out])`: `q = (dy ⊙ lambda_b) Bs`,
-    /// `dlambda_d = sum_T(q ⊙ h)`, `dx = dy W0 + (q ⊙ lambda_d) As`,
-    /// `dlambda_b[o] = sum_j (dy^T h)[o, j] Bs[o, j] lambda_d[j]` (no `[T, out]` temporary).
-    #[allow(clippy::too_many_arguments)]
-    fn vera_backward(
-        &self,
-        dy: &Tensor<Self>,
-        x: &Tensor<Self>,
-        h: &Tensor<Self>,
-        w0: &Tensor<Self>,
-        vera_a: &Tensor<Self>,
-        vera_b: &Tensor<Self>,
-        lambda_d: &Tensor<Self>,
-        lambda_b: &Tensor<Self>,
-    ) -> Result<(Tensor<Self>, Tensor<Self>, Tensor<Self>)>;
-
-    /// In place `W += sign * (lambda_b[:, None] ⊙ Bs) (lambda_d[:, None] ⊙ As)` (merge with
-    /// `sign = 1`, unmerge with `sign = -1`); w `[out, in]`, slicing as in
-    /// [`Backend::vera_forward`].
-    fn vera_merge(
-        &self,
-        w: &mut Tensor<Self>,
-        vera_a: &Tensor<Self>,
-        vera_b: &Tensor<Self>,
-        lambda_d: &Tensor<Self>,
-        lambda_b: &Tensor<Self>,
-        sign: f32,
-    ) -> Result<()>;
-
-    // ---- AdaLoRA (PEFT `adalora.SVDLinear`, Zhang et al. 2023) --------------------------------
-
-    /// Fused AdaLoRA forward `y = x W0^T + bias + ((x (A ⊙ E)^T) B^T) * c` with
-    /// `c = scaling / (ranknum + 1e-5)` computed in f32 as PEFT does; `scaling` is PEFT's
-    /// (`lora_alpha`, not alpha/r), `ranknum` is `init_r` (never changed by masking).
-    ///
-    /// x `[T, in]`, w0 `[out, in]`, bias `[out]`, lora_a `[r, in]`, lora_b `[out, r]`, lora_e
-    /// `[r, 1]` (broadcast over A's rows). Returns `(y [T, out], h = x (A ⊙ E)^T [T, r])`.
-    #[allow(clippy::too_many_arguments)]
-    fn adalora_forward(
-        &self,
-        x: &Tensor<Self>,
-        w0: &Tensor<Self>,
-        bias: Option<&Tensor<Self>>,
-        lora_a: &Tensor<Self>,
-        lora_b: &Tensor<Self>,
-        lora_e: &Tensor<Self>,
-        scaling: f32,
-        ranknum: f32,
-    ) -> Result<(Tensor<Self>, Tensor<Self>)>;
-
-    /// AdaLoRA backward from `dy [T, out]` and the saved `x`, `h`: with `gB = dy B` and
-    /// `M = c gB^T x` `[r, in]`: `dx = dy W0 + c gB (A ⊙ E)`, `dB = c dy^T h`, `dA = M ⊙ E`,
-    /// `dE[j] = sum_i M[j, i] A[j, i]` (non-zero for masked ranks).
-    #[allow(clippy::too_many_arguments)]
-    fn adalora_backward(
-        &self,
-        dy: &Tensor<Self>,
-        x: &Tensor<Self>,
-        h: &Tensor<Self>,
-        w0: &Tensor<Self>,
-        lora_a: &Tensor<Self>,
-        lora_b: &Tensor<Self>,
-        lora_e: &Tensor<Self>,
-        scaling: f32,
-        ranknum: f32,
-    ) -> Result<AdaLoraGrads<Self>>;
-
-    /// In place `W += sign * c * B (A ⊙ E)` (PEFT `merge`/`unmerge`); w `[out, in]`.
-    #[allow(clippy::too_many_arguments)]
-    fn adalora_merge(
-        &self,
-        w: &mut Tensor<Self>,
-        lora_a: &Tensor<Self>,
-        lora_b: &Tensor<Self>,
-        lora_e: &Tensor<Self>,
-        scaling: f32,
-        ranknum: f32,
-        sign: f32,
-    ) -> Result<()>;
-
+    /// Dequantizes the whole weight to a dense `[out, in]` tensor. This DOES materialize the
+    /// f32 weight: it is for merging and exporting, never for the forward or backward.
+    fn nf4_dequantize(&self, w: &Nf4Weight<Self>) -> Result<Tensor<Self>> {
+        self.nf4_dequantize_kernel(w)
+    }
     // ---- AdaLoRA's rank allocator and orthogonal regularizer (PEFT `RankAllocator`) ----------
     //
     // The pieces of `RankAllocator.update_and_allocate` and of the regularizer of
@@ -652,7 +539,10 @@ pub trait Backend: Clone + Send + Sync + Sized + 'static {
         exp_avg_unc: &mut Tensor<Self>,
         beta1: f64,
         beta2: f64,
-    ) -> Result<()>;
+    ) -> Result<()> {
+        let coefs = check::adalora_update_ipt(param, grad, exp_avg_ipt, exp_avg_unc, beta1, beta2)?;
+        self.adalora_update_ipt_kernel(param, grad, exp_avg_ipt, exp_avg_unc, &coefs)
+    }
 
     /// The triplet scores of one layer (PEFT `mask_to_budget` + `_combine_ipt`), written to
     /// `scores[offset..offset + r]`: with `s = exp_avg_ipt * exp_avg_unc` per entry,
@@ -668,13 +558,19 @@ pub trait Backend: Clone + Send + Sync + Sized + 'static {
         ema: &AdaLoraIpt<Self>,
         scores: &mut Tensor<Self>,
         offset: usize,
-    ) -> Result<()>;
+    ) -> Result<()> {
+        check::adalora_triplet_scores(ema, scores, offset)?;
+        self.adalora_triplet_scores_kernel(ema, scores, offset)
+    }
 
     /// The masking threshold: `torch.kthvalue(scores, k)` for a 1-based `k`, the k-th smallest
     /// of `scores [n]` in the total order of [`f32::total_cmp`] (NaN above every number, as
     /// torch sorts it), returned as a `[1]` tensor (exact: one of the scores). PEFT's
     /// `k = init_bgt - budget`. Errors: scores not 1-D, `k` outside `1..=n`.
-    fn adalora_threshold(&self, scores: &Tensor<Self>, k: usize) -> Result<Tensor<Self>>;
+    fn adalora_threshold(&self, scores: &Tensor<Self>, k: usize) -> Result<Tensor<Self>> {
+        check::adalora_threshold(scores, k)?;
+        self.adalora_threshold_kernel(scores, k)
+    }
 
     /// The keep-mask of every rank at once: `keep [n]` with `0.0` where `scores[i] <=
     /// threshold[0]` (PEFT masks those) and `1.0` elsewhere; a NaN score or threshold compares
@@ -684,7 +580,10 @@ pub trait Backend: Clone + Send + Sync + Sized + 'static {
         &self,
         scores: &Tensor<Self>,
         threshold: &Tensor<Self>,
-    ) -> Result<Tensor<Self>>;
+    ) -> Result<Tensor<Self>> {
+        check::adalora_rank_mask(scores, threshold)?;
+        self.adalora_rank_mask_kernel(scores, threshold)
+    }
 
     /// PEFT's `lora_E.masked_fill_(~keep, 0.0)` for one layer: `lora_e[i] = 0` where
     /// `keep[offset + i] == 0`, else unchanged. lora_e `[r, 1]`, keep `[n]` (from
@@ -694,7 +593,10 @@ pub trait Backend: Clone + Send + Sync + Sized + 'static {
         lora_e: &mut Tensor<Self>,
         keep: &Tensor<Self>,
         offset: usize,
-    ) -> Result<()>;
+    ) -> Result<()> {
+        check::adalora_apply_mask(lora_e, keep, offset)?;
+        self.adalora_apply_mask_kernel(lora_e, keep, offset)
+    }
 
     /// AdaLoRA's orthogonal regularizer over every layer, as `AdaLoraModel.forward` adds it to
     /// the loss: with `n_A = ||A A^T - I||_F`, `n_B = ||B^T B - I||_F` (Frobenius norms, NOT
@@ -713,120 +615,12 @@ pub trait Backend: Clone + Send + Sync + Sized + 'static {
         factors: &[(&Tensor<Self>, &Tensor<Self>)],
         grads: &mut [(&mut Tensor<Self>, &mut Tensor<Self>)],
         orth_reg_weight: f32,
-    ) -> Result<Tensor<Self>>;
+    ) -> Result<Tensor<Self>> {
+        check::adalora_orth_reg(factors, grads, orth_reg_weight)?;
+        self.adalora_orth_reg_kernel(factors, grads, orth_reg_weight)
+    }
 
-    // ---- NF4 base weights (QLoRA, Dettmers et al. 2023) ---------------------------------------
-    //
-    // Every `nf4_*` kernel dequantizes the weight a tile of rows at a time (bitsandbytes'
-    // `dequantize_4bit`, bit for bit) into a bounded scratch buffer and multiplies that tile: the
-    // f32 `[out, in]` copy of the weight is never materialized. Results equal the dense kernel
-    // applied to the dequantized weight up to f32 summation order.
-
-    /// Uploads an NF4 tensor as a frozen linear weight `[out, in]` (its shape must be 2-D).
-    fn upload_nf4(&self, w: &Nf4Tensor) -> Result<Nf4Weight<Self>>;
-
-    /// Dequantizes the whole weight to a dense `[out, in]` tensor. This DOES materialize the f32
-    /// weight; it is for merging and exporting, never for the forward or backward.
-    fn nf4_dequantize(&self, w: &Nf4Weight<Self>) -> Result<Tensor<Self>>;
-
-    /// `y = x dequant(W)^T + bias`: x `[T, in]`, w `[out, in]`, bias `[out]` → y `[T, out]`
-    /// (the NF4 counterpart of [`Backend::linear`]).
-    fn nf4_linear(
-        &self,
-        x: &Tensor<Self>,
-        w: &Nf4Weight<Self>,
-        bias: Option<&Tensor<Self>>,
-    ) -> Result<Tensor<Self>>;
-
-    /// `dx = dy dequant(W)`: dy `[T, out]`, w `[out, in]` → dx `[T, in]`; with `acc`, adds into
-    /// it and returns `None` (the NF4 counterpart of [`Backend::linear_backward_input`]).
-    fn nf4_linear_backward_input(
-        &self,
-        dy: &Tensor<Self>,
-        w: &Nf4Weight<Self>,
-        acc: Option<&mut Tensor<Self>>,
-    ) -> Result<Option<Tensor<Self>>>;
-
-    /// `||dequant(W)||_row^2` → `[out]`, accumulated in f64 (the NF4 counterpart of
-    /// [`Backend::row_sq_norms`]; DoRA computes it once per frozen base).
-    fn nf4_row_sq_norms(&self, w: &Nf4Weight<Self>) -> Result<Tensor<Self>>;
-
-    /// DoRA's weight norm `||dequant(W0) + s B A||_row` → `[out]` with the contract and
-    /// numerics of [`Backend::dora_weight_norm`]; `W0 A^T` is formed tile by tile.
-    fn nf4_dora_weight_norm(
-        &self,
-        w0: &Nf4Weight<Self>,
-        w0_row_sq: &Tensor<Self>,
-        lora_a: &Tensor<Self>,
-        lora_b: &Tensor<Self>,
-        scaling: f32,
-    ) -> Result<Tensor<Self>>;
-
-    // ---- adapter terms over a base product computed elsewhere (any base format) ---------------
-    //
-    // The fused kernels above take a dense `w0`. Over any other base format (NF4) the adapter
-    // layers compute the base product with that format's kernel and add the adapter term with
-    // these, so the adapter math is written once per backend, not once per base format.
-
-    /// LoRA term added in place: `h = x A^T`, `y += s h B^T`. x `[T, in]`, y `[T, out]` (the
-    /// base output), lora_a `[r, in]`, lora_b `[out, r]`. Returns `h [T, r]` for the backward.
-    fn lora_add(
-        &self,
-        y: &mut Tensor<Self>,
-        x: &Tensor<Self>,
-        lora_a: &Tensor<Self>,
-        lora_b: &Tensor<Self>,
-        scaling: f32,
-    ) -> Result<Tensor<Self>>;
-
-    /// The adapter part of [`Backend::lora_backward`]: with `g = dy B`, adds `s g A` into
-    /// `dx [T, in]` (which holds, or will receive, the base's `dy W0`) and returns
-    /// `(dA = s g^T x [r, in], dB = s dy^T h [out, r])`.
-    #[allow(clippy::too_many_arguments)]
-    fn lora_backward_adapter(
-        &self,
-        dy: &Tensor<Self>,
-        x: &Tensor<Self>,
-        h: &Tensor<Self>,
-        lora_a: &Tensor<Self>,
-        lora_b: &Tensor<Self>,
-        scaling: f32,
-        dx: &mut Tensor<Self>,
-    ) -> Result<(Tensor<Self>, Tensor<Self>)>;
-
-    /// [`Backend::dora_forward`] from the base product `base_out = x W0^T` `[T, out]` (no
-    /// bias; consumed, its buffer becomes `z`): `z = base_out + s (x A^T) B^T`,
-    /// `y = (m / n) ⊙ z + bias`. Returns `(y [T, out], saved)` as `dora_forward` does.
-    #[allow(clippy::too_many_arguments)]
-    fn dora_forward_from_base(
-        &self,
-        base_out: Tensor<Self>,
-        x: &Tensor<Self>,
-        bias: Option<&Tensor<Self>>,
-        lora_a: &Tensor<Self>,
-        lora_b: &Tensor<Self>,
-        scaling: f32,
-        magnitude: &Tensor<Self>,
-        weight_norm: &Tensor<Self>,
-    ) -> Result<(Tensor<Self>, DoraSaved<Self>)>;
-
-    /// The adapter part of [`Backend::dora_backward`]: returns the grads with
-    /// `dx = s (g' B) A` only, and `g' = dy ⊙ (m / n)` `[T, out]`, which the caller sends
-    /// through the base (`dx += g' W0`).
-    #[allow(clippy::too_many_arguments)]
-    fn dora_backward_adapter(
-        &self,
-        dy: &Tensor<Self>,
-        x: &Tensor<Self>,
-        saved: &DoraSaved<Self>,
-        lora_a: &Tensor<Self>,
-        lora_b: &Tensor<Self>,
-        scaling: f32,
-        magnitude: &Tensor<Self>,
-        weight_norm: &Tensor<Self>,
-    ) -> Result<(DoraGrads<Self>, Tensor<Self>)>;
-
-    // ---- Llama block ops ----------------------------------------------------------------------
+    // ---- Llama block ops ---------------------------------------------------------------------------
 
     /// RMSNorm over the last dim: `y = x / sqrt(mean(x^2) + eps) * weight`.
     /// x `[T, d]`, weight `[d]` → `(y [T, d], rstd [T])`.
@@ -835,7 +629,11 @@ pub trait Backend: Clone + Send + Sync + Sized + 'static {
         x: &Tensor<Self>,
         weight: &Tensor<Self>,
         eps: f32,
-    ) -> Result<(Tensor<Self>, Tensor<Self>)>;
+    ) -> Result<(Tensor<Self>, Tensor<Self>)> {
+        check::rmsnorm(x, weight)?;
+        self.rmsnorm_kernel(x, weight, eps)
+    }
+
     /// RMSNorm backward: returns `dx [T, d]` and adds `dweight [d]` into `dweight` if given.
     fn rmsnorm_backward(
         &self,
@@ -844,7 +642,13 @@ pub trait Backend: Clone + Send + Sync + Sized + 'static {
         weight: &Tensor<Self>,
         rstd: &Tensor<Self>,
         dweight: Option<&mut Tensor<Self>>,
-    ) -> Result<Tensor<Self>>;
+    ) -> Result<Tensor<Self>> {
+        check::rmsnorm_backward(dy, x, weight, rstd)?;
+        if let Some(dw) = dweight.as_deref() {
+            same_shape("dweight", dw, weight)?;
+        }
+        self.rmsnorm_backward_kernel(dy, x, weight, rstd, dweight)
+    }
 
     /// Rotary embedding in place, transformers' `rotate_half` convention: within each head of
     /// `head_dim`, the pair `(i, i + head_dim/2)` is rotated by angle `pos * theta^(-2i/head_dim)`.
@@ -857,7 +661,11 @@ pub trait Backend: Clone + Send + Sync + Sized + 'static {
         head_dim: usize,
         theta: f32,
         inverse: bool,
-    ) -> Result<()>;
+    ) -> Result<()> {
+        let (t, width) = x.dims2("x")?;
+        check::rope(width, t, positions, head_dim)?;
+        self.rope_kernel(x, positions, head_dim, theta, inverse)
+    }
 
     /// Causal grouped-query attention over packed sequences, online softmax, no `T x T` matrix
     /// kept. q `[T, Hq*hd]`, k and v `[T, Hkv*hd]` (`Hq` a multiple of `Hkv`; query head `h`
@@ -872,7 +680,10 @@ pub trait Backend: Clone + Send + Sync + Sized + 'static {
         n_heads: usize,
         n_kv_heads: usize,
         scale: f32,
-    ) -> Result<AttentionSaved<Self>>;
+    ) -> Result<AttentionSaved<Self>> {
+        check::attention(q, k, v, seqs, n_heads, n_kv_heads)?;
+        self.attention_kernel(q, k, v, seqs, n_heads, n_kv_heads, scale)
+    }
 
     /// Backward of [`Backend::attention`] from `d_out [T, Hq*hd]`; recomputes the softmax from
     /// the saved log-sum-exp. Returns `(dq, dk, dv)` shaped like q, k, v.
@@ -888,17 +699,52 @@ pub trait Backend: Clone + Send + Sync + Sized + 'static {
         n_heads: usize,
         n_kv_heads: usize,
         scale: f32,
-    ) -> Result<(Tensor<Self>, Tensor<Self>, Tensor<Self>)>;
+    ) -> Result<(Tensor<Self>, Tensor<Self>, Tensor<Self>)> {
+        check::attention_backward(d_out, q, k, v, saved, seqs, n_heads, n_kv_heads)?;
+        self.attention_backward_kernel(d_out, q, k, v, saved, seqs, n_heads, n_kv_heads, scale)
+    }
+
+    /// Attention of each sequence's NEW tokens over its whole context (the KV cache of
+    /// generation, or prefix tuning's virtual keys and values, then the new tokens): sequence
+    /// i's queries are rows `q_seqs[i]` of q `[Tq, Hq*hd]`, its keys and values rows
+    /// `kv_seqs[i]` of k, v `[Tk, Hkv*hd]` with the new tokens' rows last, so query j sits at
+    /// position `p = kv_len - q_len + j` and attends to kv rows `0..=p` (causal). With
+    /// `q_seqs == kv_seqs` over the same rows this is [`Backend::attention`]'s output. GQA
+    /// grouping and `scale` as there. Returns `[Tq, Hq*hd]`. Errors: shapes; a pair list of
+    /// different lengths; a span outside its tensor; a sequence with more queries than
+    /// context.
+    #[allow(clippy::too_many_arguments)]
+    fn attention_cached(
+        &self,
+        q: &Tensor<Self>,
+        k: &Tensor<Self>,
+        v: &Tensor<Self>,
+        q_seqs: &[SeqSpan],
+        kv_seqs: &[SeqSpan],
+        n_heads: usize,
+        n_kv_heads: usize,
+        scale: f32,
+    ) -> Result<Tensor<Self>> {
+        check::attention_cached(q, k, v, q_seqs, kv_seqs, n_heads, n_kv_heads)?;
+        self.attention_cached_kernel(q, k, v, q_seqs, kv_seqs, n_heads, n_kv_heads, scale)
+    }
 
     /// SwiGLU: `silu(gate) * up`, elementwise, gate and up `[T, inter]`.
-    fn swiglu(&self, gate: &Tensor<Self>, up: &Tensor<Self>) -> Result<Tensor<Self>>;
+    fn swiglu(&self, gate: &Tensor<Self>, up: &Tensor<Self>) -> Result<Tensor<Self>> {
+        check::swiglu(gate, up, None)?;
+        self.swiglu_kernel(gate, up)
+    }
+
     /// SwiGLU backward: `(dgate, dup)` from `d [T, inter]`.
     fn swiglu_backward(
         &self,
         d: &Tensor<Self>,
         gate: &Tensor<Self>,
         up: &Tensor<Self>,
-    ) -> Result<(Tensor<Self>, Tensor<Self>)>;
+    ) -> Result<(Tensor<Self>, Tensor<Self>)> {
+        check::swiglu(gate, up, Some(d))?;
+        self.swiglu_backward_kernel(d, gate, up)
+    }
 
     /// Cross-entropy of `logits [N, V]` against `labels [N]`; label `-100` (or any negative)
     /// is ignored. Returns `(sum of CE over counted rows, dlogits [N, V])` where dlogits is the
@@ -909,7 +755,11 @@ pub trait Backend: Clone + Send + Sync + Sized + 'static {
         logits: &Tensor<Self>,
         labels: &[i32],
         grad_scale: f32,
-    ) -> Result<(f64, Tensor<Self>)>;
+    ) -> Result<(f64, Tensor<Self>)> {
+        let (n, vocab) = logits.dims2("logits")?;
+        check::labels(labels, n, vocab)?;
+        self.cross_entropy_kernel(logits, labels, grad_scale)
+    }
 
     /// [`Backend::cross_entropy`] with the loss left on the device: returns
     /// `(stats [K, 3], dlogits [N, V])` where K is the number of counted rows (label >= 0) and
@@ -923,9 +773,13 @@ pub trait Backend: Clone + Send + Sync + Sized + 'static {
         logits: &Tensor<Self>,
         labels: &[i32],
         grad_scale: f32,
-    ) -> Result<(Tensor<Self>, Tensor<Self>)>;
+    ) -> Result<(Tensor<Self>, Tensor<Self>)> {
+        let (n, vocab) = logits.dims2("logits")?;
+        check::labels(labels, n, vocab)?;
+        self.cross_entropy_stats_kernel(logits, labels, grad_scale)
+    }
 
-    // ---- optimizer ----------------------------------------------------------------------------
+    // ---- optimizer ---------------------------------------------------------------------------------
 
     /// One AdamW step in place over `param`, with moments `m`, `v` (same shape as param).
     fn adamw_step(
@@ -935,8 +789,13 @@ pub trait Backend: Clone + Send + Sync + Sized + 'static {
         m: &mut Tensor<Self>,
         v: &mut Tensor<Self>,
         p: &AdamWParams,
-    ) -> Result<()>;
+    ) -> Result<()> {
+        let factors = check::adamw(param, grad, m, v, p)?;
+        self.adamw_step_kernel(param, grad, m, v, &factors, p)
+    }
 }
+
+impl<K: Kernels> Backend for K {}
 
 /// transformers' default RoPE frequencies `1 / theta^(2i/head_dim)` for `i < head_dim/2`,
 /// computed in f32 as `LlamaRotaryEmbedding` does; every backend's RoPE uses these values.
@@ -947,7 +806,7 @@ pub(crate) fn rope_inv_freq(head_dim: usize, theta: f32) -> Vec<f32> {
 }
 
 /// Checks that `a` and `b` have equal shapes.
-pub(crate) fn same_shape<B: Backend>(
+pub(crate) fn same_shape<B: Kernels>(
     name: &str,
     a: &Tensor<B>,
     expected: &Tensor<B>,

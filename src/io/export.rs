@@ -1,11 +1,15 @@
 //! Writing a model's weights as safetensors with transformers' names (full fine-tuning's
-//! output, `lorafuse merge`).
+//! output, `lorafuse merge`): one walk over the model's weights ([`model_weights`]) and its
+//! encoders (f32/bf16, or bitsandbytes NF4 for the projections).
 
+use crate::Cpu;
 use crate::adapter::BaseWeight;
 use crate::backend::{Backend, Tensor};
 use crate::error::{Error, Result};
-use crate::model::llama::{Llama, proj_path};
-use crate::train::report::write_atomic;
+use crate::io::atomic::write_atomic;
+use crate::io::bnb::nf4_to_bnb_tensors;
+use crate::model::llama::{Llama, Nf4Spec, proj_path};
+use crate::quant::nf4::quantize_nf4;
 use std::path::Path;
 
 /// One tensor ready to serialize: name, dtype, shape, little-endian bytes.
@@ -38,43 +42,111 @@ impl WeightDtype {
     }
 }
 
-/// Every base weight of the model with transformers' names (q/k rows in transformers' order),
-/// encoded in `dtype`; NF4 bases are written dequantized. Adapters are not included (merge
-/// them first).
+/// One weight of the model as the exporters walk it.
+pub enum ModelWeight<'a, B: Backend> {
+    /// Embeddings, norms, the LM head.
+    Dense(&'a Tensor<B>),
+    /// A projection's base weight (dense or NF4).
+    Projection(&'a BaseWeight<B>),
+}
+
+/// Every base weight of the model in transformers' order and with its names (q/k rows in
+/// transformers' order): embeddings, per layer the two norms and the seven projections, the
+/// final norm, the LM head when untied. Adapters are not included (merge them first).
+pub fn model_weights<B: Backend>(model: &Llama<B>) -> Vec<(String, ModelWeight<'_, B>)> {
+    let mut out = vec![(
+        "model.embed_tokens.weight".to_string(),
+        ModelWeight::Dense(&model.embed_tokens),
+    )];
+    for (l, b) in model.layers.iter().enumerate() {
+        out.push((
+            format!("model.layers.{l}.input_layernorm.weight"),
+            ModelWeight::Dense(&b.input_layernorm),
+        ));
+        out.push((
+            format!("model.layers.{l}.post_attention_layernorm.weight"),
+            ModelWeight::Dense(&b.post_attention_layernorm),
+        ));
+        for (p, proj) in b.proj.iter().enumerate() {
+            out.push((
+                format!("{}.weight", proj_path(l, p)),
+                ModelWeight::Projection(&proj.base.weight),
+            ));
+        }
+    }
+    out.push(("model.norm.weight".into(), ModelWeight::Dense(&model.norm)));
+    if let Some(h) = &model.lm_head {
+        out.push(("lm_head.weight".into(), ModelWeight::Dense(h)));
+    }
+    out
+}
+
+/// Every base weight of the model ([`model_weights`]) encoded in `dtype`; NF4 bases are
+/// written dequantized.
 pub fn model_tensors<B: Backend>(
     be: &B,
     model: &Llama<B>,
     dtype: WeightDtype,
 ) -> Result<Vec<RawTensor>> {
-    let mut tensors = Vec::new();
-    let mut push = |name: String, t: &Tensor<B>| -> Result<()> {
+    let encode = |name: String, t: &Tensor<B>| -> Result<RawTensor> {
         let (st, bytes) = dtype.encode(&be.download(t)?);
-        tensors.push((name, st, t.shape().to_vec(), bytes));
-        Ok(())
+        Ok((name, st, t.shape().to_vec(), bytes))
     };
-    push("model.embed_tokens.weight".into(), &model.embed_tokens)?;
-    for (l, b) in model.layers.iter().enumerate() {
-        push(
-            format!("model.layers.{l}.input_layernorm.weight"),
-            &b.input_layernorm,
-        )?;
-        push(
-            format!("model.layers.{l}.post_attention_layernorm.weight"),
-            &b.post_attention_layernorm,
-        )?;
-        for (p, proj) in b.proj.iter().enumerate() {
-            let name = format!("{}.weight", proj_path(l, p));
-            match &proj.base.weight {
-                BaseWeight::Dense(w) => push(name, w)?,
-                BaseWeight::Nf4(q) => push(name, &be.nf4_dequantize(q)?)?,
+    model_weights(model)
+        .into_iter()
+        .map(|(name, w)| match w {
+            ModelWeight::Dense(t) | ModelWeight::Projection(BaseWeight::Dense(t)) => {
+                encode(name, t)
+            }
+            ModelWeight::Projection(BaseWeight::Nf4(q)) => encode(name, &be.nf4_dequantize(q)?),
+        })
+        .collect()
+}
+
+/// The tensors of a merged model with its projections stored as bitsandbytes stores an NF4
+/// parameter ([`nf4_to_bnb_tensors`]: an NF4 base as it is, a dense (merged) weight quantized
+/// with `spec`), every other tensor as [`model_tensors`] encodes it. Errors: a weight the
+/// quantizer rejects, named.
+pub fn nf4_model_tensors(
+    model: &Llama<Cpu>,
+    dtype: WeightDtype,
+    spec: Nf4Spec,
+) -> Result<Vec<RawTensor>> {
+    let mut tensors = Vec::new();
+    for (name, w) in model_weights(model) {
+        match w {
+            ModelWeight::Dense(t) => {
+                let (st, bytes) = dtype.encode(t.data());
+                tensors.push((name, st, t.shape().to_vec(), bytes));
+            }
+            ModelWeight::Projection(BaseWeight::Nf4(q)) => {
+                tensors.extend(nf4_to_bnb_tensors(&name, q.buf()))
+            }
+            ModelWeight::Projection(BaseWeight::Dense(w)) => {
+                let q = quantize_nf4(w.data(), w.shape(), spec.blocksize, spec.double_quant)
+                    .map_err(|e| Error::arg(name.clone(), e.to_string()))?;
+                tensors.extend(nf4_to_bnb_tensors(&name, &q));
             }
         }
     }
-    push("model.norm.weight".into(), &model.norm)?;
-    if let Some(h) = &model.lm_head {
-        push("lm_head.weight".into(), h)?;
-    }
     Ok(tensors)
+}
+
+/// Merges every adapter of `model` into its base (PEFT's `merge_and_unload`); an adapted NF4
+/// projection is dequantized first (bitsandbytes' values) and merged in f32. Returns how many
+/// projections were merged.
+pub fn merge_into_base<B: Backend>(be: &B, model: &mut Llama<B>) -> Result<usize> {
+    let mut merged = 0;
+    for block in &mut model.layers {
+        for p in block.proj.iter_mut().filter(|p| p.adapter.is_some()) {
+            if p.base.weight.is_quantized() {
+                p.base = p.base.dequantized(be)?;
+            }
+            merged += 1;
+        }
+    }
+    model.merge_and_unload(be)?;
+    Ok(merged)
 }
 
 /// Serializes raw little-endian tensors to a safetensors file, atomically (a temporary file

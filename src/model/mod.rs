@@ -1,6 +1,9 @@
 //! The Llama-architecture model and its tokenizer.
 
+pub mod batch;
 pub mod config;
+pub mod generate;
+pub mod inject;
 pub mod llama;
 pub mod load;
 pub mod tokenizer;

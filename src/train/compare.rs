@@ -71,9 +71,8 @@ pub fn write_compare_png(path: &Path, rows: &[CompareRow]) -> Result<()> {
     }
     crate::train::report::register_font();
     let err = |e: &dyn std::fmt::Display| Error::format(path, format!("cannot draw chart: {e}"));
-    let tmp = crate::train::report::tmp_path(path);
-    {
-        let root = BitMapBackend::new(&tmp, (1000, 480)).into_drawing_area();
+    crate::io::atomic::write_atomic_with(path, |tmp| {
+        let root = BitMapBackend::new(tmp, (1000, 480)).into_drawing_area();
         root.fill(&WHITE).map_err(|e| err(&e))?;
         let panels = root.split_evenly((1, 2));
         let n = rows.len();
@@ -123,7 +122,6 @@ pub fn write_compare_png(path: &Path, rows: &[CompareRow]) -> Result<()> {
                 }))
                 .map_err(|e| err(&e))?;
         }
-        root.present().map_err(|e| err(&e))?;
-    }
-    std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e))
+        root.present().map_err(|e| err(&e))
+    })
 }

@@ -13,7 +13,7 @@ use crate::model::llama::{Llama, Nf4Spec};
 use crate::model::load::llama_from_gguf_with;
 use crate::model::tokenizer::Tokenizer;
 use crate::train::data::{self, BadRecordPolicy, Record, split_train_eval, tokenize_records};
-use crate::train::recipe::{self, Method, Recipe};
+use crate::train::recipe::{self, Recipe};
 use crate::train::report::{write_json, write_loss_png};
 use crate::train::trainer::{Metrics, StepMetric};
 use std::path::{Path, PathBuf};
@@ -192,18 +192,12 @@ pub fn save_trained<B: Backend>(
     out: &Path,
     model_name: String,
 ) -> Result<&'static str> {
-    let kind = match recipe.method {
-        Method::Full => {
-            write_safetensors(
-                &out.join("model.safetensors"),
-                model_tensors(be, model, WeightDtype::F32)?,
-            )?;
-            return Ok("model.safetensors");
-        }
-        Method::Lora | Method::Qlora => MethodKind::Lora,
-        Method::Dora | Method::Qdora => MethodKind::Dora,
-        Method::Vera => MethodKind::Vera,
-        Method::AdaLora => MethodKind::AdaLora,
+    let Some(kind) = recipe.method.adapter_kind() else {
+        write_safetensors(
+            &out.join("model.safetensors"),
+            model_tensors(be, model, WeightDtype::F32)?,
+        )?;
+        return Ok("model.safetensors");
     };
     let mut lora = recipe.lora.clone();
     if kind == MethodKind::AdaLora {

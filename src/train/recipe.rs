@@ -27,20 +27,26 @@ pub enum Method {
     Qdora,
     /// VeRA (Kopiczko et al. 2024): shared frozen random projections, trained scaling vectors.
     Vera,
+    /// VeRA over NF4-quantized frozen projection weights (QVeRA).
+    Qvera,
     /// AdaLoRA (Zhang et al. 2023): SVD-form adapters with a rank budget.
     AdaLora,
+    /// AdaLoRA over NF4-quantized frozen projection weights (QAdaLoRA).
+    Qadalora,
 }
 
 impl Method {
     /// Every method, in the order `lorafuse compare` reports them.
-    pub const ALL: [Method; 7] = [
+    pub const ALL: [Method; 9] = [
         Method::Full,
         Method::Lora,
         Method::Qlora,
         Method::Dora,
         Method::Qdora,
         Method::Vera,
+        Method::Qvera,
         Method::AdaLora,
+        Method::Qadalora,
     ];
 
     /// The name used on the command line and in reports.
@@ -52,7 +58,9 @@ impl Method {
             Method::Dora => "dora",
             Method::Qdora => "qdora",
             Method::Vera => "vera",
+            Method::Qvera => "qvera",
             Method::AdaLora => "adalora",
+            Method::Qadalora => "qadalora",
         }
     }
 
@@ -66,23 +74,27 @@ impl Method {
         match self {
             Method::Full => 2e-5,
             Method::Lora | Method::Qlora | Method::Dora | Method::Qdora => 2e-4,
-            Method::Vera => 5e-3,
-            Method::AdaLora => 5e-3,
+            Method::Vera | Method::Qvera => 5e-3,
+            Method::AdaLora | Method::Qadalora => 5e-3,
         }
     }
 
-    /// Whether the frozen projection weights are NF4 (QLoRA, QDoRA).
+    /// Whether the frozen projection weights are NF4 (QLoRA, QDoRA, QVeRA, QAdaLoRA).
     pub fn quantized_base(self) -> bool {
-        matches!(self, Method::Qlora | Method::Qdora)
+        matches!(
+            self,
+            Method::Qlora | Method::Qdora | Method::Qvera | Method::Qadalora
+        )
     }
 
-    fn adapter_kind(self) -> Option<MethodKind> {
+    /// The adapter method (PEFT's `peft_type`), `None` for full fine-tuning.
+    pub fn adapter_kind(self) -> Option<MethodKind> {
         match self {
             Method::Full => None,
             Method::Lora | Method::Qlora => Some(MethodKind::Lora),
             Method::Dora | Method::Qdora => Some(MethodKind::Dora),
-            Method::Vera => Some(MethodKind::Vera),
-            Method::AdaLora => Some(MethodKind::AdaLora),
+            Method::Vera | Method::Qvera => Some(MethodKind::Vera),
+            Method::AdaLora | Method::Qadalora => Some(MethodKind::AdaLora),
         }
     }
 }

@@ -1,6 +1,7 @@
 //! Reports of a run: the loss-curve PNG (plotters) and atomic JSON writing.
 
 use crate::error::{Error, Result};
+use crate::io::atomic::{write_atomic, write_atomic_with};
 use crate::train::trainer::Metrics;
 use plotters::prelude::*;
 use std::path::Path;
@@ -26,9 +27,8 @@ pub fn write_loss_png(path: &Path, metrics: &Metrics, title: &str) -> Result<()>
         return Err(Error::arg("metrics", "no step to plot"));
     }
     register_font();
-    let tmp = tmp_path(path);
-    {
-        let root = BitMapBackend::new(&tmp, (900, 540)).into_drawing_area();
+    write_atomic_with(path, |tmp| {
+        let root = BitMapBackend::new(tmp, (900, 540)).into_drawing_area();
         root.fill(&WHITE).map_err(|e| plot_err(path, e))?;
         let losses: Vec<(f64, f64)> = metrics
             .steps
@@ -84,37 +84,11 @@ pub fn write_loss_png(path: &Path, metrics: &Metrics, title: &str) -> Result<()>
             .background_style(WHITE.mix(0.8))
             .draw()
             .map_err(|e| plot_err(path, e))?;
-        root.present().map_err(|e| plot_err(path, e))?;
-    }
-    std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e))
+        root.present().map_err(|e| plot_err(path, e))
+    })
 }
 
-pub(crate) fn tmp_path(path: &Path) -> std::path::PathBuf {
-    let name = path
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    // Keep the extension last: plotters picks the image format from it.
-    path.with_file_name(format!(".tmp-{}-{name}", std::process::id()))
-}
-
-/// Writes bytes to `path` atomically: a temporary sibling file, fsync, then rename.
-pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    use std::io::Write;
-    let tmp = tmp_path(path);
-    let res = (|| {
-        let mut f = std::fs::File::create(&tmp)?;
-        f.write_all(bytes)?;
-        f.sync_all()?;
-        std::fs::rename(&tmp, path)
-    })();
-    if res.is_err() {
-        let _ = std::fs::remove_file(&tmp);
-    }
-    res.map_err(|e| Error::io(path, e))
-}
-
-/// Writes a value as pretty JSON, atomically.
+/// Writes `value` as pretty-printed JSON to `path`, atomically. Errors: serialization or I/O.
 pub fn write_json<T: serde::Serialize>(path: &Path, value: &T) -> Result<()> {
     let s = serde_json::to_string_pretty(value).map_err(|e| Error::Json {
         context: path.display().to_string(),

@@ -1,5 +1,5 @@
-//! CPU reference of the NF4 (QLoRA) kernels; the adapter terms they combine with live in
-//! `adapters.rs`.
+//! CPU reference of the NF4 (QLoRA) base products; the low-rank terms they combine with live
+//! in `lowrank.rs`.
 //!
 //! An NF4 weight `[out, in]` is never dequantized whole: each kernel cuts it into tiles of
 //! [`tile_rows`] rows, dequantizes a tile into a scratch buffer (one per rayon worker, ~256 KiB;
@@ -13,10 +13,9 @@
 //!   a wave are dequantized in parallel into one buffer, then one (parallel) GEMM adds the
 //!   wave's contribution.
 
-use super::adapters;
-use super::{Cpu, new};
-use crate::backend::{Nf4Weight, Tensor, check};
-use crate::error::{Error, Result};
+use super::{Cpu, lowrank, new};
+use crate::backend::{LowRank, Nf4Weight, Tensor};
+use crate::error::Result;
 use crate::quant::nf4::{NF4_CODE, Nf4Tensor};
 use gemm::Parallelism;
 use rayon::prelude::*;
@@ -76,9 +75,7 @@ fn quant(w: &Nf4Weight<Cpu>) -> &Nf4Tensor {
 }
 
 pub(super) fn upload(w: &Nf4Tensor) -> Result<Nf4Weight<Cpu>> {
-    let &[out, in_] = w.shape() else {
-        return Err(Error::shape("nf4 weight", "2-D [out, in]", w.shape()));
-    };
+    let (out, in_) = (w.shape()[0], w.shape()[1]);
     Ok(Nf4Weight {
         buf: Arc::new(w.clone()),
         out,
@@ -170,10 +167,9 @@ pub(super) fn linear(
     w: &Nf4Weight<Cpu>,
     bias: Option<&Tensor<Cpu>>,
 ) -> Result<Tensor<Cpu>> {
-    let (t, din, dout) = check::linear_dims(x, w.dims())?;
+    let (t, din, dout) = (x.dim(0), w.in_, w.out);
     let mut y = vec![0.0f32; t * dout];
     if let Some(b) = bias {
-        b.expect_shape("bias", &[dout])?;
         for row in y.chunks_mut(dout.max(1)) {
             row.copy_from_slice(b.data());
         }
@@ -233,28 +229,8 @@ pub(super) fn linear(
     Ok(new(y, &[t, dout]))
 }
 
-pub(super) fn linear_backward_input(
-    dy: &Tensor<Cpu>,
-    w: &Nf4Weight<Cpu>,
-    acc: Option<&mut Tensor<Cpu>>,
-) -> Result<Option<Tensor<Cpu>>> {
-    let (t, _, din) = check::backward_input_dims(dy, w.dims())?;
-    match acc {
-        Some(dx) => {
-            dx.expect_shape("dx", &[t, din])?;
-            backward_into(dy.data(), w, t, dx.data_mut());
-            Ok(None)
-        }
-        None => {
-            let mut dx = vec![0.0f32; t * din];
-            backward_into(dy.data(), w, t, &mut dx);
-            Ok(Some(new(dx, &[t, din])))
-        }
-    }
-}
-
 /// `dx += dy W` with dy `[t, out]`, dx `[t, in]`, tile wave by tile wave.
-fn backward_into(dy: &[f32], w: &Nf4Weight<Cpu>, t: usize, dx: &mut [f32]) {
+pub(super) fn backward_into(dy: &[f32], w: &Nf4Weight<Cpu>, t: usize, dx: &mut [f32]) {
     let (dout, din) = (w.out, w.in_);
     if t == 0 || dout == 0 || din == 0 {
         return;
@@ -331,40 +307,42 @@ pub(super) fn row_sq_norms(w: &Nf4Weight<Cpu>) -> Result<Tensor<Cpu>> {
     Ok(new(out, &[dout]))
 }
 
-pub(super) fn dora_weight_norm(
+/// `||dequant(W) + ΔW||_row` by the low-rank identity, tile by tile: the identity is
+/// row-separable, so each dequantized tile of rows runs the dense computation with the
+/// matching rows of `B'` and of `||W||^2`. Tiles of at least 4r rows keep the per-tile
+/// `A A^T` (`r^2 in`) small next to the tile's `W A^T` (`rows r in`).
+pub(super) fn lowrank_row_norms(
     w0: &Nf4Weight<Cpu>,
     w0_row_sq: &Tensor<Cpu>,
-    a: &Tensor<Cpu>,
-    b: &Tensor<Cpu>,
-    s: f32,
+    term: &LowRank<'_, Cpu>,
 ) -> Result<Tensor<Cpu>> {
     let (dout, din) = (w0.out, w0.in_);
-    let r = check::lora(din, dout, a, b)?;
-    w0_row_sq.expect_shape("w0_row_sq", &[dout])?;
+    let (a, b, r) = lowrank::factors(term, din, dout);
+    let bf = lowrank::folded_b(term, b, r);
     let q = quant(w0);
     let absmax = q.absmax_f32();
-    // The norm is row-separable: the dense kernel runs on each dequantized tile of rows with
-    // the matching rows of B and of ||W0||^2. Tiles of at least 4r rows keep the per-tile
-    // A A^T (r^2 in) small next to the tile's W0 A^T (rows r in).
     let tr = tile_rows(din, dout).max(4 * r).min(dout.max(1));
-    let tiles: Vec<Result<Vec<f32>>> = (0..dout.div_ceil(tr))
+    let tiles: Vec<Vec<f32>> = (0..dout.div_ceil(tr))
         .into_par_iter()
         .map(|i| {
             let (o0, o1) = (i * tr, ((i + 1) * tr).min(dout));
             let rows = o1 - o0;
             let mut tile = vec![0.0f32; rows * din];
             dequant_tile(q, &absmax, o0, o1, &mut tile);
-            let wt = new(tile, &[rows, din]);
-            let bt = new(b.data()[o0 * r..o1 * r].to_vec(), &[rows, r]);
-            let sq = new(w0_row_sq.data()[o0..o1].to_vec(), &[rows]);
-            Ok(adapters::dora_weight_norm(&wt, &sq, a, &bt, s)?.into_vec())
+            let p = lowrank::shrink(&tile, &a, rows, din, r);
+            lowrank::norm_from_p(
+                &p,
+                (r, 1),
+                &w0_row_sq.data()[o0..o1],
+                &a,
+                &bf[o0 * r..o1 * r],
+                term.scale,
+                din,
+                r,
+            )
         })
         .collect();
-    let mut n = Vec::with_capacity(dout);
-    for tile in tiles {
-        n.extend(tile?);
-    }
-    Ok(new(n, &[dout]))
+    Ok(new(tiles.concat(), &[dout]))
 }
 
 #[cfg(test)]

@@ -1,9 +1,10 @@
-//! CPU reference implementations of the non-GEMM kernels (norms, RoPE, attention, loss).
+//! CPU reference implementations of the Llama block ops (norms, RoPE, attention, SwiGLU, loss)
+//! and AdamW. Arguments arrive checked (`Backend`'s provided methods).
 
 use super::gemm::{Op, sgemm};
 use super::{Cpu, new};
-use crate::backend::{AttentionSaved, SeqSpan, Tensor, check};
-use crate::error::Result;
+use crate::backend::check::AdamWFactors;
+use crate::backend::{AdamWParams, AttentionSaved, SeqSpan, Tensor};
 use rayon::prelude::*;
 
 /// `x * sigmoid(x)`.
@@ -12,13 +13,8 @@ pub(super) fn silu(x: f32) -> f32 {
     x / (1.0 + (-x).exp())
 }
 
-pub(super) fn rmsnorm(
-    x: &Tensor<Cpu>,
-    w: &Tensor<Cpu>,
-    eps: f32,
-) -> Result<(Tensor<Cpu>, Tensor<Cpu>)> {
-    let (t, d) = x.dims2("x")?;
-    w.expect_shape("weight", &[d])?;
+pub(super) fn rmsnorm(x: &Tensor<Cpu>, w: &Tensor<Cpu>, eps: f32) -> (Tensor<Cpu>, Tensor<Cpu>) {
+    let (t, d) = (x.dim(0), x.dim(1));
     let mut y = vec![0.0f32; t * d];
     let mut rstd = vec![0.0f32; t];
     y.par_chunks_mut(d.max(1))
@@ -32,7 +28,7 @@ pub(super) fn rmsnorm(
                 *o = wv * (xv * r);
             }
         });
-    Ok((new(y, &[t, d]), new(rstd, &[t])))
+    (new(y, &[t, d]), new(rstd, &[t]))
 }
 
 pub(super) fn rmsnorm_backward(
@@ -41,8 +37,8 @@ pub(super) fn rmsnorm_backward(
     w: &Tensor<Cpu>,
     rstd: &Tensor<Cpu>,
     dweight: Option<&mut Tensor<Cpu>>,
-) -> Result<Tensor<Cpu>> {
-    let (t, d) = check::rmsnorm_backward(dy, x, w, rstd)?;
+) -> Tensor<Cpu> {
+    let (t, d) = (x.dim(0), x.dim(1));
     // y = w * x * r with r = (mean(x^2) + eps)^(-1/2); dr/dx = -r^3 x / d.
     // dx = r (dy*w) - x r^3 mean(dy*w*x)
     let mut dx = vec![0.0f32; t * d];
@@ -63,7 +59,6 @@ pub(super) fn rmsnorm_backward(
             }
         });
     if let Some(dw) = dweight {
-        dw.expect_shape("dweight", &[d])?;
         for ((xr, dyr), &r) in x
             .buf
             .chunks(d.max(1))
@@ -75,7 +70,7 @@ pub(super) fn rmsnorm_backward(
             }
         }
     }
-    Ok(new(dx, &[t, d]))
+    new(dx, &[t, d])
 }
 
 pub(super) fn rope(
@@ -84,9 +79,8 @@ pub(super) fn rope(
     head_dim: usize,
     theta: f32,
     inverse: bool,
-) -> Result<()> {
-    let (t, width) = x.dims2("x")?;
-    check::rope(width, t, positions, head_dim)?;
+) {
+    let width = x.dim(1);
     let half = head_dim / 2;
     let inv_freq = crate::backend::rope_inv_freq(head_dim, theta);
     let sign = if inverse { -1.0f32 } else { 1.0 };
@@ -110,7 +104,6 @@ pub(super) fn rope(
                 }
             }
         });
-    Ok(())
 }
 
 /// Copies head `h` (width `hd`) of rows `span` of a `[T, H*hd]` buffer into `[len, hd]`.
@@ -171,8 +164,8 @@ pub(super) fn attention(
     n_heads: usize,
     n_kv_heads: usize,
     scale: f32,
-) -> Result<AttentionSaved<Cpu>> {
-    let (t, hd, group) = check::attention(q, k, v, seqs, n_heads, n_kv_heads)?;
+) -> AttentionSaved<Cpu> {
+    let (t, hd, group) = (q.dim(0), q.dim(1) / n_heads, n_heads / n_kv_heads);
     let (qw, kw) = (n_heads * hd, n_kv_heads * hd);
     // Per task: outputs of the group's query heads, [group][len*hd] and lse [group][len].
     let results: Vec<_> = tasks(seqs, n_kv_heads)
@@ -203,10 +196,10 @@ pub(super) fn attention(
             lse[h * t + span.start..h * t + span.start + span.len].copy_from_slice(&l);
         }
     }
-    Ok(AttentionSaved {
+    AttentionSaved {
         out: new(out, &[t, qw]),
         lse: new(lse, &[n_heads, t]),
-    })
+    }
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -220,9 +213,8 @@ pub(super) fn attention_backward(
     n_heads: usize,
     n_kv_heads: usize,
     scale: f32,
-) -> Result<(Tensor<Cpu>, Tensor<Cpu>, Tensor<Cpu>)> {
-    let (t, hd, group) =
-        check::attention_backward(d_out, q, k, v, saved, seqs, n_heads, n_kv_heads)?;
+) -> (Tensor<Cpu>, Tensor<Cpu>, Tensor<Cpu>) {
+    let (t, hd, group) = (q.dim(0), q.dim(1) / n_heads, n_heads / n_kv_heads);
     let (qw, kw) = (n_heads * hd, n_kv_heads * hd);
     let results: Vec<_> = tasks(seqs, n_kv_heads)
         .into_par_iter()
@@ -284,7 +276,75 @@ pub(super) fn attention_backward(
         put_head_rows(&mut dk, kw, span, kvh, hd, &dkh);
         put_head_rows(&mut dv, kw, span, kvh, hd, &dvh);
     }
-    Ok((new(dq, &[t, qw]), new(dk, &[t, kw]), new(dv, &[t, kw])))
+    (new(dq, &[t, qw]), new(dk, &[t, kw]), new(dv, &[t, kw]))
+}
+
+/// [`attention`] of each sequence's newest `q_span.len` tokens over its whole context
+/// `kv_span` (the cached tokens, then the new ones): query j attends to kv rows
+/// `0..=kv_len - q_len + j`. Output `[Tq, Hq*hd]`.
+#[allow(clippy::too_many_arguments)]
+pub(super) fn attention_cached(
+    q: &Tensor<Cpu>,
+    k: &Tensor<Cpu>,
+    v: &Tensor<Cpu>,
+    q_seqs: &[SeqSpan],
+    kv_seqs: &[SeqSpan],
+    n_heads: usize,
+    n_kv_heads: usize,
+    scale: f32,
+) -> Tensor<Cpu> {
+    let (tq, hd, group) = (q.dim(0), q.dim(1) / n_heads, n_heads / n_kv_heads);
+    let (qw, kw) = (n_heads * hd, n_kv_heads * hd);
+    let work: Vec<(usize, usize)> = (0..q_seqs.len())
+        .filter(|&i| q_seqs[i].len > 0)
+        .flat_map(|i| (0..n_kv_heads).map(move |h| (i, h)))
+        .collect();
+    let results: Vec<_> = work
+        .into_par_iter()
+        .map(|(i, kvh)| {
+            let (qs, ks) = (q_seqs[i], kv_seqs[i]);
+            let (nq, nk) = (qs.len, ks.len);
+            let past = nk - nq;
+            let kh = head_rows(&k.buf, kw, ks, kvh, hd);
+            let vh = head_rows(&v.buf, kw, ks, kvh, hd);
+            let mut s = vec![0.0f32; nq * nk];
+            let mut outs = Vec::with_capacity(group);
+            for g in 0..group {
+                let h = kvh * group + g;
+                let qh = head_rows(&q.buf, qw, qs, h, hd);
+                sgemm(Op::N, Op::T, nq, nk, hd, 1.0, &qh, &kh, 0.0, &mut s);
+                for j in 0..nq {
+                    let row = &mut s[j * nk..(j + 1) * nk];
+                    let last = past + j;
+                    let mut m = f32::NEG_INFINITY;
+                    for x in row[..=last].iter_mut() {
+                        *x *= scale;
+                        m = m.max(*x);
+                    }
+                    let mut l = 0.0f32;
+                    for x in row[..=last].iter_mut() {
+                        *x = (*x - m).exp();
+                        l += *x;
+                    }
+                    for x in row[..=last].iter_mut() {
+                        *x /= l;
+                    }
+                    row[last + 1..].fill(0.0);
+                }
+                let mut o = vec![0.0f32; nq * hd];
+                sgemm(Op::N, Op::N, nq, hd, nk, 1.0, &s, &vh, 0.0, &mut o);
+                outs.push((h, o));
+            }
+            (qs, outs)
+        })
+        .collect();
+    let mut out = vec![0.0f32; tq * qw];
+    for (span, outs) in results {
+        for (h, o) in outs {
+            put_head_rows(&mut out, qw, span, h, hd, &o);
+        }
+    }
+    new(out, &[tq, qw])
 }
 
 /// One counted row of the cross-entropy: writes `grad_scale * (softmax - onehot)` into `g`
@@ -307,9 +367,8 @@ pub(super) fn cross_entropy(
     logits: &Tensor<Cpu>,
     labels: &[i32],
     grad_scale: f32,
-) -> Result<(f64, Tensor<Cpu>)> {
-    let (n, vocab) = logits.dims2("logits")?;
-    check::labels(labels, n, vocab)?;
+) -> (f64, Tensor<Cpu>) {
+    let (n, vocab) = (logits.dim(0), logits.dim(1));
     let mut grad = vec![0.0f32; n * vocab];
     let loss: f64 = grad
         .par_chunks_mut(vocab.max(1))
@@ -324,16 +383,15 @@ pub(super) fn cross_entropy(
             lse - row[label as usize] as f64
         })
         .sum();
-    Ok((loss, new(grad, &[n, vocab])))
+    (loss, new(grad, &[n, vocab]))
 }
 
 pub(super) fn cross_entropy_stats(
     logits: &Tensor<Cpu>,
     labels: &[i32],
     grad_scale: f32,
-) -> Result<(Tensor<Cpu>, Tensor<Cpu>)> {
-    let (n, vocab) = logits.dims2("logits")?;
-    check::labels(labels, n, vocab)?;
+) -> (Tensor<Cpu>, Tensor<Cpu>) {
+    let (n, vocab) = (logits.dim(0), logits.dim(1));
     let mut grad = vec![0.0f32; n * vocab];
     let rows: Vec<Option<[f32; 3]>> = grad
         .par_chunks_mut(vocab.max(1))
@@ -348,5 +406,61 @@ pub(super) fn cross_entropy_stats(
         .collect();
     let stats: Vec<f32> = rows.into_iter().flatten().flatten().collect();
     let k = stats.len() / 3;
-    Ok((new(stats, &[k, 3]), new(grad, &[n, vocab])))
+    (new(stats, &[k, 3]), new(grad, &[n, vocab]))
+}
+
+pub(super) fn swiglu(gate: &Tensor<Cpu>, up: &Tensor<Cpu>) -> Tensor<Cpu> {
+    let out = gate
+        .buf
+        .par_iter()
+        .with_min_len(1 << 14)
+        .zip(up.buf.par_iter())
+        .map(|(&g, &u)| silu(g) * u)
+        .collect();
+    new(out, gate.shape())
+}
+
+pub(super) fn swiglu_backward(
+    d: &Tensor<Cpu>,
+    gate: &Tensor<Cpu>,
+    up: &Tensor<Cpu>,
+) -> (Tensor<Cpu>, Tensor<Cpu>) {
+    let (dg, du): (Vec<f32>, Vec<f32>) = d
+        .buf
+        .par_iter()
+        .with_min_len(1 << 14)
+        .zip(gate.buf.par_iter().zip(up.buf.par_iter()))
+        .map(|(&d, (&g, &u))| {
+            let sig = 1.0 / (1.0 + (-g).exp());
+            let silu = g * sig;
+            // d silu/dg = sig * (1 + g (1 - sig))
+            (d * u * sig * (1.0 + g * (1.0 - sig)), d * silu)
+        })
+        .unzip();
+    (new(dg, gate.shape()), new(du, gate.shape()))
+}
+
+/// torch.optim.AdamW (single-tensor path): decay, moments, bias-corrected update with eps
+/// added to sqrt(v_hat).
+pub(super) fn adamw_step(
+    param: &mut Tensor<Cpu>,
+    grad: &Tensor<Cpu>,
+    m: &mut Tensor<Cpu>,
+    v: &mut Tensor<Cpu>,
+    f: &AdamWFactors,
+    p: &AdamWParams,
+) {
+    for (((w, &g), m), v) in param
+        .buf
+        .iter_mut()
+        .zip(&grad.buf)
+        .zip(m.buf.iter_mut())
+        .zip(v.buf.iter_mut())
+    {
+        *w *= f.decay;
+        *m = p.beta1 * *m + (1.0 - p.beta1) * g;
+        *v = p.beta2 * *v + (1.0 - p.beta2) * g * g;
+        let denom = v.sqrt() / f.bc2_sqrt + p.eps;
+        *w -= f.step_size * *m / denom;
+    }
 }

@@ -6,9 +6,17 @@
 //!   [`crate::backend::Backend::download`] back to f32. Kernels accumulate in f32 (f64 where the CPU reference
 //!   does). Two outputs are always f32 whatever the storage: RMSNorm's `rstd` and attention's
 //!   `lse` (statistics that must not lose precision).
-//! * Shapes and argument errors come from [`crate::backend::check`], exactly as on the CPU.
-//!   Device failures (out of memory, a failed launch, NVRTC errors) are
-//!   `Error::Backend { backend: "cuda", .. }`; nothing panics through the public API.
+//! * Kernels: `impl Kernels for Cuda` below only delegates, one module per concept as on the
+//!   CPU: `memory` (buffers, gathers), `dense` (the base products over a dense or NF4
+//!   weight, elementwise updates, row norms), `lowrank` (the fused low-rank term of
+//!   [`crate::backend::lowrank`]: forward, input gradient, parameter gradients, merges, weight
+//!   norm), `nf4` (bitsandbytes' layout, the tiled dequantized products), `adalora` (the rank
+//!   allocator), `ops` (the Llama block ops and AdamW). They receive their arguments checked:
+//!   shapes and argument errors come from [`crate::backend::check`] through `Backend`'s
+//!   provided methods, exactly as on the CPU. What remains here is the device's own: a tensor of
+//!   another storage dtype, a dim beyond 2^31 - 1, a head dim over 256, and device failures
+//!   (out of memory, a failed launch, NVRTC errors), `Error::Backend { backend: "cuda", .. }`;
+//!   nothing panics through the public API.
 //! * Requirements: an NVIDIA GPU of compute capability 8.0 or newer (bf16 atomics), the driver
 //!   (`libcuda`), `libnvrtc` and `libcublas` (CUDA 13) on the library path, and the toolkit's
 //!   `cuda_fp16.h`/`cuda_bf16.h` for NVRTC (see [`kernels::include_dir`]).
@@ -17,18 +25,22 @@
 //!
 //! Kernels run on one stream in order; downloads synchronize.
 
-mod adalora_alloc;
-mod adalora_vera;
-mod adapters;
-mod backend_impl;
+mod adalora;
 mod blas;
-mod dora;
+mod dense;
 pub mod kernels;
+mod lowrank;
+mod memory;
 mod nf4;
 mod ops;
 
-use super::Tensor;
+use super::check::{AdamWFactors, EmaCoefs};
+use super::{
+    AdaLoraIpt, AdamWParams, AttentionSaved, Base, GradWants, Kernels, LowRank, LowRankOut,
+    Nf4Weight, ParamGrads, SeqSpan, Tensor,
+};
 use crate::error::{Error, Result};
+use crate::quant::nf4::Nf4Tensor;
 use cudarc::driver::{
     CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream, DevicePtr, LaunchConfig,
     PushKernelArg,
@@ -431,6 +443,16 @@ impl Cuda {
         }
     }
 
+    /// The raw device pointer of a tensor of the storage dtype, for reading.
+    pub(crate) fn ptr(&self, name: &str, t: &Tensor<Cuda>) -> Result<u64> {
+        Ok(pu(self.rd(name, t)?))
+    }
+
+    /// The raw device pointer of an optional tensor of the storage dtype (0 for `None`).
+    pub(crate) fn opt_ptr(&self, name: &str, t: Option<&Tensor<Cuda>>) -> Result<u64> {
+        Ok(pu(self.opt(name, t)?))
+    }
+
     /// The device pointer of an f32 tensor (rstd, lse). Errors: another dtype.
     pub(crate) fn rd_f32(&self, name: &str, t: &Tensor<Cuda>) -> Result<Arg> {
         if t.buf.dtype != DType::F32 {
@@ -443,6 +465,12 @@ impl Cuda {
             ));
         }
         Ok(Arg::P(self.slice_ptr(&t.buf.mem)))
+    }
+
+    /// The raw device pointer of an f32 tensor (a GEMM product kept in f32). Errors: another
+    /// dtype.
+    pub(crate) fn ptr_f32(&self, name: &str, t: &Tensor<Cuda>) -> Result<u64> {
+        Ok(pu(self.rd_f32(name, t)?))
     }
 
     /// The device pointer of a tensor for writing in place: a buffer shared with a clone is
@@ -531,7 +559,283 @@ fn decode(bytes: &[u8], dtype: DType) -> Vec<f32> {
     }
 }
 
+/// The raw pointer of a pointer argument (0 for a scalar).
+pub(crate) fn pu(a: Arg) -> u64 {
+    match a {
+        Arg::P(p) => p,
+        _ => 0,
+    }
+}
+
 /// `ceil(a / b)` as a grid dimension.
 pub(crate) fn blocks(a: usize, b: usize) -> u32 {
     a.div_ceil(b.max(1)).min(u32::MAX as usize) as u32
+}
+
+impl Kernels for Cuda {
+    type Buf = CudaBuf;
+    type Nf4Buf = CudaNf4;
+
+    fn name_kernel(&self) -> &'static str {
+        "cuda"
+    }
+    fn synchronize_kernel(&self) -> Result<()> {
+        Cuda::synchronize(self)
+    }
+
+    fn upload_kernel(&self, data: &[f32], shape: &[usize]) -> Result<Tensor<Self>> {
+        memory::upload(self, data, shape)
+    }
+    /// The bytes of the storage dtype (2 per element in f16/bf16).
+    fn stored_bytes_kernel(t: &Tensor<Self>) -> usize {
+        memory::stored_bytes(t)
+    }
+    fn download_kernel(&self, t: &Tensor<Self>) -> Result<Vec<f32>> {
+        memory::download(self, t)
+    }
+    fn zeros_kernel(&self, shape: &[usize]) -> Result<Tensor<Self>> {
+        self.alloc(shape)
+    }
+    fn copy_into_kernel(&self, src: &Tensor<Self>, dst: &mut Tensor<Self>) -> Result<()> {
+        memory::copy_into(self, src, dst)
+    }
+    fn gather_rows_kernel(&self, t: &Tensor<Self>, idx: &[u32]) -> Result<Tensor<Self>> {
+        memory::gather_rows(self, t, idx)
+    }
+    fn scatter_add_rows_kernel(
+        &self,
+        dst: &mut Tensor<Self>,
+        idx: &[u32],
+        src: &Tensor<Self>,
+    ) -> Result<()> {
+        memory::scatter_add_rows(self, dst, idx, src)
+    }
+
+    fn linear_lowrank_kernel(
+        &self,
+        x: &Tensor<Self>,
+        base: Base<'_, Self>,
+        bias: Option<&Tensor<Self>>,
+        term: Option<&LowRank<'_, Self>>,
+    ) -> Result<LowRankOut<Self>> {
+        lowrank::forward(self, x, base, bias, term)
+    }
+    fn backward_input_kernel(
+        &self,
+        dy: &Tensor<Self>,
+        base: Base<'_, Self>,
+        term: Option<&LowRank<'_, Self>>,
+        acc: Option<&mut Tensor<Self>>,
+    ) -> Result<(Option<Tensor<Self>>, Option<Tensor<Self>>)> {
+        lowrank::backward_input(self, dy, base, term, acc)
+    }
+    fn lowrank_grads_kernel(
+        &self,
+        dy: &Tensor<Self>,
+        x: &Tensor<Self>,
+        h: &Tensor<Self>,
+        z: Option<&Tensor<Self>>,
+        g: &Tensor<Self>,
+        term: &LowRank<'_, Self>,
+        wants: GradWants,
+    ) -> Result<ParamGrads<Self>> {
+        lowrank::grads(self, dy, x, h, z, g, term, wants)
+    }
+    fn lowrank_merge_kernel(
+        &self,
+        w: &mut Tensor<Self>,
+        term: &LowRank<'_, Self>,
+        sign: f32,
+    ) -> Result<()> {
+        lowrank::merge(self, w, term, sign)
+    }
+    fn row_sq_norms_kernel(&self, base: Base<'_, Self>) -> Result<Tensor<Self>> {
+        dense::row_sq_norms(self, base)
+    }
+    fn lowrank_row_norms_kernel(
+        &self,
+        base: Base<'_, Self>,
+        base_row_sq: &Tensor<Self>,
+        term: &LowRank<'_, Self>,
+    ) -> Result<Tensor<Self>> {
+        lowrank::row_norms(self, base, base_row_sq, term)
+    }
+    fn linear_backward_weight_kernel(
+        &self,
+        dy: &Tensor<Self>,
+        x: &Tensor<Self>,
+        dw: &mut Tensor<Self>,
+    ) -> Result<()> {
+        dense::backward_weight(self, dy, x, dw)
+    }
+    fn axpy_kernel(&self, a: &mut Tensor<Self>, alpha: f32, b: &Tensor<Self>) -> Result<()> {
+        dense::axpy(self, a, alpha, b)
+    }
+    fn scale_kernel(&self, a: &mut Tensor<Self>, alpha: f32) -> Result<()> {
+        dense::scale(self, a, alpha)
+    }
+    fn sum_squares_kernel(&self, a: &Tensor<Self>) -> Result<f64> {
+        dense::sum_squares(self, a)
+    }
+
+    fn upload_nf4_kernel(&self, w: &Nf4Tensor) -> Result<Nf4Weight<Self>> {
+        nf4::upload(self, w)
+    }
+    fn nf4_dequantize_kernel(&self, w: &Nf4Weight<Self>) -> Result<Tensor<Self>> {
+        nf4::dequantize(self, w)
+    }
+
+    fn adalora_update_ipt_kernel(
+        &self,
+        param: &Tensor<Self>,
+        grad: &Tensor<Self>,
+        exp_avg_ipt: &mut Tensor<Self>,
+        exp_avg_unc: &mut Tensor<Self>,
+        coefs: &EmaCoefs,
+    ) -> Result<()> {
+        adalora::update_ipt(self, param, grad, exp_avg_ipt, exp_avg_unc, coefs)
+    }
+    fn adalora_triplet_scores_kernel(
+        &self,
+        ema: &AdaLoraIpt<Self>,
+        scores: &mut Tensor<Self>,
+        offset: usize,
+    ) -> Result<()> {
+        adalora::triplet_scores(self, ema, scores, offset)
+    }
+    fn adalora_threshold_kernel(&self, scores: &Tensor<Self>, k: usize) -> Result<Tensor<Self>> {
+        adalora::threshold(self, scores, k)
+    }
+    fn adalora_rank_mask_kernel(
+        &self,
+        scores: &Tensor<Self>,
+        threshold: &Tensor<Self>,
+    ) -> Result<Tensor<Self>> {
+        adalora::rank_mask(self, scores, threshold)
+    }
+    fn adalora_apply_mask_kernel(
+        &self,
+        lora_e: &mut Tensor<Self>,
+        keep: &Tensor<Self>,
+        offset: usize,
+    ) -> Result<()> {
+        adalora::apply_mask(self, lora_e, keep, offset)
+    }
+    fn adalora_orth_reg_kernel(
+        &self,
+        factors: &[(&Tensor<Self>, &Tensor<Self>)],
+        grads: &mut [(&mut Tensor<Self>, &mut Tensor<Self>)],
+        orth_reg_weight: f32,
+    ) -> Result<Tensor<Self>> {
+        adalora::orth_reg(self, factors, grads, orth_reg_weight)
+    }
+
+    fn rmsnorm_kernel(
+        &self,
+        x: &Tensor<Self>,
+        weight: &Tensor<Self>,
+        eps: f32,
+    ) -> Result<(Tensor<Self>, Tensor<Self>)> {
+        ops::rmsnorm(self, x, weight, eps)
+    }
+    fn rmsnorm_backward_kernel(
+        &self,
+        dy: &Tensor<Self>,
+        x: &Tensor<Self>,
+        weight: &Tensor<Self>,
+        rstd: &Tensor<Self>,
+        dweight: Option<&mut Tensor<Self>>,
+    ) -> Result<Tensor<Self>> {
+        ops::rmsnorm_backward(self, dy, x, weight, rstd, dweight)
+    }
+    fn rope_kernel(
+        &self,
+        x: &mut Tensor<Self>,
+        positions: &[u32],
+        head_dim: usize,
+        theta: f32,
+        inverse: bool,
+    ) -> Result<()> {
+        ops::rope(self, x, positions, head_dim, theta, inverse)
+    }
+    fn attention_kernel(
+        &self,
+        q: &Tensor<Self>,
+        k: &Tensor<Self>,
+        v: &Tensor<Self>,
+        seqs: &[SeqSpan],
+        n_heads: usize,
+        n_kv_heads: usize,
+        scale: f32,
+    ) -> Result<AttentionSaved<Self>> {
+        ops::attention(self, q, k, v, seqs, n_heads, n_kv_heads, scale)
+    }
+    fn attention_backward_kernel(
+        &self,
+        d_out: &Tensor<Self>,
+        q: &Tensor<Self>,
+        k: &Tensor<Self>,
+        v: &Tensor<Self>,
+        saved: &AttentionSaved<Self>,
+        seqs: &[SeqSpan],
+        n_heads: usize,
+        n_kv_heads: usize,
+        scale: f32,
+    ) -> Result<(Tensor<Self>, Tensor<Self>, Tensor<Self>)> {
+        ops::attention_backward(
+            self, d_out, q, k, v, saved, seqs, n_heads, n_kv_heads, scale,
+        )
+    }
+    fn attention_cached_kernel(
+        &self,
+        q: &Tensor<Self>,
+        k: &Tensor<Self>,
+        v: &Tensor<Self>,
+        q_seqs: &[SeqSpan],
+        kv_seqs: &[SeqSpan],
+        n_heads: usize,
+        n_kv_heads: usize,
+        scale: f32,
+    ) -> Result<Tensor<Self>> {
+        ops::attention_cached(self, q, k, v, q_seqs, kv_seqs, n_heads, n_kv_heads, scale)
+    }
+    fn swiglu_kernel(&self, gate: &Tensor<Self>, up: &Tensor<Self>) -> Result<Tensor<Self>> {
+        ops::swiglu(self, gate, up)
+    }
+    fn swiglu_backward_kernel(
+        &self,
+        d: &Tensor<Self>,
+        gate: &Tensor<Self>,
+        up: &Tensor<Self>,
+    ) -> Result<(Tensor<Self>, Tensor<Self>)> {
+        ops::swiglu_backward(self, d, gate, up)
+    }
+    fn cross_entropy_kernel(
+        &self,
+        logits: &Tensor<Self>,
+        labels: &[i32],
+        grad_scale: f32,
+    ) -> Result<(f64, Tensor<Self>)> {
+        ops::cross_entropy(self, logits, labels, grad_scale)
+    }
+    fn cross_entropy_stats_kernel(
+        &self,
+        logits: &Tensor<Self>,
+        labels: &[i32],
+        grad_scale: f32,
+    ) -> Result<(Tensor<Self>, Tensor<Self>)> {
+        ops::cross_entropy_stats(self, logits, labels, grad_scale)
+    }
+
+    fn adamw_step_kernel(
+        &self,
+        param: &mut Tensor<Self>,
+        grad: &Tensor<Self>,
+        m: &mut Tensor<Self>,
+        v: &mut Tensor<Self>,
+        factors: &AdamWFactors,
+        p: &AdamWParams,
+    ) -> Result<()> {
+        ops::adamw_step(self, param, grad, m, v, factors, p)
+    }
 }

@@ -1,21 +1,21 @@
 //! NF4 (QLoRA) on CUDA: bitsandbytes' layout on the device, decoded bit for bit as
 //! [`Nf4Tensor::dequantize`] (double-quant absmax decoded inside each kernel).
 //!
+//! These are the base products of a `Base::Nf4` (the low-rank term around them is `lowrank.rs`):
+//!
 //! * `T <= 8` tokens: `nf4_gemv` streams the packed weight once (4 bytes per lane per step,
-//!   the code table in shared memory), optionally with the LoRA term fused
-//!   ([`Cuda::nf4_lora_forward`]).
-//! * More tokens, and `dx = dy W`: tiles of rows are dequantized into one reused scratch buffer
-//!   (at most [`SCRATCH_ELEMS`] elements) and multiplied by cuBLAS; the dense `[out, in]`
-//!   weight never exists at once unless it fits in one tile.
+//!   the code table in shared memory), optionally with a plain LoRA term fused ([`gemv`]).
+//! * More tokens, `dx = dy W` and the weight norm's `W A^T`: tiles of rows are dequantized into
+//!   one reused scratch buffer (at most [`SCRATCH_ELEMS`] elements) and multiplied by cuBLAS;
+//!   the dense `[out, in]` weight never exists at once unless it fits in one tile.
 //! * [`Cuda::quantize_nf4`] quantizes on the device with the bytes of
 //!   [`crate::quant::nf4::quantize_nf4`] (absmax, packing and the nested 8-bit codes on the
 //!   GPU; the one scalar `offset = mean(absmax)` on the host in torch's summation order).
 
-use super::adapters::{DECODE_MAX_T, lora_add, pu};
 use super::blas::Mat;
-use super::dora::dora_norm_from_p;
+use super::dense::{DECODE_MAX_T, add_bias};
 use super::{Arg, Cuda, CudaNf4, DType, berr, blocks};
-use crate::backend::{Nf4Weight, Tensor, check};
+use crate::backend::{Nf4Weight, Tensor};
 use crate::error::{Error, Result};
 use crate::quant::nf4::{Absmax, NF4_CODE, Nf4Tensor, check_blocksize, dynamic_lut, mean_f32};
 use std::sync::Arc;
@@ -72,85 +72,6 @@ impl Cuda {
     /// Rows per dequantized tile for a weight `[dout, din]`.
     fn nf4_tile_rows(din: usize, dout: usize) -> usize {
         (SCRATCH_ELEMS / din.max(1)).clamp(1, dout.max(1))
-    }
-
-    /// The fused QLoRA forward `y = x dequant(W)^T + bias + s (x A^T) B^T`, returning
-    /// `(y [T, out], h [T, r])` like [`crate::backend::Backend::lora_forward`]. For `T <= 8` one kernel reads
-    /// the packed weight once and adds the LoRA term; otherwise [`crate::backend::Backend::nf4_linear`] then
-    /// [`crate::backend::Backend::lora_add`]. Errors: shapes as [`crate::backend::Backend::lora_forward`].
-    pub fn nf4_lora_forward(
-        &self,
-        x: &Tensor<Cuda>,
-        w: &Nf4Weight<Cuda>,
-        bias: Option<&Tensor<Cuda>>,
-        lora_a: &Tensor<Cuda>,
-        lora_b: &Tensor<Cuda>,
-        scaling: f32,
-    ) -> Result<(Tensor<Cuda>, Tensor<Cuda>)> {
-        let (t, din, dout) = check::linear_dims(x, w.dims())?;
-        let r = check::lora(din, dout, lora_a, lora_b)?;
-        if let Some(b) = bias {
-            check::vector("bias", b, dout)?;
-        }
-        if t > DECODE_MAX_T {
-            let mut y = linear(self, x, w, bias)?;
-            let h = lora_add(self, &mut y, x, lora_a, lora_b, scaling)?;
-            return Ok((y, h));
-        }
-        let h = {
-            let lr = super::adapters::LowRank {
-                a: self.ptr("lora_A", lora_a)?,
-                lda: din,
-                ascale: 0,
-                b: 0,
-                ldb: r,
-                dscale: 0,
-                bscale: 0,
-                r,
-                s: scaling,
-            };
-            self.shrink(x, &lr)?
-        };
-        let y = self.alloc(&[t, dout])?;
-        self.nf4_gemv(x, w, bias, &y, Some((&h, lora_b, r, scaling)))?;
-        Ok((y, h))
-    }
-
-    fn nf4_gemv(
-        &self,
-        x: &Tensor<Cuda>,
-        w: &Nf4Weight<Cuda>,
-        bias: Option<&Tensor<Cuda>>,
-        y: &Tensor<Cuda>,
-        lora: Option<(&Tensor<Cuda>, &Tensor<Cuda>, usize, f32)>,
-    ) -> Result<()> {
-        let (t, din) = x.dims2("x")?;
-        let dout = w.out;
-        let mut args = self.nf4_args(q(w));
-        let (h, b, r, s) = match lora {
-            Some((h, b, r, s)) => (self.rd("h", h)?, self.rd("lora_B", b)?, r, s),
-            None => (Arg::P(0), Arg::P(0), 0, 0.0),
-        };
-        args.extend([
-            self.rd("x", x)?,
-            Arg::I(t as i32),
-            Arg::I(din as i32),
-            Arg::I(dout as i32),
-            self.opt("bias", bias)?,
-            self.rd("y", y)?,
-            h,
-            b,
-            Arg::I(r as i32),
-            Arg::F(s),
-        ]);
-        self.launch(
-            "nf4",
-            "nf4_gemv",
-            (blocks(dout, 4), 1, 1),
-            (128, 1, 1),
-            0,
-            &args,
-        )
     }
 
     /// Quantizes a 2-D tensor `w [out, in]` to NF4 on the device, with the bytes of
@@ -278,9 +199,12 @@ impl Cuda {
     }
 }
 
+/// Copies the quantized data to the device as stored. Errors: a dim beyond the kernels' 32-bit
+/// indices; device failures.
 pub(super) fn upload(be: &Cuda, w: &Nf4Tensor) -> Result<Nf4Weight<Cuda>> {
+    // 2-D is `Backend::upload_nf4`'s check; this only keeps a direct call from panicking.
     let &[out, in_] = w.shape() else {
-        return Err(Error::shape("nf4 weight", "2-D [out, in]", w.shape()));
+        return Err(berr("upload_nf4_kernel needs a 2-D weight"));
     };
     if out > i32::MAX as usize || in_ > i32::MAX as usize {
         return Err(Error::arg("nf4 weight", "dims exceed 2^31 - 1"));
@@ -325,22 +249,66 @@ pub(super) fn dequantize(be: &Cuda, w: &Nf4Weight<Cuda>) -> Result<Tensor<Cuda>>
     Ok(y)
 }
 
+/// A plain LoRA term for [`gemv`] to fuse: `s h B^T` with h `[T, r]`, B `[>= out, r]`.
+pub(super) struct GemvTerm<'a> {
+    pub h: &'a Tensor<Cuda>,
+    pub b: &'a Tensor<Cuda>,
+    pub r: usize,
+    pub s: f32,
+}
+
+/// `nf4_gemv` for `T <= 8` tokens: `y = x W^T + bias (+ s h B^T)`, the packed W read once.
+pub(super) fn gemv(
+    be: &Cuda,
+    x: &Tensor<Cuda>,
+    w: &Nf4Weight<Cuda>,
+    bias: Option<&Tensor<Cuda>>,
+    y: &Tensor<Cuda>,
+    term: Option<&GemvTerm<'_>>,
+) -> Result<()> {
+    let (t, din, dout) = (x.dim(0), x.dim(1), w.out);
+    let mut args = be.nf4_args(q(w));
+    let (h, b, r, s) = match term {
+        Some(lr) => (be.rd("h", lr.h)?, be.rd("lora_B", lr.b)?, lr.r, lr.s),
+        None => (Arg::P(0), Arg::P(0), 0, 0.0),
+    };
+    args.extend([
+        be.rd("x", x)?,
+        Arg::I(t as i32),
+        Arg::I(din as i32),
+        Arg::I(dout as i32),
+        be.opt("bias", bias)?,
+        be.rd("y", y)?,
+        h,
+        b,
+        Arg::I(r as i32),
+        Arg::F(s),
+    ]);
+    be.launch(
+        "nf4",
+        "nf4_gemv",
+        (blocks(dout, 4), 1, 1),
+        (128, 1, 1),
+        0,
+        &args,
+    )
+}
+
+/// `y = x dequant(W)^T + bias`: [`gemv`] for `T <= 8`, else dequantized tiles of rows times
+/// cuBLAS (each tile writes its columns of y), then the bias.
 pub(super) fn linear(
     be: &Cuda,
     x: &Tensor<Cuda>,
     w: &Nf4Weight<Cuda>,
     bias: Option<&Tensor<Cuda>>,
 ) -> Result<Tensor<Cuda>> {
-    let (t, din, dout) = check::linear_dims(x, w.dims())?;
-    if let Some(b) = bias {
-        b.expect_shape("bias", &[dout])?;
-    }
+    let (t, din, dout) = (x.dim(0), x.dim(1), w.out);
     let y = be.alloc(&[t, dout])?;
     if t == 0 {
         return Ok(y);
     }
     if t <= DECODE_MAX_T {
-        be.nf4_gemv(x, w, bias, &y, None)?;
+        gemv(be, x, w, bias, &y, None)?;
         return Ok(y);
     }
     let (xp, yp) = (be.ptr("x", x)?, be.ptr("y", &y)?);
@@ -367,59 +335,47 @@ pub(super) fn linear(
         o0 += rows;
     }
     if bias.is_some() {
-        be.add_bias(yp, be.opt("bias", bias)?, t, dout)?;
+        add_bias(be, yp, be.opt_ptr("bias", bias)?, t, dout)?;
     }
     Ok(y)
 }
 
-pub(super) fn linear_backward_input(
+/// `dx = dy dequant(W) + beta dx` for dy `[t, out]` and dx `[t, in]` (raw pointers), tile by
+/// tile (the first tile with `beta`, the others adding).
+pub(super) fn backward_into(
     be: &Cuda,
-    dy: &Tensor<Cuda>,
+    dy: u64,
+    t: usize,
     w: &Nf4Weight<Cuda>,
-    acc: Option<&mut Tensor<Cuda>>,
-) -> Result<Option<Tensor<Cuda>>> {
-    let (t, dout, din) = check::backward_input_dims(dy, w.dims())?;
-    let run = |dxp: u64, beta0: f32| -> Result<()> {
-        let dyp = be.ptr("dy", dy)?;
-        let tr = Cuda::nf4_tile_rows(din, dout);
-        let tile = be.alloc(&[tr, din])?;
-        let tp = be.ptr("tile", &tile)?;
-        let es = be.dtype.size() as u64;
-        let mut o0 = 0;
-        let mut beta = beta0;
-        while o0 < dout {
-            let rows = tr.min(dout - o0);
-            be.nf4_dequant_span(q(w), o0 * din, rows * din, tp)?;
-            // dx += dy[:, o0..o0+rows] tile
-            be.gemm_s(
-                t,
-                din,
-                rows,
-                1.0,
-                Mat::n(dyp + o0 as u64 * es, dout),
-                Mat::n(tp, din),
-                beta,
-                dxp,
-                din,
-            )?;
-            beta = 1.0;
-            o0 += rows;
-        }
-        Ok(())
-    };
-    match acc {
-        Some(dx) => {
-            dx.expect_shape("dx", &[t, din])?;
-            let dxp = pu(be.wr("dx", dx)?);
-            run(dxp, 1.0)?;
-            Ok(None)
-        }
-        None => {
-            let dx = be.alloc(&[t, din])?;
-            run(be.ptr("dx", &dx)?, 0.0)?;
-            Ok(Some(dx))
-        }
+    dx: u64,
+    beta: f32,
+) -> Result<()> {
+    let (dout, din) = (w.out, w.in_);
+    let tr = Cuda::nf4_tile_rows(din, dout);
+    let tile = be.alloc(&[tr, din])?;
+    let tp = be.ptr("tile", &tile)?;
+    let es = be.dtype.size() as u64;
+    let mut o0 = 0;
+    let mut beta = beta;
+    while o0 < dout {
+        let rows = tr.min(dout - o0);
+        be.nf4_dequant_span(q(w), o0 * din, rows * din, tp)?;
+        // dx (+)= dy[:, o0..o0+rows] tile
+        be.gemm_s(
+            t,
+            din,
+            rows,
+            1.0,
+            Mat::n(dy + o0 as u64 * es, dout),
+            Mat::n(tp, din),
+            beta,
+            dx,
+            din,
+        )?;
+        beta = 1.0;
+        o0 += rows;
     }
+    Ok(())
 }
 
 pub(super) fn row_sq_norms(be: &Cuda, w: &Nf4Weight<Cuda>) -> Result<Tensor<Cuda>> {
@@ -441,35 +397,32 @@ pub(super) fn row_sq_norms(be: &Cuda, w: &Nf4Weight<Cuda>) -> Result<Tensor<Cuda
     Ok(res)
 }
 
-pub(super) fn dora_weight_norm(
+/// `P = dequant(W) A^T` `[out, r]` in f32, tile by tile, for A `[r, lda]` (its first `in`
+/// columns, raw pointer of the storage dtype): the weight norm's one pass over W.
+pub(super) fn project_f32(
     be: &Cuda,
-    w0: &Nf4Weight<Cuda>,
-    w0_row_sq: &Tensor<Cuda>,
-    a: &Tensor<Cuda>,
-    b: &Tensor<Cuda>,
-    s: f32,
+    w: &Nf4Weight<Cuda>,
+    a: u64,
+    lda: usize,
+    r: usize,
 ) -> Result<Tensor<Cuda>> {
-    let (dout, din) = (w0.out, w0.in_);
-    let r = check::lora(din, dout, a, b)?;
-    w0_row_sq.expect_shape("w0_row_sq", &[dout])?;
-    // P = dequant(W0) A^T, tile by tile, into f32.
+    let (dout, din) = (w.out, w.in_);
     let p = be.alloc_typed(&[dout, r], DType::F32)?;
-    let pp = pu(be.rd_f32("P", &p)?);
-    let ap = be.ptr("lora_A", a)?;
+    let pp = be.ptr_f32("P", &p)?;
     let tr = Cuda::nf4_tile_rows(din, dout);
     let tile = be.alloc(&[tr, din])?;
     let tp = be.ptr("tile", &tile)?;
     let mut o0 = 0;
     while o0 < dout {
         let rows = tr.min(dout - o0);
-        be.nf4_dequant_span(q(w0), o0 * din, rows * din, tp)?;
+        be.nf4_dequant_span(q(w), o0 * din, rows * din, tp)?;
         be.gemm(
             rows,
             r,
             din,
             1.0,
             Mat::n(tp, din),
-            Mat::t(ap, din),
+            Mat::t(a, lda),
             0.0,
             pp + (o0 * r * 4) as u64,
             r,
@@ -478,5 +431,5 @@ pub(super) fn dora_weight_norm(
         )?;
         o0 += rows;
     }
-    dora_norm_from_p(be, &p, w0_row_sq, a, b, s)
+    Ok(p)
 }

@@ -1,118 +1,12 @@
-//! Model and optimizer ops of the CUDA backend: embedding gather/scatter, RMSNorm, RoPE,
-//! attention, SwiGLU, cross-entropy, AdamW and the elementwise helpers.
+//! The Llama block ops and AdamW on CUDA (`kernels/model.cu`, `kernels/optim.cu`): RMSNorm,
+//! RoPE, attention, SwiGLU, cross-entropy, AdamW. Arguments arrive checked (`Backend`'s provided
+//! methods); what is left here is the device's own limit (head dims up to 256).
 
-use super::adapters::{pu, same};
-use super::{Arg, Cuda, DType, blocks};
-use crate::backend::{AdamWParams, AttentionSaved, SeqSpan, Tensor, check};
+use super::dense::grid;
+use super::{Arg, Cuda, DType, blocks, pu};
+use crate::backend::check::AdamWFactors;
+use crate::backend::{AdamWParams, AttentionSaved, SeqSpan, Tensor, rope_inv_freq};
 use crate::error::{Error, Result};
-
-/// Grid of a grid-stride elementwise kernel over `n` elements (block 256).
-fn grid(n: usize) -> u32 {
-    blocks(n, 256).clamp(1, 4096)
-}
-
-fn idx_i32(idx: &[u32]) -> Vec<i32> {
-    idx.iter().map(|&i| i as i32).collect()
-}
-
-pub(super) fn gather_rows(be: &Cuda, t: &Tensor<Cuda>, idx: &[u32]) -> Result<Tensor<Cuda>> {
-    let (n, d) = t.dims2("table")?;
-    check::row_indices(idx, n)?;
-    let out = be.alloc(&[idx.len(), d])?;
-    let di = be.upload_i32(&idx_i32(idx))?;
-    be.launch(
-        "model",
-        "gather_rows",
-        (blocks(idx.len() * d, 256), 1, 1),
-        (256, 1, 1),
-        0,
-        &[
-            be.rd("table", t)?,
-            Arg::P(be.slice_ptr(&di)),
-            be.rd("out", &out)?,
-            Arg::I(idx.len() as i32),
-            Arg::I(d as i32),
-        ],
-    )?;
-    Ok(out)
-}
-
-pub(super) fn scatter_add_rows(
-    be: &Cuda,
-    dst: &mut Tensor<Cuda>,
-    idx: &[u32],
-    src: &Tensor<Cuda>,
-) -> Result<()> {
-    let (n, d) = dst.dims2("dst")?;
-    src.expect_shape("src", &[idx.len(), d])?;
-    check::row_indices(idx, n)?;
-    let di = be.upload_i32(&idx_i32(idx))?;
-    let dp = be.wr("dst", dst)?;
-    be.launch(
-        "model",
-        "scatter_add_rows",
-        (blocks(idx.len() * d, 256), 1, 1),
-        (256, 1, 1),
-        0,
-        &[
-            dp,
-            Arg::P(be.slice_ptr(&di)),
-            be.rd("src", src)?,
-            Arg::I(idx.len() as i32),
-            Arg::I(d as i32),
-        ],
-    )
-}
-
-pub(super) fn axpy(be: &Cuda, a: &mut Tensor<Cuda>, alpha: f32, b: &Tensor<Cuda>) -> Result<()> {
-    same("b", b, a)?;
-    let n = a.len();
-    let bp = be.rd("b", b)?;
-    let ap = be.wr("a", a)?;
-    be.launch(
-        "optim",
-        "axpy",
-        (grid(n), 1, 1),
-        (256, 1, 1),
-        0,
-        &[ap, Arg::F(alpha), bp, Arg::L(n as i64)],
-    )
-}
-
-pub(super) fn scale(be: &Cuda, a: &mut Tensor<Cuda>, alpha: f32) -> Result<()> {
-    let n = a.len();
-    let ap = be.wr("a", a)?;
-    be.launch(
-        "optim",
-        "scale",
-        (grid(n), 1, 1),
-        (256, 1, 1),
-        0,
-        &[ap, Arg::F(alpha), Arg::L(n as i64)],
-    )
-}
-
-pub(super) fn sum_squares(be: &Cuda, a: &Tensor<Cuda>) -> Result<f64> {
-    let n = a.len();
-    if n == 0 {
-        return Ok(0.0);
-    }
-    let g = blocks(n, 256).min(1024) as usize;
-    let part = be.scratch_f64(g)?;
-    be.launch(
-        "optim",
-        "sum_squares",
-        (g as u32, 1, 1),
-        (256, 1, 1),
-        0,
-        &[
-            be.rd("a", a)?,
-            Arg::L(n as i64),
-            Arg::P(be.slice_ptr(&part)),
-        ],
-    )?;
-    Ok(be.download_f64(&part, g)?.iter().sum())
-}
 
 pub(super) fn rmsnorm(
     be: &Cuda,
@@ -120,8 +14,7 @@ pub(super) fn rmsnorm(
     w: &Tensor<Cuda>,
     eps: f32,
 ) -> Result<(Tensor<Cuda>, Tensor<Cuda>)> {
-    let (t, d) = x.dims2("x")?;
-    w.expect_shape("weight", &[d])?;
+    let (t, d) = (x.dim(0), x.dim(1));
     let y = be.alloc(&[t, d])?;
     let rstd = be.alloc_typed(&[t], DType::F32)?;
     be.launch(
@@ -150,7 +43,7 @@ pub(super) fn rmsnorm_backward(
     rstd: &Tensor<Cuda>,
     dweight: Option<&mut Tensor<Cuda>>,
 ) -> Result<Tensor<Cuda>> {
-    let (t, d) = check::rmsnorm_backward(dy, x, w, rstd)?;
+    let (t, d) = (x.dim(0), x.dim(1));
     let dx = be.alloc(&[t, d])?;
     be.launch(
         "model",
@@ -168,7 +61,6 @@ pub(super) fn rmsnorm_backward(
         ],
     )?;
     if let Some(dw) = dweight {
-        dw.expect_shape("dweight", &[d])?;
         let acc = be.alloc_typed(&[d], DType::F32)?;
         let accp = be.rd_f32("acc", &acc)?;
         be.launch(
@@ -207,13 +99,9 @@ pub(super) fn rope(
     theta: f32,
     inverse: bool,
 ) -> Result<()> {
-    let (t, width) = x.dims2("x")?;
-    check::rope(width, t, positions, head_dim)?;
+    let (t, width) = (x.dim(0), x.dim(1));
     // transformers' inv_freq, in f32 exactly as the CPU reference computes it.
-    let inv_freq: Vec<f32> = (0..head_dim / 2)
-        .map(|i| 1.0 / theta.powf((2 * i) as f32 / head_dim as f32))
-        .collect();
-    let f = be.upload_f32(&inv_freq)?;
+    let f = be.upload_f32(&rope_inv_freq(head_dim, theta))?;
     let pos: Vec<i32> = positions.iter().map(|&p| p as i32).collect();
     let pd = be.upload_i32(&pos)?;
     let xp = be.wr("x", x)?;
@@ -280,7 +168,7 @@ pub(super) fn attention(
     n_kv_heads: usize,
     scale: f32,
 ) -> Result<AttentionSaved<Cuda>> {
-    let (t, hd, _) = check::attention(q, k, v, seqs, n_heads, n_kv_heads)?;
+    let (t, hd) = (q.dim(0), q.dim(1).checked_div(n_heads).unwrap_or(0));
     let kt = att_kt(hd)?;
     let out = be.alloc(&[t, n_heads * hd])?;
     let lse = be.alloc_typed(&[n_heads, t], DType::F32)?;
@@ -324,7 +212,7 @@ pub(super) fn attention_backward(
     n_kv_heads: usize,
     scale: f32,
 ) -> Result<(Tensor<Cuda>, Tensor<Cuda>, Tensor<Cuda>)> {
-    let (t, hd, _) = check::attention_backward(d_out, q, k, v, saved, seqs, n_heads, n_kv_heads)?;
+    let (t, hd) = (q.dim(0), q.dim(1).checked_div(n_heads).unwrap_or(0));
     let kt = att_kt(hd)?;
     let delta = be.alloc_typed(&[n_heads, t], DType::F32)?;
     let deltap = be.rd_f32("delta", &delta)?;
@@ -393,8 +281,66 @@ pub(super) fn attention_backward(
     Ok((dq, dk, dv))
 }
 
+/// [`attention`] of each sequence's new tokens (`q_seqs`) over its whole context (`kv_seqs`,
+/// the new tokens last): `attention_cached_fwd`, one CTA per 4 queries of a (sequence, head).
+#[allow(clippy::too_many_arguments)]
+pub(super) fn attention_cached(
+    be: &Cuda,
+    q: &Tensor<Cuda>,
+    k: &Tensor<Cuda>,
+    v: &Tensor<Cuda>,
+    q_seqs: &[SeqSpan],
+    kv_seqs: &[SeqSpan],
+    n_heads: usize,
+    n_kv_heads: usize,
+    scale: f32,
+) -> Result<Tensor<Cuda>> {
+    let (tq, hd) = (q.dim(0), q.dim(1).checked_div(n_heads).unwrap_or(0));
+    let kt = att_kt(hd)?;
+    let out = be.alloc(&[tq, n_heads * hd])?;
+    let live: Vec<(&SeqSpan, &SeqSpan)> = q_seqs
+        .iter()
+        .zip(kv_seqs)
+        .filter(|(qs, _)| qs.len > 0)
+        .collect();
+    let col = |f: fn(&(&SeqSpan, &SeqSpan)) -> usize| -> Vec<i32> {
+        live.iter().map(|p| f(p) as i32).collect()
+    };
+    let (qst, qln) = (
+        be.upload_i32(&col(|p| p.0.start))?,
+        be.upload_i32(&col(|p| p.0.len))?,
+    );
+    let (kst, kln) = (
+        be.upload_i32(&col(|p| p.1.start))?,
+        be.upload_i32(&col(|p| p.1.len))?,
+    );
+    let maxq = live.iter().map(|p| p.0.len).max().unwrap_or(0);
+    be.launch(
+        "model",
+        "attention_cached_fwd",
+        (blocks(maxq, 4), n_heads as u32, live.len() as u32),
+        (128, 1, 1),
+        ((2 * kt * (hd + 1) + 4 * hd) * 4) as u32,
+        &[
+            be.rd("q", q)?,
+            be.rd("k", k)?,
+            be.rd("v", v)?,
+            be.rd("out", &out)?,
+            Arg::P(be.slice_ptr(&qst)),
+            Arg::P(be.slice_ptr(&qln)),
+            Arg::P(be.slice_ptr(&kst)),
+            Arg::P(be.slice_ptr(&kln)),
+            Arg::I(n_heads as i32),
+            Arg::I(n_kv_heads as i32),
+            Arg::I(hd as i32),
+            Arg::F(scale),
+            Arg::I(kt as i32),
+        ],
+    )?;
+    Ok(out)
+}
+
 pub(super) fn swiglu(be: &Cuda, gate: &Tensor<Cuda>, up: &Tensor<Cuda>) -> Result<Tensor<Cuda>> {
-    same("up", up, gate)?;
     let n = gate.len();
     let out = be.alloc(gate.shape())?;
     be.launch(
@@ -419,8 +365,6 @@ pub(super) fn swiglu_backward(
     gate: &Tensor<Cuda>,
     up: &Tensor<Cuda>,
 ) -> Result<(Tensor<Cuda>, Tensor<Cuda>)> {
-    same("up", up, gate)?;
-    same("d", d, gate)?;
     let n = gate.len();
     let dg = be.alloc(gate.shape())?;
     let du = be.alloc(gate.shape())?;
@@ -448,8 +392,7 @@ pub(super) fn cross_entropy(
     labels: &[i32],
     grad_scale: f32,
 ) -> Result<(f64, Tensor<Cuda>)> {
-    let (n, vocab) = logits.dims2("logits")?;
-    check::labels(labels, n, vocab)?;
+    let (n, vocab) = (logits.dim(0), logits.dim(1));
     let grad = be.alloc(&[n, vocab])?;
     if n == 0 {
         return Ok((0.0, grad));
@@ -480,8 +423,7 @@ pub(super) fn cross_entropy_stats(
     labels: &[i32],
     grad_scale: f32,
 ) -> Result<(Tensor<Cuda>, Tensor<Cuda>)> {
-    let (n, vocab) = logits.dims2("logits")?;
-    check::labels(labels, n, vocab)?;
+    let (n, vocab) = (logits.dim(0), logits.dim(1));
     let grad = be.alloc(&[n, vocab])?;
     // The counted rows in order; the others' gradient rows stay zero (as allocated).
     let rows: Vec<i32> = (0..n)
@@ -519,13 +461,14 @@ pub(super) fn adamw_step(
     grad: &Tensor<Cuda>,
     m: &mut Tensor<Cuda>,
     v: &mut Tensor<Cuda>,
+    factors: &AdamWFactors,
     p: &AdamWParams,
 ) -> Result<()> {
-    let check::AdamWFactors {
+    let AdamWFactors {
         step_size,
         bc2_sqrt,
         decay,
-    } = check::adamw(param, grad, m, v, p)?;
+    } = *factors;
     let n = param.len();
     let gp = be.rd("grad", grad)?;
     let wp = pu(be.wr("param", param)?);

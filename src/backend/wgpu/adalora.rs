@@ -4,7 +4,7 @@
 //! * The EMA update is the elementwise kernel `adalora_update_ipt` of
 //!   `shaders/elementwise.wgsl`.
 //! * The triplet scores sum A's rows and B's columns of `ipt * unc` with the compensated
-//!   row/column sums of `shaders/adapters.wgsl` (where the CPU sums in f64), then
+//!   row/column sums of `shaders/adapters.wgsl` (`dense.rs`; where the CPU sums in f64), then
 //!   `triplet_combine` of `shaders/adalora.wgsl` adds E's score to the two means.
 //! * `torch.kthvalue` counts ranks (`kthvalue`): every invocation counts the scores below its
 //!   own, O(n^2 / 256) per workgroup for n scores, which is nothing for the few thousand ranks of
@@ -14,11 +14,13 @@
 //!   and adds `G' A` (or `B G'`) into the gradient with a second matmul (`beta = 1`); a last
 //!   workgroup sums the norms into the loss (`orth_total`). Nothing is read back.
 
-use super::adapters::{Rows, colsum, rowdot};
-use super::ctx::Bind;
+use super::Wgpu;
+use super::ctx::{Bind, GpuBuf};
+use super::dense::{colsum, rowdot};
 use super::matmul::Operand;
-use super::{GpuBuf, Wgpu};
-use crate::backend::{AdaLoraIpt, Tensor, check};
+use super::memory::{Rows, grid};
+use crate::backend::check::EmaCoefs;
+use crate::backend::{AdaLoraIpt, Tensor};
 use crate::error::{Error, Result};
 
 const SRC: &str = include_str!("../../../shaders/adalora.wgsl");
@@ -36,7 +38,7 @@ struct Params {
 
 /// Binds the first `len` elements of `buf` whole. Errors: more than one storage binding.
 fn whole<'a>(be: &Wgpu, what: &str, buf: &'a GpuBuf, len: usize) -> Result<Bind<'a>> {
-    super::ops::whole(&be.ctx, what, buf, len)
+    super::memory::whole(&be.ctx, what, buf, len)
 }
 
 /// Dispatches `entry` of `shaders/adalora.wgsl` over `groups` workgroups.
@@ -57,7 +59,7 @@ fn run(
         p.s.to_bits(),
     ];
     be.ctx
-        .dispatch(&kernel, &words, &binds, super::adapters::grid(be, groups))
+        .dispatch(&kernel, &words, &binds, grid(&be.ctx, groups))
 }
 
 /// Errors unless `n` fits the 32-bit indices of the kernels.
@@ -74,10 +76,8 @@ pub(super) fn update_ipt(
     grad: &Tensor<Wgpu>,
     ipt: &mut Tensor<Wgpu>,
     unc: &mut Tensor<Wgpu>,
-    beta1: f64,
-    beta2: f64,
+    c: &EmaCoefs,
 ) -> Result<()> {
-    let c = check::adalora_update_ipt(param, grad, ipt, unc, beta1, beta2)?;
     Wgpu::mutable("adalora_update_ipt exp_avg_ipt", ipt)?;
     Wgpu::mutable("adalora_update_ipt exp_avg_unc", unc)?;
     be.elementwise(
@@ -102,7 +102,7 @@ pub(super) fn triplet_scores(
     scores: &mut Tensor<Wgpu>,
     offset: usize,
 ) -> Result<()> {
-    let (r, din, dout) = check::adalora_triplet_scores(ema, scores, offset)?;
+    let (r, din, dout) = (ema.ipt_a.dim(0), ema.ipt_a.dim(1), ema.ipt_b.dim(0));
     Wgpu::mutable("adalora_triplet_scores", scores)?;
     fits("scores", scores.len())?;
     // Row sums of A's and column sums of B's element scores, compensated.
@@ -144,7 +144,7 @@ pub(super) fn triplet_scores(
 }
 
 pub(super) fn threshold(be: &Wgpu, scores: &Tensor<Wgpu>, k: usize) -> Result<Tensor<Wgpu>> {
-    let n = check::adalora_threshold(scores, k)?;
+    let n = scores.len();
     fits("scores", n)?;
     let out = be.alloc(&[1]);
     let p = Params {
@@ -165,7 +165,7 @@ pub(super) fn rank_mask(
     scores: &Tensor<Wgpu>,
     threshold: &Tensor<Wgpu>,
 ) -> Result<Tensor<Wgpu>> {
-    let n = check::adalora_rank_mask(scores, threshold)?;
+    let n = scores.len();
     fits("scores", n)?;
     let keep = be.alloc(&[n]);
     if n == 0 {
@@ -190,7 +190,7 @@ pub(super) fn apply_mask(
     keep: &Tensor<Wgpu>,
     offset: usize,
 ) -> Result<()> {
-    let r = check::adalora_apply_mask(lora_e, keep, offset)?;
+    let r = lora_e.dim(0);
     Wgpu::mutable("adalora_apply_mask", lora_e)?;
     fits("keep", keep.len())?;
     if r == 0 {
@@ -214,7 +214,6 @@ pub(super) fn orth_reg(
     grads: &mut [(&mut Tensor<Wgpu>, &mut Tensor<Wgpu>)],
     orth_reg_weight: f32,
 ) -> Result<Tensor<Wgpu>> {
-    let dims = check::adalora_orth_reg(factors, grads, orth_reg_weight)?;
     for (ga, gb) in grads.iter() {
         Wgpu::mutable("adalora_orth_reg grad_A", ga)?;
         Wgpu::mutable("adalora_orth_reg grad_B", gb)?;
@@ -241,9 +240,8 @@ pub(super) fn orth_reg(
         ];
         run(be, "orth_gram", &p, binds, 1)
     };
-    for (l, ((&(a, b), (ga, gb)), &(r, din, dout))) in
-        factors.iter().zip(grads.iter()).zip(&dims).enumerate()
-    {
+    for (l, (&(a, b), (ga, gb))) in factors.iter().zip(grads.iter()).enumerate() {
+        let (r, din, dout) = (a.dim(0), a.dim(1), b.dim(0));
         // ||A A^T - I||: G = A A^T [r, r]; grad_A += G' A.
         let g = be.gemm(
             r,

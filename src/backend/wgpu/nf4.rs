@@ -6,7 +6,10 @@
 //! (`shaders/nf4.wgsl`, bit for bit [`Nf4Tensor::dequantize`]) into one scratch buffer reused
 //! by all the tiles of a call, and multiplies the tile with the one matmul of
 //! `shaders/matmul.wgsl`. The f32 `[out, in]` weight is never materialized (a tile holds at most
-//! [`TILE_ELEMS`] values and fits one storage binding). Chosen over a dedicated matmul whose
+//! [`TILE_ELEMS`] values and fits one storage binding). The low-rank term of the fused product
+//! rides on the tiles' epilogues: in the forward each tile's matmul adds the term for its own
+//! output columns (rows `o0..o1` of B), in the input gradient the first tile's matmul adds it
+//! (every tile covers all of dx). Chosen over a dedicated matmul whose
 //! B-tile loader decodes NF4 because the shared matmul already carries the epilogue (bias),
 //! the strided views (`x W^T` and `dy W` read the same tile) and the splitting of operands wider
 //! than a binding; the cost is one write and one read of the f32 tile per call, which is small
@@ -16,10 +19,12 @@
 //! Each dequantization dispatch binds only the words of `packed` and of the absmax statistics
 //! that its rows use, so weights whose packed data exceed one storage binding work.
 
-use super::adapters::{Rows, bind_words, dora_norm_from_p, grid, limits, rowdot};
-use super::matmul::{Matmul, Operand};
-use super::{GpuBuf, Wgpu};
-use crate::backend::{Nf4Weight, Tensor, check};
+use super::ctx::GpuBuf;
+use super::dense::rowdot;
+use super::matmul::{LowRank, Matmul, Operand};
+use super::memory::{Rows, bind_words, grid, limits};
+use super::{Wgpu, lowrank};
+use crate::backend::{Nf4Weight, Tensor};
 use crate::error::{Error, Result};
 use crate::quant::nf4::{Absmax, NF4_CODE, Nf4Tensor};
 use std::sync::Arc;
@@ -59,9 +64,7 @@ pub(crate) enum Nf4Scales {
 }
 
 pub(super) fn upload(be: &Wgpu, w: &Nf4Tensor) -> Result<Nf4Weight<Wgpu>> {
-    let &[out, in_] = w.shape() else {
-        return Err(Error::shape("nf4 weight", "2-D [out, in]", w.shape()));
-    };
+    let (out, in_) = (w.shape()[0], w.shape()[1]);
     if w.n_elements() > u32::MAX as usize {
         return Err(Error::arg(
             "nf4 weight",
@@ -105,7 +108,7 @@ pub(super) fn upload(be: &Wgpu, w: &Nf4Tensor) -> Result<Nf4Weight<Wgpu>> {
 /// Rows per dequantized tile of a weight with `din` columns: at most [`TILE_ELEMS`] values and
 /// one storage binding (with room for the offset alignment), at least one row.
 fn tile_rows(be: &Wgpu, din: usize, dout: usize) -> Result<usize> {
-    let (limit, align) = limits(be);
+    let (limit, align) = limits(&be.ctx);
     let room = TILE_ELEMS.min(limit.saturating_sub(align + 2));
     if din > room {
         return Err(Error::Backend {
@@ -133,14 +136,14 @@ fn dequant_range(
         return Ok(());
     }
     let e1 = e0 + len - 1;
-    let (bp, pk_base) = bind_words(be, &w.packed, e0 >> 3, e1 >> 3)?;
-    let (bo, o_base) = bind_words(be, out, out_off, out_off + len - 1)?;
+    let (bp, pk_base) = bind_words(&be.ctx, &w.packed, e0 >> 3, e1 >> 3)?;
+    let (bo, o_base) = bind_words(&be.ctx, out, out_off, out_off + len - 1)?;
     let bs = w.blocksize;
     let (b0, b1) = (e0 / bs, e1 / bs);
     let mut params: Vec<u32> = NF4_CODE.iter().map(|c| c.to_bits()).collect();
     let (entry, binds, am_base, nbs, na_base, offset) = match &w.scales {
         Nf4Scales::F32(a) => {
-            let (ba, am_base) = bind_words(be, a, b0, b1)?;
+            let (ba, am_base) = bind_words(&be.ctx, a, b0, b1)?;
             (
                 "dequant_f32",
                 vec![(1, bp), (2, ba), (6, bo)],
@@ -158,8 +161,8 @@ fn dequant_range(
             nested_blocksize,
         } => {
             let nbs = *nested_blocksize;
-            let (bq, am_base) = bind_words(be, absmax_q, b0 >> 2, b1 >> 2)?;
-            let (bn, na_base) = bind_words(be, nested_absmax, b0 / nbs, b1 / nbs)?;
+            let (bq, am_base) = bind_words(&be.ctx, absmax_q, b0 >> 2, b1 >> 2)?;
+            let (bn, na_base) = bind_words(&be.ctx, nested_absmax, b0 / nbs, b1 / nbs)?;
             let binds = vec![
                 (1, bp),
                 (3, bq),
@@ -184,7 +187,7 @@ fn dequant_range(
     ]);
     let kernel = be.ctx.kernel(&format!("nf4.{entry}"), SRC, entry)?;
     be.ctx
-        .dispatch(&kernel, &params, &binds, grid(be, len.div_ceil(256)))
+        .dispatch(&kernel, &params, &binds, grid(&be.ctx, len.div_ceil(256)))
 }
 
 /// Calls `f(o0, o1, tile)` for consecutive tiles of rows `o0..o1` of `w`, each dequantized
@@ -226,31 +229,54 @@ pub(super) fn dequantize(be: &Wgpu, w: &Nf4Weight<Wgpu>) -> Result<Tensor<Wgpu>>
     Ok(out)
 }
 
+/// `y = x W^T (+ bias) (+ the low-rank term)` into `y [t, out]`, tile by tile: each tile's
+/// matmul writes columns `o0..o1` of y with the term's rows `o0..o1` of `G` in its epilogue.
+/// The matmul's epilogue vectors are indexed from the first column of its output, so the bias
+/// rides on it only when one tile covers all of `out` (else one `K = 0` pass adds it at the
+/// end), and a per-output scale of the term must already be folded into `G` (an error
+/// otherwise). With `shrink = (a_t, r, p)`, each tile also gives its rows of `P = W A^T`
+/// (`[out, r]` into `p`, `a_t` the operand `A^T`), so that DoRA's weight norm costs no second
+/// dequantization of W.
 pub(super) fn linear(
     be: &Wgpu,
     x: &Tensor<Wgpu>,
     w: &Nf4Weight<Wgpu>,
     bias: Option<&Tensor<Wgpu>>,
-) -> Result<Tensor<Wgpu>> {
-    let (t, din, dout) = check::linear_dims(x, w.dims())?;
-    if let Some(b) = bias {
-        b.expect_shape("bias", &[dout])?;
+    lowrank: Option<LowRank<'_>>,
+    y: &GpuBuf,
+    shrink: Option<(Operand<'_>, usize, &GpuBuf)>,
+) -> Result<()> {
+    let (t, din, dout) = (x.dim(0), w.in_, w.out);
+    if lowrank.is_some_and(|l| l.nscale.is_some()) {
+        return Err(Error::Backend {
+            backend: "wgpu".into(),
+            msg: "nf4 linear: fold the per-output scale into the term's [out, r] factor".into(),
+        });
     }
-    let y = be.alloc(&[t, dout]);
-    if t == 0 {
-        return Ok(y);
+    if dout == 0 || (t == 0 && shrink.is_none()) {
+        return Ok(());
     }
-    // y[:, o0..o1] = x tile^T, tile by tile; the bias rides on the matmul's epilogue when one
-    // tile covers all of `out`, else one K = 0 pass adds it at the end.
     let mut tiles = 0;
+    if din == 0 {
+        // No tile to dequantize: the product is 0, only the epilogue terms remain.
+        let mut mm = Matmul::new(t, dout, 0, Operand::n(y, 1), Operand::n(y, 1), y, 1.0, 0.0);
+        mm.bias = bias.map(|b| &b.buf);
+        mm.lowrank = lowrank;
+        return be.matmul(&mm);
+    }
     for_tiles(be, w, |o0, o1, tile| {
+        if let Some((a_t, r, p)) = shrink {
+            let mut mm = Matmul::new(o1 - o0, r, din, Operand::n(tile, din), a_t, p, 1.0, 0.0);
+            mm.c_off = o0 * r;
+            be.matmul(&mm)?;
+        }
         let mut mm = Matmul::new(
             t,
             o1 - o0,
             din,
             Operand::n(&x.buf, din),
             Operand::t(tile, din),
-            &y.buf,
+            y,
             1.0,
             0.0,
         );
@@ -259,62 +285,59 @@ pub(super) fn linear(
         if o0 == 0 && o1 == dout {
             mm.bias = bias.map(|b| &b.buf);
         }
+        mm.lowrank = lowrank.map(|l| LowRank {
+            g: Operand {
+                off: l.g.off + o0 * l.g.rs,
+                ..l.g
+            },
+            ..l
+        });
         tiles += 1;
         be.matmul(&mm)
     })?;
     if let (Some(b), true) = (bias, tiles > 1) {
-        let mut mm = Matmul::new(
-            t,
-            dout,
-            0,
-            Operand::n(&y.buf, 1),
-            Operand::n(&y.buf, 1),
-            &y.buf,
-            1.0,
-            1.0,
-        );
+        let mut mm = Matmul::new(t, dout, 0, Operand::n(y, 1), Operand::n(y, 1), y, 1.0, 1.0);
         mm.bias = Some(&b.buf);
         be.matmul(&mm)?;
     }
-    Ok(y)
+    Ok(())
 }
 
-pub(super) fn linear_backward_input(
+/// `dx = dy W (+ the low-rank term) (+ beta dx)` for dy `[t, out]`, dx `[t, in]`: one matmul per
+/// tile of W's rows (`dy[:, o0..o1] tile`), the first with `beta` and the term in its epilogue
+/// (every tile covers all of dx), the rest accumulating.
+pub(super) fn backward_into(
     be: &Wgpu,
-    dy: &Tensor<Wgpu>,
+    dy: &GpuBuf,
+    t: usize,
     w: &Nf4Weight<Wgpu>,
-    acc: Option<&mut Tensor<Wgpu>>,
-) -> Result<Option<Tensor<Wgpu>>> {
-    let (t, dout, din) = check::backward_input_dims(dy, w.dims())?;
-    // dx (+)= dy[:, o0..o1] tile, tile by tile, accumulating after the first.
-    let run = |dx: &GpuBuf, mut first: bool| {
-        if t == 0 {
-            return Ok(());
-        }
-        for_tiles(be, w, |o0, o1, tile| {
-            let a = Operand {
-                buf: &dy.buf,
-                off: o0,
-                rs: dout,
-                cs: 1,
-            };
-            let beta = if first { 0.0 } else { 1.0 };
-            first = false;
-            be.gemm_into(t, din, o1 - o0, a, Operand::n(tile, din), 1.0, beta, dx)
-        })
-    };
-    match acc {
-        Some(dx) => {
-            dx.expect_shape("dx", &[t, din])?;
-            run(&dx.buf, false)?;
-            Ok(None)
-        }
-        None => {
-            let dx = be.alloc(&[t, din]);
-            run(&dx.buf, true)?;
-            Ok(Some(dx))
-        }
+    lowrank: Option<LowRank<'_>>,
+    dx: &GpuBuf,
+    beta: f32,
+) -> Result<()> {
+    let (dout, din) = (w.out, w.in_);
+    if t == 0 || din == 0 {
+        return Ok(());
     }
+    let mut first = true;
+    for_tiles(be, w, |o0, o1, tile| {
+        let a = Operand {
+            buf: dy,
+            off: o0,
+            rs: dout,
+            cs: 1,
+        };
+        let mut mm = Matmul::new(t, din, o1 - o0, a, Operand::n(tile, din), dx, 1.0, 1.0);
+        if first {
+            mm.beta = beta;
+            mm.lowrank = lowrank;
+        }
+        first = false;
+        be.matmul(&mm)
+    })?;
+    // With no rows (out = 0) nothing ran: the product and the term (g = dy B) are 0, and a
+    // fresh dx is already zero.
+    Ok(())
 }
 
 pub(super) fn row_sq_norms(be: &Wgpu, w: &Nf4Weight<Wgpu>) -> Result<Tensor<Wgpu>> {
@@ -327,26 +350,23 @@ pub(super) fn row_sq_norms(be: &Wgpu, w: &Nf4Weight<Wgpu>) -> Result<Tensor<Wgpu
     Ok(out)
 }
 
-pub(super) fn dora_weight_norm(
+/// `P = W A^T [out, r]` tile by tile (`a`: the term's `A` operand read transposed), for the
+/// weight norm's low-rank identity ([`lowrank::norm_from_p`]).
+pub(super) fn shrink_weight(
     be: &Wgpu,
-    w0: &Nf4Weight<Wgpu>,
-    w0_row_sq: &Tensor<Wgpu>,
-    a: &Tensor<Wgpu>,
-    b: &Tensor<Wgpu>,
-    s: f32,
+    w: &Nf4Weight<Wgpu>,
+    a_t: Operand<'_>,
+    r: usize,
 ) -> Result<Tensor<Wgpu>> {
-    let (dout, din) = (w0.out, w0.in_);
-    let r = check::lora(din, dout, a, b)?;
-    w0_row_sq.expect_shape("w0_row_sq", &[dout])?;
-    // P = W0 A^T [out, r], tile by tile; then the dense kernel's low-rank terms.
-    let p = be.alloc(&[dout, r]);
-    for_tiles(be, w0, |o0, o1, tile| {
+    let din = w.in_;
+    let p = be.alloc(&[w.out, r]);
+    for_tiles(be, w, |o0, o1, tile| {
         let mut mm = Matmul::new(
             o1 - o0,
             r,
             din,
             Operand::n(tile, din),
-            Operand::t(&a.buf, din),
+            a_t,
             &p.buf,
             1.0,
             0.0,
@@ -354,5 +374,18 @@ pub(super) fn dora_weight_norm(
         mm.c_off = o0 * r;
         be.matmul(&mm)
     })?;
-    dora_norm_from_p(be, &p, w0_row_sq, a, b, s)
+    Ok(p)
+}
+
+/// `||dequant(W) + ΔW||_row` by the low-rank identity: `P = W A^T` tile by tile, then the
+/// dense kernel's low-rank terms.
+pub(super) fn lowrank_row_norms(
+    be: &Wgpu,
+    w: &Nf4Weight<Wgpu>,
+    w_row_sq: &Tensor<Wgpu>,
+    term: &crate::backend::LowRank<'_, Wgpu>,
+) -> Result<Tensor<Wgpu>> {
+    let r = term.r();
+    let p = shrink_weight(be, w, lowrank::a_t(term), r)?;
+    lowrank::norm_from_p(be, &p, w_row_sq, term, w.out, w.in_)
 }

