@@ -20,6 +20,8 @@ const F_V: u32 = 1u;
 const F_ACC: u32 = 2u;
 // row_scale: divide by v[r] instead of multiplying.
 const F_DIV: u32 = 4u;
+// rowdot, colsum: y is all ones (not read): plain row or column sums of x.
+const F_ONE_Y: u32 = 8u;
 
 @group(0) @binding(0) var<uniform> p: P;
 @group(0) @binding(1) var<storage, read> x: array<f32>;
@@ -32,6 +34,12 @@ const F_DIV: u32 = 4u;
 // is a frozen f16 weight (`array<f16>`, converted on load): DoRA's ||W0||_row^2 is rowdot(W0, W0).
 fn ld_x(i: u32) -> f32 { return x[i]; }
 fn ld_y(i: u32) -> f32 { return y[i]; }
+fn ld_y_or_one(i: u32) -> f32 {
+    if ((p.flags & F_ONE_Y) != 0u) {
+        return 1.0;
+    }
+    return ld_y(i);
+}
 
 var<workgroup> part: array<f32, 256>;
 
@@ -51,7 +59,7 @@ fn comp_add(acc: vec2<f32>, t: f32) -> vec2<f32> {
     return vec2<f32>(s, c);
 }
 
-// o[o_off + i] = sum_c x[i, c] y[i, c] (* v[v_off + c] with F_V): one workgroup per row, 256
+// o[o_off + i] = sum_c x[i, c] y[i, c] (* v[v_off + c] with F_V; y = 1 with F_ONE_Y): one workgroup per row, 256
 // compensated strided partial sums combined by the prelude's `wg_sum` (a fixed tree, or
 // subgroup sums; deterministic either way).
 @compute @workgroup_size(256)
@@ -61,7 +69,7 @@ fn rowdot(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_id) li
     var acc = vec2<f32>(0.0, 0.0);
     if (i < p.rows) {
         for (var c = lid.x; c < p.cols; c += 256u) {
-            var t = ld_x(p.x_off + i * p.x_rs + c) * ld_y(p.y_off + i * p.y_rs + c);
+            var t = ld_x(p.x_off + i * p.x_rs + c) * ld_y_or_one(p.y_off + i * p.y_rs + c);
             if ((p.flags & F_V) != 0u) {
                 t *= v[p.v_off + c];
             }
@@ -74,7 +82,8 @@ fn rowdot(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_id) li
     }
 }
 
-// o[o_off + c] = (o[o_off + c] with F_ACC) + sum_i x[i, c] y[i, c], then / v[v_off + c] with F_V:
+// o[o_off + c] = (o[o_off + c] with F_ACC) + sum_i x[i, c] y[i, c] (y = 1 with F_ONE_Y), then
+// / v[v_off + c] with F_V:
 // 64 columns per workgroup, 4 compensated lanes of rows each, combined in a fixed order.
 @compute @workgroup_size(64, 4)
 fn colsum(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_id) lid: vec3<u32>,
@@ -83,7 +92,7 @@ fn colsum(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_id) li
     var acc = vec2<f32>(0.0, 0.0);
     if (c < p.cols) {
         for (var i = lid.y; i < p.rows; i += 4u) {
-            acc = comp_add(acc, ld_x(p.x_off + i * p.x_rs + c) * ld_y(p.y_off + i * p.y_rs + c));
+            acc = comp_add(acc, ld_x(p.x_off + i * p.x_rs + c) * ld_y_or_one(p.y_off + i * p.y_rs + c));
         }
     }
     part[lid.y * 64u + lid.x] = acc.x + acc.y;

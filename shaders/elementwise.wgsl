@@ -129,3 +129,89 @@ fn adalora_update_ipt(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invoc
         o5[e] = p.f2 * o5[e] + p.f3 * abs(ipt - avg);
     }
 }
+
+// The activations of the additive methods, selected by flags: 0 ReLU, 1 SiLU, 2 tanh
+// (backend/wgpu/pointwise.rs; Activation in backend/tensor.rs).
+fn act_f(x: f32, kind: u32) -> f32 {
+    if (kind == 0u) {
+        return max(x, 0.0);
+    } else if (kind == 1u) {
+        return x * sigmoid(x);
+    }
+    return tanh(x);
+}
+
+// act'(x); ReLU's derivative at 0 is 0, as torch's.
+fn act_grad(x: f32, kind: u32) -> f32 {
+    if (kind == 0u) {
+        return select(0.0, 1.0, x > 0.0);
+    } else if (kind == 1u) {
+        let s = sigmoid(x);
+        return s * (1.0 + x * (1.0 - s));
+    }
+    let t = tanh(x);
+    return 1.0 - t * t;
+}
+
+// o0 = act(i1)
+@compute @workgroup_size(256)
+fn activation(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_id) lid: vec3<u32>,
+              @builtin(num_workgroups) nwg: vec3<u32>) {
+    let e = index(wg, lid, nwg);
+    if (e < p.n) {
+        o0[e] = act_f(i1[e], p.flags);
+    }
+}
+
+// o0 = i2 * act'(i1): dy = i2, x = i1.
+@compute @workgroup_size(256)
+fn activation_backward(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_id) lid: vec3<u32>,
+                       @builtin(num_workgroups) nwg: vec3<u32>) {
+    let e = index(wg, lid, nwg);
+    if (e < p.n) {
+        o0[e] = i2[e] * act_grad(i1[e], p.flags);
+    }
+}
+
+// Row softmax of i1 [rows, cols] into o0, one invocation per ROW: here n counts rows, base is the
+// dispatch's first row and i1, o0 are bound whole (the rows are AdapterFusion's tokens and cols
+// its few adapters).
+@compute @workgroup_size(256)
+fn softmax_rows(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_id) lid: vec3<u32>,
+                @builtin(num_workgroups) nwg: vec3<u32>) {
+    let e = index(wg, lid, nwg);
+    if (e < p.n) {
+        let o = (p.base + e) * p.cols;
+        var m = i1[o];
+        for (var c = 1u; c < p.cols; c++) {
+            m = max(m, i1[o + c]);
+        }
+        var s = 0.0;
+        for (var c = 0u; c < p.cols; c++) {
+            let v = exp(i1[o + c] - m);
+            o0[o + c] = v;
+            s += v;
+        }
+        let inv = 1.0 / s;
+        for (var c = 0u; c < p.cols; c++) {
+            o0[o + c] = o0[o + c] * inv;
+        }
+    }
+}
+
+// o0 = p ⊙ (dy - rowdot(dy, p)) with p = i1, dy = i2, one invocation per row (as softmax_rows).
+@compute @workgroup_size(256)
+fn softmax_rows_backward(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_id) lid: vec3<u32>,
+                         @builtin(num_workgroups) nwg: vec3<u32>) {
+    let e = index(wg, lid, nwg);
+    if (e < p.n) {
+        let o = (p.base + e) * p.cols;
+        var dot = 0.0;
+        for (var c = 0u; c < p.cols; c++) {
+            dot = fma(i1[o + c], i2[o + c], dot);
+        }
+        for (var c = 0u; c < p.cols; c++) {
+            o0[o + c] = i1[o + c] * (i2[o + c] - dot);
+        }
+    }
+}

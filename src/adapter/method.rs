@@ -1,17 +1,35 @@
 //! One type for "the adapter on a projection", whichever method it is, so that a model holds
 //! and trains any of them through the same code path.
 
-use super::{AdaLoraLayer, DoraLayer, DoraLayerSaved, Linear, LoraLayer, VeraLayer, VeraShared};
+use super::{
+    AdaLoraLayer, BeftLayer, DoraLayer, DoraLayerSaved, Ia3Layer, Ia3Saved, Linear, LoraLayer,
+    VeraLayer, VeraShared,
+};
 use crate::backend::{Backend, Tensor};
 use crate::error::{Error, Result};
 
-/// The fine-tuning methods, named as PEFT's `peft_type` (DoRA is LoRA with `use_dora`).
+/// The methods that put an adapter on a projection, named as PEFT's `peft_type` (DoRA is LoRA
+/// with `use_dora`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum MethodKind {
     Lora,
     Dora,
     Vera,
     AdaLora,
+    /// IA3: a learned scale of the projection's output (or input, feed-forward layers).
+    Ia3,
+    /// BEFT: a learned bias added to the projection.
+    Beft,
+}
+
+impl MethodKind {
+    /// Whether the method adds a low-rank term (the LoRA family).
+    pub fn is_low_rank(self) -> bool {
+        matches!(
+            self,
+            MethodKind::Lora | MethodKind::Dora | MethodKind::Vera | MethodKind::AdaLora
+        )
+    }
 }
 
 /// The adapter of one projection.
@@ -21,6 +39,8 @@ pub enum Adapter<B: Backend> {
     Dora(DoraLayer<B>),
     Vera(VeraLayer<B>),
     AdaLora(AdaLoraLayer<B>),
+    Ia3(Ia3Layer<B>),
+    Beft(BeftLayer<B>),
 }
 
 /// What a forward pass keeps for the backward pass.
@@ -29,6 +49,10 @@ pub enum AdapterSaved<B: Backend> {
     H(Tensor<B>),
     /// DoRA's saved state.
     Dora(DoraLayerSaved<B>),
+    /// IA3's unscaled output (output scaling).
+    Ia3(Ia3Saved<B>),
+    /// Nothing (bias tuning).
+    None,
 }
 
 fn need_shared<B: Backend>(shared: Option<&VeraShared<B>>) -> Result<&VeraShared<B>> {
@@ -50,12 +74,15 @@ impl<B: Backend> Adapter<B> {
             Adapter::Dora(_) => MethodKind::Dora,
             Adapter::Vera(_) => MethodKind::Vera,
             Adapter::AdaLora(_) => MethodKind::AdaLora,
+            Adapter::Ia3(_) => MethodKind::Ia3,
+            Adapter::Beft(_) => MethodKind::Beft,
         }
     }
 
     /// The trainable tensors with the name suffix PEFT's state dict uses for them (after the
     /// module path): LoRA `lora_A.weight`, `lora_B.weight`; DoRA adds `lora_magnitude_vector`;
-    /// VeRA `vera_lambda_b`, `vera_lambda_d`; AdaLoRA `lora_A`, `lora_B`, `lora_E`. Gradients
+    /// VeRA `vera_lambda_b`, `vera_lambda_d`; AdaLoRA `lora_A`, `lora_B`, `lora_E`; IA3
+    /// `ia3_l`; BEFT `beft_bias`. Gradients
     /// from [`Adapter::backward`] come in this order.
     pub fn params(&self) -> Vec<(&'static str, &Tensor<B>)> {
         match self {
@@ -74,6 +101,8 @@ impl<B: Backend> Adapter<B> {
                 ("lora_B", &l.lora_b),
                 ("lora_E", &l.lora_e),
             ],
+            Adapter::Ia3(l) => vec![("ia3_l", &l.ia3_l)],
+            Adapter::Beft(l) => vec![("beft_bias", &l.beft_bias)],
         }
     }
 
@@ -84,6 +113,8 @@ impl<B: Backend> Adapter<B> {
             Adapter::Dora(l) => vec![&mut l.lora_a, &mut l.lora_b, &mut l.lora_magnitude_vector],
             Adapter::Vera(l) => vec![&mut l.vera_lambda_b, &mut l.vera_lambda_d],
             Adapter::AdaLora(l) => vec![&mut l.lora_a, &mut l.lora_b, &mut l.lora_e],
+            Adapter::Ia3(l) => vec![&mut l.ia3_l],
+            Adapter::Beft(l) => vec![&mut l.beft_bias],
         }
     }
 
@@ -112,6 +143,11 @@ impl<B: Backend> Adapter<B> {
                 let (y, h) = l.forward(be, base, x)?;
                 (y, AdapterSaved::H(h))
             }
+            Adapter::Ia3(l) => {
+                let (y, s) = l.forward(be, base, x)?;
+                (y, AdapterSaved::Ia3(s))
+            }
+            Adapter::Beft(l) => (l.forward(be, base, x)?, AdapterSaved::None),
         })
     }
 
@@ -142,6 +178,14 @@ impl<B: Backend> Adapter<B> {
                 let g = l.backward(be, base, x, h, dy)?;
                 (g.dx, vec![g.d_lora_a, g.d_lora_b, g.d_lora_e])
             }
+            (Adapter::Ia3(l), AdapterSaved::Ia3(s)) => {
+                let (dx, dl) = l.backward(be, base, x, s, dy)?;
+                (dx, vec![dl])
+            }
+            (Adapter::Beft(l), AdapterSaved::None) => {
+                let (dx, db) = l.backward(be, base, dy)?;
+                (dx, vec![db])
+            }
             _ => return Err(wrong_saved()),
         })
     }
@@ -158,6 +202,8 @@ impl<B: Backend> Adapter<B> {
             Adapter::Dora(l) => l.merge(be, base),
             Adapter::Vera(l) => l.merge(be, need_shared(shared)?, base),
             Adapter::AdaLora(l) => l.merge(be, base),
+            Adapter::Ia3(l) => l.merge(be, base),
+            Adapter::Beft(l) => l.merge_sign(be, base, 1.0),
         }
     }
 
@@ -173,6 +219,8 @@ impl<B: Backend> Adapter<B> {
             Adapter::Dora(l) => l.unmerge(be, base),
             Adapter::Vera(l) => l.unmerge(be, need_shared(shared)?, base),
             Adapter::AdaLora(l) => l.unmerge(be, base),
+            Adapter::Ia3(l) => l.unmerge(be, base),
+            Adapter::Beft(l) => l.merge_sign(be, base, -1.0),
         }
     }
 }

@@ -8,19 +8,33 @@
 //! NF4 base, with no code of their own.
 
 pub mod adalora;
+pub mod beft;
 pub mod bench;
+pub mod bottleneck;
 pub mod device_rank_allocator;
 pub mod dora;
+pub mod ia3;
+pub mod ln_tuning;
 pub mod lora;
 pub mod method;
+pub mod mlp;
 pub mod rank_allocator;
 pub mod rank_pattern;
+pub mod soft_prompt;
 pub mod vera;
 
 pub use adalora::{AdaLoraGrads, AdaLoraLayer};
+pub use beft::BeftLayer;
+pub use bottleneck::{
+    AdapterFusion, BnAdapter, BnLayer, Bottleneck, BottleneckConfig, BottleneckKind, FuseLayer,
+};
 pub use dora::{DoraGrads, DoraLayer, DoraLayerSaved, DoraSaved};
+pub use ia3::{Ia3Layer, Ia3Saved};
+pub use ln_tuning::LnTuning;
 pub use lora::{LoraConfig, LoraLayer};
 pub use method::{Adapter, AdapterSaved, MethodKind};
+pub use mlp::Mlp;
+pub use soft_prompt::{PromptMethod, SoftPrompt};
 pub use vera::{VeraLayer, VeraShared};
 
 use crate::backend::{Backend, Base, LowRank, Nf4Weight, Tensor};

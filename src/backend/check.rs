@@ -3,7 +3,7 @@
 
 use super::lowrank::{Base, GradWants, LowRank};
 use super::{
-    AdaLoraIpt, AdamWParams, AttentionSaved, Kernels as Backend, SeqSpan, Tensor, same_shape,
+    AdaLoraIpt, AdamWParams, AttentionSaved, Axis, Kernels as Backend, SeqSpan, Tensor, same_shape,
 };
 use crate::error::{Error, Result};
 use crate::quant::nf4::Nf4Tensor;
@@ -799,4 +799,24 @@ pub fn attention_cached<B: Backend>(
         }
     }
     Ok((tq, hd, n_heads / n_kv_heads))
+}
+
+/// [`Backend::mul_vector`]: x 2-D, v `[d]` (columns) or `[n]` (rows). Returns `(n, d)`.
+pub fn axis_vector<B: Backend>(x: &Tensor<B>, v: &Tensor<B>, axis: Axis) -> Result<(usize, usize)> {
+    let (n, d) = x.dims2("x")?;
+    let want = match axis {
+        Axis::Cols => d,
+        Axis::Rows => n,
+    };
+    v.expect_shape("v", &[want])?;
+    Ok((n, d))
+}
+
+/// [`Backend::softmax_rows`]: x 2-D with at least one column. Returns `(n, k)`.
+pub fn softmax_rows<B: Backend>(x: &Tensor<B>) -> Result<(usize, usize)> {
+    let (n, k) = x.dims2("x")?;
+    if k == 0 {
+        return Err(Error::shape("x", "[n, k] with k >= 1", x.shape()));
+    }
+    Ok((n, k))
 }

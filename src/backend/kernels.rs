@@ -10,7 +10,9 @@
 //! Kernels with a default body are compositions of others that a backend may fuse.
 
 use super::lowrank::{Base, InputGrad, LowRank, LowRankOut, ParamGrads};
-use super::{AdaLoraIpt, AdamWParams, AttentionSaved, Nf4Weight, SeqSpan, Tensor};
+use super::{
+    Activation, AdaLoraIpt, AdamWParams, AttentionSaved, Axis, Nf4Weight, SeqSpan, Tensor,
+};
 use crate::error::Result;
 use crate::quant::nf4::Nf4Tensor;
 
@@ -284,6 +286,33 @@ pub trait Kernels: Clone + Send + Sync + Sized + 'static {
         grad_scale: f32,
     ) -> Result<(Tensor<Self>, Tensor<Self>)>;
 
+    // ---- per-axis scales and sums, activations, small softmaxes ----------------------------
+
+    fn mul_vector_kernel(
+        &self,
+        x: &Tensor<Self>,
+        v: &Tensor<Self>,
+        axis: Axis,
+    ) -> Result<Tensor<Self>>;
+    fn sum_product_kernel(
+        &self,
+        a: &Tensor<Self>,
+        b: Option<&Tensor<Self>>,
+        axis: Axis,
+    ) -> Result<Tensor<Self>>;
+    fn activation_kernel(&self, x: &Tensor<Self>, act: Activation) -> Result<Tensor<Self>>;
+    fn activation_backward_kernel(
+        &self,
+        dy: &Tensor<Self>,
+        x: &Tensor<Self>,
+        act: Activation,
+    ) -> Result<Tensor<Self>>;
+    fn softmax_rows_kernel(&self, x: &Tensor<Self>) -> Result<Tensor<Self>>;
+    fn softmax_rows_backward_kernel(
+        &self,
+        dy: &Tensor<Self>,
+        p: &Tensor<Self>,
+    ) -> Result<Tensor<Self>>;
     // ---- optimizer ---------------------------------------------------------------------------------
 
     fn adamw_step_kernel(

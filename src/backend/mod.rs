@@ -20,6 +20,7 @@ pub mod cpu;
 pub mod cuda;
 pub mod kernels;
 pub mod lowrank;
+pub mod tensor;
 #[cfg(feature = "wgpu")]
 pub mod wgpu;
 
@@ -30,192 +31,10 @@ pub use kernels::Kernels;
 pub use lowrank::{
     Base, ColScale, GradWants, InputGrad, LowRank, LowRankGrads, LowRankOut, ParamGrads,
 };
-
-/// A backend buffer with a row-major shape. Storage is f32 on the CPU reference; a backend may
-/// store a frozen weight ([`Backend::upload_frozen`]) in a narrower type.
-pub struct Tensor<B: Kernels> {
-    pub(crate) buf: B::Buf,
-    pub(crate) shape: Vec<usize>,
-}
-
-impl<B: Kernels> Clone for Tensor<B> {
-    fn clone(&self) -> Self {
-        Tensor {
-            buf: self.buf.clone(),
-            shape: self.shape.clone(),
-        }
-    }
-}
-
-impl<B: Kernels> std::fmt::Debug for Tensor<B> {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "Tensor{:?}", self.shape)
-    }
-}
-
-impl<B: Kernels> Tensor<B> {
-    /// The row-major shape.
-    pub fn shape(&self) -> &[usize] {
-        &self.shape
-    }
-    /// Number of elements.
-    pub fn len(&self) -> usize {
-        self.shape.iter().product()
-    }
-    /// True when the tensor has no elements.
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-    /// Size of dimension `i` (panics never: out-of-range dims read as 1).
-    pub fn dim(&self, i: usize) -> usize {
-        self.shape.get(i).copied().unwrap_or(1)
-    }
-    /// The backend buffer.
-    pub fn buf(&self) -> &B::Buf {
-        &self.buf
-    }
-    /// Checks that the shape equals `expected`, naming the tensor in the error.
-    pub fn expect_shape(&self, name: &str, expected: &[usize]) -> Result<()> {
-        if self.shape != expected {
-            return Err(Error::shape(name, format!("{expected:?}"), &self.shape));
-        }
-        Ok(())
-    }
-    /// Checks the tensor is 2-D and returns `(rows, cols)`.
-    pub fn dims2(&self, name: &str) -> Result<(usize, usize)> {
-        match self.shape[..] {
-            [r, c] => Ok((r, c)),
-            _ => Err(Error::shape(name, "2-D [rows, cols]", &self.shape)),
-        }
-    }
-}
-
-/// A frozen NF4-quantized weight `[out, in]` resident on a backend (QLoRA's base weight): the
-/// backend's [`Kernels::Nf4Buf`] plus the logical shape and the stored size. Made by
-/// [`Backend::upload_nf4`]; consumed by the `nf4_*` kernels, which dequantize it tile by tile
-/// and never materialize the f32 `[out, in]` matrix.
-pub struct Nf4Weight<B: Kernels> {
-    pub(crate) buf: B::Nf4Buf,
-    pub(crate) out: usize,
-    pub(crate) in_: usize,
-    pub(crate) bytes: usize,
-}
-
-impl<B: Kernels> Clone for Nf4Weight<B> {
-    fn clone(&self) -> Self {
-        Nf4Weight {
-            buf: self.buf.clone(),
-            out: self.out,
-            in_: self.in_,
-            bytes: self.bytes,
-        }
-    }
-}
-
-impl<B: Kernels> std::fmt::Debug for Nf4Weight<B> {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "Nf4Weight[{}, {}]", self.out, self.in_)
-    }
-}
-
-impl<B: Kernels> Nf4Weight<B> {
-    /// `(out, in)`.
-    pub fn dims(&self) -> (usize, usize) {
-        (self.out, self.in_)
-    }
-    /// Bytes of the quantized data as stored: packed 4-bit indices plus the absmax statistics
-    /// ([`Nf4Tensor::bytes`]).
-    pub fn bytes(&self) -> usize {
-        self.bytes
-    }
-    /// The backend buffer.
-    pub fn buf(&self) -> &B::Nf4Buf {
-        &self.buf
-    }
-}
-
-/// Saved state of a causal attention forward pass, needed by its backward.
-pub struct AttentionSaved<B: Kernels> {
-    /// Attention output `[T, Hq*hd]` (before the output projection).
-    pub out: Tensor<B>,
-    /// Log-sum-exp of each softmax row, `[Hq, T]`.
-    pub lse: Tensor<B>,
-}
-
-/// Hyperparameters of one AdamW step, as `torch.optim.AdamW` (decoupled weight decay,
-/// bias-corrected moments, `eps` added after the square root).
-#[derive(Clone, Copy, Debug, PartialEq)]
-pub struct AdamWParams {
-    pub lr: f32,
-    pub beta1: f32,
-    pub beta2: f32,
-    pub eps: f32,
-    pub weight_decay: f32,
-    /// 1-based step number, for the bias corrections.
-    pub step: u64,
-}
-
-/// One packed sequence of a variable-length batch: rows `start..start+len` of the token axis.
-///
-/// Batches are packed without padding (the "varlen" layout of FlashAttention): attention is
-/// causal within each sequence and never crosses sequences, so results equal those of a
-/// right-padded batch at every real position, without computing the padding.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct SeqSpan {
-    pub start: usize,
-    pub len: usize,
-}
-
-/// The importance EMAs of one AdaLoRA layer (PEFT `RankAllocator.exp_avg_ipt` and
-/// `exp_avg_unc` of its `lora_A`, `lora_B` and `lora_E`), each shaped like its parameter:
-/// `[r, in]`, `[out, r]`, `[r, 1]`. Updated by [`Backend::adalora_update_ipt`], scored by
-/// [`Backend::adalora_triplet_scores`].
-pub struct AdaLoraIpt<B: Kernels> {
-    pub ipt_a: Tensor<B>,
-    pub unc_a: Tensor<B>,
-    pub ipt_b: Tensor<B>,
-    pub unc_b: Tensor<B>,
-    pub ipt_e: Tensor<B>,
-    pub unc_e: Tensor<B>,
-}
-
-impl<B: Backend> AdaLoraIpt<B> {
-    /// Zero EMAs for a layer of rank `r` over `[out, in]` (PEFT starts them at 0).
-    pub fn zeros(be: &B, r: usize, in_features: usize, out_features: usize) -> Result<Self> {
-        Ok(AdaLoraIpt {
-            ipt_a: be.zeros(&[r, in_features])?,
-            unc_a: be.zeros(&[r, in_features])?,
-            ipt_b: be.zeros(&[out_features, r])?,
-            unc_b: be.zeros(&[out_features, r])?,
-            ipt_e: be.zeros(&[r, 1])?,
-            unc_e: be.zeros(&[r, 1])?,
-        })
-    }
-}
-
-impl<B: Kernels> Clone for AdaLoraIpt<B> {
-    fn clone(&self) -> Self {
-        AdaLoraIpt {
-            ipt_a: self.ipt_a.clone(),
-            unc_a: self.unc_a.clone(),
-            ipt_b: self.ipt_b.clone(),
-            unc_b: self.unc_b.clone(),
-            ipt_e: self.ipt_e.clone(),
-            unc_e: self.unc_e.clone(),
-        }
-    }
-}
-
-/// The summed cross-entropy from the per-row statistics of [`Backend::cross_entropy_stats`]
-/// (`(max, sum of exp, logit of the label)` per counted row): `sum(max + ln(sum) - logit)`,
-/// each term and the sum in f64, in row order (the same per-row value as
-/// [`Backend::cross_entropy`] on the CPU). A trailing partial row is ignored.
-pub fn cross_entropy_loss(stats: &[f32]) -> f64 {
-    stats
-        .chunks_exact(3)
-        .map(|s| s[0] as f64 + (s[1] as f64).ln() - s[2] as f64)
-        .sum()
-}
+pub use tensor::{
+    Activation, AdaLoraIpt, AdamWParams, AttentionSaved, Axis, Nf4Weight, SeqSpan, Tensor,
+    cross_entropy_loss,
+};
 
 /// The ops every part of lorafuse computes with. Every method is provided: it checks its
 /// arguments ([`check`]: shapes, ranges, the same error on every backend) and then runs the
@@ -777,6 +596,72 @@ pub trait Backend: Kernels {
         let (n, vocab) = logits.dims2("logits")?;
         check::labels(labels, n, vocab)?;
         self.cross_entropy_stats_kernel(logits, labels, grad_scale)
+    }
+
+    // ---- per-axis scales and sums, activations, small softmaxes ----------------------------------
+    //
+    // The pieces of the additive and selective methods that are not a low-rank term: IA3's
+    // learned vectors (a scale of a projection's input columns or output columns), bias
+    // tuning's bias gradient, bottleneck adapters' non-linearity and AdapterFusion's softmax
+    // over adapters.
+
+    /// `y = x ⊙ v` with v broadcast along `axis`: x `[n, d]`, v `[d]` for [`Axis::Cols`]
+    /// (`y[i, j] = x[i, j] v[j]`: IA3 on a projection's input, or on its output rows) or `[n]`
+    /// for [`Axis::Rows`] (`y[i, j] = x[i, j] v[i]`: IA3 merged into W's rows, AdapterFusion's
+    /// per-token weights). Returns `[n, d]`. Errors: x not 2-D, v of the wrong length.
+    fn mul_vector(&self, x: &Tensor<Self>, v: &Tensor<Self>, axis: Axis) -> Result<Tensor<Self>> {
+        check::axis_vector(x, v, axis)?;
+        self.mul_vector_kernel(x, v, axis)
+    }
+
+    /// Sum of `a ⊙ b` (of `a` alone when `b` is `None`) down the other axis: `[d]` with
+    /// `out[j] = sum_i a[i, j] b[i, j]` for [`Axis::Cols`] (IA3's and a bias's gradient), `[n]`
+    /// with `out[i] = sum_j a[i, j] b[i, j]` for [`Axis::Rows`] (row dot products:
+    /// AdapterFusion's scores). a and b `[n, d]`. The CPU sums in f64; other backends in f32
+    /// with compensated or tree sums. Errors: a not 2-D, b of another shape.
+    fn sum_product(
+        &self,
+        a: &Tensor<Self>,
+        b: Option<&Tensor<Self>>,
+        axis: Axis,
+    ) -> Result<Tensor<Self>> {
+        a.dims2("a")?;
+        if let Some(b) = b {
+            same_shape("b", b, a)?;
+        }
+        self.sum_product_kernel(a, b, axis)
+    }
+
+    /// `y = act(x)` element-wise, any shape ([`Activation`]).
+    fn activation(&self, x: &Tensor<Self>, act: Activation) -> Result<Tensor<Self>> {
+        self.activation_kernel(x, act)
+    }
+
+    /// `dx = dy ⊙ act'(x)` from the activation's INPUT x (same shape as dy). Errors: shapes
+    /// that differ.
+    fn activation_backward(
+        &self,
+        dy: &Tensor<Self>,
+        x: &Tensor<Self>,
+        act: Activation,
+    ) -> Result<Tensor<Self>> {
+        same_shape("x", x, dy)?;
+        self.activation_backward_kernel(dy, x, act)
+    }
+
+    /// Softmax of each row of x `[n, k]` (max-subtracted, f32): AdapterFusion's weights over
+    /// its k adapters for every token. Errors: x not 2-D or with no column.
+    fn softmax_rows(&self, x: &Tensor<Self>) -> Result<Tensor<Self>> {
+        check::softmax_rows(x)?;
+        self.softmax_rows_kernel(x)
+    }
+
+    /// Backward of [`Backend::softmax_rows`] from its output `p [n, k]`:
+    /// `dx = p ⊙ (dy - rowdot(dy, p))`. Errors: shapes that differ.
+    fn softmax_rows_backward(&self, dy: &Tensor<Self>, p: &Tensor<Self>) -> Result<Tensor<Self>> {
+        check::softmax_rows(p)?;
+        same_shape("dy", dy, p)?;
+        self.softmax_rows_backward_kernel(dy, p)
     }
 
     // ---- optimizer ---------------------------------------------------------------------------------

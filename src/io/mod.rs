@@ -1,8 +1,10 @@
-//! File formats: GGUF model files, PEFT adapter folders, safetensors helpers.
+//! File formats: GGUF model files, transformers model folders, PEFT adapter folders,
+//! safetensors helpers.
 
 pub mod atomic;
 pub mod bnb;
 pub mod export;
 pub mod fetch;
 pub mod gguf;
+pub mod hf;
 pub mod peft;

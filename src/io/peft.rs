@@ -29,6 +29,7 @@
 //! # Ok(()) }
 //! ```
 
+pub mod additive;
 mod config;
 
 mod methods;
@@ -45,7 +46,7 @@ pub use methods::{
 use crate::adapter::{Linear, LoraLayer};
 use crate::backend::Backend;
 use crate::error::{Error, Result};
-use crate::model::llama::Llama;
+use crate::model::llama::{Llama, proj_path};
 use config::suffix_match;
 use safetensors::{Dtype, SafeTensorError, SafeTensors, tensor::TensorView};
 use serde_json::Value;
@@ -309,7 +310,7 @@ pub fn read_safetensors_f32(path: &Path) -> Result<Vec<AdapterTensor>> {
 }
 
 /// Little-endian bytes of one dtype to f32; `None` for an unsupported dtype.
-fn to_f32(dtype: Dtype, b: &[u8]) -> Option<Vec<f32>> {
+pub(crate) fn to_f32(dtype: Dtype, b: &[u8]) -> Option<Vec<f32>> {
     Some(match dtype {
         Dtype::F32 => b
             .chunks_exact(4)
@@ -333,7 +334,7 @@ fn to_f32(dtype: Dtype, b: &[u8]) -> Option<Vec<f32>> {
 
 /// Parses a safetensors buffer, turning the crate's errors into messages that say whether the
 /// file is truncated.
-fn parse_safetensors<'a>(path: &Path, bytes: &'a [u8]) -> Result<SafeTensors<'a>> {
+pub(crate) fn parse_safetensors<'a>(path: &Path, bytes: &'a [u8]) -> Result<SafeTensors<'a>> {
     let len = bytes.len();
     if len < 8 {
         return Err(Error::format(
@@ -577,12 +578,28 @@ pub fn llama_adapter_tensors<B: Backend>(be: &B, model: &Llama<B>) -> Result<Vec
             out.push((key.to_string(), t.shape().to_vec(), be.download(t)?));
         }
     }
-    for (name, t) in model.trainable_params() {
-        out.push((
-            format!("{KEY_PREFIX}{name}"),
-            t.shape().to_vec(),
-            be.download(t)?,
-        ));
+    if model.soft_prompt.is_some() {
+        return additive::prompt_tensors(be, model);
+    }
+    if model.ln_tuning.is_some() {
+        out.extend(additive::ln_tuning_tensors(be, model)?);
+    }
+    for (l, block) in model.layers.iter().enumerate() {
+        for (p, proj) in block.proj.iter().enumerate() {
+            let Some(a) = &proj.adapter else { continue };
+            for (suffix, t) in a.params() {
+                let shape = match a {
+                    crate::adapter::Adapter::Ia3(x) => x.peft_shape().to_vec(),
+                    crate::adapter::Adapter::Beft(_) => vec![1, t.len()],
+                    _ => t.shape().to_vec(),
+                };
+                out.push((
+                    format!("{KEY_PREFIX}{}.{suffix}", proj_path(l, p)),
+                    shape,
+                    be.download(t)?,
+                ));
+            }
+        }
     }
     Ok(out)
 }

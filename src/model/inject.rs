@@ -4,8 +4,8 @@
 
 use super::llama::{Llama, Nf4Spec, proj_path, target_indices};
 use crate::adapter::{
-    AdaLoraLayer, Adapter, AdapterSaved, BaseWeight, DoraLayer, Linear, LoraConfig, LoraLayer,
-    MethodKind, VeraLayer, VeraShared,
+    AdaLoraLayer, Adapter, AdapterSaved, BaseWeight, BeftLayer, DoraLayer, Ia3Layer, Linear,
+    LnTuning, LoraConfig, LoraLayer, MethodKind, VeraLayer, VeraShared,
 };
 use crate::backend::{Backend, Tensor};
 use crate::error::{Error, Result};
@@ -156,13 +156,128 @@ impl<B: Backend> Llama<B> {
                         cfg.lora_alpha,
                         s,
                     )?),
+                    MethodKind::Ia3 | MethodKind::Beft => {
+                        return Err(Error::arg(
+                            "method",
+                            "IA3 and BEFT adapters are added with Llama::add_ia3 / add_beft",
+                        ));
+                    }
                 });
             }
         }
         Ok(())
     }
 
-    /// Removes every adapter.
+    /// Injects IA3 vectors (PEFT's init: ones) into every projection of `target_modules`; those
+    /// also in `feedforward_modules` scale their input, the others their output (PEFT's
+    /// `IA3Config`). Errors: an unknown module name, a feed-forward module that is not a
+    /// target (PEFT refuses it too), no target.
+    pub fn add_ia3(
+        &mut self,
+        be: &B,
+        target_modules: &[String],
+        feedforward_modules: &[String],
+    ) -> Result<()> {
+        let targets = target_indices(target_modules)?;
+        let ff = target_indices(feedforward_modules)?;
+        if targets.is_empty() {
+            return Err(Error::arg("target_modules", "no module to adapt"));
+        }
+        if let Some(&p) = ff.iter().find(|p| !targets.contains(p)) {
+            return Err(Error::arg(
+                "feedforward_modules",
+                format!(
+                    "`{}` is not in target_modules (PEFT requires feedforward_modules to be a \
+                     subset of them)",
+                    super::llama::PROJ_NAMES[p]
+                ),
+            ));
+        }
+        for block in &mut self.layers {
+            for &p in &targets {
+                let proj = &mut block.proj[p];
+                proj.adapter = Some(Adapter::Ia3(Ia3Layer::init(
+                    be,
+                    &proj.base,
+                    ff.contains(&p),
+                )?));
+            }
+        }
+        Ok(())
+    }
+
+    /// Injects BEFT biases (PEFT's init: zeros) into every projection of `target_modules`.
+    /// Errors: an unknown module name, no target.
+    pub fn add_beft(&mut self, be: &B, target_modules: &[String]) -> Result<()> {
+        let targets = target_indices(target_modules)?;
+        if targets.is_empty() {
+            return Err(Error::arg("target_modules", "no module to adapt"));
+        }
+        for block in &mut self.layers {
+            for &p in &targets {
+                let proj = &mut block.proj[p];
+                proj.adapter = Some(Adapter::Beft(BeftLayer::init(be, &proj.base)?));
+            }
+        }
+        Ok(())
+    }
+
+    /// LN tuning (PEFT `LNTuningConfig`): trainable copies of the norms named in `targets`
+    /// (`input_layernorm`, `post_attention_layernorm`, `norm` for the final one). Errors: an
+    /// unknown name, no target.
+    pub fn add_ln_tuning(&mut self, be: &B, targets: &[String]) -> Result<()> {
+        let mut want = [false; 3];
+        for t in targets {
+            let i = crate::adapter::ln_tuning::LN_TARGETS
+                .iter()
+                .position(|n| *n == t.trim())
+                .ok_or_else(|| {
+                    Error::arg(
+                        "target_modules",
+                        format!(
+                            "unknown norm `{t}`; expected one of {:?}",
+                            crate::adapter::ln_tuning::LN_TARGETS
+                        ),
+                    )
+                })?;
+            want[i] = true;
+        }
+        if !want.iter().any(|&w| w) {
+            return Err(Error::arg("target_modules", "no norm to tune"));
+        }
+        let copy = |t: &Tensor<B>| -> Result<Tensor<B>> {
+            let mut c = be.zeros(t.shape())?;
+            be.copy_into(t, &mut c)?;
+            Ok(c)
+        };
+        let mut layers = Vec::with_capacity(self.layers.len());
+        for b in &self.layers {
+            layers.push([
+                if want[0] {
+                    Some(copy(&b.input_layernorm)?)
+                } else {
+                    None
+                },
+                if want[1] {
+                    Some(copy(&b.post_attention_layernorm)?)
+                } else {
+                    None
+                },
+            ]);
+        }
+        self.ln_tuning = Some(LnTuning {
+            layers,
+            norm: if want[2] {
+                Some(copy(&self.norm)?)
+            } else {
+                None
+            },
+        });
+        Ok(())
+    }
+
+    /// Removes every adapter (projection adapters, LN tuning, soft prompt, bottleneck adapters
+    /// and fusion).
     pub fn remove_adapters(&mut self) {
         for b in &mut self.layers {
             for p in &mut b.proj {
@@ -170,6 +285,10 @@ impl<B: Backend> Llama<B> {
             }
         }
         self.vera_shared = None;
+        self.ln_tuning = None;
+        self.soft_prompt = None;
+        self.bottleneck = None;
+        self.fusion = None;
     }
 
     /// Quantizes every dense projection weight to NF4 in place (QLoRA's frozen base).
@@ -227,12 +346,20 @@ impl<B: Backend> Llama<B> {
             .is_some_and(|f| !f.freeze_embeddings && f.trainable_from == 0)
     }
 
-    /// The trainable tensors, named as transformers/PEFT name them (`model.layers.0.self_attn.
-    /// q_proj.lora_A.weight`, `model.embed_tokens.weight`, ...), in a fixed order: embeddings,
-    /// then per layer its norms and base weights (full fine-tuning) and its adapters (PEFT's
-    /// suffix order), then the final norm. Gradients come back in this order.
+    /// The trainable tensors, named as transformers/PEFT/`adapters` name them (`model.layers.0.
+    /// self_attn.q_proj.lora_A.weight`, `model.embed_tokens.weight`, `prompt_encoder.
+    /// embedding.weight`, `model.layers.0.output_adapters.adapters.<name>.adapter_up.weight`,
+    /// ...), in a fixed order: the soft prompt, embeddings, then per layer its norms (full
+    /// fine-tuning or LN tuning), base weights (full fine-tuning), its projection adapters
+    /// (PEFT's suffix order) and its bottleneck adapters or fusion layer, then the final norm.
+    /// Gradients come back in this order.
     pub fn trainable_params(&self) -> Vec<(String, &Tensor<B>)> {
         let mut out = Vec::new();
+        if let Some(sp) = &self.soft_prompt {
+            for (name, t) in sp.params() {
+                out.push((format!("prompt_encoder.{name}"), t));
+            }
+        }
         if self.embeddings_trained() {
             out.push(("model.embed_tokens.weight".to_string(), &self.embed_tokens));
         }
@@ -247,6 +374,15 @@ impl<B: Backend> Llama<B> {
                     format!("model.layers.{l}.post_attention_layernorm.weight"),
                     &b.post_attention_layernorm,
                 ));
+            } else if let Some(ln) = &self.ln_tuning {
+                for (which, n) in ["input_layernorm", "post_attention_layernorm"]
+                    .iter()
+                    .enumerate()
+                {
+                    if let Some(t) = &ln.layers[l][which] {
+                        out.push((format!("model.layers.{l}.{n}.ln_tuning_layers.weight"), t));
+                    }
+                }
             }
             for (p, proj) in b.proj.iter().enumerate() {
                 if full && let BaseWeight::Dense(w) = &proj.base.weight {
@@ -258,9 +394,34 @@ impl<B: Backend> Llama<B> {
                     }
                 }
             }
+            if let Some(bn) = &self.bottleneck {
+                let sites = [
+                    ("attention_adapters", &bn.layers[l].attention),
+                    ("output_adapters", &bn.layers[l].output),
+                ];
+                for (site, a) in sites {
+                    if let Some(a) = a {
+                        let path = self.bn_path(l, site);
+                        for (sfx, t) in a.params() {
+                            out.push((format!("{path}.{sfx}"), t));
+                        }
+                    }
+                }
+            }
+            if let Some(fu) = &self.fusion {
+                let base = format!(
+                    "model.layers.{l}.output_adapters.adapter_fusion_layer.{}",
+                    fu.name()
+                );
+                for (sfx, t) in fu.layers[l].params() {
+                    out.push((format!("{base}.{sfx}"), t));
+                }
+            }
         }
         if self.full_finetune.is_some() {
             out.push(("model.norm.weight".to_string(), &self.norm));
+        } else if let Some(t) = self.ln_tuning.as_ref().and_then(|ln| ln.norm.as_ref()) {
+            out.push(("model.norm.ln_tuning_layers.weight".to_string(), t));
         }
         out
     }
@@ -273,13 +434,25 @@ impl<B: Backend> Llama<B> {
             .collect();
         let norm = self.full_finetune.is_some();
         let mut out = Vec::new();
+        if let Some(sp) = &mut self.soft_prompt {
+            out.extend(sp.params_mut());
+        }
         if emb {
             out.push(&mut self.embed_tokens);
         }
+        let (mut ln_layers, ln_norm) = match self.ln_tuning.as_mut() {
+            Some(LnTuning { layers, norm }) => (Some(layers.iter_mut()), norm.as_mut()),
+            None => (None, None),
+        };
+        let mut bn_layers = self.bottleneck.as_mut().map(|bn| bn.layers.iter_mut());
+        let mut fu_layers = self.fusion.as_mut().map(|fu| fu.layers.iter_mut());
         for (l, b) in self.layers.iter_mut().enumerate() {
+            let ln = ln_layers.as_mut().and_then(|it| it.next());
             if full[l] {
                 out.push(&mut b.input_layernorm);
                 out.push(&mut b.post_attention_layernorm);
+            } else if let Some(ln) = ln {
+                out.extend(ln.iter_mut().flatten());
             }
             for proj in &mut b.proj {
                 if full[l]
@@ -291,9 +464,22 @@ impl<B: Backend> Llama<B> {
                     out.extend(a.params_mut());
                 }
             }
+            if let Some(bl) = bn_layers.as_mut().and_then(|it| it.next()) {
+                if let Some(a) = &mut bl.attention {
+                    out.extend(a.params_mut());
+                }
+                if let Some(a) = &mut bl.output {
+                    out.extend(a.params_mut());
+                }
+            }
+            if let Some(fl) = fu_layers.as_mut().and_then(|it| it.next()) {
+                out.extend(fl.params_mut());
+            }
         }
         if norm {
             out.push(&mut self.norm);
+        } else if let Some(t) = ln_norm {
+            out.push(t);
         }
         out
     }
@@ -320,6 +506,45 @@ impl<B: Backend> Llama<B> {
     /// Merges every adapter into its base weight and drops the adapters (PEFT
     /// `merge_and_unload`).
     pub fn merge_and_unload(&mut self, be: &B) -> Result<()> {
+        if self.soft_prompt.is_some() {
+            return Err(Error::arg(
+                "merge",
+                "a soft prompt (prompt, P- or prefix tuning) is not a weight change and cannot \
+                 be merged: keep the adapter and load it with the model",
+            ));
+        }
+        if self.bottleneck.is_some() || self.fusion.is_some() {
+            return Err(Error::arg(
+                "merge",
+                "bottleneck adapters and AdapterFusion add layers with non-linearities and \
+                 cannot be merged into the base weights: keep the adapter",
+            ));
+        }
+        // BEFT on a layer without a bias cannot merge (PEFT refuses it): check all first.
+        for (l, b) in self.layers.iter().enumerate() {
+            for (p, proj) in b.proj.iter().enumerate() {
+                if matches!(proj.adapter, Some(Adapter::Beft(_))) && proj.base.bias.is_none() {
+                    return Err(Error::arg(
+                        proj_path(l, p),
+                        "bias tuning (BEFT) cannot be merged into a layer without a bias (Llama's \
+                         projections have none; PEFT refuses it too): keep the adapter",
+                    ));
+                }
+            }
+        }
+        if let Some(ln) = self.ln_tuning.take() {
+            for (b, [i, p]) in self.layers.iter_mut().zip(ln.layers) {
+                if let Some(i) = i {
+                    b.input_layernorm = i;
+                }
+                if let Some(p) = p {
+                    b.post_attention_layernorm = p;
+                }
+            }
+            if let Some(n) = ln.norm {
+                self.norm = n;
+            }
+        }
         let shared = self.vera_shared.take();
         for b in &mut self.layers {
             for p in &mut b.proj {

@@ -7,10 +7,11 @@
 //! and no compute is spent on padding. The LM head runs only on the rows whose next token is a
 //! target, which is all the loss needs.
 
-use crate::adapter::{Linear, VeraShared};
-use crate::backend::{AttentionSaved, Backend, Tensor};
+use crate::adapter::{AdapterFusion, Bottleneck, Linear, LnTuning, SoftPrompt, VeraShared};
+use crate::backend::{Backend, Tensor};
 use crate::error::{Error, Result};
 use crate::model::LlamaConfig;
+use crate::model::additive::{AttnSaved, Prepared, PromptState, SiteSaved, need};
 pub use crate::model::batch::PackedBatch;
 pub use crate::model::inject::Proj;
 use crate::model::inject::ProjSaved;
@@ -97,6 +98,14 @@ pub struct Llama<B: Backend> {
     pub vera_shared: Option<VeraShared<B>>,
     /// Set for full fine-tuning: base tensors that are trained.
     pub full_finetune: Option<FullFinetune>,
+    /// LN tuning: trained copies of norm weights.
+    pub ln_tuning: Option<LnTuning<B>>,
+    /// Prompt tuning, P-tuning or prefix tuning.
+    pub soft_prompt: Option<SoftPrompt<B>>,
+    /// Houlsby or Pfeiffer bottleneck adapters (trained).
+    pub bottleneck: Option<Bottleneck<B>>,
+    /// AdapterFusion over frozen Pfeiffer adapters (trained fusion layers).
+    pub fusion: Option<AdapterFusion<B>>,
 }
 
 /// Activations of one layer kept for the backward pass.
@@ -107,7 +116,11 @@ struct LayerCache<B: Backend> {
     q: Tensor<B>,
     k: Tensor<B>,
     v: Tensor<B>,
-    att: AttentionSaved<B>,
+    att: AttnSaved<B>,
+    /// The attention output (the input of o_proj).
+    att_out: Tensor<B>,
+    att_site: Option<SiteSaved<B>>,
+    out_site: Option<SiteSaved<B>>,
     x2: Tensor<B>,
     xn2: Tensor<B>,
     rstd2: Tensor<B>,
@@ -250,6 +263,10 @@ impl<B: Backend> Llama<B> {
             lm_head,
             vera_shared: None,
             full_finetune: None,
+            ln_tuning: None,
+            soft_prompt: None,
+            bottleneck: None,
+            fusion: None,
         })
     }
 
@@ -257,45 +274,38 @@ impl<B: Backend> Llama<B> {
         self.lm_head.as_ref().unwrap_or(&self.embed_tokens)
     }
 
-    /// Runs the decoder over a packed batch, returning the final residual stream `[T, d]` and,
-    /// when `keep` is set, every layer's saved activations.
+    /// Runs the decoder over a prepared batch ([`Llama::prepare`]), returning the final
+    /// residual stream `[T, d]` and, when `keep` is set, every layer's saved activations.
     fn decoder(
         &self,
         be: &B,
-        batch: &PackedBatch,
+        prep: &Prepared,
+        prompt: Option<&PromptState<B>>,
         keep: bool,
     ) -> Result<(Tensor<B>, Vec<LayerCache<B>>)> {
         let c = &self.cfg;
-        let mut x = be.gather_rows(&self.embed_tokens, &batch.ids)?;
-        let scale = 1.0 / (c.head_dim as f32).sqrt();
+        let batch = &prep.batch;
+        let mut x = self.embed_input(be, prep, prompt)?;
         let mut caches = Vec::with_capacity(if keep { self.layers.len() } else { 0 });
         let sh = self.vera_shared.as_ref();
-        for b in &self.layers {
-            let (xn1, rstd1) = be.rmsnorm(&x, &b.input_layernorm, c.rms_norm_eps)?;
+        for (l, b) in self.layers.iter().enumerate() {
+            let (xn1, rstd1) = be.rmsnorm(&x, self.layer_norm_weight(l, 0), c.rms_norm_eps)?;
             let (mut q, hq) = b.proj[Q].forward(be, sh, &xn1)?;
             let (mut k, hk) = b.proj[K].forward(be, sh, &xn1)?;
             let (v, hv) = b.proj[V].forward(be, sh, &xn1)?;
             be.rope(&mut q, &batch.positions, c.head_dim, c.rope_theta, false)?;
             be.rope(&mut k, &batch.positions, c.head_dim, c.rope_theta, false)?;
-            let att = be.attention(
-                &q,
-                &k,
-                &v,
-                &batch.seqs,
-                c.num_attention_heads,
-                c.num_key_value_heads,
-                scale,
-            )?;
-            let (o, ho) = b.proj[O].forward(be, sh, &att.out)?;
+            let (att_out, att) = self.attend(be, l, prep, prompt, &q, &k, &v)?;
+            let (o, ho) = b.proj[O].forward(be, sh, &att_out)?;
+            let (o, att_site) = self.attention_site(be, l, o, keep)?;
             let mut x2 = o;
             be.axpy(&mut x2, 1.0, &x)?;
-            let (xn2, rstd2) = be.rmsnorm(&x2, &b.post_attention_layernorm, c.rms_norm_eps)?;
+            let (xn2, rstd2) = be.rmsnorm(&x2, self.layer_norm_weight(l, 1), c.rms_norm_eps)?;
             let (gate, hg) = b.proj[GATE].forward(be, sh, &xn2)?;
             let (up, hu) = b.proj[UP].forward(be, sh, &xn2)?;
             let act = be.swiglu(&gate, &up)?;
             let (down, hd) = b.proj[DOWN].forward(be, sh, &act)?;
-            let mut x3 = down;
-            be.axpy(&mut x3, 1.0, &x2)?;
+            let (x3, out_site) = self.output_site(be, l, &x2, down, keep)?;
             if keep {
                 caches.push(LayerCache {
                     x,
@@ -305,6 +315,9 @@ impl<B: Backend> Llama<B> {
                     k,
                     v,
                     att,
+                    att_out,
+                    att_site,
+                    out_site,
                     x2,
                     xn2,
                     rstd2,
@@ -319,19 +332,41 @@ impl<B: Backend> Llama<B> {
         Ok((x, caches))
     }
 
-    /// Logits `[rows.len(), vocab]` at the given rows of a packed batch (eval mode).
+    /// Logits `[rows.len(), vocab]` at the given rows of a packed batch (eval mode). With a
+    /// soft prompt, the rows are the caller's (the virtual tokens are added here).
     pub fn logits_at(&self, be: &B, batch: &PackedBatch, rows: &[u32]) -> Result<Tensor<B>> {
-        let (x, _) = self.decoder(be, batch, false)?;
-        let sel = be.gather_rows(&x, rows)?;
-        let (hn, _) = be.rmsnorm(&sel, &self.norm, self.cfg.rms_norm_eps)?;
+        let prep = self.prepare(batch)?;
+        let prompt = self.prompt_state(be)?;
+        let (x, _) = self.decoder(be, &prep, prompt.as_ref(), false)?;
+        let sel = be.gather_rows(&x, &prep.rows(rows))?;
+        let (hn, _) = be.rmsnorm(&sel, self.final_norm_weight(), self.cfg.rms_norm_eps)?;
         be.linear(&hn, self.head(), None)
+    }
+
+    /// Logits at every row the model runs, `[T', vocab]`: the batch's rows in order, with a
+    /// prompt or P-tuning soft prompt each sequence's virtual tokens first (PEFT's logits of
+    /// `[B, nvt + T, V]`, without the padding). Returns them with the sequences' spans.
+    pub fn logits_all(
+        &self,
+        be: &B,
+        batch: &PackedBatch,
+    ) -> Result<(Tensor<B>, Vec<crate::backend::SeqSpan>)> {
+        let prep = self.prepare(batch)?;
+        let prompt = self.prompt_state(be)?;
+        let (x, _) = self.decoder(be, &prep, prompt.as_ref(), false)?;
+        let (hn, _) = be.rmsnorm(&x, self.final_norm_weight(), self.cfg.rms_norm_eps)?;
+        Ok((be.linear(&hn, self.head(), None)?, prep.batch.seqs.clone()))
     }
 
     /// Final hidden state (after the final RMSNorm) `[rows.len(), d]` at the given rows.
     pub fn final_hidden_at(&self, be: &B, batch: &PackedBatch, rows: &[u32]) -> Result<Tensor<B>> {
-        let (x, _) = self.decoder(be, batch, false)?;
-        let sel = be.gather_rows(&x, rows)?;
-        Ok(be.rmsnorm(&sel, &self.norm, self.cfg.rms_norm_eps)?.0)
+        let prep = self.prepare(batch)?;
+        let prompt = self.prompt_state(be)?;
+        let (x, _) = self.decoder(be, &prep, prompt.as_ref(), false)?;
+        let sel = be.gather_rows(&x, &prep.rows(rows))?;
+        Ok(be
+            .rmsnorm(&sel, self.final_norm_weight(), self.cfg.rms_norm_eps)?
+            .0)
     }
 
     /// Sum of cross-entropy over the batch's targets and their count (eval mode, no grads).
@@ -373,19 +408,21 @@ impl<B: Backend> Llama<B> {
         }
         let c = &self.cfg;
         let sh = self.vera_shared.as_ref();
-        let (x, caches) = self.decoder(be, batch, true)?;
+        let prep = self.prepare(batch)?;
+        let prompt = self.prompt_state(be)?;
+        let pb = &prep.batch;
+        let (x, caches) = self.decoder(be, &prep, prompt.as_ref(), true)?;
         let mut grads: Vec<(String, Tensor<B>)> = Vec::new();
         // Final norm + LM head + CE only on the target rows. The norm is row-wise, so
         // normalizing just those rows equals slicing after a full norm.
-        let sel = be.gather_rows(&x, &batch.target_rows)?;
-        let (hn, rstd_f) = be.rmsnorm(&sel, &self.norm, c.rms_norm_eps)?;
+        let sel = be.gather_rows(&x, &pb.target_rows)?;
+        let norm_w = self.final_norm_weight();
+        let (hn, rstd_f) = be.rmsnorm(&sel, norm_w, c.rms_norm_eps)?;
         let logits = be.linear(&hn, self.head(), None)?;
         let (loss_stats, dlogits) =
-            be.cross_entropy_stats(&logits, &batch.target_labels, 1.0 / n as f32)?;
+            be.cross_entropy_stats(&logits, &pb.target_labels, 1.0 / n as f32)?;
         drop(logits);
-        let dhn = be
-            .linear_backward_input(&dlogits, self.head(), None)?
-            .expect("dx returned without acc");
+        let dhn = need(be.linear_backward_input(&dlogits, self.head(), None)?)?;
         let head_trained = match &self.lm_head {
             Some(_) => self.full_finetune.is_some(),
             None => self.embeddings_trained(),
@@ -399,94 +436,143 @@ impl<B: Backend> Llama<B> {
             None
         };
         drop(dlogits);
-        let mut d_norm = match self.full_finetune {
-            Some(_) => Some(be.zeros(self.norm.shape())?),
-            None => None,
+        let final_tuned = self.ln_tuning.as_ref().is_some_and(|t| t.norm.is_some());
+        let mut d_norm = if self.full_finetune.is_some() || final_tuned {
+            Some(be.zeros(self.norm.shape())?)
+        } else {
+            None
         };
-        let dsel = be.rmsnorm_backward(&dhn, &sel, &self.norm, &rstd_f, d_norm.as_mut())?;
+        let dsel = be.rmsnorm_backward(&dhn, &sel, norm_w, &rstd_f, d_norm.as_mut())?;
         if let Some(g) = d_norm {
-            grads.push(("model.norm.weight".into(), g));
+            let name = if final_tuned {
+                "model.norm.ln_tuning_layers.weight"
+            } else {
+                "model.norm.weight"
+            };
+            grads.push((name.into(), g));
         }
-        let mut dx = be.zeros(&[batch.n_tokens(), c.hidden_size])?;
-        be.scatter_add_rows(&mut dx, &batch.target_rows, &dsel)?;
+        let mut dx = be.zeros(&[pb.n_tokens(), c.hidden_size])?;
+        be.scatter_add_rows(&mut dx, &pb.target_rows, &dsel)?;
 
         // Below the lowest layer with anything trainable, no gradient is needed.
         let lowest = if self.embeddings_trained() {
             0
         } else {
-            (0..self.layers.len())
-                .find(|&l| {
-                    self.layer_trained(l) || self.layers[l].proj.iter().any(|p| p.adapter.is_some())
-                })
+            let proj = (0..self.layers.len()).find(|&l| {
+                self.layer_trained(l) || self.layers[l].proj.iter().any(|p| p.adapter.is_some())
+            });
+            [proj, self.lowest_additive()]
+                .into_iter()
+                .flatten()
+                .min()
                 .unwrap_or(self.layers.len())
         };
-        let scale = 1.0 / (c.head_dim as f32).sqrt();
+        let mut d_prompt = match &prompt {
+            Some(p) if prep.prefix.is_some() => Some(be.zeros(p.out.shape())?),
+            _ => None,
+        };
         for (l, (b, lc)) in self.layers.iter().zip(caches).enumerate().rev() {
             if l < lowest {
                 break;
             }
             let full = self.layer_trained(l);
             let path = |p: usize| proj_path(l, p);
-            let norm_grad = || -> Result<Option<Tensor<B>>> {
-                Ok(if full {
+            let norm_grad = |which: usize| -> Result<Option<Tensor<B>>> {
+                Ok(if full || self.norm_tuned(l, which) {
                     Some(be.zeros(&[c.hidden_size])?)
                 } else {
                     None
                 })
             };
-            // MLP: x3 = x2 + down(swiglu(gate(xn2), up(xn2)))
             let bw = |p: usize, x: &Tensor<B>, s: &ProjSaved<B>, dy: &Tensor<B>, g: &mut Vec<_>| {
                 b.proj[p].backward(be, sh, &path(p), full, x, s, dy, g)
             };
-            let dact = bw(DOWN, &lc.act, &lc.saved[DOWN], &dx, &mut grads)?;
+            // MLP and output site: x3 = site(x2, down(swiglu(gate(xn2), up(xn2)))).
+            let (d2, d_down) =
+                self.output_site_backward(be, l, lc.out_site.as_ref(), dx, &mut grads)?;
+            dx = d2; // dx is d(x2) through the residual
+            let dact = bw(
+                DOWN,
+                &lc.act,
+                &lc.saved[DOWN],
+                d_down.as_ref().unwrap_or(&dx),
+                &mut grads,
+            )?;
             let (dgate, dup) = be.swiglu_backward(&dact, &lc.gate, &lc.up)?;
             let mut dxn2 = bw(UP, &lc.xn2, &lc.saved[UP], &dup, &mut grads)?;
             let t = bw(GATE, &lc.xn2, &lc.saved[GATE], &dgate, &mut grads)?;
             be.axpy(&mut dxn2, 1.0, &t)?;
-            let mut dpost = norm_grad()?;
+            let mut dpost = norm_grad(1)?;
             let d = be.rmsnorm_backward(
                 &dxn2,
                 &lc.x2,
-                &b.post_attention_layernorm,
+                self.layer_norm_weight(l, 1),
                 &lc.rstd2,
                 dpost.as_mut(),
             )?;
             be.axpy(&mut dx, 1.0, &d)?; // dx is now d(x2)
-            // Attention: x2 = x + o_proj(attn(rope(q(xn1)), rope(k(xn1)), v(xn1)))
-            let datt = bw(O, &lc.att.out, &lc.saved[O], &dx, &mut grads)?;
-            let (mut dq, mut dk, dv) = be.attention_backward(
-                &datt,
+            // Attention: x2 = x + site(o_proj(attn(rope(q(xn1)), rope(k(xn1)), v(xn1)))).
+            let dh = self.attention_site_backward(be, l, lc.att_site.as_ref(), &dx, &mut grads)?;
+            let datt = bw(
+                O,
+                &lc.att_out,
+                &lc.saved[O],
+                dh.as_ref().unwrap_or(&dx),
+                &mut grads,
+            )?;
+            let (mut dq, mut dk, dv) = self.attend_backward(
+                be,
+                l,
+                &prep,
+                &lc.att,
                 &lc.q,
                 &lc.k,
                 &lc.v,
-                &lc.att,
-                &batch.seqs,
-                c.num_attention_heads,
-                c.num_key_value_heads,
-                scale,
+                &datt,
+                d_prompt.as_mut(),
             )?;
-            be.rope(&mut dq, &batch.positions, c.head_dim, c.rope_theta, true)?;
-            be.rope(&mut dk, &batch.positions, c.head_dim, c.rope_theta, true)?;
+            be.rope(&mut dq, &pb.positions, c.head_dim, c.rope_theta, true)?;
+            be.rope(&mut dk, &pb.positions, c.head_dim, c.rope_theta, true)?;
             let mut dxn1 = bw(V, &lc.xn1, &lc.saved[V], &dv, &mut grads)?;
             let t = bw(K, &lc.xn1, &lc.saved[K], &dk, &mut grads)?;
             be.axpy(&mut dxn1, 1.0, &t)?;
             let t = bw(Q, &lc.xn1, &lc.saved[Q], &dq, &mut grads)?;
             be.axpy(&mut dxn1, 1.0, &t)?;
-            let mut dinput = norm_grad()?;
-            let d =
-                be.rmsnorm_backward(&dxn1, &lc.x, &b.input_layernorm, &lc.rstd1, dinput.as_mut())?;
+            let mut dinput = norm_grad(0)?;
+            let d = be.rmsnorm_backward(
+                &dxn1,
+                &lc.x,
+                self.layer_norm_weight(l, 0),
+                &lc.rstd1,
+                dinput.as_mut(),
+            )?;
             be.axpy(&mut dx, 1.0, &d)?; // dx is now d(x) of this layer's input
-            if let (Some(gi), Some(gp)) = (dinput, dpost) {
-                grads.push((format!("model.layers.{l}.input_layernorm.weight"), gi));
-                grads.push((
-                    format!("model.layers.{l}.post_attention_layernorm.weight"),
-                    gp,
-                ));
+            let norm_names = |n: &str| {
+                if full {
+                    format!("model.layers.{l}.{n}.weight")
+                } else {
+                    format!("model.layers.{l}.{n}.ln_tuning_layers.weight")
+                }
+            };
+            if let Some(gi) = dinput {
+                grads.push((norm_names("input_layernorm"), gi));
+            }
+            if let Some(gp) = dpost {
+                grads.push((norm_names("post_attention_layernorm"), gp));
+            }
+        }
+        if let Some(p) = &prompt {
+            let dp = match d_prompt {
+                Some(dp) => Some(dp),
+                None => self.prompt_input_grad(be, &prep, &dx, p)?,
+            };
+            if let Some(dp) = dp {
+                self.prompt_backward(be, p, dp, &mut grads)?;
             }
         }
         if self.embeddings_trained() {
             let de = d_embed.get_or_insert(be.zeros(self.embed_tokens.shape())?);
-            be.scatter_add_rows(de, &batch.ids, &dx)?;
+            be.scatter_add_rows(de, &pb.ids, &dx)?;
         }
         match (d_embed, &self.lm_head) {
             (Some(g), None) => grads.push(("model.embed_tokens.weight".into(), g)),

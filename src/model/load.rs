@@ -1,9 +1,11 @@
 //! Building a [`Llama`] from a GGUF file (llama.cpp's tensor names) with q/k rows put back in
-//! transformers' order, so adapters exchange with PEFT as they are.
+//! transformers' order, so adapters exchange with PEFT as they are, or from a transformers
+//! model folder ([`crate::io::hf`]), whose rows are in that order already.
 
 use crate::backend::Backend;
 use crate::error::{Error, Result};
 use crate::io::gguf::{GgufFile, unpermute_qk};
+use crate::io::hf::HfFolder;
 use crate::model::llama::{Llama, Nf4Spec, PROJ_NAMES};
 
 /// The GGUF name of a transformers tensor name, and the number of heads whose rows llama.cpp
@@ -81,4 +83,17 @@ pub fn llama_from_gguf_with<B: Backend>(
         },
         nf4,
     )
+}
+
+/// Loads every weight of a transformers Llama folder onto `be` (f32/f16/bf16 converted to f32),
+/// quantizing the projections to NF4 one at a time as they are read when `nf4` is given. A
+/// tied model (`tie_word_embeddings`) needs no `lm_head.weight`. Errors: a missing tensor
+/// (naming the file and key), a shape that disagrees with `config.json`, an unsupported dtype.
+pub fn llama_from_hf<B: Backend>(
+    be: &B,
+    folder: &mut HfFolder,
+    nf4: Option<Nf4Spec>,
+) -> Result<Llama<B>> {
+    let cfg = folder.llama_config().clone();
+    Llama::from_source(be, cfg, &mut |name| folder.tensor_f32(name), nf4)
 }

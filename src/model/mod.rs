@@ -1,5 +1,6 @@
 //! The Llama-architecture model and its tokenizer.
 
+pub mod additive;
 pub mod batch;
 pub mod config;
 pub mod generate;

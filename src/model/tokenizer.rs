@@ -165,6 +165,42 @@ impl Tokenizer {
         })
     }
 
+    /// Reads a `tokenizers` JSON file (`tokenizer.json` of a transformers folder) as it is, with
+    /// the special ids given (from the folder's `config.json`). Special tokens are its added
+    /// tokens marked `special`.
+    ///
+    /// # Errors
+    /// [`Error::Tokenizer`] if the file cannot be read or parsed, or a special id is outside the
+    /// vocabulary.
+    pub fn from_hf_file(path: &std::path::Path, bos: u32, eos: u32, pad: u32) -> Result<Tokenizer> {
+        let inner = tokenizers::Tokenizer::from_file(path)
+            .map_err(|e| Error::Tokenizer(format!("{}: {e}", path.display())))?;
+        let n = inner.get_vocab_size(true);
+        for (what, id) in [("bos", bos), ("eos", eos), ("pad", pad)] {
+            if id as usize >= n {
+                return Err(Error::Tokenizer(format!(
+                    "{}: {what} token id {id} is outside the vocabulary of {n} tokens",
+                    path.display()
+                )));
+            }
+        }
+        let mut special: Vec<u32> = inner
+            .get_added_tokens_decoder()
+            .iter()
+            .filter(|(_, t)| t.special)
+            .map(|(&i, _)| i)
+            .collect();
+        special.sort_unstable();
+        Ok(Tokenizer {
+            inner,
+            vocab_size: n,
+            bos,
+            eos,
+            pad,
+            special,
+        })
+    }
+
     /// Builds a tokenizer from a vocabulary in GGUF form, for tiny test models: `tokens[i]` is the
     /// byte-level spelling of id `i` (`Ġ` = space), `merges` are `"left right"` strings in rank
     /// order, `token_types` the GGUF token types (3 = CONTROL = special; may be shorter than

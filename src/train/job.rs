@@ -8,9 +8,10 @@ use crate::backend::Backend;
 use crate::error::{Error, Result};
 use crate::io::export::{WeightDtype, model_tensors, write_safetensors};
 use crate::io::gguf::GgufFile;
+use crate::io::hf;
 use crate::io::{fetch, peft};
 use crate::model::llama::{Llama, Nf4Spec};
-use crate::model::load::llama_from_gguf_with;
+use crate::model::load::{llama_from_gguf_with, llama_from_hf};
 use crate::model::tokenizer::Tokenizer;
 use crate::train::data::{self, BadRecordPolicy, Record, split_train_eval, tokenize_records};
 use crate::train::recipe::{self, Recipe};
@@ -152,7 +153,8 @@ pub fn run_finetune<B: Backend>(
     })
 }
 
-/// Opens a GGUF model (`None`: the default model, fetched into the cache on first use) and
+/// Opens a GGUF model or a transformers model folder ([`hf::is_hf_folder`]; its
+/// `tokenizer.json` is needed) (`None`: the default GGUF, fetched into the cache on first use) and
 /// builds its tokenizer and the model on `be`, quantizing the projections to NF4 while reading
 /// them when `nf4` is given; reports progress lines (fetch, `loaded ... in 1.2s on cpu`) to
 /// `log`. Returns the file's path, the tokenizer and the model.
@@ -167,9 +169,22 @@ pub fn load_model<B: Backend>(
         None => fetch::default_model(&mut |s| log(s.to_string()))?,
     };
     let t = Instant::now();
-    let g = GgufFile::open(&path)?;
-    let tok = Tokenizer::from_gguf(&g)?;
-    let model = llama_from_gguf_with(be, &g, nf4)?;
+    let (tok, model) = if hf::is_hf_folder(&path) {
+        let mut folder = hf::HfFolder::open(&path)?;
+        let file = folder.tokenizer_file().ok_or_else(|| Error::Missing {
+            path: path.clone(),
+            name: hf::TOKENIZER_FILE.into(),
+        })?;
+        let c = folder.llama_config();
+        let tok = Tokenizer::from_hf_file(&file, c.bos_token_id, c.eos_token_id, c.pad_token_id)?;
+        (tok, llama_from_hf(be, &mut folder, nf4)?)
+    } else {
+        let g = GgufFile::open(&path)?;
+        (
+            Tokenizer::from_gguf(&g)?,
+            llama_from_gguf_with(be, &g, nf4)?,
+        )
+    };
     log(format!(
         "loaded {} ({} parameters, {} layers) in {:.1}s on {}",
         path.display(),
@@ -223,6 +238,7 @@ pub fn save_trained<B: Backend>(
             total_step: Some(recipe.train.steps as u64),
             rank_pattern: pattern.clone(),
         },
+        ia3_feedforward_modules: Vec::new(),
     };
     let cfg = peft::adapter_config_for_method(kind, &lora, &opts)?;
     let (tensors, _) = match &pattern {

@@ -9,11 +9,12 @@ mod lowrank;
 mod memory;
 mod nf4;
 mod ops;
+mod pointwise;
 
 use super::check::{AdamWFactors, EmaCoefs};
 use super::{
-    AdaLoraIpt, AdamWParams, AttentionSaved, Base, GradWants, InputGrad, Kernels, LowRank,
-    LowRankOut, Nf4Weight, ParamGrads, SeqSpan, Tensor,
+    Activation, AdaLoraIpt, AdamWParams, AttentionSaved, Axis, Base, GradWants, InputGrad, Kernels,
+    LowRank, LowRankOut, Nf4Weight, ParamGrads, SeqSpan, Tensor,
 };
 use crate::error::{Error, Result};
 use crate::quant::nf4::Nf4Tensor;
@@ -307,6 +308,43 @@ impl Kernels for Cpu {
         Ok(ops::attention_cached(
             q, k, v, q_seqs, kv_seqs, n_heads, n_kv_heads, scale,
         ))
+    }
+    fn mul_vector_kernel(
+        &self,
+        x: &Tensor<Self>,
+        v: &Tensor<Self>,
+        axis: Axis,
+    ) -> Result<Tensor<Self>> {
+        Ok(pointwise::mul_vector(x, v, axis))
+    }
+    fn sum_product_kernel(
+        &self,
+        a: &Tensor<Self>,
+        b: Option<&Tensor<Self>>,
+        axis: Axis,
+    ) -> Result<Tensor<Self>> {
+        Ok(pointwise::sum_product(a, b, axis))
+    }
+    fn activation_kernel(&self, x: &Tensor<Self>, act: Activation) -> Result<Tensor<Self>> {
+        Ok(pointwise::activation(x, act))
+    }
+    fn activation_backward_kernel(
+        &self,
+        dy: &Tensor<Self>,
+        x: &Tensor<Self>,
+        act: Activation,
+    ) -> Result<Tensor<Self>> {
+        Ok(pointwise::activation_backward(dy, x, act))
+    }
+    fn softmax_rows_kernel(&self, x: &Tensor<Self>) -> Result<Tensor<Self>> {
+        Ok(pointwise::softmax_rows(x))
+    }
+    fn softmax_rows_backward_kernel(
+        &self,
+        dy: &Tensor<Self>,
+        p: &Tensor<Self>,
+    ) -> Result<Tensor<Self>> {
+        Ok(pointwise::softmax_rows_backward(dy, p))
     }
     fn swiglu_kernel(&self, gate: &Tensor<Self>, up: &Tensor<Self>) -> Result<Tensor<Self>> {
         Ok(ops::swiglu(gate, up))

@@ -28,6 +28,8 @@ const SQ_BLOCK: usize = 4096;
 const F_V: u32 = 1;
 const F_ACC: u32 = 2;
 const F_DIV: u32 = 4;
+/// rowdot, colsum: y is all ones and not read (plain sums).
+pub(super) const F_ONE_Y: u32 = 8;
 
 impl Wgpu {
     /// Runs the elementwise kernel `entry` over `n` elements. `arrays` are `(binding, buffer)`
@@ -387,6 +389,21 @@ pub(super) fn rowdot(
     v: Option<&GpuBuf>,
     o: Rows<'_>,
 ) -> Result<()> {
+    rowdot_flags(be, rows, cols, x, y, v, o, 0)
+}
+
+/// [`rowdot`] with extra shader flags ([`F_ONE_Y`]: y is not read).
+#[allow(clippy::too_many_arguments)]
+pub(super) fn rowdot_flags(
+    be: &Wgpu,
+    rows: usize,
+    cols: usize,
+    x: Rows<'_>,
+    y: Rows<'_>,
+    v: Option<&GpuBuf>,
+    o: Rows<'_>,
+    extra: u32,
+) -> Result<()> {
     if rows == 0 || cols == 0 {
         return Ok(());
     }
@@ -398,7 +415,7 @@ pub(super) fn rowdot(
         let p = Params {
             rows: r1 - r0,
             cols,
-            flags: if v.is_some() { F_V } else { 0 },
+            flags: extra | if v.is_some() { F_V } else { 0 },
             x: (xo, x.rs),
             y: (yo, y.rs),
             o: (oo, o.rs),
@@ -422,6 +439,21 @@ pub(super) fn colsum(
     v: Option<&GpuBuf>,
     o: &GpuBuf,
 ) -> Result<()> {
+    colsum_flags(be, rows, cols, x, y, v, o, 0)
+}
+
+/// [`colsum`] with extra shader flags ([`F_ONE_Y`]: y is not read).
+#[allow(clippy::too_many_arguments)]
+pub(super) fn colsum_flags(
+    be: &Wgpu,
+    rows: usize,
+    cols: usize,
+    x: Rows<'_>,
+    y: Rows<'_>,
+    v: Option<&GpuBuf>,
+    o: &GpuBuf,
+    extra: u32,
+) -> Result<()> {
     if rows == 0 || cols == 0 {
         return Ok(());
     }
@@ -431,7 +463,7 @@ pub(super) fn colsum(
     for (ci, &(r0, r1)) in chunks.iter().enumerate() {
         let (bx, xo) = bind_rows(ctx, &x, r0, r1)?;
         let (by, yo) = bind_rows(ctx, &y, r0, r1)?;
-        let mut flags = if ci > 0 { F_ACC } else { 0 };
+        let mut flags = extra | if ci > 0 { F_ACC } else { 0 };
         if ci == last && v.is_some() {
             flags |= F_V;
         }

@@ -31,12 +31,13 @@ mod matmul;
 mod memory;
 mod nf4;
 mod ops;
+mod pointwise;
 
 use self::ctx::{Ctx, DType, GpuBuf};
 use super::check::{AdamWFactors, EmaCoefs};
 use super::{
-    AdaLoraIpt, AdamWParams, AttentionSaved, Base, GradWants, Kernels, LowRank, LowRankOut,
-    Nf4Weight, ParamGrads, SeqSpan, Tensor,
+    Activation, AdaLoraIpt, AdamWParams, AttentionSaved, Axis, Base, GradWants, Kernels, LowRank,
+    LowRankOut, Nf4Weight, ParamGrads, SeqSpan, Tensor,
 };
 use crate::error::Result;
 use crate::quant::nf4::Nf4Tensor;
@@ -419,6 +420,43 @@ impl Kernels for Wgpu {
         scale: f32,
     ) -> Result<Tensor<Self>> {
         ops::attention_cached(self, q, k, v, q_seqs, kv_seqs, n_heads, n_kv_heads, scale)
+    }
+    fn mul_vector_kernel(
+        &self,
+        x: &Tensor<Self>,
+        v: &Tensor<Self>,
+        axis: Axis,
+    ) -> Result<Tensor<Self>> {
+        pointwise::mul_vector(self, x, v, axis)
+    }
+    fn sum_product_kernel(
+        &self,
+        a: &Tensor<Self>,
+        b: Option<&Tensor<Self>>,
+        axis: Axis,
+    ) -> Result<Tensor<Self>> {
+        pointwise::sum_product(self, a, b, axis)
+    }
+    fn activation_kernel(&self, x: &Tensor<Self>, act: Activation) -> Result<Tensor<Self>> {
+        pointwise::activation(self, x, act)
+    }
+    fn activation_backward_kernel(
+        &self,
+        dy: &Tensor<Self>,
+        x: &Tensor<Self>,
+        act: Activation,
+    ) -> Result<Tensor<Self>> {
+        pointwise::activation_backward(self, dy, x, act)
+    }
+    fn softmax_rows_kernel(&self, x: &Tensor<Self>) -> Result<Tensor<Self>> {
+        pointwise::softmax_rows(self, x)
+    }
+    fn softmax_rows_backward_kernel(
+        &self,
+        dy: &Tensor<Self>,
+        p: &Tensor<Self>,
+    ) -> Result<Tensor<Self>> {
+        pointwise::softmax_rows_backward(self, dy, p)
     }
     fn swiglu_kernel(&self, gate: &Tensor<Self>, up: &Tensor<Self>) -> Result<Tensor<Self>> {
         ops::swiglu(self, gate, up)

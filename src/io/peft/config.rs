@@ -316,7 +316,7 @@ fn config_defaults(peft_type: &str) -> Map<String, Value> {
             m
         }
         "VERA" => vera_config_defaults(),
-        _ => Map::new(),
+        t => super::additive::defaults(t).unwrap_or_default(),
     }
 }
 
@@ -486,11 +486,31 @@ impl AdapterConfig {
                 }
                 Ok(MethodKind::Vera)
             }
+            "IA3" | "BEFT" => {
+                if self.fan_in_fan_out == Some(true) {
+                    return Err(Error::arg(
+                        "fan_in_fan_out",
+                        "fan_in_fan_out: true (GPT-2 Conv1D weight layout) is not supported",
+                    ));
+                }
+                if let Some(v) = self.extra.get("modules_to_save").filter(|v| !is_unset(v)) {
+                    return Err(Error::arg(
+                        "modules_to_save",
+                        format!("modules_to_save: {v} is not supported"),
+                    ));
+                }
+                Ok(if self.peft_type == "IA3" {
+                    MethodKind::Ia3
+                } else {
+                    MethodKind::Beft
+                })
+            }
             t => Err(Error::arg(
                 "peft_type",
                 format!(
                     "peft_type `{t}` is not supported (lorafuse applies LORA (with rsLoRA and \
-                     DoRA), VERA and ADALORA adapters)"
+                     DoRA), VERA, ADALORA, IA3, BEFT, LN_TUNING, PROMPT_TUNING, P_TUNING and \
+                     PREFIX_TUNING adapters)"
                 ),
             )),
         }
@@ -871,6 +891,8 @@ pub struct MethodOptions {
     pub vera: VeraOptions,
     /// AdaLoRA's settings (used for [`MethodKind::AdaLora`]).
     pub adalora: AdaLoraOptions,
+    /// IA3's `feedforward_modules` (used for [`MethodKind::Ia3`]).
+    pub ia3_feedforward_modules: Vec<String>,
 }
 
 /// An AdaLoRA rank pattern keyed by module path as PEFT's `rank_pattern` JSON object
@@ -902,8 +924,21 @@ pub fn adapter_config_for_method(
     extra: &MethodOptions,
 ) -> Result<AdapterConfig> {
     lora.validate()?;
-    let mut cfg = adapter_config_for(lora, extra.base_model_name_or_path.clone());
+    let base = extra.base_model_name_or_path.clone();
     match method {
+        MethodKind::Ia3 => {
+            return Ok(super::additive::ia3_config(
+                &lora.target_modules,
+                &extra.ia3_feedforward_modules,
+                base,
+            ));
+        }
+        MethodKind::Beft => return Ok(super::additive::beft_config(&lora.target_modules, base)),
+        _ => {}
+    }
+    let mut cfg = adapter_config_for(lora, base);
+    match method {
+        MethodKind::Ia3 | MethodKind::Beft => unreachable!("returned above"),
         MethodKind::Lora => {}
         MethodKind::Dora => cfg.use_dora = Some(true),
         MethodKind::Vera => {

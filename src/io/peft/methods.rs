@@ -18,7 +18,10 @@ use super::{
     AdapterConfig, AdapterTensor, CONFIG_NAME, KEY_PREFIX, WEIGHTS_NAME, lora_layers_from_adapter,
     serialize_f32, write_dir_atomically,
 };
-use crate::adapter::{AdaLoraLayer, Adapter, DoraLayer, Linear, MethodKind, VeraLayer, VeraShared};
+use crate::adapter::{
+    AdaLoraLayer, Adapter, BeftLayer, DoraLayer, Ia3Layer, Linear, MethodKind, VeraLayer,
+    VeraShared,
+};
 use crate::backend::Backend;
 use crate::error::{Error, Result};
 use crate::model::llama::{Llama, proj_path};
@@ -38,6 +41,8 @@ fn suffixes(method: MethodKind) -> &'static [&'static str] {
         MethodKind::Dora => &["lora_A.weight", "lora_B.weight", "lora_magnitude_vector"],
         MethodKind::Vera => &["vera_lambda_b", "vera_lambda_d"],
         MethodKind::AdaLora => &["lora_A", "lora_B", "lora_E"],
+        MethodKind::Ia3 => &["ia3_l"],
+        MethodKind::Beft => &["beft_bias"],
     }
 }
 
@@ -47,6 +52,8 @@ fn method_name(method: MethodKind) -> &'static str {
         MethodKind::Dora => "DoRA (use_dora: true)",
         MethodKind::Vera => "VeRA",
         MethodKind::AdaLora => "AdaLoRA",
+        MethodKind::Ia3 => "IA3",
+        MethodKind::Beft => "BEFT",
     }
 }
 
@@ -254,6 +261,12 @@ pub fn adapter_layers_from_adapter<B: Backend>(
                     _ => (vec![k, 1], format!("[kept, 1] with {src}")),
                 }
             }
+            (MethodKind::Ia3, _) if super::additive::is_feedforward(cfg, path) => (
+                vec![1, inp],
+                "[1, in] (a feedforward_modules entry scales its input)".into(),
+            ),
+            (MethodKind::Ia3, _) => (vec![out, 1], "[out, 1]".into()),
+            (MethodKind::Beft, _) => (vec![1, out], "[1, out]".into()),
             (MethodKind::Lora, _) => {
                 unreachable!("plain LoRA goes through lora_layers_from_adapter")
             }
@@ -377,6 +390,11 @@ pub fn adapter_layers_from_adapter<B: Backend>(
                         .map_err(wrap)?,
                 )
             }
+            MethodKind::Ia3 => Adapter::Ia3(
+                Ia3Layer::from_vector(t(0)?, base, super::additive::is_feedforward(cfg, path))
+                    .map_err(wrap)?,
+            ),
+            MethodKind::Beft => Adapter::Beft(BeftLayer::from_bias(t(0)?, base).map_err(wrap)?),
             MethodKind::Lora => unreachable!("handled above"),
         };
         layers.push((path.clone(), adapter));
@@ -402,6 +420,12 @@ pub fn apply_adapter<B: Backend>(
     cfg: &AdapterConfig,
     tensors: &[AdapterTensor],
 ) -> Result<()> {
+    if cfg.peft_type == "LN_TUNING" {
+        return super::additive::apply_ln_tuning(be, model, tensors);
+    }
+    if super::additive::prompt_method(cfg).is_some() {
+        return super::additive::apply_prompt(be, model, cfg, tensors);
+    }
     let mut slots = HashMap::new();
     let mut modules = Vec::new();
     for (l, block) in model.layers.iter().enumerate() {
@@ -556,13 +580,17 @@ pub(super) fn save_checked(
         "LORA" => {
             cfg.scaling()?;
         }
-        "VERA" | "ADALORA" => {
+        "VERA" | "ADALORA" | "IA3" | "BEFT" => {
             cfg.check_supported()?;
         }
+        t if super::additive::ADDITIVE_TYPES.contains(&t) => {}
         t => {
             return Err(Error::arg(
                 "peft_type",
-                format!("lorafuse saves LORA, VERA and ADALORA adapters, got peft_type `{t}`"),
+                format!(
+                    "lorafuse saves LORA, VERA, ADALORA, IA3, BEFT, LN_TUNING, PROMPT_TUNING, \
+                     P_TUNING and PREFIX_TUNING adapters, got peft_type `{t}`"
+                ),
             ));
         }
     }

@@ -1,0 +1,528 @@
+//! The additive and selective methods on the tiny transformers Llama of `golden/seeds/`
+//! against PEFT and the `adapters` library: logits, loss and every gradient of each case
+//! (`<case>/io.safetensors`), on the CPU reference and, where an adapter is present, on wgpu.
+//! Each test names the file it checks. Tolerances (seeds/README.md): logits and loss 1e-4
+//! absolute, gradients 1e-4 relative to the largest entry of the same tensor.
+
+mod common;
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use lorafuse::Cpu;
+use lorafuse::adapter::{
+    AdapterFusion, BnAdapter, BnLayer, Bottleneck, BottleneckConfig, BottleneckKind, FuseLayer,
+    Mlp, PromptMethod, SoftPrompt,
+};
+use lorafuse::backend::{Activation, Backend};
+use lorafuse::io::hf::HfFolder;
+use lorafuse::io::peft::{apply_adapter, load_adapter};
+use lorafuse::model::llama::{Llama, PackedBatch};
+use lorafuse::model::load::llama_from_hf;
+use safetensors::{Dtype, SafeTensors};
+use serde_json::Value;
+
+const ATOL: f32 = 1e-4;
+const GRAD_RTOL: f32 = 1e-4;
+/// An absolute floor for gradients that are zero in exact arithmetic (AdapterFusion's key
+/// bias: adding `q . bk` to every adapter's score leaves the softmax unchanged), where both
+/// sides hold only rounding noise of order 1e-10.
+const GRAD_ATOL_FLOOR: f32 = 1e-7;
+
+/// `golden/seeds/<case>/`, printed as the folder being checked.
+fn case_dir(case: &str) -> PathBuf {
+    let dir = common::golden_dir().join("seeds").join(case);
+    assert!(
+        dir.is_dir(),
+        "golden folder {} is missing (set LORAFUSE_GOLDEN_DIR)",
+        dir.display()
+    );
+    println!("checking golden folder {}", dir.display());
+    dir
+}
+
+/// Every tensor of a safetensors file as f32 (ints converted), with its metadata.
+struct Io {
+    path: PathBuf,
+    t: HashMap<String, (Vec<usize>, Vec<f32>)>,
+    meta: HashMap<String, String>,
+}
+
+fn read_io(path: &Path) -> Io {
+    let bytes = std::fs::read(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let st = SafeTensors::deserialize(&bytes).unwrap();
+    let (_, header) = SafeTensors::read_metadata(&bytes).unwrap();
+    let meta = header.metadata().clone().unwrap_or_default();
+    let mut t = HashMap::new();
+    for (name, v) in st.tensors() {
+        let d = v.data();
+        let data: Vec<f32> = match v.dtype() {
+            Dtype::F32 => d
+                .chunks_exact(4)
+                .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+                .collect(),
+            Dtype::I64 => d
+                .chunks_exact(8)
+                .map(|c| i64::from_le_bytes(c.try_into().unwrap()) as f32)
+                .collect(),
+            Dtype::F64 => d
+                .chunks_exact(8)
+                .map(|c| f64::from_le_bytes(c.try_into().unwrap()) as f32)
+                .collect(),
+            other => panic!("{}: {name} has dtype {other:?}", path.display()),
+        };
+        t.insert(name, (v.shape().to_vec(), data));
+    }
+    Io {
+        path: path.to_path_buf(),
+        t,
+        meta,
+    }
+}
+
+impl Io {
+    fn get(&self, k: &str) -> &(Vec<usize>, Vec<f32>) {
+        self.t
+            .get(k)
+            .unwrap_or_else(|| panic!("{}: no tensor `{k}`", self.path.display()))
+    }
+    /// The batch of `input_ids`, `attention_mask`, `labels` without the padding, and each row's
+    /// length.
+    fn batch(&self) -> (PackedBatch, Vec<usize>) {
+        let (shape, ids) = self.get("input_ids");
+        let (_, mask) = self.get("attention_mask");
+        let labels = self.t.get("labels").map(|x| &x.1);
+        let (b, t) = (shape[0], shape[1]);
+        let mut ex = Vec::new();
+        let mut lens = Vec::new();
+        for r in 0..b {
+            let n = (0..t).filter(|&j| mask[r * t + j] > 0.5).count();
+            let row_ids: Vec<u32> = (0..n).map(|j| ids[r * t + j] as u32).collect();
+            let row_lab: Vec<i32> = (0..n)
+                .map(|j| labels.map_or(-100, |l| l[r * t + j] as i32))
+                .collect();
+            ex.push((row_ids, row_lab));
+            lens.push(n);
+        }
+        let batch = PackedBatch::from_examples(ex.iter().map(|(i, l)| (&i[..], &l[..]))).unwrap();
+        (batch, lens)
+    }
+}
+
+fn base_model<B: Backend>(be: &B) -> Llama<B> {
+    let dir = case_dir("base");
+    let mut f = HfFolder::open(&dir).unwrap_or_else(|e| panic!("{}: {e}", dir.display()));
+    llama_from_hf(be, &mut f, None).unwrap()
+}
+
+fn upload<B: Backend>(be: &B, io: &Io, key: &str) -> lorafuse::backend::Tensor<B> {
+    let (s, d) = io.get(key);
+    be.upload(d, s).unwrap()
+}
+
+/// Compares the model's logits at every real position (and the virtual ones a prepended
+/// prompt adds) and its loss and gradients with the case's. `name_of` maps a lorafuse
+/// trainable name to the golden `param.`/`grad.` name.
+fn check_case<B: Backend>(be: &B, model: &Llama<B>, io: &Io, name_of: &dyn Fn(&str) -> String) {
+    let path = io.path.display().to_string();
+    let (batch, lens) = io.batch();
+    let nvt_prepended: usize = io
+        .meta
+        .get("virtual_tokens_prepended")
+        .map_or(0, |v| v.parse().unwrap());
+    // Logits: golden [B, T', V] with T' = nvt + T for prepended prompts.
+    let (gshape, glog) = io.get("logits");
+    let (tp, vocab) = (gshape[1], gshape[2]);
+    let (logits, spans) = model.logits_all(be, &batch).unwrap();
+    let ours = be.download(&logits).unwrap();
+    let mut worst = 0f32;
+    for (r, (span, &n)) in spans.iter().zip(&lens).enumerate() {
+        assert_eq!(span.len, n + nvt_prepended, "{path}: row {r} length");
+        for j in 0..span.len {
+            for v in 0..vocab {
+                let a = ours[(span.start + j) * vocab + v];
+                let b = glog[(r * tp + j) * vocab + v];
+                worst = worst.max((a - b).abs());
+            }
+        }
+    }
+    assert!(worst <= ATOL, "{path}: logits differ by {worst}");
+    // Loss and gradients.
+    let out = model.loss_and_grads(be, &batch).unwrap();
+    let loss = out.loss_sum / out.n_targets as f64;
+    let gl = io.get("loss").1[0] as f64;
+    assert!(
+        (loss - gl).abs() <= ATOL as f64,
+        "{path}: loss {loss} vs {gl}"
+    );
+    let names: Vec<String> = model
+        .trainable_params()
+        .into_iter()
+        .map(|(n, _)| n)
+        .collect();
+    let golden_grads = io.t.keys().filter(|k| k.starts_with("grad.")).count();
+    assert_eq!(
+        names.len(),
+        golden_grads,
+        "{path}: {} trainable tensors, the case has {golden_grads} gradients: {names:?}",
+        names.len()
+    );
+    for (name, g) in names.iter().zip(&out.grads) {
+        let gname = format!("grad.{}", name_of(name));
+        let (gs, gd) = io.get(&gname);
+        let ours = be.download(g).unwrap();
+        assert_eq!(
+            ours.len(),
+            gd.len(),
+            "{path}: {gname} has shape {gs:?}, ours {:?}",
+            g.shape()
+        );
+        let scale = gd.iter().fold(0f32, |m, v| m.max(v.abs())).max(1e-12);
+        let err = ours
+            .iter()
+            .zip(gd)
+            .fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+        assert!(
+            err <= (GRAD_RTOL * scale).max(GRAD_ATOL_FLOOR),
+            "{path}: {gname} differs by {err} (largest entry {scale})"
+        );
+    }
+}
+
+/// PEFT's in-memory name of a lorafuse trainable: `base_model.model.` + the path, with the
+/// adapter name `default` where PEFT's module dict puts it.
+fn peft_name(name: &str) -> String {
+    if let Some(rest) = name.strip_prefix("prompt_encoder.") {
+        return format!("prompt_encoder.default.{rest}");
+    }
+    for (sfx, with) in [
+        (".ia3_l", ".ia3_l.default"),
+        (".beft_bias", ".beft_bias.default"),
+        (
+            ".ln_tuning_layers.weight",
+            ".ln_tuning_layers.default.weight",
+        ),
+        (".lora_A.weight", ".lora_A.default.weight"),
+        (".lora_B.weight", ".lora_B.default.weight"),
+    ] {
+        if let Some(p) = name.strip_suffix(sfx) {
+            return format!("base_model.model.{p}{with}");
+        }
+    }
+    panic!("no PEFT name for `{name}`")
+}
+
+/// Loads `<case>/` (the folder PEFT saved) onto the base model, then sets the trainable
+/// tensors to the case's `param.*` values (the saved folder has the prompt's output only).
+fn peft_case<B: Backend>(be: &B, case: &str) -> (Llama<B>, Io) {
+    let dir = case_dir(case);
+    let io = read_io(&dir.join("io.safetensors"));
+    let mut model = base_model(be);
+    let (cfg, tensors) = load_adapter(&dir).unwrap_or_else(|e| panic!("{}: {e}", dir.display()));
+    apply_adapter(be, &mut model, &cfg, &tensors)
+        .unwrap_or_else(|e| panic!("{}: {e}", dir.display()));
+    (model, io)
+}
+
+fn run_peft_case<B: Backend>(be: &B, case: &str) {
+    let (model, io) = peft_case(be, case);
+    // logits_eval from the folder PEFT saved: the loaded adapter gives PEFT's eval logits.
+    let (batch, _) = io.batch();
+    let (logits, spans) = model.logits_all(be, &batch).unwrap();
+    let ours = be.download(&logits).unwrap();
+    let (gs, ge) = io.get("logits_eval");
+    let (tp, vocab) = (gs[1], gs[2]);
+    let mut worst = 0f32;
+    for (r, span) in spans.iter().enumerate() {
+        for j in 0..span.len {
+            for v in 0..vocab {
+                worst = worst
+                    .max((ours[(span.start + j) * vocab + v] - ge[(r * tp + j) * vocab + v]).abs());
+            }
+        }
+    }
+    assert!(
+        worst <= ATOL,
+        "{}: logits of the loaded adapter differ from logits_eval by {worst}",
+        io.path.display()
+    );
+}
+
+// ---- projection adapters and norms: the saved folder holds every trained tensor ------------
+
+fn check_loaded<B: Backend>(be: &B, case: &str) {
+    let (model, io) = peft_case(be, case);
+    check_case(be, &model, &io, &peft_name);
+    run_peft_case(be, case);
+}
+
+// ---- soft prompts: the encoder's parameters come from io.safetensors ----------------------
+
+fn prompt_case<B: Backend>(be: &B, case: &str) -> (Llama<B>, Io) {
+    let dir = case_dir(case);
+    let io = read_io(&dir.join("io.safetensors"));
+    let mut model = base_model(be);
+    let cfg: Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("adapter_config.json")).unwrap())
+            .unwrap();
+    let method = match cfg["peft_type"].as_str().unwrap() {
+        "PROMPT_TUNING" => PromptMethod::PromptTuning,
+        "P_TUNING" => PromptMethod::PTuning,
+        "PREFIX_TUNING" => PromptMethod::PrefixTuning,
+        t => panic!("{}: peft_type {t}", dir.display()),
+    };
+    let p = |k: &str| upload(be, &io, &format!("param.prompt_encoder.default.{k}"));
+    let encoder = match method {
+        PromptMethod::PromptTuning => None,
+        PromptMethod::PTuning => Some(Mlp {
+            layers: (0..3)
+                .map(|i| {
+                    (
+                        p(&format!("mlp_head.{}.weight", 2 * i)),
+                        p(&format!("mlp_head.{}.bias", 2 * i)),
+                    )
+                })
+                .collect(),
+            act: Activation::Relu,
+        }),
+        PromptMethod::PrefixTuning => cfg["prefix_projection"].as_bool().unwrap().then(|| Mlp {
+            layers: (0..2)
+                .map(|i| {
+                    (
+                        p(&format!("transform.{}.weight", 2 * i)),
+                        p(&format!("transform.{}.bias", 2 * i)),
+                    )
+                })
+                .collect(),
+            act: Activation::Tanh,
+        }),
+    };
+    model.soft_prompt = Some(SoftPrompt {
+        method,
+        embedding: p("embedding.weight"),
+        encoder,
+    });
+    (model, io)
+}
+
+fn check_prompt<B: Backend>(be: &B, case: &str) {
+    let (model, io) = prompt_case(be, case);
+    check_case(be, &model, &io, &peft_name);
+    // The folder PEFT saved (the prompt's output only) reproduces the eval logits.
+    run_peft_case(be, case);
+}
+
+// ---- bottleneck adapters and AdapterFusion (the `adapters` library) -----------------------
+
+fn bn_from<B: Backend>(be: &B, io: &Io, prefix: &str) -> BnAdapter<B> {
+    let g = |s: &str| upload(be, io, &format!("{prefix}.{s}"));
+    BnAdapter {
+        down_w: g("adapter_down.0.weight"),
+        down_b: g("adapter_down.0.bias"),
+        up_w: g("adapter_up.weight"),
+        up_b: g("adapter_up.bias"),
+    }
+}
+
+fn bottleneck_case<B: Backend>(be: &B, case: &str, kind: BottleneckKind) {
+    let dir = case_dir(case);
+    let io = read_io(&dir.join("io.safetensors"));
+    let mut model = base_model(be);
+    let cfg: Value = serde_json::from_str(&io.meta["config"]).unwrap();
+    let act = Activation::from_name(cfg["non_linearity"].as_str().unwrap()).unwrap();
+    let config = BottleneckConfig {
+        kind,
+        name: case.to_string(),
+        reduction_factor: cfg["reduction_factor"].as_f64().unwrap(),
+        non_linearity: act,
+    };
+    let layers = (0..model.layers.len())
+        .map(|l| BnLayer {
+            attention: (kind == BottleneckKind::Houlsby).then(|| {
+                bn_from(
+                    be,
+                    &io,
+                    &format!("param.model.layers.{l}.attention_adapters.adapters.{case}"),
+                )
+            }),
+            output: Some(bn_from(
+                be,
+                &io,
+                &format!("param.model.layers.{l}.output_adapters.adapters.{case}"),
+            )),
+        })
+        .collect();
+    model.bottleneck = Some(Bottleneck { config, layers });
+    check_case(be, &model, &io, &|n| n.to_string());
+}
+
+fn fusion_case<B: Backend>(be: &B) {
+    let dir = case_dir("adapter_fusion");
+    let io = read_io(&dir.join("io.safetensors"));
+    let mut model = base_model(be);
+    // The two frozen Pfeiffer adapters from their saved folders.
+    let mut adapters = Vec::new();
+    let mut per_layer: Vec<Vec<BnAdapter<B>>> = vec![Vec::new(); model.layers.len()];
+    for name in ["a", "b"] {
+        let ad = dir.join(name);
+        let cfg: Value =
+            serde_json::from_str(&std::fs::read_to_string(ad.join("adapter_config.json")).unwrap())
+                .unwrap();
+        let c = &cfg["config"];
+        adapters.push(BottleneckConfig {
+            kind: BottleneckKind::Pfeiffer,
+            name: name.into(),
+            reduction_factor: c["reduction_factor"].as_f64().unwrap(),
+            non_linearity: Activation::from_name(c["non_linearity"].as_str().unwrap()).unwrap(),
+        });
+        let st = read_io(&ad.join("adapter.safetensors"));
+        for (l, v) in per_layer.iter_mut().enumerate() {
+            v.push(bn_from(
+                be,
+                &st,
+                &format!("model.layers.{l}.output_adapters.adapters.{name}"),
+            ));
+        }
+    }
+    let layers = per_layer
+        .into_iter()
+        .enumerate()
+        .map(|(l, ads)| {
+            let p = |s: &str| {
+                upload(
+                    be,
+                    &io,
+                    &format!("param.model.layers.{l}.output_adapters.adapter_fusion_layer.a,b.{s}"),
+                )
+            };
+            FuseLayer {
+                adapters: ads,
+                query_w: p("query.weight"),
+                query_b: p("query.bias"),
+                key_w: p("key.weight"),
+                key_b: p("key.bias"),
+                value_w: p("value.weight"),
+            }
+        })
+        .collect();
+    model.fusion = Some(AdapterFusion {
+        adapters,
+        layers,
+        reg_weight: 0.01,
+    });
+    check_case(be, &model, &io, &|n| n.to_string());
+}
+
+#[test]
+fn base_model_loss_matches_transformers() {
+    let be = Cpu;
+    let model = base_model(&be);
+    let io = read_io(&case_dir("ia3").join("io.safetensors"));
+    let (batch, _) = io.batch();
+    let (sum, n) = model.loss(&be, &batch).unwrap();
+    let loss = sum / n as f64;
+    assert!(
+        (loss - 4.560689).abs() < 1e-4,
+        "{}: base loss {loss}",
+        case_dir("base").display()
+    );
+}
+
+/// Every case on one backend: `cases!(module, backend expression or None to skip)`.
+macro_rules! cases {
+    ($m:ident, $be:expr) => {
+        mod $m {
+            use super::*;
+            #[test]
+            fn ia3_matches_peft() {
+                if let Some(be) = $be {
+                    check_loaded(&be, "ia3")
+                }
+            }
+            #[test]
+            fn beft_matches_peft() {
+                if let Some(be) = $be {
+                    check_loaded(&be, "beft")
+                }
+            }
+            #[test]
+            fn ln_tuning_matches_peft() {
+                if let Some(be) = $be {
+                    check_loaded(&be, "ln_tuning")
+                }
+            }
+            #[test]
+            fn prompt_tuning_matches_peft() {
+                if let Some(be) = $be {
+                    check_prompt(&be, "prompt_tuning")
+                }
+            }
+            #[test]
+            fn p_tuning_mlp_matches_peft() {
+                if let Some(be) = $be {
+                    check_prompt(&be, "p_tuning_mlp")
+                }
+            }
+            #[test]
+            fn prefix_tuning_matches_peft() {
+                if let Some(be) = $be {
+                    check_prompt(&be, "prefix_tuning")
+                }
+            }
+            #[test]
+            fn prefix_tuning_projection_matches_peft() {
+                if let Some(be) = $be {
+                    check_prompt(&be, "prefix_tuning_projection")
+                }
+            }
+            #[test]
+            fn houlsby_matches_adapters_library() {
+                if let Some(be) = $be {
+                    bottleneck_case(&be, "houlsby", BottleneckKind::Houlsby)
+                }
+            }
+            #[test]
+            fn pfeiffer_matches_adapters_library() {
+                if let Some(be) = $be {
+                    bottleneck_case(&be, "pfeiffer", BottleneckKind::Pfeiffer)
+                }
+            }
+            #[test]
+            fn adapter_fusion_matches_adapters_library() {
+                if let Some(be) = $be {
+                    fusion_case(&be)
+                }
+            }
+        }
+    };
+}
+
+cases!(cpu, Some(Cpu));
+
+#[cfg(feature = "wgpu")]
+fn wgpu_backend() -> Option<lorafuse::Wgpu> {
+    match lorafuse::Wgpu::new() {
+        Ok(be) => Some(be),
+        Err(e) => {
+            common::skip_or_fail("wgpu", &format!("golden_seeds: {e}"));
+            None
+        }
+    }
+}
+
+#[cfg(feature = "wgpu")]
+cases!(wgpu, wgpu_backend());
+
+#[cfg(feature = "cuda")]
+fn cuda_backend() -> Option<lorafuse::backend::cuda::Cuda> {
+    match lorafuse::backend::cuda::Cuda::new(0) {
+        Ok(be) => Some(be),
+        Err(e) => {
+            common::skip_or_fail("cuda", &format!("golden_seeds: {e}"));
+            None
+        }
+    }
+}
+
+#[cfg(feature = "cuda")]
+cases!(cuda, cuda_backend());
