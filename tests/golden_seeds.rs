@@ -147,6 +147,11 @@ fn check_case<B: Backend>(be: &B, model: &Llama<B>, io: &Io, name_of: &dyn Fn(&s
         }
     }
     assert!(worst <= ATOL, "{path}: logits differ by {worst}");
+    // Generation with the KV cache (soft prompts pre-filled) = recomputing the whole prefix.
+    let prompt: Vec<u32> = batch.ids[..lens[0]].to_vec();
+    let cached = model.generate_greedy(be, &prompt, 6, u32::MAX).unwrap();
+    let full = model.generate_greedy_uncached(be, &prompt, 6, u32::MAX).unwrap();
+    assert_eq!(cached, full, "{path}: cached and uncached generation differ");
     // Loss and gradients.
     let out = model.loss_and_grads(be, &batch).unwrap();
     let loss = out.loss_sum / out.n_targets as f64;

@@ -80,7 +80,7 @@ impl<B: Backend> SoftPrompt<B> {
     /// projection `token_dim -> h -> out_dim` with tanh when `encoder_hidden` is given
     /// (`prefix_projection`). `token_dim` is the hidden size for prompt and P-tuning and
     /// `kv_heads * head_dim` for prefix tuning; `out_dim` is `2 L kv_dim` (prefix) or
-    /// `token_dim`. Errors: zero sizes, an init embedding of the wrong shape, P-tuning without
+    /// `token_dim`. Prefix tuning without projection trains `P [nvt, out_dim]` itself. Errors: zero sizes, an init embedding of the wrong shape, P-tuning without
     /// an encoder width.
     #[allow(clippy::too_many_arguments)]
     pub fn init(
@@ -99,13 +99,19 @@ impl<B: Backend> SoftPrompt<B> {
                 "a soft prompt needs at least one virtual token of non-zero width",
             ));
         }
-        let n = num_virtual_tokens * token_dim;
+        // Prefix tuning without projection trains P itself: the embedding is P's width.
+        let width = if method == PromptMethod::PrefixTuning && encoder_hidden.is_none() {
+            out_dim
+        } else {
+            token_dim
+        };
+        let n = num_virtual_tokens * width;
         let data = match init_embedding {
             Some(d) if d.len() == n => d,
             Some(d) => {
                 return Err(Error::arg(
                     "prompt_tuning_init_text",
-                    format!("{} values for [{num_virtual_tokens}, {token_dim}]", d.len()),
+                    format!("{} values for [{num_virtual_tokens}, {width}]", d.len()),
                 ));
             }
             None => {
@@ -113,7 +119,7 @@ impl<B: Backend> SoftPrompt<B> {
                 standard_normal(&mut rng, n)
             }
         };
-        let embedding = be.upload(&data, &[num_virtual_tokens, token_dim])?;
+        let embedding = be.upload(&data, &[num_virtual_tokens, width])?;
         let encoder = match (method, encoder_hidden) {
             (PromptMethod::PromptTuning, _) => None,
             (PromptMethod::PTuning, Some(h)) => Some(Mlp::init(

@@ -155,6 +155,19 @@ impl<B: Backend> Llama<B> {
         cache: &mut KvCache<B>,
         new: &[&[u32]],
     ) -> Result<Tensor<B>> {
+        self.forward_cached_inner(be, cache, new, None)
+    }
+
+    /// [`Llama::forward_cached`] where `virt`, when given, supplies the input rows itself:
+    /// `(embeddings [n, d], per-sequence counts)` instead of token ids (prompt tuning's
+    /// virtual tokens at the start of every sequence).
+    fn forward_cached_inner(
+        &self,
+        be: &B,
+        cache: &mut KvCache<B>,
+        new: &[&[u32]],
+        virt: Option<(&Tensor<B>, &[usize])>,
+    ) -> Result<Tensor<B>> {
         let c = &self.cfg;
         if new.len() != cache.lens.len() {
             return Err(Error::arg(
@@ -166,51 +179,55 @@ impl<B: Backend> Llama<B> {
                 ),
             ));
         }
+        let count = |s: usize| virt.map_or(new[s].len(), |(_, n)| n[s]);
         let mut ids = Vec::new();
         let mut positions = Vec::new();
         let mut slots = Vec::new();
         let mut q_seqs = Vec::new();
         let mut kv_seqs = Vec::new();
         let mut last_rows = Vec::new();
-        for (s, toks) in new.iter().enumerate() {
-            if toks.is_empty() {
+        let mut rows = 0usize;
+        for s in 0..new.len() {
+            let n = count(s);
+            if n == 0 {
                 continue;
             }
             let past = cache.lens[s];
-            if past + toks.len() > cache.capacity {
+            if past + n > cache.capacity {
                 return Err(Error::arg(
                     "new",
                     format!(
-                        "sequence {s}: {} cached + {} new tokens exceed the cache's {}",
-                        past,
-                        toks.len(),
+                        "sequence {s}: {past} cached + {n} new tokens exceed the cache's {}",
                         cache.capacity
                     ),
                 ));
             }
-            q_seqs.push(SeqSpan {
-                start: ids.len(),
-                len: toks.len(),
-            });
+            q_seqs.push(SeqSpan { start: rows, len: n });
             kv_seqs.push(SeqSpan {
                 start: s * cache.capacity,
-                len: past + toks.len(),
+                len: past + n,
             });
-            for (i, &t) in toks.iter().enumerate() {
-                ids.push(t);
+            for i in 0..n {
+                if virt.is_none() {
+                    ids.push(new[s][i]);
+                }
                 positions.push((past + i) as u32);
                 slots.push((s * cache.capacity + past + i) as u32);
             }
-            last_rows.push((ids.len() - 1) as u32);
+            rows += n;
+            last_rows.push((rows - 1) as u32);
         }
-        if ids.is_empty() {
+        if rows == 0 {
             return Err(Error::arg("new", "no new token in any sequence"));
         }
         let scale = 1.0 / (c.head_dim as f32).sqrt();
         let sh = self.vera_shared.as_ref();
-        let mut x = be.gather_rows(&self.embed_tokens, &ids)?;
+        let mut x = match virt {
+            Some((e, _)) => e.clone(),
+            None => be.gather_rows(&self.embed_tokens, &ids)?,
+        };
         for (l, b) in self.layers.iter().enumerate() {
-            let (xn1, _) = be.rmsnorm(&x, &b.input_layernorm, c.rms_norm_eps)?;
+            let (xn1, _) = be.rmsnorm(&x, self.layer_norm_weight(l, 0), c.rms_norm_eps)?;
             let (mut q, _) = b.proj[0].forward(be, sh, &xn1)?;
             let (mut k, _) = b.proj[1].forward(be, sh, &xn1)?;
             let (v, _) = b.proj[2].forward(be, sh, &xn1)?;
@@ -230,23 +247,67 @@ impl<B: Backend> Llama<B> {
                 scale,
             )?;
             let (o, _) = b.proj[3].forward(be, sh, &att)?;
+            let (o, _) = self.attention_site(be, l, o, false)?;
             let mut x2 = o;
             be.axpy(&mut x2, 1.0, &x)?;
-            let (xn2, _) = be.rmsnorm(&x2, &b.post_attention_layernorm, c.rms_norm_eps)?;
+            let (xn2, _) = be.rmsnorm(&x2, self.layer_norm_weight(l, 1), c.rms_norm_eps)?;
             let (gate, _) = b.proj[4].forward(be, sh, &xn2)?;
             let (up, _) = b.proj[5].forward(be, sh, &xn2)?;
             let act = be.swiglu(&gate, &up)?;
             let (down, _) = b.proj[6].forward(be, sh, &act)?;
-            let mut x3 = down;
-            be.axpy(&mut x3, 1.0, &x2)?;
+            let (x3, _) = self.output_site(be, l, &x2, down, false)?;
             x = x3;
         }
-        for (s, toks) in new.iter().enumerate() {
-            cache.lens[s] += toks.len();
+        for s in 0..new.len() {
+            cache.lens[s] += count(s);
         }
         let sel = be.gather_rows(&x, &last_rows)?;
-        let (hn, _) = be.rmsnorm(&sel, &self.norm, c.rms_norm_eps)?;
+        let (hn, _) = be.rmsnorm(&sel, self.final_norm_weight(), c.rms_norm_eps)?;
         be.linear(&hn, self.head(), None)
+    }
+
+    /// Puts the soft prompt into a fresh cache for every sequence: prefix tuning writes each
+    /// layer's prefix keys and values (no RoPE) as the first nvt cached rows; prompt tuning and
+    /// P-tuning run the virtual tokens through the model as the first nvt tokens. A no-op
+    /// without a soft prompt. Errors: a cache too small, device errors.
+    pub fn prefill_soft_prompt(&self, be: &B, cache: &mut KvCache<B>) -> Result<()> {
+        let Some(state) = self.prompt_state(be)? else {
+            return Ok(());
+        };
+        let nvt = self.num_virtual_tokens();
+        let n = cache.lens.len();
+        if cache.lens.iter().any(|&l| l != 0) || nvt > cache.capacity {
+            return Err(Error::arg(
+                "cache",
+                format!(
+                    "the soft prompt needs an empty cache with room for its {nvt} virtual tokens"
+                ),
+            ));
+        }
+        let sp = self.soft_prompt.as_ref().ok_or_else(|| Error::arg("prompt", "no soft prompt"))?;
+        if sp.method.prepends_tokens() {
+            let src: Vec<u32> = (0..n).flat_map(|_| 0..nvt as u32).collect();
+            let e = be.gather_rows(&state.out, &src)?;
+            let counts = vec![nvt; n];
+            let empty: Vec<&[u32]> = vec![&[]; n];
+            self.forward_cached_inner(be, cache, &empty, Some((&e, &counts)))?;
+        } else {
+            let slots2 = 2 * self.cfg.num_hidden_layers;
+            let cap = cache.capacity;
+            let dst: Vec<u32> = (0..n)
+                .flat_map(|s| (0..nvt).map(move |t| (s * cap + t) as u32))
+                .collect();
+            for l in 0..self.cfg.num_hidden_layers {
+                for (which, target) in [(0, &mut cache.k[l]), (1, &mut cache.v[l])] {
+                    let src: Vec<u32> = (0..n)
+                        .flat_map(|_| (0..nvt).map(|t| (t * slots2 + 2 * l + which) as u32))
+                        .collect();
+                    be.scatter_add_rows(target, &dst, &be.gather_rows(&state.out, &src)?)?;
+                }
+            }
+            cache.lens.iter_mut().for_each(|x| *x = nvt);
+        }
+        Ok(())
     }
 
     /// Generates up to `max_new` tokens after each prompt, all prompts in one batch with the KV
@@ -266,7 +327,9 @@ impl<B: Backend> Llama<B> {
             return Err(Error::arg("prompt", format!("prompt {i} is empty")));
         }
         let longest = prompts.iter().map(Vec::len).max().unwrap_or(0);
-        let mut cache = KvCache::new(be, self, prompts.len(), longest + max_new)?;
+        let nvt = self.num_virtual_tokens();
+        let mut cache = KvCache::new(be, self, prompts.len(), nvt + longest + max_new)?;
+        self.prefill_soft_prompt(be, &mut cache)?;
         let mut sampler = Sampler::new(sampling);
         let mut out: Vec<Vec<u32>> = vec![Vec::new(); prompts.len()];
         let mut done = vec![max_new == 0; prompts.len()];
