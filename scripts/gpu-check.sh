@@ -25,16 +25,21 @@
 #
 # Steps of `run`, in this order (name: what -> file under $OUT):
 #   compile      NVRTC + ptxas of every kernel module, LORAFUSE_REQUIRE=nvrtc         -> cuda.log
-#   parity       every CUDA parity test against the CPU reference, each in f32, f16
-#                and bf16 storage (tests/cuda_backend.rs), LORAFUSE_REQUIRE=cuda      -> cuda.log
+#   parity       the CUDA-only tests (tests/cuda_backend.rs), then the generic suite's CUDA
+#                instances against the CPU reference (tests/backend_ops.rs: cuda_f32::,
+#                cuda_bf16::, cuda_f16::, one dtype after the other), then the additive
+#                methods' golden cases (tests/golden_seeds.rs cuda::), LORAFUSE_REQUIRE=cuda
+#                                                                                  -> cuda.log
 #   bench        our CUDA benchmarks (tests/cuda_bench.rs), bf16        -> ours.json, cuda.log
 #   peers        torch / PEFT / bitsandbytes on the same cases, same run -> peers.json, cuda.log
 #   section      the dated BENCHMARKS.md section: ours, peer, ratio, %copy of the measured
 #                device copy bandwidth                                   -> benchmarks-section.md
-#   memcheck     compute-sanitizer memcheck, one test per kernel family (kernels/*.cu), each
-#                time-boxed                                                    -> sanitizer.log
-#   wgpu-tests   every wgpu test binary through Vulkan on the same GPU, LORAFUSE_REQUIRE=wgpu
-#                                                                                  -> wgpu.log
+#   memcheck     compute-sanitizer memcheck, one run per kernel family (kernels/*.cu: the
+#                backend_ops tests of that family, in f32, bf16 and f16), each time-boxed
+#                                                                              -> sanitizer.log
+#   wgpu-tests   the generic suite's wgpu instances (backend_ops `wgpu`: wgpu::, wgpu_1k::,
+#                wgpu_workgroup::), then every wgpu-only test binary, through Vulkan on the
+#                same GPU, LORAFUSE_REQUIRE=wgpu                                 -> wgpu.log
 #   wgpu-bench   `lorafuse bench --device wgpu`, then `--device cuda` (bandwidth = each
 #                backend's device-to-device copy)                        -> devices.json, wgpu.log
 #   wgpu-section the wgpu-vs-CUDA table, appended to                     -> benchmarks-section.md
@@ -97,13 +102,30 @@ declare -A least=([compile]=10 [parity]=30 [bench]=20 [peers]=30 [section]=3 [me
 declare -A logfile=([compile]=cuda.log [parity]=cuda.log [bench]=cuda.log [peers]=cuda.log
   [section]=cuda.log [memcheck]=sanitizer.log [wgpu-tests]=wgpu.log [wgpu-bench]=wgpu.log
   [wgpu-section]=wgpu.log [racecheck]=sanitizer.log)
-cuda_tests=(cuda_backend cuda_bench cuda_compile)
-# In order of priority: pack drops from the end if the carry would not fit.
-wgpu_tests=(wgpu_linear wgpu_ops wgpu_adapters wgpu_nf4 wgpu_adalora wgpu_f16 wgpu_finetune)
-# One test of tests/cuda_backend.rs per kernel family (kernels/*.cu), then two more that use
-# the most complex kernels of their family (run while the step's time lasts).
-san_tests=(memory_and_elementwise lora dora vera adalora nf4_bit_exact_and_linear model_ops)
-san_extra=(attention adalora_allocator)
+# backend_ops (the generic suite, tests/backend_ops.rs + tests/ops/) serves the parity,
+# memcheck and wgpu-tests steps; it is packed with the CUDA binaries so that it is never dropped.
+cuda_tests=(backend_ops cuda_backend cuda_bench cuda_compile golden_seeds)
+# The wgpu-only test binaries, in order of priority: pack drops from the end if the carry would
+# not fit.
+wgpu_tests=(wgpu_device wgpu_f16 wgpu_finetune)
+# The generic suite's instances per step: its test names are `instance::family::check`.
+parity_instances=(cuda_f32 cuda_bf16 cuda_f16)
+wgpu_suite_filter=wgpu # wgpu::, wgpu_1k::, wgpu_workgroup::
+# One sanitizer run per kernel family (kernels/*.cu): `family.cu:` and the backend_ops checks
+# that launch its kernels, each run in every instance of san_instances; then two more runs
+# over the most complex kernels of their family (while the step's time lasts).
+san_instances=(cuda_f32 cuda_bf16 cuda_f16)
+san_tests=(
+  "optim.cu:memory::elementwise adamw::adamw"
+  "lora.cu:dense::linear lowrank::lora"
+  "dora.cu:lowrank::dora"
+  "vera.cu:lowrank::vera"
+  "adalora.cu:lowrank::adalora adalora_alloc::update_and_scores adalora_alloc::kthvalue_and_masks adalora_alloc::orth_reg"
+  "nf4.cu:nf4::dequantize nf4::linear"
+  "model.cu:memory::gather_scatter model::rmsnorm model::rope model::swiglu model::cross_entropy model::cross_entropy_stats"
+  "pointwise.cu:pointwise::mul_vector pointwise::sum_product pointwise::activation pointwise::softmax"
+)
+san_extra=("attention:attention::attention attention::cached" "allocator:adalora_alloc::device_allocator")
 
 # ------------------------------------------------------------------------------------------
 # pack (here)
@@ -237,9 +259,14 @@ sanitize() {
     note "compute-sanitizer not found (PATH, \$CUDA_HOME/bin): $tool not run"
     return 1
   fi
-  local all=("${san_tests[@]}" "${san_extra[@]}")
+  local all=("${san_tests[@]}" "${san_extra[@]}") names c inst
   for i in "${!all[@]}"; do
-    t=${all[$i]}
+    t=${all[$i]%%:*}
+    # the family's checks in every instance, as exact test names
+    names=()
+    for inst in "${san_instances[@]}"; do
+      for c in ${all[$i]#*:}; do names+=("$inst::$c"); done
+    done
     n_left=$((${#san_tests[@]} - i))
     [ "$n_left" -ge 1 ] || n_left=1
     box=$(($(left_in_step) / n_left))
@@ -249,9 +276,9 @@ sanitize() {
       [ "$i" -lt "${#san_tests[@]}" ] && short+=("$t")
       continue
     fi
-    echo "== $tool $t (box ${box}s)"
+    echo "== $tool $t (box ${box}s): ${names[*]}"
     LORAFUSE_REQUIRE=cuda timeout -k 3 "$box" compute-sanitizer --tool "$tool" --error-exitcode 3 \
-      --print-limit 20 "$GC_BIN/cuda_backend" --exact "$t" --test-threads=1
+      --print-limit 20 "$GC_BIN/backend_ops" --exact "${names[@]}" --test-threads=1
     rc=$?
     case $rc in
       0) say "   $tool $t: clean" ;;
@@ -284,8 +311,24 @@ step_compile() {
 }
 
 step_parity() {
-  LORAFUSE_REQUIRE=cuda "$GC_BIN/cuda_backend" --test-threads="${GPU_CHECK_TEST_THREADS:-1}"
-  local rc=$?
+  local rc=0 r inst
+  LORAFUSE_REQUIRE=cuda "$GC_BIN/cuda_backend" --test-threads="${GPU_CHECK_TEST_THREADS:-1}" || rc=1
+  # The generic suite one dtype at a time (f32 first), so that a step cut at its box keeps the
+  # dtypes it finished; the filter `cuda_f32::` selects that instance's tests.
+  for inst in "${parity_instances[@]}"; do
+    echo "== backend_ops $inst::"
+    LORAFUSE_REQUIRE=cuda "$GC_BIN/backend_ops" "$inst::" --test-threads="${GPU_CHECK_TEST_THREADS:-1}"
+    r=$?
+    [ "$r" -eq 0 ] || rc=1
+    say "   backend_ops $inst: $(mylog | grep -E '^test result' | tail -n 1)"
+  done
+  # The additive and selective methods on the golden tiny Llama against PEFT and the adapters
+  # library (tests/golden_seeds.rs, its cuda:: cases).
+  if [ -x "$GC_BIN/golden_seeds" ]; then
+    echo "== golden_seeds cuda::"
+    LORAFUSE_REQUIRE=cuda "$GC_BIN/golden_seeds" "cuda::" --test-threads="${GPU_CHECK_TEST_THREADS:-1}" || rc=1
+    say "   golden_seeds cuda: $(mylog | grep -E '^test result' | tail -n 1)"
+  fi
   first_reason
   mylog | grep -E "^test result|^test .* FAILED" | tail -n 8 >&3
   return "$rc"
@@ -428,15 +471,18 @@ step_racecheck() { sanitize racecheck; }
 
 step_wgpu_tests() {
   vulkan_env
-  local t rc box short=() fail=0 missing=()
-  for t in "${wgpu_tests[@]}"; do
+  local t rc box short=() fail=0 missing=() filter
+  for t in backend_ops "${wgpu_tests[@]}"; do
     if [ ! -x "$GC_BIN/$t" ]; then missing+=("$t"); continue; fi
     box=$(left_in_step)
     if [ "$box" -lt 5 ]; then
       short+=("$t"); echo "== $t: not run (no time left in the step)"; say "   $t: not run (no time)"; continue
     fi
-    echo "== $t (box ${box}s)"
-    timeout -k 3 "$box" env LORAFUSE_REQUIRE="${GPU_CHECK_WGPU_REQUIRE:-wgpu}" "$GC_BIN/$t" --nocapture
+    # backend_ops: its wgpu instances only (its CUDA ones ran in the parity step)
+    filter=()
+    [ "$t" != backend_ops ] || filter=("$wgpu_suite_filter")
+    echo "== $t ${filter[*]} (box ${box}s)"
+    timeout -k 3 "$box" env LORAFUSE_REQUIRE="${GPU_CHECK_WGPU_REQUIRE:-wgpu}" "$GC_BIN/$t" ${filter[@]+"${filter[@]}"} --nocapture
     rc=$?
     case $rc in
       0) say "   $t: $(mylog | grep -E '^test result' | tail -n 1)" ;;
@@ -637,6 +683,8 @@ run() {
   export LORAFUSE_CACHE="${LORAFUSE_CACHE:-$GC_TMP/cache}"
   export LORAFUSE_REPO_DIR="$PWD" LORAFUSE_SKIP_LOG="$GC_TMP/skipped.log"
   export XDG_RUNTIME_DIR="${XDG_RUNTIME_DIR:-/tmp}"
+  # The test binaries were built elsewhere: their compiled-in tests/golden path is not here.
+  export LORAFUSE_GOLDEN_DIR="${LORAFUSE_GOLDEN_DIR:-$PWD/tests/golden}"
 
   for n in "${order[@]}"; do
     if [[ " ${want[*]} " == *" $n "* ]]; then state[$n]=pending; else state[$n]=skipped; why[$n]="not selected"; secs[$n]=0; fi

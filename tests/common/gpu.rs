@@ -1,5 +1,6 @@
 //! Helpers for testing a GPU backend against the CPU reference: open the backend or skip
 //! loudly, seeded data, and a comparison whose tolerance scales with the values compared.
+//! (The generic suite, `tests/backend_ops.rs`, builds its own on these in `tests/ops/harness.rs`.)
 
 #![allow(dead_code)]
 
@@ -18,43 +19,6 @@ pub fn wgpu(test: &str) -> Option<lorafuse::Wgpu> {
             None
         }
     }
-}
-
-/// The wgpu backend in each reduction mode, named: `"subgroups"` (subgroup reductions) and
-/// `"workgroup"` (the workgroup-memory fallback). Without an adapter: empty, after the skip
-/// of [`wgpu`].
-/// Without `SUBGROUP` on the adapter the subgroup mode is skipped loudly, a failure when
-/// `LORAFUSE_REQUIRE` lists `wgpu-subgroups`.
-#[cfg(feature = "wgpu")]
-pub fn wgpu_modes(test: &str) -> Vec<(&'static str, lorafuse::Wgpu)> {
-    let open = |subgroups: bool| {
-        lorafuse::Wgpu::with_options(&lorafuse::WgpuOptions {
-            subgroups,
-            ..lorafuse::WgpuOptions::default()
-        })
-    };
-    let mut modes = Vec::new();
-    match open(true) {
-        Ok(be) if be.has_subgroups() => modes.push(("subgroups", be)),
-        Ok(be) => skip_or_fail(
-            "wgpu-subgroups",
-            &format!(
-                "{test}: subgroup reductions untested, {} lacks SUBGROUP",
-                be.adapter_name()
-            ),
-        ),
-        Err(e) => {
-            skip_or_fail("wgpu", &format!("{test}: {e}"));
-            return modes;
-        }
-    }
-    let be = open(false).expect("the adapter opened a moment ago");
-    assert!(
-        !be.has_subgroups(),
-        "subgroups: false must select the fallback"
-    );
-    modes.push(("workgroup", be));
-    modes
 }
 
 /// The wgpu backend with `opts`, or `None` after printing why (a failure under
@@ -135,12 +99,4 @@ pub fn assert_tensor<B: Backend>(
     assert_eq!(got.shape(), want.shape(), "{what}: shape");
     let g = be.download(got).expect("download");
     assert_close(what, &g, want.data(), rtol, 1e-6);
-}
-
-/// Asserts that two backends' results both fail, with the same message.
-pub fn same_error<T, U>(what: &str, a: lorafuse::Result<T>, b: lorafuse::Result<U>) {
-    let (Err(a), Err(b)) = (a, b) else {
-        panic!("{what}: expected both backends to fail");
-    };
-    assert_eq!(a.to_string(), b.to_string(), "{what}");
 }
