@@ -91,7 +91,10 @@ fn check_fd(mut m: Llama<Cpu>, what: &str) {
             checked += 1;
         }
     }
-    println!("{what}: {checked} coordinates of {} tensors agree", names.len());
+    println!(
+        "{what}: {checked} coordinates of {} tensors agree",
+        names.len()
+    );
 }
 
 fn targets(names: &[&str]) -> Vec<String> {
@@ -101,8 +104,12 @@ fn targets(names: &[&str]) -> Vec<String> {
 #[test]
 fn ia3_gradients_match_finite_differences() {
     let mut m = model();
-    m.add_ia3(&Cpu, &targets(&["k_proj", "v_proj", "down_proj"]), &targets(&["down_proj"]))
-        .unwrap();
+    m.add_ia3(
+        &Cpu,
+        &targets(&["k_proj", "v_proj", "down_proj"]),
+        &targets(&["down_proj"]),
+    )
+    .unwrap();
     perturb(&mut m, 0.3, 1);
     check_fd(m, "ia3");
 }
@@ -142,7 +149,10 @@ fn with_prompt(method: PromptMethod, hidden: Option<usize>) -> Llama<Cpu> {
 
 #[test]
 fn prompt_tuning_gradients_match_finite_differences() {
-    check_fd(with_prompt(PromptMethod::PromptTuning, None), "prompt_tuning");
+    check_fd(
+        with_prompt(PromptMethod::PromptTuning, None),
+        "prompt_tuning",
+    );
 }
 
 #[test]
@@ -152,7 +162,10 @@ fn p_tuning_gradients_match_finite_differences() {
 
 #[test]
 fn prefix_tuning_gradients_match_finite_differences() {
-    check_fd(with_prompt(PromptMethod::PrefixTuning, None), "prefix_tuning");
+    check_fd(
+        with_prompt(PromptMethod::PrefixTuning, None),
+        "prefix_tuning",
+    );
     check_fd(
         with_prompt(PromptMethod::PrefixTuning, Some(16)),
         "prefix_tuning with projection",

@@ -1033,7 +1033,7 @@ fn apply_unsupported_settings_are_errors() {
             json!([5, 6]),
             "not supported yet",
         ),
-        ("peft_type", json!("IA3"), "not supported"),
+        ("peft_type", json!("LOHA"), "not supported"),
         ("r", json!(0), "at least 1"),
     ];
     for (key, val, want) in cases {

@@ -15,8 +15,11 @@ use lorafuse::adapter::{
     Mlp, PromptMethod, SoftPrompt,
 };
 use lorafuse::backend::{Activation, Backend};
+use lorafuse::io::adapters_lib::{load_bottleneck, load_fusion, save_bottleneck, save_fusion};
 use lorafuse::io::hf::HfFolder;
-use lorafuse::io::peft::{apply_adapter, load_adapter};
+use lorafuse::io::peft::{
+    additive, apply_adapter, llama_adapter_tensors, load_adapter, save_adapter,
+};
 use lorafuse::model::llama::{Llama, PackedBatch};
 use lorafuse::model::load::llama_from_hf;
 use safetensors::{Dtype, SafeTensors};
@@ -150,8 +153,13 @@ fn check_case<B: Backend>(be: &B, model: &Llama<B>, io: &Io, name_of: &dyn Fn(&s
     // Generation with the KV cache (soft prompts pre-filled) = recomputing the whole prefix.
     let prompt: Vec<u32> = batch.ids[..lens[0]].to_vec();
     let cached = model.generate_greedy(be, &prompt, 6, u32::MAX).unwrap();
-    let full = model.generate_greedy_uncached(be, &prompt, 6, u32::MAX).unwrap();
-    assert_eq!(cached, full, "{path}: cached and uncached generation differ");
+    let full = model
+        .generate_greedy_uncached(be, &prompt, 6, u32::MAX)
+        .unwrap();
+    assert_eq!(
+        cached, full,
+        "{path}: cached and uncached generation differ"
+    );
     // Loss and gradients.
     let out = model.loss_and_grads(be, &batch).unwrap();
     let loss = out.loss_sum / out.n_targets as f64;
@@ -259,6 +267,60 @@ fn check_loaded<B: Backend>(be: &B, case: &str) {
     let (model, io) = peft_case(be, case);
     check_case(be, &model, &io, &peft_name);
     run_peft_case(be, case);
+    save_like_peft(be, &model, case);
+}
+
+/// lorafuse saves the model's adapter with the keys, shapes, values and config PEFT saved.
+fn save_like_peft<B: Backend>(be: &B, model: &Llama<B>, case: &str) {
+    let dir = case_dir(case);
+    let golden: Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("adapter_config.json")).unwrap())
+            .unwrap();
+    let list = |k: &str| -> Vec<String> {
+        golden[k].as_array().map_or(Vec::new(), |a| {
+            a.iter().map(|x| x.as_str().unwrap().to_string()).collect()
+        })
+    };
+    let cfg = match golden["peft_type"].as_str().unwrap() {
+        "IA3" => additive::ia3_config(&list("target_modules"), &list("feedforward_modules"), None),
+        "BEFT" => additive::beft_config(&list("target_modules"), None),
+        "LN_TUNING" => additive::ln_tuning_config(&list("target_modules"), None),
+        t => {
+            let method = match t {
+                "PROMPT_TUNING" => PromptMethod::PromptTuning,
+                "P_TUNING" => PromptMethod::PTuning,
+                _ => PromptMethod::PrefixTuning,
+            };
+            let opts = additive::PromptOptions {
+                encoder_hidden_size: golden["encoder_hidden_size"].as_u64().map(|x| x as usize),
+                prefix_projection: golden["prefix_projection"].as_bool().unwrap_or(false),
+                ..Default::default()
+            };
+            let nvt = golden["num_virtual_tokens"].as_u64().unwrap() as usize;
+            additive::prompt_config(model, method, nvt, &opts, None)
+        }
+    };
+    let tensors = llama_adapter_tensors(be, model).unwrap();
+    let out = tempdir(case);
+    save_adapter(&out, &cfg, &tensors).unwrap();
+    same_folder(&dir, &out, &["adapter_config.json"], &[]);
+    // Values: equal to what PEFT saved within f32 rounding of the encoder's output.
+    let ta = read_io(&dir.join("adapter_model.safetensors"));
+    let tb = read_io(&out.join("adapter_model.safetensors"));
+    let mut ka: Vec<_> = ta.t.keys().collect();
+    let mut kb: Vec<_> = tb.t.keys().collect();
+    ka.sort();
+    kb.sort();
+    assert_eq!(ka, kb, "{}: keys", out.display());
+    for k in ka {
+        assert_eq!(ta.t[k].0, tb.t[k].0, "{k}: shape");
+        let err = ta.t[k]
+            .1
+            .iter()
+            .zip(&tb.t[k].1)
+            .fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+        assert!(err <= 1e-5, "{}: {k} differs by {err}", out.display());
+    }
 }
 
 // ---- soft prompts: the encoder's parameters come from io.safetensors ----------------------
@@ -313,6 +375,7 @@ fn prompt_case<B: Backend>(be: &B, case: &str) -> (Llama<B>, Io) {
 fn check_prompt<B: Backend>(be: &B, case: &str) {
     let (model, io) = prompt_case(be, case);
     check_case(be, &model, &io, &peft_name);
+    save_like_peft(be, &model, case);
     // The folder PEFT saved (the prompt's output only) reproduces the eval logits.
     run_peft_case(be, case);
 }
@@ -359,6 +422,61 @@ fn bottleneck_case<B: Backend>(be: &B, case: &str, kind: BottleneckKind) {
         .collect();
     model.bottleneck = Some(Bottleneck { config, layers });
     check_case(be, &model, &io, &|n| n.to_string());
+    // The folder the library saved loads to the same adapter, and lorafuse saves the same files.
+    let mut loaded = base_model(be);
+    load_bottleneck(be, &mut loaded, &dir).unwrap_or_else(|e| panic!("{}: {e}", dir.display()));
+    check_case(be, &loaded, &io, &|n| n.to_string());
+    let out = tempdir(case);
+    save_bottleneck(be, &loaded, &out, "base").unwrap();
+    same_folder(
+        &dir,
+        &out,
+        &["adapter_config.json"],
+        &["adapter.safetensors"],
+    );
+}
+
+/// A fresh temporary folder path (not created).
+fn tempdir(tag: &str) -> PathBuf {
+    let p = std::env::temp_dir().join(format!("lorafuse-seeds-{tag}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&p);
+    p
+}
+
+/// Folders `a` (golden) and `b` (lorafuse's) hold the same JSON configs (as values;
+/// `target_modules` and `feedforward_modules` as sets) and the same tensors, bit for bit.
+fn same_folder(a: &Path, b: &Path, jsons: &[&str], tensors: &[&str]) {
+    for f in jsons {
+        let read = |d: &Path| -> Value {
+            let mut v: Value =
+                serde_json::from_str(&std::fs::read_to_string(d.join(f)).unwrap()).unwrap();
+            for k in ["target_modules", "feedforward_modules"] {
+                if let Some(Value::Array(x)) = v.get_mut(k) {
+                    x.sort_by_key(|e| e.to_string());
+                }
+            }
+            v
+        };
+        assert_eq!(
+            read(a),
+            read(b),
+            "{} vs {}",
+            a.join(f).display(),
+            b.join(f).display()
+        );
+    }
+    for f in tensors {
+        let ta = read_io(&a.join(f));
+        let tb = read_io(&b.join(f));
+        let mut ka: Vec<_> = ta.t.keys().collect();
+        let mut kb: Vec<_> = tb.t.keys().collect();
+        ka.sort();
+        kb.sort();
+        assert_eq!(ka, kb, "{}: keys", b.join(f).display());
+        for k in ka {
+            assert_eq!(ta.t[k], tb.t[k], "{}: tensor {k}", b.join(f).display());
+        }
+    }
 }
 
 fn fusion_case<B: Backend>(be: &B) {
@@ -416,6 +534,26 @@ fn fusion_case<B: Backend>(be: &B) {
         reg_weight: 0.01,
     });
     check_case(be, &model, &io, &|n| n.to_string());
+    // The fusion folder the library saved loads to the same fusion, and lorafuse saves it so.
+    let mut loaded = base_model(be);
+    load_fusion(be, &mut loaded, &dir).unwrap_or_else(|e| panic!("{}: {e}", dir.display()));
+    check_case(be, &loaded, &io, &|n| n.to_string());
+    let out = tempdir("fusion");
+    save_fusion(be, &loaded, &out, "base").unwrap();
+    same_folder(
+        &dir,
+        &out,
+        &["adapter_fusion_config.json"],
+        &["model_adapter_fusion.safetensors"],
+    );
+    for n in ["a", "b"] {
+        same_folder(
+            &dir.join(n),
+            &out.join(n),
+            &["adapter_config.json"],
+            &["adapter.safetensors"],
+        );
+    }
 }
 
 #[test]

@@ -1,6 +1,7 @@
 //! File formats: GGUF model files, transformers model folders, PEFT adapter folders,
 //! safetensors helpers.
 
+pub mod adapters_lib;
 pub mod atomic;
 pub mod bnb;
 pub mod export;
@@ -8,3 +9,71 @@ pub mod fetch;
 pub mod gguf;
 pub mod hf;
 pub mod peft;
+
+use crate::backend::Backend;
+use crate::error::{Error, Result};
+use crate::model::llama::Llama;
+use std::path::Path;
+
+/// The library that wrote an adapter folder.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AdapterFolder {
+    /// PEFT (`adapter_config.json` with a `peft_type`).
+    Peft,
+    /// The `adapters` library's bottleneck adapter (`adapter_config.json` with its `config`).
+    Bottleneck,
+    /// The `adapters` library's AdapterFusion (`adapter_fusion_config.json`).
+    Fusion,
+}
+
+/// Which library wrote the adapter folder `dir`. Errors: not a folder, no config file, a
+/// config that is not JSON or names neither library's layout.
+pub fn adapter_folder_kind(dir: &Path) -> Result<AdapterFolder> {
+    if !dir.is_dir() {
+        return Err(Error::format(
+            dir,
+            "not a folder; expected an adapter folder",
+        ));
+    }
+    if dir.join(adapters_lib::FUSION_CONFIG_FILE).is_file() {
+        return Ok(AdapterFolder::Fusion);
+    }
+    let cfg = dir.join(adapters_lib::CONFIG_FILE);
+    if !cfg.is_file() {
+        return Err(Error::Missing {
+            path: dir.to_path_buf(),
+            name: adapters_lib::CONFIG_FILE.into(),
+        });
+    }
+    let text = std::fs::read_to_string(&cfg).map_err(|e| Error::io(&cfg, e))?;
+    let v: serde_json::Value = serde_json::from_str(&text).map_err(|e| Error::Json {
+        context: cfg.display().to_string(),
+        msg: e.to_string(),
+    })?;
+    if v.get("peft_type").is_some() {
+        Ok(AdapterFolder::Peft)
+    } else if v.get("config").is_some_and(|c| c.is_object()) {
+        Ok(AdapterFolder::Bottleneck)
+    } else {
+        Err(Error::format(
+            &cfg,
+            "neither a PEFT config (no `peft_type`) nor an adapters-library config (no \
+             `config` object)",
+        ))
+    }
+}
+
+/// Loads the adapter folder `dir`, whichever library wrote it (PEFT: every `peft_type`
+/// [`peft::apply_adapter`] takes; the `adapters` library: a bottleneck adapter or a fusion),
+/// onto `model`. Errors, the model untouched: those of [`adapter_folder_kind`] and of the
+/// loader of its kind.
+pub fn apply_adapter_folder<B: Backend>(be: &B, model: &mut Llama<B>, dir: &Path) -> Result<()> {
+    match adapter_folder_kind(dir)? {
+        AdapterFolder::Peft => {
+            let (cfg, tensors) = peft::load_adapter(dir)?;
+            peft::apply_adapter(be, model, &cfg, &tensors)
+        }
+        AdapterFolder::Bottleneck => adapters_lib::load_bottleneck(be, model, dir),
+        AdapterFolder::Fusion => adapters_lib::load_fusion(be, model, dir),
+    }
+}

@@ -34,6 +34,7 @@ mod config;
 
 mod methods;
 
+pub(crate) use config::py_json;
 pub use config::{
     AdaLoraOptions, AdapterConfig, MethodOptions, TargetModules, VeraOptions, adapter_config_for,
     adapter_config_for_method, rank_pattern_json,
@@ -102,6 +103,17 @@ pub fn save_lora_adapter(dir: &Path, cfg: &AdapterConfig, tensors: &[AdapterTens
 
 /// Serializes f32 tensors to safetensors bytes with PEFT's metadata `{"format": "pt"}`.
 fn serialize_f32(dir: &Path, tensors: &[AdapterTensor]) -> Result<Vec<u8>> {
+    let meta = HashMap::from([("format".to_string(), "pt".to_string())]);
+    serialize_f32_meta(&dir.join(WEIGHTS_NAME), tensors, Some(meta))
+}
+
+/// Serializes f32 tensors to safetensors bytes with the given header metadata (`file` names
+/// the file in errors).
+pub(crate) fn serialize_f32_meta(
+    file: &Path,
+    tensors: &[AdapterTensor],
+    meta: Option<HashMap<String, String>>,
+) -> Result<Vec<u8>> {
     let bytes: Vec<Vec<u8>> = tensors
         .iter()
         .map(|(_, _, d)| d.iter().flat_map(|v| v.to_le_bytes()).collect())
@@ -112,9 +124,8 @@ fn serialize_f32(dir: &Path, tensors: &[AdapterTensor]) -> Result<Vec<u8>> {
             .map_err(|e| Error::shape(key.as_str(), format!("consistent shape ({e})"), shape))?;
         views.push((key.as_str(), view));
     }
-    let meta = HashMap::from([("format".to_string(), "pt".to_string())]);
-    safetensors::serialize(views, Some(meta))
-        .map_err(|e| Error::format(dir.join(WEIGHTS_NAME), format!("serializing: {e}")))
+    safetensors::serialize(views, meta)
+        .map_err(|e| Error::format(file, format!("serializing: {e}")))
 }
 
 /// `parent/.{name}.{tag}-{pid}` beside `dir`.
@@ -171,7 +182,9 @@ fn check_replaceable(dir: &Path) -> Result<bool> {
             ),
         ));
     }
-    let is_adapter = dir.join(CONFIG_NAME).exists() || dir.join(WEIGHTS_NAME).exists();
+    let is_adapter = [CONFIG_NAME, WEIGHTS_NAME, "adapter_fusion_config.json"]
+        .iter()
+        .any(|f| dir.join(f).exists());
     let is_empty = fs::read_dir(dir)
         .map_err(|e| Error::io(dir, e))?
         .next()
@@ -189,8 +202,11 @@ fn check_replaceable(dir: &Path) -> Result<bool> {
     Ok(true)
 }
 
-/// Writes `files` into a fresh temporary sibling of `dir`, fsyncs them, then swaps it in.
-fn write_dir_atomically(dir: &Path, files: &[(&str, &[u8])]) -> Result<()> {
+/// Writes `files` (names relative to `dir`, `sub/name` in a subfolder) into a fresh temporary
+/// sibling of `dir`, fsyncs them, then swaps it in. Refuses to replace a folder that is not an
+/// adapter folder (none of `adapter_config.json`, `adapter_model.safetensors`,
+/// `adapter_fusion_config.json`) and not empty.
+pub(crate) fn write_dir_atomically(dir: &Path, files: &[(&str, &[u8])]) -> Result<()> {
     let exists = check_replaceable(dir)?;
     let parent = parent_of(dir);
     fs::create_dir_all(parent).map_err(|e| Error::io(parent, e))?;
@@ -202,6 +218,9 @@ fn write_dir_atomically(dir: &Path, files: &[(&str, &[u8])]) -> Result<()> {
         fs::create_dir(&tmp).map_err(|e| Error::io(&tmp, e))?;
         for (name, bytes) in files {
             let p = tmp.join(name);
+            if let Some(sub) = p.parent().filter(|d| *d != tmp) {
+                fs::create_dir_all(sub).map_err(|e| Error::io(sub, e))?;
+            }
             let mut f = fs::File::create(&p).map_err(|e| Error::io(&p, e))?;
             f.write_all(bytes).map_err(|e| Error::io(&p, e))?;
             f.sync_all().map_err(|e| Error::io(&p, e))?;

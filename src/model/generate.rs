@@ -187,7 +187,7 @@ impl<B: Backend> Llama<B> {
         let mut kv_seqs = Vec::new();
         let mut last_rows = Vec::new();
         let mut rows = 0usize;
-        for s in 0..new.len() {
+        for (s, seq) in new.iter().enumerate() {
             let n = count(s);
             if n == 0 {
                 continue;
@@ -202,15 +202,18 @@ impl<B: Backend> Llama<B> {
                     ),
                 ));
             }
-            q_seqs.push(SeqSpan { start: rows, len: n });
+            q_seqs.push(SeqSpan {
+                start: rows,
+                len: n,
+            });
             kv_seqs.push(SeqSpan {
                 start: s * cache.capacity,
                 len: past + n,
             });
+            if virt.is_none() {
+                ids.extend_from_slice(&seq[..n]);
+            }
             for i in 0..n {
-                if virt.is_none() {
-                    ids.push(new[s][i]);
-                }
                 positions.push((past + i) as u32);
                 slots.push((s * cache.capacity + past + i) as u32);
             }
@@ -284,7 +287,10 @@ impl<B: Backend> Llama<B> {
                 ),
             ));
         }
-        let sp = self.soft_prompt.as_ref().ok_or_else(|| Error::arg("prompt", "no soft prompt"))?;
+        let sp = self
+            .soft_prompt
+            .as_ref()
+            .ok_or_else(|| Error::arg("prompt", "no soft prompt"))?;
         if sp.method.prepends_tokens() {
             let src: Vec<u32> = (0..n).flat_map(|_| 0..nvt as u32).collect();
             let e = be.gather_rows(&state.out, &src)?;

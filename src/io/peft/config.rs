@@ -398,8 +398,9 @@ impl AdapterConfig {
                 return Err(Error::arg(
                     "peft_type",
                     format!(
-                        "peft_type `{t}` is not supported (lorafuse applies LORA, VERA and \
-                         ADALORA adapters)"
+                        "peft_type `{t}` is not supported (lorafuse applies LORA (with DoRA), \
+                         VERA, ADALORA, IA3, BEFT, LN_TUNING, PROMPT_TUNING, P_TUNING and \
+                         PREFIX_TUNING adapters)"
                     ),
                 ));
             }
@@ -701,6 +702,31 @@ impl AdapterConfig {
             msg: e.to_string(),
         })
     }
+}
+
+/// A JSON value as Python's `json.dumps(v, indent=2, sort_keys=True)` writes it (the layout
+/// of `adapter_config.json` files of PEFT and the `adapters` library).
+pub(crate) fn py_json(v: &Value, context: &str) -> Result<String> {
+    fn sorted(v: &Value) -> Value {
+        match v {
+            Value::Object(m) => {
+                let b: BTreeMap<&String, Value> = m.iter().map(|(k, v)| (k, sorted(v))).collect();
+                Value::Object(b.into_iter().map(|(k, v)| (k.clone(), v)).collect())
+            }
+            Value::Array(a) => Value::Array(a.iter().map(sorted).collect()),
+            x => x.clone(),
+        }
+    }
+    let mut out = Vec::new();
+    let mut ser = serde_json::Serializer::with_formatter(&mut out, PyJsonFormatter::new());
+    sorted(v).serialize(&mut ser).map_err(|e| Error::Json {
+        context: context.into(),
+        msg: e.to_string(),
+    })?;
+    String::from_utf8(out).map_err(|e| Error::Json {
+        context: context.into(),
+        msg: e.to_string(),
+    })
 }
 
 /// serde_json's pretty printer (2-space indent, `": "`) plus Python's `ensure_ascii=True`:
