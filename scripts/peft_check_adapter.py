@@ -69,7 +69,10 @@ def check(tok, base_model, adapter, text, logits_file, tol):
     model = PeftModel.from_pretrained(base_model, adapter)
     model.eval()
     ours = last_logits(model, ids)
-    model.unload()  # remove the LoRA layers again so base_model can be reused
+    # Remove the injected layers again so base_model can be reused (prompt-learning models
+    # inject none: the base model is untouched).
+    if not model.peft_config[model.active_adapter].is_prompt_learning:
+        model.unload()
     if ref_logits.shape != ours.shape:
         rep["ok"] = False
         rep["error"] = f"logits shape {tuple(ref_logits.shape)} != {tuple(ours.shape)}"

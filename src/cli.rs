@@ -20,7 +20,7 @@ pub(crate) struct Cli {
 #[derive(Subcommand)]
 pub(crate) enum Cmd {
     /// Fine-tune adapters on instruction data and save them in PEFT's format.
-    Finetune(FinetuneArgs),
+    Finetune(Box<FinetuneArgs>),
     /// Greedy-decode an answer to a prompt, without and with an adapter.
     Generate(GenerateArgs),
     /// Write the last-position logits of a text to safetensors (for checks against peers).
@@ -102,6 +102,29 @@ pub(crate) enum MethodArg {
     Adalora,
     /// AdaLoRA over NF4-quantized projections.
     Qadalora,
+    /// IA3: learned scales of k, v and the down_proj input (see --feedforward-modules).
+    Ia3,
+    /// Bias tuning (PEFT's BEFT: a trained bias on v_proj by default).
+    Beft,
+    /// LN tuning: the RMSNorm weights train.
+    #[value(name = "ln_tuning", alias = "ln-tuning")]
+    LnTuning,
+    /// Prompt tuning: --num-virtual-tokens trained embeddings before the input.
+    #[value(name = "prompt_tuning", alias = "prompt-tuning")]
+    PromptTuning,
+    /// P-tuning: virtual tokens from a trained MLP (--encoder-hidden-size).
+    #[value(name = "p_tuning", alias = "p-tuning")]
+    PTuning,
+    /// Prefix tuning: trained keys and values before every layer's (--prefix-projection).
+    #[value(name = "prefix_tuning", alias = "prefix-tuning")]
+    PrefixTuning,
+    /// Houlsby bottleneck adapters (the adapters library's double_seq_bn).
+    Houlsby,
+    /// Pfeiffer bottleneck adapters (seq_bn).
+    Pfeiffer,
+    /// AdapterFusion over trained Pfeiffer adapters (--fuse DIR,DIR).
+    #[value(name = "adapter_fusion", alias = "adapter-fusion")]
+    AdapterFusion,
 }
 
 impl MethodArg {
@@ -116,8 +139,26 @@ impl MethodArg {
             MethodArg::Qvera => Method::Qvera,
             MethodArg::Adalora => Method::AdaLora,
             MethodArg::Qadalora => Method::Qadalora,
+            MethodArg::Ia3 => Method::Ia3,
+            MethodArg::Beft => Method::Beft,
+            MethodArg::LnTuning => Method::LnTuning,
+            MethodArg::PromptTuning => Method::PromptTuning,
+            MethodArg::PTuning => Method::PTuning,
+            MethodArg::PrefixTuning => Method::PrefixTuning,
+            MethodArg::Houlsby => Method::Houlsby,
+            MethodArg::Pfeiffer => Method::Pfeiffer,
+            MethodArg::AdapterFusion => Method::AdapterFusion,
         }
     }
+}
+
+/// Prompt tuning's init (PEFT's `prompt_tuning_init`).
+#[derive(Copy, Clone, PartialEq, Eq, ValueEnum)]
+pub(crate) enum PromptInit {
+    #[value(name = "RANDOM", alias = "random")]
+    Random,
+    #[value(name = "TEXT", alias = "text")]
+    Text,
 }
 
 #[derive(Copy, Clone, PartialEq, Eq, ValueEnum)]
@@ -155,13 +196,49 @@ pub(crate) struct FinetuneArgs {
     /// rsLoRA scaling alpha / sqrt(r).
     #[arg(long)]
     pub(crate) use_rslora: bool,
-    /// Modules to adapt (comma-separated; q_proj or q ...).
-    #[arg(long, value_delimiter = ',', default_value = "q,k,v,o,gate,up,down")]
-    pub(crate) target_modules: Vec<String>,
+    /// Modules to adapt (comma-separated; q_proj or q ...). Default per method: all seven
+    /// projections for the LoRA family, k,v,down for IA3, v for BEFT,
+    /// input_layernorm,post_attention_layernorm,norm for LN tuning.
+    #[arg(long, value_delimiter = ',')]
+    pub(crate) target_modules: Option<Vec<String>>,
     /// Peak learning rate (AdamW). Default per method: 2e-4 LoRA/QLoRA/DoRA/QDoRA, 2e-5 full,
-    /// 5e-3 VeRA and AdaLoRA.
+    /// 5e-3 VeRA and AdaLoRA, 3e-3 IA3, BEFT and LN tuning, 3e-2 prompt tuning, 1e-3
+    /// P-tuning, 1e-2 prefix tuning, 1e-3 Houlsby and Pfeiffer, 5e-4 AdapterFusion.
     #[arg(long)]
     pub(crate) lr: Option<f32>,
+    /// IA3: the targets that scale their input (PEFT's feedforward_modules).
+    #[arg(long, value_delimiter = ',', default_value = "down_proj")]
+    pub(crate) feedforward_modules: Vec<String>,
+    /// Prompt, P- and prefix tuning: number of virtual tokens.
+    #[arg(long, default_value_t = 20)]
+    pub(crate) num_virtual_tokens: usize,
+    /// Prompt tuning: RANDOM (N(0,1) embeddings) or TEXT (the embeddings of
+    /// --prompt-tuning-init-text, repeated or cut to --num-virtual-tokens).
+    #[arg(long, value_enum, default_value_t = PromptInit::Random)]
+    pub(crate) prompt_tuning_init: PromptInit,
+    /// Prompt tuning: the init text of --prompt-tuning-init TEXT.
+    #[arg(long)]
+    pub(crate) prompt_tuning_init_text: Option<String>,
+    /// P-tuning: the MLP's width; prefix tuning: the projection's width (default: the token
+    /// width).
+    #[arg(long)]
+    pub(crate) encoder_hidden_size: Option<usize>,
+    /// Prefix tuning: train the prefix through a two-layer tanh MLP.
+    #[arg(long)]
+    pub(crate) prefix_projection: bool,
+    /// Houlsby, Pfeiffer: hidden size / bottleneck width.
+    #[arg(long, default_value_t = 16.0)]
+    pub(crate) reduction_factor: f64,
+    /// Houlsby, Pfeiffer: relu, swish or tanh (default: swish for Houlsby, relu for Pfeiffer).
+    #[arg(long)]
+    pub(crate) non_linearity: Option<String>,
+    /// Houlsby, Pfeiffer: the adapter's name in its files.
+    #[arg(long, default_value = "lorafuse")]
+    pub(crate) adapter_name: String,
+    /// AdapterFusion: trained Pfeiffer adapter folders to fuse (comma-separated, at least two,
+    /// each with its own --adapter-name).
+    #[arg(long, value_delimiter = ',')]
+    pub(crate) fuse: Vec<PathBuf>,
     /// VeRA: initial value of vera_lambda_d.
     #[arg(long, default_value_t = 0.1)]
     pub(crate) vera_d_initial: f32,
@@ -237,7 +314,8 @@ pub(crate) struct CompareArgs {
         long,
         value_enum,
         value_delimiter = ',',
-        default_value = "full,lora,qlora,dora,qdora,vera,qvera,adalora,qadalora"
+        default_value = "full,lora,qlora,dora,qdora,vera,qvera,adalora,qadalora,ia3,beft,ln_tuning,\
+                         prompt_tuning,p_tuning,prefix_tuning,houlsby,pfeiffer,adapter_fusion"
     )]
     pub(crate) methods: Vec<MethodArg>,
     /// Output directory: one run folder per method, compare.json and compare.png.

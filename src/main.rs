@@ -6,14 +6,16 @@ use lorafuse::adapter::LoraConfig;
 use lorafuse::backend::Backend;
 use lorafuse::io::atomic::write_atomic;
 use lorafuse::io::export::{merge_into_base, model_tensors, nf4_model_tensors, write_safetensors};
-use lorafuse::io::{fetch, peft};
+use lorafuse::io::fetch;
 use lorafuse::model::generate::Sampling;
 use lorafuse::model::llama::{Llama, Nf4Spec, PROJ_NAMES, PackedBatch, argmax};
 use lorafuse::model::tokenizer::Tokenizer;
 use lorafuse::train::compare::{self, CompareRow};
 use lorafuse::train::data::{BadRecordPolicy, render_chatml};
 use lorafuse::train::job::{FinetuneJob, JobEvent, load_model, run_finetune};
-use lorafuse::train::recipe::{AdaLoraSettings, FullSettings, Method, Recipe, VeraSettings};
+use lorafuse::train::recipe::{
+    AdaLoraSettings, AdditiveSettings, FullSettings, Method, Recipe, VeraSettings,
+};
 use lorafuse::train::report::write_json;
 use lorafuse::train::trainer::TrainConfig;
 use lorafuse::{Cpu, Error, Result};
@@ -26,7 +28,7 @@ use cli::*;
 fn main() {
     let cli = Cli::parse();
     let res = match cli.cmd {
-        Cmd::Finetune(a) => finetune(a),
+        Cmd::Finetune(a) => finetune(*a),
         Cmd::Generate(a) => generate(a),
         Cmd::Logits(a) => logits(a),
         Cmd::Merge(a) => merge(a),
@@ -123,7 +125,26 @@ fn recipe_from(a: &FinetuneArgs) -> Result<Recipe> {
         r: a.r,
         lora_alpha: a.lora_alpha,
         use_rslora: a.use_rslora,
-        target_modules: a.target_modules.clone(),
+        target_modules: a
+            .target_modules
+            .clone()
+            .unwrap_or_else(|| method.default_target_modules()),
+    };
+    let init_text = match (a.prompt_tuning_init, &a.prompt_tuning_init_text) {
+        (PromptInit::Text, Some(t)) => Some(t.clone()),
+        (PromptInit::Text, None) => {
+            return Err(Error::arg(
+                "prompt_tuning_init",
+                "--prompt-tuning-init TEXT needs --prompt-tuning-init-text",
+            ));
+        }
+        (PromptInit::Random, Some(_)) => {
+            return Err(Error::arg(
+                "prompt_tuning_init_text",
+                "is used with --prompt-tuning-init TEXT only",
+            ));
+        }
+        (PromptInit::Random, None) => None,
     };
     let train = TrainConfig {
         steps: a.steps,
@@ -158,6 +179,17 @@ fn recipe_from(a: &FinetuneArgs) -> Result<Recipe> {
         train,
         seed: a.seed,
         nf4: Nf4Spec::default(),
+        additive: AdditiveSettings {
+            feedforward_modules: a.feedforward_modules.clone(),
+            num_virtual_tokens: a.num_virtual_tokens,
+            prompt_tuning_init_text: init_text,
+            encoder_hidden_size: a.encoder_hidden_size,
+            prefix_projection: a.prefix_projection,
+            reduction_factor: a.reduction_factor,
+            non_linearity: a.non_linearity.clone(),
+            adapter_name: a.adapter_name.clone(),
+            fuse: a.fuse.clone(),
+        },
     };
     recipe.validate()?;
     Ok(recipe)
@@ -239,18 +271,16 @@ fn compare(a: CompareArgs) -> Result<()> {
         None => fetch::default_model(&mut |s| eprintln!("{s}"))?,
     };
     std::fs::create_dir_all(&a.out).map_err(|e| Error::io(&a.out, e))?;
-    let mut rows = Vec::new();
-    for m in &a.methods {
-        let method = m.method();
-        let dir = a.out.join(method.name());
-        eprintln!("== {} ==", method.name());
+    // One `lorafuse finetune` child per run, with the default recipe of its method.
+    let finetune = |method: Method, dir: &Path, extra: &[std::ffi::OsString]| -> Result<()> {
         let mut cmd = std::process::Command::new(&exe);
         cmd.args(["finetune", "--method", method.name(), "--steps"])
             .arg(a.steps.to_string())
             .arg("--model")
             .arg(&model)
             .arg("--out")
-            .arg(&dir);
+            .arg(dir)
+            .args(extra);
         if let Some(d) = &a.data {
             cmd.arg("--data").arg(d);
         }
@@ -261,6 +291,35 @@ fn compare(a: CompareArgs) -> Result<()> {
                 format!("the {} run failed ({status})", method.name()),
             ));
         }
+        Ok(())
+    };
+    let mut rows = Vec::new();
+    for m in &a.methods {
+        let method = m.method();
+        let dir = a.out.join(method.name());
+        eprintln!("== {} ==", method.name());
+        let mut extra = Vec::new();
+        if method == Method::AdapterFusion {
+            // AdapterFusion fuses trained Pfeiffer adapters: this run's `pfeiffer` one (trained
+            // here if it has not run yet) and a second trained with another seed.
+            let first = a.out.join(Method::Pfeiffer.name());
+            if !rows
+                .iter()
+                .any(|r: &CompareRow| r.method == Method::Pfeiffer.name())
+            {
+                eprintln!("== pfeiffer (to fuse) ==");
+                finetune(Method::Pfeiffer, &first, &[])?;
+            }
+            let second = a.out.join("pfeiffer_seed43");
+            eprintln!("== pfeiffer, seed 43 (to fuse) ==");
+            let args = ["--seed", "43", "--adapter-name", "lorafuse_seed43"].map(Into::into);
+            finetune(Method::Pfeiffer, &second, &args)?;
+            let mut list = first.into_os_string();
+            list.push(",");
+            list.push(second.as_os_str());
+            extra = vec!["--fuse".into(), list];
+        }
+        finetune(method, &dir, &extra)?;
         let text = std::fs::read_to_string(dir.join("metrics.json"))
             .map_err(|e| Error::io(dir.join("metrics.json"), e))?;
         let metrics: lorafuse::train::trainer::Metrics =
@@ -290,8 +349,7 @@ fn compare(a: CompareArgs) -> Result<()> {
 }
 
 fn apply_adapter<B: Backend>(be: &B, model: &mut Llama<B>, dir: &Path) -> Result<()> {
-    let (cfg, tensors) = peft::load_adapter(dir)?;
-    peft::apply_lora_adapter(be, model, &cfg, &tensors)
+    lorafuse::io::apply_adapter_folder(be, model, dir)
 }
 
 fn generate(a: GenerateArgs) -> Result<()> {

@@ -206,6 +206,7 @@ fn quant_recipe(method: lorafuse::train::recipe::Method) -> lorafuse::train::rec
             ..AdaLoraSettings::default()
         },
         full: Default::default(),
+        additive: Default::default(),
         train: TrainConfig {
             steps: 6,
             batch_size: 4,

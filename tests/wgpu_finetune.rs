@@ -87,6 +87,7 @@ fn recipe(method: Method) -> Recipe {
         },
         seed: 3,
         nf4: Nf4Spec::default(),
+        additive: Default::default(),
     }
 }
 

@@ -5,7 +5,7 @@
 use super::llama::{Llama, Nf4Spec, proj_path, target_indices};
 use crate::adapter::{
     AdaLoraLayer, Adapter, AdapterSaved, BaseWeight, BeftLayer, DoraLayer, Ia3Layer, Linear,
-    LnTuning, LoraConfig, LoraLayer, MethodKind, VeraLayer, VeraShared,
+    LnTuning, LoraConfig, LoraLayer, MethodKind, PromptMethod, SoftPrompt, VeraLayer, VeraShared,
 };
 use crate::backend::{Backend, Tensor};
 use crate::error::{Error, Result};
@@ -273,6 +273,68 @@ impl<B: Backend> Llama<B> {
                 None
             },
         });
+        Ok(())
+    }
+
+    /// A new soft prompt of `num_virtual_tokens` for this model (see [`SoftPrompt::init`]): the
+    /// token width is the hidden size (prompt and P-tuning) or `kv_heads * head_dim` (prefix
+    /// tuning, whose output is `2 x layers x` that); `encoder_hidden` is P-tuning's MLP width
+    /// or prefix tuning's projection width (`None`: prefix tuning trains the prefix itself).
+    /// With `init_ids` (prompt tuning's TEXT init) the embedding starts as those tokens'
+    /// embeddings, the ids repeated or cut to `num_virtual_tokens` (PEFT's
+    /// `PromptEmbedding`). Errors: zero virtual tokens, TEXT init for another method, an
+    /// empty or out-of-vocabulary id list, P-tuning without a width.
+    pub fn add_soft_prompt(
+        &mut self,
+        be: &B,
+        method: PromptMethod,
+        num_virtual_tokens: usize,
+        encoder_hidden: Option<usize>,
+        init_ids: Option<&[u32]>,
+        seed: u64,
+    ) -> Result<()> {
+        let c = &self.cfg;
+        let kv = c.num_key_value_heads * c.head_dim;
+        let (token_dim, out_dim) = match method {
+            PromptMethod::PrefixTuning => (kv, 2 * c.num_hidden_layers * kv),
+            _ => (c.hidden_size, c.hidden_size),
+        };
+        let init = match init_ids {
+            None => None,
+            Some(_) if method != PromptMethod::PromptTuning => {
+                return Err(Error::arg(
+                    "prompt_tuning_init_text",
+                    "TEXT init applies to prompt tuning only",
+                ));
+            }
+            Some([]) => {
+                return Err(Error::arg(
+                    "prompt_tuning_init_text",
+                    "the init text has no tokens",
+                ));
+            }
+            Some(ids) => {
+                let rows: Vec<u32> = ids
+                    .iter()
+                    .copied()
+                    .cycle()
+                    .take(num_virtual_tokens)
+                    .collect();
+                let e = be.gather_rows(&self.embed_tokens, &rows)?;
+                Some(be.download(&e)?)
+            }
+        };
+        let sp = SoftPrompt::init(
+            be,
+            method,
+            num_virtual_tokens,
+            token_dim,
+            out_dim,
+            encoder_hidden,
+            init,
+            seed,
+        )?;
+        self.soft_prompt = Some(sp);
         Ok(())
     }
 

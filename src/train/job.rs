@@ -9,12 +9,12 @@ use crate::error::{Error, Result};
 use crate::io::export::{WeightDtype, model_tensors, write_safetensors};
 use crate::io::gguf::GgufFile;
 use crate::io::hf;
-use crate::io::{fetch, peft};
+use crate::io::{adapters_lib, fetch, peft};
 use crate::model::llama::{Llama, Nf4Spec};
 use crate::model::load::{llama_from_gguf_with, llama_from_hf};
 use crate::model::tokenizer::Tokenizer;
 use crate::train::data::{self, BadRecordPolicy, Record, split_train_eval, tokenize_records};
-use crate::train::recipe::{self, Recipe};
+use crate::train::recipe::{self, Method, Recipe};
 use crate::train::report::{write_json, write_loss_png};
 use crate::train::trainer::{Metrics, StepMetric};
 use std::path::{Path, PathBuf};
@@ -102,6 +102,28 @@ pub fn run_finetune<B: Backend>(
         on_event(JobEvent::Log(line))
     })?;
     let encode = |s: &str| tok.encode(s);
+    // Every soft prompt moves the real tokens' positions up by its length.
+    let nvt = match recipe.method.prompt_method() {
+        Some(_) => recipe.additive.num_virtual_tokens,
+        None => 0,
+    };
+    let max_pos = model.cfg.max_position_embeddings;
+    if nvt > 0 && nvt + job.max_len > max_pos {
+        return Err(Error::arg(
+            "num_virtual_tokens",
+            format!(
+                "{nvt} virtual tokens + --max-len {} exceed the model's {max_pos} positions: \
+                 lower one of them",
+                job.max_len
+            ),
+        ));
+    }
+    // PEFT tokenizes the init text with the model's tokenizer, special tokens included as
+    // that tokenizer adds them (SmolLM2's adds none).
+    let init_ids = match &recipe.additive.prompt_tuning_init_text {
+        Some(t) => Some(tok.encode(t)?),
+        None => None,
+    };
     let train_ex = tokenize_records(encode, &train_recs, job.max_len)?;
     let eval_ex = if job.eval {
         tokenize_records(encode, &eval_recs, job.max_len)?
@@ -120,12 +142,20 @@ pub fn run_finetune<B: Backend>(
     if !eval_ex.is_empty() {
         on_event(JobEvent::Evaluating { after: false });
     }
-    let metrics = recipe::run(be, &mut model, recipe, &train_ex, &eval_ex, |m| {
-        on_event(JobEvent::Step(m));
-        if m.step + 1 == steps && !eval_ex.is_empty() {
-            on_event(JobEvent::Evaluating { after: true });
-        }
-    })?;
+    let metrics = recipe::run_with(
+        be,
+        &mut model,
+        recipe,
+        init_ids.as_deref(),
+        &train_ex,
+        &eval_ex,
+        |m| {
+            on_event(JobEvent::Step(m));
+            if m.step + 1 == steps && !eval_ex.is_empty() {
+                on_event(JobEvent::Evaluating { after: true });
+            }
+        },
+    )?;
 
     std::fs::create_dir_all(&job.out).map_err(|e| Error::io(&job.out, e))?;
     let model_name = job
@@ -207,6 +237,42 @@ pub fn save_trained<B: Backend>(
     out: &Path,
     model_name: String,
 ) -> Result<&'static str> {
+    let add = &recipe.additive;
+    let targets = &recipe.lora.target_modules;
+    let base = Some(model_name.clone());
+    let peft_cfg = match recipe.method {
+        Method::Ia3 => Some(peft::additive::ia3_config(
+            targets,
+            &add.feedforward_modules,
+            base,
+        )),
+        Method::Beft => Some(peft::additive::beft_config(targets, base)),
+        Method::LnTuning => Some(peft::additive::ln_tuning_config(targets, base)),
+        m => m.prompt_method().map(|pm| {
+            let opts = peft::additive::PromptOptions {
+                encoder_hidden_size: add.encoder_hidden_size,
+                prefix_projection: add.prefix_projection,
+                init_text: add.prompt_tuning_init_text.clone(),
+                tokenizer_name_or_path: add
+                    .prompt_tuning_init_text
+                    .as_ref()
+                    .map(|_| model_name.clone()),
+            };
+            peft::additive::prompt_config(model, pm, add.num_virtual_tokens, &opts, base)
+        }),
+    };
+    if let Some(cfg) = peft_cfg {
+        peft::save_adapter(out, &cfg, &peft::llama_adapter_tensors(be, model)?)?;
+        return Ok("PEFT adapter");
+    }
+    if recipe.method.bottleneck_kind().is_some() {
+        adapters_lib::save_bottleneck(be, model, out, &model_name)?;
+        return Ok("adapters-library adapter");
+    }
+    if recipe.method == Method::AdapterFusion {
+        adapters_lib::save_fusion(be, model, out, &model_name)?;
+        return Ok("adapters-library fusion");
+    }
     let Some(kind) = recipe.method.adapter_kind() else {
         write_safetensors(
             &out.join("model.safetensors"),
