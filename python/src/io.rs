@@ -25,7 +25,7 @@ use crate::run::{file_err, out};
 /// Raises:
 ///     ValueError: a malformed config or tensor file (a missing key, a bad shape, a non-finite
 ///         value), naming the file and what was wrong.
-///     RuntimeError: an I/O error (the folder or a file missing or unreadable).
+///     OSError: an I/O error (``FileNotFoundError``: the folder or a file missing).
 #[pyfunction]
 pub(crate) fn load_adapter<'py>(
     py: Python<'py>,
@@ -58,7 +58,7 @@ pub(crate) fn load_adapter<'py>(
 ///     TypeError: ``config`` or ``tensors`` is not a dict, a tensor is not a float32 array.
 ///     ValueError: a config PEFT would reject, tensor shapes that disagree with it (e.g.
 ///         ``lora_A`` rows vs ``r``), non-finite values, an empty tensor name.
-///     RuntimeError: an I/O error.
+///     OSError: an I/O error.
 #[pyfunction]
 pub(crate) fn save_adapter(
     py: Python<'_>,

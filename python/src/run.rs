@@ -15,14 +15,34 @@ pub(crate) type Host = (Vec<f32>, Vec<usize>);
 /// A float32 numpy array returned to Python.
 pub(crate) type Out<'py> = Bound<'py, PyArrayDyn<f32>>;
 
-/// A kernel error as Python sees it: a bad argument is a `ValueError`, anything else a
+/// A lorafuse error as Python sees it: a bad argument is a `ValueError`, an I/O error an
+/// `OSError` (`FileNotFoundError`, `PermissionError`, ... by its kind), anything else a
 /// `RuntimeError`.
 pub(crate) fn to_py(e: Error) -> PyErr {
     match e {
         Error::Shape { .. } | Error::InvalidArgument { .. } | Error::NonFinite { .. } => {
             PyValueError::new_err(e.to_string())
         }
+        Error::Io { ref source, .. } => io_err(source.kind(), e.to_string()),
         _ => PyRuntimeError::new_err(e.to_string()),
+    }
+}
+
+/// An I/O error as Python's OSError subclass of its kind (as `open()` raises them), the message
+/// naming the path.
+fn io_err(kind: std::io::ErrorKind, msg: String) -> PyErr {
+    use pyo3::exceptions::{
+        PyFileExistsError, PyFileNotFoundError, PyIsADirectoryError, PyNotADirectoryError,
+        PyOSError, PyPermissionError,
+    };
+    use std::io::ErrorKind as K;
+    match kind {
+        K::NotFound => PyFileNotFoundError::new_err(msg),
+        K::PermissionDenied => PyPermissionError::new_err(msg),
+        K::AlreadyExists => PyFileExistsError::new_err(msg),
+        K::IsADirectory => PyIsADirectoryError::new_err(msg),
+        K::NotADirectory => PyNotADirectoryError::new_err(msg),
+        _ => PyOSError::new_err(msg),
     }
 }
 

@@ -60,7 +60,7 @@ def lora_folder():
 
 
 def test_bad_adapter_arguments_raise_named_errors(tmp_path):
-    with pytest.raises(RuntimeError, match="nowhere"):
+    with pytest.raises(FileNotFoundError, match="nowhere"):
         lorafuse.load_adapter(str(tmp_path / "nowhere"))
     (tmp_path / "empty").mkdir()
     with pytest.raises(ValueError, match="adapter_config.json"):

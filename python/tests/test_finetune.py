@@ -50,6 +50,36 @@ def test_finetune_bad_settings_raise_before_anything_runs(tmp_path):
         lorafuse.finetune(str(tmp_path / "a"), bad_records="maybe")
     with pytest.raises(ValueError, match="full"):
         lorafuse.finetune(str(tmp_path / "a"), "lora", freeze_embeddings=True)
-    with pytest.raises(RuntimeError, match="missing.gguf"):
+    with pytest.raises(FileNotFoundError, match="missing.gguf"):
         lorafuse.finetune(str(tmp_path / "a"), model=str(tmp_path / "missing.gguf"), steps=1)
     assert not (tmp_path / "a").exists()
+
+
+def test_finetune_additive_methods_save_their_reference_library_files(tmp_path):
+    data = tmp_path / "data.jsonl"
+    rows = [{"instruction": f"Say {w}.", "output": f"{w}!"} for w in ("hi", "yes", "no", "ok")]
+    data.write_text("\n".join(json.dumps(r) for r in rows * 3) + "\n")
+    common = dict(steps=2, batch_size=2, max_len=32, eval=False, progress=False)
+    out = tmp_path / "ia3"
+    lorafuse.finetune(str(out), "ia3", model_path(), str(data), **common)
+    config, tensors = lorafuse.load_adapter(str(out))
+    assert config["peft_type"] == "IA3"
+    assert sorted(config["target_modules"]) == ["down_proj", "k_proj", "v_proj"]
+    assert config["feedforward_modules"] == ["down_proj"]
+    assert all(k.endswith("ia3_l") for k in tensors)
+    out = tmp_path / "prompt"
+    lorafuse.finetune(str(out), "prompt_tuning", model_path(), str(data), num_virtual_tokens=4,
+                      prompt_tuning_init_text="Answer briefly.", **common)
+    config = json.loads((out / "adapter_config.json").read_text())
+    assert config["peft_type"] == "PROMPT_TUNING" and config["num_virtual_tokens"] == 4
+    assert config["prompt_tuning_init"] == "TEXT"
+    out = tmp_path / "pfeiffer"
+    lorafuse.finetune(str(out), "pfeiffer", model_path(), str(data), reduction_factor=32,
+                      adapter_name="chat", **common)
+    config = json.loads((out / "adapter_config.json").read_text())
+    assert config["name"] == "chat" and config["config"]["reduction_factor"] == 32
+    assert (out / "adapter.safetensors").is_file()
+    with pytest.raises(ValueError, match="fuse"):
+        lorafuse.finetune(str(tmp_path / "f"), "adapter_fusion", model_path(), str(data),
+                          fuse=[str(out)], **common)
+    assert not (tmp_path / "f").exists()
