@@ -2,6 +2,7 @@
 
 pub mod additive;
 pub mod batch;
+pub mod chat;
 pub mod config;
 pub mod generate;
 pub mod inject;

@@ -86,6 +86,9 @@ struct Spec<'a> {
     pad: u32,
 }
 
+/// A token's byte range `(start, end)` in the encoded text.
+pub type ByteSpan = (usize, usize);
+
 /// A byte-level BPE tokenizer (GPT-2 style) with the special ids of its GGUF.
 #[derive(Clone)]
 pub struct Tokenizer {
@@ -333,6 +336,16 @@ impl Tokenizer {
     pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
         let enc = self.inner.encode_fast(text, false).map_err(tok_err)?;
         Ok(enc.get_ids().to_vec())
+    }
+
+    /// [`Tokenizer::encode`] with each token's byte range `(start, end)` in `text` (the chat
+    /// renderer finds turns by them).
+    ///
+    /// # Errors
+    /// As [`Tokenizer::encode`].
+    pub fn encode_with_offsets(&self, text: &str) -> Result<(Vec<u32>, Vec<ByteSpan>)> {
+        let enc = self.inner.encode(text, false).map_err(tok_err)?;
+        Ok((enc.get_ids().to_vec(), enc.get_offsets().to_vec()))
     }
 
     /// The text of `ids`, special tokens included (nothing skipped); the inverse of
