@@ -296,6 +296,36 @@ pub(crate) struct FinetuneArgs {
     /// Skip the eval-split loss before and after training.
     #[arg(long)]
     pub(crate) no_eval: bool,
+    /// Conversations (`messages` records): a Jinja chat template file to render them with
+    /// instead of the model's own (the GGUF's tokenizer.chat_template).
+    #[arg(long)]
+    pub(crate) chat_template: Option<PathBuf>,
+    /// Conversations: which tokens are targets.
+    #[arg(long, value_enum, default_value_t = LossOnArg::Assistant)]
+    pub(crate) loss_on: LossOnArg,
+    /// Conversations longer than --max-len: drop the oldest exchanges keeping the system turn
+    /// (turns), keep the start (right) or keep the end (left).
+    #[arg(long, value_enum, default_value_t = TruncationArg::Turns)]
+    pub(crate) truncation: TruncationArg,
+}
+
+/// `--loss-on`.
+#[derive(Copy, Clone, PartialEq, Eq, ValueEnum)]
+pub(crate) enum LossOnArg {
+    /// Every assistant turn's content and its end-of-turn token.
+    Assistant,
+    /// Every token of the conversation.
+    All,
+    /// The last assistant turn only.
+    Last,
+}
+
+/// `--truncation`.
+#[derive(Copy, Clone, PartialEq, Eq, ValueEnum)]
+pub(crate) enum TruncationArg {
+    Turns,
+    Right,
+    Left,
 }
 
 #[derive(Args)]

@@ -7,12 +7,14 @@ use lorafuse::backend::Backend;
 use lorafuse::io::atomic::write_atomic;
 use lorafuse::io::export::{merge_into_base, model_tensors, nf4_model_tensors, write_safetensors};
 use lorafuse::io::fetch;
+use lorafuse::model::chat::LossOn;
 use lorafuse::model::generate::Sampling;
 use lorafuse::model::llama::{Llama, Nf4Spec, PROJ_NAMES, PackedBatch, argmax};
 use lorafuse::model::tokenizer::Tokenizer;
+use lorafuse::train::chat_data::Truncation;
 use lorafuse::train::compare::{self, CompareRow};
 use lorafuse::train::data::{BadRecordPolicy, render_chatml};
-use lorafuse::train::job::{FinetuneJob, JobEvent, load_model, run_finetune};
+use lorafuse::train::job::{ChatOptions, FinetuneJob, JobEvent, load_model, run_finetune};
 use lorafuse::train::recipe::{
     AdaLoraSettings, AdditiveSettings, FullSettings, Method, Recipe, VeraSettings,
 };
@@ -211,6 +213,19 @@ fn finetune_on<B: Backend>(be: B, a: &FinetuneArgs) -> Result<()> {
         eval: !a.no_eval,
         out: a.out.clone(),
         recipe: recipe_from(a)?,
+        chat: ChatOptions {
+            template: a.chat_template.clone(),
+            loss_on: match a.loss_on {
+                LossOnArg::Assistant => LossOn::Assistant,
+                LossOnArg::All => LossOn::All,
+                LossOnArg::Last => LossOn::Last,
+            },
+            truncation: match a.truncation {
+                TruncationArg::Turns => Truncation::Turns,
+                TruncationArg::Right => Truncation::Right,
+                TruncationArg::Left => Truncation::Left,
+            },
+        },
     };
     job.validate()?;
     let bar = ProgressBar::new(job.recipe.train.steps as u64);

@@ -6,8 +6,9 @@
 use std::path::{Path, PathBuf};
 
 use lorafuse::Error;
+use lorafuse::model::chat::Message;
 use lorafuse::train::data::{
-    BadRecordPolicy, DataFormat, Example, IGNORE_INDEX, Record, SPEC_MAX_LEN, SplitMix64,
+    BadRecordPolicy, DataFormat, Example, IGNORE_INDEX, Record, SPEC_MAX_LEN, Sample, SplitMix64,
     default_records, load_records, render_chatml, shuffled_order, split_train_eval,
     tokenize_record, tokenize_records,
 };
@@ -29,6 +30,10 @@ fn golden_json(name: &str) -> Value {
         )
     });
     serde_json::from_str(&text).expect("golden file is JSON")
+}
+
+fn pair(q: &str, a: &str) -> Sample {
+    Sample::Pair(rec(q, a))
 }
 
 fn rec(q: &str, a: &str) -> Record {
@@ -232,7 +237,7 @@ fn split_rule_is_index_mod_10_eq_9() {
     assert_eq!(train[9].question, "q10");
     let (train, eval) = split_train_eval((0..9).map(|_| rec("q", "a")).collect());
     assert_eq!((train.len(), eval.len()), (9, 0));
-    let (train, eval) = split_train_eval(Vec::new());
+    let (train, eval) = split_train_eval(Vec::<Record>::new());
     assert!(train.is_empty() && eval.is_empty());
 }
 
@@ -375,9 +380,8 @@ fn loads_every_shape_from_jsonl() {
         r#"{"prompt": "P", "response": "R"}"#,
         "\n",
         r#"{"messages": [{"role": "system", "content": "be nice"},"#,
-        r#" {"role": "user", "content": "u1"}, {"role": "assistant", "content": "a1"},"#,
-        r#" {"role": "system", "content": ""},"#,
-        r#" {"role": "user", "content": "u2"}, {"role": "assistant", "content": "a2"}]}"#,
+        r#" {"role": "user", "content": "u1 "}, {"role": "assistant", "content": "a1"},"#,
+        r#" {"role": "user", "content": "u2"}, {"role": "assistant", "content": "a\n2"}]}"#,
         "\n",
     );
     let path = write(&dir, "data.jsonl", content);
@@ -389,14 +393,20 @@ fn loads_every_shape_from_jsonl() {
         assert_eq!(
             report.records,
             vec![
-                rec("Translate to French\n\ncat", "chat"),
-                rec("Say hi", "hi"),
-                rec("No input key", "ok"),
-                rec("Blank input", "ok"),
-                rec("Q?", "A."),
-                rec("P", "R"),
-                rec("u1", "a1"),
-                rec("u2", "a2"),
+                pair("Translate to French\n\ncat", "chat"),
+                pair("Say hi", "hi"),
+                pair("No input key", "ok"),
+                pair("Blank input", "ok"),
+                pair("Q?", "A."),
+                pair("P", "R"),
+                // A whole conversation, contents as given.
+                Sample::Chat(vec![
+                    Message::new("system", "be nice"),
+                    Message::new("user", "u1 "),
+                    Message::new("assistant", "a1"),
+                    Message::new("user", "u2"),
+                    Message::new("assistant", "a\n2"),
+                ]),
             ]
         );
     }
@@ -410,7 +420,7 @@ fn loads_json_array_with_crlf_bom_and_uppercase_extension() {
     let path = write(&dir, "data.JSON", content);
     let report = load_records(&path, BadRecordPolicy::Reject).unwrap();
     assert_eq!(report.format, DataFormat::JsonArray);
-    assert_eq!(report.records, vec![rec("a", "b"), rec("i", "o")]);
+    assert_eq!(report.records, vec![pair("a", "b"), pair("i", "o")]);
 
     let path = write(
         &dir,
@@ -418,7 +428,7 @@ fn loads_json_array_with_crlf_bom_and_uppercase_extension() {
         "\u{feff}{\"question\": \"a\", \"answer\": \"b\"}\r\n\r\n{\"prompt\": \"c\", \"response\": \"d\"}\r\n",
     );
     let report = load_records(&path, BadRecordPolicy::Reject).unwrap();
-    assert_eq!(report.records, vec![rec("a", "b"), rec("c", "d")]);
+    assert_eq!(report.records, vec![pair("a", "b"), pair("c", "d")]);
 }
 
 #[test]
@@ -434,13 +444,13 @@ fn trims_like_python_strip_and_keeps_inner_whitespace() {
     let report = load_records(&path, BadRecordPolicy::Reject).unwrap();
     assert_eq!(
         report.records,
-        vec![rec("line one\n\n  line  two", "Ethiopia")]
+        vec![pair("line one\n\n  line  two", "Ethiopia")]
     );
     // A zero-width space is not whitespace for Python either: kept.
     let line = serde_json::json!({"question": "\u{200b}q", "answer": "a"}).to_string();
     let path = write(&dir, "z.jsonl", line);
     let report = load_records(&path, BadRecordPolicy::Reject).unwrap();
-    assert_eq!(report.records[0].question, "\u{200b}q");
+    assert_eq!(report.records[0].as_pair().unwrap().question, "\u{200b}q");
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -532,6 +542,10 @@ const MALFORMED: &[(&str, &str)] = &[
         "messages[1]: two user messages in a row (messages[0]",
     ),
     (
+        r#"{"messages": [{"role": "user", "content": "u"}, {"role": "system", "content": "s"}, {"role": "assistant", "content": "a"}]}"#,
+        "messages[1]: a system message must be the first message",
+    ),
+    (
         r#"{"messages": [{"role": "user", "content": "u"}, {"role": "assistant", "content": "a"}, {"role": "user", "content": "v"}]}"#,
         "messages[2]: last user message has no assistant answer",
     ),
@@ -571,7 +585,7 @@ fn skip_policy_reports_every_malformed_jsonl_line() {
     let report = load_records(&path, BadRecordPolicy::Skip).unwrap();
     assert_eq!(
         report.records,
-        vec![rec("good q", "good a"), rec("last", "one")]
+        vec![pair("good q", "good a"), pair("last", "one")]
     );
     assert_eq!(report.skipped.len(), MALFORMED.len() + 1);
     assert_eq!(report.source_records, MALFORMED.len() + 3);
@@ -622,7 +636,7 @@ fn json_array_reports_malformed_elements_by_index() {
     let report = load_records(&path, BadRecordPolicy::Skip).unwrap();
     assert_eq!(report.format, DataFormat::JsonArray);
     assert_eq!(report.format.location_name(), "index");
-    assert_eq!(report.records, vec![rec("good q", "good a")]);
+    assert_eq!(report.records, vec![pair("good q", "good a")]);
     assert_eq!(report.source_records, elements.len());
     let locs: Vec<usize> = report.skipped.iter().map(|(i, _)| *i).collect();
     assert_eq!(locs, (1..elements.len()).collect::<Vec<_>>());

@@ -193,6 +193,7 @@ pub(crate) fn finetune<'py>(
         eval,
         out,
         recipe,
+        chat: Default::default(),
     };
     job.validate().map_err(to_py)?;
     let report = py

@@ -5,7 +5,9 @@
 //! The rules come from the SmolLM2 golden spec (`tests/golden/smollm2/SPEC.md`, "DATA" and
 //! "TEMPLATE"), which the Python PEFT reference scripts follow too:
 //!
-//! * a [`Record`] is one (user turn, assistant answer) pair, both trimmed and non-empty;
+//! * a [`Record`] is one (user turn, assistant answer) pair, both trimmed and non-empty (a
+//!   `messages` record is a whole conversation instead, [`Sample::Chat`], rendered with the
+//!   model's own chat template by `crate::train::chat_data`);
 //! * pair `i` (0-based, dataset order) is EVAL when `i % 10 == 9`, else TRAIN
 //!   ([`split_train_eval`]);
 //! * the text is ChatML, `"<|im_start|>user\n" + q + "<|im_end|>\n<|im_start|>assistant\n" + a +
@@ -22,6 +24,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
 use crate::error::{Error, Result};
+use crate::model::chat::Message;
 
 /// Label of a position that is not a training target (prompt tokens, padding): the PyTorch
 /// `CrossEntropyLoss` `ignore_index` convention, as in the PEFT reference.
@@ -40,6 +43,27 @@ pub struct Record {
     pub question: String,
     /// The assistant answer (the ChatML `assistant` message; the training target).
     pub answer: String,
+}
+
+/// One training sample of a user dataset: a (user turn, answer) pair in the fixed ChatML
+/// template of the default recipe, or a whole conversation (`messages` records) rendered with the
+/// model's chat template (`crate::train::chat_data`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Sample {
+    Pair(Record),
+    /// An optional system message first, then user and assistant messages alternating, starting
+    /// with a user and ending with an assistant message; contents as given (not trimmed).
+    Chat(Vec<Message>),
+}
+
+impl Sample {
+    /// The pair, if this is one.
+    pub fn as_pair(&self) -> Option<&Record> {
+        match self {
+            Sample::Pair(r) => Some(r),
+            Sample::Chat(_) => None,
+        }
+    }
 }
 
 /// The default dataset, `data/chatterbot_en.jsonl` (made by `scripts/convert_chatterbot.py` from
@@ -114,8 +138,8 @@ impl DataFormat {
 /// The result of [`load_records`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LoadReport {
-    /// The usable records in file order (a `messages` record may give several).
-    pub records: Vec<Record>,
+    /// The usable records in file order.
+    pub records: Vec<Sample>,
     /// Malformed records left out under [`BadRecordPolicy::Skip`]: (location, problem), where the
     /// location is the 1-based line number (`.jsonl`) or the 0-based array index (`.json`), see
     /// [`LoadReport::format`]. Always empty under [`BadRecordPolicy::Reject`].
@@ -136,18 +160,20 @@ pub struct LoadReport {
 ///   common convention for turning Alpaca data into chat turns); the answer is `output`.
 /// * Chat pair: `{"question": str, "answer": str}` (the default dataset's shape) or
 ///   `{"prompt": str, "response": str}`.
-/// * Chat messages: `{"messages": [{"role": "user" | "assistant" | "system", "content": str}, ...]}`.
-///   Every user message followed by an assistant message gives one [`Record`] (the pair alone:
-///   earlier turns are not included as context). System messages are ignored (the ChatML
-///   template of the spec has no system turn). Apart from them the messages must alternate
-///   user, assistant, user, assistant, ... starting with a user and ending with an assistant
-///   message; anything else (two users in a row, an assistant without a preceding user, a
-///   trailing unanswered user, another role) makes the record malformed.
+/// * Chat messages: `{"messages": [{"role": "user" | "assistant" | "system", "content": str}, ...]}`
+///   give one [`Sample::Chat`]: the whole conversation, trained as TRL's SFTTrainer trains it
+///   (rendered with the model's chat template, loss on the assistant turns; see
+///   `crate::train::chat_data`). A system message may come first only; then the messages must
+///   alternate user, assistant, user, assistant, ... starting with a user and ending with an
+///   assistant message; anything else (two users in a row, an assistant without a preceding
+///   user, a trailing unanswered user, a later system message, another role) makes the record
+///   malformed. Message contents are kept as given (not trimmed) but must not be blank.
 ///
-/// Every string is trimmed like Python's `str.strip()` (the spec's rule for the default data);
-/// inner whitespace is kept. In `.jsonl` files blank (whitespace-only) lines are not records and
-/// are ignored; `\r\n` line endings and a leading UTF-8 byte-order mark are accepted. Records are
-/// not deduplicated (the spec's dedup applies to the chatterbot conversion only).
+/// Every other string is trimmed like Python's `str.strip()` (the spec's rule for the default
+/// data); inner whitespace is kept. In `.jsonl` files blank (whitespace-only) lines are not
+/// records and are ignored; `\r\n` line endings and a leading UTF-8 byte-order mark are
+/// accepted. Records are not deduplicated (the spec's dedup applies to the chatterbot
+/// conversion only).
 ///
 /// A record is malformed when it is invalid JSON or invalid UTF-8 (`.jsonl`), not an object,
 /// has no known shape or keys of more than one shape, or a required field is missing, empty
@@ -240,14 +266,14 @@ impl LoadReport {
     /// Files the outcome of parsing the record at `location`.
     fn accept(
         &mut self,
-        result: std::result::Result<Vec<Record>, String>,
+        result: std::result::Result<Sample, String>,
         location: usize,
         policy: BadRecordPolicy,
         source: &str,
     ) -> Result<()> {
         self.source_records += 1;
         match result {
-            Ok(records) => self.records.extend(records),
+            Ok(sample) => self.records.push(sample),
             Err(problem) => match policy {
                 BadRecordPolicy::Reject => {
                     return Err(Error::Data(format!(
@@ -311,8 +337,8 @@ const SHAPES: [(&str, &[&str]); 4] = [
     ("prompt/response", &["prompt", "response"]),
 ];
 
-/// The records of one JSON value, or the problem that makes it malformed.
-fn records_from_value(v: &Value) -> std::result::Result<Vec<Record>, String> {
+/// The sample of one JSON value, or the problem that makes it malformed.
+fn records_from_value(v: &Value) -> std::result::Result<Sample, String> {
     let Value::Object(obj) = v else {
         return Err(format!("expected a JSON object, found {}", kind(v)));
     };
@@ -322,7 +348,7 @@ fn records_from_value(v: &Value) -> std::result::Result<Vec<Record>, String> {
         .map(|(name, _)| *name)
         .collect();
     match shapes.as_slice() {
-        ["messages"] => messages_records(obj),
+        ["messages"] => conversation(obj).map(Sample::Chat),
         ["alpaca"] => {
             let instruction = required_str(obj, "instruction", "`instruction`")?;
             let output = required_str(obj, "output", "`output`")?;
@@ -341,19 +367,19 @@ fn records_from_value(v: &Value) -> std::result::Result<Vec<Record>, String> {
             } else {
                 format!("{instruction}\n\n{input}")
             };
-            Ok(vec![Record {
+            Ok(Sample::Pair(Record {
                 question,
                 answer: output,
-            }])
+            }))
         }
-        ["question/answer"] => Ok(vec![Record {
+        ["question/answer"] => Ok(Sample::Pair(Record {
             question: required_str(obj, "question", "`question`")?,
             answer: required_str(obj, "answer", "`answer`")?,
-        }]),
-        ["prompt/response"] => Ok(vec![Record {
+        })),
+        ["prompt/response"] => Ok(Sample::Pair(Record {
             question: required_str(obj, "prompt", "`prompt`")?,
             answer: required_str(obj, "response", "`response`")?,
-        }]),
+        })),
         [] => {
             let keys: Vec<&str> = obj.keys().map(String::as_str).collect();
             Err(format!(
@@ -368,8 +394,10 @@ fn records_from_value(v: &Value) -> std::result::Result<Vec<Record>, String> {
     }
 }
 
-/// The (user, assistant) records of a `{"messages": [...]}` object.
-fn messages_records(obj: &Map<String, Value>) -> std::result::Result<Vec<Record>, String> {
+/// The conversation of a `{"messages": [...]}` object: an optional system message first, then
+/// user and assistant messages alternating, from a user message to an assistant one. Contents
+/// are kept as given (templates render them verbatim) but must not be blank.
+fn conversation(obj: &Map<String, Value>) -> std::result::Result<Vec<Message>, String> {
     let messages = match obj.get("messages") {
         Some(Value::Array(m)) => m,
         Some(other) => {
@@ -380,9 +408,9 @@ fn messages_records(obj: &Map<String, Value>) -> std::result::Result<Vec<Record>
         }
         None => unreachable!("shape detection saw `messages`"),
     };
-    let mut records = Vec::new();
-    // The pending user turn and its message index.
-    let mut pending: Option<(usize, String)> = None;
+    let mut out = Vec::with_capacity(messages.len());
+    // The unanswered user turn's index.
+    let mut pending: Option<usize> = None;
     for (k, m) in messages.iter().enumerate() {
         let Value::Object(m) = m else {
             return Err(format!(
@@ -400,28 +428,42 @@ fn messages_records(obj: &Map<String, Value>) -> std::result::Result<Vec<Record>
                 ));
             }
         };
-        let content = || required_str(m, "content", &format!("messages[{k}].content"));
+        let what = format!("messages[{k}].content");
+        let content = match m.get("content") {
+            None => return Err(format!("missing field {what}")),
+            Some(Value::String(c)) if py_strip(c).is_empty() => {
+                return Err(format!("field {what} is empty"));
+            }
+            Some(Value::String(c)) => c.clone(),
+            Some(other) => {
+                return Err(format!(
+                    "field {what} must be a string, found {}",
+                    kind(other)
+                ));
+            }
+        };
         match role {
-            "system" => {}
+            "system" if k == 0 => {}
+            "system" => {
+                return Err(format!(
+                    "messages[{k}]: a system message must be the first message"
+                ));
+            }
             "user" => {
-                if let Some((j, _)) = pending {
+                if let Some(j) = pending {
                     return Err(format!(
                         "messages[{k}]: two user messages in a row (messages[{j}] has no \
                          assistant answer)"
                     ));
                 }
-                pending = Some((k, content()?));
+                pending = Some(k);
             }
             "assistant" => {
-                let Some((_, question)) = pending.take() else {
+                if pending.take().is_none() {
                     return Err(format!(
                         "messages[{k}]: assistant message without a preceding user message"
                     ));
-                };
-                records.push(Record {
-                    question,
-                    answer: content()?,
-                });
+                }
             }
             other => {
                 return Err(format!(
@@ -430,16 +472,17 @@ fn messages_records(obj: &Map<String, Value>) -> std::result::Result<Vec<Record>
                 ));
             }
         }
+        out.push(Message::new(role, &content));
     }
-    if let Some((j, _)) = pending {
+    if let Some(j) = pending {
         return Err(format!(
             "messages[{j}]: last user message has no assistant answer"
         ));
     }
-    if records.is_empty() {
+    if !out.iter().any(|m| m.role == "assistant") {
         return Err("no (user, assistant) message pair in `messages`".to_owned());
     }
-    Ok(records)
+    Ok(out)
 }
 
 /// Splits records by the spec rule: index `i % 10 == 9` goes to EVAL, every other index to TRAIN;
@@ -447,7 +490,7 @@ fn messages_records(obj: &Map<String, Value>) -> std::result::Result<Vec<Record>
 ///
 /// Applied to the default data it gives 914 / 101 pairs. For fewer than 10 records the EVAL
 /// split is empty; callers must handle that (e.g. skip the eval loss).
-pub fn split_train_eval(records: Vec<Record>) -> (Vec<Record>, Vec<Record>) {
+pub fn split_train_eval<T>(records: Vec<T>) -> (Vec<T>, Vec<T>) {
     let n_eval = records.len() / 10;
     let mut train = Vec::with_capacity(records.len() - n_eval);
     let mut eval = Vec::with_capacity(n_eval);

@@ -10,10 +10,12 @@ use crate::io::export::{WeightDtype, model_tensors, write_safetensors};
 use crate::io::gguf::GgufFile;
 use crate::io::hf;
 use crate::io::{adapters_lib, fetch, peft};
+use crate::model::chat::{ChatTemplate, LossOn};
 use crate::model::llama::{Llama, Nf4Spec};
 use crate::model::load::{llama_from_gguf_with, llama_from_hf};
 use crate::model::tokenizer::Tokenizer;
-use crate::train::data::{self, BadRecordPolicy, Record, split_train_eval, tokenize_records};
+use crate::train::chat_data::{self, ChatSettings, Truncation, tokenize_samples};
+use crate::train::data::{self, BadRecordPolicy, Sample, split_train_eval};
 use crate::train::recipe::{self, Method, Recipe};
 use crate::train::report::{write_json, write_loss_png};
 use crate::train::trainer::{Metrics, StepMetric};
@@ -37,6 +39,19 @@ pub struct FinetuneJob {
     /// Output folder (created if missing).
     pub out: PathBuf,
     pub recipe: Recipe,
+    /// How conversations (`messages` records) are rendered and trained.
+    pub chat: ChatOptions,
+}
+
+/// How conversations train: the template (`None`: the model's own, from the GGUF's
+/// `tokenizer.chat_template` or the folder's `tokenizer_config.json`), which assistant turns are
+/// targets and how a long conversation is cut.
+#[derive(Clone, Debug, Default)]
+pub struct ChatOptions {
+    /// A Jinja chat template file that replaces the model's (`--chat-template`).
+    pub template: Option<PathBuf>,
+    pub loss_on: LossOn,
+    pub truncation: Truncation,
 }
 
 /// What happens during a run, for progress display.
@@ -82,8 +97,8 @@ pub fn run_finetune<B: Backend>(
 ) -> Result<JobReport> {
     job.validate()?;
     let recipe = &job.recipe;
-    let records: Vec<Record> = match &job.data {
-        None => data::default_records()?,
+    let records: Vec<Sample> = match &job.data {
+        None => chat_data::pairs(data::default_records()?),
         Some(p) => {
             let rep = data::load_records(p, job.bad_records)?;
             for (loc, why) in &rep.skipped {
@@ -101,7 +116,6 @@ pub fn run_finetune<B: Backend>(
     let (path, tok, mut model) = load_model(be, job.model.as_deref(), nf4, &mut |line| {
         on_event(JobEvent::Log(line))
     })?;
-    let encode = |s: &str| tok.encode(s);
     // Every soft prompt moves the real tokens' positions up by its length.
     let nvt = match recipe.method.prompt_method() {
         Some(_) => recipe.additive.num_virtual_tokens,
@@ -124,12 +138,37 @@ pub fn run_finetune<B: Backend>(
         Some(t) => Some(tok.encode(t)?),
         None => None,
     };
-    let train_ex = tokenize_records(encode, &train_recs, job.max_len)?;
+    let template =
+        if chat_data::has_conversations(&train_recs) || chat_data::has_conversations(&eval_recs) {
+            chat_template(&path, &tok, job.chat.template.as_deref())?
+        } else {
+            None
+        };
+    let settings = template.as_ref().map(|t| ChatSettings {
+        template: t,
+        loss_on: job.chat.loss_on,
+        truncation: job.chat.truncation,
+        end_of_turn: tok.eos_id(),
+    });
+    let skip = job.bad_records == BadRecordPolicy::Skip;
+    let mut tokenize = |recs: &[Sample], split: &str| -> Result<Vec<data::Example>> {
+        let (ex, skipped) = tokenize_samples(&tok, settings.as_ref(), recs, job.max_len, skip)?;
+        for (i, why) in skipped {
+            on_event(JobEvent::Log(format!("skipped {split} record #{i}: {why}")));
+        }
+        Ok(ex)
+    };
+    let train_ex = tokenize(&train_recs, "train")?;
     let eval_ex = if job.eval {
-        tokenize_records(encode, &eval_recs, job.max_len)?
+        tokenize(&eval_recs, "eval")?
     } else {
         Vec::new()
     };
+    if train_ex.is_empty() {
+        return Err(Error::Data(
+            "no training example left after tokenization".into(),
+        ));
+    }
     on_event(JobEvent::Log(format!(
         "data: {} train / {} eval examples ({} eval target tokens); method {}, lr {:.1e}",
         train_ex.len(),
@@ -224,6 +263,28 @@ pub fn load_model<B: Backend>(
         be.name()
     ));
     Ok((path, tok, model))
+}
+
+/// The chat template conversations are rendered with: the file `over` when given, else the
+/// model's own (a GGUF's `tokenizer.chat_template`, a transformers folder's
+/// `tokenizer_config.json`); `None` when the model has none. Errors: an unreadable file, a
+/// template that does not parse.
+pub fn chat_template(
+    model: &Path,
+    tok: &Tokenizer,
+    over: Option<&Path>,
+) -> Result<Option<ChatTemplate>> {
+    if let Some(f) = over {
+        let src = std::fs::read_to_string(f).map_err(|e| Error::io(f, e))?;
+        return ChatTemplate::for_tokenizer(&src, tok).map(Some);
+    }
+    if hf::is_hf_folder(model) {
+        return match hf::HfFolder::open(model)?.chat_template()? {
+            Some(src) => ChatTemplate::for_tokenizer(&src, tok).map(Some),
+            None => Ok(None),
+        };
+    }
+    ChatTemplate::from_gguf(&GgufFile::open(model)?, tok)
 }
 
 /// Saves what was trained: the adapter in PEFT's layout (AdaLoRA's masked ranks dropped and
