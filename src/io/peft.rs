@@ -31,13 +31,15 @@
 
 pub mod additive;
 mod config;
+mod config_for;
 
 mod methods;
 
 pub(crate) use config::py_json;
-pub use config::{
-    AdaLoraOptions, AdapterConfig, MethodOptions, TargetModules, VeraOptions, adapter_config_for,
-    adapter_config_for_method, rank_pattern_json,
+pub use config::{AdapterConfig, TargetModules};
+pub use config_for::{
+    AdaLoraOptions, MethodOptions, VeraOptions, adapter_config_for, adapter_config_for_method,
+    rank_pattern_json,
 };
 pub use methods::{
     AdaLoraMask, AdapterExport, AdapterLayers, VERA_A_KEY, VERA_B_KEY, adapter_layers_from_adapter,
