@@ -1,5 +1,6 @@
 #!/usr/bin/env python3
-"""PEFT reference of lorafuse's default LoRA fine-tuning recipe (SmolLM2-135M-Instruct GGUF, chatterbot).
+"""PEFT reference of lorafuse's default fine-tuning recipe (SmolLM2-135M-Instruct GGUF, chatterbot), for LoRA
+and (--method) the additive and selective methods, in PEFT or the `adapters` library.
 
 Runs in the peers venv (scripts/setup-peers.sh), CPU, fp32:
 
@@ -153,14 +154,14 @@ def ce_sum_count(logits, labels):
     return s, int((sl != -100).sum())
 
 
-def evaluate(model, examples, bs):
+def evaluate(model, examples, bs, prepended=0):
     import torch
     model.eval()
     tot, cnt = 0.0, 0
     with torch.no_grad():
         for i in range(0, len(examples), bs):
             ids, attn, lab = collate(examples[i: i + bs])
-            logits = model(input_ids=ids, attention_mask=attn).logits
+            logits = model(input_ids=ids, attention_mask=attn).logits[:, prepended:]
             s, c = ce_sum_count(logits, lab)
             tot += float(s)
             cnt += c
@@ -190,6 +191,10 @@ def main():
     ap.add_argument("--eval-batch-size", type=int, default=8)
     ap.add_argument("--lr", type=float, default=2e-4)
     ap.add_argument("--warmup", type=int, default=5)
+    ap.add_argument("--method", default="lora", choices=METHODS,
+                    help="the PEFT method (houlsby, pfeiffer, adapter_fusion: the adapters library; run those "
+                         "with .peers/adapters-site first on PYTHONPATH)")
+    ap.add_argument("--num-virtual-tokens", type=int, default=20)
     ap.add_argument("--rank", type=int, default=8)
     ap.add_argument("--alpha", type=float, default=16)
     ap.add_argument("--max-len", type=int, default=128)
@@ -253,19 +258,15 @@ def main():
     print(f"check first-3 batch: ce_sum={float(s):.4f} (golden {ref['ce_sum']:.4f}) n={c}; "
           f"model(labels=)={float(out.loss):.6f} == sum/count={float(s) / c:.6f} (|d|={hf_vs_ours:.1e})", flush=True)
 
-    # ---- LoRA
-    torch.manual_seed(args.lora_seed)
-    cfg = LoraConfig(r=args.rank, lora_alpha=args.alpha, lora_dropout=0.0, bias="none", task_type="CAUSAL_LM",
-                     target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
-    model = get_peft_model(model, cfg)
-    n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    # ---- the method (lorafuse's defaults for each; see build_method)
+    model, n_trainable, prepended = build_method(args, model)
     n_total = sum(p.numel() for p in model.parameters())
-    print(f"LoRA r={args.rank} alpha={args.alpha}: trainable {n_trainable} / {n_total}", flush=True)
+    print(f"{args.method}: trainable {n_trainable} / {n_total}", flush=True)
 
     eval_before = None
     if not args.no_eval:
         t0 = time.perf_counter()
-        eval_before, s_b, c_b = evaluate(model, eval_ex, args.eval_batch_size)
+        eval_before, s_b, c_b = evaluate(model, eval_ex, args.eval_batch_size, prepended)
         t_eval = time.perf_counter() - t0
         print(f"eval before: {eval_before:.6f} (sum {s_b:.4f} / {c_b}) [{t_eval:.1f}s]", flush=True)
 
@@ -290,7 +291,7 @@ def main():
         lr = opt.param_groups[0]["lr"]
         t0 = time.perf_counter()
         ids, attn, lab = collate([train_ex[j] for j in batch_pos])
-        logits = model(input_ids=ids, attention_mask=attn).logits
+        logits = model(input_ids=ids, attention_mask=attn).logits[:, prepended:]
         s, c = ce_sum_count(logits, lab)
         loss = s / c
         loss.backward()
@@ -309,7 +310,7 @@ def main():
 
     eval_after = None
     if not args.no_eval:
-        eval_after, s_a, c_a = evaluate(model, eval_ex, args.eval_batch_size)
+        eval_after, s_a, c_a = evaluate(model, eval_ex, args.eval_batch_size, prepended)
         print(f"eval after: {eval_after:.6f} (sum {s_a:.4f} / {c_a})", flush=True)
 
     secs = [r["sec"] for r in steps]
@@ -323,8 +324,9 @@ def main():
             "model": os.path.abspath(args.model), "data": data_src, "pairs_sha256": sha,
             "order": order_src, "seed": args.seed, "lora_seed": args.lora_seed, "steps": args.steps,
             "batch_size": args.batch_size, "eval_batch_size": args.eval_batch_size, "max_len": args.max_len,
-            "lora": {"r": args.rank, "alpha": args.alpha, "dropout": 0.0, "bias": "none",
-                     "targets": cfg.target_modules and sorted(cfg.target_modules)},
+            "method": args.method,
+            "lora": {"r": args.rank, "alpha": args.alpha, "dropout": 0.0, "bias": "none"}
+            if args.method == "lora" else None,
             "optimizer": {"name": "torch.optim.AdamW", "lr": args.lr, "betas": [0.9, 0.999], "eps": 1e-8,
                           "weight_decay": 0.0},
             "schedule": f"transformers.get_linear_schedule_with_warmup(warmup={args.warmup}, total={args.steps}): "
@@ -342,6 +344,7 @@ def main():
                                            if k < len(steps)},
         },
         "lora_trainable_params": n_trainable,
+        "trainable_params": n_trainable,
         "eval_loss_before": eval_before,
         "eval_loss_after": eval_after,
         "eval_rel_drop": (eval_before - eval_after) / eval_before if eval_before and eval_after else None,
@@ -375,6 +378,71 @@ def main():
         json.dump(res, f, indent=1)
     print(json.dumps({k: v for k, v in res.items() if k not in ("steps", "recipe")}, indent=1))
     print(f"wrote {args.out}")
+
+
+METHODS = ["lora", "ia3", "beft", "ln_tuning", "prompt_tuning", "p_tuning", "prefix_tuning", "houlsby",
+           "pfeiffer", "adapter_fusion"]
+
+
+def build_method(args, model):
+    """The method on `model` with lorafuse's defaults (its README's table): PEFT for LoRA (all seven
+    projections), IA3 (k, v, down; down scales its input), BEFT (v), LN tuning (both norms and the final
+    one), prompt tuning (RANDOM), P-tuning (MLP, encoder_hidden_size = hidden) and prefix tuning (no
+    projection), each with --num-virtual-tokens; the adapters library 1.3.0 for Houlsby (DoubleSeqBnConfig)
+    and Pfeiffer (SeqBnConfig), reduction factor 16, and AdapterFusion over two fresh Pfeiffer adapters (a
+    dynamic Fuse; their values do not change the step's cost). Returns (model, trainable parameters, number
+    of virtual positions the logits start with)."""
+    import torch
+    torch.manual_seed(args.lora_seed)
+    m = args.method
+    nvt = args.num_virtual_tokens
+    if m in ("houlsby", "pfeiffer", "adapter_fusion"):
+        import adapters
+        from adapters import DoubleSeqBnConfig, Fuse, SeqBnConfig
+        adapters.init(model)
+        if m == "adapter_fusion":
+            for n in ("a", "b"):
+                model.add_adapter(n, config=SeqBnConfig(reduction_factor=16))
+            fuse = Fuse("a", "b")
+            model.add_adapter_fusion(fuse)
+            model.train_adapter_fusion(fuse)
+        else:
+            cfg = DoubleSeqBnConfig(reduction_factor=16) if m == "houlsby" else SeqBnConfig(reduction_factor=16)
+            model.add_adapter(m, config=cfg)
+            model.train_adapter(m)
+        n = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        return model, n, 0
+    import peft
+    from peft import get_peft_model
+    c = model.config
+    prepended = 0
+    if m == "lora":
+        cfg = peft.LoraConfig(r=args.rank, lora_alpha=args.alpha, lora_dropout=0.0, bias="none",
+                              task_type="CAUSAL_LM",
+                              target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
+                                              "down_proj"])
+    elif m == "ia3":
+        cfg = peft.IA3Config(task_type="CAUSAL_LM", target_modules=["k_proj", "v_proj", "down_proj"],
+                             feedforward_modules=["down_proj"])
+    elif m == "beft":
+        cfg = peft.BeftConfig(task_type="CAUSAL_LM", target_modules=["v_proj"])
+    elif m == "ln_tuning":
+        cfg = peft.LNTuningConfig(task_type="CAUSAL_LM",
+                                  target_modules=["input_layernorm", "post_attention_layernorm", "norm"])
+    elif m == "prompt_tuning":
+        cfg = peft.PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=nvt)
+        prepended = nvt
+    elif m == "p_tuning":
+        cfg = peft.PromptEncoderConfig(task_type="CAUSAL_LM", num_virtual_tokens=nvt,
+                                       encoder_hidden_size=c.hidden_size)
+        prepended = nvt
+    elif m == "prefix_tuning":
+        cfg = peft.PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=nvt)
+    else:
+        raise SystemExit(f"unknown method {m}")
+    model = get_peft_model(model, cfg)
+    n = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return model, n, prepended
 
 
 if __name__ == "__main__":

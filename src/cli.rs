@@ -202,8 +202,8 @@ pub(crate) struct FinetuneArgs {
     #[arg(long, value_delimiter = ',')]
     pub(crate) target_modules: Option<Vec<String>>,
     /// Peak learning rate (AdamW). Default per method: 2e-4 LoRA/QLoRA/DoRA/QDoRA, 2e-5 full,
-    /// 5e-3 VeRA and AdaLoRA, 3e-3 IA3, BEFT and LN tuning, 3e-2 prompt tuning, 1e-3
-    /// P-tuning, 1e-2 prefix tuning, 1e-3 Houlsby and Pfeiffer, 5e-4 AdapterFusion.
+    /// 5e-3 VeRA and AdaLoRA, 3e-2 IA3, 1e-2 BEFT, 3e-3 LN tuning, 3e-1 prompt tuning, 3e-3
+    /// P-tuning, 3e-2 prefix tuning, 3e-3 Houlsby and Pfeiffer, 5e-4 AdapterFusion.
     #[arg(long)]
     pub(crate) lr: Option<f32>,
     /// IA3: the targets that scale their input (PEFT's feedforward_modules).
@@ -357,7 +357,8 @@ pub(crate) struct CompareArgs {
 pub(crate) struct GenerateArgs {
     #[command(flatten)]
     pub(crate) model: ModelArgs,
-    /// A PEFT adapter directory.
+    /// An adapter folder: PEFT (every method lorafuse trains) or the adapters library (a
+    /// bottleneck adapter or an AdapterFusion).
     #[arg(long)]
     pub(crate) adapter: Option<PathBuf>,
     /// The user turn; it is wrapped in the ChatML template unless --raw. Repeat it to decode
@@ -395,7 +396,7 @@ pub(crate) struct LogitsArgs {
     /// Text to run (tokenized without added special tokens).
     #[arg(long)]
     pub(crate) text: String,
-    /// A PEFT adapter directory to apply.
+    /// An adapter folder to apply (PEFT or the adapters library).
     #[arg(long)]
     pub(crate) adapter: Option<PathBuf>,
     /// Keep only the first N tokens.
@@ -425,7 +426,7 @@ impl MergeDtype {
 pub(crate) struct MergeArgs {
     #[command(flatten)]
     pub(crate) model: ModelArgs,
-    /// The PEFT adapter directory to merge.
+    /// The adapter folder to merge (LoRA family, IA3, LN tuning; the others refuse).
     #[arg(long)]
     pub(crate) adapter: PathBuf,
     /// Output safetensors file with transformers' tensor names.

@@ -555,6 +555,7 @@ fn merge(a: MergeArgs) -> Result<()> {
     let (be, _tok, mut model) =
         load_with(Cpu, &a.model, (a.base == MergeBase::Nf4).then_some(spec))?;
     apply_adapter(&be, &mut model, &a.adapter)?;
+    let norms = model.ln_tuning.is_some();
     let merged = merge_into_base(&be, &mut model)?;
     let tensors = if a.requantize_nf4 {
         nf4_model_tensors(&model, a.dtype.weight_dtype(), spec)?
@@ -564,8 +565,9 @@ fn merge(a: MergeArgs) -> Result<()> {
     let n = tensors.len();
     write_safetensors(&a.out, tensors)?;
     println!(
-        "merged {merged} of {} projections{}; {n} tensors written to {}",
+        "merged {merged} of {} projections{}{}; {n} tensors written to {}",
         model.layers.len() * PROJ_NAMES.len(),
+        if norms { " and the tuned norms" } else { "" },
         if a.requantize_nf4 {
             format!(
                 ", re-quantized to NF4 (blocksize {}, double quant)",

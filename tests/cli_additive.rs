@@ -501,3 +501,46 @@ fn adapters_made_for_another_model_are_refused_when_loaded() {
         assert!(!out.exists(), "{case}: a failed run wrote logits");
     }
 }
+
+#[test]
+fn every_method_runs_with_its_default_flags() {
+    // Each method's defaults (targets, lr, settings) validate and train: full fine-tuning has
+    // no target modules of its own, the additive methods none at all. (AdaLoRA's default
+    // schedule needs more than tinit + tfinal = 30 steps; its runs are in tests/finetune.rs.)
+    for m in [
+        "full",
+        "lora",
+        "qlora",
+        "dora",
+        "vera",
+        "ia3",
+        "beft",
+        "ln_tuning",
+        "prompt_tuning",
+        "p_tuning",
+        "prefix_tuning",
+        "houlsby",
+        "pfeiffer",
+    ] {
+        let out = out_dir(&format!("defaults-{m}"));
+        let fx = fixture();
+        let o = run(&[
+            "finetune",
+            "--model",
+            p(&fx.gguf),
+            "--data",
+            p(&fx.data),
+            "--steps",
+            "1",
+            "--batch-size",
+            "2",
+            "--no-eval",
+            "--method",
+            m,
+            "--out",
+            p(&out),
+        ]);
+        assert_ok(&o, m);
+        assert!(out.join("metrics.json").is_file(), "{m}");
+    }
+}

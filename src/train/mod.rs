@@ -3,6 +3,7 @@
 pub mod chat_data;
 pub mod compare;
 pub mod data;
+pub mod hooks;
 pub mod job;
 pub mod optim;
 pub mod recipe;
