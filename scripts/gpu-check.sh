@@ -191,7 +191,7 @@ with zipfile.ZipFile(src) as zi, zipfile.ZipFile(dst, "w", zipfile.ZIP_DEFLATED)
             lines = data.decode().splitlines()
             data = ("\n".join(l for l in lines if wanted(l.split(",")[0])) + "\n").encode()
         zo.writestr(info, data, compress_type=zipfile.ZIP_DEFLATED)
-print(f"pack: {os.path.basename(src)}: {os.path.getsize(src) >> 20} MiB -> {os.path.getsize(dst) >> 20} MiB (kept {" ".join(keep)} + cpu)")
+print(f"pack: {os.path.basename(src)}: {os.path.getsize(src) >> 20} MiB -> {os.path.getsize(dst) >> 20} MiB (kept {' '.join(keep)} + cpu)")
 PY
     else
       echo "pack: could not download bitsandbytes==$bnb_version: peers run without it" >&2
