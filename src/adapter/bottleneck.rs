@@ -435,18 +435,15 @@ impl<B: Backend> FuseLayer<B> {
     }
 
     /// The library's value regularizer `sum (I - Wv)^2` of this layer (times its weight, 0.01
-    /// in the library, by the caller) and its gradient `2 (Wv - I)`.
-    pub fn value_reg(&self, be: &B) -> Result<(f64, Tensor<B>)> {
-        let d = self.value_w.dim(0);
-        let mut eye = vec![0.0f32; d * d];
-        for i in 0..d {
-            eye[i * d + i] = 1.0;
-        }
+    /// in the library, by the caller), on the device: the per-row sums of `(Wv - I)^2` `[d]`
+    /// (summed to the scalar by the caller, so that a step reads nothing back) and the gradient
+    /// `2 (Wv - I)`. `eye` is the identity `[d, d]`. Errors: `eye` of another shape.
+    pub fn value_reg(&self, be: &B, eye: &Tensor<B>) -> Result<(Tensor<B>, Tensor<B>)> {
         let mut g = self.value_w.clone();
-        be.axpy(&mut g, -1.0, &be.upload(&eye, &[d, d])?)?;
-        let reg = be.sum_squares(&g)?;
+        be.axpy(&mut g, -1.0, eye)?;
+        let rows = be.sum_product(&g, Some(&g), Axis::Rows)?;
         be.scale(&mut g, 2.0)?;
-        Ok((reg, g))
+        Ok((rows, g))
     }
 }
 

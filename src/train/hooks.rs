@@ -4,7 +4,7 @@
 use crate::adapter::device_rank_allocator::{AdaLoraDeviceLayer, DeviceRankAllocator};
 use crate::adapter::rank_allocator::AdaLoraSchedule;
 use crate::adapter::{AdaLoraLayer, Adapter};
-use crate::backend::{Backend, Tensor};
+use crate::backend::{Axis, Backend, Tensor};
 use crate::error::{Error, Result};
 use crate::model::llama::{Llama, proj_path};
 use crate::train::recipe::AdaLoraSettings;
@@ -12,10 +12,19 @@ use crate::train::trainer::StepHook;
 
 /// AdapterFusion's value regularizer, as the `adapters` library adds it to the loss:
 /// `reg_weight * SUM over layers of ||I - W_value||_F^2` (weight 0.01), its gradient
-/// `2 reg_weight (W_value - I)` joining each layer's `value.weight` gradient.
-pub struct FusionHook;
+/// `2 reg_weight (W_value - I)` joining each layer's `value.weight` gradient. Everything stays
+/// on the device (the identity is made once); the value is read back with the loss.
+pub struct FusionHook<B: Backend> {
+    eye: Option<Tensor<B>>,
+}
 
-impl<B: Backend> StepHook<B> for FusionHook {
+impl<B: Backend> Default for FusionHook<B> {
+    fn default() -> Self {
+        FusionHook { eye: None }
+    }
+}
+
+impl<B: Backend> StepHook<B> for FusionHook<B> {
     fn before_update(
         &mut self,
         be: &B,
@@ -28,22 +37,32 @@ impl<B: Backend> StepHook<B> for FusionHook {
             .fusion
             .as_ref()
             .ok_or_else(|| Error::arg("fusion", "the model has no AdapterFusion"))?;
-        if fu.reg_weight == 0.0 {
+        if fu.reg_weight == 0.0 || fu.layers.is_empty() {
             return Ok(None);
         }
+        let d = fu.layers[0].value_w.dim(0);
+        if self.eye.is_none() {
+            let mut eye = vec![0.0f32; d * d];
+            for i in 0..d {
+                eye[i * d + i] = 1.0;
+            }
+            self.eye = Some(be.upload(&eye, &[d, d])?);
+        }
+        let eye = self.eye.as_ref().expect("made above");
         let name = fu.name();
-        let mut total = 0.0f64;
+        let mut rows = be.zeros(&[d])?;
         for (l, fl) in fu.layers.iter().enumerate() {
-            let (reg, g) = fl.value_reg(be)?;
-            total += reg;
+            let (r, g) = fl.value_reg(be, eye)?;
+            be.axpy(&mut rows, 1.0, &r)?;
             let key = format!(
                 "model.layers.{l}.output_adapters.adapter_fusion_layer.{name}.value.weight"
             );
             let i = grad_index(names, &key)?;
             be.axpy(&mut grads[i], fu.reg_weight, &g)?;
         }
-        be.upload(&[(fu.reg_weight as f64 * total) as f32], &[1])
-            .map(Some)
+        let mut total = be.sum_product(&rows.into_shape(&[1, d])?, None, Axis::Rows)?;
+        be.scale(&mut total, fu.reg_weight)?;
+        Ok(Some(total))
     }
 }
 

@@ -559,7 +559,15 @@ pub fn run_with<B: Backend>(
         cfg.unfreeze_every = recipe.full.unfreeze_every;
     }
     if recipe.method == Method::AdapterFusion {
-        return train_with(be, model, train, eval, &cfg, on_step, &mut FusionHook);
+        return train_with(
+            be,
+            model,
+            train,
+            eval,
+            &cfg,
+            on_step,
+            &mut FusionHook::default(),
+        );
     }
     if recipe.method == Method::AdaLora {
         let mut hook = AdaLoraHook::new(be, model, &recipe.adalora, cfg.steps as u64)?;
