@@ -6,7 +6,7 @@ use lorafuse::adapter::LoraConfig;
 use lorafuse::backend::Backend;
 use lorafuse::io::atomic::write_atomic;
 use lorafuse::io::export::{merge_into_base, model_tensors, nf4_model_tensors, write_safetensors};
-use lorafuse::io::fetch;
+use lorafuse::io::{apply_adapter_folder, fetch};
 use lorafuse::model::chat::LossOn;
 use lorafuse::model::generate::Sampling;
 use lorafuse::model::llama::{Llama, Nf4Spec, PROJ_NAMES, PackedBatch, argmax};
@@ -363,10 +363,6 @@ fn compare(a: CompareArgs) -> Result<()> {
     Ok(())
 }
 
-fn apply_adapter<B: Backend>(be: &B, model: &mut Llama<B>, dir: &Path) -> Result<()> {
-    lorafuse::io::apply_adapter_folder(be, model, dir)
-}
-
 fn generate(a: GenerateArgs) -> Result<()> {
     on_backend!(a.model.device, be => generate_on(be, &a))
 }
@@ -432,7 +428,7 @@ fn generate_on<B: Backend>(be: B, a: &GenerateArgs) -> Result<()> {
     };
     run(&model, "base model")?;
     if let Some(dir) = &a.adapter {
-        apply_adapter(&be, &mut model, dir)?;
+        apply_adapter_folder(&be, &mut model, dir)?;
         run(&model, &format!("with adapter {}", dir.display()))?;
     }
     Ok(())
@@ -485,7 +481,7 @@ fn logits(a: LogitsArgs) -> Result<()> {
 fn logits_on<B: Backend>(be: B, a: &LogitsArgs) -> Result<()> {
     let (be, tok, mut model) = load_with(be, &a.model, None)?;
     if let Some(dir) = &a.adapter {
-        apply_adapter(&be, &mut model, dir)?;
+        apply_adapter_folder(&be, &mut model, dir)?;
     }
     let mut ids = tok.encode(&a.text)?;
     if let Some(n) = a.max_tokens {
@@ -554,7 +550,7 @@ fn merge(a: MergeArgs) -> Result<()> {
     // Merging is an export: it runs on the CPU reference whatever --device says.
     let (be, _tok, mut model) =
         load_with(Cpu, &a.model, (a.base == MergeBase::Nf4).then_some(spec))?;
-    apply_adapter(&be, &mut model, &a.adapter)?;
+    apply_adapter_folder(&be, &mut model, &a.adapter)?;
     let norms = model.ln_tuning.is_some();
     let merged = merge_into_base(&be, &mut model)?;
     let tensors = if a.requantize_nf4 {

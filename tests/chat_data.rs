@@ -3,7 +3,6 @@
 //! are every assistant turn and its `<|im_end|>`, the three truncation policies, conversations
 //! that lose every target, and `finetune` on `messages` data end to end.
 
-use std::process::Command;
 use std::sync::OnceLock;
 
 use lorafuse::io::gguf::GgufFile;
@@ -217,18 +216,7 @@ fn finetune_trains_on_conversations_with_the_given_template() {
             p(&out),
         ];
         args.extend_from_slice(extra);
-        let o = Command::new(env!("CARGO_BIN_EXE_lorafuse"))
-            .args(&args)
-            .env("LORAFUSE_CACHE", &s.cache)
-            .output()
-            .unwrap();
-        println!(
-            "$ lorafuse {}\n{}{}",
-            args.join(" "),
-            String::from_utf8_lossy(&o.stdout),
-            String::from_utf8_lossy(&o.stderr)
-        );
-        (o, out)
+        (run_lorafuse(&s.cache, &args), out)
     };
     let (o, out) = run(&["--chat-template", p(&tmpl)], "chat-run");
     assert_ok(&o, "finetune on conversations");

@@ -7,7 +7,7 @@
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Output;
 use std::sync::OnceLock;
 
 use serde_json::Value;
@@ -40,20 +40,7 @@ fn fixture() -> &'static Fixture {
 
 /// Runs the binary with `LORAFUSE_CACHE` at the empty cache and prints its output.
 fn run(args: &[&str]) -> Output {
-    let fx = fixture();
-    let out = Command::new(env!("CARGO_BIN_EXE_lorafuse"))
-        .args(args)
-        .env("LORAFUSE_CACHE", &fx.cache)
-        .output()
-        .expect("run the lorafuse binary");
-    println!(
-        "$ lorafuse {}\n-> {}\n--- stdout\n{}--- stderr\n{}",
-        args.join(" "),
-        out.status,
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    out
+    run_lorafuse(&fixture().cache, args)
 }
 
 fn stderr(o: &Output) -> String {

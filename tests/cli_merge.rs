@@ -6,7 +6,7 @@
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Output;
 use std::sync::OnceLock;
 
 use lorafuse::io::bnb::{nf4_from_bnb_tensors, nf4_to_bnb_tensors};
@@ -89,19 +89,7 @@ fn fixture() -> &'static Fixture {
 
 /// Runs the binary with `LORAFUSE_CACHE` at the empty cache and prints its output.
 fn run(fx: &Fixture, args: &[&str]) -> Output {
-    let out = Command::new(env!("CARGO_BIN_EXE_lorafuse"))
-        .args(args)
-        .env("LORAFUSE_CACHE", &fx.cache)
-        .output()
-        .expect("run the lorafuse binary");
-    println!(
-        "$ lorafuse {}\n-> {}\n--- stdout\n{}--- stderr\n{}",
-        args.join(" "),
-        out.status,
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    out
+    run_lorafuse(&fx.cache, args)
 }
 
 /// A fresh, empty folder for one test's outputs.

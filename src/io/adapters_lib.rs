@@ -111,7 +111,8 @@ fn model_fields<B: Backend>(model: &Llama<B>, name: &str, model_name: &str) -> M
     }))
 }
 
-fn read_json(path: &Path) -> Result<Value> {
+/// A JSON file. Errors: I/O, not JSON (naming the file).
+pub(crate) fn read_json(path: &Path) -> Result<Value> {
     let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
     serde_json::from_str(&text).map_err(|e| Error::Json {
         context: path.display().to_string(),

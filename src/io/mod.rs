@@ -45,11 +45,7 @@ pub fn adapter_folder_kind(dir: &Path) -> Result<AdapterFolder> {
             name: adapters_lib::CONFIG_FILE.into(),
         });
     }
-    let text = std::fs::read_to_string(&cfg).map_err(|e| Error::io(&cfg, e))?;
-    let v: serde_json::Value = serde_json::from_str(&text).map_err(|e| Error::Json {
-        context: cfg.display().to_string(),
-        msg: e.to_string(),
-    })?;
+    let v = adapters_lib::read_json(&cfg)?;
     if v.get("peft_type").is_some() {
         Ok(AdapterFolder::Peft)
     } else if v.get("config").is_some_and(|c| c.is_object()) {

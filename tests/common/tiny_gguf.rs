@@ -1,11 +1,11 @@
 //! The tiny random Llama GGUF (a byte-level BPE vocab, random f32 weights under llama.cpp's
 //! names with q/k permuted) and chat data that the CLI tests run the binary on. Included by
-//! `tests/cli.rs` and `tests/cli_merge.rs` with `#[path]`; each uses part of it.
+//! the CLI test files with `#[path]`; each uses part of it.
 #![allow(dead_code)]
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
-use std::process::Output;
+use std::process::{Command, Output};
 
 use lorafuse::io::gguf::{GgufArray, GgufValue, WriteTensor, permute_qk, write_gguf};
 use lorafuse::model::LlamaConfig;
@@ -247,4 +247,22 @@ pub fn assert_ok(o: &Output, what: &str) {
         o.status,
         String::from_utf8_lossy(&o.stderr)
     );
+}
+
+/// Runs the `lorafuse` binary with `args` and `LORAFUSE_CACHE` at `cache` (so nothing is
+/// fetched into the user's cache), printing the command and its output.
+pub fn run_lorafuse(cache: &Path, args: &[&str]) -> Output {
+    let out = Command::new(env!("CARGO_BIN_EXE_lorafuse"))
+        .args(args)
+        .env("LORAFUSE_CACHE", cache)
+        .output()
+        .expect("run the lorafuse binary");
+    println!(
+        "$ lorafuse {}\n-> {}\n--- stdout\n{}--- stderr\n{}",
+        args.join(" "),
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
 }
