@@ -11,9 +11,9 @@ use crate::adapter::{BottleneckKind, PromptMethod};
 use crate::backend::{AttentionSaved, Backend, SeqSpan, Tensor};
 use crate::error::{Error, Result};
 
-/// The batch the decoder runs: the caller's, or for prompt and P-tuning the same sequences
-/// with the virtual tokens in front, or for prefix tuning with positions shifted past the
-/// prefix; plus where the caller's rows went.
+/// The batch the decoder runs: the caller's, or for prompt and P-tuning the virtual tokens
+/// once (rows 0..nvt) then the caller's rows, or for prefix tuning the caller's rows; positions
+/// shifted past the virtual tokens in both; plus where the caller's rows went.
 pub(crate) struct Prepared {
     pub batch: PackedBatch,
     /// Row of the prepared batch of each row of the caller's batch (`None`: the same row).
@@ -35,17 +35,49 @@ impl Prepared {
     }
 }
 
-/// Prefix tuning's attention layout: each sequence's keys and values are its nvt prefix rows
-/// then its own rows (queries of the prefix rows are zero and their outputs dropped).
+/// Attention over a prefix: each sequence's keys and values are nvt prefix slots then its own
+/// rows (the slots' queries are zero and their outputs dropped). Prefix tuning fills the slots
+/// from the prompt's output; prompt and P-tuning from the virtual tokens' own rows.
 pub(crate) struct PrefixPlan {
     pub seqs: Vec<SeqSpan>,
-    /// Extended row of each real token.
+    /// Extended row of each row of the prepared batch.
     pub real: Vec<u32>,
     /// Extended rows of the prefix slots, sequence by sequence.
     pub slots: Vec<u32>,
     /// The virtual token of each prefix slot.
     pub src: Vec<u32>,
     pub n_rows: usize,
+    pub source: PrefixSource,
+}
+
+/// Where a prefix slot's key and value come from.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub(crate) enum PrefixSource {
+    /// Prefix tuning: the prompt's output, the rows of layer l (no RoPE).
+    Prompt,
+    /// Prompt and P-tuning: rows `src` of the layer's own keys and values (the virtual
+    /// tokens, run once in front of the batch, RoPE at positions 0..nvt).
+    Rows,
+}
+
+impl PrefixPlan {
+    /// Appends sequence `s` of the caller's batch (its rows `offset` further in the prepared
+    /// batch) behind nvt prefix slots.
+    fn push_seq(&mut self, s: &SeqSpan, nvt: usize, offset: usize) {
+        let start = self.n_rows;
+        self.seqs.push(SeqSpan {
+            start,
+            len: s.len + nvt,
+        });
+        for j in 0..nvt {
+            self.slots.push((start + j) as u32);
+            self.src.push(j as u32);
+        }
+        for t in 0..s.len {
+            self.real[offset + s.start + t] = (start + nvt + t) as u32;
+        }
+        self.n_rows += s.len + nvt;
+    }
 }
 
 /// What a forward keeps of the soft prompt: its output (`[nvt, hidden]`, or `[nvt * 2L,
@@ -112,54 +144,47 @@ impl<B: Backend> Llama<B> {
             ));
         }
         if sp.method.prepends_tokens() {
-            // PEFT: nvt placeholder ids in front, labels -100 there, positions from 0.
-            let mut ids = Vec::with_capacity(batch.n_tokens() + nvt * batch.seqs.len());
-            let mut real_rows = vec![0u32; batch.n_tokens()];
-            let (mut vrows, mut vsrc) = (Vec::new(), Vec::new());
-            let mut ext = PackedBatch::default();
-            let mut targets = batch
-                .target_rows
-                .iter()
-                .zip(&batch.target_labels)
-                .peekable();
+            // PEFT puts the nvt virtual tokens in front of every sequence (positions from 0,
+            // labels -100 there). Under causal attention their states do not depend on what
+            // follows, so they run once, as a sequence of their own in rows 0..nvt, and every
+            // real sequence attends to their keys and values as a prefix.
+            let mut b = PackedBatch {
+                ids: vec![0; nvt],
+                positions: (0..nvt as u32).collect(),
+                ..PackedBatch::default()
+            };
+            b.ids.extend_from_slice(&batch.ids);
+            b.positions
+                .extend(batch.positions.iter().map(|p| p + nvt as u32));
+            b.seqs.push(SeqSpan { start: 0, len: nvt });
+            b.seqs.extend(batch.seqs.iter().map(|s| SeqSpan {
+                start: s.start + nvt,
+                len: s.len,
+            }));
+            b.target_rows = batch.target_rows.iter().map(|r| r + nvt as u32).collect();
+            b.target_labels = batch.target_labels.clone();
+            let mut plan = PrefixPlan {
+                seqs: vec![SeqSpan { start: 0, len: nvt }],
+                real: (0..nvt as u32).collect(),
+                slots: Vec::new(),
+                src: Vec::new(),
+                n_rows: nvt,
+                source: PrefixSource::Rows,
+            };
+            plan.real.resize(nvt + batch.n_tokens(), 0);
             for s in &batch.seqs {
-                let start = ids.len();
-                ext.seqs.push(SeqSpan {
-                    start,
-                    len: s.len + nvt,
-                });
-                for j in 0..nvt {
-                    vrows.push((start + j) as u32);
-                    vsrc.push(j as u32);
-                    ids.push(0);
-                }
-                for t in 0..s.len {
-                    real_rows[s.start + t] = (start + nvt + t) as u32;
-                    ids.push(batch.ids[s.start + t]);
-                }
-                ext.positions.extend(0..(s.len + nvt) as u32);
-                while let Some(&(&r, &lab)) = targets.peek() {
-                    let r = r as usize;
-                    if r < s.start || r >= s.start + s.len {
-                        break;
-                    }
-                    ext.target_rows.push(real_rows[r]);
-                    ext.target_labels.push(lab);
-                    targets.next();
-                }
+                plan.push_seq(s, nvt, nvt);
             }
-            if targets.next().is_some() {
-                return Err(Error::arg(
-                    "batch",
-                    "target rows out of sequence order (build batches with PackedBatch)",
-                ));
-            }
-            ext.ids = ids;
+            let virt: Vec<u32> = (0..nvt as u32).collect();
             Ok(Prepared {
-                batch: ext,
-                real_rows: Some(real_rows),
-                virt: Some((vrows, vsrc)),
-                prefix: None,
+                batch: b,
+                real_rows: Some(
+                    (0..batch.n_tokens() as u32)
+                        .map(|r| r + nvt as u32)
+                        .collect(),
+                ),
+                virt: Some((virt.clone(), virt)),
+                prefix: Some(plan),
             })
         } else {
             let mut b = batch.clone();
@@ -170,21 +195,10 @@ impl<B: Backend> Llama<B> {
                 slots: Vec::new(),
                 src: Vec::new(),
                 n_rows: 0,
+                source: PrefixSource::Prompt,
             };
             for s in &batch.seqs {
-                let start = plan.n_rows;
-                plan.seqs.push(SeqSpan {
-                    start,
-                    len: s.len + nvt,
-                });
-                for j in 0..nvt {
-                    plan.slots.push((start + j) as u32);
-                    plan.src.push(j as u32);
-                }
-                for t in 0..s.len {
-                    plan.real[s.start + t] = (start + nvt + t) as u32;
-                }
-                plan.n_rows += s.len + nvt;
+                plan.push_seq(s, nvt, 0);
             }
             Ok(Prepared {
                 batch: b,
@@ -264,7 +278,7 @@ impl<B: Backend> Llama<B> {
         let c = &self.cfg;
         let scale = 1.0 / (c.head_dim as f32).sqrt();
         let (hq, hk) = (c.num_attention_heads, c.num_key_value_heads);
-        let (Some(plan), Some(p)) = (&prep.prefix, prompt) else {
+        let Some(plan) = &prep.prefix else {
             let att = be.attention(q, k, v, &prep.batch.seqs, hq, hk, scale)?;
             return Ok((att.out.clone(), AttnSaved::Plain(att)));
         };
@@ -276,8 +290,21 @@ impl<B: Backend> Llama<B> {
             }
             Ok(e)
         };
-        let kl = be.gather_rows(&p.out, &self.prefix_rows(plan, l, 0))?;
-        let vl = be.gather_rows(&p.out, &self.prefix_rows(plan, l, 1))?;
+        let (kl, vl) = match (plan.source, prompt) {
+            (PrefixSource::Rows, _) => {
+                (be.gather_rows(k, &plan.src)?, be.gather_rows(v, &plan.src)?)
+            }
+            (PrefixSource::Prompt, Some(p)) => (
+                be.gather_rows(&p.out, &self.prefix_rows(plan, l, 0))?,
+                be.gather_rows(&p.out, &self.prefix_rows(plan, l, 1))?,
+            ),
+            (PrefixSource::Prompt, None) => {
+                return Err(Error::arg(
+                    "prefix",
+                    "prefix attention without the prompt's output",
+                ));
+            }
+        };
         let qe = ext(q, None)?;
         let ke = ext(k, Some(&kl))?;
         let ve = ext(v, Some(&vl))?;
@@ -325,17 +352,23 @@ impl<B: Backend> Llama<B> {
                 be.scatter_add_rows(&mut de, &plan.real, d_out)?;
                 let (dq, dk, dv) =
                     be.attention_backward(&de, q, k, v, att, &plan.seqs, hq, hk, scale)?;
-                if let Some(dp) = d_prompt {
-                    let dkl = be.gather_rows(&dk, &plan.slots)?;
-                    let dvl = be.gather_rows(&dv, &plan.slots)?;
-                    be.scatter_add_rows(dp, &self.prefix_rows(plan, l, 0), &dkl)?;
-                    be.scatter_add_rows(dp, &self.prefix_rows(plan, l, 1), &dvl)?;
+                let dkl = be.gather_rows(&dk, &plan.slots)?;
+                let dvl = be.gather_rows(&dv, &plan.slots)?;
+                let mut dk_rows = be.gather_rows(&dk, &plan.real)?;
+                let mut dv_rows = be.gather_rows(&dv, &plan.real)?;
+                match (plan.source, d_prompt) {
+                    (PrefixSource::Rows, _) => {
+                        // Every sequence's slots read the virtual rows: their gradients add up.
+                        be.scatter_add_rows(&mut dk_rows, &plan.src, &dkl)?;
+                        be.scatter_add_rows(&mut dv_rows, &plan.src, &dvl)?;
+                    }
+                    (PrefixSource::Prompt, Some(dp)) => {
+                        be.scatter_add_rows(dp, &self.prefix_rows(plan, l, 0), &dkl)?;
+                        be.scatter_add_rows(dp, &self.prefix_rows(plan, l, 1), &dvl)?;
+                    }
+                    (PrefixSource::Prompt, None) => {}
                 }
-                Ok((
-                    be.gather_rows(&dq, &plan.real)?,
-                    be.gather_rows(&dk, &plan.real)?,
-                    be.gather_rows(&dv, &plan.real)?,
-                ))
+                Ok((be.gather_rows(&dq, &plan.real)?, dk_rows, dv_rows))
             }
         }
     }

@@ -11,7 +11,7 @@ use crate::adapter::{AdapterFusion, Bottleneck, Linear, LnTuning, SoftPrompt, Ve
 use crate::backend::{Backend, Tensor};
 use crate::error::{Error, Result};
 use crate::model::LlamaConfig;
-use crate::model::additive::{AttnSaved, Prepared, PromptState, SiteSaved, need};
+use crate::model::additive::{AttnSaved, PrefixSource, Prepared, PromptState, SiteSaved, need};
 pub use crate::model::batch::PackedBatch;
 pub use crate::model::inject::Proj;
 use crate::model::inject::ProjSaved;
@@ -354,8 +354,24 @@ impl<B: Backend> Llama<B> {
         let prep = self.prepare(batch)?;
         let prompt = self.prompt_state(be)?;
         let (x, _) = self.decoder(be, &prep, prompt.as_ref(), false)?;
+        let (x, seqs) = match &prep.virt {
+            // The virtual rows ran once; PEFT's layout has them in front of every sequence.
+            Some((vrows, _)) => {
+                let (mut rows, mut seqs) = (Vec::new(), Vec::with_capacity(batch.seqs.len()));
+                for s in &batch.seqs {
+                    seqs.push(crate::backend::SeqSpan {
+                        start: rows.len(),
+                        len: vrows.len() + s.len,
+                    });
+                    rows.extend_from_slice(vrows);
+                    rows.extend((s.start..s.start + s.len).map(|r| prep.row(r as u32)));
+                }
+                (be.gather_rows(&x, &rows)?, seqs)
+            }
+            None => (x, prep.batch.seqs.clone()),
+        };
         let (hn, _) = be.rmsnorm(&x, self.final_norm_weight(), self.cfg.rms_norm_eps)?;
-        Ok((be.linear(&hn, self.head(), None)?, prep.batch.seqs.clone()))
+        Ok((be.linear(&hn, self.head(), None)?, seqs))
     }
 
     /// Final hidden state (after the final RMSNorm) `[rows.len(), d]` at the given rows.
@@ -468,7 +484,14 @@ impl<B: Backend> Llama<B> {
                 .unwrap_or(self.layers.len())
         };
         let mut d_prompt = match &prompt {
-            Some(p) if prep.prefix.is_some() => Some(be.zeros(p.out.shape())?),
+            Some(p)
+                if prep
+                    .prefix
+                    .as_ref()
+                    .is_some_and(|pl| pl.source == PrefixSource::Prompt) =>
+            {
+                Some(be.zeros(p.out.shape())?)
+            }
             _ => None,
         };
         for (l, (b, lc)) in self.layers.iter().zip(caches).enumerate().rev() {
