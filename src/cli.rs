@@ -297,7 +297,8 @@ pub(crate) struct FinetuneArgs {
     #[arg(long)]
     pub(crate) no_eval: bool,
     /// Conversations (`messages` records): a Jinja chat template file to render them with
-    /// instead of the model's own (the GGUF's tokenizer.chat_template).
+    /// instead of the model's own (the GGUF's tokenizer.chat_template); `chatml` is the default
+    /// recipe's fixed ChatML.
     #[arg(long)]
     pub(crate) chat_template: Option<PathBuf>,
     /// Conversations: which tokens are targets.
@@ -361,15 +362,18 @@ pub(crate) struct GenerateArgs {
     /// bottleneck adapter or an AdapterFusion).
     #[arg(long)]
     pub(crate) adapter: Option<PathBuf>,
-    /// The user turn; it is wrapped in the ChatML template unless --raw. Repeat it to decode
+    /// The user turn, rendered with the chat template unless --raw. Repeat it to decode
     /// several prompts in one batch.
     #[arg(long, required_unless_present = "prompt_file")]
     pub(crate) prompt: Vec<String>,
-    /// More prompts, one per line: plain text, or a JSON object with a `prompt` string.
+    /// More prompts, one per line: plain text, a JSON object with a `prompt` string, or a
+    /// conversation to continue (`{"messages": [{"role": ..., "content": ...}, ...]}`).
     #[arg(long)]
     pub(crate) prompt_file: Option<PathBuf>,
+    #[command(flatten)]
+    pub(crate) chat: PromptChatArgs,
     /// Use the prompt as it is, without the chat template.
-    #[arg(long)]
+    #[arg(long, conflicts_with_all = ["chat_template", "system"])]
     pub(crate) raw: bool,
     /// Maximum new tokens.
     #[arg(long, default_value_t = 64)]
@@ -389,13 +393,36 @@ pub(crate) struct GenerateArgs {
     pub(crate) no_kv_cache: bool,
 }
 
+/// How `generate` and `logits` render conversations.
+#[derive(Args)]
+pub(crate) struct PromptChatArgs {
+    /// The chat template: `model` (the model's own, tokenizer.chat_template; ChatML when it has
+    /// none), `chatml` (the default recipe's fixed ChatML, what `finetune` trains pairs in) or
+    /// a Jinja file.
+    #[arg(long, default_value = "model")]
+    pub(crate) chat_template: PathBuf,
+    /// A system turn for every prompt that has none (else the template's default, if any).
+    #[arg(long)]
+    pub(crate) system: Option<String>,
+}
+
 #[derive(Args)]
 pub(crate) struct LogitsArgs {
     #[command(flatten)]
     pub(crate) model: ModelArgs,
     /// Text to run (tokenized without added special tokens).
+    #[arg(
+        long,
+        required_unless_present = "messages",
+        conflicts_with = "messages"
+    )]
+    pub(crate) text: Option<String>,
+    /// A JSON file with a conversation (`{"messages": [...]}` or the list itself), rendered
+    /// with the chat template and its generation prompt.
     #[arg(long)]
-    pub(crate) text: String,
+    pub(crate) messages: Option<PathBuf>,
+    #[command(flatten)]
+    pub(crate) chat: PromptChatArgs,
     /// An adapter folder to apply (PEFT or the adapters library).
     #[arg(long)]
     pub(crate) adapter: Option<PathBuf>,

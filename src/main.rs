@@ -7,14 +7,16 @@ use lorafuse::backend::Backend;
 use lorafuse::io::atomic::write_atomic;
 use lorafuse::io::export::{merge_into_base, model_tensors, nf4_model_tensors, write_safetensors};
 use lorafuse::io::{apply_adapter_folder, fetch};
-use lorafuse::model::chat::LossOn;
+use lorafuse::model::chat::{LossOn, Prompt};
 use lorafuse::model::generate::Sampling;
 use lorafuse::model::llama::{Llama, Nf4Spec, PROJ_NAMES, PackedBatch, argmax};
 use lorafuse::model::tokenizer::Tokenizer;
 use lorafuse::train::chat_data::Truncation;
 use lorafuse::train::compare::{self, CompareRow};
-use lorafuse::train::data::{BadRecordPolicy, render_chatml};
-use lorafuse::train::job::{ChatOptions, FinetuneJob, JobEvent, load_model, run_finetune};
+use lorafuse::train::data::BadRecordPolicy;
+use lorafuse::train::job::{
+    ChatOptions, FinetuneJob, JobEvent, load_model, prompt_template, run_finetune,
+};
 use lorafuse::train::recipe::{
     AdaLoraSettings, AdditiveSettings, FullSettings, Method, Recipe, VeraSettings,
 };
@@ -381,16 +383,18 @@ fn generate_on<B: Backend>(be: B, a: &GenerateArgs) -> Result<()> {
         ));
     }
     let texts = prompts_of(a)?;
-    let (be, tok, mut model) = load_with(be, &a.model, None)?;
+    let (path, tok, mut model) = load_model(&be, a.model.model.as_deref(), None, &mut |l| {
+        eprintln!("{l}")
+    })?;
+    let tmpl = if a.raw {
+        None
+    } else {
+        Some(prompt_template(&path, &tok, Some(&a.chat.chat_template))?)
+    };
+    let system = a.chat.system.as_deref();
     let prompts = texts
         .iter()
-        .map(|p| {
-            tok.encode(&if a.raw {
-                p.clone()
-            } else {
-                render_chatml(p, "").0
-            })
-        })
+        .map(|p| p.ids(tmpl.as_ref(), system, &tok))
         .collect::<Result<Vec<_>>>()?;
     let eos = tok.eos_id();
     let run = |model: &Llama<B>, label: &str| -> Result<()> {
@@ -435,10 +439,10 @@ fn generate_on<B: Backend>(be: B, a: &GenerateArgs) -> Result<()> {
 }
 
 /// The prompts of `generate`: every `--prompt`, then the lines of `--prompt-file` (plain text,
-/// or a JSON object with a `prompt` string). Errors: an unreadable file, a JSON line without a
-/// `prompt` string (named by its line number), no prompt at all.
-fn prompts_of(a: &GenerateArgs) -> Result<Vec<String>> {
-    let mut out = a.prompt.clone();
+/// or a JSON object: see [`Prompt::from_json`]). Errors: an unreadable file, a JSON line that
+/// is neither (named by its line number), no prompt at all.
+fn prompts_of(a: &GenerateArgs) -> Result<Vec<Prompt>> {
+    let mut out: Vec<Prompt> = a.prompt.iter().cloned().map(Prompt::Text).collect();
     if let Some(path) = &a.prompt_file {
         let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
         for (i, line) in text
@@ -451,12 +455,12 @@ fn prompts_of(a: &GenerateArgs) -> Result<Vec<String>> {
                     context: format!("{} line {}", path.display(), i + 1),
                     msg: e.to_string(),
                 })?;
-                let p = v.get("prompt").and_then(|p| p.as_str()).ok_or_else(|| {
-                    Error::format(path, format!("line {}: no `prompt` string", i + 1))
-                })?;
-                out.push(p.to_string());
+                out.push(
+                    Prompt::from_json(&v)
+                        .map_err(|m| Error::format(path, format!("line {}: {m}", i + 1)))?,
+                );
             } else {
-                out.push(line.to_string());
+                out.push(Prompt::Text(line.to_string()));
             }
         }
     }
@@ -479,11 +483,27 @@ fn logits(a: LogitsArgs) -> Result<()> {
 }
 
 fn logits_on<B: Backend>(be: B, a: &LogitsArgs) -> Result<()> {
-    let (be, tok, mut model) = load_with(be, &a.model, None)?;
+    let (path, tok, mut model) = load_model(&be, a.model.model.as_deref(), None, &mut |l| {
+        eprintln!("{l}")
+    })?;
     if let Some(dir) = &a.adapter {
         apply_adapter_folder(&be, &mut model, dir)?;
     }
-    let mut ids = tok.encode(&a.text)?;
+    let mut ids = match (&a.text, &a.messages) {
+        (Some(t), _) => tok.encode(t)?,
+        (None, Some(f)) => {
+            let text = std::fs::read_to_string(f).map_err(|e| Error::io(f, e))?;
+            let v: serde_json::Value = serde_json::from_str(&text).map_err(|e| Error::Json {
+                context: f.display().to_string(),
+                msg: e.to_string(),
+            })?;
+            let tmpl = prompt_template(&path, &tok, Some(&a.chat.chat_template))?;
+            Prompt::from_json(&v)
+                .map_err(|m| Error::format(f, m))?
+                .ids(Some(&tmpl), a.chat.system.as_deref(), &tok)?
+        }
+        (None, None) => return Err(Error::arg("text", "give --text or --messages")),
+    };
     if let Some(n) = a.max_tokens {
         ids.truncate(n);
     }

@@ -6,12 +6,12 @@
 use std::sync::OnceLock;
 
 use lorafuse::io::gguf::GgufFile;
-use lorafuse::model::chat::{ChatTemplate, LossOn, Message};
+use lorafuse::model::chat::{CHATML, ChatTemplate, LossOn, Message, Prompt};
 use lorafuse::model::tokenizer::Tokenizer;
 use lorafuse::train::chat_data::{
     ChatSettings, Truncation, tokenize_conversation, tokenize_samples,
 };
-use lorafuse::train::data::{IGNORE_INDEX, Record, Sample};
+use lorafuse::train::data::{IGNORE_INDEX, Record, Sample, render_chatml};
 use lorafuse::{Error, Result};
 
 mod common;
@@ -226,4 +226,166 @@ fn finetune_trains_on_conversations_with_the_given_template() {
     assert!(!o.status.success());
     assert!(String::from_utf8_lossy(&o.stderr).contains("--chat-template"));
     assert!(!out.join("metrics.json").exists());
+}
+
+#[test]
+fn prompts_render_with_the_template_the_system_turn_and_the_fixed_chatml() {
+    let (_s, tok, tmpl) = setup();
+    let chatml = ChatTemplate::for_tokenizer(CHATML, &tok).unwrap();
+    // The fixed ChatML renders a user prompt exactly as the default recipe's pairs start.
+    for q in ["hi", "two\nlines", "ünïcode ✓"] {
+        assert_eq!(
+            chatml.render(&[Message::new("user", q)], true).unwrap(),
+            render_chatml(q, "").0
+        );
+    }
+    let ids = |p: &Prompt, t: Option<&ChatTemplate>, sys: Option<&str>| {
+        tok.decode(&p.ids(t, sys, &tok).unwrap()).unwrap()
+    };
+    let hi = Prompt::Text("hi".into());
+    assert_eq!(ids(&hi, None, None), "hi", "--raw runs the text as it is");
+    assert_eq!(ids(&hi, Some(&chatml), None), render_chatml("hi", "").0);
+    // SmolLM2's template adds its default system turn; --system replaces it.
+    let own = ids(&hi, Some(&tmpl), None);
+    assert!(
+        own.starts_with("<|im_start|>system\nYou are a helpful AI assistant"),
+        "{own}"
+    );
+    let sys = ids(&hi, Some(&tmpl), Some("be brief"));
+    assert_eq!(
+        sys,
+        "<|im_start|>system\nbe brief<|im_end|>\n<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
+    );
+    // A conversation keeps its own system turn and ends with the assistant's turn opened.
+    let conv = Prompt::Chat(conv()[..6].to_vec());
+    let text = ids(&conv, Some(&tmpl), Some("ignored"));
+    assert!(
+        text.starts_with("<|im_start|>system\nbe brief<|im_end|>"),
+        "{text}"
+    );
+    assert!(!text.contains("ignored"));
+    assert!(text.ends_with("<|im_start|>user\nthree<|im_end|>\n<|im_start|>assistant\n"));
+    let e = conv.ids(None, None, &tok).unwrap_err();
+    assert!(e.to_string().contains("--raw"), "{e}");
+    // JSON prompt lines.
+    let j = |s: &str| Prompt::from_json(&serde_json::from_str(s).unwrap());
+    assert_eq!(j(r#"{"prompt": "hi"}"#).unwrap(), hi);
+    assert_eq!(
+        j(r#"{"messages": [{"role": "user", "content": "hi"}]}"#).unwrap(),
+        Prompt::Chat(vec![Message::new("user", "hi")])
+    );
+    assert_eq!(
+        j(r#"[{"role": "user", "content": "hi"}]"#).unwrap(),
+        Prompt::Chat(vec![Message::new("user", "hi")])
+    );
+    for (bad, why) in [
+        (r#"{"prompt": 3}"#, "not a string"),
+        (r#"{"messages": []}"#, "empty conversation"),
+        (
+            r#"{"messages": [{"role": "bot", "content": "x"}]}"#,
+            "\"bot\"",
+        ),
+        (r#"{"text": "hi"}"#, "neither a `prompt`"),
+    ] {
+        let e = j(bad).unwrap_err();
+        assert!(e.contains(why), "{bad}: {e}");
+    }
+}
+
+#[test]
+fn generate_and_logits_render_conversations_with_the_chosen_template() {
+    let (s, tok, tmpl) = setup();
+    let file = s.dir.join("template.jinja");
+    std::fs::write(&file, template_source()).unwrap();
+    let conv = serde_json::json!({"messages": [
+        {"role": "user", "content": "one"},
+        {"role": "assistant", "content": "first answer"},
+        {"role": "user", "content": "two"},
+    ]});
+    let msgs = s.dir.join("conv.json");
+    std::fs::write(&msgs, conv.to_string()).unwrap();
+    let logits_ids = |extra: &[&str], name: &str| -> Vec<u32> {
+        let out = s.dir.join(format!("{name}.safetensors"));
+        let mut args = vec!["logits", "--model", p(&s.gguf), "--out", p(&out)];
+        args.extend_from_slice(extra);
+        let o = run_lorafuse(&s.cache, &args);
+        assert_ok(&o, name);
+        let st = read_st(&out);
+        let (_, _, bytes) = &st["input_ids"];
+        bytes
+            .chunks(8)
+            .map(|c| i64::from_le_bytes(c.try_into().unwrap()) as u32)
+            .collect()
+    };
+    // --messages with the template file: the ids the library renders for the conversation.
+    let want = Prompt::from_json(&conv)
+        .unwrap()
+        .ids(Some(&tmpl), Some("sys"), &tok)
+        .unwrap();
+    let got = logits_ids(
+        &[
+            "--messages",
+            p(&msgs),
+            "--chat-template",
+            p(&file),
+            "--system",
+            "sys",
+        ],
+        "with-file",
+    );
+    assert_eq!(got, want);
+    // The tiny model has no template of its own: `model` falls back to the fixed ChatML.
+    let text = tok
+        .decode(&logits_ids(&["--messages", p(&msgs)], "fallback"))
+        .unwrap();
+    assert_eq!(
+        text,
+        "<|im_start|>user\none<|im_end|>\n<|im_start|>assistant\nfirst answer<|im_end|>\n\
+         <|im_start|>user\ntwo<|im_end|>\n<|im_start|>assistant\n"
+    );
+    // generate takes conversations from the prompt file, next to plain and `prompt` lines.
+    let prompts = s.dir.join("prompts.jsonl");
+    std::fs::write(
+        &prompts,
+        format!("plain line\n{{\"prompt\": \"json line\"}}\n{conv}\n"),
+    )
+    .unwrap();
+    let gen_args = |extra: &[&str]| {
+        let mut a = vec![
+            "generate",
+            "--model",
+            p(&s.gguf),
+            "--prompt-file",
+            p(&prompts),
+            "--max-new-tokens",
+            "2",
+        ];
+        a.extend_from_slice(extra);
+        run_lorafuse(&s.cache, &a)
+    };
+    let o = gen_args(&["--chat-template", p(&file), "--system", "sys"]);
+    assert_ok(&o, "generate with conversations");
+    let out = String::from_utf8_lossy(&o.stdout);
+    for i in 1..=3 {
+        assert!(out.contains(&format!("(prompt {i})")), "{out}");
+    }
+    // --raw cannot run a conversation, and refuses a template or system turn.
+    let o = gen_args(&["--raw"]);
+    assert!(!o.status.success());
+    assert!(String::from_utf8_lossy(&o.stderr).contains("--raw"));
+    let o = gen_args(&["--raw", "--system", "x"]);
+    assert!(!o.status.success());
+    let bad = s.dir.join("bad.jsonl");
+    std::fs::write(
+        &bad,
+        "{\"messages\": [{\"role\": \"bot\", \"content\": \"x\"}]}\n",
+    )
+    .unwrap();
+    let o = run_lorafuse(
+        &s.cache,
+        &["generate", "--model", p(&s.gguf), "--prompt-file", p(&bad)],
+    );
+    assert!(!o.status.success());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("bad.jsonl") && err.contains("line 1"), "{err}");
 }

@@ -8,7 +8,7 @@
 mod common;
 
 use lorafuse::io::gguf::GgufFile;
-use lorafuse::model::chat::{ChatTemplate, LossOn, Message, render_conversation};
+use lorafuse::model::chat::{ChatTemplate, LossOn, Message, Prompt, render_conversation};
 use lorafuse::model::tokenizer::Tokenizer;
 use serde_json::Value;
 
@@ -120,6 +120,22 @@ fn gguf_template_tokens_and_targets_match_transformers() {
             ids(&c["generation_prompt_ids"]),
             "case {i}: generation prompt ids"
         );
+        // `generate` and `logits --messages` run the same ids for the conversation so far; a
+        // lone user turn given as text (`--prompt`) renders as that conversation.
+        let so_far = Prompt::Chat(msgs[..msgs.len() - 1].to_vec());
+        assert_eq!(
+            so_far.ids(Some(&tmpl), None, &tok).unwrap(),
+            ids(&c["generation_prompt_ids"]),
+            "case {i}: the prompt generate runs"
+        );
+        if msgs.len() == 2 && msgs[0].role == "user" {
+            let text = Prompt::Text(msgs[0].content.clone());
+            assert_eq!(
+                text.ids(Some(&tmpl), None, &tok).unwrap(),
+                ids(&c["generation_prompt_ids"]),
+                "case {i}: --prompt TEXT"
+            );
+        }
         // --loss-on last: the final turn's targets only; all: every token.
         let last = render_conversation(&tmpl, &tok, &msgs, LossOn::Last, eot).unwrap();
         let (s, e) = *r.turns.last().unwrap();

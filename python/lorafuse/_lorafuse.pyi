@@ -231,6 +231,18 @@ def finetune(
     orth_reg_weight: float = 0.5,
     freeze_embeddings: bool = False,
     unfreeze_every: Optional[int] = None,
+    feedforward_modules: Optional[list[str]] = None,
+    num_virtual_tokens: int = 20,
+    prompt_tuning_init_text: Optional[str] = None,
+    encoder_hidden_size: Optional[int] = None,
+    prefix_projection: bool = False,
+    reduction_factor: float = 16.0,
+    non_linearity: Optional[str] = None,
+    adapter_name: str = "lorafuse",
+    fuse: Optional[list[str | os.PathLike[str]]] = None,
+    chat_template: Optional[str | os.PathLike[str]] = None,
+    loss_on: str = "assistant",
+    truncation: str = "turns",
     progress: bool = True,
 ) -> dict[str, Any]: ...
 

@@ -6,9 +6,11 @@ use std::panic::{AssertUnwindSafe, catch_unwind};
 use indicatif::{ProgressBar, ProgressStyle};
 use lorafuse::Cpu;
 use lorafuse::adapter::LoraConfig;
+use lorafuse::model::chat::LossOn;
 use lorafuse::model::llama::Nf4Spec;
+use lorafuse::train::chat_data::Truncation;
 use lorafuse::train::data::BadRecordPolicy;
-use lorafuse::train::job::{FinetuneJob, JobEvent, run_finetune};
+use lorafuse::train::job::{ChatOptions, FinetuneJob, JobEvent, run_finetune};
 use lorafuse::train::trainer::TrainConfig;
 use pyo3::exceptions::{PyRuntimeError, PyValueError};
 use pyo3::prelude::*;
@@ -45,7 +47,10 @@ use crate::run::{file_err, to_py};
 ///     ``prompt_tuning_init_text`` (PEFT's TEXT init; ``None``: RANDOM),
 ///     ``encoder_hidden_size`` and ``prefix_projection``; the bottleneck adapters'
 ///     ``reduction_factor``, ``non_linearity`` and ``adapter_name``; AdapterFusion's ``fuse``
-///     (a list of trained Pfeiffer adapter folders); ``progress=False`` hides
+///     (a list of trained Pfeiffer adapter folders); for ``messages`` conversations
+///     ``chat_template`` (a Jinja file, or ``"chatml"`` for the default recipe's fixed ChatML;
+///     ``None``: the model's own), ``loss_on`` (``"assistant"``, ``"all"`` or ``"last"``) and
+///     ``truncation`` (``"turns"``, ``"right"`` or ``"left"``); ``progress=False`` hides
 ///     the bar.
 ///
 /// Returns:
@@ -69,7 +74,8 @@ use crate::run::{file_err, to_py};
     orth_reg_weight = 0.5, freeze_embeddings = false, unfreeze_every = None,
     feedforward_modules = None, num_virtual_tokens = 20, prompt_tuning_init_text = None,
     encoder_hidden_size = None, prefix_projection = false, reduction_factor = 16.0,
-    non_linearity = None, adapter_name = "lorafuse", fuse = None, progress = true
+    non_linearity = None, adapter_name = "lorafuse", fuse = None, chat_template = None,
+    loss_on = "assistant", truncation = "turns", progress = true
 ))]
 pub(crate) fn finetune<'py>(
     py: Python<'py>,
@@ -111,6 +117,9 @@ pub(crate) fn finetune<'py>(
     non_linearity: Option<String>,
     adapter_name: &str,
     fuse: Option<Vec<std::path::PathBuf>>,
+    chat_template: Option<std::path::PathBuf>,
+    loss_on: &str,
+    truncation: &str,
     progress: bool,
 ) -> PyResult<Bound<'py, PyAny>> {
     use lorafuse::train::recipe::{
@@ -132,6 +141,26 @@ pub(crate) fn finetune<'py>(
         other => {
             return Err(PyValueError::new_err(format!(
                 "`bad_records` must be \"reject\" or \"skip\", got {other:?}"
+            )));
+        }
+    };
+    let loss_on = match loss_on {
+        "assistant" => LossOn::Assistant,
+        "all" => LossOn::All,
+        "last" => LossOn::Last,
+        other => {
+            return Err(PyValueError::new_err(format!(
+                "`loss_on` must be \"assistant\", \"all\" or \"last\", got {other:?}"
+            )));
+        }
+    };
+    let truncation = match truncation {
+        "turns" => Truncation::Turns,
+        "right" => Truncation::Right,
+        "left" => Truncation::Left,
+        other => {
+            return Err(PyValueError::new_err(format!(
+                "`truncation` must be \"turns\", \"right\" or \"left\", got {other:?}"
             )));
         }
     };
@@ -193,7 +222,11 @@ pub(crate) fn finetune<'py>(
         eval,
         out,
         recipe,
-        chat: Default::default(),
+        chat: ChatOptions {
+            template: chat_template,
+            loss_on,
+            truncation,
+        },
     };
     job.validate().map_err(to_py)?;
     let report = py

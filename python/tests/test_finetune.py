@@ -83,3 +83,41 @@ def test_finetune_additive_methods_save_their_reference_library_files(tmp_path):
         lorafuse.finetune(str(tmp_path / "f"), "adapter_fusion", model_path(), str(data),
                           fuse=[str(out)], **common)
     assert not (tmp_path / "f").exists()
+
+
+def test_finetune_trains_conversations_with_the_chat_options(tmp_path):
+    data = tmp_path / "chat.jsonl"
+    conv = [
+        {"role": "system", "content": "Answer in one word."},
+        {"role": "user", "content": "Colour of the sky?"},
+        {"role": "assistant", "content": "Blue."},
+        {"role": "user", "content": "And of grass?"},
+        {"role": "assistant", "content": "Green."},
+    ]
+    data.write_text("\n".join(json.dumps({"messages": conv}) for _ in range(10)) + "\n")
+    common = dict(steps=1, batch_size=2, max_len=64, progress=False)
+    runs = {}
+    for loss_on in ("assistant", "last", "all"):
+        out = tmp_path / loss_on
+        runs[loss_on] = lorafuse.finetune(str(out), "lora", model_path(), str(data),
+                                          loss_on=loss_on, **common)
+        assert (out / "adapter_model.safetensors").is_file()
+    # The targets differ: one assistant turn < both < every token.
+    n = {k: m["steps"][0]["targets"] for k, m in runs.items()}
+    assert n["last"] < n["assistant"] < n["all"], n
+    # Without a system turn SmolLM2's template adds its default one; the default recipe's fixed
+    # ChatML adds none: fewer tokens, the same assistant targets.
+    data.write_text("\n".join(json.dumps({"messages": conv[1:]}) for _ in range(10)) + "\n")
+    own = lorafuse.finetune(str(tmp_path / "own"), "lora", model_path(), str(data), **common)
+    chatml = lorafuse.finetune(str(tmp_path / "chatml"), "lora", model_path(), str(data),
+                               chat_template="chatml", **common)
+    assert chatml["steps"][0]["targets"] == own["steps"][0]["targets"]
+    assert chatml["steps"][0]["tokens"] < own["steps"][0]["tokens"]
+    with pytest.raises(ValueError, match="loss_on"):
+        lorafuse.finetune(str(tmp_path / "x"), loss_on="first")
+    with pytest.raises(ValueError, match="truncation"):
+        lorafuse.finetune(str(tmp_path / "x"), truncation="middle")
+    with pytest.raises(FileNotFoundError, match="missing.jinja"):
+        lorafuse.finetune(str(tmp_path / "x"), "lora", model_path(), str(data),
+                          chat_template=str(tmp_path / "missing.jinja"), **common)
+    assert not (tmp_path / "x").exists()

@@ -238,3 +238,78 @@ pub fn render_conversation(
         turns,
     })
 }
+
+/// The default recipe's fixed ChatML (`train::data::render_chatml`) as a template: no default
+/// system turn, `<|im_start|>{role}\n{content}<|im_end|>\n` per message, then
+/// `<|im_start|>assistant\n` with the generation prompt. `--chat-template chatml` picks it; it
+/// is also the fallback for a model without a template.
+pub const CHATML: &str = "{% for message in messages %}<|im_start|>{{ message.role }}\n\
+{{ message.content }}<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}";
+
+/// Something to complete: text used as it is, or a conversation that the chat template renders
+/// with the assistant's turn opened (`add_generation_prompt`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Prompt {
+    Text(String),
+    Chat(Vec<Message>),
+}
+
+impl Prompt {
+    /// A prompt from one JSON value: `{"prompt": "..."}` (a user turn), `{"messages": [...]}`
+    /// (a conversation to continue) or a bare message list. Errors name what is missing.
+    pub fn from_json(v: &serde_json::Value) -> std::result::Result<Self, String> {
+        if let Some(p) = v.get("prompt") {
+            return p
+                .as_str()
+                .map(|s| Prompt::Text(s.to_string()))
+                .ok_or_else(|| "`prompt` is not a string".to_string());
+        }
+        let list = v.get("messages").unwrap_or(v);
+        let msgs: Vec<Message> = serde_json::from_value(list.clone()).map_err(|e| {
+            format!("neither a `prompt` string nor a `messages` list of {{role, content}} ({e})")
+        })?;
+        if msgs.is_empty() {
+            return Err("an empty conversation".into());
+        }
+        if let Some(m) = msgs.iter().find(|m| !ROLES.contains(&m.role.as_str())) {
+            return Err(format!(
+                "role {:?} (expected system, user or assistant)",
+                m.role
+            ));
+        }
+        Ok(Prompt::Chat(msgs))
+    }
+
+    /// The token ids to run: with a template, the conversation (a text prompt is one user turn)
+    /// with `system` in front when it has no system turn, rendered with the generation prompt;
+    /// without one (`--raw`), the text as it is. Errors: a conversation without a template, a
+    /// template error, tokenizer errors.
+    pub fn ids(
+        &self,
+        tmpl: Option<&ChatTemplate>,
+        system: Option<&str>,
+        tok: &Tokenizer,
+    ) -> Result<Vec<u32>> {
+        let Some(tmpl) = tmpl else {
+            return match self {
+                Prompt::Text(t) => tok.encode(t),
+                Prompt::Chat(_) => Err(Error::arg(
+                    "raw",
+                    "a conversation (`messages`) needs the chat template; drop --raw",
+                )),
+            };
+        };
+        let mut msgs = match self {
+            Prompt::Text(t) => vec![Message::new("user", t)],
+            Prompt::Chat(m) => m.clone(),
+        };
+        if let Some(s) = system
+            && msgs.first().is_none_or(|m| m.role != "system")
+        {
+            msgs.insert(0, Message::new("system", s));
+        }
+        tok.encode(&tmpl.render(&msgs, true)?)
+    }
+}
+
+const ROLES: [&str; 3] = ["system", "user", "assistant"];

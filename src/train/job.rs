@@ -265,15 +265,20 @@ pub fn load_model<B: Backend>(
     Ok((path, tok, model))
 }
 
-/// The chat template conversations are rendered with: the file `over` when given, else the
-/// model's own (a GGUF's `tokenizer.chat_template`, a transformers folder's
-/// `tokenizer_config.json`); `None` when the model has none. Errors: an unreadable file, a
-/// template that does not parse.
+/// The chat template conversations are rendered with (`--chat-template`): `over` when given
+/// (`chatml`: the default recipe's fixed ChatML, [`crate::model::chat::CHATML`]; `model`: the
+/// model's own; anything else a Jinja file), else the model's own (a GGUF's
+/// `tokenizer.chat_template`, a transformers folder's `tokenizer_config.json`); `None` when the
+/// model has none. Errors: an unreadable file, a template that does not parse.
 pub fn chat_template(
     model: &Path,
     tok: &Tokenizer,
     over: Option<&Path>,
 ) -> Result<Option<ChatTemplate>> {
+    let over = over.filter(|f| f.as_os_str() != "model");
+    if over.is_some_and(|f| f.as_os_str() == "chatml") {
+        return ChatTemplate::for_tokenizer(crate::model::chat::CHATML, tok).map(Some);
+    }
     if let Some(f) = over {
         let src = std::fs::read_to_string(f).map_err(|e| Error::io(f, e))?;
         return ChatTemplate::for_tokenizer(&src, tok).map(Some);
@@ -285,6 +290,15 @@ pub fn chat_template(
         };
     }
     ChatTemplate::from_gguf(&GgufFile::open(model)?, tok)
+}
+
+/// The template prompts are rendered with (`generate`, `logits`): as [`chat_template`], with the
+/// default recipe's ChatML for a model that has none. Errors: as [`chat_template`].
+pub fn prompt_template(model: &Path, tok: &Tokenizer, over: Option<&Path>) -> Result<ChatTemplate> {
+    match chat_template(model, tok, over)? {
+        Some(t) => Ok(t),
+        None => ChatTemplate::for_tokenizer(crate::model::chat::CHATML, tok),
+    }
 }
 
 /// Saves what was trained: the adapter in PEFT's layout (AdaLoRA's masked ranks dropped and
