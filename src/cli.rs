@@ -36,6 +36,91 @@ pub(crate) enum Cmd {
     /// merge) on real model shapes; print a table and optionally write JSON for
     /// scripts/peft_bench.py.
     Bench(BenchArgs),
+    /// Build instruction data with Self-Instruct: new tasks and their instances from seed
+    /// tasks and the model's completions, filtered, as Alpaca JSONL.
+    SelfInstruct(SelfInstructArgs),
+    /// Evolve instructions with Evol-Instruct (in-depth and in-breadth rewrites, answered and
+    /// filtered), as Alpaca JSONL.
+    EvolInstruct(EvolInstructArgs),
+}
+
+/// What the data-building commands share: the model, how prompts are rendered and sampled,
+/// the output.
+#[derive(Args)]
+pub(crate) struct SynthArgs {
+    #[command(flatten)]
+    pub(crate) model: ModelArgs,
+    #[command(flatten)]
+    pub(crate) chat: PromptChatArgs,
+    /// Complete the prompts as plain text instead of as user turns of the chat template (for a
+    /// base model).
+    #[arg(long, conflicts_with_all = ["chat_template", "system"])]
+    pub(crate) raw: bool,
+    /// Sampling temperature (Self-Instruct: 0.7).
+    #[arg(long, default_value_t = 0.7)]
+    pub(crate) temperature: f32,
+    /// Nucleus sampling mass (Self-Instruct: 0.5 for new instructions).
+    #[arg(long, default_value_t = 0.5)]
+    pub(crate) top_p: f32,
+    /// Seed of the sampler and of every random choice.
+    #[arg(long, default_value_t = 42)]
+    pub(crate) seed: u64,
+    /// Output: Alpaca JSONL (instruction, input, output) that `finetune --data` reads.
+    #[arg(long)]
+    pub(crate) out: PathBuf,
+    /// Also write the filter counts as JSON.
+    #[arg(long)]
+    pub(crate) report: Option<PathBuf>,
+}
+
+#[derive(Args)]
+pub(crate) struct SelfInstructArgs {
+    #[command(flatten)]
+    pub(crate) common: SynthArgs,
+    /// Seed tasks, JSONL: Self-Instruct's seed_tasks.jsonl form (instruction, instances,
+    /// is_classification) or Alpaca records (data/seed_tasks.jsonl is a small set).
+    #[arg(long)]
+    pub(crate) seed_tasks: PathBuf,
+    /// New instructions to collect.
+    #[arg(long, default_value_t = 100)]
+    pub(crate) num_instructions: usize,
+    /// Tasks shown in each generation prompt (the paper's 8: 6 seeds, 2 machine-written).
+    #[arg(long, default_value_t = 8)]
+    pub(crate) num_prompt_instructions: usize,
+    /// Generation prompts per round, decoded in one batch.
+    #[arg(long, default_value_t = 8)]
+    pub(crate) prompts_per_round: usize,
+    /// Stop after this many rounds even with fewer instructions.
+    #[arg(long, default_value_t = 50)]
+    pub(crate) max_rounds: usize,
+    /// Drop a new instruction whose ROUGE-L with any pool instruction is above this.
+    #[arg(long, default_value_t = 0.7)]
+    pub(crate) rouge_threshold: f64,
+    /// Token limit of each completion.
+    #[arg(long, default_value_t = 256)]
+    pub(crate) max_new_tokens: usize,
+}
+
+#[derive(Args)]
+pub(crate) struct EvolInstructArgs {
+    #[command(flatten)]
+    pub(crate) common: SynthArgs,
+    /// Instructions to evolve: JSONL or a JSON array with `instruction` (Alpaca), `prompt` or
+    /// `question` strings.
+    #[arg(long)]
+    pub(crate) instructions: PathBuf,
+    /// Generations of evolution (the paper's 4).
+    #[arg(long, default_value_t = 4)]
+    pub(crate) generations: usize,
+    /// Token limit of a rewritten instruction.
+    #[arg(long, default_value_t = 128)]
+    pub(crate) max_instruction_tokens: usize,
+    /// Token limit of an answer.
+    #[arg(long, default_value_t = 256)]
+    pub(crate) max_response_tokens: usize,
+    /// Prompts per model call, decoded in one batch.
+    #[arg(long, default_value_t = 8)]
+    pub(crate) batch_size: usize,
 }
 
 #[derive(Copy, Clone, PartialEq, Eq, ValueEnum)]

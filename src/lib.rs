@@ -34,6 +34,7 @@
 pub mod adapter;
 pub mod backend;
 pub mod error;
+pub mod instruct;
 pub mod io;
 pub mod model;
 pub mod quant;

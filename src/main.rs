@@ -38,6 +38,8 @@ fn main() {
         Cmd::Merge(a) => merge(a),
         Cmd::Compare(a) => compare(a),
         Cmd::Bench(a) => bench(a),
+        Cmd::SelfInstruct(a) => self_instruct(a),
+        Cmd::EvolInstruct(a) => evol_instruct(a),
         Cmd::Fetch => fetch::default_model(&mut |s| eprintln!("{s}")).map(|p| {
             println!("{}", p.display());
         }),
@@ -109,6 +111,16 @@ macro_rules! on_backend {
             }
         }
     };
+}
+
+mod synth_cmd;
+
+fn self_instruct(a: SelfInstructArgs) -> Result<()> {
+    on_backend!(a.common.model.device, be => synth_cmd::self_instruct_on(be, &a))
+}
+
+fn evol_instruct(a: EvolInstructArgs) -> Result<()> {
+    on_backend!(a.common.model.device, be => synth_cmd::evol_instruct_on(be, &a))
 }
 
 /// Opens the GGUF and builds tokenizer and model on `be`, quantizing the projections to NF4
