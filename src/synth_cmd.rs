@@ -6,7 +6,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use lorafuse::backend::Backend;
 use lorafuse::instruct::evol_instruct::{EvolConfig, evol_instruct, read_instructions};
 use lorafuse::instruct::self_instruct::{SelfInstructConfig, read_seed_tasks, self_instruct};
-use lorafuse::instruct::{ModelCompleter, write_jsonl};
+use lorafuse::instruct::{AlpacaRecord, ModelCompleter, write_jsonl};
 use lorafuse::model::generate::Sampling;
 use lorafuse::train::job::{load_model, prompt_template};
 use lorafuse::train::report::write_json;
@@ -70,6 +70,23 @@ fn check_out(a: &SynthArgs) -> Result<()> {
     Ok(())
 }
 
+/// Writes the records and the report (`--report`), and prints the filter table and a summary.
+fn write_outputs(
+    a: &SynthArgs,
+    records: &[AlpacaRecord],
+    report: &impl serde::Serialize,
+    table: &str,
+    what: &str,
+) -> Result<()> {
+    write_jsonl(&a.out, records)?;
+    if let Some(p) = &a.report {
+        write_json(p, report)?;
+    }
+    print!("{table}");
+    println!("{} {what} written to {}", records.len(), a.out.display());
+    Ok(())
+}
+
 pub(crate) fn self_instruct_on<B: Backend>(be: B, a: &SelfInstructArgs) -> Result<()> {
     check_out(&a.common)?;
     let seeds = read_seed_tasks(&a.seed_tasks)?;
@@ -90,18 +107,9 @@ pub(crate) fn self_instruct_on<B: Backend>(be: B, a: &SelfInstructArgs) -> Resul
         pb.finish_and_clear();
         r
     })?;
-    write_jsonl(&a.common.out, &records)?;
-    if let Some(p) = &a.common.report {
-        write_json(p, &report)?;
-    }
-    print!("{}", report.table());
-    println!(
-        "{} records from {} seed tasks written to {}",
-        records.len(),
-        seeds.len(),
-        a.common.out.display()
-    );
-    Ok(())
+    let table = report.table();
+    let what = format!("records from {} seed tasks", seeds.len());
+    write_outputs(&a.common, &records, &report, &table, &what)
 }
 
 pub(crate) fn evol_instruct_on<B: Backend>(be: B, a: &EvolInstructArgs) -> Result<()> {
@@ -121,16 +129,7 @@ pub(crate) fn evol_instruct_on<B: Backend>(be: B, a: &EvolInstructArgs) -> Resul
         pb.finish_and_clear();
         r
     })?;
-    write_jsonl(&a.common.out, &records)?;
-    if let Some(p) = &a.common.report {
-        write_json(p, &report)?;
-    }
-    print!("{}", report.table());
-    println!(
-        "{} evolved records from {} instructions written to {}",
-        records.len(),
-        instructions.len(),
-        a.common.out.display()
-    );
-    Ok(())
+    let table = report.table();
+    let what = format!("evolved records from {} instructions", instructions.len());
+    write_outputs(&a.common, &records, &report, &table, &what)
 }

@@ -336,30 +336,7 @@ pub fn evol_instruct(
 /// builds the user turn), `prompt` or `question` string. Errors: an unreadable file, a record
 /// without one (named by its line or index), no instruction.
 pub fn read_instructions(path: &std::path::Path) -> Result<Vec<String>> {
-    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
-    let values: Vec<(String, serde_json::Value)> = if text.trim_start().starts_with('[') {
-        let v: Vec<serde_json::Value> = serde_json::from_str(&text).map_err(|e| Error::Json {
-            context: path.display().to_string(),
-            msg: e.to_string(),
-        })?;
-        v.into_iter()
-            .enumerate()
-            .map(|(i, v)| (format!("record {i}"), v))
-            .collect()
-    } else {
-        let mut out = Vec::new();
-        for (i, line) in text.lines().enumerate() {
-            if line.trim().is_empty() {
-                continue;
-            }
-            let v = serde_json::from_str(line).map_err(|e| Error::Json {
-                context: format!("{} line {}", path.display(), i + 1),
-                msg: e.to_string(),
-            })?;
-            out.push((format!("line {}", i + 1), v));
-        }
-        out
-    };
+    let values = super::json_records(path)?;
     let mut out = Vec::new();
     for (at, v) in values {
         let s = |k: &str| v.get(k).and_then(|x| x.as_str()).map(str::trim);

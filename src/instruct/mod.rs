@@ -127,6 +127,36 @@ pub fn write_jsonl(path: &Path, records: &[AlpacaRecord]) -> Result<()> {
     crate::io::atomic::write_atomic(path, text.as_bytes())
 }
 
+/// The JSON records of `path` with where each stands (`line N` of JSONL, `record N` of a JSON
+/// array, which the file is when it starts with `[`); blank lines are skipped. Errors: an
+/// unreadable file, invalid JSON (named by its line).
+pub(crate) fn json_records(path: &Path) -> Result<Vec<(String, serde_json::Value)>> {
+    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+    let json_err = |context: String, e: serde_json::Error| Error::Json {
+        context,
+        msg: e.to_string(),
+    };
+    if text.trim_start().starts_with('[') {
+        let v: Vec<serde_json::Value> =
+            serde_json::from_str(&text).map_err(|e| json_err(path.display().to_string(), e))?;
+        return Ok(v
+            .into_iter()
+            .enumerate()
+            .map(|(i, v)| (format!("record {i}"), v))
+            .collect());
+    }
+    let mut out = Vec::new();
+    for (i, line) in text.lines().enumerate() {
+        if line.trim().is_empty() {
+            continue;
+        }
+        let v = serde_json::from_str(line)
+            .map_err(|e| json_err(format!("{} line {}", path.display(), i + 1), e))?;
+        out.push((format!("line {}", i + 1), v));
+    }
+    Ok(out)
+}
+
 /// The number of whitespace-separated words.
 pub(crate) fn words(s: &str) -> usize {
     s.split_whitespace().count()

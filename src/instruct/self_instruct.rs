@@ -49,23 +49,15 @@ struct AlpacaSeed {
     is_classification: bool,
 }
 
-/// Reads seed tasks, one JSON object per line: the Self-Instruct release's
+/// Reads seed tasks (JSONL, or a JSON array): the Self-Instruct release's
 /// `seed_tasks.jsonl` form (`instruction`, `instances: [{input, output}]`, `is_classification`;
 /// other fields ignored) or an Alpaca record (`instruction`, `input`, `output`, optional
-/// `is_classification`). Errors: an unreadable file, a line that is neither (named by its
-/// number), a task without instances, no task at all.
+/// `is_classification`). Errors: an unreadable file, a record that is neither (named by its
+/// line or index), a task without instances, no task at all.
 pub fn read_seed_tasks(path: &Path) -> Result<Vec<SeedTask>> {
-    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
     let mut out = Vec::new();
-    for (i, line) in text.lines().enumerate() {
-        if line.trim().is_empty() {
-            continue;
-        }
-        let v: serde_json::Value = serde_json::from_str(line).map_err(|e| Error::Json {
-            context: format!("{} line {}", path.display(), i + 1),
-            msg: e.to_string(),
-        })?;
-        let bad = |m: String| Error::format(path, format!("line {}: {m}", i + 1));
+    for (at, v) in super::json_records(path)? {
+        let bad = |m: String| Error::format(path, format!("{at}: {m}"));
         let task = if v.get("instances").is_some() {
             serde_json::from_value::<SeedTask>(v).map_err(|e| bad(e.to_string()))?
         } else {
