@@ -4,8 +4,9 @@
 
 use super::llama::{Llama, Nf4Spec, proj_path, target_indices};
 use crate::adapter::{
-    AdaLoraLayer, Adapter, AdapterSaved, BaseWeight, BeftLayer, DoraLayer, Ia3Layer, Linear,
-    LnTuning, LoraConfig, LoraLayer, MethodKind, PromptMethod, SoftPrompt, VeraLayer, VeraShared,
+    AdaLoraLayer, Adapter, AdapterFusion, AdapterSaved, BaseWeight, BeftLayer, Bottleneck,
+    DoraLayer, Ia3Layer, Linear, LnTuning, LoraConfig, LoraLayer, MethodKind, PromptMethod,
+    SoftPrompt, VeraLayer, VeraShared,
 };
 use crate::backend::{Backend, Tensor};
 use crate::error::{Error, Result};
@@ -341,16 +342,72 @@ impl<B: Backend> Llama<B> {
     /// Removes every adapter (projection adapters, LN tuning, soft prompt, bottleneck adapters
     /// and fusion).
     pub fn remove_adapters(&mut self) {
-        for b in &mut self.layers {
-            for p in &mut b.proj {
-                p.adapter = None;
+        drop(self.take_adapters());
+    }
+
+    /// Takes every adapter off the model (it is then the bare base) and returns them, to be
+    /// put back with [`Llama::put_adapters`]: PEFT's `disable_adapter()`, which DPO's
+    /// reference forward uses. Moves tensors, copies nothing.
+    pub fn take_adapters(&mut self) -> AdapterSet<B> {
+        AdapterSet {
+            proj: self
+                .layers
+                .iter_mut()
+                .map(|b| b.proj.each_mut().map(|p| p.adapter.take()))
+                .collect(),
+            vera_shared: self.vera_shared.take(),
+            ln_tuning: self.ln_tuning.take(),
+            soft_prompt: self.soft_prompt.take(),
+            bottleneck: self.bottleneck.take(),
+            fusion: self.fusion.take(),
+        }
+    }
+
+    /// Puts `set` on the model in place of what it has, and returns what it had. Errors, leaving
+    /// the model untouched: a set taken from a model with another number of layers.
+    pub fn put_adapters(&mut self, set: AdapterSet<B>) -> Result<AdapterSet<B>> {
+        self.check_adapter_set(&set)?;
+        let old = self.take_adapters();
+        for (b, adapters) in self.layers.iter_mut().zip(set.proj) {
+            for (p, a) in b.proj.iter_mut().zip(adapters) {
+                p.adapter = a;
             }
         }
-        self.vera_shared = None;
-        self.ln_tuning = None;
-        self.soft_prompt = None;
-        self.bottleneck = None;
-        self.fusion = None;
+        self.vera_shared = set.vera_shared;
+        self.ln_tuning = set.ln_tuning;
+        self.soft_prompt = set.soft_prompt;
+        self.bottleneck = set.bottleneck;
+        self.fusion = set.fusion;
+        Ok(old)
+    }
+
+    fn check_adapter_set(&self, set: &AdapterSet<B>) -> Result<()> {
+        if set.proj.len() != self.layers.len() {
+            return Err(Error::arg(
+                "adapters",
+                format!(
+                    "the adapter set has {} layers, the model {}",
+                    set.proj.len(),
+                    self.layers.len()
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Runs `f` on the model with `set` in place of its adapters (an empty
+    /// [`AdapterSet::none`] for the bare base) and puts them back, whether `f` succeeds or not.
+    pub fn with_adapters<R>(
+        &mut self,
+        set: &mut AdapterSet<B>,
+        f: impl FnOnce(&Self) -> Result<R>,
+    ) -> Result<R> {
+        self.check_adapter_set(set)?;
+        let mine = self.put_adapters(std::mem::replace(set, AdapterSet::none(0)))?;
+        let out = f(self);
+        let theirs = self.put_adapters(mine)?;
+        *set = theirs;
+        out
     }
 
     /// Quantizes every dense projection weight to NF4 in place (QLoRA's frozen base).
@@ -616,5 +673,44 @@ impl<B: Backend> Llama<B> {
             }
         }
         Ok(())
+    }
+}
+
+/// Everything [`Llama::take_adapters`] takes off a model: each projection's adapter (layer by
+/// layer, in [`super::llama::PROJ_NAMES`] order), VeRA's shared projections, LN tuning, the soft
+/// prompt, bottleneck adapters and fusion.
+#[derive(Clone, Debug)]
+pub struct AdapterSet<B: Backend> {
+    pub proj: Vec<[Option<Adapter<B>>; 7]>,
+    pub vera_shared: Option<VeraShared<B>>,
+    pub ln_tuning: Option<LnTuning<B>>,
+    pub soft_prompt: Option<SoftPrompt<B>>,
+    pub bottleneck: Option<Bottleneck<B>>,
+    pub fusion: Option<AdapterFusion<B>>,
+}
+
+impl<B: Backend> AdapterSet<B> {
+    /// No adapter anywhere, for a model of `n_layers` layers: the bare base.
+    pub fn none(n_layers: usize) -> Self {
+        AdapterSet {
+            proj: (0..n_layers)
+                .map(|_| std::array::from_fn(|_| None))
+                .collect(),
+            vera_shared: None,
+            ln_tuning: None,
+            soft_prompt: None,
+            bottleneck: None,
+            fusion: None,
+        }
+    }
+
+    /// Whether the set holds no adapter at all.
+    pub fn is_empty(&self) -> bool {
+        self.proj.iter().flatten().all(Option::is_none)
+            && self.vera_shared.is_none()
+            && self.ln_tuning.is_none()
+            && self.soft_prompt.is_none()
+            && self.bottleneck.is_none()
+            && self.fusion.is_none()
     }
 }

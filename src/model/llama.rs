@@ -144,6 +144,19 @@ pub struct DeferredLossAndGrads<B: Backend> {
     pub grads: Vec<Tensor<B>>,
 }
 
+/// The head of an objective for [`Llama::grads_from_head`]: from the final normed hidden rows
+/// and whether the LM head is trained, the objective's gradients.
+pub type ObjectiveHead<'a, B> = dyn FnMut(&Tensor<B>, bool) -> Result<HeadGrad<B>> + 'a;
+
+/// What the head of an objective returns to [`Llama::grads_from_head`].
+pub struct HeadGrad<B: Backend> {
+    /// Gradient of the objective with respect to the final normed hidden rows `[rows, d]`.
+    pub d_hidden: Tensor<B>,
+    /// Gradient with respect to the LM head `[vocab, d]` (the tied embedding, or
+    /// `lm_head.weight`), when the head is trained; `None` counts as zero.
+    pub d_lm_head: Option<Tensor<B>>,
+}
+
 /// Output of a training forward + backward.
 pub struct LossAndGrads<B: Backend> {
     /// Sum of cross-entropy over the batch's targets.
@@ -270,7 +283,8 @@ impl<B: Backend> Llama<B> {
         })
     }
 
-    pub(super) fn head(&self) -> &Tensor<B> {
+    /// The output projection `[vocab, d]`: `lm_head.weight`, or the embedding when tied.
+    pub fn head(&self) -> &Tensor<B> {
         self.lm_head.as_ref().unwrap_or(&self.embed_tokens)
     }
 
@@ -422,36 +436,99 @@ impl<B: Backend> Llama<B> {
         if n == 0 {
             return Err(Error::Data("batch has no target token".into()));
         }
+        let mut loss_stats = None;
+        let grads =
+            self.grads_from_head(be, batch, &batch.target_rows, &mut |hn, head_trained| {
+                let logits = be.linear(hn, self.head(), None)?;
+                let (stats, dlogits) =
+                    be.cross_entropy_stats(&logits, &batch.target_labels, 1.0 / n as f32)?;
+                drop(logits);
+                loss_stats = Some(stats);
+                self.lm_head_backward(be, hn, &dlogits, head_trained)
+            })?;
+        let Some(loss_stats) = loss_stats else {
+            unreachable!("grads_from_head calls the head once")
+        };
+        Ok(DeferredLossAndGrads {
+            loss_stats,
+            n_targets: n,
+            grads,
+        })
+    }
+
+    /// The LM head's backward for an objective over logits `hn W^T` (`hn [N, d]`, the final
+    /// normed hidden rows; `dlogits [N, vocab]`): `d_hidden = dlogits W`, and with
+    /// `head_trained` the head's gradient `dlogits^T hn` (the tied embedding's, or
+    /// `lm_head.weight`'s). What a [`Llama::grads_from_head`] head returns for a
+    /// language-modelling objective (SFT's cross-entropy, DPO's sequence log-probabilities).
+    /// Errors: shapes that disagree with the head.
+    pub fn lm_head_backward(
+        &self,
+        be: &B,
+        hn: &Tensor<B>,
+        dlogits: &Tensor<B>,
+        head_trained: bool,
+    ) -> Result<HeadGrad<B>> {
+        let d_hidden = need(be.linear_backward_input(dlogits, self.head(), None)?)?;
+        let d_lm_head = if head_trained {
+            let mut dw = be.zeros(self.head().shape())?;
+            be.linear_backward_weight(dlogits, hn, &mut dw)?;
+            Some(dw)
+        } else {
+            None
+        };
+        Ok(HeadGrad {
+            d_hidden,
+            d_lm_head,
+        })
+    }
+
+    /// Forward with saved activations, then the backward of any objective of the final normed
+    /// hidden state at `rows` of the caller's batch: `head(hn [rows.len(), d], head_trained)`
+    /// is called once with those rows (after the final RMSNorm) and returns the objective's
+    /// gradient with respect to them (and to the LM head when `head_trained`: full
+    /// fine-tuning with the head or the tied embedding trained). Returns the gradients in the
+    /// order of [`Llama::trainable_params`]. SFT's cross-entropy, DPO's log-probability sums
+    /// and a reward model's score head are such heads. Errors: the head's, a trained base
+    /// weight that is not dense, a row outside the batch.
+    pub fn grads_from_head(
+        &self,
+        be: &B,
+        batch: &PackedBatch,
+        rows: &[u32],
+        head: &mut ObjectiveHead<'_, B>,
+    ) -> Result<Vec<Tensor<B>>> {
         let c = &self.cfg;
         let sh = self.vera_shared.as_ref();
         let prep = self.prepare(batch)?;
         let prompt = self.prompt_state(be)?;
         let pb = &prep.batch;
+        let rows = prep.rows(rows);
         let (x, caches) = self.decoder(be, &prep, prompt.as_ref(), true)?;
         let mut grads: Vec<(String, Tensor<B>)> = Vec::new();
-        // Final norm + LM head + CE only on the target rows. The norm is row-wise, so
+        // The final norm and the head only on the wanted rows. The norm is row-wise, so
         // normalizing just those rows equals slicing after a full norm.
-        let sel = be.gather_rows(&x, &pb.target_rows)?;
+        let sel = be.gather_rows(&x, &rows)?;
         let norm_w = self.final_norm_weight();
         let (hn, rstd_f) = be.rmsnorm(&sel, norm_w, c.rms_norm_eps)?;
-        let logits = be.linear(&hn, self.head(), None)?;
-        let (loss_stats, dlogits) =
-            be.cross_entropy_stats(&logits, &pb.target_labels, 1.0 / n as f32)?;
-        drop(logits);
-        let dhn = need(be.linear_backward_input(&dlogits, self.head(), None)?)?;
         let head_trained = match &self.lm_head {
             Some(_) => self.full_finetune.is_some(),
             None => self.embeddings_trained(),
         };
+        let HeadGrad {
+            d_hidden: dhn,
+            d_lm_head,
+        } = head(&hn, head_trained)?;
+        dhn.expect_shape("d_hidden", hn.shape())?;
         // With a tied head, dE collects the head's gradient and the embedding's.
-        let mut d_embed = if head_trained {
-            let mut dw = be.zeros(self.head().shape())?;
-            be.linear_backward_weight(&dlogits, &hn, &mut dw)?;
-            Some(dw)
-        } else {
-            None
+        let mut d_embed = match (head_trained, d_lm_head) {
+            (true, Some(g)) => {
+                g.expect_shape("d_lm_head", self.head().shape())?;
+                Some(g)
+            }
+            (true, None) => Some(be.zeros(self.head().shape())?),
+            (false, _) => None,
         };
-        drop(dlogits);
         let final_tuned = self.ln_tuning.as_ref().is_some_and(|t| t.norm.is_some());
         let mut d_norm = if self.full_finetune.is_some() || final_tuned {
             Some(be.zeros(self.norm.shape())?)
@@ -468,7 +545,7 @@ impl<B: Backend> Llama<B> {
             grads.push((name.into(), g));
         }
         let mut dx = be.zeros(&[pb.n_tokens(), c.hidden_size])?;
-        be.scatter_add_rows(&mut dx, &pb.target_rows, &dsel)?;
+        be.scatter_add_rows(&mut dx, &rows, &dsel)?;
 
         // Below the lowest layer with anything trainable, no gradient is needed.
         let lowest = if self.embeddings_trained() {
@@ -613,11 +690,7 @@ impl<B: Backend> Llama<B> {
                 })
             })
             .collect::<Result<Vec<_>>>()?;
-        Ok(DeferredLossAndGrads {
-            loss_stats,
-            n_targets: n,
-            grads: ordered,
-        })
+        Ok(ordered)
     }
 }
 

@@ -135,11 +135,11 @@ impl DataFormat {
     }
 }
 
-/// The result of [`load_records`].
+/// The result of [`load_records`] (and of [`load_json_records`] for other record types).
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct LoadReport {
+pub struct LoadReport<T = Sample> {
     /// The usable records in file order.
-    pub records: Vec<Sample>,
+    pub records: Vec<T>,
     /// Malformed records left out under [`BadRecordPolicy::Skip`]: (location, problem), where the
     /// location is the 1-based line number (`.jsonl`) or the 0-based array index (`.json`), see
     /// [`LoadReport::format`]. Always empty under [`BadRecordPolicy::Reject`].
@@ -191,6 +191,18 @@ pub struct LoadReport {
 ///   [`BadRecordPolicy::Reject`];
 /// * [`Error::Data`] if no usable record is left (an empty file, or every record skipped).
 pub fn load_records(path: &Path, policy: BadRecordPolicy) -> Result<LoadReport> {
+    load_json_records(path, policy, &records_from_value)
+}
+
+/// [`load_records`]'s reading of `.jsonl`/`.json` files (extension, byte-order mark, blank
+/// lines, locations, the bad-record policy, the errors) for any record type: `parse` turns one
+/// JSON value into a record or says what makes it malformed. Preference pairs
+/// (`crate::train::preference`) load through it.
+pub fn load_json_records<T>(
+    path: &Path,
+    policy: BadRecordPolicy,
+    parse: &dyn Fn(&Value) -> std::result::Result<T, String>,
+) -> Result<LoadReport<T>> {
     let ext = path
         .extension()
         .and_then(|e| e.to_str())
@@ -225,7 +237,7 @@ pub fn load_records(path: &Path, policy: BadRecordPolicy) -> Result<LoadReport> 
                     Ok(text) => Some(
                         serde_json::from_str::<Value>(text)
                             .map_err(|e| format!("invalid JSON: {e}"))
-                            .and_then(|v| records_from_value(&v)),
+                            .and_then(|v| parse(&v)),
                     ),
                 };
                 if let Some(result) = parsed {
@@ -248,7 +260,7 @@ pub fn load_records(path: &Path, policy: BadRecordPolicy) -> Result<LoadReport> 
                 ));
             };
             for (i, item) in items.iter().enumerate() {
-                report.accept(records_from_value(item), i, policy, &source)?;
+                report.accept(parse(item), i, policy, &source)?;
             }
         }
     }
@@ -262,11 +274,11 @@ pub fn load_records(path: &Path, policy: BadRecordPolicy) -> Result<LoadReport> 
     Ok(report)
 }
 
-impl LoadReport {
+impl<T> LoadReport<T> {
     /// Files the outcome of parsing the record at `location`.
     fn accept(
         &mut self,
-        result: std::result::Result<Sample, String>,
+        result: std::result::Result<T, String>,
         location: usize,
         policy: BadRecordPolicy,
         source: &str,
@@ -290,12 +302,12 @@ impl LoadReport {
 
 /// Python `str.strip()`: Rust's `char::is_whitespace` (Unicode White_Space) plus the
 /// information separators U+001C..U+001F, which Python also counts as whitespace.
-fn py_strip(s: &str) -> &str {
+pub(crate) fn py_strip(s: &str) -> &str {
     s.trim_matches(|c: char| c.is_whitespace() || ('\u{1c}'..='\u{1f}').contains(&c))
 }
 
 /// A JSON value's type, for messages.
-fn kind(v: &Value) -> &'static str {
+pub(crate) fn kind(v: &Value) -> &'static str {
     match v {
         Value::Null => "null",
         Value::Bool(_) => "a boolean",
@@ -307,7 +319,7 @@ fn kind(v: &Value) -> &'static str {
 }
 
 /// The trimmed, non-empty string field `key` of `obj` (`what` names it in messages).
-fn required_str(
+pub(crate) fn required_str(
     obj: &Map<String, Value>,
     key: &str,
     what: &str,
@@ -397,7 +409,7 @@ fn records_from_value(v: &Value) -> std::result::Result<Sample, String> {
 /// The conversation of a `{"messages": [...]}` object: an optional system message first, then
 /// user and assistant messages alternating, from a user message to an assistant one. Contents
 /// are kept as given (templates render them verbatim) but must not be blank.
-fn conversation(obj: &Map<String, Value>) -> std::result::Result<Vec<Message>, String> {
+pub(crate) fn conversation(obj: &Map<String, Value>) -> std::result::Result<Vec<Message>, String> {
     let messages = match obj.get("messages") {
         Some(Value::Array(m)) => m,
         Some(other) => {

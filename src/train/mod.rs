@@ -3,9 +3,11 @@
 pub mod chat_data;
 pub mod compare;
 pub mod data;
+pub mod dpo;
 pub mod hooks;
 pub mod job;
 pub mod optim;
+pub mod preference;
 pub mod recipe;
 pub mod report;
 pub mod schedule;

@@ -8,6 +8,7 @@ use crate::train::data::{Example, shuffled_order};
 use crate::train::optim::AdamW;
 use crate::train::schedule::LinearWarmupDecay;
 use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
 use std::time::Instant;
 
 /// Optimization hyperparameters. Defaults are lorafuse's `finetune` defaults.
@@ -87,6 +88,10 @@ pub struct StepMetric {
     pub targets: usize,
     /// Wall-clock seconds of the step (forward, backward, optimizer).
     pub seconds: f64,
+    /// What else the objective logs per step, under the peer's names (DPO's `rewards/chosen`,
+    /// `rewards/margins`, ...; a reward model's `accuracy`); empty for SFT.
+    #[serde(flatten, default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub logs: BTreeMap<String, f64>,
 }
 
 /// Everything `lorafuse finetune` reports, written to `metrics.json`.
@@ -140,7 +145,7 @@ pub fn evaluate<B: Backend>(
     Ok(sum / count as f64)
 }
 
-fn pack<'a>(examples: impl Iterator<Item = &'a Example>) -> Result<PackedBatch> {
+pub(crate) fn pack<'a>(examples: impl Iterator<Item = &'a Example>) -> Result<PackedBatch> {
     PackedBatch::from_examples(examples.map(|e| (&e.input_ids[..], &e.labels[..])))
 }
 
@@ -200,46 +205,139 @@ pub fn train_with<B: Backend>(
     train: &[Example],
     eval: &[Example],
     cfg: &TrainConfig,
-    mut on_step: impl FnMut(&StepMetric),
+    on_step: impl FnMut(&StepMetric),
     hook: &mut dyn StepHook<B>,
 ) -> Result<Metrics> {
+    preflight(model, cfg, train.len())?;
+    let mut metrics = Metrics::default();
+    if !eval.is_empty() {
+        let t = Instant::now();
+        metrics.eval_loss_before = Some(evaluate(be, model, eval, cfg.eval_batch_size)?);
+        metrics.eval_seconds.push(t.elapsed().as_secs_f64());
+    }
+    let mut sft = |be: &B, model: &mut Llama<B>, picked: &[&Example]| {
+        let batch = pack(picked.iter().copied())?;
+        let out = model.loss_and_grads_deferred(be, &batch)?;
+        Ok(ObjectiveStep {
+            grads: out.grads,
+            loss: StepLoss::CrossEntropy {
+                stats: out.loss_stats,
+                n_targets: out.n_targets,
+            },
+            tokens: batch.n_tokens(),
+            targets: out.n_targets,
+            logs: BTreeMap::new(),
+        })
+    };
+    let fitted = fit(be, model, train, cfg, on_step, hook, &mut sft)?;
+    if !eval.is_empty() {
+        let t = Instant::now();
+        metrics.eval_loss_after = Some(evaluate(be, model, eval, cfg.eval_batch_size)?);
+        metrics.eval_seconds.push(t.elapsed().as_secs_f64());
+    }
+    fitted.into_metrics(model, &mut metrics);
+    Ok(metrics)
+}
+
+/// What every run checks before it evaluates or trains: the config, a non-empty training set,
+/// something to train, and full fine-tuning when gradual unfreezing is asked for.
+fn preflight<B: Backend>(model: &Llama<B>, cfg: &TrainConfig, n_train: usize) -> Result<()> {
     cfg.validate()?;
-    if train.is_empty() {
+    if n_train == 0 {
         return Err(Error::Data("training set is empty".into()));
     }
-    if cfg.unfreeze_every.is_some() {
-        match model.full_finetune.as_mut() {
-            Some(f) => f.trainable_from = model.layers.len().saturating_sub(1),
-            None => {
-                return Err(Error::arg(
-                    "unfreeze_every",
-                    "gradual unfreezing needs full fine-tuning",
-                ));
-            }
-        }
+    if cfg.unfreeze_every.is_some() && model.full_finetune.is_none() {
+        return Err(Error::arg(
+            "unfreeze_every",
+            "gradual unfreezing needs full fine-tuning",
+        ));
     }
-    let trainable = model.n_trainable();
-    if trainable == 0 {
+    if model.n_trainable() == 0 {
         return Err(Error::arg(
             "model",
             "no trainable parameter (no adapter attached)",
         ));
     }
-    let mut metrics = Metrics {
-        trainable_params: trainable,
+    Ok(())
+}
+
+/// The loss of one step as an objective returns it to [`fit`].
+pub enum StepLoss<B: Backend> {
+    /// Already on the host (DPO, reward models: their step reads log-probabilities back).
+    Host(f64),
+    /// Cross-entropy statistics still on the device (see [`Backend::cross_entropy_stats`]):
+    /// the loss is their sum over `n_targets`, read back with the hook's regularizer.
+    CrossEntropy { stats: Tensor<B>, n_targets: usize },
+}
+
+/// What one forward + backward of an objective gives [`fit`].
+pub struct ObjectiveStep<B: Backend> {
+    /// Gradients of the loss, in the order of [`Llama::trainable_params`].
+    pub grads: Vec<Tensor<B>>,
+    pub loss: StepLoss<B>,
+    /// Tokens the step ran and target tokens it scored.
+    pub tokens: usize,
+    pub targets: usize,
+    /// Extra per-step values ([`StepMetric::logs`]).
+    pub logs: BTreeMap<String, f64>,
+}
+
+/// An objective: forward + backward over the step's items.
+pub type Objective<'a, B, T> = dyn FnMut(&B, &mut Llama<B>, &[&T]) -> Result<ObjectiveStep<B>> + 'a;
+
+/// What [`fit`] did.
+pub struct Fitted {
+    pub steps: Vec<StepMetric>,
+    pub optimizer_state_bytes: usize,
+}
+
+impl Fitted {
+    /// Fills `m` with the steps, their throughput and the model's sizes.
+    pub fn into_metrics<B: Backend>(self, model: &Llama<B>, m: &mut Metrics) {
+        let trainable = model.n_trainable();
+        m.trainable_params = trainable;
         // Full fine-tuning trains base tensors: count them once.
-        total_params: model.n_base_params()
+        m.total_params = model.n_base_params()
             + if model.full_finetune.is_some() {
                 0
             } else {
                 trainable
-            },
-        ..Default::default()
-    };
-    if !eval.is_empty() {
-        let t = Instant::now();
-        metrics.eval_loss_before = Some(evaluate(be, model, eval, cfg.eval_batch_size)?);
-        metrics.eval_seconds.push(t.elapsed().as_secs_f64());
+            };
+        m.optimizer_state_bytes = self.optimizer_state_bytes;
+        let secs: Vec<f64> = self.steps.iter().map(|s| s.seconds).collect();
+        let total: f64 = secs.iter().sum();
+        let tokens: usize = self.steps.iter().map(|s| s.tokens).sum();
+        m.tokens_per_s = tokens as f64 / total.max(1e-9);
+        m.seconds_per_step_mean = total / secs.len().max(1) as f64;
+        m.seconds_per_step_median = median(&secs);
+        m.steps = self.steps;
+        m.peak_rss_bytes = peak_rss_bytes();
+        m.base_weight_bytes = model.base_weight_bytes();
+    }
+}
+
+/// The optimization loop every objective shares: `cfg.steps` AdamW steps with the linear
+/// warmup/decay schedule, each over `cfg.batch_size` items of `train` taken in the seeded
+/// order ([`shuffled_order`], one permutation per epoch), the method's `hook` around each
+/// update, gradual unfreezing when `cfg.unfreeze_every` is set. `objective` runs the forward
+/// and backward of a step. Errors: an invalid config, an empty `train`, a model with nothing
+/// to train, a non-finite loss, the objective's.
+pub fn fit<B: Backend, T>(
+    be: &B,
+    model: &mut Llama<B>,
+    train: &[T],
+    cfg: &TrainConfig,
+    mut on_step: impl FnMut(&StepMetric),
+    hook: &mut dyn StepHook<B>,
+    objective: &mut Objective<'_, B, T>,
+) -> Result<Fitted> {
+    preflight(model, cfg, train.len())?;
+    if let Some(f) = model
+        .full_finetune
+        .as_mut()
+        .filter(|_| cfg.unfreeze_every.is_some())
+    {
+        f.trainable_from = model.layers.len().saturating_sub(1);
     }
     let mut opt = AdamW::new((cfg.beta1, cfg.beta2), cfg.eps, cfg.weight_decay)?;
     let sched = LinearWarmupDecay {
@@ -247,7 +345,10 @@ pub fn train_with<B: Backend>(
         warmup_steps: cfg.warmup_steps,
         total_steps: cfg.steps,
     };
-    // The data order: seeded permutations, one per epoch, consumed batch_size at a time.
+    let mut fitted = Fitted {
+        steps: Vec::with_capacity(cfg.steps),
+        optimizer_state_bytes: 0,
+    };
     let mut epoch = 0u64;
     let mut order = shuffled_order(train.len(), cfg.seed, epoch);
     let mut cursor = 0usize;
@@ -267,8 +368,7 @@ pub fn train_with<B: Backend>(
             picked.push(&train[order[cursor]]);
             cursor += 1;
         }
-        let batch = pack(picked.into_iter())?;
-        let mut out = model.loss_and_grads_deferred(be, &batch)?;
+        let mut out = objective(be, model, &picked)?;
         let names: Vec<String> = model
             .trainable_params()
             .into_iter()
@@ -276,47 +376,42 @@ pub fn train_with<B: Backend>(
             .collect();
         let reg = hook.before_update(be, step, model, &names, &mut out.grads)?;
         // The step's one readback: the loss statistics and the regularizer together.
-        let mut wanted = vec![&out.loss_stats];
+        let mut wanted = Vec::new();
+        if let StepLoss::CrossEntropy { stats, .. } = &out.loss {
+            wanted.push(stats);
+        }
         wanted.extend(reg.as_ref());
-        let host = be.download_many(&wanted)?;
-        let loss_sum = cross_entropy_loss(&host[0]);
-        let reg = host
-            .get(1)
-            .and_then(|v| v.first())
-            .map_or(0.0, |&v| v as f64);
-        let loss = loss_sum / out.n_targets as f64 + reg;
+        let mut host = be.download_many(&wanted)?.into_iter();
+        let mut loss = match out.loss {
+            StepLoss::Host(l) => l,
+            StepLoss::CrossEntropy { n_targets, .. } => {
+                let stats = host.next().unwrap_or_default();
+                cross_entropy_loss(&stats) / n_targets as f64
+            }
+        };
+        if let Some(r) = host.next().and_then(|v| v.first().copied()) {
+            loss += r as f64;
+        }
         if !loss.is_finite() {
             return Err(Error::Data(format!("loss became {loss} at step {step}")));
         }
         let lr = sched.lr(step);
         opt.step(be, &names, model.trainable_params_mut(), &out.grads, lr)?;
         hook.after_update(be, step, model, &names, &out.grads)?;
-        metrics.optimizer_state_bytes = metrics.optimizer_state_bytes.max(opt.state_bytes());
+        fitted.optimizer_state_bytes = fitted.optimizer_state_bytes.max(opt.state_bytes());
         let m = StepMetric {
             step,
             loss,
             lr,
-            tokens: batch.n_tokens(),
-            targets: out.n_targets,
+            tokens: out.tokens,
+            targets: out.targets,
             seconds: t0.elapsed().as_secs_f64(),
+            logs: out.logs,
         };
         on_step(&m);
-        metrics.steps.push(m);
+        fitted.steps.push(m);
     }
-    if !eval.is_empty() {
-        let t = Instant::now();
-        metrics.eval_loss_after = Some(evaluate(be, model, eval, cfg.eval_batch_size)?);
-        metrics.eval_seconds.push(t.elapsed().as_secs_f64());
-    }
-    let secs: Vec<f64> = metrics.steps.iter().map(|s| s.seconds).collect();
-    let total: f64 = secs.iter().sum();
-    let tokens: usize = metrics.steps.iter().map(|s| s.tokens).sum();
-    metrics.tokens_per_s = tokens as f64 / total.max(1e-9);
-    metrics.seconds_per_step_mean = total / secs.len() as f64;
-    metrics.seconds_per_step_median = median(&secs);
-    metrics.peak_rss_bytes = peak_rss_bytes();
-    metrics.base_weight_bytes = model.base_weight_bytes();
-    Ok(metrics)
+    Ok(fitted)
 }
 
 /// Median of a non-empty slice (mean of the middle two for even lengths); 0 when empty.

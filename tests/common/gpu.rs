@@ -21,6 +21,19 @@ pub fn wgpu(test: &str) -> Option<lorafuse::Wgpu> {
     }
 }
 
+/// The CUDA backend on device 0, or `None` after printing why (a failure under
+/// `LORAFUSE_REQUIRE=cuda`).
+#[cfg(feature = "cuda")]
+pub fn cuda(test: &str) -> Option<lorafuse::backend::cuda::Cuda> {
+    match lorafuse::backend::cuda::Cuda::new(0) {
+        Ok(be) => Some(be),
+        Err(e) => {
+            skip_or_fail("cuda", &format!("{test}: {e}"));
+            None
+        }
+    }
+}
+
 /// The wgpu backend with `opts`, or `None` after printing why (a failure under
 /// `LORAFUSE_REQUIRE=wgpu`).
 #[cfg(feature = "wgpu")]
