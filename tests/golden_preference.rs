@@ -12,13 +12,14 @@ mod seeds;
 
 use lorafuse::Cpu;
 use lorafuse::backend::Backend;
-use lorafuse::io::peft::{apply_adapter, load_adapter};
+use lorafuse::io::peft::{apply_adapter, llama_adapter_tensors, load_adapter};
 use lorafuse::model::llama::Llama;
 use lorafuse::train::data::Example;
 use lorafuse::train::dpo::{
     DpoConfig, DpoLossType, Reference, dpo_grads, dpo_loss, pack_pairs, sequence_logps,
 };
 use lorafuse::train::preference::PreferencePair;
+use lorafuse::train::reward::{RewardConfig, reward_grads, reward_loss, score_pairs};
 use seeds::{Io, base_model, case_dir, peft_name, read_io};
 
 const ATOL: f64 = 1e-4;
@@ -37,10 +38,10 @@ fn with_adapter<B: Backend>(be: &B, case: &str) -> (Llama<B>, Io) {
 
 /// The case's pairs: rows `0..n` prompt + chosen, `n..2n` prompt + rejected, right-padded;
 /// the targets are the tokens `mask` marks (a row's label at position t is its token at t + 1).
-fn pairs(io: &Io, mask: &str) -> Vec<PreferencePair> {
+fn pairs(io: &Io, mask: Option<&str>) -> Vec<PreferencePair> {
     let (shape, ids) = io.get("input_ids");
     let (_, att) = io.get("attention_mask");
-    let (_, m) = io.get(mask);
+    let m = mask.map(|k| &io.get(k).1);
     let (rows, t) = (shape[0], shape[1]);
     let row = |r: usize| {
         let len = (0..t).filter(|&j| att[r * t + j] > 0.5).count();
@@ -48,7 +49,7 @@ fn pairs(io: &Io, mask: &str) -> Vec<PreferencePair> {
         // Example labels are unshifted: labels[j] is the target predicted at j - 1.
         let labels = (0..len)
             .map(|j| {
-                if m[r * t + j] > 0.5 {
+                if m.is_some_and(|m| m[r * t + j] > 0.5) {
                     input_ids[j] as i32
                 } else {
                     -100
@@ -63,6 +64,7 @@ fn pairs(io: &Io, mask: &str) -> Vec<PreferencePair> {
             chosen: row(i),
             rejected: row(n + i),
             reference: None,
+            margin: None,
         })
         .collect()
 }
@@ -128,7 +130,7 @@ fn check_dpo<B: Backend>(be: &B) {
         label_smoothing: meta("label_smoothing"),
         loss_type: DpoLossType::Sigmoid,
     };
-    let pairs = pairs(&io, "completion_mask");
+    let pairs = pairs(&io, Some("completion_mask"));
     let refs: Vec<&PreferencePair> = pairs.iter().collect();
     let (batch, counts) = pack_pairs(&refs).unwrap();
     let policy = sequence_logps(be, &model, &batch, &counts, false).unwrap();
@@ -202,6 +204,93 @@ fn dpo_lora_matches_on_cuda() {
         return;
     };
     check_dpo(&be);
+}
+
+fn check_reward<B: Backend>(be: &B) {
+    let (model, io) = with_adapter(be, "reward_lora");
+    let path = io.path.display().to_string();
+    assert!(
+        model.score.is_some(),
+        "{path}: the adapter's score head was not loaded"
+    );
+    let pairs = pairs(&io, None);
+    let (c, r) = score_pairs(be, &model, &pairs, 8).unwrap();
+    let ours: Vec<f64> = c.iter().chain(&r).copied().collect();
+    close(&path, "rewards", &ours, &io.get("rewards").1);
+    let refs: Vec<&PreferencePair> = pairs.iter().collect();
+    let (batch, _) = pack_pairs(&refs).unwrap();
+    let (out, grads) =
+        reward_grads(be, &model, &batch, &[None; 2], &RewardConfig::default()).unwrap();
+    close(&path, "loss", &[out.loss], &io.get("loss").1);
+    let acc = out.logs()["accuracy"];
+    let golden: f64 = io.meta["accuracy"].parse().unwrap();
+    assert!(
+        (acc - golden).abs() < 1e-9,
+        "{path}: accuracy {acc} vs {golden}"
+    );
+    check_grads(be, &model, &io, &grads);
+    // Saved as PEFT saves a SEQ_CLS LoRA: the same keys as the golden state dict.
+    let mut keys: Vec<String> = llama_adapter_tensors(be, &model)
+        .unwrap()
+        .into_iter()
+        .map(|(k, _, _)| k)
+        .collect();
+    keys.sort();
+    let mut golden: Vec<String> = serde_json::from_str(&io.meta["peft_state_dict_keys"]).unwrap();
+    golden.sort();
+    assert_eq!(keys, golden, "{path}: saved keys");
+}
+
+#[test]
+fn reward_lora_matches_peft_and_transformers_on_cpu() {
+    check_reward(&Cpu);
+}
+
+#[cfg(feature = "wgpu")]
+#[test]
+fn reward_lora_matches_on_wgpu() {
+    let Some(be) = gpu::wgpu("golden_preference") else {
+        return;
+    };
+    check_reward(&be);
+}
+
+#[cfg(feature = "cuda")]
+#[test]
+fn reward_lora_matches_on_cuda() {
+    let Some(be) = gpu::cuda("golden_preference") else {
+        return;
+    };
+    check_reward(&be);
+}
+
+/// The pairwise loss with margins and reward centring against central differences.
+#[test]
+fn reward_loss_has_the_gradient_it_claims() {
+    let c = [0.5, -1.25, 2.0];
+    let r = [0.75, -2.0, 1.0];
+    let margins = [Some(0.25), None, Some(-0.5)];
+    let cfg = RewardConfig {
+        center_rewards_coefficient: Some(0.01),
+    };
+    let out = reward_loss(&cfg, &c, &r, &margins).unwrap();
+    let h = 1e-5;
+    for i in 0..3 {
+        for (which, d) in [(0, out.d_chosen[i]), (1, out.d_rejected[i])] {
+            let shift = |e: f64| {
+                let (mut a, mut b) = (c, r);
+                if which == 0 {
+                    a[i] += e
+                } else {
+                    b[i] += e
+                }
+                reward_loss(&cfg, &a, &b, &margins).unwrap().loss
+            };
+            let fd = (shift(h) - shift(-h)) / (2.0 * h);
+            assert!((fd - d).abs() < 1e-8, "d[{which}][{i}] {d} vs {fd}");
+        }
+    }
+    assert_eq!(out.logs()["accuracy"], 2.0 / 3.0);
 }
 
 /// The sigmoid loss with label smoothing and the IPO loss, and their gradients, against

@@ -36,7 +36,7 @@ mod config_for;
 mod methods;
 
 pub(crate) use config::py_json;
-pub use config::{AdapterConfig, TargetModules};
+pub use config::{AdapterConfig, SEQ_CLS, TargetModules};
 pub use config_for::{
     AdaLoraOptions, MethodOptions, VeraOptions, adapter_config_for, adapter_config_for_method,
     rank_pattern_json,
@@ -66,6 +66,10 @@ pub const WEIGHTS_NAME: &str = "adapter_model.safetensors";
 pub const PEFT_VERSION: &str = "0.21.2";
 /// Prefix of every key in a saved adapter (`PeftModel` → `LoraModel` → the wrapped model).
 pub const KEY_PREFIX: &str = "base_model.model.";
+
+/// The file key of a reward model's `score` head (PEFT saves `modules_to_save` without its
+/// `modules_to_save.default` wrapper).
+pub const SCORE_KEY: &str = "base_model.model.score.weight";
 
 /// One adapter tensor as stored in a file: `(key, shape, row-major f32 data)`.
 pub type AdapterTensor = (String, Vec<usize>, Vec<f32>);
@@ -604,6 +608,9 @@ pub fn llama_adapter_tensors<B: Backend>(be: &B, model: &Llama<B>) -> Result<Vec
     }
     if model.ln_tuning.is_some() {
         out.extend(additive::ln_tuning_tensors(be, model)?);
+    }
+    if let Some(t) = &model.score {
+        out.push((SCORE_KEY.to_string(), t.shape().to_vec(), be.download(t)?));
     }
     for (l, block) in model.layers.iter().enumerate() {
         for (p, proj) in block.proj.iter().enumerate() {

@@ -470,7 +470,8 @@ impl<B: Backend> Llama<B> {
     /// embedding.weight`, `model.layers.0.output_adapters.adapters.<name>.adapter_up.weight`,
     /// ...), in a fixed order: the soft prompt, embeddings, then per layer its norms (full
     /// fine-tuning or LN tuning), base weights (full fine-tuning), its projection adapters
-    /// (PEFT's suffix order) and its bottleneck adapters or fusion layer, then the final norm.
+    /// (PEFT's suffix order) and its bottleneck adapters or fusion layer, then the final norm,
+    /// then a reward model's `score.weight`.
     /// Gradients come back in this order.
     pub fn trainable_params(&self) -> Vec<(String, &Tensor<B>)> {
         let mut out = Vec::new();
@@ -542,6 +543,9 @@ impl<B: Backend> Llama<B> {
         } else if let Some(t) = self.ln_tuning.as_ref().and_then(|ln| ln.norm.as_ref()) {
             out.push(("model.norm.ln_tuning_layers.weight".to_string(), t));
         }
+        if let Some(t) = &self.score {
+            out.push(("score.weight".to_string(), t));
+        }
         out
     }
 
@@ -598,6 +602,9 @@ impl<B: Backend> Llama<B> {
         if norm {
             out.push(&mut self.norm);
         } else if let Some(t) = ln_norm {
+            out.push(t);
+        }
+        if let Some(t) = &mut self.score {
             out.push(t);
         }
         out

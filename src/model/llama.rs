@@ -106,6 +106,9 @@ pub struct Llama<B: Backend> {
     pub bottleneck: Option<Bottleneck<B>>,
     /// AdapterFusion over frozen Pfeiffer adapters (trained fusion layers).
     pub fusion: Option<AdapterFusion<B>>,
+    /// `LlamaForSequenceClassification`'s `score` head `[num_labels, d]` (no bias), trained in
+    /// full: a reward model's (`super::score`).
+    pub score: Option<Tensor<B>>,
 }
 
 /// Activations of one layer kept for the backward pass.
@@ -155,6 +158,9 @@ pub struct HeadGrad<B: Backend> {
     /// Gradient with respect to the LM head `[vocab, d]` (the tied embedding, or
     /// `lm_head.weight`), when the head is trained; `None` counts as zero.
     pub d_lm_head: Option<Tensor<B>>,
+    /// Gradients of trainable tensors the head owns, by their [`Llama::trainable_params`]
+    /// name (the reward model's `score.weight`).
+    pub own: Vec<(String, Tensor<B>)>,
 }
 
 /// Output of a training forward + backward.
@@ -280,6 +286,7 @@ impl<B: Backend> Llama<B> {
             soft_prompt: None,
             bottleneck: None,
             fusion: None,
+            score: None,
         })
     }
 
@@ -480,6 +487,7 @@ impl<B: Backend> Llama<B> {
         Ok(HeadGrad {
             d_hidden,
             d_lm_head,
+            own: Vec::new(),
         })
     }
 
@@ -518,7 +526,9 @@ impl<B: Backend> Llama<B> {
         let HeadGrad {
             d_hidden: dhn,
             d_lm_head,
+            own,
         } = head(&hn, head_trained)?;
+        grads.extend(own);
         dhn.expect_shape("d_hidden", hn.shape())?;
         // With a tied head, dE collects the head's gradient and the embedding's.
         let mut d_embed = match (head_trained, d_lm_head) {

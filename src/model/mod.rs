@@ -8,6 +8,7 @@ pub mod generate;
 pub mod inject;
 pub mod llama;
 pub mod load;
+pub mod score;
 pub mod tokenizer;
 
 pub use config::LlamaConfig;

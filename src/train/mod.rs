@@ -10,5 +10,6 @@ pub mod optim;
 pub mod preference;
 pub mod recipe;
 pub mod report;
+pub mod reward;
 pub mod schedule;
 pub mod trainer;

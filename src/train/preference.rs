@@ -14,13 +14,15 @@ use serde_json::{Map, Value};
 use std::path::Path;
 
 /// One preference record: the same prompt completed twice, the `chosen` completion preferred.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct PreferenceSample {
     /// Prompt + chosen completion: a pair in the default recipe's ChatML template, or a whole
     /// conversation whose last (assistant) turn is the completion.
     pub chosen: Sample,
     /// Prompt + rejected completion, in the same form as `chosen`.
     pub rejected: Sample,
+    /// How much better `chosen` is (the record's optional `margin`, TRL RewardTrainer's).
+    pub margin: Option<f64>,
 }
 
 /// A tokenized preference pair. `chosen` and `rejected` start with the same prompt tokens
@@ -33,6 +35,8 @@ pub struct PreferencePair {
     /// The reference model's log-probabilities of the chosen and rejected completions, when
     /// computed once before training (`--precompute-ref`, TRL's `precompute_ref_log_probs`).
     pub reference: Option<(f64, f64)>,
+    /// The record's `margin` (reward models subtract it inside the loss).
+    pub margin: Option<f64>,
 }
 
 /// Reads preference records from a `.jsonl` or `.json` file (as [`crate::train::data::
@@ -48,6 +52,8 @@ pub struct PreferencePair {
 ///   the model's chat template;
 /// * implicit prompt: `{"chosen": [messages...], "rejected": [messages...]}`, two whole
 ///   conversations that differ only in their last (assistant) message.
+///
+/// An optional numeric `margin` (TRL RewardTrainer's) is kept with the pair.
 ///
 /// Errors: those of `load_records`, with the problem of each malformed record named.
 pub fn load_preferences(
@@ -69,6 +75,16 @@ pub fn preference_from_value(v: &Value) -> std::result::Result<PreferenceSample,
             ));
         }
     }
+    let margin = match obj.get("margin") {
+        None | Some(Value::Null) => None,
+        Some(Value::Number(n)) => n.as_f64().filter(|m| m.is_finite()),
+        Some(other) => {
+            return Err(format!(
+                "field `margin` must be a number, found {}",
+                kind(other)
+            ));
+        }
+    };
     let all_strings = ["prompt", "chosen", "rejected"]
         .iter()
         .all(|k| matches!(obj.get(*k), Some(Value::String(_))));
@@ -83,6 +99,7 @@ pub fn preference_from_value(v: &Value) -> std::result::Result<PreferenceSample,
         return Ok(PreferenceSample {
             chosen: pair("chosen")?,
             rejected: pair("rejected")?,
+            margin,
         });
     }
     let (chosen, rejected) = match obj.get("prompt") {
@@ -119,6 +136,7 @@ pub fn preference_from_value(v: &Value) -> std::result::Result<PreferenceSample,
     Ok(PreferenceSample {
         chosen: Sample::Chat(chosen),
         rejected: Sample::Chat(rejected),
+        margin,
     })
 }
 
@@ -196,6 +214,7 @@ pub fn tokenize_preferences(
             chosen,
             rejected,
             reference: None,
+            margin: s.margin,
         });
     }
     Ok((pairs, skipped))

@@ -108,6 +108,9 @@ pub fn upload<B: Backend>(be: &B, io: &Io, key: &str) -> lorafuse::backend::Tens
 /// PEFT's in-memory name of a lorafuse trainable: `base_model.model.` + the path, with the
 /// adapter name `default` where PEFT's module dict puts it.
 pub fn peft_name(name: &str) -> String {
+    if name == "score.weight" {
+        return "base_model.model.score.modules_to_save.default.weight".into();
+    }
     if let Some(rest) = name.strip_prefix("prompt_encoder.") {
         return format!("prompt_encoder.default.{rest}");
     }

@@ -55,6 +55,9 @@ pub(super) fn suffix_match(path: &str, name: &str) -> bool {
 ///
 /// [`rank`]: Self::rank
 /// [`alpha`]: Self::alpha
+/// PEFT's task type of a sequence-classification model (a reward model).
+pub const SEQ_CLS: &str = "SEQ_CLS";
+
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(try_from = "Map<String, Value>", into = "Map<String, Value>")]
 pub struct AdapterConfig {
@@ -516,6 +519,30 @@ impl AdapterConfig {
         }
     }
 
+    /// Whether this is a sequence-classification adapter whose `modules_to_save` is PEFT's
+    /// classification head and nothing else (`task_type: SEQ_CLS`, modules among `classifier`
+    /// and `score`: what PEFT writes for `LlamaForSequenceClassification`, a reward model).
+    pub fn is_seq_cls_head(&self) -> bool {
+        self.task_type.as_deref() == Some(SEQ_CLS)
+            && match self.extra.get("modules_to_save") {
+                Some(Value::Array(m)) => m
+                    .iter()
+                    .all(|v| matches!(v.as_str(), Some("classifier" | "score"))),
+                None | Some(Value::Null) => true,
+                _ => false,
+            }
+    }
+
+    /// Marks the config as PEFT marks a reward model's: `task_type: SEQ_CLS` with the head in
+    /// `modules_to_save` (`["classifier", "score"]`, PEFT's list for the task).
+    pub fn set_seq_cls_head(&mut self) {
+        self.task_type = Some(SEQ_CLS.into());
+        self.extra.insert(
+            "modules_to_save".into(),
+            serde_json::json!(["classifier", "score"]),
+        );
+    }
+
     /// AdaLoRA's `init_r` (PEFT default 12): the rank every layer starts with, and the
     /// `ranknum` divisor of a loaded layer even when masked ranks were dropped on save.
     pub fn init_r(&self) -> usize {
@@ -603,6 +630,7 @@ impl AdapterConfig {
                 ));
             }
         }
+        let seq_cls_head = self.is_seq_cls_head();
         for (key, what) in [
             ("layers_to_transform", "adapting only some layers"),
             ("layer_replication", "layer replication"),
@@ -610,6 +638,9 @@ impl AdapterConfig {
             ("trainable_token_indices", "trainable tokens"),
             ("target_parameters", "LoRA on nn.Parameter targets"),
         ] {
+            if key == "modules_to_save" && seq_cls_head {
+                continue;
+            }
             if let Some(v) = self.extra.get(key).filter(|v| !is_unset(v)) {
                 return Err(Error::arg(
                     key,

@@ -15,8 +15,8 @@
 
 use super::config::suffix_match;
 use super::{
-    AdapterConfig, AdapterTensor, CONFIG_NAME, KEY_PREFIX, WEIGHTS_NAME, lora_layers_from_adapter,
-    serialize_f32, write_dir_atomically,
+    AdapterConfig, AdapterTensor, CONFIG_NAME, KEY_PREFIX, SCORE_KEY, WEIGHTS_NAME,
+    lora_layers_from_adapter, serialize_f32, write_dir_atomically,
 };
 use crate::adapter::{
     AdaLoraLayer, Adapter, BeftLayer, DoraLayer, Ia3Layer, Linear, MethodKind, VeraLayer,
@@ -420,6 +420,26 @@ pub fn apply_adapter<B: Backend>(
     cfg: &AdapterConfig,
     tensors: &[AdapterTensor],
 ) -> Result<()> {
+    // A reward model's head (PEFT's modules_to_save of a SEQ_CLS adapter) rides along.
+    let (head, rest): (Vec<&AdapterTensor>, Vec<&AdapterTensor>) =
+        tensors.iter().partition(|(k, _, _)| k == SCORE_KEY);
+    if let Some((key, shape, data)) = head.first() {
+        if !cfg.is_seq_cls_head() {
+            return Err(Error::arg(
+                key.as_str(),
+                "a score head in an adapter whose config is not task_type SEQ_CLS with                  modules_to_save [classifier, score]",
+            ));
+        }
+        let rest: Vec<AdapterTensor> = rest.into_iter().cloned().collect();
+        let before = model.score.take();
+        let r = model
+            .set_score_head(be, data, shape)
+            .and_then(|()| apply_adapter(be, model, cfg, &rest));
+        if r.is_err() {
+            model.score = before;
+        }
+        return r;
+    }
     if cfg.peft_type == "LN_TUNING" {
         return super::additive::apply_ln_tuning(be, model, tensors);
     }
