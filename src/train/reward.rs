@@ -226,6 +226,7 @@ pub struct RewardMetrics {
 /// whatever else trains (an adapter, or full fine-tuning). `cfg.batch_size` pairs per step;
 /// `eval` evaluated before and after (skipped when empty). Errors: an invalid config, no
 /// pair, no score head, a non-finite loss, the model's.
+#[allow(clippy::too_many_arguments)] // train_dpo's shape: model, data, settings, progress, hook
 pub fn train_reward<B: Backend>(
     be: &B,
     model: &mut Llama<B>,
