@@ -36,6 +36,14 @@ pub(crate) enum Cmd {
     /// merge) on real model shapes; print a table and optionally write JSON for
     /// scripts/peft_bench.py.
     Bench(BenchArgs),
+    /// Align with human preferences by DPO (TRL's DPOTrainer) on prompt/chosen/rejected pairs,
+    /// from the base model or a trained adapter (--adapter).
+    Dpo(Box<DpoArgs>),
+    /// Train a reward model (TRL's RewardTrainer: a score head and the method's adapter) on
+    /// preference pairs.
+    Reward(Box<RewardArgs>),
+    /// Print a reward model's rewards of preference pairs, and its accuracy on them.
+    Score(ScoreArgs),
     /// Build instruction data with Self-Instruct: new tasks and their instances from seed
     /// tasks and the model's completions, filtered, as Alpaca JSONL.
     SelfInstruct(SelfInstructArgs),
@@ -258,17 +266,20 @@ pub(crate) enum BadRecords {
 pub(crate) struct FinetuneArgs {
     #[command(flatten)]
     pub(crate) model: ModelArgs,
-    /// Training data: Alpaca (instruction/input/output), chat pairs (question/answer or
-    /// prompt/response) or messages records, as .jsonl or .json. Default: the embedded
-    /// chatterbot-corpus English set. Records with index % 10 == 9 form the eval split.
+    /// Training data, as .jsonl or .json. finetune: Alpaca (instruction/input/output), chat pairs
+    /// (question/answer or prompt/response) or messages records; default the embedded
+    /// chatterbot-corpus English set. dpo, reward: preference records (prompt/chosen/rejected,
+    /// as strings or messages); default the shipped chatterbot preference set. Records with
+    /// index % 10 == 9 form the eval split.
     #[arg(long)]
     pub(crate) data: Option<PathBuf>,
     /// What to do with malformed records in --data.
     #[arg(long, value_enum, default_value_t = BadRecords::Reject)]
     pub(crate) bad_records: BadRecords,
-    /// Output directory: the PEFT adapter, metrics.json and loss_curve.png.
-    #[arg(long, default_value = "runs/smollm2-lora")]
-    pub(crate) out: PathBuf,
+    /// Output directory: the PEFT adapter, metrics.json and the plots. Default:
+    /// runs/smollm2-lora (finetune), runs/smollm2-dpo (dpo), runs/smollm2-reward (reward).
+    #[arg(long)]
+    pub(crate) out: Option<PathBuf>,
     /// Fine-tuning method.
     #[arg(long, value_enum, default_value_t = MethodArg::Lora)]
     pub(crate) method: MethodArg,
@@ -393,6 +404,65 @@ pub(crate) struct FinetuneArgs {
     /// (turns), keep the start (right) or keep the end (left).
     #[arg(long, value_enum, default_value_t = TruncationArg::Turns)]
     pub(crate) truncation: TruncationArg,
+}
+
+#[derive(Args)]
+pub(crate) struct DpoArgs {
+    #[command(flatten)]
+    pub(crate) train: FinetuneArgs,
+    /// A trained PEFT LoRA/DoRA adapter (an SFT run's --out) to continue; the reference model
+    /// is then the model with it frozen. Default: a fresh adapter, the base as reference.
+    #[arg(long)]
+    pub(crate) adapter: Option<PathBuf>,
+    /// β, the strength of the KL constraint to the reference (TRL's beta).
+    #[arg(long, default_value_t = 0.1)]
+    pub(crate) beta: f64,
+    /// The conservative-DPO rate of flipped labels, in [0, 0.5) (sigmoid loss).
+    #[arg(long, default_value_t = 0.0)]
+    pub(crate) label_smoothing: f64,
+    /// sigmoid (DPO) or ipo.
+    #[arg(long, default_value = "sigmoid")]
+    pub(crate) loss_type: String,
+    /// Compute the reference log-probabilities of every pair once before training (TRL's
+    /// precompute_ref_log_probs).
+    #[arg(long)]
+    pub(crate) precompute_ref: bool,
+}
+
+#[derive(Args)]
+pub(crate) struct RewardArgs {
+    #[command(flatten)]
+    pub(crate) train: FinetuneArgs,
+    /// TRL's center_rewards_coefficient: weight of mean((r_chosen + r_rejected)^2) in the loss.
+    #[arg(long)]
+    pub(crate) center_rewards_coefficient: Option<f64>,
+    /// Standard deviation of the score head's N(0, std^2) init (transformers'
+    /// initializer_range).
+    #[arg(long, default_value_t = 0.02)]
+    pub(crate) score_init_std: f32,
+}
+
+#[derive(Args)]
+pub(crate) struct ScoreArgs {
+    #[command(flatten)]
+    pub(crate) model: ModelArgs,
+    /// The reward model: a folder `lorafuse reward` wrote (PEFT SEQ_CLS adapter with its score
+    /// head).
+    #[arg(long)]
+    pub(crate) adapter: PathBuf,
+    /// Preference records (prompt/chosen/rejected) to score; default the shipped set's eval
+    /// split.
+    #[arg(long)]
+    pub(crate) data: Option<PathBuf>,
+    /// Maximum tokens per sequence (longer ones are truncated).
+    #[arg(long, default_value_t = 128)]
+    pub(crate) max_len: usize,
+    /// Conversations: a Jinja chat template file instead of the model's own.
+    #[arg(long)]
+    pub(crate) chat_template: Option<PathBuf>,
+    /// Print only the summary, not every pair.
+    #[arg(long)]
+    pub(crate) quiet: bool,
 }
 
 /// `--loss-on`.

@@ -21,7 +21,7 @@ use lorafuse::train::recipe::{
     AdaLoraSettings, AdditiveSettings, FullSettings, Method, Recipe, VeraSettings,
 };
 use lorafuse::train::report::write_json;
-use lorafuse::train::trainer::TrainConfig;
+use lorafuse::train::trainer::{Metrics, TrainConfig};
 use lorafuse::{Cpu, Error, Result};
 use std::path::Path;
 
@@ -38,6 +38,9 @@ fn main() {
         Cmd::Merge(a) => merge(a),
         Cmd::Compare(a) => compare(a),
         Cmd::Bench(a) => bench(a),
+        Cmd::Dpo(a) => align_cmd::dpo(*a),
+        Cmd::Reward(a) => align_cmd::reward(*a),
+        Cmd::Score(a) => align_cmd::score(a),
         Cmd::SelfInstruct(a) => self_instruct(a),
         Cmd::EvolInstruct(a) => evol_instruct(a),
         Cmd::Fetch => fetch::default_model(&mut |s| eprintln!("{s}")).map(|p| {
@@ -113,6 +116,7 @@ macro_rules! on_backend {
     };
 }
 
+mod align_cmd;
 mod synth_cmd;
 
 fn self_instruct(a: SelfInstructArgs) -> Result<()> {
@@ -215,7 +219,8 @@ fn finetune(a: FinetuneArgs) -> Result<()> {
     on_backend!(a.model.device, be => finetune_on(be, &a))
 }
 
-fn finetune_on<B: Backend>(be: B, a: &FinetuneArgs) -> Result<()> {
+/// The run `a` describes, writing to `a.out` or `default_out`.
+fn finetune_job(a: &FinetuneArgs, default_out: &str) -> Result<FinetuneJob> {
     let job = FinetuneJob {
         model: a.model.model.clone(),
         data: a.data.clone(),
@@ -225,7 +230,7 @@ fn finetune_on<B: Backend>(be: B, a: &FinetuneArgs) -> Result<()> {
         },
         max_len: a.max_len,
         eval: !a.no_eval,
-        out: a.out.clone(),
+        out: a.out.clone().unwrap_or_else(|| default_out.into()),
         recipe: recipe_from(a)?,
         chat: ChatOptions {
             template: a.chat_template.clone(),
@@ -242,12 +247,20 @@ fn finetune_on<B: Backend>(be: B, a: &FinetuneArgs) -> Result<()> {
         },
     };
     job.validate()?;
-    let bar = ProgressBar::new(job.recipe.train.steps as u64);
+    Ok(job)
+}
+
+/// Runs `body` with a progress bar of `steps` steps that shows each [`JobEvent`].
+fn with_progress<T>(
+    steps: usize,
+    body: impl FnOnce(&mut dyn FnMut(JobEvent<'_>)) -> Result<T>,
+) -> Result<T> {
+    let bar = ProgressBar::new(steps as u64);
     bar.set_style(
         ProgressStyle::with_template("{bar:30} {pos}/{len} [{elapsed_precise}<{eta}] {msg}")
             .unwrap_or_else(|_| ProgressStyle::default_bar()),
     );
-    let report = run_finetune(&be, &job, &mut |e| match e {
+    let out = body(&mut |e| match e {
         JobEvent::Log(line) => bar.suspend(|| eprintln!("{line}")),
         JobEvent::Evaluating { after } => bar.set_message(if after {
             "evaluating after training..."
@@ -263,18 +276,19 @@ fn finetune_on<B: Backend>(be: B, a: &FinetuneArgs) -> Result<()> {
             ));
             bar.inc(1);
         }
-    })?;
+    });
     bar.finish_and_clear();
-    let metrics = &report.metrics;
+    out
+}
+
+/// Prints the run's size, speed and memory, and what was written where.
+fn print_run(metrics: &Metrics, n_base_params: usize, saved: &str, out: &Path) {
     eprintln!(
         "{} trainable parameters ({:.3}% of {})",
         metrics.trainable_params,
-        100.0 * metrics.trainable_params as f64 / report.n_base_params as f64,
-        report.n_base_params
+        100.0 * metrics.trainable_params as f64 / n_base_params as f64,
+        n_base_params
     );
-    if let (Some(b), Some(f)) = (metrics.eval_loss_before, metrics.eval_loss_after) {
-        println!("eval loss {b:.4} -> {f:.4} ({:+.1}%)", 100.0 * (f - b) / b);
-    }
     println!(
         "{} steps, {:.3} s/step median ({:.3} mean), {:.0} tokens/s, peak RSS {} MiB",
         metrics.steps.len(),
@@ -284,10 +298,19 @@ fn finetune_on<B: Backend>(be: B, a: &FinetuneArgs) -> Result<()> {
         metrics.peak_rss_bytes.unwrap_or(0) >> 20
     );
     println!(
-        "{}, metrics.json and loss_curve.png written to {}",
-        report.saved,
-        a.out.display()
+        "{saved}, metrics.json and plots written to {}",
+        out.display()
     );
+}
+
+fn finetune_on<B: Backend>(be: B, a: &FinetuneArgs) -> Result<()> {
+    let job = finetune_job(a, "runs/smollm2-lora")?;
+    let report = with_progress(job.recipe.train.steps, |ev| run_finetune(&be, &job, ev))?;
+    let metrics = &report.metrics;
+    if let (Some(b), Some(f)) = (metrics.eval_loss_before, metrics.eval_loss_after) {
+        println!("eval loss {b:.4} -> {f:.4} ({:+.1}%)", 100.0 * (f - b) / b);
+    }
+    print_run(metrics, report.n_base_params, report.saved, &job.out);
     Ok(())
 }
 

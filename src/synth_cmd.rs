@@ -57,6 +57,8 @@ fn with_completer<B: Backend, T>(
     body(&mut c)
 }
 
+/// Checks the outputs before any generation: `--out` is not a folder, and the folders of
+/// `--out` and `--report` exist (created when missing), so a long run cannot fail at its end.
 fn check_out(a: &SynthArgs) -> Result<()> {
     if a.out.is_dir() {
         return Err(Error::arg(
@@ -66,6 +68,11 @@ fn check_out(a: &SynthArgs) -> Result<()> {
                 a.out.display()
             ),
         ));
+    }
+    for p in std::iter::once(&a.out).chain(a.report.as_ref()) {
+        if let Some(dir) = p.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+        }
     }
     Ok(())
 }

@@ -409,7 +409,8 @@ fn the_commands_run_on_a_model_and_a_seed_reproduces_them() {
     }
     let stdout = String::from_utf8_lossy(&o.stdout);
     assert!(stdout.contains("instructions generated"), "{stdout}");
-    let again = s.dir.join("self2.jsonl");
+    // Into a folder that does not exist yet (created before any generation).
+    let again = s.dir.join("new").join("folder").join("self2.jsonl");
     assert_ok(&si(&again), "self-instruct again");
     assert_eq!(std::fs::read(&again).unwrap(), text.as_bytes());
 

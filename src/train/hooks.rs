@@ -3,12 +3,13 @@
 
 use crate::adapter::device_rank_allocator::{AdaLoraDeviceLayer, DeviceRankAllocator};
 use crate::adapter::rank_allocator::AdaLoraSchedule;
-use crate::adapter::{AdaLoraLayer, Adapter};
+use crate::adapter::{AdaLoraLayer, Adapter, MethodKind};
 use crate::backend::{Axis, Backend, Tensor};
 use crate::error::{Error, Result};
 use crate::model::llama::{Llama, proj_path};
-use crate::train::recipe::AdaLoraSettings;
-use crate::train::trainer::StepHook;
+use crate::train::recipe::{AdaLoraSettings, Method, Recipe};
+use crate::train::trainer::{NoHook, StepHook};
+use std::collections::BTreeMap;
 
 /// AdapterFusion's value regularizer, as the `adapters` library adds it to the loss:
 /// `reg_weight * SUM over layers of ||I - W_value||_F^2` (weight 0.01), its gradient
@@ -231,5 +232,67 @@ impl<B: Backend> StepHook<B> for AdaLoraHook<B> {
         self.alloc
             .update_and_allocate(be, step as u64 + 1, &mut views)?;
         Ok(())
+    }
+}
+
+/// The hook a recipe's method runs around each step, whatever the objective (SFT, DPO, a
+/// reward model): AdaLoRA's, AdapterFusion's, or none.
+pub enum MethodHook<B: Backend> {
+    None(NoHook),
+    Fusion(FusionHook<B>),
+    AdaLora(Box<AdaLoraHook<B>>),
+}
+
+impl<B: Backend> MethodHook<B> {
+    /// The hook of `recipe`'s method over `steps` steps, for a model already prepared for it.
+    /// Errors: AdaLoRA's (a model without AdaLoRA layers, bad settings).
+    pub fn for_recipe(be: &B, model: &Llama<B>, recipe: &Recipe, steps: usize) -> Result<Self> {
+        Ok(if recipe.method == Method::AdapterFusion {
+            MethodHook::Fusion(FusionHook::default())
+        } else if recipe.method.adapter_kind() == Some(MethodKind::AdaLora) {
+            let h = AdaLoraHook::new(be, model, &recipe.adalora, steps as u64)?;
+            MethodHook::AdaLora(Box::new(h))
+        } else {
+            MethodHook::None(NoHook)
+        })
+    }
+
+    /// What the method learned about the adapter's shape: AdaLoRA's kept ranks per module.
+    pub fn rank_pattern(&self, be: &B) -> Result<Option<BTreeMap<String, Vec<bool>>>> {
+        match self {
+            MethodHook::AdaLora(h) => h.allocator().rank_pattern(be),
+            _ => Ok(None),
+        }
+    }
+
+    fn inner(&mut self) -> &mut dyn StepHook<B> {
+        match self {
+            MethodHook::None(h) => h,
+            MethodHook::Fusion(h) => h,
+            MethodHook::AdaLora(h) => h.as_mut(),
+        }
+    }
+}
+
+impl<B: Backend> StepHook<B> for MethodHook<B> {
+    fn before_update(
+        &mut self,
+        be: &B,
+        step: usize,
+        model: &Llama<B>,
+        names: &[String],
+        grads: &mut [Tensor<B>],
+    ) -> Result<Option<Tensor<B>>> {
+        self.inner().before_update(be, step, model, names, grads)
+    }
+    fn after_update(
+        &mut self,
+        be: &B,
+        step: usize,
+        model: &mut Llama<B>,
+        names: &[String],
+        grads: &[Tensor<B>],
+    ) -> Result<()> {
+        self.inner().after_update(be, step, model, names, grads)
     }
 }

@@ -336,7 +336,15 @@ pub fn save_trained<B: Backend>(
             peft::additive::prompt_config(model, pm, add.num_virtual_tokens, &opts, base)
         }),
     };
+    // A reward model is PEFT's SEQ_CLS task with its head in modules_to_save.
+    let task = |mut cfg: peft::AdapterConfig| {
+        if model.score.is_some() {
+            cfg.set_seq_cls_head();
+        }
+        cfg
+    };
     if let Some(cfg) = peft_cfg {
+        let cfg = task(cfg);
         peft::save_adapter(out, &cfg, &peft::llama_adapter_tensors(be, model)?)?;
         return Ok("PEFT adapter");
     }
@@ -381,7 +389,7 @@ pub fn save_trained<B: Backend>(
         },
         ia3_feedforward_modules: Vec::new(),
     };
-    let cfg = peft::adapter_config_for_method(kind, &lora, &opts)?;
+    let cfg = task(peft::adapter_config_for_method(kind, &lora, &opts)?);
     let (tensors, _) = match &pattern {
         Some(p) => peft::llama_adapter_export(be, model, peft::AdaLoraMask::Pattern(p))?,
         None => peft::llama_adapter_export(be, model, peft::AdaLoraMask::KeepAll)?,

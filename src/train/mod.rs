@@ -1,5 +1,6 @@
 //! Fine-tuning: datasets, optimizer, learning-rate schedule and the training loop.
 
+pub mod align;
 pub mod chat_data;
 pub mod compare;
 pub mod data;

@@ -8,7 +8,7 @@ use crate::backend::{Activation, Backend};
 use crate::error::{Error, Result};
 use crate::model::llama::{FullFinetune, Llama, Nf4Spec};
 use crate::train::data::Example;
-pub use crate::train::hooks::{AdaLoraHook, FusionHook};
+pub use crate::train::hooks::{AdaLoraHook, FusionHook, MethodHook};
 use crate::train::trainer::{Metrics, StepMetric, TrainConfig, train_with};
 use serde::{Deserialize, Serialize};
 
@@ -558,31 +558,8 @@ pub fn run_with<B: Backend>(
     if recipe.method == Method::Full {
         cfg.unfreeze_every = recipe.full.unfreeze_every;
     }
-    if recipe.method == Method::AdapterFusion {
-        return train_with(
-            be,
-            model,
-            train,
-            eval,
-            &cfg,
-            on_step,
-            &mut FusionHook::default(),
-        );
-    }
-    if recipe.method == Method::AdaLora {
-        let mut hook = AdaLoraHook::new(be, model, &recipe.adalora, cfg.steps as u64)?;
-        let mut metrics = train_with(be, model, train, eval, &cfg, on_step, &mut hook)?;
-        metrics.adalora_rank_pattern = hook.allocator().rank_pattern(be)?;
-        Ok(metrics)
-    } else {
-        train_with(
-            be,
-            model,
-            train,
-            eval,
-            &cfg,
-            on_step,
-            &mut crate::train::trainer::NoHook,
-        )
-    }
+    let mut hook = MethodHook::for_recipe(be, model, recipe, cfg.steps)?;
+    let mut metrics = train_with(be, model, train, eval, &cfg, on_step, &mut hook)?;
+    metrics.adalora_rank_pattern = hook.rank_pattern(be)?;
+    Ok(metrics)
 }

@@ -2,7 +2,7 @@
 
 use crate::error::{Error, Result};
 use crate::io::atomic::{write_atomic, write_atomic_with};
-use crate::train::trainer::Metrics;
+use crate::train::trainer::{Metrics, StepMetric};
 use plotters::prelude::*;
 use std::path::Path;
 
@@ -84,6 +84,53 @@ pub fn write_loss_png(path: &Path, metrics: &Metrics, title: &str) -> Result<()>
             .background_style(WHITE.mix(0.8))
             .draw()
             .map_err(|e| plot_err(path, e))?;
+        root.present().map_err(|e| plot_err(path, e))
+    })
+}
+
+/// Draws each of `keys` of the steps' [`StepMetric::logs`] (DPO's rewards and log-probabilities,
+/// a reward model's accuracy) against the step, one panel per key in a grid of two columns, to
+/// a PNG 900 pixels wide, written atomically. A key no step logged draws an empty panel.
+/// Errors: no steps or keys, or drawing/writing failed.
+pub fn write_logs_png(path: &Path, steps: &[StepMetric], keys: &[&str], title: &str) -> Result<()> {
+    if steps.is_empty() || keys.is_empty() {
+        return Err(Error::arg("metrics", "no step or no value to plot"));
+    }
+    register_font();
+    let rows = keys.len().div_ceil(2);
+    let height = 60 + 260 * rows as u32;
+    write_atomic_with(path, |tmp| {
+        let root = BitMapBackend::new(tmp, (900, height)).into_drawing_area();
+        root.fill(&WHITE).map_err(|e| plot_err(path, e))?;
+        let root = root
+            .titled(title, ("sans-serif", 22))
+            .map_err(|e| plot_err(path, e))?;
+        let n = steps.len() as f64;
+        for (panel, key) in root.split_evenly((rows, 2)).iter().zip(keys) {
+            let pts: Vec<(f64, f64)> = steps
+                .iter()
+                .filter_map(|s| s.logs.get(*key).map(|&v| (s.step as f64 + 1.0, v)))
+                .collect();
+            let lo = pts.iter().map(|p| p.1).fold(f64::INFINITY, f64::min);
+            let hi = pts.iter().map(|p| p.1).fold(f64::NEG_INFINITY, f64::max);
+            let (lo, hi) = if lo.is_finite() { (lo, hi) } else { (0.0, 1.0) };
+            let pad = ((hi - lo) * 0.08).max(1e-3);
+            let mut chart = ChartBuilder::on(panel)
+                .caption(*key, ("sans-serif", 16))
+                .margin(8)
+                .x_label_area_size(28)
+                .y_label_area_size(60)
+                .build_cartesian_2d(0.0..n + 1.0, (lo - pad)..(hi + pad))
+                .map_err(|e| plot_err(path, e))?;
+            chart
+                .configure_mesh()
+                .x_desc("step")
+                .draw()
+                .map_err(|e| plot_err(path, e))?;
+            chart
+                .draw_series(LineSeries::new(pts, &BLUE))
+                .map_err(|e| plot_err(path, e))?;
+        }
         root.present().map_err(|e| plot_err(path, e))
     })
 }
