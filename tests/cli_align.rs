@@ -235,6 +235,37 @@ fn dpo_continues_an_sft_adapter_with_it_frozen_as_the_reference() {
 }
 
 #[test]
+fn full_fine_tuning_keeps_a_frozen_copy_as_the_reference() {
+    let fx = fixture();
+    let out = out_dir("dpo-full");
+    assert_ok(
+        &align(
+            "dpo",
+            &out,
+            &["--method", "full", "--lr", "1e-4", "--no-eval"],
+        ),
+        "dpo --method full",
+    );
+    let m = read_json(&out.join("metrics.json"));
+    assert_eq!(m["reference"], "frozen copy of the starting model");
+    assert!(m["reference_bytes"].as_u64().unwrap() > 0);
+    assert!((step_losses(&m)[0] - 2f64.ln()).abs() < 1e-6);
+    assert!(out.join("model.safetensors").is_file());
+    // A fully trained reward model keeps its head: transformers' `score.weight`.
+    let rw = out_dir("reward-full");
+    assert_ok(
+        &align(
+            "reward",
+            &rw,
+            &["--method", "full", "--lr", "1e-4", "--no-eval"],
+        ),
+        "reward --method full",
+    );
+    let st = read_st(&rw.join("model.safetensors"));
+    assert_eq!(st["score.weight"].1, vec![1, fx.hidden]);
+}
+
+#[test]
 fn dpo_ipo_and_label_smoothing_run_and_are_recorded() {
     let ipo = out_dir("dpo-ipo");
     assert_ok(

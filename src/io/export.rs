@@ -78,6 +78,10 @@ pub fn model_weights<B: Backend>(model: &Llama<B>) -> Vec<(String, ModelWeight<'
     if let Some(h) = &model.lm_head {
         out.push(("lm_head.weight".into(), ModelWeight::Dense(h)));
     }
+    // A reward model: LlamaForSequenceClassification's head.
+    if let Some(s) = &model.score {
+        out.push(("score.weight".into(), ModelWeight::Dense(s)));
+    }
     out
 }
 

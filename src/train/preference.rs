@@ -108,11 +108,15 @@ pub fn preference_from_value(v: &Value) -> std::result::Result<PreferenceSample,
             whole(prompt, completion(obj, "rejected")?, "rejected")?,
         ),
         Some(Value::String(_)) => {
-            return Err(
-                "a string `prompt` needs string `chosen` and `rejected` (for chat completions, \
-                 give the prompt as a list of messages)"
-                    .into(),
-            );
+            let (key, v) = ["chosen", "rejected"]
+                .iter()
+                .find_map(|k| obj.get(*k).filter(|v| !v.is_string()).map(|v| (*k, v)))
+                .unwrap_or(("chosen", &Value::Null));
+            return Err(format!(
+                "field `{key}` must be a string like `prompt`, found {} (for chat completions, \
+                 give the prompt as a list of messages)",
+                kind(v)
+            ));
         }
         Some(other) => {
             return Err(format!(
