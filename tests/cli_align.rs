@@ -228,10 +228,104 @@ fn dpo_continues_an_sft_adapter_with_it_frozen_as_the_reference() {
     assert!(!o.status.success());
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(
-        err.contains("LoRA") && err.contains("--method lora"),
+        err.contains("LORA") && err.contains("--method lora"),
         "{err}"
     );
     assert!(!bad.join("adapter_model.safetensors").exists());
+}
+
+/// `finetune --method METHOD` on the tiny model's chat data, 2 steps, into a fresh folder.
+fn sft(method: &str) -> PathBuf {
+    let fx = fixture();
+    let out = out_dir(&format!("sft-{method}"));
+    let o = run(&[
+        "finetune",
+        "--model",
+        p(&fx.gguf),
+        "--data",
+        p(&fx.sft_data),
+        "--steps",
+        "2",
+        "--batch-size",
+        "4",
+        "--lr",
+        "1e-2",
+        "--method",
+        method,
+        "--out",
+        p(&out),
+    ]);
+    assert_ok(&o, method);
+    out
+}
+
+#[test]
+fn other_methods_continue_and_train_from_the_base() {
+    // VeRA, IA3 and LN tuning adapters continue, saved with their own config.
+    for method in ["vera", "ia3", "ln_tuning"] {
+        let start = sft(method);
+        let out = out_dir(&format!("dpo-{method}"));
+        assert_ok(
+            &align(
+                "dpo",
+                &out,
+                &["--adapter", p(&start), "--method", method, "--no-eval"],
+            ),
+            method,
+        );
+        let m = read_json(&out.join("metrics.json"));
+        assert!(
+            (step_losses(&m)[0] - 2f64.ln()).abs() < 1e-6,
+            "{method}: {:?}",
+            step_losses(&m)
+        );
+        let (a, b) = (
+            read_json(&start.join("adapter_config.json")),
+            read_json(&out.join("adapter_config.json")),
+        );
+        for k in [
+            "peft_type",
+            "target_modules",
+            "r",
+            "projection_prng_key",
+            "feedforward_modules",
+        ] {
+            assert_eq!(a.get(k), b.get(k), "{method}: config field {k}");
+        }
+    }
+    // Soft prompts train from the base (not at the reference: their virtual tokens change the
+    // logits from the first step) and are saved as PEFT saves them; continuing one is refused.
+    for cmd in ["dpo", "reward"] {
+        let out = out_dir(&format!("{cmd}-prompt"));
+        let o = align(
+            cmd,
+            &out,
+            &[
+                "--method",
+                "prompt_tuning",
+                "--num-virtual-tokens",
+                "4",
+                "--no-eval",
+            ],
+        );
+        assert_ok(&o, cmd);
+        let cfg = read_json(&out.join("adapter_config.json"));
+        assert_eq!(cfg["peft_type"], "PROMPT_TUNING", "{cmd}");
+        assert!(
+            step_losses(&read_json(&out.join("metrics.json")))
+                .iter()
+                .all(|l| l.is_finite())
+        );
+    }
+    let start = sft("prompt_tuning");
+    let out = out_dir("dpo-prompt-continued");
+    let o = align(
+        "dpo",
+        &out,
+        &["--adapter", p(&start), "--method", "prompt_tuning"],
+    );
+    assert!(!o.status.success());
+    assert!(String::from_utf8_lossy(&o.stderr).contains("not supported"));
 }
 
 #[test]
@@ -390,7 +484,6 @@ fn bad_preference_input_fails_clearly_and_writes_nothing() {
             &["label_smoothing"],
         ),
         (vec!["--label-smoothing", "0.5"], &["label_smoothing"]),
-        (vec!["--method", "prompt_tuning"], &["prompt_tuning"]),
     ];
     for (i, (extra, words)) in cases.iter().enumerate() {
         let out = out_dir(&format!("dpo-bad-{i}"));

@@ -11,7 +11,7 @@ mod gpu;
 mod seeds;
 
 use lorafuse::Cpu;
-use lorafuse::backend::Backend;
+use lorafuse::backend::{Backend, Tensor};
 use lorafuse::io::peft::{apply_adapter, llama_adapter_tensors, load_adapter};
 use lorafuse::model::llama::Llama;
 use lorafuse::train::data::Example;
@@ -79,40 +79,13 @@ fn close(path: &str, what: &str, ours: &[f64], golden: &[f32]) {
     }
 }
 
-fn check_grads<B: Backend>(
-    be: &B,
-    model: &Llama<B>,
-    io: &Io,
-    grads: &[lorafuse::backend::Tensor<B>],
-) {
-    let path = io.path.display().to_string();
+fn check_grads<B: Backend>(be: &B, model: &Llama<B>, io: &Io, grads: &[Tensor<B>]) {
     let names: Vec<String> = model
         .trainable_params()
         .into_iter()
         .map(|(n, _)| n)
         .collect();
-    let golden = io.t.keys().filter(|k| k.starts_with("grad.")).count();
-    assert_eq!(
-        names.len(),
-        golden,
-        "{path}: {} trainable tensors, {golden} gradients",
-        names.len()
-    );
-    for (name, g) in names.iter().zip(grads) {
-        let gname = format!("grad.{}", peft_name(name));
-        let (_, gd) = io.get(&gname);
-        let ours = be.download(g).unwrap();
-        assert_eq!(ours.len(), gd.len(), "{path}: {gname} size");
-        let scale = gd.iter().fold(0f32, |m, v| m.max(v.abs())).max(1e-12);
-        let err = ours
-            .iter()
-            .zip(gd)
-            .fold(0f32, |m, (a, b)| m.max((a - b).abs()));
-        assert!(
-            err <= GRAD_RTOL * scale,
-            "{path}: {gname} differs by {err} (largest {scale})"
-        );
-    }
+    seeds::check_grads(be, io, &names, grads, &peft_name, GRAD_RTOL, 0.0);
 }
 
 fn check_dpo<B: Backend>(be: &B) {

@@ -82,33 +82,15 @@ fn check_case<B: Backend>(be: &B, model: &Llama<B>, io: &Io, name_of: &dyn Fn(&s
         .into_iter()
         .map(|(n, _)| n)
         .collect();
-    let golden_grads = io.t.keys().filter(|k| k.starts_with("grad.")).count();
-    assert_eq!(
-        names.len(),
-        golden_grads,
-        "{path}: {} trainable tensors, the case has {golden_grads} gradients: {names:?}",
-        names.len()
+    seeds::check_grads(
+        be,
+        io,
+        &names,
+        &out.grads,
+        name_of,
+        GRAD_RTOL,
+        GRAD_ATOL_FLOOR,
     );
-    for (name, g) in names.iter().zip(&out.grads) {
-        let gname = format!("grad.{}", name_of(name));
-        let (gs, gd) = io.get(&gname);
-        let ours = be.download(g).unwrap();
-        assert_eq!(
-            ours.len(),
-            gd.len(),
-            "{path}: {gname} has shape {gs:?}, ours {:?}",
-            g.shape()
-        );
-        let scale = gd.iter().fold(0f32, |m, v| m.max(v.abs())).max(1e-12);
-        let err = ours
-            .iter()
-            .zip(gd)
-            .fold(0f32, |m, (a, b)| m.max((a - b).abs()));
-        assert!(
-            err <= (GRAD_RTOL * scale).max(GRAD_ATOL_FLOOR),
-            "{path}: {gname} differs by {err} (largest entry {scale})"
-        );
-    }
 }
 
 /// Loads `<case>/` (the folder PEFT saved) onto the base model, then sets the trainable

@@ -7,11 +7,12 @@
 //! and no compute is spent on padding. The LM head runs only on the rows whose next token is a
 //! target, which is all the loss needs.
 
+pub use super::heads::{HeadGrad, ObjectiveHead};
 use crate::adapter::{AdapterFusion, Bottleneck, Linear, LnTuning, SoftPrompt, VeraShared};
 use crate::backend::{Backend, Tensor};
 use crate::error::{Error, Result};
 use crate::model::LlamaConfig;
-use crate::model::additive::{AttnSaved, PrefixSource, Prepared, PromptState, SiteSaved, need};
+use crate::model::additive::{AttnSaved, PrefixSource, Prepared, PromptState, SiteSaved};
 pub use crate::model::batch::PackedBatch;
 pub use crate::model::inject::Proj;
 use crate::model::inject::ProjSaved;
@@ -107,7 +108,7 @@ pub struct Llama<B: Backend> {
     /// AdapterFusion over frozen Pfeiffer adapters (trained fusion layers).
     pub fusion: Option<AdapterFusion<B>>,
     /// `LlamaForSequenceClassification`'s `score` head `[num_labels, d]` (no bias), trained in
-    /// full: a reward model's (`super::score`).
+    /// full: a reward model's (`super::heads`).
     pub score: Option<Tensor<B>>,
 }
 
@@ -145,22 +146,6 @@ pub struct DeferredLossAndGrads<B: Backend> {
     pub n_targets: usize,
     /// Gradients of the mean loss, in the order of [`Llama::trainable_params`].
     pub grads: Vec<Tensor<B>>,
-}
-
-/// The head of an objective for [`Llama::grads_from_head`]: from the final normed hidden rows
-/// and whether the LM head is trained, the objective's gradients.
-pub type ObjectiveHead<'a, B> = dyn FnMut(&Tensor<B>, bool) -> Result<HeadGrad<B>> + 'a;
-
-/// What the head of an objective returns to [`Llama::grads_from_head`].
-pub struct HeadGrad<B: Backend> {
-    /// Gradient of the objective with respect to the final normed hidden rows `[rows, d]`.
-    pub d_hidden: Tensor<B>,
-    /// Gradient with respect to the LM head `[vocab, d]` (the tied embedding, or
-    /// `lm_head.weight`), when the head is trained; `None` counts as zero.
-    pub d_lm_head: Option<Tensor<B>>,
-    /// Gradients of trainable tensors the head owns, by their [`Llama::trainable_params`]
-    /// name (the reward model's `score.weight`).
-    pub own: Vec<(String, Tensor<B>)>,
 }
 
 /// Output of a training forward + backward.
@@ -460,34 +445,6 @@ impl<B: Backend> Llama<B> {
             loss_stats,
             n_targets: n,
             grads,
-        })
-    }
-
-    /// The LM head's backward for an objective over logits `hn W^T` (`hn [N, d]`, the final
-    /// normed hidden rows; `dlogits [N, vocab]`): `d_hidden = dlogits W`, and with
-    /// `head_trained` the head's gradient `dlogits^T hn` (the tied embedding's, or
-    /// `lm_head.weight`'s). What a [`Llama::grads_from_head`] head returns for a
-    /// language-modelling objective (SFT's cross-entropy, DPO's sequence log-probabilities).
-    /// Errors: shapes that disagree with the head.
-    pub fn lm_head_backward(
-        &self,
-        be: &B,
-        hn: &Tensor<B>,
-        dlogits: &Tensor<B>,
-        head_trained: bool,
-    ) -> Result<HeadGrad<B>> {
-        let d_hidden = need(be.linear_backward_input(dlogits, self.head(), None)?)?;
-        let d_lm_head = if head_trained {
-            let mut dw = be.zeros(self.head().shape())?;
-            be.linear_backward_weight(dlogits, hn, &mut dw)?;
-            Some(dw)
-        } else {
-            None
-        };
-        Ok(HeadGrad {
-            d_hidden,
-            d_lm_head,
-            own: Vec::new(),
         })
     }
 

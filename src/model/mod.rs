@@ -5,10 +5,10 @@ pub mod batch;
 pub mod chat;
 pub mod config;
 pub mod generate;
+pub mod heads;
 pub mod inject;
 pub mod llama;
 pub mod load;
-pub mod score;
 pub mod tokenizer;
 
 pub use config::LlamaConfig;

@@ -47,10 +47,10 @@ pub enum Objective {
 #[derive(Clone, Debug)]
 pub struct AlignJob {
     pub job: FinetuneJob,
-    /// A trained PEFT adapter to continue (LoRA or DoRA, over a dense or, with `--method
-    /// qlora|qdora`, an NF4 base): its weights are the start and, for DPO, the frozen copy of
-    /// it is the reference (TRL's behaviour with a trained PEFT model). `None` attaches a fresh
-    /// adapter of the recipe's method.
+    /// A trained PEFT adapter to continue (LoRA, DoRA, VeRA, IA3, BEFT or LN tuning, over a
+    /// dense or, with the method's `q` variant, an NF4 base): its weights are the start and, for
+    /// DPO, the frozen copy of it is the reference (TRL's behaviour with a trained PEFT model);
+    /// it is saved with its own config. `None` attaches a fresh adapter of the recipe's method.
     pub start_adapter: Option<PathBuf>,
     pub objective: Objective,
 }
@@ -121,70 +121,71 @@ pub fn load_pairs(
     Ok(rep.records)
 }
 
-/// Continues the trained adapter at `dir` on `model`: checks it is a LoRA/DoRA adapter of the
-/// recipe's method and takes its r, alpha, rsLoRA and targets into the recipe (they are what is
-/// saved). Errors: an adapter of another method, one the model cannot take.
+/// The methods that may continue a PEFT adapter of this config: the method and its variant
+/// over an NF4 base. `None` for what cannot be continued: AdaLoRA (its rank allocator's state
+/// is not in the folder) and the soft prompts (their encoders are not saved, only their output).
+fn continuable(cfg: &peft::AdapterConfig) -> Result<Option<&'static [Method]>> {
+    Ok(match cfg.peft_type.as_str() {
+        "LN_TUNING" => Some(&[Method::LnTuning]),
+        "PROMPT_TUNING" | "P_TUNING" | "PREFIX_TUNING" => None,
+        _ => match cfg.check_supported()? {
+            MethodKind::Lora => Some(&[Method::Lora, Method::Qlora]),
+            MethodKind::Dora => Some(&[Method::Dora, Method::Qdora]),
+            MethodKind::Vera => Some(&[Method::Vera, Method::Qvera]),
+            MethodKind::Ia3 => Some(&[Method::Ia3]),
+            MethodKind::Beft => Some(&[Method::Beft]),
+            MethodKind::AdaLora => None,
+        },
+    })
+}
+
+/// Continues the trained PEFT adapter at `dir` on `model` (LoRA, DoRA, VeRA, IA3, BEFT or LN
+/// tuning, over a dense base or, with the method's `q` variant, an NF4 one): checks it is of the
+/// recipe's method and returns its config, which is what the continued adapter is saved with.
+/// Errors: an adapter that cannot be continued, one of another method than `--method`, one the
+/// model cannot take.
 fn continue_adapter<B: Backend>(
     be: &B,
     model: &mut Llama<B>,
-    recipe: &mut Recipe,
+    recipe: &Recipe,
     dir: &Path,
-) -> Result<()> {
+) -> Result<peft::AdapterConfig> {
     let (cfg, tensors) = peft::load_adapter(dir)?;
-    let kind = cfg.check_supported()?;
-    if !matches!(kind, MethodKind::Lora | MethodKind::Dora) {
+    let Some(methods) = continuable(&cfg)? else {
         return Err(Error::arg(
             "adapter",
             format!(
-                "{}: continuing a {} adapter is not supported (LoRA and DoRA adapters are); \
-                 train one from the base with --method instead",
+                "{}: continuing a {} adapter is not supported (LoRA, DoRA, VeRA, IA3, BEFT and LN \
+                 tuning adapters are); train one from the base with --method instead",
                 dir.display(),
                 cfg.peft_type
             ),
         ));
-    }
-    if recipe.method.adapter_kind() != Some(kind) {
+    };
+    if !methods.contains(&recipe.method) {
+        let names: Vec<&str> = methods.iter().map(|m| m.name()).collect();
         return Err(Error::arg(
             "method",
             format!(
-                "{} holds a {} adapter but --method is {}: pass --method {} (or q{} for an NF4 \
-                 base)",
+                "{} holds a {} adapter but --method is {}: pass --method {}",
                 dir.display(),
-                if kind == MethodKind::Dora {
+                if cfg.use_dora == Some(true) {
                     "DoRA"
                 } else {
-                    "LoRA"
+                    cfg.peft_type.as_str()
                 },
                 recipe.method.name(),
-                if kind == MethodKind::Dora {
-                    "dora"
-                } else {
-                    "lora"
-                },
-                if kind == MethodKind::Dora {
-                    "dora"
-                } else {
-                    "lora"
-                },
+                names.join(" or --method ")
             ),
         ));
     }
-    let targets = match &cfg.target_modules {
-        Some(peft::TargetModules::List(v)) => v.clone(),
-        _ => recipe.lora.target_modules.clone(),
-    };
-    recipe.lora = crate::adapter::LoraConfig {
-        r: cfg.rank(),
-        lora_alpha: cfg.alpha() as f32,
-        use_rslora: cfg.rslora(),
-        target_modules: targets,
-    };
     if recipe.method.quantized_base() {
         model.quantize_bases(be, recipe.nf4)?;
     } else {
         model.freeze_bases(be)?;
     }
-    peft::apply_adapter(be, model, &cfg, &tensors)
+    peft::apply_adapter(be, model, &cfg, &tensors)?;
+    Ok(cfg)
 }
 
 /// Runs `job` on `be`, reporting progress through `on_event`. Errors: an invalid job, a model,
@@ -201,16 +202,6 @@ pub fn run_align<B: Backend>(
         Objective::Dpo { config, .. } => config.validate()?,
         Objective::Reward { config, .. } => config.validate()?,
     }
-    if base.recipe.method.prompt_method().is_some() {
-        return Err(Error::arg(
-            "method",
-            format!(
-                "{} is not supported for preference training yet (the LoRA family, IA3, BEFT, \
-                 LN tuning, bottleneck adapters and full fine-tuning are)",
-                base.recipe.method.name()
-            ),
-        ));
-    }
     let mut recipe = base.recipe.clone();
     let samples = load_pairs(base.data.as_deref(), base.bad_records, on_event)?;
     let (train_s, eval_s) = split_train_eval(samples);
@@ -221,6 +212,11 @@ pub fn run_align<B: Backend>(
     let (path, tok, mut model) = load_model(be, base.model.as_deref(), nf4, &mut |line| {
         on_event(JobEvent::Log(line))
     })?;
+    // PEFT tokenizes prompt tuning's init text with the model's tokenizer.
+    let init_ids = match &recipe.additive.prompt_tuning_init_text {
+        Some(t) => Some(tok.encode(t)?),
+        None => None,
+    };
     let chatty = |s: &[PreferenceSample]| {
         s.iter()
             .any(|p| matches!(p.chosen, crate::train::data::Sample::Chat(_)))
@@ -256,10 +252,13 @@ pub fn run_align<B: Backend>(
             "no training pair left after tokenization".into(),
         ));
     }
-    match &job.start_adapter {
-        Some(dir) => continue_adapter(be, &mut model, &mut recipe, dir)?,
-        None => recipe::prepare_with(be, &mut model, &recipe, None)?,
-    }
+    let continued = match &job.start_adapter {
+        Some(dir) => Some(continue_adapter(be, &mut model, &recipe, dir)?),
+        None => {
+            recipe::prepare_with(be, &mut model, &recipe, init_ids.as_deref())?;
+            None
+        }
+    };
     if recipe.method == Method::Full {
         recipe.train.unfreeze_every = recipe.full.unfreeze_every;
     }
@@ -339,7 +338,18 @@ pub fn run_align<B: Backend>(
         .as_ref()
         .map(|p| p.display().to_string())
         .unwrap_or_else(|| fetch::DEFAULT_MODEL_FILE.to_string());
-    let saved = save_trained(be, &model, &recipe, metrics.run(), out, model_name)?;
+    let saved = match continued {
+        // A continued adapter keeps its own config (the method's settings as it was trained).
+        Some(mut cfg) => {
+            cfg.base_model_name_or_path = Some(model_name);
+            if model.score.is_some() {
+                cfg.set_seq_cls_head();
+            }
+            peft::save_adapter(out, &cfg, &peft::llama_adapter_tensors(be, &model)?)?;
+            "PEFT adapter"
+        }
+        None => save_trained(be, &model, &recipe, metrics.run(), out, model_name)?,
+    };
     let (what, keys): (&str, &[&str]) = match &metrics {
         AlignMetrics::Dpo(m) => {
             write_json(&out.join("metrics.json"), m)?;

@@ -13,11 +13,10 @@ use crate::model::inject::AdapterSet;
 use crate::model::llama::{Llama, PackedBatch};
 use crate::train::preference::PreferencePair;
 use crate::train::trainer::{
-    Metrics, ObjectiveStep, StepHook, StepLoss, StepMetric, TrainConfig, fit,
+    Metrics, ObjectiveStep, StepHook, StepLoss, StepMetric, TrainConfig, fit, timed_eval,
 };
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
-use std::time::Instant;
 
 /// TRL's `loss_type`.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -124,11 +123,12 @@ pub struct DpoBatch {
 }
 
 /// `log σ(x)`, stable for large |x|.
-fn log_sigmoid(x: f64) -> f64 {
+pub(crate) fn log_sigmoid(x: f64) -> f64 {
     -((-x).max(0.0) + (-x.abs()).exp().ln_1p())
 }
 
-fn sigmoid(x: f64) -> f64 {
+/// `σ(x)`, stable for large |x|.
+pub(crate) fn sigmoid(x: f64) -> f64 {
     if x >= 0.0 {
         1.0 / (1.0 + (-x).exp())
     } else {
@@ -529,13 +529,10 @@ pub fn train_dpo<B: Backend>(
         precompute_reference(be, model, reference, train, cfg.eval_batch_size, dpo)?;
         precompute_reference(be, model, reference, eval, cfg.eval_batch_size, dpo)?;
     }
-    if !eval.is_empty() {
-        let t = Instant::now();
-        let e = evaluate_dpo(be, model, reference, eval, cfg.eval_batch_size, dpo)?;
-        m.run.eval_loss_before = e.get("loss").copied();
-        m.eval_before = Some(e);
-        m.run.eval_seconds.push(t.elapsed().as_secs_f64());
-    }
+    let has_eval = !eval.is_empty();
+    m.eval_before = timed_eval(&mut m.run, false, has_eval, || {
+        evaluate_dpo(be, model, reference, eval, cfg.eval_batch_size, dpo)
+    })?;
     let mut objective = |be: &B, model: &mut Llama<B>, picked: &[&PreferencePair]| {
         let (batch, counts) = pack_pairs(picked)?;
         let refs = reference_logps(be, model, reference, picked, &batch, &counts, dpo)?;
@@ -551,13 +548,9 @@ pub fn train_dpo<B: Backend>(
         })
     };
     let fitted = fit(be, model, &*train, cfg, on_step, hook, &mut objective)?;
-    if !eval.is_empty() {
-        let t = Instant::now();
-        let e = evaluate_dpo(be, model, reference, eval, cfg.eval_batch_size, dpo)?;
-        m.run.eval_loss_after = e.get("loss").copied();
-        m.eval_after = Some(e);
-        m.run.eval_seconds.push(t.elapsed().as_secs_f64());
-    }
+    m.eval_after = timed_eval(&mut m.run, true, has_eval, || {
+        evaluate_dpo(be, model, reference, eval, cfg.eval_batch_size, dpo)
+    })?;
     fitted.into_metrics(model, &mut m.run);
     Ok(m)
 }

@@ -7,16 +7,15 @@
 
 use crate::backend::Backend;
 use crate::error::{Error, Result};
+use crate::model::heads::SCORE_NAME;
 use crate::model::llama::{Llama, PackedBatch};
-use crate::model::score::SCORE_NAME;
-use crate::train::dpo::pack_pairs;
+use crate::train::dpo::{log_sigmoid, pack_pairs, sigmoid};
 use crate::train::preference::PreferencePair;
 use crate::train::trainer::{
-    Metrics, ObjectiveStep, StepHook, StepLoss, StepMetric, TrainConfig, fit,
+    Metrics, ObjectiveStep, StepHook, StepLoss, StepMetric, TrainConfig, fit, timed_eval,
 };
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
-use std::time::Instant;
 
 /// TRL `RewardConfig`'s loss setting.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
@@ -53,20 +52,6 @@ pub struct RewardBatch {
     pub rewards_rejected: Vec<f64>,
 }
 
-fn sigmoid(x: f64) -> f64 {
-    if x >= 0.0 {
-        1.0 / (1.0 + (-x).exp())
-    } else {
-        let e = x.exp();
-        e / (1.0 + e)
-    }
-}
-
-/// `-log σ(x)`, stable for large |x|.
-fn softplus_neg(x: f64) -> f64 {
-    (-x).max(0.0) + (-x.abs()).exp().ln_1p()
-}
-
 /// The reward model's loss of n pairs from their rewards (`[n]` each) and optional margins,
 /// with its gradient. Errors: lengths that differ, no pair.
 pub fn reward_loss(
@@ -96,7 +81,7 @@ pub fn reward_loss(
     for i in 0..n {
         let x = chosen[i] - rejected[i] - margins[i].unwrap_or(0.0);
         let sum = chosen[i] + rejected[i];
-        out.loss += (softplus_neg(x) + c * sum * sum) / n as f64;
+        out.loss += (-log_sigmoid(x) + c * sum * sum) / n as f64;
         let dx = -sigmoid(-x);
         out.d_chosen.push((dx + 2.0 * c * sum) / n as f64);
         out.d_rejected.push((-dx + 2.0 * c * sum) / n as f64);
@@ -248,13 +233,10 @@ pub fn train_reward<B: Backend>(
         reward: reward.clone(),
         ..Default::default()
     };
-    if !eval.is_empty() {
-        let t = Instant::now();
-        let e = evaluate_reward(be, model, eval, cfg.eval_batch_size, reward)?;
-        m.run.eval_loss_before = e.get("loss").copied();
-        m.eval_before = Some(e);
-        m.run.eval_seconds.push(t.elapsed().as_secs_f64());
-    }
+    let has_eval = !eval.is_empty();
+    m.eval_before = timed_eval(&mut m.run, false, has_eval, || {
+        evaluate_reward(be, model, eval, cfg.eval_batch_size, reward)
+    })?;
     let mut objective = |be: &B, model: &mut Llama<B>, picked: &[&PreferencePair]| {
         let (batch, _) = pack_pairs(picked)?;
         let margins: Vec<Option<f64>> = picked.iter().map(|p| p.margin).collect();
@@ -270,13 +252,9 @@ pub fn train_reward<B: Backend>(
         })
     };
     let fitted = fit(be, model, train, cfg, on_step, hook, &mut objective)?;
-    if !eval.is_empty() {
-        let t = Instant::now();
-        let e = evaluate_reward(be, model, eval, cfg.eval_batch_size, reward)?;
-        m.run.eval_loss_after = e.get("loss").copied();
-        m.eval_after = Some(e);
-        m.run.eval_seconds.push(t.elapsed().as_secs_f64());
-    }
+    m.eval_after = timed_eval(&mut m.run, true, has_eval, || {
+        evaluate_reward(be, model, eval, cfg.eval_batch_size, reward)
+    })?;
     fitted.into_metrics(model, &mut m.run);
     Ok(m)
 }

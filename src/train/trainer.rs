@@ -261,6 +261,31 @@ fn preflight<B: Backend>(model: &Llama<B>, cfg: &TrainConfig, n_train: usize) ->
     Ok(())
 }
 
+/// Runs `evaluate` when there is an eval split (`has_eval`), files its `loss` as the run's eval
+/// loss before training (or after, with `after`) and its seconds in `m`, and returns the logged
+/// values (`None` without an eval split). For objectives whose eval is more than a loss (DPO's
+/// rewards, a reward model's accuracy).
+pub fn timed_eval(
+    m: &mut Metrics,
+    after: bool,
+    has_eval: bool,
+    evaluate: impl FnOnce() -> Result<BTreeMap<String, f64>>,
+) -> Result<Option<BTreeMap<String, f64>>> {
+    if !has_eval {
+        return Ok(None);
+    }
+    let t = Instant::now();
+    let values = evaluate()?;
+    let loss = values.get("loss").copied();
+    if after {
+        m.eval_loss_after = loss;
+    } else {
+        m.eval_loss_before = loss;
+    }
+    m.eval_seconds.push(t.elapsed().as_secs_f64());
+    Ok(Some(values))
+}
+
 /// The loss of one step as an objective returns it to [`fit`].
 pub enum StepLoss<B: Backend> {
     /// Already on the host (DPO, reward models: their step reads log-probabilities back).

@@ -130,3 +130,46 @@ pub fn peft_name(name: &str) -> String {
     }
     panic!("no PEFT name for `{name}`")
 }
+
+/// Compares `grads` (in the order of `names`, the model's trainable names) with the case's
+/// `grad.*` tensors, `name_of` mapping a lorafuse name to the golden one: as many tensors as the
+/// case has gradients, each within `rtol` of the largest entry of the golden tensor (or
+/// `atol_floor`, for gradients that are zero in exact arithmetic).
+pub fn check_grads<B: Backend>(
+    be: &B,
+    io: &Io,
+    names: &[String],
+    grads: &[lorafuse::backend::Tensor<B>],
+    name_of: &dyn Fn(&str) -> String,
+    rtol: f32,
+    atol_floor: f32,
+) {
+    let path = io.path.display().to_string();
+    let golden_grads = io.t.keys().filter(|k| k.starts_with("grad.")).count();
+    assert_eq!(
+        names.len(),
+        golden_grads,
+        "{path}: {} trainable tensors, the case has {golden_grads} gradients: {names:?}",
+        names.len()
+    );
+    for (name, g) in names.iter().zip(grads) {
+        let gname = format!("grad.{}", name_of(name));
+        let (gs, gd) = io.get(&gname);
+        let ours = be.download(g).unwrap();
+        assert_eq!(
+            ours.len(),
+            gd.len(),
+            "{path}: {gname} has shape {gs:?}, ours {:?}",
+            g.shape()
+        );
+        let scale = gd.iter().fold(0f32, |m, v| m.max(v.abs())).max(1e-12);
+        let err = ours
+            .iter()
+            .zip(gd)
+            .fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+        assert!(
+            err <= (rtol * scale).max(atol_floor),
+            "{path}: {gname} differs by {err} (largest entry {scale})"
+        );
+    }
+}

@@ -1,17 +1,63 @@
-//! The head of transformers' `LlamaForSequenceClassification` with one label, a reward model:
-//! `score` `[1, d]` (no bias) applied to the final normed hidden state of each sequence's last
-//! token (a packed batch has no padding, so the last row of each sequence is transformers'
-//! "last non-pad token").
+//! The heads an objective puts on the final normed hidden state, for
+//! [`Llama::grads_from_head`]: the LM head (SFT's cross-entropy, DPO's log-probabilities) and
+//! the head of transformers' `LlamaForSequenceClassification` with one label, a reward model's
+//! `score` `[1, d]` (no bias) on each sequence's last token (a packed batch has no padding, so
+//! the last row of each sequence is transformers' "last non-pad token").
 
-use super::llama::{HeadGrad, Llama, PackedBatch};
+use super::additive::need;
+use super::llama::{Llama, PackedBatch};
 use crate::backend::{Backend, Tensor};
 use crate::error::{Error, Result};
+
+/// The head of an objective for [`Llama::grads_from_head`]: from the final normed hidden rows
+/// and whether the LM head is trained, the objective's gradients.
+pub type ObjectiveHead<'a, B> = dyn FnMut(&Tensor<B>, bool) -> Result<HeadGrad<B>> + 'a;
+
+/// What the head of an objective returns to [`Llama::grads_from_head`].
+pub struct HeadGrad<B: Backend> {
+    /// Gradient of the objective with respect to the final normed hidden rows `[rows, d]`.
+    pub d_hidden: Tensor<B>,
+    /// Gradient with respect to the LM head `[vocab, d]` (the tied embedding, or
+    /// `lm_head.weight`), when the head is trained; `None` counts as zero.
+    pub d_lm_head: Option<Tensor<B>>,
+    /// Gradients of trainable tensors the head owns, by their [`Llama::trainable_params`]
+    /// name (the reward model's `score.weight`).
+    pub own: Vec<(String, Tensor<B>)>,
+}
 
 /// The trainable name of the head (PEFT keeps it as `modules_to_save`: in memory
 /// `score.modules_to_save.default.weight`, in the file `base_model.model.score.weight`).
 pub const SCORE_NAME: &str = "score.weight";
 
 impl<B: Backend> Llama<B> {
+    /// The LM head's backward for an objective over logits `hn W^T` (`hn [N, d]`, the final
+    /// normed hidden rows; `dlogits [N, vocab]`): `d_hidden = dlogits W`, and with
+    /// `head_trained` the head's gradient `dlogits^T hn` (the tied embedding's, or
+    /// `lm_head.weight`'s). What a [`Llama::grads_from_head`] head returns for a
+    /// language-modelling objective (SFT's cross-entropy, DPO's sequence log-probabilities).
+    /// Errors: shapes that disagree with the head.
+    pub fn lm_head_backward(
+        &self,
+        be: &B,
+        hn: &Tensor<B>,
+        dlogits: &Tensor<B>,
+        head_trained: bool,
+    ) -> Result<HeadGrad<B>> {
+        let d_hidden = need(be.linear_backward_input(dlogits, self.head(), None)?)?;
+        let d_lm_head = if head_trained {
+            let mut dw = be.zeros(self.head().shape())?;
+            be.linear_backward_weight(dlogits, hn, &mut dw)?;
+            Some(dw)
+        } else {
+            None
+        };
+        Ok(HeadGrad {
+            d_hidden,
+            d_lm_head,
+            own: Vec::new(),
+        })
+    }
+
     /// Attaches a fresh `score` head `[1, d]`, drawn from N(0, std²) (transformers initializes
     /// a Linear with `initializer_range`, 0.02 by default) by Box-Muller over a ChaCha8 stream
     /// of `seed`. Errors: a negative or non-finite std.
