@@ -12,7 +12,7 @@ mod seeds;
 
 use lorafuse::Cpu;
 use lorafuse::backend::{Backend, Tensor};
-use lorafuse::io::peft::{apply_adapter, llama_adapter_tensors, load_adapter};
+use lorafuse::io::peft::llama_adapter_tensors;
 use lorafuse::model::llama::Llama;
 use lorafuse::train::data::Example;
 use lorafuse::train::dpo::{
@@ -20,21 +20,10 @@ use lorafuse::train::dpo::{
 };
 use lorafuse::train::preference::PreferencePair;
 use lorafuse::train::reward::{RewardConfig, reward_grads, reward_loss, score_pairs};
-use seeds::{Io, base_model, case_dir, peft_name, read_io};
+use seeds::{Io, peft_case, peft_name};
 
 const ATOL: f64 = 1e-4;
 const GRAD_RTOL: f32 = 1e-4;
-
-/// The base model with the case's PEFT adapter loaded from the folder PEFT saved.
-fn with_adapter<B: Backend>(be: &B, case: &str) -> (Llama<B>, Io) {
-    let dir = case_dir(case);
-    let io = read_io(&dir.join("io.safetensors"));
-    let mut model = base_model(be);
-    let (cfg, tensors) = load_adapter(&dir).unwrap_or_else(|e| panic!("{}: {e}", dir.display()));
-    apply_adapter(be, &mut model, &cfg, &tensors)
-        .unwrap_or_else(|e| panic!("{}: {e}", dir.display()));
-    (model, io)
-}
 
 /// The case's pairs: rows `0..n` prompt + chosen, `n..2n` prompt + rejected, right-padded;
 /// the targets are the tokens `mask` marks (a row's label at position t is its token at t + 1).
@@ -89,7 +78,7 @@ fn check_grads<B: Backend>(be: &B, model: &Llama<B>, io: &Io, grads: &[Tensor<B>
 }
 
 fn check_dpo<B: Backend>(be: &B) {
-    let (mut model, io) = with_adapter(be, "dpo_lora");
+    let (mut model, io) = peft_case(be, "dpo_lora");
     let path = io.path.display().to_string();
     let meta = |k: &str| -> f64 {
         io.meta
@@ -180,7 +169,7 @@ fn dpo_lora_matches_on_cuda() {
 }
 
 fn check_reward<B: Backend>(be: &B) {
-    let (model, io) = with_adapter(be, "reward_lora");
+    let (model, io) = peft_case(be, "reward_lora");
     let path = io.path.display().to_string();
     assert!(
         model.score.is_some(),

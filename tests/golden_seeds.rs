@@ -8,7 +8,7 @@ mod common;
 #[path = "common/seeds.rs"]
 mod seeds;
 
-use seeds::{Io, base_model, case_dir, peft_name, read_io, upload};
+use seeds::{Io, base_model, case_dir, peft_case, peft_name, read_io, upload};
 
 use std::path::{Path, PathBuf};
 
@@ -19,9 +19,7 @@ use lorafuse::adapter::{
 };
 use lorafuse::backend::{Activation, Backend};
 use lorafuse::io::adapters_lib::{load_bottleneck, load_fusion, save_bottleneck, save_fusion};
-use lorafuse::io::peft::{
-    additive, apply_adapter, llama_adapter_tensors, load_adapter, save_adapter,
-};
+use lorafuse::io::peft::{additive, llama_adapter_tensors, save_adapter};
 use lorafuse::model::llama::Llama;
 use serde_json::Value;
 
@@ -91,18 +89,6 @@ fn check_case<B: Backend>(be: &B, model: &Llama<B>, io: &Io, name_of: &dyn Fn(&s
         GRAD_RTOL,
         GRAD_ATOL_FLOOR,
     );
-}
-
-/// Loads `<case>/` (the folder PEFT saved) onto the base model, then sets the trainable
-/// tensors to the case's `param.*` values (the saved folder has the prompt's output only).
-fn peft_case<B: Backend>(be: &B, case: &str) -> (Llama<B>, Io) {
-    let dir = case_dir(case);
-    let io = read_io(&dir.join("io.safetensors"));
-    let mut model = base_model(be);
-    let (cfg, tensors) = load_adapter(&dir).unwrap_or_else(|e| panic!("{}: {e}", dir.display()));
-    apply_adapter(be, &mut model, &cfg, &tensors)
-        .unwrap_or_else(|e| panic!("{}: {e}", dir.display()));
-    (model, io)
 }
 
 fn run_peft_case<B: Backend>(be: &B, case: &str) {

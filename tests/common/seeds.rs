@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 
 use lorafuse::backend::Backend;
 use lorafuse::io::hf::HfFolder;
+use lorafuse::io::peft::{apply_adapter, load_adapter};
 use lorafuse::model::llama::{Llama, PackedBatch};
 use lorafuse::model::load::llama_from_hf;
 use safetensors::{Dtype, SafeTensors};
@@ -172,4 +173,16 @@ pub fn check_grads<B: Backend>(
             "{path}: {gname} differs by {err} (largest entry {scale})"
         );
     }
+}
+
+/// Loads `<case>/` (the folder PEFT saved) onto the base model, then sets the trainable
+/// tensors to the case's `param.*` values (the saved folder has the prompt's output only).
+pub fn peft_case<B: Backend>(be: &B, case: &str) -> (Llama<B>, Io) {
+    let dir = case_dir(case);
+    let io = read_io(&dir.join("io.safetensors"));
+    let mut model = base_model(be);
+    let (cfg, tensors) = load_adapter(&dir).unwrap_or_else(|e| panic!("{}: {e}", dir.display()));
+    apply_adapter(be, &mut model, &cfg, &tensors)
+        .unwrap_or_else(|e| panic!("{}: {e}", dir.display()));
+    (model, io)
 }
