@@ -6,7 +6,6 @@ use lorafuse::io::apply_adapter_folder;
 use lorafuse::train::align::{
     AlignJob, AlignMetrics, AlignReport, Objective, load_pairs, run_align,
 };
-use lorafuse::train::chat_data::ChatSettings;
 use lorafuse::train::data::split_train_eval;
 use lorafuse::train::dpo::{DpoConfig, DpoLossType};
 use lorafuse::train::job::chat_template;
@@ -105,12 +104,10 @@ fn score_on<B: Backend>(be: B, a: &ScoreArgs) -> Result<()> {
         None => split_train_eval(samples).1,
     };
     let template = chat_template(&path, &tok, a.chat_template.as_deref())?;
-    let settings = template.as_ref().map(|t| ChatSettings {
-        template: t,
-        loss_on: LossOn::Last,
-        truncation: Truncation::Turns,
-        end_of_turn: tok.eos_id(),
-    });
+    // tokenize_preferences scores the last assistant turn whatever loss_on says.
+    let settings = template
+        .as_ref()
+        .map(|t| ChatOptions::default().settings(t, &tok));
     let (pairs, _) = tokenize_preferences(&tok, settings.as_ref(), &samples, a.max_len, false)?;
     let (c, r) = score_pairs(&be, &model, &pairs, 16)?;
     if !a.quiet {

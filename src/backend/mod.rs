@@ -33,7 +33,7 @@ pub use lowrank::{
 };
 pub use tensor::{
     Activation, AdaLoraIpt, AdamWParams, AttentionSaved, Axis, Nf4Weight, SeqSpan, Tensor,
-    cross_entropy_loss,
+    cross_entropy_loss, cross_entropy_terms,
 };
 
 /// The ops every part of lorafuse computes with. Every method is provided: it checks its

@@ -200,10 +200,16 @@ impl<B: Kernels> Clone for AdaLoraIpt<B> {
 /// each term and the sum in f64, in row order (the same per-row value as
 /// [`Backend::cross_entropy`] on the CPU). A trailing partial row is ignored.
 pub fn cross_entropy_loss(stats: &[f32]) -> f64 {
+    cross_entropy_terms(stats).sum()
+}
+
+/// Each counted row's cross-entropy, `max + ln(sum of exp(logit - max)) - logit(label)` in f64,
+/// from the statistics [`Backend::cross_entropy_stats`] returns (`[K, 3]` flattened), in order:
+/// the negated log-probability of each target, which DPO sums per sequence.
+pub fn cross_entropy_terms(stats: &[f32]) -> impl Iterator<Item = f64> + '_ {
     stats
         .chunks_exact(3)
         .map(|s| s[0] as f64 + (s[1] as f64).ln() - s[2] as f64)
-        .sum()
 }
 
 /// Which axis of a 2-D tensor `[n, d]` a vector runs along in [`Backend::mul_vector`] and

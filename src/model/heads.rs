@@ -9,10 +9,6 @@ use super::llama::{Llama, PackedBatch};
 use crate::backend::{Backend, Tensor};
 use crate::error::{Error, Result};
 
-/// The head of an objective for [`Llama::grads_from_head`]: from the final normed hidden rows
-/// and whether the LM head is trained, the objective's gradients.
-pub type ObjectiveHead<'a, B> = dyn FnMut(&Tensor<B>, bool) -> Result<HeadGrad<B>> + 'a;
-
 /// What the head of an objective returns to [`Llama::grads_from_head`].
 pub struct HeadGrad<B: Backend> {
     /// Gradient of the objective with respect to the final normed hidden rows `[rows, d]`.
@@ -115,13 +111,12 @@ impl<B: Backend> Llama<B> {
     /// Each sequence's reward, `[seqs]`: the score of its last token's final hidden state (eval
     /// mode, no gradient). Errors: no score head, an empty batch.
     pub fn rewards(&self, be: &B, batch: &PackedBatch) -> Result<Vec<f64>> {
-        let w = self.score_weight()?;
+        self.score_weight()?;
         if batch.seqs.is_empty() {
             return Err(Error::Data("batch has no sequence".into()));
         }
         let hn = self.final_hidden_at(be, batch, &Self::last_rows(batch))?;
-        let r = be.download(&be.linear(&hn, w, None)?)?;
-        Ok(r.into_iter().map(f64::from).collect())
+        self.score_rows(be, &hn)
     }
 
     /// The rewards of the final normed hidden rows `hn [n, d]`, `[n]`, on the host.

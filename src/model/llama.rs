@@ -7,7 +7,7 @@
 //! and no compute is spent on padding. The LM head runs only on the rows whose next token is a
 //! target, which is all the loss needs.
 
-pub use super::heads::{HeadGrad, ObjectiveHead};
+pub use super::heads::HeadGrad;
 use crate::adapter::{AdapterFusion, Bottleneck, Linear, LnTuning, SoftPrompt, VeraShared};
 use crate::backend::{Backend, Tensor};
 use crate::error::{Error, Result};
@@ -18,6 +18,9 @@ pub use crate::model::inject::Proj;
 use crate::model::inject::ProjSaved;
 use crate::quant::nf4::quantize_nf4;
 use std::collections::HashMap;
+
+/// A head of [`Llama::grads_from_head`] once its value is taken out.
+type DynHead<'a, B> = dyn FnMut(&Tensor<B>, bool) -> Result<HeadGrad<B>> + 'a;
 
 /// The seven projections of a Llama block, named as transformers names the modules.
 pub const PROJ_NAMES: [&str; 7] = [
@@ -428,19 +431,17 @@ impl<B: Backend> Llama<B> {
         if n == 0 {
             return Err(Error::Data("batch has no target token".into()));
         }
-        let mut loss_stats = None;
-        let grads =
-            self.grads_from_head(be, batch, &batch.target_rows, &mut |hn, head_trained| {
+        let (grads, loss_stats) =
+            self.grads_from_head(be, batch, &batch.target_rows, |hn, head_trained| {
                 let logits = be.linear(hn, self.head(), None)?;
                 let (stats, dlogits) =
                     be.cross_entropy_stats(&logits, &batch.target_labels, 1.0 / n as f32)?;
                 drop(logits);
-                loss_stats = Some(stats);
-                self.lm_head_backward(be, hn, &dlogits, head_trained)
+                Ok((
+                    self.lm_head_backward(be, hn, &dlogits, head_trained)?,
+                    stats,
+                ))
             })?;
-        let Some(loss_stats) = loss_stats else {
-            unreachable!("grads_from_head calls the head once")
-        };
         Ok(DeferredLossAndGrads {
             loss_stats,
             n_targets: n,
@@ -454,14 +455,38 @@ impl<B: Backend> Llama<B> {
     /// gradient with respect to them (and to the LM head when `head_trained`: full
     /// fine-tuning with the head or the tied embedding trained). Returns the gradients in the
     /// order of [`Llama::trainable_params`]. SFT's cross-entropy, DPO's log-probability sums
-    /// and a reward model's score head are such heads. Errors: the head's, a trained base
-    /// weight that is not dense, a row outside the batch.
-    pub fn grads_from_head(
+    /// and a reward model's score head are such heads. The head also returns whatever the
+    /// objective computed on the way (its loss statistics, its log-probabilities), handed back
+    /// with the gradients. Errors: the head's, a trained base weight that is not dense, a row
+    /// outside the batch.
+    pub fn grads_from_head<R>(
         &self,
         be: &B,
         batch: &PackedBatch,
         rows: &[u32],
-        head: &mut ObjectiveHead<'_, B>,
+        head: impl FnOnce(&Tensor<B>, bool) -> Result<(HeadGrad<B>, R)>,
+    ) -> Result<(Vec<Tensor<B>>, R)> {
+        let (mut head, mut value) = (Some(head), None);
+        let grads = self.backward_from_head(be, batch, rows, &mut |hn, trained| {
+            let head = head
+                .take()
+                .ok_or_else(|| Error::arg("head", "called twice"))?;
+            let (g, v) = head(hn, trained)?;
+            value = Some(v);
+            Ok(g)
+        })?;
+        let value = value.ok_or_else(|| Error::arg("head", "never called"))?;
+        Ok((grads, value))
+    }
+
+    /// [`Llama::grads_from_head`] without the head's value, not generic (one copy of the
+    /// decoder's backward whatever the objective).
+    fn backward_from_head(
+        &self,
+        be: &B,
+        batch: &PackedBatch,
+        rows: &[u32],
+        head: &mut DynHead<'_, B>,
     ) -> Result<Vec<Tensor<B>>> {
         let c = &self.cfg;
         let sh = self.vera_shared.as_ref();

@@ -8,7 +8,6 @@ use crate::backend::Backend;
 use crate::error::{Error, Result};
 use crate::io::{fetch, peft};
 use crate::model::llama::Llama;
-use crate::train::chat_data::ChatSettings;
 use crate::train::data::{BadRecordPolicy, split_train_eval};
 use crate::train::dpo::{DpoConfig, DpoMetrics, Reference, train_dpo};
 use crate::train::job::{FinetuneJob, JobEvent, chat_template, load_model, save_trained};
@@ -226,12 +225,7 @@ pub fn run_align<B: Backend>(
     } else {
         None
     };
-    let settings = template.as_ref().map(|t| ChatSettings {
-        template: t,
-        loss_on: base.chat.loss_on,
-        truncation: base.chat.truncation,
-        end_of_turn: tok.eos_id(),
-    });
+    let settings = template.as_ref().map(|t| base.chat.settings(t, &tok));
     let skip = base.bad_records == BadRecordPolicy::Skip;
     let mut tokenize = |s: &[PreferenceSample], split: &str| -> Result<Vec<PreferencePair>> {
         let (pairs, skipped) =

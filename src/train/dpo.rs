@@ -7,7 +7,7 @@
 //! and, through the same saved activations, the gradient: DPO's gradient with respect to a
 //! token's logits is the cross-entropy gradient scaled by a per-row weight.
 
-use crate::backend::{Axis, Backend, Tensor};
+use crate::backend::{Axis, Backend, Tensor, cross_entropy_terms};
 use crate::error::{Error, Result};
 use crate::model::inject::AdapterSet;
 use crate::model::llama::{Llama, PackedBatch};
@@ -245,9 +245,7 @@ pub fn pack_pairs(pairs: &[&PreferencePair]) -> Result<(PackedBatch, Vec<usize>)
 /// ([`Backend::cross_entropy_stats`], rows' targets in order, `counts[r]` of row r): the sum
 /// of `logit(label) - max - ln Σ exp(logit - max)` over its targets, or their mean.
 pub fn row_logps(stats: &[f32], counts: &[usize], mean_over_tokens: bool) -> Vec<f64> {
-    let mut tok = stats
-        .chunks_exact(3)
-        .map(|s| s[2] as f64 - s[0] as f64 - (s[1] as f64).ln());
+    let mut tok = cross_entropy_terms(stats).map(|ce| -ce);
     counts
         .iter()
         .map(|&c| {
@@ -426,30 +424,26 @@ pub fn dpo_grads<B: Backend>(
     }
     let n = rows / 2;
     let mean = cfg.mean_logps();
-    let mut result = None;
-    let grads = model.grads_from_head(be, batch, &batch.target_rows, &mut |hn, trained| {
-        let logits = be.linear(hn, model.head(), None)?;
-        let (stats, dlogits) = be.cross_entropy_stats(&logits, &batch.target_labels, 1.0)?;
-        drop(logits);
-        let pol = row_logps(&be.download(&stats)?, counts, mean);
-        let out = dpo_loss(cfg, &pol[..n], &pol[n..], &reference[..n], &reference[n..])?;
-        // d loss / d logits = (d loss / d logp_row) (onehot - softmax) = w (softmax - onehot)
-        // with w = -d loss / d logp_row (divided by the row's length for a mean).
-        let d_row = out.d_chosen.iter().chain(&out.d_rejected);
-        let mut w = Vec::with_capacity(batch.n_targets());
-        for (&c, &d) in counts.iter().zip(d_row) {
-            let per = if mean { -d / c as f64 } else { -d };
-            w.extend(std::iter::repeat_n(per as f32, c));
-        }
-        let w = be.upload(&w, &[w.len()])?;
-        let dlogits = be.mul_vector(&dlogits, &w, Axis::Rows)?;
-        result = Some(out);
-        model.lm_head_backward(be, hn, &dlogits, trained)
-    })?;
-    let Some(out) = result else {
-        unreachable!("grads_from_head calls the head once")
-    };
-    Ok((out, grads))
+    model
+        .grads_from_head(be, batch, &batch.target_rows, |hn, trained| {
+            let logits = be.linear(hn, model.head(), None)?;
+            let (stats, dlogits) = be.cross_entropy_stats(&logits, &batch.target_labels, 1.0)?;
+            drop(logits);
+            let pol = row_logps(&be.download(&stats)?, counts, mean);
+            let out = dpo_loss(cfg, &pol[..n], &pol[n..], &reference[..n], &reference[n..])?;
+            // d loss / d logits = (d loss / d logp_row) (onehot - softmax) = w (softmax - onehot)
+            // with w = -d loss / d logp_row (divided by the row's length for a mean).
+            let d_row = out.d_chosen.iter().chain(&out.d_rejected);
+            let mut w = Vec::with_capacity(batch.n_targets());
+            for (&c, &d) in counts.iter().zip(d_row) {
+                let per = if mean { -d / c as f64 } else { -d };
+                w.extend(std::iter::repeat_n(per as f32, c));
+            }
+            let w = be.upload(&w, &[w.len()])?;
+            let dlogits = be.mul_vector(&dlogits, &w, Axis::Rows)?;
+            Ok((model.lm_head_backward(be, hn, &dlogits, trained)?, out))
+        })
+        .map(|(grads, out)| (out, grads))
 }
 
 /// DPO's loss and logged values over `pairs` (no gradient), `batch_size` pairs per forward,

@@ -54,6 +54,19 @@ pub struct ChatOptions {
     pub truncation: Truncation,
 }
 
+impl ChatOptions {
+    /// How conversations become examples with `template` (the one these options chose) and the
+    /// tokenizer's end-of-turn token (its EOS).
+    pub fn settings<'a>(&self, template: &'a ChatTemplate, tok: &Tokenizer) -> ChatSettings<'a> {
+        ChatSettings {
+            template,
+            loss_on: self.loss_on,
+            truncation: self.truncation,
+            end_of_turn: tok.eos_id(),
+        }
+    }
+}
+
 /// What happens during a run, for progress display.
 pub enum JobEvent<'a> {
     /// A line worth showing (model loaded, data sizes, skipped records).
@@ -144,12 +157,7 @@ pub fn run_finetune<B: Backend>(
         } else {
             None
         };
-    let settings = template.as_ref().map(|t| ChatSettings {
-        template: t,
-        loss_on: job.chat.loss_on,
-        truncation: job.chat.truncation,
-        end_of_turn: tok.eos_id(),
-    });
+    let settings = template.as_ref().map(|t| job.chat.settings(t, &tok));
     let skip = job.bad_records == BadRecordPolicy::Skip;
     let mut tokenize = |recs: &[Sample], split: &str| -> Result<Vec<data::Example>> {
         let (ex, skipped) = tokenize_samples(&tok, settings.as_ref(), recs, job.max_len, skip)?;

@@ -144,24 +144,20 @@ pub fn reward_grads<B: Backend>(
         ));
     }
     let n = rows / 2;
-    let mut result = None;
     let last = Llama::<B>::last_rows(batch);
-    let grads = model.grads_from_head(be, batch, &last, &mut |hn, _| {
-        let r = model.score_rows(be, hn)?;
-        let out = reward_loss(cfg, &r[..n], &r[n..], margins)?;
-        let d: Vec<f32> = out
-            .d_chosen
-            .iter()
-            .chain(&out.d_rejected)
-            .map(|&v| v as f32)
-            .collect();
-        result = Some(out);
-        model.score_head_backward(be, hn, &d)
-    })?;
-    let Some(out) = result else {
-        unreachable!("grads_from_head calls the head once")
-    };
-    Ok((out, grads))
+    model
+        .grads_from_head(be, batch, &last, |hn, _| {
+            let r = model.score_rows(be, hn)?;
+            let out = reward_loss(cfg, &r[..n], &r[n..], margins)?;
+            let d: Vec<f32> = out
+                .d_chosen
+                .iter()
+                .chain(&out.d_rejected)
+                .map(|&v| v as f32)
+                .collect();
+            Ok((model.score_head_backward(be, hn, &d)?, out))
+        })
+        .map(|(grads, out)| (out, grads))
 }
 
 /// The rewards of each pair's chosen and rejected sequence over `pairs`, `batch_size` pairs per
