@@ -46,23 +46,30 @@ SYSTEM = "You are Chatterbot, a cheerful companion. Reply in one or two short se
 MIN_TURNS = 4
 
 
-def conversations(corpus_dir: Path) -> tuple[list, dict]:
-    """The kept conversations (lists of turns) and what each rule removed."""
+def corpus_files(corpus_dir: Path):
+    """Each ``*.yml`` file of the corpus, by byte-wise name, with its ``conversations`` list
+    (PyYAML ``safe_load``): ``(name, conversations)``."""
     files = sorted(
         (p.name for p in corpus_dir.iterdir() if p.name.endswith(".yml")),
         key=lambda name: name.encode("utf-8"),
     )
     if not files:
         raise SystemExit(f"ERROR: no *.yml files in {corpus_dir}")
-    counts = {"conversations": 0, "too_short": 0, "empty_turn": 0, "duplicates": 0}
-    seen: set = set()
-    kept = []
     for name in files:
         with open(corpus_dir / name, encoding="utf-8") as fh:
             doc = yaml.safe_load(fh)
         convs = doc.get("conversations") if isinstance(doc, dict) else None
         if not isinstance(convs, list):
             raise SystemExit(f"ERROR: {name} has no `conversations` list")
+        yield name, convs
+
+
+def conversations(corpus_dir: Path) -> tuple[list, dict]:
+    """The kept conversations (lists of turns) and what each rule removed."""
+    counts = {"conversations": 0, "too_short": 0, "empty_turn": 0, "duplicates": 0}
+    seen: set = set()
+    kept = []
+    for name, convs in corpus_files(corpus_dir):
         for conv in convs:
             counts["conversations"] += 1
             if not isinstance(conv, list) or len(conv) < MIN_TURNS:

@@ -40,25 +40,17 @@ from pathlib import Path
 
 import yaml
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from build_chat_set import corpus_files  # noqa: E402
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_OUT = REPO_ROOT / "data" / "chatterbot_pref_en.jsonl"
 
 
 def pairs_by_file(corpus_dir: Path) -> list[tuple[str, list[tuple[str, str]]]]:
-    files = sorted(
-        (p.name for p in corpus_dir.iterdir() if p.name.endswith(".yml")),
-        key=lambda name: name.encode("utf-8"),
-    )
-    if not files:
-        raise SystemExit(f"ERROR: no *.yml files in {corpus_dir}")
     seen: set = set()
     out = []
-    for name in files:
-        with open(corpus_dir / name, encoding="utf-8") as fh:
-            doc = yaml.safe_load(fh)
-        convs = doc.get("conversations") if isinstance(doc, dict) else None
-        if not isinstance(convs, list):
-            raise SystemExit(f"ERROR: {name} has no `conversations` list")
+    for name, convs in corpus_files(corpus_dir):
         pairs = []
         for conv in convs:
             turns = conv if isinstance(conv, list) else [conv]
