@@ -28,17 +28,21 @@ hint() {
 }
 summary() {
   local rc=$?
+  # The summary only reports: nothing in it may change the exit status (a `head` closing a
+  # pipe early once turned a passing run into exit 141 under pipefail).
+  set +e +o pipefail
   echo
   if [ -s "$LORAFUSE_SKIP_LOG" ]; then
     echo "== skipped for a missing resource (set LORAFUSE_REQUIRE=<name> to make a skip fail):"
     cut -f1 "$LORAFUSE_SKIP_LOG" | sort | uniq -c | while read -r n what; do
       echo "  $what: $n test(s) skipped; $(hint "$what")"
-      grep -P "^\Q$what\E\t" "$LORAFUSE_SKIP_LOG" | cut -f2 | sort -u | head -3 | sed 's/^/      e.g. /'
+      grep -P "^\Q$what\E\t" "$LORAFUSE_SKIP_LOG" | cut -f2 | sort -u | awk 'NR <= 3' | sed 's/^/      e.g. /'
     done
   else
     echo "== nothing skipped: every optional resource was present"
   fi
   [ "$rc" -eq 0 ] && echo "== all tests passed" || echo "== FAILED (exit $rc)"
+  exit "$rc"
 }
 trap summary EXIT
 
