@@ -42,6 +42,7 @@ macro_rules! backend_suite {
             memory: [round_trip, clones_are_values, gather_scatter, elementwise, sum_squares],
             dense: [linear],
             lowrank: [lora, dora, vera, adalora],
+            multi: [mixed, errors],
             nf4: [dequantize, golden_dequantize, linear],
             attention: [attention, cached],
             model: [rmsnorm, rope, swiglu, cross_entropy, cross_entropy_stats],
@@ -82,6 +83,8 @@ macro_rules! backend_suite {
 }
 
 backend_suite!(cpu, crate::ops::harness::cpu, crate::ops::harness::Tol::cpu(), {
+    // `mixed` checks the CPU's mixed batch against its own per-row single-adapter product.
+    multi: [mixed, errors],
     errors: [memory, dense, lowrank, nf4, model, attention, adamw, adalora, pointwise],
     determinism: [rmsnorm, attention],
 });
@@ -131,6 +134,7 @@ backend_suite!(
         memory: [round_trip, clones_are_values, gather_scatter, elementwise, sum_squares],
         dense: [linear],
         lowrank: [lora, dora, vera, adalora],
+        multi: [mixed, errors],
         nf4: [dequantize, golden_dequantize, linear],
         attention: [attention, cached],
         model: [rmsnorm, rope, swiglu, cross_entropy, cross_entropy_stats],
@@ -151,6 +155,7 @@ backend_suite!(
         memory: [round_trip, clones_are_values, gather_scatter, elementwise, sum_squares],
         dense: [linear],
         lowrank: [lora, dora, vera, adalora],
+        multi: [mixed, errors],
         nf4: [dequantize, golden_dequantize, linear],
         attention: [attention, cached],
         model: [rmsnorm, rope, swiglu, cross_entropy, cross_entropy_stats],

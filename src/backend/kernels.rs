@@ -10,6 +10,7 @@
 //! Kernels with a default body are compositions of others that a backend may fuse.
 
 use super::lowrank::{Base, InputGrad, LowRank, LowRankOut, ParamGrads};
+use super::multi::LowRankPool;
 use super::{
     Activation, AdaLoraIpt, AdamWParams, AttentionSaved, Axis, Nf4Weight, SeqSpan, Tensor,
 };
@@ -162,6 +163,17 @@ pub trait Kernels: Clone + Send + Sync + Sized + 'static {
         x: &Tensor<Self>,
         dw: &mut Tensor<Self>,
     ) -> Result<()>;
+    /// `y[t] += (x[t] A_i^T) B_i'^T` for every row t with `i = adapter_of_row[t] >= 0` and
+    /// `pool.rank(i) > 0` (checked: `x [T, in]`, `y [T, out]`, the pool's dims, indices in
+    /// `-1..K`). Rows of -1 or of a rank-0 adapter are left as they are.
+    fn lowrank_multi_add_kernel(
+        &self,
+        x: &Tensor<Self>,
+        pool: &LowRankPool<Self>,
+        adapter_of_row: &[i32],
+        y: &mut Tensor<Self>,
+    ) -> Result<()>;
+
     fn axpy_kernel(&self, a: &mut Tensor<Self>, alpha: f32, b: &Tensor<Self>) -> Result<()>;
     fn scale_kernel(&self, a: &mut Tensor<Self>, alpha: f32) -> Result<()>;
     fn sum_squares_kernel(&self, a: &Tensor<Self>) -> Result<f64>;

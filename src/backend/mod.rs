@@ -20,6 +20,7 @@ pub mod cpu;
 pub mod cuda;
 pub mod kernels;
 pub mod lowrank;
+pub mod multi;
 pub mod tensor;
 #[cfg(feature = "wgpu")]
 pub mod wgpu;
@@ -31,6 +32,7 @@ pub use kernels::Kernels;
 pub use lowrank::{
     Base, ColScale, GradWants, InputGrad, LowRank, LowRankGrads, LowRankOut, ParamGrads,
 };
+pub use multi::LowRankPool;
 pub use tensor::{
     Activation, AdaLoraIpt, AdamWParams, AttentionSaved, Axis, Nf4Weight, SeqSpan, Tensor,
     cross_entropy_loss, cross_entropy_terms,
@@ -303,6 +305,68 @@ pub trait Backend: Kernels {
         check::linear_backward_weight(dy, x, dw)?;
         self.linear_backward_weight_kernel(dy, x, dw)
     }
+    // ---- many adapters in one batch (SGMV / BGMV, [`multi`]) ---------------------------------------
+
+    /// Packs the low-rank terms of K adapters on one projection `[dout, din]` into a
+    /// [`LowRankPool`] (term i, or `None` where adapter i leaves the projection alone), each
+    /// term's scales folded into its B. Built once per loaded adapter set (it reads the terms
+    /// back to the host). Errors: a term's shapes (named `terms[i].lora_A`, ...); a term with a
+    /// column scale (DoRA cannot share the base product of a mixed batch).
+    fn lowrank_pool(
+        &self,
+        din: usize,
+        dout: usize,
+        terms: &[Option<LowRank<'_, Self>>],
+    ) -> Result<LowRankPool<Self>> {
+        check::lowrank_pool(din, dout, terms)?;
+        let (a, b, ranks, a_rows, b_offsets) =
+            multi::fold_terms(din, dout, terms, |t| self.download_kernel(t))?;
+        let rows = a.len() / din.max(1);
+        let a = if a.is_empty() {
+            self.zeros_kernel(&[1, din.max(1)])?
+        } else {
+            self.upload_kernel(&a, &[rows, din])?
+        };
+        let b = if b.is_empty() {
+            self.zeros_kernel(&[1])?
+        } else {
+            let n = b.len();
+            self.upload_kernel(&b, &[n])?
+        };
+        Ok(multi::pool_from_parts(
+            a,
+            b,
+            ranks,
+            a_rows,
+            b_offsets,
+            (dout, din),
+        ))
+    }
+
+    /// The mixed-batch product: `y[t] = x[t] W^T + bias + (x[t] A_i^T) B_i'^T` with
+    /// `i = adapter_of_row[t]` (no term where it is -1 or adapter i has rank 0 here), over a
+    /// dense or NF4 `base [out, in]`; x `[T, in]`, bias `[out]`, `adapter_of_row` T indices
+    /// in `-1..K` → y `[T, out]`. The base product runs once for all rows; each adapter's
+    /// rows (one run per sequence in a prefill, one row per sequence in a decode step, in any
+    /// order) are shrunk by its A and expanded by its B' in the same launch, whatever the
+    /// ranks. Row t equals [`Backend::linear_lowrank`] of that row with adapter i's term
+    /// alone. Errors: shapes, a pool of another projection, indices out of range.
+    fn linear_multi(
+        &self,
+        x: &Tensor<Self>,
+        base: Base<'_, Self>,
+        bias: Option<&Tensor<Self>>,
+        pool: &LowRankPool<Self>,
+        adapter_of_row: &[i32],
+    ) -> Result<Tensor<Self>> {
+        check::linear_multi(x, base, bias, pool, adapter_of_row)?;
+        let mut y = self.linear_lowrank_kernel(x, base, bias, None)?.y;
+        if !multi::segments(pool, adapter_of_row).is_empty() {
+            self.lowrank_multi_add_kernel(x, pool, adapter_of_row, &mut y)?;
+        }
+        Ok(y)
+    }
+
     /// `a += alpha * b`, elementwise. Errors: shapes that differ.
     fn axpy(&self, a: &mut Tensor<Self>, alpha: f32, b: &Tensor<Self>) -> Result<()> {
         same_shape("b", b, a)?;

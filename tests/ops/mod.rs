@@ -14,5 +14,6 @@ pub mod errors;
 pub mod lowrank;
 pub mod memory;
 pub mod model;
+pub mod multi;
 pub mod nf4;
 pub mod pointwise;

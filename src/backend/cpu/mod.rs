@@ -7,6 +7,7 @@ mod dense;
 pub mod gemm;
 mod lowrank;
 mod memory;
+mod multi;
 mod nf4;
 mod ops;
 mod pointwise;
@@ -14,7 +15,7 @@ mod pointwise;
 use super::check::{AdamWFactors, EmaCoefs};
 use super::{
     Activation, AdaLoraIpt, AdamWParams, AttentionSaved, Axis, Base, GradWants, InputGrad, Kernels,
-    LowRank, LowRankOut, Nf4Weight, ParamGrads, SeqSpan, Tensor,
+    LowRank, LowRankOut, LowRankPool, Nf4Weight, ParamGrads, SeqSpan, Tensor,
 };
 use crate::error::{Error, Result};
 use crate::quant::nf4::Nf4Tensor;
@@ -169,6 +170,15 @@ impl Kernels for Cpu {
     ) -> Result<()> {
         dense::backward_weight(dy, x, dw);
         Ok(())
+    }
+    fn lowrank_multi_add_kernel(
+        &self,
+        x: &Tensor<Self>,
+        pool: &LowRankPool<Self>,
+        adapter_of_row: &[i32],
+        y: &mut Tensor<Self>,
+    ) -> Result<()> {
+        multi::add(x, pool, adapter_of_row, y)
     }
     fn axpy_kernel(&self, a: &mut Tensor<Self>, alpha: f32, b: &Tensor<Self>) -> Result<()> {
         dense::axpy(a, alpha, b);

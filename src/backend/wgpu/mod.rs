@@ -29,6 +29,7 @@ mod dense;
 mod lowrank;
 mod matmul;
 mod memory;
+mod multi;
 mod nf4;
 mod ops;
 mod pointwise;
@@ -37,7 +38,7 @@ use self::ctx::{Ctx, DType, GpuBuf};
 use super::check::{AdamWFactors, EmaCoefs};
 use super::{
     Activation, AdaLoraIpt, AdamWParams, AttentionSaved, Axis, Base, GradWants, Kernels, LowRank,
-    LowRankOut, Nf4Weight, ParamGrads, SeqSpan, Tensor,
+    LowRankOut, LowRankPool, Nf4Weight, ParamGrads, SeqSpan, Tensor,
 };
 use crate::error::Result;
 use crate::quant::nf4::Nf4Tensor;
@@ -289,6 +290,15 @@ impl Kernels for Wgpu {
         dw: &mut Tensor<Self>,
     ) -> Result<()> {
         dense::backward_weight(self, dy, x, dw)
+    }
+    fn lowrank_multi_add_kernel(
+        &self,
+        x: &Tensor<Self>,
+        pool: &LowRankPool<Self>,
+        adapter_of_row: &[i32],
+        y: &mut Tensor<Self>,
+    ) -> Result<()> {
+        multi::add(self, x, pool, adapter_of_row, y)
     }
     fn axpy_kernel(&self, a: &mut Tensor<Self>, alpha: f32, b: &Tensor<Self>) -> Result<()> {
         dense::axpy(self, a, alpha, b)

@@ -8,6 +8,9 @@ use super::{
 use crate::error::{Error, Result};
 use crate::quant::nf4::Nf4Tensor;
 
+mod multi;
+pub use multi::{linear_multi, lowrank_pool};
+
 /// Checks that `n` host values fill `shape`.
 pub fn upload(n: usize, shape: &[usize]) -> Result<()> {
     let want: usize = shape.iter().product();
