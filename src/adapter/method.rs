@@ -5,7 +5,7 @@ use super::{
     AdaLoraLayer, BeftLayer, DoraLayer, DoraLayerSaved, Ia3Layer, Ia3Saved, Linear, LoraLayer,
     VeraLayer, VeraShared,
 };
-use crate::backend::{Backend, Tensor};
+use crate::backend::{Backend, LowRank, Tensor};
 use crate::error::{Error, Result};
 
 /// The methods that put an adapter on a projection, named as PEFT's `peft_type` (DoRA is LoRA
@@ -115,6 +115,28 @@ impl<B: Backend> Adapter<B> {
             Adapter::AdaLora(l) => vec![&mut l.lora_a, &mut l.lora_b, &mut l.lora_e],
             Adapter::Ia3(l) => vec![&mut l.ia3_l],
             Adapter::Beft(l) => vec![&mut l.beft_bias],
+        }
+    }
+
+    /// The adapter as a plain low-rank term over its base ([`LowRank`]): LoRA/rsLoRA, VeRA
+    /// (`shared`: its projections) and AdaLoRA, the terms a mixed batch can pool
+    /// ([`crate::backend::multi`]). Errors: DoRA (its column scale rescales the base product),
+    /// IA3 and BEFT (no low-rank term), a VeRA adapter without `shared`, an AdaLoRA ranknum
+    /// that is not positive.
+    pub fn lowrank_term<'a>(&'a self, shared: Option<&'a VeraShared<B>>) -> Result<LowRank<'a, B>> {
+        match self {
+            Adapter::Lora(l) => Ok(l.term()),
+            Adapter::Vera(l) => Ok(l.term(need_shared(shared)?)),
+            Adapter::AdaLora(l) => l.term(),
+            Adapter::Dora(_) | Adapter::Ia3(_) | Adapter::Beft(_) => Err(Error::arg(
+                "adapter",
+                format!(
+                    "a {:?} adapter is not a plain low-rank term over the base (DoRA rescales \
+                     the base product, IA3 scales it, BEFT adds a bias): it cannot share a \
+                     mixed batch; merge it or serve it alone",
+                    self.kind()
+                ),
+            )),
         }
     }
 

@@ -9,6 +9,7 @@
 //! stream, not torch's).
 
 use super::llama::{Llama, PackedBatch, argmax};
+use super::multi::MultiAdapters;
 use crate::backend::{Backend, SeqSpan, Tensor};
 use crate::error::{Error, Result};
 use rand::{RngExt, SeedableRng};
@@ -155,18 +156,38 @@ impl<B: Backend> Llama<B> {
         cache: &mut KvCache<B>,
         new: &[&[u32]],
     ) -> Result<Tensor<B>> {
-        self.forward_cached_inner(be, cache, new, None)
+        self.forward_cached_inner(be, cache, new, None, None)
+    }
+
+    /// [`Llama::forward_cached`] of a mixed batch: sequence s runs with adapter
+    /// `adapter_of_seq[s]` of `multi` (-1: the base model), every projection one base product
+    /// for the whole batch ([`Backend::linear_multi`]). Row s of the result equals
+    /// [`Llama::forward_cached`] of sequence s alone on the model with that adapter loaded.
+    /// Errors: as [`Llama::forward_cached`]; the model has adapters of its own; indices.
+    pub fn forward_cached_multi(
+        &self,
+        be: &B,
+        cache: &mut KvCache<B>,
+        new: &[&[u32]],
+        multi: &MultiAdapters<B>,
+        adapter_of_seq: &[i32],
+    ) -> Result<Tensor<B>> {
+        multi.check_model(self)?;
+        multi.check_indices(adapter_of_seq, cache.lens.len())?;
+        self.forward_cached_inner(be, cache, new, None, Some((multi, adapter_of_seq)))
     }
 
     /// [`Llama::forward_cached`] where `virt`, when given, supplies the input rows itself:
     /// `(embeddings [n, d], per-sequence counts)` instead of token ids (prompt tuning's
-    /// virtual tokens at the start of every sequence).
+    /// virtual tokens at the start of every sequence); `multi`, when given, the adapter of
+    /// every sequence in a mixed batch (checked by the caller).
     fn forward_cached_inner(
         &self,
         be: &B,
         cache: &mut KvCache<B>,
         new: &[&[u32]],
         virt: Option<(&Tensor<B>, &[usize])>,
+        multi: Option<(&MultiAdapters<B>, &[i32])>,
     ) -> Result<Tensor<B>> {
         let c = &self.cfg;
         if new.len() != cache.lens.len() {
@@ -186,6 +207,7 @@ impl<B: Backend> Llama<B> {
         let mut q_seqs = Vec::new();
         let mut kv_seqs = Vec::new();
         let mut last_rows = Vec::new();
+        let mut adapter_of_row = Vec::new();
         let mut rows = 0usize;
         for (s, seq) in new.iter().enumerate() {
             let n = count(s);
@@ -217,6 +239,9 @@ impl<B: Backend> Llama<B> {
                 positions.push((past + i) as u32);
                 slots.push((s * cache.capacity + past + i) as u32);
             }
+            if let Some((_, of_seq)) = multi {
+                adapter_of_row.extend(std::iter::repeat_n(of_seq[s], n));
+            }
             rows += n;
             last_rows.push((rows - 1) as u32);
         }
@@ -230,10 +255,26 @@ impl<B: Backend> Llama<B> {
             None => be.gather_rows(&self.embed_tokens, &ids)?,
         };
         for (l, b) in self.layers.iter().enumerate() {
+            // A projection: its own adapter, or in a mixed batch every row's from the pool.
+            let proj = |p: usize, x: &Tensor<B>| -> Result<Tensor<B>> {
+                match multi.and_then(|(m, _)| m.pool(l, p)) {
+                    Some(pool) => {
+                        let base = &b.proj[p].base;
+                        be.linear_multi(
+                            x,
+                            base.weight.as_base(),
+                            base.bias.as_ref(),
+                            pool,
+                            &adapter_of_row,
+                        )
+                    }
+                    None => Ok(b.proj[p].forward(be, sh, x)?.0),
+                }
+            };
             let (xn1, _) = be.rmsnorm(&x, self.layer_norm_weight(l, 0), c.rms_norm_eps)?;
-            let (mut q, _) = b.proj[0].forward(be, sh, &xn1)?;
-            let (mut k, _) = b.proj[1].forward(be, sh, &xn1)?;
-            let (v, _) = b.proj[2].forward(be, sh, &xn1)?;
+            let mut q = proj(0, &xn1)?;
+            let mut k = proj(1, &xn1)?;
+            let v = proj(2, &xn1)?;
             be.rope(&mut q, &positions, c.head_dim, c.rope_theta, false)?;
             be.rope(&mut k, &positions, c.head_dim, c.rope_theta, false)?;
             // Each cache row is written once (zeros before), so adding writes it.
@@ -249,15 +290,15 @@ impl<B: Backend> Llama<B> {
                 c.num_key_value_heads,
                 scale,
             )?;
-            let (o, _) = b.proj[3].forward(be, sh, &att)?;
+            let o = proj(3, &att)?;
             let (o, _) = self.attention_site(be, l, o, false)?;
             let mut x2 = o;
             be.axpy(&mut x2, 1.0, &x)?;
             let (xn2, _) = be.rmsnorm(&x2, self.layer_norm_weight(l, 1), c.rms_norm_eps)?;
-            let (gate, _) = b.proj[4].forward(be, sh, &xn2)?;
-            let (up, _) = b.proj[5].forward(be, sh, &xn2)?;
+            let gate = proj(4, &xn2)?;
+            let up = proj(5, &xn2)?;
             let act = be.swiglu(&gate, &up)?;
-            let (down, _) = b.proj[6].forward(be, sh, &act)?;
+            let down = proj(6, &act)?;
             let (x3, _) = self.output_site(be, l, &x2, down, false)?;
             x = x3;
         }
@@ -296,7 +337,7 @@ impl<B: Backend> Llama<B> {
             let e = be.gather_rows(&state.out, &src)?;
             let counts = vec![nvt; n];
             let empty: Vec<&[u32]> = vec![&[]; n];
-            self.forward_cached_inner(be, cache, &empty, Some((&e, &counts)))?;
+            self.forward_cached_inner(be, cache, &empty, Some((&e, &counts)), None)?;
         } else {
             let slots2 = 2 * self.cfg.num_hidden_layers;
             let cap = cache.capacity;
@@ -328,6 +369,44 @@ impl<B: Backend> Llama<B> {
         eos: u32,
         sampling: Sampling,
     ) -> Result<Vec<Vec<u32>>> {
+        self.generate_inner(be, prompts, max_new, eos, sampling, None)
+    }
+
+    /// [`Llama::generate`] of a mixed batch: prompt s decodes with adapter `adapter_of_seq[s]`
+    /// of `multi` (-1: the base model), all prompts in one batch with the KV cache, every
+    /// projection one base product per step ([`Llama::forward_cached_multi`]). Errors: as
+    /// [`Llama::generate`]; the model has adapters of its own; indices.
+    pub fn generate_multi(
+        &self,
+        be: &B,
+        prompts: &[Vec<u32>],
+        multi: &MultiAdapters<B>,
+        adapter_of_seq: &[i32],
+        max_new: usize,
+        eos: u32,
+        sampling: Sampling,
+    ) -> Result<Vec<Vec<u32>>> {
+        multi.check_model(self)?;
+        multi.check_indices(adapter_of_seq, prompts.len())?;
+        self.generate_inner(
+            be,
+            prompts,
+            max_new,
+            eos,
+            sampling,
+            Some((multi, adapter_of_seq)),
+        )
+    }
+
+    fn generate_inner(
+        &self,
+        be: &B,
+        prompts: &[Vec<u32>],
+        max_new: usize,
+        eos: u32,
+        sampling: Sampling,
+        multi: Option<(&MultiAdapters<B>, &[i32])>,
+    ) -> Result<Vec<Vec<u32>>> {
         sampling.validate()?;
         if let Some(i) = prompts.iter().position(|p| p.is_empty()) {
             return Err(Error::arg("prompt", format!("prompt {i} is empty")));
@@ -346,7 +425,8 @@ impl<B: Backend> Llama<B> {
                 .zip(&done)
                 .map(|(t, &d)| if d { &[][..] } else { &t[..] })
                 .collect();
-            let logits = be.download(&self.forward_cached(be, &mut cache, &new)?)?;
+            let logits =
+                be.download(&self.forward_cached_inner(be, &mut cache, &new, None, multi)?)?;
             let vocab = logits.len() / done.iter().filter(|d| !**d).count();
             let mut rows = logits.chunks(vocab);
             for s in 0..prompts.len() {

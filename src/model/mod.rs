@@ -9,6 +9,7 @@ pub mod heads;
 pub mod inject;
 pub mod llama;
 pub mod load;
+pub mod multi;
 pub mod tokenizer;
 
 pub use config::LlamaConfig;
