@@ -514,15 +514,19 @@ pub(crate) struct GenerateArgs {
     #[command(flatten)]
     pub(crate) model: ModelArgs,
     /// An adapter folder: PEFT (every method lorafuse trains) or the adapters library (a
-    /// bottleneck adapter or an AdapterFusion).
+    /// bottleneck adapter or an AdapterFusion); prompts run on the base model, then with it.
+    /// `NAME=DIR`, repeated, serves several LoRA/rsLoRA/VeRA/AdaLoRA adapters in ONE batch
+    /// (PEFT's `adapter_names`): a prompt-file record that names its adapter (`"adapter":
+    /// NAME`) decodes with it, any other prompt on the base model and on every adapter.
     #[arg(long)]
-    pub(crate) adapter: Option<PathBuf>,
+    pub(crate) adapter: Vec<String>,
     /// The user turn, rendered with the chat template unless --raw. Repeat it to decode
     /// several prompts in one batch.
     #[arg(long, required_unless_present = "prompt_file")]
     pub(crate) prompt: Vec<String>,
     /// More prompts, one per line: plain text, a JSON object with a `prompt` string, or a
-    /// conversation to continue (`{"messages": [{"role": ..., "content": ...}, ...]}`).
+    /// conversation to continue (`{"messages": [{"role": ..., "content": ...}, ...]}`); a
+    /// JSON record may name its adapter (`"adapter": NAME`, with `--adapter NAME=DIR`).
     #[arg(long)]
     pub(crate) prompt_file: Option<PathBuf>,
     #[command(flatten)]
@@ -568,23 +572,32 @@ pub(crate) struct LogitsArgs {
     /// Text to run (tokenized without added special tokens).
     #[arg(
         long,
-        required_unless_present = "messages",
-        conflicts_with = "messages"
+        required_unless_present_any = ["messages", "rows"],
+        conflicts_with_all = ["messages", "rows"]
     )]
     pub(crate) text: Option<String>,
     /// A JSON file with a conversation (`{"messages": [...]}` or the list itself), rendered
     /// with the chat template and its generation prompt.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "rows")]
     pub(crate) messages: Option<PathBuf>,
+    /// A mixed batch: a JSONL file, one row per line (`{"input_ids": [...]}`, `{"text": ...}`
+    /// or `{"messages": [...]}`,
+    /// and `"adapter": NAME` or none for the base model), all rows in one batch with each
+    /// row's adapter (PEFT's `adapter_names`). Writes `input_ids [N, T]` (-1 padded),
+    /// `adapter_index [N]` and `logits [N, vocab]` at each row's last token.
+    #[arg(long)]
+    pub(crate) rows: Option<PathBuf>,
     #[command(flatten)]
     pub(crate) chat: PromptChatArgs,
-    /// An adapter folder to apply (PEFT or the adapters library).
+    /// An adapter folder to apply (PEFT or the adapters library); with --rows, `NAME=DIR`,
+    /// repeated, the adapters the rows name.
     #[arg(long)]
-    pub(crate) adapter: Option<PathBuf>,
+    pub(crate) adapter: Vec<String>,
     /// Keep only the first N tokens.
     #[arg(long)]
     pub(crate) max_tokens: Option<usize>,
-    /// Output safetensors file: `input_ids` (i64 [T]) and `logits` (f32 [vocab]).
+    /// Output safetensors file: `input_ids` (i64 [T]) and `logits` (f32 [vocab]) at the last
+    /// token (with --rows: see there).
     #[arg(long)]
     pub(crate) out: PathBuf,
 }

@@ -117,6 +117,7 @@ macro_rules! on_backend {
 }
 
 mod align_cmd;
+mod multi_cmd;
 mod synth_cmd;
 
 fn self_instruct(a: SelfInstructArgs) -> Result<()> {
@@ -429,9 +430,30 @@ fn generate_on<B: Backend>(be: B, a: &GenerateArgs) -> Result<()> {
     let system = a.chat.system.as_deref();
     let prompts = texts
         .iter()
-        .map(|p| p.ids(tmpl.as_ref(), system, &tok))
+        .map(|(p, _)| p.ids(tmpl.as_ref(), system, &tok))
         .collect::<Result<Vec<_>>>()?;
     let eos = tok.eos_id();
+    let named = multi_cmd::named_adapters(&a.adapter)?;
+    if let Some(named) = named {
+        if a.no_kv_cache {
+            return Err(Error::arg(
+                "no-kv-cache",
+                "a mixed batch of adapters decodes with the KV cache",
+            ));
+        }
+        let prompts: Vec<_> = prompts
+            .into_iter()
+            .zip(texts.into_iter().map(|(_, n)| n))
+            .collect();
+        let settings = (a.max_new_tokens, eos, sampling);
+        return multi_cmd::generate_mixed(&be, &mut model, &named, &prompts, settings, &tok);
+    }
+    if let Some((_, Some(n))) = texts.iter().find(|(_, n)| n.is_some()) {
+        return Err(Error::arg(
+            "prompt-file",
+            format!("a prompt names adapter `{n}`: give the adapters as --adapter NAME=DIR"),
+        ));
+    }
     let run = |model: &Llama<B>, label: &str| -> Result<()> {
         let t0 = std::time::Instant::now();
         let outs = if a.no_kv_cache {
@@ -466,18 +488,23 @@ fn generate_on<B: Backend>(be: B, a: &GenerateArgs) -> Result<()> {
         Ok(())
     };
     run(&model, "base model")?;
-    if let Some(dir) = &a.adapter {
-        apply_adapter_folder(&be, &mut model, dir)?;
-        run(&model, &format!("with adapter {}", dir.display()))?;
+    if let Some(dir) = a.adapter.first() {
+        apply_adapter_folder(&be, &mut model, Path::new(dir))?;
+        run(&model, &format!("with adapter {dir}"))?;
     }
     Ok(())
 }
 
 /// The prompts of `generate`: every `--prompt`, then the lines of `--prompt-file` (plain text,
-/// or a JSON object: see [`Prompt::from_json`]). Errors: an unreadable file, a JSON line that
-/// is neither (named by its line number), no prompt at all.
-fn prompts_of(a: &GenerateArgs) -> Result<Vec<Prompt>> {
-    let mut out: Vec<Prompt> = a.prompt.iter().cloned().map(Prompt::Text).collect();
+/// or a JSON object: see [`Prompt::from_json`]), each with the adapter a JSON record names
+/// (`"adapter"`). Errors: an unreadable file, a JSON line that is neither (named by its line
+/// number), an adapter name that is not a string, no prompt at all.
+fn prompts_of(a: &GenerateArgs) -> Result<Vec<(Prompt, Option<String>)>> {
+    let mut out: Vec<(Prompt, Option<String>)> = a
+        .prompt
+        .iter()
+        .map(|p| (Prompt::Text(p.clone()), None))
+        .collect();
     if let Some(path) = &a.prompt_file {
         let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
         for (i, line) in text
@@ -490,12 +517,15 @@ fn prompts_of(a: &GenerateArgs) -> Result<Vec<Prompt>> {
                     context: format!("{} line {}", path.display(), i + 1),
                     msg: e.to_string(),
                 })?;
-                out.push(
-                    Prompt::from_json(&v)
-                        .map_err(|m| Error::format(path, format!("line {}: {m}", i + 1)))?,
-                );
+                let bad = |m: String| Error::format(path, format!("line {}: {m}", i + 1));
+                let adapter = match v.get("adapter") {
+                    None | Some(serde_json::Value::Null) => None,
+                    Some(serde_json::Value::String(s)) => Some(s.clone()),
+                    Some(_) => return Err(bad("`adapter` is not a string".into())),
+                };
+                out.push((Prompt::from_json(&v).map_err(bad)?, adapter));
             } else {
-                out.push(Prompt::Text(line.to_string()));
+                out.push((Prompt::Text(line.to_string()), None));
             }
         }
     }
@@ -521,8 +551,18 @@ fn logits_on<B: Backend>(be: B, a: &LogitsArgs) -> Result<()> {
     let (path, tok, mut model) = load_model(&be, a.model.model.as_deref(), None, &mut |l| {
         eprintln!("{l}")
     })?;
-    if let Some(dir) = &a.adapter {
-        apply_adapter_folder(&be, &mut model, dir)?;
+    if let Some(rows) = &a.rows {
+        return multi_cmd::logits_rows(&be, a, rows, &mut model, &tok, &path);
+    }
+    match &a.adapter[..] {
+        [] => {}
+        [dir] => apply_adapter_folder(&be, &mut model, Path::new(dir))?,
+        _ => {
+            return Err(Error::arg(
+                "adapter",
+                "several adapters need --rows (each row names its adapter)",
+            ));
+        }
     }
     let mut ids = match (&a.text, &a.messages) {
         (Some(t), _) => tok.encode(t)?,

@@ -12,6 +12,7 @@ pub mod peft;
 
 use crate::backend::Backend;
 use crate::error::{Error, Result};
+use crate::model::inject::AdapterSet;
 use crate::model::llama::Llama;
 use std::path::Path;
 
@@ -72,4 +73,32 @@ pub fn apply_adapter_folder<B: Backend>(be: &B, model: &mut Llama<B>, dir: &Path
         AdapterFolder::Bottleneck => adapters_lib::load_bottleneck(be, model, dir),
         AdapterFolder::Fusion => adapters_lib::load_fusion(be, model, dir),
     }
+}
+
+/// Loads named adapter folders for a mixed batch ([`crate::model::multi::MultiAdapters`]):
+/// each one onto `model` ([`apply_adapter_folder`]) and taken off again, so `model` ends as it
+/// began. Errors: a model that already has adapters, a folder's loader errors (named by the
+/// adapter's name).
+pub fn load_adapter_sets<B: Backend>(
+    be: &B,
+    model: &mut Llama<B>,
+    named: &[(String, std::path::PathBuf)],
+) -> Result<Vec<(String, AdapterSet<B>)>> {
+    let own = model.take_adapters();
+    if !own.is_empty() {
+        model.put_adapters(own)?;
+        return Err(Error::arg(
+            "model",
+            "load the adapters of a mixed batch onto a model without adapters",
+        ));
+    }
+    let mut sets = Vec::with_capacity(named.len());
+    for (name, dir) in named {
+        if let Err(e) = apply_adapter_folder(be, model, dir) {
+            model.take_adapters();
+            return Err(Error::arg(format!("adapter `{name}`"), e.to_string()));
+        }
+        sets.push((name.clone(), model.take_adapters()));
+    }
+    Ok(sets)
 }

@@ -1,0 +1,256 @@
+//! Several adapters in one batch from the command line: `generate` and `logits` with
+//! `--adapter NAME=DIR` repeated, over the library's mixed batch
+//! ([`lorafuse::model::multi::MultiAdapters`]).
+
+use super::*;
+use lorafuse::io::load_adapter_sets;
+use lorafuse::model::multi::MultiAdapters;
+use std::path::PathBuf;
+
+/// The `--adapter` values as `(name, folder)`: `NAME=DIR`, or `DIR` (named by its last path
+/// component). `None` for the single-adapter form (one plain `DIR`, or none). Errors: an empty
+/// name or folder.
+pub(crate) fn named_adapters(values: &[String]) -> Result<Option<Vec<(String, PathBuf)>>> {
+    let split = |v: &String| -> Result<(Option<String>, PathBuf)> {
+        match v.split_once('=') {
+            Some((n, d)) if !n.contains(['/', '\\']) => {
+                if n.is_empty() || d.is_empty() {
+                    return Err(Error::arg("adapter", format!("`{v}`: expected NAME=DIR")));
+                }
+                Ok((Some(n.to_string()), PathBuf::from(d)))
+            }
+            _ => Ok((None, PathBuf::from(v))),
+        }
+    };
+    let parsed = values.iter().map(split).collect::<Result<Vec<_>>>()?;
+    if parsed.len() <= 1 && parsed.iter().all(|(n, _)| n.is_none()) {
+        return Ok(None);
+    }
+    Ok(Some(
+        parsed
+            .into_iter()
+            .map(|(n, d)| {
+                let name = n.unwrap_or_else(|| {
+                    d.file_name()
+                        .map(|f| f.to_string_lossy().into_owned())
+                        .unwrap_or_else(|| d.display().to_string())
+                });
+                (name, d)
+            })
+            .collect(),
+    ))
+}
+
+/// Loads the named adapters and packs them for mixed batches.
+pub(crate) fn load_multi<B: Backend>(
+    be: &B,
+    model: &mut Llama<B>,
+    named: &[(String, PathBuf)],
+) -> Result<MultiAdapters<B>> {
+    let sets = load_adapter_sets(be, model, named)?;
+    MultiAdapters::new(be, model, &sets)
+}
+
+/// The index of the adapter a record names (-1: none). Errors: a name not given with
+/// `--adapter`.
+fn index_of<B: Backend>(multi: &MultiAdapters<B>, name: Option<&str>) -> Result<i32> {
+    match name {
+        None => Ok(-1),
+        Some(n) => multi.index(n).map(|i| i as i32).ok_or_else(|| {
+            Error::arg(
+                "adapter",
+                format!(
+                    "a prompt names adapter `{n}`, which is not among --adapter ({})",
+                    multi.names().join(", ")
+                ),
+            )
+        }),
+    }
+}
+
+/// `generate` with several adapters: a prompt that names its adapter (`"adapter": NAME` in
+/// the prompt file) decodes with it; one that names none decodes on the base model and on
+/// every adapter. All of them decode in ONE batch with the KV cache.
+pub(crate) fn generate_mixed<B: Backend>(
+    be: &B,
+    model: &mut Llama<B>,
+    named: &[(String, PathBuf)],
+    prompts: &[(Vec<u32>, Option<String>)],
+    settings: (usize, u32, Sampling),
+    tok: &Tokenizer,
+) -> Result<()> {
+    let (max_new, eos, sampling) = settings;
+    let multi = load_multi(be, model, named)?;
+    let mut ids = Vec::new();
+    let mut jobs = Vec::new();
+    for (p, (prompt, name)) in prompts.iter().enumerate() {
+        let which: Vec<i32> = match name {
+            Some(_) => vec![index_of(&multi, name.as_deref())?],
+            None => (-1..multi.names().len() as i32).collect(),
+        };
+        for i in which {
+            ids.push(prompt.clone());
+            jobs.push((p, i));
+        }
+    }
+    let idx: Vec<i32> = jobs.iter().map(|&(_, i)| i).collect();
+    let t0 = std::time::Instant::now();
+    let outs = model.generate_multi(be, &ids, &multi, &idx, max_new, eos, sampling)?;
+    let secs = t0.elapsed().as_secs_f64();
+    for ((p, i), out) in jobs.iter().zip(&outs) {
+        let label = if *i < 0 {
+            "base model".to_string()
+        } else {
+            format!("adapter {}", multi.names()[*i as usize])
+        };
+        println!(
+            "--- {label} (prompt {}) ---\n{}",
+            p + 1,
+            strip_eos(tok, out, eos)?
+        );
+    }
+    let n: usize = outs.iter().map(Vec::len).sum();
+    eprintln!(
+        "mixed batch of {} sequences over {} adapters: {n} new tokens in {secs:.3} s \
+         ({:.1} tokens/s, KV cache)",
+        outs.len(),
+        multi.names().len(),
+        n as f64 / secs.max(1e-9)
+    );
+    Ok(())
+}
+
+/// `logits --rows FILE`: one JSON object per line (`input_ids`, `text`, or `messages` rendered
+/// with the chat template, and an optional `adapter` name), all rows in one mixed-batch prefill; writes
+/// `input_ids` (i64 `[N, T]`, -1 after each row's end), `adapter_index` (i64 `[N]`, -1: base)
+/// and `logits` (f32 `[N, vocab]`, each row's last token).
+pub(crate) fn logits_rows<B: Backend>(
+    be: &B,
+    a: &LogitsArgs,
+    rows_file: &Path,
+    model: &mut Llama<B>,
+    tok: &Tokenizer,
+    model_path: &Path,
+) -> Result<()> {
+    let named = named_adapters(&a.adapter)?.unwrap_or_else(|| {
+        a.adapter
+            .iter()
+            .map(|d| (d.clone(), PathBuf::from(d)))
+            .collect()
+    });
+    let multi = if named.is_empty() {
+        None
+    } else {
+        Some(load_multi(be, model, &named)?)
+    };
+    let text = std::fs::read_to_string(rows_file).map_err(|e| Error::io(rows_file, e))?;
+    let mut ids: Vec<Vec<u32>> = Vec::new();
+    let mut idx = Vec::new();
+    for (i, line) in text
+        .lines()
+        .enumerate()
+        .filter(|(_, l)| !l.trim().is_empty())
+    {
+        let bad = |m: String| Error::format(rows_file, format!("line {}: {m}", i + 1));
+        let v: serde_json::Value = serde_json::from_str(line).map_err(|e| Error::Json {
+            context: format!("{} line {}", rows_file.display(), i + 1),
+            msg: e.to_string(),
+        })?;
+        let mut row = if let Some(list) = v.get("input_ids") {
+            let ids: Vec<u32> = serde_json::from_value(list.clone())
+                .map_err(|e| bad(format!("`input_ids` is not a list of token ids ({e})")))?;
+            if let Some(t) = ids.iter().find(|&&t| t as usize >= model.cfg.vocab_size) {
+                return Err(bad(format!(
+                    "token id {t} is outside the vocabulary of {}",
+                    model.cfg.vocab_size
+                )));
+            }
+            ids
+        } else {
+            match v.get("text") {
+                Some(t) => tok.encode(
+                    t.as_str()
+                        .ok_or_else(|| bad("`text` is not a string".into()))?,
+                )?,
+                None => {
+                    let tmpl = prompt_template(model_path, tok, Some(&a.chat.chat_template))?;
+                    Prompt::from_json(&v).map_err(bad)?.ids(
+                        Some(&tmpl),
+                        a.chat.system.as_deref(),
+                        tok,
+                    )?
+                }
+            }
+        };
+        if let Some(n) = a.max_tokens {
+            row.truncate(n);
+        }
+        if row.is_empty() {
+            return Err(bad("no token to run".into()));
+        }
+        let name = match v.get("adapter") {
+            None | Some(serde_json::Value::Null) => None,
+            Some(serde_json::Value::String(s)) => Some(s.as_str()),
+            Some(_) => return Err(bad("`adapter` is not a string".into())),
+        };
+        idx.push(match (&multi, name) {
+            (Some(m), n) => index_of(m, n)?,
+            (None, None) => -1,
+            (None, Some(n)) => {
+                return Err(bad(format!(
+                    "names adapter `{n}`: give it with --adapter {n}=DIR"
+                )));
+            }
+        });
+        ids.push(row);
+    }
+    if ids.is_empty() {
+        return Err(Error::format(rows_file, "no row"));
+    }
+    let n = ids.len();
+    let longest = ids.iter().map(Vec::len).max().unwrap_or(0);
+    let mut cache = lorafuse::model::generate::KvCache::new(be, model, n, longest)?;
+    let new: Vec<&[u32]> = ids.iter().map(|r| &r[..]).collect();
+    let logits = match &multi {
+        Some(m) => model.forward_cached_multi(be, &mut cache, &new, m, &idx)?,
+        None => model.forward_cached(be, &mut cache, &new)?,
+    };
+    let logits = be.download(&logits)?;
+    let id_bytes: Vec<u8> = ids
+        .iter()
+        .flat_map(|r| (0..longest).map(move |j| r.get(j).map_or(-1i64, |&t| t as i64)))
+        .flat_map(i64::to_le_bytes)
+        .collect();
+    let idx_bytes: Vec<u8> = idx.iter().flat_map(|&i| (i as i64).to_le_bytes()).collect();
+    let logit_bytes: Vec<u8> = logits.iter().flat_map(|v| v.to_le_bytes()).collect();
+    let vocab = logits.len() / n;
+    write_safetensors(
+        &a.out,
+        vec![
+            (
+                "input_ids".into(),
+                safetensors::Dtype::I64,
+                vec![n, longest],
+                id_bytes,
+            ),
+            (
+                "adapter_index".into(),
+                safetensors::Dtype::I64,
+                vec![n],
+                idx_bytes,
+            ),
+            (
+                "logits".into(),
+                safetensors::Dtype::F32,
+                vec![n, vocab],
+                logit_bytes,
+            ),
+        ],
+    )?;
+    println!(
+        "{n} rows ({} tokens) in one mixed batch, written to {}",
+        ids.iter().map(Vec::len).sum::<usize>(),
+        a.out.display()
+    );
+    Ok(())
+}
