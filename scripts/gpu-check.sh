@@ -124,6 +124,7 @@ san_tests=(
   "nf4.cu:nf4::dequantize nf4::linear"
   "model.cu:memory::gather_scatter model::rmsnorm model::rope model::swiglu model::cross_entropy model::cross_entropy_stats"
   "pointwise.cu:pointwise::mul_vector pointwise::sum_product pointwise::activation pointwise::softmax"
+  "multi_lora.cu:multi::mixed"
 )
 san_extra=("attention:attention::attention attention::cached" "allocator:adalora_alloc::device_allocator")
 

@@ -4,7 +4,7 @@
 
 use super::*;
 use lorafuse::io::load_adapter_sets;
-use lorafuse::model::multi::MultiAdapters;
+use lorafuse::model::multi::{Mixed, MultiAdapters};
 use std::path::PathBuf;
 
 /// The `--adapter` values as `(name, folder)`: `NAME=DIR`, or `DIR` (named by its last path
@@ -95,7 +95,17 @@ pub(crate) fn generate_mixed<B: Backend>(
     }
     let idx: Vec<i32> = jobs.iter().map(|&(_, i)| i).collect();
     let t0 = std::time::Instant::now();
-    let outs = model.generate_multi(be, &ids, &multi, &idx, max_new, eos, sampling)?;
+    let outs = model.generate_multi(
+        be,
+        &ids,
+        Mixed {
+            adapters: &multi,
+            adapter_of_seq: &idx,
+        },
+        max_new,
+        eos,
+        sampling,
+    )?;
     let secs = t0.elapsed().as_secs_f64();
     for ((p, i), out) in jobs.iter().zip(&outs) {
         let label = if *i < 0 {
@@ -212,7 +222,15 @@ pub(crate) fn logits_rows<B: Backend>(
     let mut cache = lorafuse::model::generate::KvCache::new(be, model, n, longest)?;
     let new: Vec<&[u32]> = ids.iter().map(|r| &r[..]).collect();
     let logits = match &multi {
-        Some(m) => model.forward_cached_multi(be, &mut cache, &new, m, &idx)?,
+        Some(m) => model.forward_cached_multi(
+            be,
+            &mut cache,
+            &new,
+            Mixed {
+                adapters: m,
+                adapter_of_seq: &idx,
+            },
+        )?,
         None => model.forward_cached(be, &mut cache, &new)?,
     };
     let logits = be.download(&logits)?;

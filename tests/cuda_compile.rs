@@ -149,6 +149,7 @@ fn launched_entry_points_exist() {
             ],
         ),
         ("vera", &["lowrank_scale_grads"]),
+        ("multi_lora", &["multi_shrink", "multi_expand"]),
         (
             "adalora",
             &[

@@ -19,13 +19,16 @@ use lorafuse::io::peft::{apply_adapter, load_adapter};
 use lorafuse::model::generate::{KvCache, Sampling};
 use lorafuse::model::inject::AdapterSet;
 use lorafuse::model::llama::Llama;
-use lorafuse::model::multi::MultiAdapters;
+use lorafuse::model::multi::{Mixed, MultiAdapters};
 use seeds::{Io, base_model, case_dir, read_io};
 
 const ATOL: f32 = 1e-4;
 
+/// Named adapter sets.
+type Sets<B> = Vec<(String, AdapterSet<B>)>;
+
 /// The base model with no adapter, and the three adapter sets of the case, named.
-fn load<B: Backend>(be: &B) -> (Llama<B>, Vec<(String, AdapterSet<B>)>, Io) {
+fn load<B: Backend>(be: &B) -> (Llama<B>, Sets<B>, Io) {
     let dir = case_dir("multi_lora");
     let io = read_io(&dir.join("io.safetensors"));
     let mut model = base_model(be);
@@ -87,7 +90,15 @@ fn check_mixed_batch<B: Backend>(be: &B) {
     let out = be
         .download(
             &model
-                .forward_cached_multi(be, &mut cache, &new, &multi, &idx)
+                .forward_cached_multi(
+                    be,
+                    &mut cache,
+                    &new,
+                    Mixed {
+                        adapters: &multi,
+                        adapter_of_seq: &idx,
+                    },
+                )
                 .unwrap(),
         )
         .unwrap();
@@ -111,7 +122,15 @@ fn check_mixed_batch<B: Backend>(be: &B) {
         let out = be
             .download(
                 &model
-                    .forward_cached_multi(be, &mut cache, &new, &multi, &idx)
+                    .forward_cached_multi(
+                        be,
+                        &mut cache,
+                        &new,
+                        Mixed {
+                            adapters: &multi,
+                            adapter_of_seq: &idx,
+                        },
+                    )
                     .unwrap(),
             )
             .unwrap();
@@ -126,7 +145,17 @@ fn check_mixed_batch<B: Backend>(be: &B) {
 
     // Mixed generation = each prompt alone on the model with its own adapter.
     let mixed = model
-        .generate_multi(be, &toks, &multi, &idx, 6, u32::MAX, Sampling::GREEDY)
+        .generate_multi(
+            be,
+            &toks,
+            Mixed {
+                adapters: &multi,
+                adapter_of_seq: &idx,
+            },
+            6,
+            u32::MAX,
+            Sampling::GREEDY,
+        )
         .unwrap();
     let mut solo = model.clone();
     for (r, t) in toks.iter().enumerate() {
@@ -204,18 +233,44 @@ fn what_cannot_share_a_batch_is_refused_by_name() {
     let mut cache = KvCache::new(&be, &model, toks.len(), 16).unwrap();
     let new: Vec<&[u32]> = toks.iter().map(|t| &t[..]).collect();
     let err = model
-        .forward_cached_multi(&be, &mut cache, &new, &multi, &[0, 3, -1, 2])
+        .forward_cached_multi(
+            &be,
+            &mut cache,
+            &new,
+            Mixed {
+                adapters: &multi,
+                adapter_of_seq: &[0, 3, -1, 2],
+            },
+        )
         .unwrap_err()
         .to_string();
     assert!(err.contains("sequence 1") && err.contains("-1..3"), "{err}");
     let err = model
-        .forward_cached_multi(&be, &mut cache, &new, &multi, &idx[..3])
+        .forward_cached_multi(
+            &be,
+            &mut cache,
+            &new,
+            Mixed {
+                adapters: &multi,
+                adapter_of_seq: &idx[..3],
+            },
+        )
         .unwrap_err()
         .to_string();
     assert!(err.contains("3 adapter indices for 4 sequences"), "{err}");
     model.put_adapters(sets.remove(0).1).unwrap();
     let err = model
-        .generate_multi(&be, &toks, &multi, &idx, 2, 0, Sampling::GREEDY)
+        .generate_multi(
+            &be,
+            &toks,
+            Mixed {
+                adapters: &multi,
+                adapter_of_seq: &idx,
+            },
+            2,
+            0,
+            Sampling::GREEDY,
+        )
         .unwrap_err()
         .to_string();
     assert!(err.contains("adapters of its own"), "{err}");

@@ -9,7 +9,7 @@
 //! stream, not torch's).
 
 use super::llama::{Llama, PackedBatch, argmax};
-use super::multi::MultiAdapters;
+use super::multi::Mixed;
 use crate::backend::{Backend, SeqSpan, Tensor};
 use crate::error::{Error, Result};
 use rand::{RngExt, SeedableRng};
@@ -160,8 +160,8 @@ impl<B: Backend> Llama<B> {
     }
 
     /// [`Llama::forward_cached`] of a mixed batch: sequence s runs with adapter
-    /// `adapter_of_seq[s]` of `multi` (-1: the base model), every projection one base product
-    /// for the whole batch ([`Backend::linear_multi`]). Row s of the result equals
+    /// `mixed.adapter_of_seq[s]` (-1: the base model), every projection one base product for
+    /// the whole batch ([`Backend::linear_multi`]). Row s of the result equals
     /// [`Llama::forward_cached`] of sequence s alone on the model with that adapter loaded.
     /// Errors: as [`Llama::forward_cached`]; the model has adapters of its own; indices.
     pub fn forward_cached_multi(
@@ -169,12 +169,13 @@ impl<B: Backend> Llama<B> {
         be: &B,
         cache: &mut KvCache<B>,
         new: &[&[u32]],
-        multi: &MultiAdapters<B>,
-        adapter_of_seq: &[i32],
+        mixed: Mixed<'_, B>,
     ) -> Result<Tensor<B>> {
-        multi.check_model(self)?;
-        multi.check_indices(adapter_of_seq, cache.lens.len())?;
-        self.forward_cached_inner(be, cache, new, None, Some((multi, adapter_of_seq)))
+        mixed.adapters.check_model(self)?;
+        mixed
+            .adapters
+            .check_indices(mixed.adapter_of_seq, cache.lens.len())?;
+        self.forward_cached_inner(be, cache, new, None, Some(mixed))
     }
 
     /// [`Llama::forward_cached`] where `virt`, when given, supplies the input rows itself:
@@ -187,7 +188,7 @@ impl<B: Backend> Llama<B> {
         cache: &mut KvCache<B>,
         new: &[&[u32]],
         virt: Option<(&Tensor<B>, &[usize])>,
-        multi: Option<(&MultiAdapters<B>, &[i32])>,
+        multi: Option<Mixed<'_, B>>,
     ) -> Result<Tensor<B>> {
         let c = &self.cfg;
         if new.len() != cache.lens.len() {
@@ -239,8 +240,8 @@ impl<B: Backend> Llama<B> {
                 positions.push((past + i) as u32);
                 slots.push((s * cache.capacity + past + i) as u32);
             }
-            if let Some((_, of_seq)) = multi {
-                adapter_of_row.extend(std::iter::repeat_n(of_seq[s], n));
+            if let Some(m) = multi {
+                adapter_of_row.extend(std::iter::repeat_n(m.adapter_of_seq[s], n));
             }
             rows += n;
             last_rows.push((rows - 1) as u32);
@@ -257,7 +258,7 @@ impl<B: Backend> Llama<B> {
         for (l, b) in self.layers.iter().enumerate() {
             // A projection: its own adapter, or in a mixed batch every row's from the pool.
             let proj = |p: usize, x: &Tensor<B>| -> Result<Tensor<B>> {
-                match multi.and_then(|(m, _)| m.pool(l, p)) {
+                match multi.and_then(|m| m.adapters.pool(l, p)) {
                     Some(pool) => {
                         let base = &b.proj[p].base;
                         be.linear_multi(
@@ -372,30 +373,24 @@ impl<B: Backend> Llama<B> {
         self.generate_inner(be, prompts, max_new, eos, sampling, None)
     }
 
-    /// [`Llama::generate`] of a mixed batch: prompt s decodes with adapter `adapter_of_seq[s]`
-    /// of `multi` (-1: the base model), all prompts in one batch with the KV cache, every
-    /// projection one base product per step ([`Llama::forward_cached_multi`]). Errors: as
-    /// [`Llama::generate`]; the model has adapters of its own; indices.
+    /// [`Llama::generate`] of a mixed batch: prompt s decodes with adapter
+    /// `mixed.adapter_of_seq[s]` (-1: the base model), all prompts in one batch with the KV
+    /// cache, every projection one base product per step ([`Llama::forward_cached_multi`]).
+    /// Errors: as [`Llama::generate`]; the model has adapters of its own; indices.
     pub fn generate_multi(
         &self,
         be: &B,
         prompts: &[Vec<u32>],
-        multi: &MultiAdapters<B>,
-        adapter_of_seq: &[i32],
+        mixed: Mixed<'_, B>,
         max_new: usize,
         eos: u32,
         sampling: Sampling,
     ) -> Result<Vec<Vec<u32>>> {
-        multi.check_model(self)?;
-        multi.check_indices(adapter_of_seq, prompts.len())?;
-        self.generate_inner(
-            be,
-            prompts,
-            max_new,
-            eos,
-            sampling,
-            Some((multi, adapter_of_seq)),
-        )
+        mixed.adapters.check_model(self)?;
+        mixed
+            .adapters
+            .check_indices(mixed.adapter_of_seq, prompts.len())?;
+        self.generate_inner(be, prompts, max_new, eos, sampling, Some(mixed))
     }
 
     fn generate_inner(
@@ -405,7 +400,7 @@ impl<B: Backend> Llama<B> {
         max_new: usize,
         eos: u32,
         sampling: Sampling,
-        multi: Option<(&MultiAdapters<B>, &[i32])>,
+        multi: Option<Mixed<'_, B>>,
     ) -> Result<Vec<Vec<u32>>> {
         sampling.validate()?;
         if let Some(i) = prompts.iter().position(|p| p.is_empty()) {

@@ -16,6 +16,21 @@ use super::llama::Llama;
 use crate::backend::{Backend, LowRankPool};
 use crate::error::{Error, Result};
 
+/// A mixed batch's assignment: the packed adapters and the adapter of every sequence
+/// (`adapter_of_seq[s]` in `-1..K`, -1: the base model).
+#[derive(Debug)]
+pub struct Mixed<'a, B: Backend> {
+    pub adapters: &'a MultiAdapters<B>,
+    pub adapter_of_seq: &'a [i32],
+}
+
+impl<B: Backend> Clone for Mixed<'_, B> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+impl<B: Backend> Copy for Mixed<'_, B> {}
+
 /// K adapters packed per projection for mixed batches, with their names.
 #[derive(Clone, Debug)]
 pub struct MultiAdapters<B: Backend> {
