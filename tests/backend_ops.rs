@@ -109,6 +109,7 @@ backend_suite!(wgpu_workgroup, crate::ops::harness::wgpu_workgroup, crate::ops::
 #[cfg(feature = "wgpu")]
 backend_suite!(wgpu_1k, crate::ops::harness::wgpu_1k, crate::ops::harness::Tol::wgpu_1k(), {
     memory: [gather_scatter, elementwise, sum_squares],
+    multi: [mixed],
     dense: [linear],
     lowrank: [dora, vera, adalora],
     nf4: [dequantize, linear],
