@@ -17,6 +17,9 @@ pub struct PackedBatch {
     pub target_rows: Vec<u32>,
     /// The label of each target row.
     pub target_labels: Vec<i32>,
+    /// When several adapters train in one pass ([`crate::model::multi::MultiLora`]): the
+    /// adapter of each sequence (index into its names); empty otherwise.
+    pub adapter_of_seq: Vec<i32>,
 }
 
 impl PackedBatch {

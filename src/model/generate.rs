@@ -191,6 +191,13 @@ impl<B: Backend> Llama<B> {
         multi: Option<Mixed<'_, B>>,
     ) -> Result<Tensor<B>> {
         let c = &self.cfg;
+        if self.multi_lora.is_some() {
+            return Err(Error::arg(
+                "model",
+                "the model holds several adapters in training (MultiLora): take them off \
+                 (into_sets) and serve them as a mixed batch (MultiAdapters)",
+            ));
+        }
         if new.len() != cache.lens.len() {
             return Err(Error::arg(
                 "new",

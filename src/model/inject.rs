@@ -23,6 +23,9 @@ pub struct Proj<B: Backend> {
 pub(super) enum ProjSaved<B: Backend> {
     Base,
     Adapter(AdapterSaved<B>),
+    /// Several LoRA adapters on their rows of the batch ([`super::multi::MultiLora`]): each
+    /// one's `h`, `None` where it has no row.
+    Multi(Vec<Option<Tensor<B>>>),
 }
 
 impl<B: Backend> Proj<B> {
@@ -546,6 +549,9 @@ impl<B: Backend> Llama<B> {
         if let Some(t) = &self.score {
             out.push(("score.weight".to_string(), t));
         }
+        if let Some(m) = &self.multi_lora {
+            out.extend(m.params());
+        }
         out
     }
 
@@ -606,6 +612,9 @@ impl<B: Backend> Llama<B> {
         }
         if let Some(t) = &mut self.score {
             out.push(t);
+        }
+        if let Some(m) = &mut self.multi_lora {
+            out.extend(m.params_mut());
         }
         out
     }

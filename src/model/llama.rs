@@ -16,6 +16,7 @@ use crate::model::additive::{AttnSaved, PrefixSource, Prepared, PromptState, Sit
 pub use crate::model::batch::PackedBatch;
 pub use crate::model::inject::Proj;
 use crate::model::inject::ProjSaved;
+use crate::model::multi::MultiLora;
 use crate::quant::nf4::quantize_nf4;
 use std::collections::HashMap;
 
@@ -113,6 +114,9 @@ pub struct Llama<B: Backend> {
     /// `LlamaForSequenceClassification`'s `score` head `[num_labels, d]` (no bias), trained in
     /// full: a reward model's (`super::heads`).
     pub score: Option<Tensor<B>>,
+    /// Several LoRA adapters trained in one pass, each on the sequences of a batch tagged
+    /// with it ([`PackedBatch::adapter_of_seq`]); set with [`Llama::set_multi_lora`].
+    pub multi_lora: Option<MultiLora<B>>,
 }
 
 /// Activations of one layer kept for the backward pass.
@@ -275,6 +279,7 @@ impl<B: Backend> Llama<B> {
             bottleneck: None,
             fusion: None,
             score: None,
+            multi_lora: None,
         })
     }
 
@@ -296,24 +301,25 @@ impl<B: Backend> Llama<B> {
         let batch = &prep.batch;
         let mut x = self.embed_input(be, prep, prompt)?;
         let mut caches = Vec::with_capacity(if keep { self.layers.len() } else { 0 });
-        let sh = self.vera_shared.as_ref();
-        for (l, b) in self.layers.iter().enumerate() {
+        let rows = self.multi_rows(batch)?;
+        for l in 0..self.layers.len() {
+            let fwd = |p: usize, x: &Tensor<B>| self.proj_forward(be, (l, p), x, rows.as_deref());
             let (xn1, rstd1) = be.rmsnorm(&x, self.layer_norm_weight(l, 0), c.rms_norm_eps)?;
-            let (mut q, hq) = b.proj[Q].forward(be, sh, &xn1)?;
-            let (mut k, hk) = b.proj[K].forward(be, sh, &xn1)?;
-            let (v, hv) = b.proj[V].forward(be, sh, &xn1)?;
+            let (mut q, hq) = fwd(Q, &xn1)?;
+            let (mut k, hk) = fwd(K, &xn1)?;
+            let (v, hv) = fwd(V, &xn1)?;
             be.rope(&mut q, &batch.positions, c.head_dim, c.rope_theta, false)?;
             be.rope(&mut k, &batch.positions, c.head_dim, c.rope_theta, false)?;
             let (att_out, att) = self.attend(be, l, prep, prompt, &q, &k, &v)?;
-            let (o, ho) = b.proj[O].forward(be, sh, &att_out)?;
+            let (o, ho) = fwd(O, &att_out)?;
             let (o, att_site) = self.attention_site(be, l, o, keep)?;
             let mut x2 = o;
             be.axpy(&mut x2, 1.0, &x)?;
             let (xn2, rstd2) = be.rmsnorm(&x2, self.layer_norm_weight(l, 1), c.rms_norm_eps)?;
-            let (gate, hg) = b.proj[GATE].forward(be, sh, &xn2)?;
-            let (up, hu) = b.proj[UP].forward(be, sh, &xn2)?;
+            let (gate, hg) = fwd(GATE, &xn2)?;
+            let (up, hu) = fwd(UP, &xn2)?;
             let act = be.swiglu(&gate, &up)?;
-            let (down, hd) = b.proj[DOWN].forward(be, sh, &act)?;
+            let (down, hd) = fwd(DOWN, &act)?;
             let (x3, out_site) = self.output_site(be, l, &x2, down, keep)?;
             if keep {
                 caches.push(LayerCache {
@@ -495,6 +501,7 @@ impl<B: Backend> Llama<B> {
         let pb = &prep.batch;
         let rows = prep.rows(rows);
         let (x, caches) = self.decoder(be, &prep, prompt.as_ref(), true)?;
+        let multi_rows = self.multi_rows(pb)?;
         let mut grads: Vec<(String, Tensor<B>)> = Vec::new();
         // The final norm and the head only on the wanted rows. The norm is row-wise, so
         // normalizing just those rows equals slicing after a full norm.
@@ -544,7 +551,12 @@ impl<B: Backend> Llama<B> {
             0
         } else {
             let proj = (0..self.layers.len()).find(|&l| {
-                self.layer_trained(l) || self.layers[l].proj.iter().any(|p| p.adapter.is_some())
+                self.layer_trained(l)
+                    || self.layers[l].proj.iter().any(|p| p.adapter.is_some())
+                    || self
+                        .multi_lora
+                        .as_ref()
+                        .is_some_and(|m| (0..7).any(|p| m.adapts(l, p)))
             });
             [proj, self.lowest_additive()]
                 .into_iter()
@@ -577,7 +589,12 @@ impl<B: Backend> Llama<B> {
                 })
             };
             let bw = |p: usize, x: &Tensor<B>, s: &ProjSaved<B>, dy: &Tensor<B>, g: &mut Vec<_>| {
-                b.proj[p].backward(be, sh, &path(p), full, x, s, dy, g)
+                match (s, &self.multi_lora, &multi_rows) {
+                    (ProjSaved::Multi(hs), Some(m), Some(rows)) => {
+                        m.backward(be, &b.proj[p].base, (l, p), x, hs, dy, rows, g)
+                    }
+                    _ => b.proj[p].backward(be, sh, &path(p), full, x, s, dy, g),
+                }
             };
             // MLP and output site: x3 = site(x2, down(swiglu(gate(xn2), up(xn2)))).
             let (d2, d_down) =

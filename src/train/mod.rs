@@ -7,6 +7,7 @@ pub mod data;
 pub mod dpo;
 pub mod hooks;
 pub mod job;
+pub mod multi;
 pub mod optim;
 pub mod preference;
 pub mod recipe;
