@@ -184,6 +184,9 @@ impl<B: Backend> MultiAdapters<B> {
 
 // ---- training several LoRA adapters in one pass ---------------------------------------------
 
+/// Each adapter's `h = x[rows_k] A_k^T` of a projection's forward (`None`: no row there).
+pub(super) type PerAdapterH<B> = Vec<Option<Tensor<B>>>;
+
 /// K LoRA adapters trained together (mLoRA / ASPEN's BatchLoRA): each step's batch is the
 /// union of the adapters' batches, every sequence tagged with its adapter
 /// ([`crate::model::llama::PackedBatch::adapter_of_seq`]); each projection's frozen base
@@ -360,7 +363,7 @@ impl<B: Backend> MultiLora<B> {
         (l, p): (usize, usize),
         x: &Tensor<B>,
         rows: &[Vec<u32>],
-    ) -> Result<(Tensor<B>, Vec<Option<Tensor<B>>>)> {
+    ) -> Result<(Tensor<B>, PerAdapterH<B>)> {
         let mut y = base.forward(be, x)?;
         let mut hs = Vec::with_capacity(self.layers.len());
         for (k, per_layer) in self.layers.iter().enumerate() {
@@ -390,7 +393,7 @@ impl<B: Backend> MultiLora<B> {
         base: &Linear<B>,
         (l, p): (usize, usize),
         x: &Tensor<B>,
-        hs: &[Option<Tensor<B>>],
+        hs: &PerAdapterH<B>,
         dy: &Tensor<B>,
         rows: &[Vec<u32>],
         grads: &mut Vec<(String, Tensor<B>)>,
