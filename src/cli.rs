@@ -20,7 +20,7 @@ pub(crate) struct Cli {
 #[derive(Subcommand)]
 pub(crate) enum Cmd {
     /// Fine-tune adapters on instruction data and save them in PEFT's format.
-    Finetune(Box<FinetuneArgs>),
+    Finetune(Box<FinetuneCmd>),
     /// Greedy-decode an answer to a prompt, without and with an adapter.
     Generate(GenerateArgs),
     /// Write the last-position logits of a text to safetensors (for checks against peers).
@@ -260,6 +260,23 @@ pub(crate) enum BadRecords {
     Reject,
     /// Skip malformed records, printing each with its line.
     Skip,
+}
+
+/// `lorafuse finetune`: one run, or with --multi several LoRA adapters in one pass.
+#[derive(Args)]
+pub(crate) struct FinetuneCmd {
+    #[command(flatten)]
+    pub(crate) args: FinetuneArgs,
+    /// Train several LoRA/rsLoRA adapters in one process and one pass (mLoRA's BatchLoRA):
+    /// a JSON file `{"adapters": [{"name": ..., "data": ..., "r": ..., "lora_alpha": ...,
+    /// "use_rslora": ..., "target_modules": [...], "lr": ..., "seed": ..., "steps": ...,
+    /// "batch_size": ..., "warmup_steps": ...}, ...]}` (every field but `name` optional,
+    /// defaulting to this command's flags; paths relative to the working directory). Each
+    /// step's batch is the union of the adapters' batches, the frozen weights read once for
+    /// all; each adapter ends as its own run would and is saved in `--out/<name>/` with its
+    /// metrics.
+    #[arg(long)]
+    pub(crate) multi: Option<PathBuf>,
 }
 
 #[derive(Args)]

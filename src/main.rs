@@ -216,8 +216,13 @@ fn recipe_from(a: &FinetuneArgs) -> Result<Recipe> {
     Ok(recipe)
 }
 
-fn finetune(a: FinetuneArgs) -> Result<()> {
-    on_backend!(a.model.device, be => finetune_on(be, &a))
+fn finetune(a: FinetuneCmd) -> Result<()> {
+    match &a.multi {
+        Some(cfg) => {
+            on_backend!(a.args.model.device, be => multi_cmd::finetune_multi(be, &a.args, cfg))
+        }
+        None => on_backend!(a.args.model.device, be => finetune_on(be, &a.args)),
+    }
 }
 
 /// The run `a` describes, writing to `a.out` or `default_out`.

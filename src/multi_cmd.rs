@@ -5,6 +5,8 @@
 use super::*;
 use lorafuse::io::load_adapter_sets;
 use lorafuse::model::multi::{Mixed, MultiAdapters};
+use lorafuse::train::job::run_finetune_multi;
+use lorafuse::train::recipe::Method;
 use std::path::PathBuf;
 
 /// The `--adapter` values as `(name, folder)`: `NAME=DIR`, or `DIR` (named by its last path
@@ -270,5 +272,100 @@ pub(crate) fn logits_rows<B: Backend>(
         ids.iter().map(Vec::len).sum::<usize>(),
         a.out.display()
     );
+    Ok(())
+}
+
+/// One adapter of `finetune --multi`'s config; what it leaves out comes from the flags.
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct MultiEntry {
+    name: String,
+    data: Option<PathBuf>,
+    r: Option<usize>,
+    lora_alpha: Option<f32>,
+    use_rslora: Option<bool>,
+    target_modules: Option<Vec<String>>,
+    lr: Option<f32>,
+    seed: Option<u64>,
+    steps: Option<usize>,
+    batch_size: Option<usize>,
+    warmup_steps: Option<usize>,
+}
+
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct MultiConfig {
+    adapters: Vec<MultiEntry>,
+}
+
+/// `finetune --multi CONFIG`: the jobs of the config's adapters (each the flags' job with the
+/// entry's fields over it, writing to `--out/<name>`), trained in one pass.
+pub(crate) fn finetune_multi<B: Backend>(be: B, a: &FinetuneArgs, config: &Path) -> Result<()> {
+    let text = std::fs::read_to_string(config).map_err(|e| Error::io(config, e))?;
+    let cfg: MultiConfig = serde_json::from_str(&text).map_err(|e| Error::Json {
+        context: config.display().to_string(),
+        msg: e.to_string(),
+    })?;
+    if cfg.adapters.is_empty() {
+        return Err(Error::format(config, "`adapters` is empty"));
+    }
+    let base = finetune_job(a, "runs/smollm2-multi")?;
+    if base.recipe.method != Method::Lora {
+        return Err(Error::arg(
+            "method",
+            "--multi trains LoRA adapters (rsLoRA with use_rslora): leave --method at lora",
+        ));
+    }
+    let mut jobs = Vec::with_capacity(cfg.adapters.len());
+    for e in cfg.adapters {
+        let bad = |m: &str| Error::format(config, format!("adapter `{}`: {m}", e.name));
+        if e.name.is_empty() || e.name.contains(['/', '\\', '.']) {
+            return Err(bad("a name must be non-empty, without `/`, `\\` or `.`"));
+        }
+        let mut job = base.clone();
+        job.out = base.out.join(&e.name);
+        if e.data.is_some() {
+            job.data = e.data;
+        }
+        let (lora, train) = (&mut job.recipe.lora, &mut job.recipe.train);
+        lora.r = e.r.unwrap_or(lora.r);
+        lora.lora_alpha = e.lora_alpha.unwrap_or(lora.lora_alpha);
+        lora.use_rslora = e.use_rslora.unwrap_or(lora.use_rslora);
+        if let Some(t) = e.target_modules {
+            lora.target_modules = t;
+        }
+        train.lr = e.lr.unwrap_or(train.lr);
+        train.steps = e.steps.unwrap_or(train.steps);
+        train.batch_size = e.batch_size.unwrap_or(train.batch_size);
+        train.warmup_steps = e.warmup_steps.unwrap_or(train.warmup_steps);
+        if let Some(seed) = e.seed {
+            job.recipe.seed = seed;
+            job.recipe.train.seed = seed;
+        }
+        jobs.push((e.name, job));
+    }
+    // One bar for the union steps: it follows the longest run.
+    let (longest, steps) = jobs
+        .iter()
+        .map(|(n, j)| (n.clone(), j.recipe.train.steps))
+        .max_by_key(|(_, s)| *s)
+        .unwrap_or_default();
+    let reports = with_progress(steps, |ev| {
+        run_finetune_multi(&be, &jobs, &mut |name, e| match e {
+            JobEvent::Step(_) if name != longest => {}
+            e => ev(e),
+        })
+    })?;
+    for ((name, job), r) in jobs.iter().zip(&reports) {
+        let m = &r.metrics;
+        match (m.eval_loss_before, m.eval_loss_after) {
+            (Some(b), Some(f)) => println!(
+                "{name}: eval loss {b:.4} -> {f:.4} ({:+.1}%)",
+                100.0 * (f - b) / b
+            ),
+            _ => println!("{name}:"),
+        }
+        print_run(m, r.n_base_params, r.saved, &job.out);
+    }
     Ok(())
 }

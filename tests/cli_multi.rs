@@ -246,3 +246,170 @@ fn generate_serves_several_adapters_in_one_batch() {
     );
     let _ = std::fs::remove_dir_all(model.parent().unwrap());
 }
+
+#[test]
+fn finetune_multi_trains_each_adapter_as_its_own_run() {
+    let fx = tiny_gguf::tiny_setup("lorafuse-cli-multi-finetune");
+    let data_b = fx.dir.join("b.jsonl");
+    std::fs::write(&data_b, tiny_gguf::chat_lines(25)[5..].join("\n") + "\n").unwrap();
+    let cfg = fx.dir.join("multi.json");
+    let out = fx.dir.join("multi");
+    std::fs::write(
+        &cfg,
+        serde_json::json!({"adapters": [
+            {"name": "a", "r": 2, "target_modules": ["q_proj", "v_proj"], "lr": 1e-2,
+             "seed": 1},
+            {"name": "b", "data": p(&data_b), "r": 4, "lora_alpha": 8, "use_rslora": true,
+             "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
+                                "up_proj", "down_proj"],
+             "lr": 5e-3, "seed": 2, "steps": 5, "batch_size": 3}
+        ]})
+        .to_string(),
+    )
+    .unwrap();
+    let common = ["--model", p(&fx.gguf), "--warmup-steps", "1"];
+    let mut args = vec![
+        "finetune",
+        "--multi",
+        p(&cfg),
+        "--out",
+        p(&out),
+        "--data",
+        p(&fx.data),
+        "--steps",
+        "4",
+        "--batch-size",
+        "4",
+    ];
+    args.extend(common);
+    let o = run_lorafuse(&fx.cache, &args);
+    assert_ok(&o, "finetune --multi");
+    let stdout = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        stdout.contains("a: eval loss") && stdout.contains("b: eval loss"),
+        "{stdout}"
+    );
+
+    // Each adapter alone, with the flags its entry stands for.
+    let alone_a = fx.dir.join("alone-a");
+    let alone_b = fx.dir.join("alone-b");
+    let runs: [(&Path, Vec<&str>); 2] = [
+        (
+            &alone_a,
+            vec![
+                "--steps",
+                "4",
+                "--batch-size",
+                "4",
+                "--data",
+                p(&fx.data),
+                "--r",
+                "2",
+                "--target-modules",
+                "q_proj,v_proj",
+                "--lr",
+                "1e-2",
+                "--seed",
+                "1",
+            ],
+        ),
+        (
+            &alone_b,
+            vec![
+                "--data",
+                p(&data_b),
+                "--r",
+                "4",
+                "--lora-alpha",
+                "8",
+                "--use-rslora",
+                "--target-modules",
+                "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj",
+                "--lr",
+                "5e-3",
+                "--seed",
+                "2",
+                "--steps",
+                "5",
+                "--batch-size",
+                "3",
+            ],
+        ),
+    ];
+    for ((dir, extra), name) in runs.iter().zip(["a", "b"]) {
+        let mut args = vec!["finetune", "--out", p(dir)];
+        args.extend(common);
+        args.extend(extra.iter().copied());
+        let o = run_lorafuse(&fx.cache, &args);
+        assert_ok(&o, "finetune alone");
+        let (got, want) = (
+            read_st(&out.join(name).join("adapter_model.safetensors")),
+            read_st(&dir.join("adapter_model.safetensors")),
+        );
+        let keys = |m: &tiny_gguf::St| {
+            let mut k: Vec<String> = m.keys().cloned().collect();
+            k.sort();
+            k
+        };
+        assert_eq!(
+            keys(&got),
+            keys(&want),
+            "{name}: the same tensors, under PEFT's names"
+        );
+        for (k, (_, shape, bytes)) in &want {
+            let (_, gshape, gbytes) = &got[k];
+            assert_eq!(gshape, shape, "{name} {k}");
+            let e = f32_of(gbytes)
+                .iter()
+                .zip(f32_of(bytes))
+                .map(|(a, b)| (a - b).abs())
+                .fold(0.0f32, f32::max);
+            assert!(e <= 1e-5, "{name} {k}: differs from the run alone by {e}");
+        }
+        let cfg_of = |d: &Path| -> serde_json::Value {
+            serde_json::from_str(&std::fs::read_to_string(d.join("adapter_config.json")).unwrap())
+                .unwrap()
+        };
+        let (gc, wc) = (cfg_of(&out.join(name)), cfg_of(dir));
+        for key in ["r", "lora_alpha", "use_rslora", "peft_type"] {
+            assert_eq!(gc[key], wc[key], "{name}: adapter_config {key}");
+        }
+        let m: serde_json::Value = serde_json::from_str(
+            &std::fs::read_to_string(out.join(name).join("metrics.json")).unwrap(),
+        )
+        .unwrap();
+        let w: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(dir.join("metrics.json")).unwrap())
+                .unwrap();
+        let losses = |v: &serde_json::Value| -> Vec<f64> {
+            v["steps"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|s| s["loss"].as_f64().unwrap())
+                .collect()
+        };
+        let (gl, wl) = (losses(&m), losses(&w));
+        assert_eq!(gl.len(), wl.len(), "{name}: steps");
+        for (g, w) in gl.iter().zip(&wl) {
+            assert!((g - w).abs() <= 1e-5, "{name}: loss {g} vs alone {w}");
+        }
+    }
+
+    // Bad configs name the problem.
+    std::fs::write(&cfg, r#"{"adapters": [{"name": "a", "rank": 2}]}"#).unwrap();
+    let o = run_lorafuse(&fx.cache, &args);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && err.contains("rank"), "{err}");
+    std::fs::write(&cfg, r#"{"adapters": [{"name": "a"}, {"name": "a"}]}"#).unwrap();
+    let o = run_lorafuse(&fx.cache, &args);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && err.contains("twice"), "{err}");
+    let mut dora = args.clone();
+    dora.extend(["--method", "dora"]);
+    std::fs::write(&cfg, r#"{"adapters": [{"name": "a"}]}"#).unwrap();
+    let o = run_lorafuse(&fx.cache, &dora);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && err.contains("--multi"), "{err}");
+    let _ = std::fs::remove_dir_all(&fx.dir);
+}

@@ -110,21 +110,7 @@ pub fn run_finetune<B: Backend>(
 ) -> Result<JobReport> {
     job.validate()?;
     let recipe = &job.recipe;
-    let records: Vec<Sample> = match &job.data {
-        None => chat_data::pairs(data::default_records()?),
-        Some(p) => {
-            let rep = data::load_records(p, job.bad_records)?;
-            for (loc, why) in &rep.skipped {
-                on_event(JobEvent::Log(format!(
-                    "skipped record at {} {loc} of {}: {why}",
-                    rep.format.location_name(),
-                    p.display()
-                )));
-            }
-            rep.records
-        }
-    };
-    let (train_recs, eval_recs) = split_train_eval(records);
+    let records = job_records(job, on_event)?;
     let nf4 = recipe.method.quantized_base().then_some(recipe.nf4);
     let (path, tok, mut model) = load_model(be, job.model.as_deref(), nf4, &mut |line| {
         on_event(JobEvent::Log(line))
@@ -151,40 +137,7 @@ pub fn run_finetune<B: Backend>(
         Some(t) => Some(tok.encode(t)?),
         None => None,
     };
-    let template =
-        if chat_data::has_conversations(&train_recs) || chat_data::has_conversations(&eval_recs) {
-            chat_template(&path, &tok, job.chat.template.as_deref())?
-        } else {
-            None
-        };
-    let settings = template.as_ref().map(|t| job.chat.settings(t, &tok));
-    let skip = job.bad_records == BadRecordPolicy::Skip;
-    let mut tokenize = |recs: &[Sample], split: &str| -> Result<Vec<data::Example>> {
-        let (ex, skipped) = tokenize_samples(&tok, settings.as_ref(), recs, job.max_len, skip)?;
-        for (i, why) in skipped {
-            on_event(JobEvent::Log(format!("skipped {split} record #{i}: {why}")));
-        }
-        Ok(ex)
-    };
-    let train_ex = tokenize(&train_recs, "train")?;
-    let eval_ex = if job.eval {
-        tokenize(&eval_recs, "eval")?
-    } else {
-        Vec::new()
-    };
-    if train_ex.is_empty() {
-        return Err(Error::Data(
-            "no training example left after tokenization".into(),
-        ));
-    }
-    on_event(JobEvent::Log(format!(
-        "data: {} train / {} eval examples ({} eval target tokens); method {}, lr {:.1e}",
-        train_ex.len(),
-        eval_ex.len(),
-        eval_ex.iter().map(|e| e.n_targets()).sum::<usize>(),
-        recipe.method.name(),
-        recipe.train.lr
-    )));
+    let (train_ex, eval_ex) = job_examples(job, &tok, &path, &records, on_event)?;
     let steps = recipe.train.steps;
     if !eval_ex.is_empty() {
         on_event(JobEvent::Evaluating { after: false });
@@ -203,31 +156,175 @@ pub fn run_finetune<B: Backend>(
             }
         },
     )?;
+    let saved = save_run(be, &model, job, &metrics, &path)?;
+    Ok(JobReport {
+        n_base_params: model.n_base_params(),
+        metrics,
+        saved,
+    })
+}
 
+/// Several LoRA/rsLoRA runs over one model in one process and one pass
+/// ([`crate::train::multi::train_multi`]): every `(name, job)` keeps its own data, recipe and
+/// output folder, and ends as [`run_finetune`] of that job alone would (up to float summation
+/// order); the model is loaded once and its frozen weights are read once per step for all of
+/// them. `on_event(name, event)` reports each run's progress (the model's loading under the
+/// first name). Errors: as [`run_finetune`]; jobs over different models; a method other than
+/// LoRA; a repeated name.
+pub fn run_finetune_multi<B: Backend>(
+    be: &B,
+    jobs: &[(String, FinetuneJob)],
+    on_event: &mut dyn FnMut(&str, JobEvent<'_>),
+) -> Result<Vec<JobReport>> {
+    let Some((first, job0)) = jobs.first() else {
+        return Err(Error::arg("jobs", "no run given"));
+    };
+    let mut records = Vec::with_capacity(jobs.len());
+    for (name, job) in jobs {
+        let what = |e: Error| Error::arg(format!("adapter `{name}`"), e.to_string());
+        job.validate().map_err(what)?;
+        if job.model != job0.model {
+            return Err(Error::arg(
+                format!("adapter `{name}`"),
+                "every run of a multi-adapter job trains over the same model",
+            ));
+        }
+        records.push(job_records(job, &mut |e| on_event(name, e)).map_err(what)?);
+    }
+    let (path, tok, mut model) = load_model(be, job0.model.as_deref(), None, &mut |line| {
+        on_event(first, JobEvent::Log(line))
+    })?;
+    let mut specs = Vec::with_capacity(jobs.len());
+    for ((name, job), recs) in jobs.iter().zip(&records) {
+        let (train, eval) = job_examples(job, &tok, &path, recs, &mut |e| on_event(name, e))?;
+        specs.push(crate::train::multi::MultiSpec {
+            name: name.clone(),
+            recipe: job.recipe.clone(),
+            train,
+            eval,
+        });
+    }
+    for s in &specs {
+        if !s.eval.is_empty() {
+            on_event(&s.name, JobEvent::Evaluating { after: false });
+        }
+    }
+    let results = crate::train::multi::train_multi(be, &mut model, &specs, |name, m| {
+        on_event(name, JobEvent::Step(m));
+    })?;
+    let mut reports = Vec::with_capacity(results.len());
+    for ((_, job), r) in jobs.iter().zip(results) {
+        model.put_adapters(r.adapter)?;
+        let saved = save_run(be, &model, job, &r.metrics, &path);
+        model.take_adapters();
+        reports.push(JobReport {
+            n_base_params: model.n_base_params(),
+            metrics: r.metrics,
+            saved: saved?,
+        });
+    }
+    Ok(reports)
+}
+
+/// A job's records, split into train and eval (index % 10 == 9), skipped ones reported.
+fn job_records(
+    job: &FinetuneJob,
+    on_event: &mut dyn FnMut(JobEvent<'_>),
+) -> Result<(Vec<Sample>, Vec<Sample>)> {
+    let records: Vec<Sample> = match &job.data {
+        None => chat_data::pairs(data::default_records()?),
+        Some(p) => {
+            let rep = data::load_records(p, job.bad_records)?;
+            for (loc, why) in &rep.skipped {
+                on_event(JobEvent::Log(format!(
+                    "skipped record at {} {loc} of {}: {why}",
+                    rep.format.location_name(),
+                    p.display()
+                )));
+            }
+            rep.records
+        }
+    };
+    Ok(split_train_eval(records))
+}
+
+/// A job's records tokenized (conversations with the chat template of the model at `path`):
+/// the train examples and, when the job evaluates, the eval ones. Errors: a template that does
+/// not parse, no training example left.
+fn job_examples(
+    job: &FinetuneJob,
+    tok: &Tokenizer,
+    path: &Path,
+    (train_recs, eval_recs): &(Vec<Sample>, Vec<Sample>),
+    on_event: &mut dyn FnMut(JobEvent<'_>),
+) -> Result<(Vec<data::Example>, Vec<data::Example>)> {
+    let template =
+        if chat_data::has_conversations(train_recs) || chat_data::has_conversations(eval_recs) {
+            chat_template(path, tok, job.chat.template.as_deref())?
+        } else {
+            None
+        };
+    let settings = template.as_ref().map(|t| job.chat.settings(t, tok));
+    let skip = job.bad_records == BadRecordPolicy::Skip;
+    let mut tokenize = |recs: &[Sample], split: &str| -> Result<Vec<data::Example>> {
+        let (ex, skipped) = tokenize_samples(tok, settings.as_ref(), recs, job.max_len, skip)?;
+        for (i, why) in skipped {
+            on_event(JobEvent::Log(format!("skipped {split} record #{i}: {why}")));
+        }
+        Ok(ex)
+    };
+    let train_ex = tokenize(train_recs, "train")?;
+    let eval_ex = if job.eval {
+        tokenize(eval_recs, "eval")?
+    } else {
+        Vec::new()
+    };
+    if train_ex.is_empty() {
+        return Err(Error::Data(
+            "no training example left after tokenization".into(),
+        ));
+    }
+    let recipe = &job.recipe;
+    on_event(JobEvent::Log(format!(
+        "data: {} train / {} eval examples ({} eval target tokens); method {}, lr {:.1e}",
+        train_ex.len(),
+        eval_ex.len(),
+        eval_ex.iter().map(|e| e.n_targets()).sum::<usize>(),
+        recipe.method.name(),
+        recipe.train.lr
+    )));
+    Ok((train_ex, eval_ex))
+}
+
+/// Writes a finished run into `job.out`: what was trained ([`save_trained`]), `metrics.json`
+/// and `loss_curve.png`, each atomically. Returns what [`save_trained`] wrote.
+fn save_run<B: Backend>(
+    be: &B,
+    model: &Llama<B>,
+    job: &FinetuneJob,
+    metrics: &Metrics,
+    path: &Path,
+) -> Result<&'static str> {
     std::fs::create_dir_all(&job.out).map_err(|e| Error::io(&job.out, e))?;
     let model_name = job
         .model
         .as_ref()
         .map(|p| p.display().to_string())
         .unwrap_or_else(|| fetch::DEFAULT_MODEL_FILE.to_string());
-    let saved = save_trained(be, &model, recipe, &metrics, &job.out, model_name)?;
-    write_json(&job.out.join("metrics.json"), &metrics)?;
+    let saved = save_trained(be, model, &job.recipe, metrics, &job.out, model_name)?;
+    write_json(&job.out.join("metrics.json"), metrics)?;
     write_loss_png(
         &job.out.join("loss_curve.png"),
-        &metrics,
+        metrics,
         &format!(
             "lorafuse {} on {}",
-            recipe.method.name(),
+            job.recipe.method.name(),
             path.file_name()
                 .map(|n| n.to_string_lossy().into_owned())
                 .unwrap_or_default()
         ),
     )?;
-    Ok(JobReport {
-        n_base_params: model.n_base_params(),
-        metrics,
-        saved,
-    })
+    Ok(saved)
 }
 
 /// Opens a GGUF model or a transformers model folder ([`hf::is_hf_folder`]; its
