@@ -156,6 +156,31 @@ pub(crate) struct BenchArgs {
     /// Where to run the kernels: cpu, wgpu, or auto (as for finetune).
     #[arg(long, value_enum, default_value_t = Device::Auto)]
     pub(crate) device: Device,
+    /// Instead of the kernel cases: time a mixed batch on the model (--seqs sequences of
+    /// --tokens tokens spread over --adapters LoRA adapters of rank --rank on every
+    /// projection; prefill and one decode step) against the same batch on one adapter and on
+    /// the base; writes the adapters and the batch to --mixed-dir for
+    /// scripts/peft_multi_bench.py.
+    #[arg(long)]
+    pub(crate) mixed: bool,
+    /// --mixed: the model (default: SmolLM2-135M-Instruct, fetched on first use).
+    #[arg(long)]
+    pub(crate) model: Option<PathBuf>,
+    /// --mixed: sequences in the batch.
+    #[arg(long, default_value_t = 8)]
+    pub(crate) seqs: usize,
+    /// --mixed: tokens per sequence.
+    #[arg(long, default_value_t = 64)]
+    pub(crate) tokens: usize,
+    /// --mixed: adapters the sequences are spread over (round robin).
+    #[arg(long, default_value_t = 4)]
+    pub(crate) adapters: usize,
+    /// --mixed: LoRA rank of every adapter.
+    #[arg(long, default_value_t = 8)]
+    pub(crate) rank: usize,
+    /// --mixed: where the adapters (PEFT folders a0, a1, ...) and batch.json are written.
+    #[arg(long, default_value = "target/bench-multi")]
+    pub(crate) mixed_dir: PathBuf,
 }
 
 #[derive(Args, Clone)]

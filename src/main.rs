@@ -684,6 +684,9 @@ fn bench(a: BenchArgs) -> Result<()> {
 }
 
 fn bench_on<B: Backend>(be: B, a: &BenchArgs) -> Result<()> {
+    if a.mixed {
+        return multi_cmd::bench_mixed(be, a);
+    }
     use lorafuse::adapter::bench::{self as hb, CaseSet, Timing};
     let set = match a.cases {
         BenchCases::Default => CaseSet::Default,

@@ -369,3 +369,184 @@ pub(crate) fn finetune_multi<B: Backend>(be: B, a: &FinetuneArgs, config: &Path)
     }
     Ok(())
 }
+
+/// `bench --mixed`: median milliseconds of a prefill and of one decode step of the same batch
+/// on the base model, on one adapter (the model's own fused path) and spread over K adapters
+/// (the mixed-batch path), each timed until `--min-time` (at least 5 runs), interleaved.
+pub(crate) fn bench_mixed<B: Backend>(be: B, a: &BenchArgs) -> Result<()> {
+    use lorafuse::model::generate::KvCache;
+    use lorafuse::train::job::{load_model, save_trained};
+    use lorafuse::train::recipe::{Method, Recipe};
+    use rand::{RngExt, SeedableRng};
+    if a.seqs == 0 || a.tokens == 0 || a.adapters == 0 || a.rank == 0 {
+        return Err(Error::arg(
+            "mixed",
+            "--seqs, --tokens, --adapters and --rank must be at least 1",
+        ));
+    }
+    let (_, _, mut model) = load_model(&be, a.model.as_deref(), None, &mut |l| eprintln!("{l}"))?;
+    model.freeze_bases(&be)?;
+    let recipe = Recipe {
+        method: Method::Lora,
+        lora: LoraConfig {
+            r: a.rank,
+            lora_alpha: 2.0 * a.rank as f32,
+            use_rslora: false,
+            target_modules: PROJ_NAMES.iter().map(|s| s.to_string()).collect(),
+        },
+        vera: Default::default(),
+        adalora: Default::default(),
+        full: Default::default(),
+        train: TrainConfig::default(),
+        seed: 0,
+        nf4: Nf4Spec::default(),
+        additive: Default::default(),
+    };
+    // K adapters with lora_B drawn too (PEFT's zero init would make every term vanish).
+    let mut sets = Vec::with_capacity(a.adapters);
+    for k in 0..a.adapters {
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(1000 + k as u64);
+        model.add_lora(&be, &recipe.lora, k as u64)?;
+        let names: Vec<String> = model
+            .trainable_params()
+            .into_iter()
+            .map(|(n, _)| n)
+            .collect();
+        for (name, t) in names.iter().zip(model.trainable_params_mut()) {
+            if name.contains("lora_B") {
+                let v: Vec<f32> = (0..t.len())
+                    .map(|_| rng.random_range(-0.02..0.02))
+                    .collect();
+                *t = be.upload(&v, t.shape())?;
+            }
+        }
+        let dir = a.mixed_dir.join(format!("a{k}"));
+        std::fs::create_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
+        let name = a.model.as_ref().map_or_else(
+            || lorafuse::io::fetch::DEFAULT_MODEL_FILE.to_string(),
+            |p| p.display().to_string(),
+        );
+        save_trained(&be, &model, &recipe, &Metrics::default(), &dir, name)?;
+        sets.push((format!("a{k}"), model.take_adapters()));
+    }
+    let multi = MultiAdapters::new(&be, &model, &sets)?;
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(7);
+    let vocab = model.cfg.vocab_size as u32;
+    let ids: Vec<Vec<u32>> = (0..a.seqs)
+        .map(|_| (0..a.tokens).map(|_| rng.random_range(0..vocab)).collect())
+        .collect();
+    let spread: Vec<i32> = (0..a.seqs).map(|s| (s % a.adapters) as i32).collect();
+    write_json(
+        &a.mixed_dir.join("batch.json"),
+        &serde_json::json!({"input_ids": ids, "adapter_index": spread,
+                            "adapters": (0..a.adapters).map(|k| format!("a{k}")).collect::<Vec<_>>()}),
+    )?;
+    let new: Vec<&[u32]> = ids.iter().map(|r| &r[..]).collect();
+    let next: Vec<u32> = (0..a.seqs).map(|s| (s as u32 * 7) % vocab).collect();
+    let step: Vec<&[u32]> = next.iter().map(std::slice::from_ref).collect();
+    let cap = a.tokens + 1;
+    // (name, prefill or decode, how): each run builds its own cache.
+    #[derive(Clone, Copy)]
+    enum How {
+        Base,
+        One,
+        Mixed,
+    }
+    let run = |model: &Llama<B>, how: How, decode: bool| -> Result<f64> {
+        let mut cache = KvCache::new(&be, model, a.seqs, cap)?;
+        let fwd = |cache: &mut KvCache<B>, new: &[&[u32]]| match how {
+            How::Mixed => model.forward_cached_multi(
+                &be,
+                cache,
+                new,
+                Mixed {
+                    adapters: &multi,
+                    adapter_of_seq: &spread,
+                },
+            ),
+            How::Base | How::One => model.forward_cached(&be, cache, new),
+        };
+        if decode {
+            be.download(&fwd(&mut cache, &new)?)?;
+            let t = std::time::Instant::now();
+            be.download(&fwd(&mut cache, &step)?)?;
+            Ok(t.elapsed().as_secs_f64())
+        } else {
+            let t = std::time::Instant::now();
+            be.download(&fwd(&mut cache, &new)?)?;
+            Ok(t.elapsed().as_secs_f64())
+        }
+    };
+    let mut one = model.clone();
+    one.put_adapters(sets[0].1.clone())?;
+    let cases: [(&str, How); 3] = [
+        ("base model", How::Base),
+        ("one adapter", How::One),
+        ("mixed", How::Mixed),
+    ];
+    let mut rows = Vec::new();
+    for decode in [false, true] {
+        // Warm up, then interleave the three so that drift hits all alike.
+        let mut times: Vec<Vec<f64>> = vec![Vec::new(); cases.len()];
+        for (c, (_, how)) in cases.iter().enumerate() {
+            let m = if matches!(how, How::One) {
+                &one
+            } else {
+                &model
+            };
+            times[c].push(run(m, *how, decode)?);
+            times[c].clear();
+        }
+        let t0 = std::time::Instant::now();
+        while times[0].len() < 5 || t0.elapsed().as_secs_f64() < a.min_time * cases.len() as f64 {
+            for (c, (_, how)) in cases.iter().enumerate() {
+                let m = if matches!(how, How::One) {
+                    &one
+                } else {
+                    &model
+                };
+                times[c].push(run(m, *how, decode)?);
+            }
+        }
+        for (c, (name, _)) in cases.iter().enumerate() {
+            rows.push(serde_json::json!({
+                "phase": if decode { "decode step" } else { "prefill" },
+                "case": name,
+                "ms": 1e3 * lorafuse::train::trainer::median(&times[c]),
+                "reps": times[c].len(),
+            }));
+        }
+    }
+    println!(
+        "backend {}; {} sequences x {} tokens over {} adapters of rank {} (every projection)",
+        be.name(),
+        a.seqs,
+        a.tokens,
+        a.adapters,
+        a.rank
+    );
+    println!(
+        "{:<12} {:<12} {:>10} {:>5}",
+        "phase", "case", "median ms", "reps"
+    );
+    for r in &rows {
+        println!(
+            "{:<12} {:<12} {:>10.2} {:>5}",
+            r["phase"].as_str().unwrap_or(""),
+            r["case"].as_str().unwrap_or(""),
+            r["ms"].as_f64().unwrap_or(0.0),
+            r["reps"]
+        );
+    }
+    let report = serde_json::json!({
+        "backend": be.name(), "seqs": a.seqs, "tokens": a.tokens, "adapters": a.adapters,
+        "rank": a.rank, "threads": rayon::current_num_threads(), "rows": rows,
+    });
+    let out = a
+        .json
+        .clone()
+        .unwrap_or_else(|| a.mixed_dir.join("ours.json"));
+    write_json(&out, &report)?;
+    eprintln!("wrote {}", out.display());
+    Ok(())
+}
