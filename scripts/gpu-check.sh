@@ -104,7 +104,7 @@ declare -A logfile=([compile]=cuda.log [parity]=cuda.log [bench]=cuda.log [peers
   [wgpu-section]=wgpu.log [racecheck]=sanitizer.log)
 # backend_ops (the generic suite, tests/backend_ops.rs + tests/ops/) serves the parity,
 # memcheck and wgpu-tests steps; it is packed with the CUDA binaries so that it is never dropped.
-cuda_tests=(backend_ops cuda_backend cuda_bench cuda_compile golden_seeds)
+cuda_tests=(backend_ops cuda_backend cuda_bench cuda_compile golden_seeds golden_multi multi_train)
 # The wgpu-only test binaries, in order of priority: pack drops from the end if the carry would
 # not fit.
 wgpu_tests=(wgpu_device wgpu_f16 wgpu_finetune)
@@ -330,6 +330,14 @@ step_parity() {
     LORAFUSE_REQUIRE=cuda "$GC_BIN/golden_seeds" "cuda::" --test-threads="${GPU_CHECK_TEST_THREADS:-1}" || rc=1
     say "   golden_seeds cuda: $(mylog | grep -E '^test result' | tail -n 1)"
   fi
+  # Many adapters in one batch: PEFT's mixed batch (golden_multi) and K adapters trained in one
+  # pass against each alone (multi_train), their on_cuda cases.
+  for t in golden_multi multi_train; do
+    [ -x "$GC_BIN/$t" ] || continue
+    echo "== $t on_cuda"
+    LORAFUSE_REQUIRE=cuda "$GC_BIN/$t" "on_cuda" --test-threads="${GPU_CHECK_TEST_THREADS:-1}" || rc=1
+    say "   $t cuda: $(mylog | grep -E '^test result' | tail -n 1)"
+  done
   first_reason
   mylog | grep -E "^test result|^test .* FAILED" | tail -n 8 >&3
   return "$rc"

@@ -201,6 +201,15 @@ fn adapters_trained_together_equal_each_trained_alone_on_wgpu() {
     check(&be);
 }
 
+#[cfg(feature = "cuda")]
+#[test]
+fn adapters_trained_together_equal_each_trained_alone_on_cuda() {
+    let Some(be) = gpu::cuda("multi_train") else {
+        return;
+    };
+    check(&be);
+}
+
 #[test]
 fn what_cannot_train_together_is_refused_by_name() {
     let be = Cpu;
