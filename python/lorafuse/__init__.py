@@ -6,6 +6,11 @@ Layouts follow PEFT: weights ``[out, in]`` (torch ``nn.Linear``), activations ``
 array with finite values; anything else raises TypeError/ValueError naming the argument.
 Kernels run on lorafuse's CPU reference backend with the GIL released.
 
+Many adapters in one batch (serving; PEFT's ``model(..., adapter_names=[...])`` per row):
+``lora_forward_multi(x, w0, adapters, adapter_of_row)``, or a ``LoraPool(adapters, in_features,
+out_features)`` packed once and its ``forward(x, w0, adapter_of_row)`` per batch; LoRA, VeRA
+and AdaLoRA adapters of any ranks mix in one call.
+
 ``lorafuse.torch`` (imported only on request, and only usable when torch is installed) holds
 the torch drop-in: nn.Modules over these kernels and ``replace_peft_layers(model)`` for PEFT
 models on CPU float32 tensors. ``import lorafuse`` itself never imports torch.
@@ -13,6 +18,8 @@ models on CPU float32 tensors. ``import lorafuse`` itself never imports torch.
 
 from . import _lorafuse
 from ._lorafuse import (
+    FrozenWeight,
+    LoraPool,
     __version__,
     adalora_backward,
     adalora_forward,
@@ -27,6 +34,7 @@ from ._lorafuse import (
     load_adapter,
     lora_backward,
     lora_forward,
+    lora_forward_multi,
     lora_merge,
     lora_unmerge,
     nf4,
@@ -38,6 +46,8 @@ from ._lorafuse import (
 )
 
 __all__ = [
+    "FrozenWeight",
+    "LoraPool",
     "__version__",
     "adalora_backward",
     "adalora_forward",
@@ -52,6 +62,7 @@ __all__ = [
     "load_adapter",
     "lora_backward",
     "lora_forward",
+    "lora_forward_multi",
     "lora_merge",
     "lora_unmerge",
     "nf4",

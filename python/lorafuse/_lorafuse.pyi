@@ -6,15 +6,15 @@ shape given in its docstring; otherwise TypeError (not an ndarray, wrong dtype) 
 """
 
 import os
-from typing import Any, Optional, Tuple, Union
+from typing import Any, Optional, Sequence, Tuple, TypedDict, Union
 
 import numpy as np
 import numpy.typing as npt
 
 F32 = npt.NDArray[np.float32]
-# A base weight [out, in]: a float32 array, a FrozenWeight, or (LoRA and DoRA forward/backward
-# and dora_weight_norm: QLoRA / QDoRA) an nf4.Nf4Tensor, dequantized tile by tile inside the
-# products and never whole.
+# A base weight [out, in]: a float32 array, a FrozenWeight, or (LoRA and DoRA forward/backward,
+# dora_weight_norm and the mixed-batch ops: QLoRA / QDoRA) an nf4.Nf4Tensor, dequantized tile
+# by tile inside the products and never whole.
 W0 = Union[F32, "FrozenWeight", "Nf4Tensor"]
 
 __version__: str
@@ -144,6 +144,70 @@ def adalora_merge(
 def adalora_unmerge(
     w: F32, lora_A: F32, lora_B: F32, lora_E: F32, scaling: float, ranknum: float
 ) -> F32: ...
+
+# ---- many adapters in one batch (serving; PEFT's model(..., adapter_names=[...]) per row) ----
+# One adapter's term on a projection [out, in]: a dict whose keys say the method (ranks may
+# differ between adapters), or None where the adapter leaves the projection alone. DoRA (a
+# `magnitude` key) is refused: its column scale rescales the base product per adapter.
+class LoraTerm(TypedDict):
+    """LoRA / rsLoRA: scaling * (x @ lora_A.T) @ lora_B.T; lora_A [r, in], lora_B [out, r]."""
+
+    lora_A: F32
+    lora_B: F32
+    scaling: float
+
+class VeraTerm(TypedDict):
+    """VeRA: lambda_b * ((lambda_d * (x @ vera_A[:, :in].T)) @ vera_B[:out].T);
+    vera_A [r, max_in], vera_B [max_out, r], lambda_d [r], lambda_b [out]."""
+
+    vera_A: F32
+    vera_B: F32
+    lambda_d: F32
+    lambda_b: F32
+
+class AdaLoraTerm(TypedDict):
+    """AdaLoRA: (x @ (lora_A * lora_E).T) @ lora_B.T * scaling / (ranknum + 1e-5);
+    lora_A [r, in], lora_B [out, r], lora_E [r, 1], scaling = lora_alpha."""
+
+    lora_A: F32
+    lora_B: F32
+    lora_E: F32
+    scaling: float
+    ranknum: float
+
+AdapterTerm = Optional[Union[LoraTerm, VeraTerm, AdaLoraTerm]]
+# adapter_of_row: T ints in -1..K (-1: the base model only), a 1-D integer array or a list.
+Indices = Union[npt.NDArray[np.integer[Any]], Sequence[int]]
+
+def lora_forward_multi(
+    x: F32, w0: W0, adapters: Sequence[AdapterTerm], adapter_of_row: Indices,
+    bias: Optional[F32] = None,
+) -> F32:
+    """y [T, out]: y[t] = x[t] @ w0.T + bias + term of adapters[adapter_of_row[t]] (none for -1
+    or a None entry); one base product for all rows. Packs a LoraPool per call."""
+
+class LoraPool:
+    """The terms of K adapters on one projection [out_features, in_features], packed once
+    (scales folded into each B, ragged ranks) for mixed-batch forwards."""
+
+    def __init__(
+        self, adapters: Sequence[AdapterTerm], in_features: int, out_features: int
+    ) -> None: ...
+    def forward(
+        self, x: F32, w0: W0, adapter_of_row: Indices, bias: Optional[F32] = None
+    ) -> F32:
+        """y [T, out_features], as lora_forward_multi with this pool's adapters."""
+    @property
+    def ranks(self) -> list[int]:
+        """Each adapter's rank (0 for a None entry)."""
+    @property
+    def methods(self) -> list[Optional[str]]:
+        """Each adapter's method: "lora", "vera", "adalora" or None."""
+    @property
+    def in_features(self) -> int: ...
+    @property
+    def out_features(self) -> int: ...
+    def __len__(self) -> int: ...
 
 # ---- NF4 (the `lorafuse.nf4` submodule) ----
 class Nf4Tensor:

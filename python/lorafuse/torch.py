@@ -27,10 +27,16 @@ bias itself has ``requires_grad``, PEFT's ``bias="all"``); DoRA's weight norm
 the shared projections and has no alpha scaling. ``merge()``/``unmerge()`` fold the adapter
 into ``base_layer.weight`` (in place, as PEFT), after which forward is the plain base layer.
 
+Mixed-adapter batches (serving, forward only): ``lora_forward_multi(x, weight, adapters,
+adapter_names)`` and the module ``MultiLoraLinear`` (``MultiLoraLinear.from_peft(layer)`` over
+every adapter of a PEFT layer) give, per sample, what PEFT's ``model(..., adapter_names=[...])``
+gives: one base product for the whole batch plus each sample's own LoRA / VeRA / AdaLoRA term
+(ranks may differ; ``"__base__"`` for none). DoRA cannot mix (PEFT refuses it too).
+
 Scope: CPU tensors of dtype float32 only. CUDA tensors are NOT supported yet (lorafuse's CUDA
 backend is not validated, and the wheel is built without it): a tensor on another device, or of
-another dtype, raises ValueError/TypeError naming it. Dropout, several adapters on one layer,
-mixed-adapter batches and ``fan_in_fan_out`` are not supported by the modules;
+another dtype, raises ValueError/TypeError naming it. Dropout, several adapters on one layer
+(outside ``MultiLoraLinear``) and ``fan_in_fan_out`` are not supported by the modules;
 ``replace_peft_layers`` leaves such layers to PEFT and warns (or raises with ``strict=True``).
 """
 
@@ -38,7 +44,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from typing import Any, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -54,9 +60,11 @@ __all__ = [
     "DoraLinear",
     "LoraFunction",
     "LoraLinear",
+    "MultiLoraLinear",
     "Nf4Linear",
     "VeraFunction",
     "VeraLinear",
+    "lora_forward_multi",
     "replace_peft_layers",
     "restore_peft_layers",
 ]
@@ -835,3 +843,291 @@ def restore_peft_layers(model: nn.Module) -> List[str]:
         parent = model.get_submodule(parent_name) if parent_name else model
         setattr(parent, attr, layer)
     return [n for n, _ in todo]
+
+
+# ---- many adapters in one batch (serving) ------------------------------------------------------
+
+_BASE = "__base__"
+# The keys of a term that are floats (a tensor there, e.g. AdaLoRA's ``ranknum`` Parameter, is
+# read as a float); every other value is a float32 CPU tensor.
+_SCALAR_KEYS = ("scaling", "ranknum")
+
+Term = Optional[Dict[str, Any]]
+
+
+def _term_np(term: Term, where: str) -> Optional[Dict[str, Any]]:
+    """An adapter term of tensors and floats as the numpy kernels take it (zero-copy views)."""
+    if term is None:
+        return None
+    if not isinstance(term, dict):
+        raise TypeError(
+            f"`{where}` must be a dict (LoRA: lora_A, lora_B, scaling; VeRA: vera_A, vera_B, "
+            f"lambda_d, lambda_b; AdaLoRA: lora_A, lora_B, lora_E, scaling, ranknum) or None, "
+            f"got {type(term).__name__}"
+        )
+    out: Dict[str, Any] = {}
+    for k, v in term.items():
+        if isinstance(v, Tensor):
+            v = float(v.detach()) if k in _SCALAR_KEYS and v.numel() == 1 else _np(v, f"{where}.{k}")
+        out[k] = v
+    return out
+
+
+def _split_adapters(adapters: Any) -> Tuple[Optional[List[str]], List[Term]]:
+    """(names, terms) of a ``{name: term}`` dict, or (None, terms) of a list."""
+    if isinstance(adapters, dict):
+        names = list(adapters)
+        if not all(isinstance(n, str) for n in names):
+            raise TypeError("`adapters` keys must be adapter names (str)")
+        return names, list(adapters.values())
+    if isinstance(adapters, (list, tuple)):
+        return None, list(adapters)
+    raise TypeError(
+        f"`adapters` must be a dict {{name: term}}, a list of terms or a lorafuse.LoraPool, "
+        f"got {type(adapters).__name__}"
+    )
+
+
+def _adapter_rows(
+    adapter_names: Any, names: Optional[Sequence[str]], k: int, x: Tensor, strict: bool
+) -> np.ndarray:
+    """The adapter index (-1: base) of every row of ``x.reshape(-1, in)``, from one entry per
+    sample of ``x`` (dim 0, as PEFT's ``adapter_names``): a name (``"__base__"`` or None: the
+    base model), or an index in ``-1..k``. A name that is not an adapter here raises with
+    ``strict``, and is the base model otherwise (PEFT's layers skip it so)."""
+    if isinstance(adapter_names, (Tensor, np.ndarray)):
+        adapter_names = adapter_names.tolist()
+    if not isinstance(adapter_names, (list, tuple)):
+        raise TypeError(
+            f"`adapter_names` must be a list with one adapter name or index per sample, "
+            f"got {type(adapter_names).__name__}"
+        )
+    batch = x.shape[0]
+    if len(adapter_names) != batch:
+        raise ValueError(
+            f"`adapter_names` must have one entry per sample of x (x.shape[0] = {batch}), "
+            f"got {len(adapter_names)}"
+        )
+    index = {n: i for i, n in enumerate(names or [])}
+    rows = []
+    for j, n in enumerate(adapter_names):
+        if n is None or n == _BASE:
+            rows.append(-1)
+        elif isinstance(n, str):
+            if n in index:
+                rows.append(index[n])
+            elif strict:
+                known = ", ".join(repr(m) for m in names or []) or "none by name"
+                raise ValueError(
+                    f"`adapter_names[{j}]` = {n!r} is not one of the adapters ({known}); "
+                    f"'__base__' for the base model"
+                )
+            else:
+                rows.append(-1)
+        elif isinstance(n, (int, np.integer)) and not isinstance(n, bool):
+            if not -1 <= int(n) < k:
+                raise ValueError(
+                    f"`adapter_names[{j}]` = {int(n)} is outside -1..{k} (-1: the base model)"
+                )
+            rows.append(int(n))
+        else:
+            raise TypeError(
+                f"`adapter_names[{j}]` must be an adapter name, an index or None, "
+                f"got {type(n).__name__}"
+            )
+    per_sample = int(np.prod(x.shape[1:-1], dtype=np.int64))
+    return np.repeat(np.asarray(rows, dtype=np.int64), per_sample)
+
+
+def _check_multi_x(x: Tensor, in_features: Optional[int] = None) -> Tensor:
+    if x.dim() < 2 or (in_features is not None and x.shape[-1] != in_features):
+        want = "in" if in_features is None else f"in={in_features}"
+        raise ValueError(f"`x` must have shape [batch, ..., {want}], got {tuple(x.shape)}")
+    return _tokens(x)
+
+
+def lora_forward_multi(
+    x: Tensor, weight: Any, adapters: Any, adapter_names: Sequence[Any],
+    bias: Optional[Tensor] = None,
+) -> Tensor:
+    """Mixed-adapter batch forward (serving, no autograd): sample ``b`` of the output is what
+    PEFT's ``model(..., adapter_names=[...])`` computes for it on this projection,
+    ``x[b] @ weight.T + bias + term(x[b])`` with the term of adapter ``adapter_names[b]`` (none
+    for ``"__base__"``). One base product for the whole batch; each adapter's samples get its
+    low-rank term in the same call, whatever the ranks and methods.
+
+    Args:
+        x: float32 CPU ``[batch, ..., in]``; ``adapter_names`` has one entry per sample (dim 0),
+            applied to all its rows (tokens), as PEFT's.
+        weight: the frozen base weight: a float32 CPU ``[out, in]`` tensor (cached as a
+            ``FrozenWeight`` as the modules do) or an ``nf4.Nf4Tensor`` (QLoRA).
+        adapters: ``{name: term}`` (or a list of terms, or a prebuilt ``lorafuse.LoraPool``),
+            each term None (the adapter leaves this projection alone) or a dict of float32 CPU
+            tensors and floats: LoRA ``{lora_A [r, in], lora_B [out, r], scaling}``, VeRA
+            ``{vera_A [r, max_in], vera_B [max_out, r], lambda_d [r], lambda_b [out]}``,
+            AdaLoRA ``{lora_A, lora_B, lora_E [r, 1], scaling (lora_alpha), ranknum}`` (the
+            keys of ``lorafuse.lora_forward_multi``). DoRA is refused, as PEFT's
+            ``adapter_names`` refuses it.
+        adapter_names: ``batch`` entries: an adapter name (a key of ``adapters``), ``"__base__"``
+            or None for the base model, or an index into the adapters (-1: the base model).
+        bias: optional float32 CPU ``[out]``.
+
+    Returns:
+        y, float32 ``[batch, ..., out]`` (it does not require grad).
+
+    Raises:
+        TypeError: a tensor that is not float32, entries of the wrong type.
+        ValueError: a tensor not on the CPU, shapes (naming ``adapters[i].lora_A`` ...), an
+            unknown adapter name, an index out of range, a DoRA term.
+    """
+    x2 = _check_multi_x(x)
+    if isinstance(adapters, _k.LoraPool):
+        rows = _adapter_rows(adapter_names, None, len(adapters), x, strict=True)
+        y = adapters.forward(_np(x2, "x"), _base(weight), rows, _opt(bias, "bias"))
+    else:
+        names, terms = _split_adapters(adapters)
+        rows = _adapter_rows(adapter_names, names, len(terms), x, strict=True)
+        where = (lambda i: f"adapters[{names[i]!r}]") if names else (lambda i: f"adapters[{i}]")
+        terms_np = [_term_np(t, where(i)) for i, t in enumerate(terms)]
+        y = _k.lora_forward_multi(_np(x2, "x"), _base(weight), terms_np, rows, _opt(bias, "bias"))
+    return _back(y, tuple(x.shape[:-1]))
+
+
+def _key(v: Any) -> Any:
+    return (v.data_ptr(), v._version, tuple(v.shape)) if isinstance(v, Tensor) else v
+
+
+class MultiLoraLinear(nn.Module):
+    """Several adapters on one frozen linear layer, mixed per sample in one batch (serving,
+    forward only): ``forward(x, adapter_names=[...])`` gives for each sample what PEFT's
+    ``model(..., adapter_names=[...])`` gives on this layer (``lora.Linear._mixed_batch_forward``):
+    ``base_layer(x[b]) + term_i(x[b])`` for ``i = adapter_names[b]``, the base layer alone for
+    ``"__base__"`` (or a name that has no adapter on this layer, as PEFT skips it). The base
+    product runs once for the batch; LoRA, VeRA and AdaLoRA terms of any ranks mix.
+
+    The terms are packed into a ``lorafuse.LoraPool`` on the first forward and re-packed only
+    when one of their tensors changes (a new storage or an in-place change torch counts, as for
+    the base weight's cache). No gradients flow (use the single-adapter modules to train).
+
+    Args:
+        base_layer: ``nn.Linear`` (float32, CPU) or ``Nf4Linear``.
+        adapters: ``{name: term}``, each term None or a dict of tensors and floats as for
+            ``lora_forward_multi`` (held by reference, not copied or registered as Parameters).
+        active_adapter: the adapter of every sample when ``forward`` gets no ``adapter_names``
+            (None: the base layer alone).
+
+    Raises:
+        TypeError: ``base_layer`` is neither ``nn.Linear`` nor ``Nf4Linear``.
+    """
+
+    def __init__(
+        self, base_layer: nn.Module, adapters: Dict[str, Term], active_adapter: Optional[str] = None,
+    ) -> None:
+        super().__init__()
+        _check_base(base_layer)
+        self.base_layer = base_layer
+        self.in_features = base_layer.in_features
+        self.out_features = base_layer.out_features
+        names, terms = _split_adapters(dict(adapters))
+        self.names: List[str] = names or []
+        self.terms: List[Term] = terms
+        self.active_adapter = active_adapter
+        self._pool: Optional[Tuple[Any, Any]] = None
+
+    @classmethod
+    def from_peft(cls, layer: nn.Module) -> "MultiLoraLinear":
+        """Every adapter of a PEFT layer (``lora.Linear``, ``vera.Linear``, ``adalora.SVDLinear``,
+        or their bitsandbytes nf4 4-bit versions, on the CPU), sharing its tensors; the active
+        adapter becomes ``active_adapter`` when there is exactly one.
+
+        Raises:
+            ImportError: peft is not installed.
+            TypeError: ``layer`` is not one of these PEFT layers.
+            ValueError: a DoRA (or other LoRA variant) adapter, ``lora_bias``, merged adapters,
+                ``fan_in_fan_out``, a base that is not ``nn.Linear`` or an nf4 ``Linear4bit``.
+        """
+        kinds = [k for k, c in _peft_classes() if type(layer) is c]
+        if not kinds:
+            raise TypeError(
+                f"`layer` must be a PEFT lora.Linear, vera.Linear or adalora.SVDLinear, got "
+                f"{type(layer).__name__}"
+            )
+        kind = kinds[0]
+        if layer.merged:
+            raise ValueError("`layer` has merged adapters; unmerge them for mixed batches (PEFT refuses them too)")
+        if getattr(layer, "fan_in_fan_out", False):
+            raise ValueError("`layer`: fan_in_fan_out=True is not supported")
+        base = layer.get_base_layer()
+        if _is_bnb_4bit(base):
+            base = Nf4Linear.from_bnb(base)
+        elif type(base) is not nn.Linear:
+            raise ValueError(f"`layer`: base layer {type(base).__name__} is not nn.Linear or an nf4 Linear4bit")
+        adapters: Dict[str, Term] = {}
+        if kind == "vera":
+            for n in layer.vera_lambda_d.keys():
+                adapters[n] = dict(
+                    vera_A=layer.vera_A[n], vera_B=layer.vera_B[n],
+                    lambda_d=layer.vera_lambda_d[n], lambda_b=layer.vera_lambda_b[n],
+                )
+        elif kind == "adalora":
+            for n in layer.lora_A.keys():
+                adapters[n] = dict(
+                    lora_A=layer.lora_A[n], lora_B=layer.lora_B[n], lora_E=layer.lora_E[n],
+                    scaling=layer.scaling[n], ranknum=layer.ranknum[n],
+                )
+        else:
+            for n in layer.lora_A.keys():
+                variant = getattr(layer, "lora_variant", {}).get(n)
+                if variant is not None:
+                    what = "DoRA" if type(variant).__name__ == "DoraLinearVariant" else type(variant).__name__
+                    raise ValueError(
+                        f"`layer`: adapter {n!r} is {what}, which cannot join a mixed batch (its "
+                        "column scale rescales the base product per adapter; PEFT refuses it too)"
+                    )
+                if getattr(layer, "lora_bias", {}).get(n, False):
+                    raise ValueError(f"`layer`: adapter {n!r} has lora_bias=True, which is not supported")
+                adapters[n] = dict(
+                    lora_A=layer.lora_A[n].weight, lora_B=layer.lora_B[n].weight,
+                    scaling=layer.scaling[n],
+                )
+        active = list(layer.active_adapters)
+        return cls(base, adapters, active[0] if len(active) == 1 and active[0] in adapters else None)
+
+    @property
+    def adapters(self) -> Dict[str, Term]:
+        """``{name: term}`` (a new dict holding the same tensors)."""
+        return dict(zip(self.names, self.terms))
+
+    def pool(self) -> Any:
+        """The packed ``lorafuse.LoraPool`` of the current adapter tensors."""
+        key = tuple(tuple((k, _key(v)) for k, v in t.items()) if t is not None else None for t in self.terms)
+        if self._pool is None or self._pool[0] != key:
+            terms = [_term_np(t, f"adapters[{n!r}]") for n, t in zip(self.names, self.terms)]
+            self._pool = (key, _k.LoraPool(terms, self.in_features, self.out_features))
+        return self._pool[1]
+
+    def _kernel_w0(self) -> Any:
+        if isinstance(self.base_layer, Nf4Linear):
+            return self.base_layer.nf4
+        return _frozen(self.base_layer.weight)
+
+    def forward(self, x: Tensor, adapter_names: Optional[Sequence[Any]] = None) -> Tensor:
+        """``x [batch, ..., in]`` float32 CPU -> ``[batch, ..., out]``; ``adapter_names``: one
+        name (or index, -1 / ``"__base__"`` / None for the base layer) per sample, default
+        ``active_adapter`` for all.
+
+        Raises:
+            ValueError: ``x``'s shape, a tensor not on the CPU, an index out of range, the wrong
+                number of names.
+            TypeError: a tensor that is not float32.
+        """
+        x2 = _check_multi_x(x, self.in_features)
+        if adapter_names is None:
+            adapter_names = [self.active_adapter] * x.shape[0]
+        pool = self.pool()
+        rows = _adapter_rows(adapter_names, self.names, len(self.names), x, strict=False)
+        y = pool.forward(_np(x2, "x"), self._kernel_w0(), rows, _opt(self.base_layer.bias, "bias"))
+        return _back(y, tuple(x.shape[:-1]))
+
+    def extra_repr(self) -> str:
+        return f"adapters={self.names}, active_adapter={self.active_adapter!r}"

@@ -12,7 +12,8 @@
 //! Every method is one call of lorafuse's fused low-rank op (`Backend::linear_lowrank`, its
 //! backward and merge) with the method's `LowRank` term. Modules: `args` (argument checking),
 //! `run` (running kernels, errors, results), `base` (dense or NF4 `w0`), one per method
-//! (`lora`, `dora`, `vera`, `adalora`), `nf4`, `io` (PEFT adapter files) and
+//! (`lora`, `dora`, `vera`, `adalora`), `multi` (many adapters in one batch:
+//! `Backend::linear_multi` over a `LowRankPool`), `nf4`, `io` (PEFT adapter files) and
 //! `finetune`; this file registers them.
 #![allow(non_snake_case)]
 #![allow(clippy::too_many_arguments)]
@@ -24,6 +25,7 @@ mod dora;
 mod finetune;
 mod io;
 mod lora;
+mod multi;
 mod nf4;
 mod run;
 mod vera;
@@ -62,6 +64,8 @@ fn lorafuse_py(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(adalora::adalora_backward, m)?)?;
     m.add_function(wrap_pyfunction!(adalora::adalora_merge, m)?)?;
     m.add_function(wrap_pyfunction!(adalora::adalora_unmerge, m)?)?;
+    m.add_function(wrap_pyfunction!(multi::lora_forward_multi, m)?)?;
+    m.add_class::<multi::PyLoraPool>()?;
 
     let nf4 = PyModule::new(py, "nf4")?;
     nf4.add(

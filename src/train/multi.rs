@@ -19,7 +19,7 @@ use crate::train::data::{Example, shuffled_order};
 use crate::train::optim::AdamW;
 use crate::train::recipe::{self, Method, Recipe};
 use crate::train::schedule::LinearWarmupDecay;
-use crate::train::trainer::{Metrics, StepMetric, median, peak_rss_bytes};
+use crate::train::trainer::{Metrics, StepMetric, evaluate_packed, median, peak_rss_bytes};
 use std::time::Instant;
 
 /// One adapter of a multi-adapter run.
@@ -114,17 +114,9 @@ fn evaluate_tagged<B: Backend>(
     examples: &[Example],
     batch_size: usize,
 ) -> Result<f64> {
-    let (mut sum, mut count) = (0.0, 0usize);
-    for chunk in examples.chunks(batch_size.max(1)) {
-        let (batch, _) = pack_tagged(&[(k, chunk.iter().collect())])?;
-        let (s, n) = model.loss(be, &batch)?;
-        sum += s;
-        count += n;
-    }
-    if count == 0 {
-        return Err(Error::Data("evaluation set has no target token".into()));
-    }
-    Ok(sum / count as f64)
+    evaluate_packed(be, model, examples, batch_size, |c| {
+        Ok(pack_tagged(&[(k, c.iter().collect())])?.0)
+    })
 }
 
 /// Trains the K adapters of `specs` together on `model` (which must hold no adapter): each

@@ -131,10 +131,22 @@ pub fn evaluate<B: Backend>(
     examples: &[Example],
     batch_size: usize,
 ) -> Result<f64> {
+    evaluate_packed(be, model, examples, batch_size, |c| pack(c.iter()))
+}
+
+/// [`evaluate`] with each chunk of `batch_size` examples packed by `pack` (which may tag its
+/// sequences, as several adapters trained in one pass need). Errors: as [`evaluate`].
+pub(crate) fn evaluate_packed<B: Backend>(
+    be: &B,
+    model: &Llama<B>,
+    examples: &[Example],
+    batch_size: usize,
+    pack: impl Fn(&[Example]) -> Result<PackedBatch>,
+) -> Result<f64> {
     let mut sum = 0.0;
     let mut count = 0usize;
     for chunk in examples.chunks(batch_size.max(1)) {
-        let batch = pack(chunk.iter())?;
+        let batch = pack(chunk)?;
         let (s, n) = model.loss(be, &batch)?;
         sum += s;
         count += n;
