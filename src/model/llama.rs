@@ -588,14 +588,17 @@ impl<B: Backend> Llama<B> {
                     None
                 })
             };
-            let bw = |p: usize, x: &Tensor<B>, s: &ProjSaved<B>, dy: &Tensor<B>, g: &mut Vec<_>| {
-                match (s, &self.multi_lora, &multi_rows) {
+            let bw =
+                |p: usize, x: &Tensor<B>, s: &ProjSaved<B>, dy: &Tensor<B>, g: &mut Vec<_>| match (
+                    s,
+                    &self.multi_lora,
+                    &multi_rows,
+                ) {
                     (ProjSaved::Multi(hs), Some(m), Some(rows)) => {
                         m.backward(be, &b.proj[p].base, (l, p), x, hs, dy, rows, g)
                     }
                     _ => b.proj[p].backward(be, sh, &path(p), full, x, s, dy, g),
-                }
-            };
+                };
             // MLP and output site: x3 = site(x2, down(swiglu(gate(xn2), up(xn2)))).
             let (d2, d_down) =
                 self.output_site_backward(be, l, lc.out_site.as_ref(), dx, &mut grads)?;

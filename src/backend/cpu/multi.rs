@@ -105,5 +105,16 @@ fn add_dense(
                 .copy_from_slice(&b[b0 + o * r..b0 + (o + 1) * r]);
         }
     }
-    sgemm(Op::N, Op::T, t, dout, total_r, 1.0, &h, &b_all, 1.0, y.data_mut());
+    sgemm(
+        Op::N,
+        Op::T,
+        t,
+        dout,
+        total_r,
+        1.0,
+        &h,
+        &b_all,
+        1.0,
+        y.data_mut(),
+    );
 }
