@@ -523,11 +523,9 @@ fn prompts_of(a: &GenerateArgs) -> Result<Vec<(Prompt, Option<String>)>> {
                     msg: e.to_string(),
                 })?;
                 let bad = |m: String| Error::format(path, format!("line {}: {m}", i + 1));
-                let adapter = match v.get("adapter") {
-                    None | Some(serde_json::Value::Null) => None,
-                    Some(serde_json::Value::String(s)) => Some(s.clone()),
-                    Some(_) => return Err(bad("`adapter` is not a string".into())),
-                };
+                let adapter = multi_cmd::adapter_field(&v)
+                    .map_err(bad)?
+                    .map(str::to_string);
                 out.push((Prompt::from_json(&v).map_err(bad)?, adapter));
             } else {
                 out.push((Prompt::Text(line.to_string()), None));

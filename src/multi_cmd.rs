@@ -43,6 +43,16 @@ pub(crate) fn named_adapters(values: &[String]) -> Result<Option<Vec<(String, Pa
     ))
 }
 
+/// The adapter a JSON record names (`"adapter": NAME`; absent or null: none). Errors: a
+/// value that is not a string.
+pub(crate) fn adapter_field(v: &serde_json::Value) -> std::result::Result<Option<&str>, String> {
+    match v.get("adapter") {
+        None | Some(serde_json::Value::Null) => Ok(None),
+        Some(serde_json::Value::String(s)) => Ok(Some(s.as_str())),
+        Some(_) => Err("`adapter` is not a string".into()),
+    }
+}
+
 /// Loads the named adapters and packs them for mixed batches.
 pub(crate) fn load_multi<B: Backend>(
     be: &B,
@@ -200,11 +210,7 @@ pub(crate) fn logits_rows<B: Backend>(
         if row.is_empty() {
             return Err(bad("no token to run".into()));
         }
-        let name = match v.get("adapter") {
-            None | Some(serde_json::Value::Null) => None,
-            Some(serde_json::Value::String(s)) => Some(s.as_str()),
-            Some(_) => return Err(bad("`adapter` is not a string".into())),
-        };
+        let name = adapter_field(&v).map_err(bad)?;
         idx.push(match (&multi, name) {
             (Some(m), n) => index_of(m, n)?,
             (None, None) => -1,

@@ -361,7 +361,7 @@ pub trait Backend: Kernels {
     ) -> Result<Tensor<Self>> {
         check::linear_multi(x, base, bias, pool, adapter_of_row)?;
         let mut y = self.linear_lowrank_kernel(x, base, bias, None)?.y;
-        if !multi::segments(pool, adapter_of_row).is_empty() {
+        if multi::any_term(pool, adapter_of_row) {
             self.lowrank_multi_add_kernel(x, pool, adapter_of_row, &mut y)?;
         }
         Ok(y)

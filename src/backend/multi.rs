@@ -162,23 +162,9 @@ pub(crate) fn pool_from_parts<B: Kernels>(
     }
 }
 
-/// The runs of consecutive rows that share an adapter with a term (SGMV's segments):
-/// `(first row, rows, adapter)`, in row order; rows of index -1 or of a rank-0 adapter are in
-/// none.
-pub fn segments<B: Kernels>(
-    pool: &LowRankPool<B>,
-    adapter_of_row: &[i32],
-) -> Vec<(usize, usize, usize)> {
-    let mut out: Vec<(usize, usize, usize)> = Vec::new();
-    for (t, &i) in adapter_of_row.iter().enumerate() {
-        if i < 0 || pool.rank(i as usize) == 0 {
-            continue;
-        }
-        let i = i as usize;
-        match out.last_mut() {
-            Some((s, n, k)) if *k == i && *s + *n == t => *n += 1,
-            _ => out.push((t, 1, i)),
-        }
-    }
-    out
+/// Whether any row names an adapter with a term on this projection.
+pub(crate) fn any_term<B: Kernels>(pool: &LowRankPool<B>, adapter_of_row: &[i32]) -> bool {
+    adapter_of_row
+        .iter()
+        .any(|&i| i >= 0 && pool.rank(i as usize) > 0)
 }

@@ -14,7 +14,7 @@
 use super::inject::{AdapterSet, ProjSaved};
 use super::llama::{Llama, proj_path};
 use crate::adapter::{Adapter, Linear, LoraLayer};
-use crate::backend::{Backend, LowRankPool, SeqSpan, Tensor};
+use crate::backend::{Backend, LowRankPool, SeqSpan, Tensor, check};
 use crate::error::{Error, Result};
 
 /// A mixed batch's assignment: the packed adapters and the adapter of every sequence
@@ -158,27 +158,13 @@ impl<B: Backend> MultiAdapters<B> {
 
     /// Checks one adapter index per sequence, each in `-1..K`.
     pub(super) fn check_indices(&self, adapter_of_seq: &[i32], n_seqs: usize) -> Result<()> {
-        if adapter_of_seq.len() != n_seqs {
-            return Err(Error::arg(
-                "adapter_of_seq",
-                format!(
-                    "{} adapter indices for {n_seqs} sequences",
-                    adapter_of_seq.len()
-                ),
-            ));
-        }
-        let k = self.names.len() as i64;
-        if let Some((s, i)) = adapter_of_seq
-            .iter()
-            .enumerate()
-            .find(|(_, i)| !(-1..k).contains(&i64::from(**i)))
-        {
-            return Err(Error::arg(
-                "adapter_of_seq",
-                format!("sequence {s}: adapter {i} is outside -1..{k} (-1: the base model)"),
-            ));
-        }
-        Ok(())
+        check::adapter_indices(
+            "adapter_of_seq",
+            "sequence",
+            adapter_of_seq,
+            n_seqs,
+            self.names.len(),
+        )
     }
 }
 

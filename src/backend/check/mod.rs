@@ -9,7 +9,7 @@ use crate::error::{Error, Result};
 use crate::quant::nf4::Nf4Tensor;
 
 mod multi;
-pub use multi::{linear_multi, lowrank_pool};
+pub use multi::{adapter_indices, linear_multi, lowrank_pool};
 
 /// Checks that `n` host values fill `shape`.
 pub fn upload(n: usize, shape: &[usize]) -> Result<()> {

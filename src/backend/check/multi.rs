@@ -65,22 +65,30 @@ pub fn linear_multi<B: Backend>(
     if let Some(b) = bias {
         b.expect_shape("bias", &[dout])?;
     }
-    if adapter_of_row.len() != t {
+    adapter_indices("adapter_of_row", "row", adapter_of_row, t, pool.len())?;
+    Ok((t, din, dout))
+}
+
+/// Checks `idx`: one adapter index per `unit` (n of them), each in `-1..k` (-1: the base
+/// model). Shared by the mixed-batch product (per row) and the model's mixed batch (per
+/// sequence).
+pub fn adapter_indices(name: &str, unit: &str, idx: &[i32], n: usize, k: usize) -> Result<()> {
+    if idx.len() != n {
         return Err(Error::arg(
-            "adapter_of_row",
-            format!("{} indices for {t} rows of x", adapter_of_row.len()),
+            name,
+            format!("{} adapter indices for {n} {unit}s", idx.len()),
         ));
     }
-    let k = pool.len() as i64;
-    if let Some((row, &i)) = adapter_of_row
+    let k = k as i64;
+    if let Some((s, i)) = idx
         .iter()
         .enumerate()
         .find(|(_, i)| !(-1..k).contains(&i64::from(**i)))
     {
         return Err(Error::arg(
-            "adapter_of_row",
-            format!("row {row}: adapter {i} is outside -1..{k} (-1: the base model only)"),
+            name,
+            format!("{unit} {s}: adapter {i} is outside -1..{k} (-1: the base model)"),
         ));
     }
-    Ok((t, din, dout))
+    Ok(())
 }
