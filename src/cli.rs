@@ -3,6 +3,7 @@
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use lorafuse::io::export::WeightDtype;
+use lorafuse::io::llama_cpp::GgufDtype;
 use lorafuse::train::recipe::Method;
 use std::path::PathBuf;
 
@@ -25,8 +26,10 @@ pub(crate) enum Cmd {
     Generate(GenerateArgs),
     /// Write the last-position logits of a text to safetensors (for checks against peers).
     Logits(LogitsArgs),
-    /// Merge an adapter into the base weights and write them as safetensors.
+    /// Merge an adapter into the base weights and write them as safetensors or GGUF.
     Merge(MergeArgs),
+    /// Write an adapter in another runtime's format: llama.cpp's LoRA adapter GGUF.
+    Export(ExportArgs),
     /// Fetch the default model into the cache (if needed) and print its path.
     Fetch,
     /// Fine-tune with every method on the same data and steps; print, and write to JSON and
@@ -647,14 +650,84 @@ pub(crate) struct LogitsArgs {
 #[derive(Copy, Clone, PartialEq, Eq, ValueEnum)]
 pub(crate) enum MergeDtype {
     F32,
+    F16,
     Bf16,
+    /// ggml's Q8_0 (`--to gguf` only).
+    #[value(name = "q8_0")]
+    Q8_0,
 }
 
 impl MergeDtype {
-    pub(crate) fn weight_dtype(self) -> WeightDtype {
+    /// The safetensors dtype; `None` for Q8_0, which only GGUF stores.
+    pub(crate) fn weight_dtype(self) -> Option<WeightDtype> {
         match self {
-            MergeDtype::F32 => WeightDtype::F32,
-            MergeDtype::Bf16 => WeightDtype::Bf16,
+            MergeDtype::F32 => Some(WeightDtype::F32),
+            MergeDtype::F16 => Some(WeightDtype::F16),
+            MergeDtype::Bf16 => Some(WeightDtype::Bf16),
+            MergeDtype::Q8_0 => None,
+        }
+    }
+
+    pub(crate) fn gguf_dtype(self) -> GgufDtype {
+        match self {
+            MergeDtype::F32 => GgufDtype::F32,
+            MergeDtype::F16 => GgufDtype::F16,
+            MergeDtype::Bf16 => GgufDtype::Bf16,
+            MergeDtype::Q8_0 => GgufDtype::Q8_0,
+        }
+    }
+}
+
+/// The file format `merge` writes.
+#[derive(Copy, Clone, PartialEq, Eq, ValueEnum)]
+pub(crate) enum MergeTo {
+    /// safetensors with transformers' tensor names (a transformers model folder's weights).
+    Safetensors,
+    /// A GGUF model file llama.cpp and Ollama load: the source GGUF's metadata and tokenizer,
+    /// llama.cpp's tensor names, q/k rows in its order, norms in F32.
+    Gguf,
+}
+
+/// The formats `export` writes an adapter in.
+#[derive(Copy, Clone, PartialEq, Eq, ValueEnum)]
+pub(crate) enum ExportTo {
+    /// llama.cpp's LoRA adapter GGUF (`llama-cli --lora`, Ollama's `ADAPTER`).
+    GgufLora,
+}
+
+/// The storage type of an exported adapter's tensors.
+#[derive(Copy, Clone, PartialEq, Eq, ValueEnum)]
+pub(crate) enum ExportDtype {
+    F32,
+    F16,
+    Bf16,
+}
+
+#[derive(Args)]
+pub(crate) struct ExportArgs {
+    #[command(flatten)]
+    pub(crate) model: ModelArgs,
+    /// The adapter folder (PEFT's layout): LoRA, rsLoRA, VeRA or AdaLoRA, over a dense or NF4
+    /// base; DoRA, IA3 and the additive methods are refused (merge them instead).
+    #[arg(long)]
+    pub(crate) adapter: PathBuf,
+    /// The format to write.
+    #[arg(long, value_enum, default_value_t = ExportTo::GgufLora)]
+    pub(crate) to: ExportTo,
+    /// Output file.
+    #[arg(long)]
+    pub(crate) out: PathBuf,
+    /// Storage type of lora_a / lora_b.
+    #[arg(long, value_enum, default_value_t = ExportDtype::F32)]
+    pub(crate) dtype: ExportDtype,
+}
+
+impl ExportDtype {
+    pub(crate) fn gguf_dtype(self) -> GgufDtype {
+        match self {
+            ExportDtype::F32 => GgufDtype::F32,
+            ExportDtype::F16 => GgufDtype::F16,
+            ExportDtype::Bf16 => GgufDtype::Bf16,
         }
     }
 }
@@ -666,11 +739,16 @@ pub(crate) struct MergeArgs {
     /// The adapter folder to merge (LoRA family, IA3, LN tuning; the others refuse).
     #[arg(long)]
     pub(crate) adapter: PathBuf,
-    /// Output safetensors file with transformers' tensor names.
+    /// Output file.
     #[arg(long)]
     pub(crate) out: PathBuf,
+    /// The output format: safetensors (transformers' names) or gguf (llama.cpp's; needs a GGUF
+    /// --model, whose metadata and tokenizer it carries over).
+    #[arg(long, value_enum, default_value_t = MergeTo::Safetensors)]
+    pub(crate) to: MergeTo,
     /// Storage dtype of the merged weights (with --requantize-nf4: of every tensor that is not
-    /// a projection weight).
+    /// a projection weight; with --to gguf: of every 2-D tensor, norms staying F32; q8_0 only
+    /// with --to gguf).
     #[arg(long, value_enum, default_value_t = MergeDtype::F32)]
     pub(crate) dtype: MergeDtype,
     /// The base the adapter was trained over: `dense`, or `nf4` for QLoRA/QDoRA adapters (the

@@ -6,6 +6,8 @@ use lorafuse::adapter::LoraConfig;
 use lorafuse::backend::Backend;
 use lorafuse::io::atomic::write_atomic;
 use lorafuse::io::export::{merge_into_base, model_tensors, nf4_model_tensors, write_safetensors};
+use lorafuse::io::gguf::GgufFile;
+use lorafuse::io::llama_cpp::{gguf_lora, write_gguf_lora, write_gguf_model};
 use lorafuse::io::{apply_adapter_folder, fetch};
 use lorafuse::model::chat::{LossOn, Prompt};
 use lorafuse::model::generate::Sampling;
@@ -36,6 +38,7 @@ fn main() {
         Cmd::Generate(a) => generate(a),
         Cmd::Logits(a) => logits(a),
         Cmd::Merge(a) => merge(a),
+        Cmd::Export(a) => export(a),
         Cmd::Compare(a) => compare(a),
         Cmd::Bench(a) => bench(a),
         Cmd::Dpo(a) => align_cmd::dpo(*a),
@@ -126,17 +129,6 @@ fn self_instruct(a: SelfInstructArgs) -> Result<()> {
 
 fn evol_instruct(a: EvolInstructArgs) -> Result<()> {
     on_backend!(a.common.model.device, be => synth_cmd::evol_instruct_on(be, &a))
-}
-
-/// Opens the GGUF and builds tokenizer and model on `be`, quantizing the projections to NF4
-/// while reading them when `nf4` is given.
-fn load_with<B: Backend>(
-    be: B,
-    m: &ModelArgs,
-    nf4: Option<Nf4Spec>,
-) -> Result<(B, Tokenizer, Llama<B>)> {
-    let (_, tok, model) = load_model(&be, m.model.as_deref(), nf4, &mut |l| eprintln!("{l}"))?;
-    Ok((be, tok, model))
 }
 
 /// The recipe `finetune` runs, from its flags.
@@ -645,16 +637,73 @@ fn merge(a: MergeArgs) -> Result<()> {
             ),
         ));
     }
+    let st_dtype = a.dtype.weight_dtype();
+    match a.to {
+        MergeTo::Gguf if a.requantize_nf4 => {
+            return Err(Error::arg(
+                "requantize_nf4",
+                "--requantize-nf4 writes bitsandbytes tensors, which only --to safetensors \
+                 holds (llama.cpp has no NF4 type)",
+            ));
+        }
+        MergeTo::Gguf => {
+            if let Some(p) = a
+                .model
+                .model
+                .as_deref()
+                .filter(|p| lorafuse::io::hf::is_hf_folder(p))
+            {
+                return Err(Error::arg(
+                    "model",
+                    format!(
+                        "{} is a transformers folder: --to gguf carries the metadata and \
+                         tokenizer over from a GGUF model file; merge --to safetensors into \
+                         the folder and convert it with llama.cpp's convert_hf_to_gguf.py",
+                        p.display()
+                    ),
+                ));
+            }
+        }
+        MergeTo::Safetensors if st_dtype.is_none() => {
+            return Err(Error::arg(
+                "dtype",
+                "q8_0 is a GGUF type: use it with --to gguf (safetensors: f32, f16, bf16)",
+            ));
+        }
+        MergeTo::Safetensors => {}
+    }
     // Merging is an export: it runs on the CPU reference whatever --device says.
-    let (be, _tok, mut model) =
-        load_with(Cpu, &a.model, (a.base == MergeBase::Nf4).then_some(spec))?;
+    let be = Cpu;
+    let (path, _tok, mut model) = load_model(
+        &be,
+        a.model.model.as_deref(),
+        (a.base == MergeBase::Nf4).then_some(spec),
+        &mut |l| eprintln!("{l}"),
+    )?;
     apply_adapter_folder(&be, &mut model, &a.adapter)?;
     let norms = model.ln_tuning.is_some();
     let merged = merge_into_base(&be, &mut model)?;
+    let tail = |n: usize| {
+        format!(
+            "merged {merged} of {} projections{}; {n} tensors written to {}",
+            model.layers.len() * PROJ_NAMES.len(),
+            if norms { " and the tuned norms" } else { "" },
+            a.out.display()
+        )
+    };
+    let st_dtype = match (a.to, st_dtype) {
+        (MergeTo::Gguf, _) | (_, None) => {
+            let source = GgufFile::open(&path)?;
+            let n = write_gguf_model(&be, &model, &source, &a.out, a.dtype.gguf_dtype())?;
+            println!("{} (GGUF for llama.cpp)", tail(n));
+            return Ok(());
+        }
+        (MergeTo::Safetensors, Some(d)) => d,
+    };
     let tensors = if a.requantize_nf4 {
-        nf4_model_tensors(&model, a.dtype.weight_dtype(), spec)?
+        nf4_model_tensors(&model, st_dtype, spec)?
     } else {
-        model_tensors(&be, &model, a.dtype.weight_dtype())?
+        model_tensors(&be, &model, st_dtype)?
     };
     let n = tensors.len();
     write_safetensors(&a.out, tensors)?;
@@ -672,6 +721,43 @@ fn merge(a: MergeArgs) -> Result<()> {
         },
         a.out.display()
     );
+    Ok(())
+}
+
+/// `lorafuse export`: applies the adapter folder to the model (dense, on the CPU: only its
+/// shapes and the factors matter) and writes it as llama.cpp's LoRA adapter GGUF
+/// ([`lorafuse::io::llama_cpp`]). Errors: a method with no LoRA-adapter form (named, with the
+/// alternative), as [`gguf_lora`] and [`write_gguf_lora`] say.
+fn export(a: ExportArgs) -> Result<()> {
+    let be = Cpu;
+    let (_, _tok, mut model) = load_model(&be, a.model.model.as_deref(), None, &mut |l| {
+        eprintln!("{l}")
+    })?;
+    apply_adapter_folder(&be, &mut model, &a.adapter)?;
+    match a.to {
+        ExportTo::GgufLora => {
+            let lora = gguf_lora(&be, &model)?;
+            let name = a
+                .adapter
+                .file_name()
+                .map_or("adapter".into(), |n| n.to_string_lossy().into_owned());
+            write_gguf_lora(&a.out, "llama", &name, &lora, a.dtype.gguf_dtype())?;
+            let ranks: Vec<usize> = lora.tensors.iter().map(|(_, f)| f.r).collect();
+            println!(
+                "{} projections (rank {}..={}), alpha {}{}, written to {}",
+                lora.tensors.len(),
+                ranks.iter().min().unwrap_or(&0),
+                ranks.iter().max().unwrap_or(&0),
+                lora.alpha,
+                if lora.alpha == 0.0 {
+                    " (scales folded into lora_b)"
+                } else {
+                    ""
+                },
+                a.out.display()
+            );
+        }
+    }
     Ok(())
 }
 

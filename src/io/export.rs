@@ -19,6 +19,8 @@ pub type RawTensor = (String, safetensors::Dtype, Vec<usize>, Vec<u8>);
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum WeightDtype {
     F32,
+    /// IEEE half, rounded to nearest even (torch's `.to(torch.float16)`).
+    F16,
     /// bfloat16, rounded to nearest even (torch's `.to(torch.bfloat16)`).
     Bf16,
 }
@@ -30,6 +32,13 @@ impl WeightDtype {
             WeightDtype::F32 => (
                 safetensors::Dtype::F32,
                 values.iter().flat_map(|v| v.to_le_bytes()).collect(),
+            ),
+            WeightDtype::F16 => (
+                safetensors::Dtype::F16,
+                values
+                    .iter()
+                    .flat_map(|&v| half::f16::from_f32(v).to_le_bytes())
+                    .collect(),
             ),
             WeightDtype::Bf16 => (
                 safetensors::Dtype::BF16,

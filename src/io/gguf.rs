@@ -31,11 +31,15 @@
 //! RoPE); [`unpermute_qk`] converts them to transformers' order (for `rotate_half` RoPE), and
 //! [`permute_qk`] converts back.
 
+mod encode;
+mod names;
 mod permute;
 mod quant;
 mod value;
 mod write;
 
+pub use encode::encode;
+pub use names::{GGUF_PROJ_NAMES, gguf_tensor_name};
 pub use permute::{permute_qk, unpermute_qk};
 pub use quant::{GgmlType, dequantize};
 pub use value::{GgufArray, GgufValue};

@@ -8,6 +8,7 @@ pub mod export;
 pub mod fetch;
 pub mod gguf;
 pub mod hf;
+pub mod llama_cpp;
 pub mod peft;
 
 use crate::backend::Backend;

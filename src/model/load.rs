@@ -4,48 +4,9 @@
 
 use crate::backend::Backend;
 use crate::error::{Error, Result};
-use crate::io::gguf::{GgufFile, unpermute_qk};
+use crate::io::gguf::{GgufFile, gguf_tensor_name, unpermute_qk};
 use crate::io::hf::HfFolder;
-use crate::model::llama::{Llama, Nf4Spec, PROJ_NAMES};
-
-/// The GGUF name of a transformers tensor name, and the number of heads whose rows llama.cpp
-/// permuted (q and k projections).
-fn gguf_name(name: &str, cfg: &crate::model::LlamaConfig) -> Option<(String, Option<usize>)> {
-    match name {
-        "model.embed_tokens.weight" => return Some(("token_embd.weight".into(), None)),
-        "model.norm.weight" => return Some(("output_norm.weight".into(), None)),
-        "lm_head.weight" => return Some(("output.weight".into(), None)),
-        _ => {}
-    }
-    let rest = name.strip_prefix("model.layers.")?;
-    let (l, rest) = rest.split_once('.')?;
-    let l: usize = l.parse().ok()?;
-    let rest = rest.strip_suffix(".weight")?;
-    let (g, heads) = match rest {
-        "input_layernorm" => ("attn_norm", None),
-        "post_attention_layernorm" => ("ffn_norm", None),
-        _ => {
-            let proj = rest.rsplit('.').next()?;
-            let p = PROJ_NAMES.iter().position(|n| *n == proj)?;
-            let g = [
-                "attn_q",
-                "attn_k",
-                "attn_v",
-                "attn_output",
-                "ffn_gate",
-                "ffn_up",
-                "ffn_down",
-            ][p];
-            let heads = match p {
-                0 => Some(cfg.num_attention_heads),
-                1 => Some(cfg.num_key_value_heads),
-                _ => None,
-            };
-            (g, heads)
-        }
-    };
-    Some((format!("blk.{l}.{g}.weight"), heads))
-}
+use crate::model::llama::{Llama, Nf4Spec};
 
 /// Loads every weight of a llama-architecture GGUF (dequantized to f32) onto `be`.
 ///
@@ -70,7 +31,7 @@ pub fn llama_from_gguf_with<B: Backend>(
         be,
         cfg,
         &mut |name| {
-            let (gname, heads) = gguf_name(name, &c2)
+            let (gname, heads) = gguf_tensor_name(name, &c2)
                 .ok_or_else(|| Error::arg("tensor", format!("no GGUF name for `{name}`")))?;
             let (mut data, shape) = g.tensor_f32(&gname)?;
             if let Some(h) = heads {
