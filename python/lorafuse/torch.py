@@ -556,6 +556,10 @@ class _Buffers(nn.Module):
         super().__init__()
         self.register_buffer(name, t, persistent=False)
 
+    def __getitem__(self, name: str) -> Tensor:
+        # VeraLinear reads ``vera_A[adapter_name]``, as from PEFT's BufferDict.
+        return self._buffers[name]
+
 
 class VeraLinear(_AdapterLinear):
     """VeRA over a frozen linear layer (PEFT ``vera.Linear``):
