@@ -12,7 +12,7 @@ py="${PYTHON:-python3}"
 if [ ! -x "$venv/bin/python" ]; then
   "$py" -m venv "$venv"
 fi
-"$venv/bin/python" -m pip install -q --disable-pip-version-check maturin numpy pytest safetensors
+"$venv/bin/python" -m pip install -q --disable-pip-version-check maturin numpy pytest safetensors gguf==0.19.0
 dist="$root/python/target/wheels"
 rm -rf "$dist"
 "$venv/bin/maturin" build --release --manifest-path python/Cargo.toml \
