@@ -156,13 +156,15 @@ def main() -> int:
         adapters[name] = out
 
     rows = []
+    llama_base: dict[tuple[str, int], np.ndarray] = {}
     ref: dict[tuple[str | None, int], tuple[list[int], np.ndarray]] = {}
     for ti, text in enumerate(TEXTS):
         ref[(None, ti)] = ours(lf, model, None, text, w / f"ours-base-{ti}.safetensors")
         ids, o = ref[(None, ti)]
         for label, m in [("base Q4_1", model), ("base F32 copy", base32)]:
             l = llama_logits(m, None, ids)
-            rows.append(dict(adapter="(none)", run=label, text=ti, tokens=len(ids), effect=0.0, gap=float(np.abs(l - o).max()), argmax_same=bool(l.argmax() == o.argmax())))
+            llama_base[(label, ti)] = l
+            rows.append(dict(adapter="(none)", run=label, text=ti, tokens=len(ids), effect=0.0, gap=float(np.abs(l - o).max()), effect_gap=None, argmax_same=bool(l.argmax() == o.argmax())))
 
     failures = []
     for name, ad in adapters.items():
@@ -192,33 +194,45 @@ def main() -> int:
                     l = llama_logits(base32, f, ids)
                 else:
                     l = llama_logits(f, None, ids)
-                rows.append(dict(adapter=name, run=label, text=ti, tokens=len(ids), effect=effect, gap=float(np.abs(l - o).max()), argmax_same=bool(l.argmax() == o.argmax())))
+                # the adapter's effect as llama.cpp applies it, against lorafuse's (on the base
+                # llama.cpp ran it over: the base's own gap cancels)
+                lb = llama_base[("base Q4_1" if label == "adapter on Q4_1 base" else "base F32 copy", ti)]
+                eg = float(np.abs((l - lb) - (o - ob)).max()) if label.startswith("adapter") else None
+                rows.append(dict(adapter=name, run=label, text=ti, tokens=len(ids), effect=effect, gap=float(np.abs(l - o).max()), effect_gap=eg, argmax_same=bool(l.argmax() == o.argmax())))
 
     # llama.cpp's own precision on this model: its gap to lorafuse on the base alone.
     prec = {lab: max(r["gap"] for r in rows if r["adapter"] == "(none)" and r["run"] == lab) for lab in ["base Q4_1", "base F32 copy"]}
-    print(f"| adapter | llama.cpp run | text | tokens | adapter effect (max abs logit) | gap to lorafuse (max abs logit) | same argmax |")
-    print("|---|---|---|---|---|---|---|")
+    print("| adapter | llama.cpp run | text | tokens | adapter effect | gap to lorafuse | gap of the effect | same argmax |")
+    print("|---|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['adapter']} | {r['run']} | {r['text']} | {r['tokens']} | {r['effect']:.3f} | {r['gap']:.4f} | {r['argmax_same']} |")
+        eg = "" if r["effect_gap"] is None else f"{r['effect_gap']:.4f}"
+        print(f"| {r['adapter']} | {r['run']} | {r['text']} | {r['tokens']} | {r['effect']:.3f} | {r['gap']:.4f} | {eg} | {r['argmax_same']} |")
+    print("\n(max abs over the vocabulary of the last position's logits; effect: lorafuse's adapter")
+    print("logits minus its base logits; gap of the effect: llama.cpp's adapter minus base against that)")
     print(f"\nllama.cpp's own precision (gap on the base model): Q4_1 {prec['base Q4_1']:.4f}, F32 {prec['base F32 copy']:.5f}")
 
-    # Bounds: an F32 path must agree to a few times llama.cpp's F32 precision on the base, and
-    # far inside the adapter's effect; the Q4_1 path to its Q4_1 precision (with margin); the
-    # F16/Q8_0 merges to their rounding (checked loosely: same argmax, gap well inside effect).
+    # Bounds: an F32 path must agree to a few times llama.cpp's F32 precision on the base and
+    # well inside the adapter's effect; over the Q4_1 base, the adapter's effect must agree to
+    # llama.cpp's Q4_1 precision (loosely, see there); the F16/Q8_0 merges to their rounding (loosely).
     for r in rows:
         if r["adapter"] == "(none)":
             continue
         run_, gap, eff = r["run"], r["gap"], r["effect"]
         if run_ in ("adapter on F32 base", "merged f32"):
-            bound = max(4 * prec["base F32 copy"], 1e-3)
+            bound = max(3 * prec["base F32 copy"], 1e-3)
+            if not (eff > 5 * gap):
+                failures.append(f"{r['adapter']} / {run_}: effect {eff:.4g} is not well above the gap {gap:.4g}")
         elif run_ == "adapter on Q4_1 base":
-            bound = 2 * prec["base Q4_1"] + 0.1
+            # llama.cpp multiplies Q4_1 weights by activations rounded to 8 bits (Q8_1): its
+            # gap to lorafuse's f32 activations is 0.6 on the base alone and does not cancel
+            # in the effect, so this run is held to 3x that and the same argmax only
+            bound = 3 * prec["base Q4_1"]
+            if not r["argmax_same"]:
+                failures.append(f"{r['adapter']} / {run_} / text {r['text']}: another argmax")
         else:
             bound = max(0.25 * eff, 4 * prec["base Q4_1"])
         if not (gap <= bound):
             failures.append(f"{r['adapter']} / {run_} / text {r['text']}: gap {gap:.4g} > bound {bound:.4g}")
-        if run_ in ("adapter on F32 base", "merged f32") and not (eff > 20 * gap):
-            failures.append(f"{r['adapter']} / {run_}: effect {eff:.4g} is not well above the gap {gap:.4g}")
     if a.json:
         a.json.write_text(json.dumps(dict(rows=rows, precision=prec, failures=failures), indent=2))
     for f in failures:
