@@ -637,8 +637,14 @@ fn merge(a: MergeArgs) -> Result<()> {
             ),
         ));
     }
-    let st_dtype = a.dtype.weight_dtype();
-    match a.to {
+    // The safetensors dtype (`None`: --to gguf), every refusal before anything is loaded.
+    let st_dtype = match a.to {
+        MergeTo::Safetensors => Some(a.dtype.weight_dtype().ok_or_else(|| {
+            Error::arg(
+                "dtype",
+                "q8_0 is a GGUF type: use it with --to gguf (safetensors: f32, f16, bf16)",
+            )
+        })?),
         MergeTo::Gguf if a.requantize_nf4 => {
             return Err(Error::arg(
                 "requantize_nf4",
@@ -663,15 +669,9 @@ fn merge(a: MergeArgs) -> Result<()> {
                     ),
                 ));
             }
+            None
         }
-        MergeTo::Safetensors if st_dtype.is_none() => {
-            return Err(Error::arg(
-                "dtype",
-                "q8_0 is a GGUF type: use it with --to gguf (safetensors: f32, f16, bf16)",
-            ));
-        }
-        MergeTo::Safetensors => {}
-    }
+    };
     // Merging is an export: it runs on the CPU reference whatever --device says.
     let be = Cpu;
     let (path, _tok, mut model) = load_model(
@@ -683,22 +683,19 @@ fn merge(a: MergeArgs) -> Result<()> {
     apply_adapter_folder(&be, &mut model, &a.adapter)?;
     let norms = model.ln_tuning.is_some();
     let merged = merge_into_base(&be, &mut model)?;
-    let tail = |n: usize| {
-        format!(
-            "merged {merged} of {} projections{}; {n} tensors written to {}",
+    let report = |n: usize, how: &str| {
+        println!(
+            "merged {merged} of {} projections{}{how}; {n} tensors written to {}",
             model.layers.len() * PROJ_NAMES.len(),
             if norms { " and the tuned norms" } else { "" },
             a.out.display()
         )
     };
-    let st_dtype = match (a.to, st_dtype) {
-        (MergeTo::Gguf, _) | (_, None) => {
-            let source = GgufFile::open(&path)?;
-            let n = write_gguf_model(&be, &model, &source, &a.out, a.dtype.gguf_dtype())?;
-            println!("{} (GGUF for llama.cpp)", tail(n));
-            return Ok(());
-        }
-        (MergeTo::Safetensors, Some(d)) => d,
+    let Some(st_dtype) = st_dtype else {
+        let source = GgufFile::open(&path)?;
+        let n = write_gguf_model(&be, &model, &source, &a.out, a.dtype.gguf_dtype())?;
+        report(n, ", as GGUF for llama.cpp");
+        return Ok(());
     };
     let tensors = if a.requantize_nf4 {
         nf4_model_tensors(&model, st_dtype, spec)?
@@ -707,20 +704,15 @@ fn merge(a: MergeArgs) -> Result<()> {
     };
     let n = tensors.len();
     write_safetensors(&a.out, tensors)?;
-    println!(
-        "merged {merged} of {} projections{}{}; {n} tensors written to {}",
-        model.layers.len() * PROJ_NAMES.len(),
-        if norms { " and the tuned norms" } else { "" },
-        if a.requantize_nf4 {
-            format!(
-                ", re-quantized to NF4 (blocksize {}, double quant)",
-                spec.blocksize
-            )
-        } else {
-            String::new()
-        },
-        a.out.display()
-    );
+    let how = if a.requantize_nf4 {
+        format!(
+            ", re-quantized to NF4 (blocksize {}, double quant)",
+            spec.blocksize
+        )
+    } else {
+        String::new()
+    };
+    report(n, &how);
     Ok(())
 }
 

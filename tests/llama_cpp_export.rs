@@ -71,6 +71,16 @@ fn layer_proj(name: &str) -> (usize, usize) {
     (l.parse().unwrap(), p)
 }
 
+/// The dense base weight of projection `p` in layer `l`.
+fn proj_weight(m: &Llama<Cpu>, l: usize, p: usize) -> &[f32] {
+    m.layers[l].proj[p]
+        .base
+        .weight
+        .dense_or_err("w")
+        .unwrap()
+        .data()
+}
+
 /// Applies `lora` as llama.cpp does and checks it against lorafuse's merge of `model`: every
 /// projection's `merged - W0` equals `scale * B A` with llama.cpp's scale, q/k rows
 /// un-permuted, and unlisted projections are unchanged. Returns the largest update entry.
@@ -96,18 +106,8 @@ fn check_against_merge(model: &Llama<Cpu>, lora: &GgufLora) -> f64 {
             let heads = [c.num_attention_heads, c.num_key_value_heads][p];
             unpermute_qk(&mut delta, f.dout, f.din, heads).unwrap();
         }
-        let w0 = model.layers[l].proj[p]
-            .base
-            .weight
-            .dense_or_err("w")
-            .unwrap()
-            .data();
-        let w1 = merged.layers[l].proj[p]
-            .base
-            .weight
-            .dense_or_err("w")
-            .unwrap()
-            .data();
+        let w0 = proj_weight(model, l, p);
+        let w1 = proj_weight(&merged, l, p);
         for ((d, a), b) in delta.iter().zip(w0).zip(w1) {
             let want = (b - a) as f64;
             assert!(
@@ -120,18 +120,8 @@ fn check_against_merge(model: &Llama<Cpu>, lora: &GgufLora) -> f64 {
     for (l, row) in listed.iter().enumerate() {
         for (p, &is) in row.iter().enumerate() {
             if !is {
-                let w0 = model.layers[l].proj[p]
-                    .base
-                    .weight
-                    .dense_or_err("w")
-                    .unwrap()
-                    .data();
-                let w1 = merged.layers[l].proj[p]
-                    .base
-                    .weight
-                    .dense_or_err("w")
-                    .unwrap()
-                    .data();
+                let w0 = proj_weight(model, l, p);
+                let w1 = proj_weight(&merged, l, p);
                 assert_eq!(
                     w0, w1,
                     "layer {l} {} changed but was not exported",

@@ -38,8 +38,7 @@ use crate::backend::{Backend, LowRank};
 use crate::error::{Error, Result};
 use crate::io::export::{ModelWeight, model_weights};
 use crate::io::gguf::{
-    GGUF_PROJ_NAMES, GgmlType, GgufFile, GgufValue, WriteTensor, encode, gguf_tensor_name,
-    permute_qk, write_gguf,
+    GgmlType, GgufFile, GgufValue, WriteTensor, encode, gguf_tensor_name, permute_qk, write_gguf,
 };
 use crate::model::llama::{Llama, proj_path};
 
@@ -265,14 +264,12 @@ pub fn gguf_lora<B: Backend>(be: &B, model: &Llama<B>) -> Result<GgufLora> {
             let Some(mut f) = plain_factors(be, &term, din, dout)? else {
                 continue; // every rank pruned (AdaLoRA): no update
             };
-            if let Some(heads) = [Some(cfg.num_attention_heads), Some(cfg.num_key_value_heads)]
-                .get(p)
-                .copied()
-                .flatten()
-            {
+            let (gname, heads) = gguf_tensor_name(&format!("{path}.weight"), cfg)
+                .ok_or_else(|| Error::arg(path.clone(), "has no llama.cpp tensor name"))?;
+            if let Some(heads) = heads {
                 permute_qk(&mut f.lora_b, dout, f.r, heads)?;
             }
-            tensors.push((format!("blk.{l}.{}.weight", GGUF_PROJ_NAMES[p]), f));
+            tensors.push((gname, f));
         }
     }
     if tensors.is_empty() {
@@ -396,17 +393,19 @@ pub fn write_gguf_model<B: Backend>(
             "the model still carries adapters: merge them first",
         ));
     }
-    let mut ours: BTreeMap<String, Vec<u8>> = BTreeMap::new();
-    let mut types: BTreeMap<String, (GgmlType, Vec<usize>)> = BTreeMap::new();
+    let mut ours: BTreeMap<String, WriteTensor<'static>> = BTreeMap::new();
     for (name, w) in model_weights(model) {
         let (gname, heads) = gguf_tensor_name(&name, &model.cfg)
             .ok_or_else(|| Error::arg(name.clone(), "has no llama.cpp tensor name"))?;
-        let t = match w {
-            ModelWeight::Dense(t) | ModelWeight::Projection(BaseWeight::Dense(t)) => t.clone(),
-            ModelWeight::Projection(BaseWeight::Nf4(q)) => be.nf4_dequantize(q)?,
+        let (mut data, shape) = match w {
+            ModelWeight::Dense(t) | ModelWeight::Projection(BaseWeight::Dense(t)) => {
+                (be.download(t)?, t.shape().to_vec())
+            }
+            ModelWeight::Projection(BaseWeight::Nf4(q)) => {
+                let t = be.nf4_dequantize(q)?;
+                (be.download(&t)?, t.shape().to_vec())
+            }
         };
-        let shape = t.shape().to_vec();
-        let mut data = be.download(&t)?;
         if let Some(h) = heads {
             permute_qk(&mut data, shape[0], shape[1], h)?;
         }
@@ -416,8 +415,14 @@ pub fn write_gguf_model<B: Backend>(
             (_, GgufDtype::Q8_0) if !row.is_multiple_of(32) => GgmlType::F16,
             (_, d) => d.ggml_type(),
         };
-        ours.insert(gname.clone(), encode(ty, &data, row)?);
-        types.insert(gname, (ty, shape));
+        let bytes = Cow::Owned(encode(ty, &data, row)?);
+        let t = WriteTensor {
+            name: gname.clone(),
+            shape,
+            ggml_type: ty,
+            bytes,
+        };
+        ours.insert(gname, t);
     }
     let mut meta: BTreeMap<String, GgufValue> = source
         .metadata()
@@ -431,33 +436,17 @@ pub fn write_gguf_model<B: Backend>(
     );
     let mut tensors = Vec::new();
     for info in source.tensors() {
-        match ours.remove(&info.name) {
-            Some(bytes) => {
-                let (ty, shape) = types.remove(&info.name).expect("typed with its bytes");
-                tensors.push(WriteTensor {
-                    name: info.name.clone(),
-                    shape,
-                    ggml_type: ty,
-                    bytes: Cow::Owned(bytes),
-                });
-            }
-            None => tensors.push(WriteTensor::raw(
+        tensors.push(match ours.remove(&info.name) {
+            Some(t) => t,
+            None => WriteTensor::raw(
                 info.name.clone(),
                 &info.shape,
                 info.ggml_type,
                 source.tensor_bytes(&info.name)?,
-            )),
-        }
-    }
-    for (name, bytes) in ours {
-        let (ty, shape) = types.remove(&name).expect("typed with its bytes");
-        tensors.push(WriteTensor {
-            name,
-            shape,
-            ggml_type: ty,
-            bytes: Cow::Owned(bytes),
+            ),
         });
     }
+    tensors.extend(ours.into_values());
     let n = tensors.len();
     write_gguf(path, &meta, &tensors)?;
     Ok(n)
