@@ -33,6 +33,8 @@
 
 pub mod adapter;
 pub mod backend;
+#[cfg(feature = "candle")]
+pub mod candle;
 pub mod error;
 pub mod instruct;
 pub mod io;

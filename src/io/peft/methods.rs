@@ -485,6 +485,38 @@ pub enum AdaLoraMask<'a> {
     Pattern(&'a BTreeMap<String, Vec<bool>>),
 }
 
+/// Drops the ranks of one AdaLoRA module whose `keep` entry is false from its tensors among
+/// `tensors` (found through `pos`, key → index): the rows of `lora_A`/`lora_E` and the columns
+/// of `lora_B`, as PEFT's `resize_state_dict_by_rank_pattern`. `keep` has one entry per rank.
+pub(crate) fn drop_masked_ranks(
+    tensors: &mut [AdapterTensor],
+    pos: &HashMap<String, usize>,
+    path: &str,
+    keep: &[bool],
+) {
+    let idx: Vec<usize> = (0..keep.len()).filter(|&i| keep[i]).collect();
+    for (suffix, rows) in [("lora_A", true), ("lora_E", true), ("lora_B", false)] {
+        let key = format!("{KEY_PREFIX}{path}.{suffix}");
+        let Some(&ti) = pos.get(&key) else { continue };
+        let (_, shape, data) = &mut tensors[ti];
+        if rows {
+            let cols = shape[1];
+            *data = idx
+                .iter()
+                .flat_map(|&i| data[i * cols..(i + 1) * cols].iter().copied())
+                .collect();
+            shape[0] = idx.len();
+        } else {
+            let (out, rr) = (shape[0], shape[1]);
+            *data = (0..out)
+                .flat_map(|o| idx.iter().map(move |&i| o * rr + i))
+                .map(|j| data[j])
+                .collect();
+            shape[1] = idx.len();
+        }
+    }
+}
+
 /// [`super::llama_adapter_tensors`] with AdaLoRA's masked ranks dropped, as PEFT's
 /// `get_peft_model_state_dict` does (`resize_state_dict_by_rank_pattern`): for each masked
 /// AdaLoRA module, the rows of `lora_A`/`lora_E` and the columns of `lora_B` of the masked
@@ -538,27 +570,7 @@ pub fn llama_adapter_export<B: Backend>(
                     None => continue,
                 },
             };
-            let idx: Vec<usize> = (0..r).filter(|&i| keep[i]).collect();
-            for (suffix, rows) in [("lora_A", true), ("lora_E", true), ("lora_B", false)] {
-                let key = format!("{KEY_PREFIX}{path}.{suffix}");
-                let Some(&ti) = pos.get(&key) else { continue };
-                let (_, shape, data) = &mut tensors[ti];
-                if rows {
-                    let cols = shape[1];
-                    *data = idx
-                        .iter()
-                        .flat_map(|&i| data[i * cols..(i + 1) * cols].iter().copied())
-                        .collect();
-                    shape[0] = idx.len();
-                } else {
-                    let (out, rr) = (shape[0], shape[1]);
-                    *data = (0..out)
-                        .flat_map(|o| idx.iter().map(move |&i| o * rr + i))
-                        .map(|j| data[j])
-                        .collect();
-                    shape[1] = idx.len();
-                }
-            }
+            drop_masked_ranks(&mut tensors, &pos, &path, &keep);
             pattern.insert(path, keep);
         }
     }
