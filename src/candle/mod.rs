@@ -14,7 +14,9 @@
 //! - [`LoraLinear`]: LoRA / rsLoRA (PEFT `lora.Linear`), QLoRA over [`FrozenLinear::nf4`];
 //! - [`DoraLinear`]: DoRA (`use_dora=True`), the weight norm detached as in PEFT;
 //! - [`VeraLinear`] over shared [`VeraProjections`]: VeRA;
-//! - [`AdaLoraLinear`]: AdaLoRA's SVD-form layer with rank masking.
+//! - [`AdaLoraLinear`]: AdaLoRA's SVD-form layer with rank masking;
+//! - [`Llama`]: a Llama causal LM in candle whose projections take these layers (loaded from
+//!   transformers weights, or from the model lorafuse fetches: [`load_llama`]).
 //!
 //! Tensors are f32 on the CPU (candle's `Device::Cpu`); another dtype or device is refused
 //! with an error naming it. Inputs may have any leading dims (`[batch, seq, in]`), as for
@@ -44,10 +46,12 @@
 //! ```
 
 mod layers;
+mod llama;
 mod op;
 mod peft;
 
 pub use layers::{
     AdaLoraLinear, AdaptedLinear, DoraLinear, FrozenLinear, LoraLinear, VeraLinear, VeraProjections,
 };
+pub use llama::{Llama, causal_lm_loss, load_llama};
 pub use peft::{load_peft, save_peft};
