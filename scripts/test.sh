@@ -60,5 +60,11 @@ fi
 # kernels/*.cu is compiled and assembled even without a GPU (tests/cuda_compile.rs).
 source scripts/cuda-env.sh >/dev/null
 cargo test --release
+# The candle layers (feature `candle`, off by default so the default build does not pull
+# candle): clippy over what the feature builds, their tests and doc test.
+cargo clippy --release --features candle --lib --test candle --test candle_llama \
+  --example candle_lora --bench candle -- -D warnings
+cargo test --release --features candle --test candle --test candle_llama
+cargo test --release --features candle --doc candle
 # The Python wheel: built with maturin into python/.venv and tested with pytest.
 bash scripts/test-python.sh

@@ -141,6 +141,8 @@ impl Params {
 /// What a forward keeps for its backward: `h = x A^T [T, r]`, and for DoRA the unscaled
 /// output `z [T, out]` and the detached weight norm `n [out]`.
 struct Saved {
+    /// The forward's copy of `x [T, in]`, kept so the backward needs no second copy.
+    x: Tensor<Cpu>,
     h: Tensor<Cpu>,
     z: Option<Tensor<Cpu>>,
     weight_norm: Option<Tensor<Cpu>>,
@@ -208,6 +210,7 @@ impl FusedLinear {
             .ok_or_else(|| Error::arg("h", "the fused forward kept no h"))?;
         // One forward per op: a second set (never made by the layers) keeps the first.
         let _ = self.saved.set(Saved {
+            x,
             h,
             z: out.z,
             weight_norm: out.weight_norm,
@@ -216,12 +219,7 @@ impl FusedLinear {
     }
 
     /// `(dx [T, in], d p1, d p2)`, the parameter gradients packed as the inputs are.
-    fn backward(
-        &self,
-        x: Tensor<Cpu>,
-        p: Params,
-        dy: Tensor<Cpu>,
-    ) -> crate::Result<[Tensor<Cpu>; 3]> {
+    fn backward(&self, p: Params, dy: Tensor<Cpu>) -> crate::Result<[Tensor<Cpu>; 3]> {
         let saved = self
             .saved
             .get()
@@ -235,7 +233,7 @@ impl FusedLinear {
         };
         let g = Cpu.linear_lowrank_backward(
             &dy,
-            &x,
+            &saved.x,
             &saved.h,
             saved.z.as_ref(),
             self.base(),
@@ -343,7 +341,7 @@ impl CustomOp3 for FusedLinear {
 
     fn bwd(
         &self,
-        x: &CTensor,
+        _x: &CTensor,
         p1: &CTensor,
         p2: &CTensor,
         _res: &CTensor,
@@ -351,9 +349,7 @@ impl CustomOp3 for FusedLinear {
     ) -> candle_core::Result<(Option<CTensor>, Option<CTensor>, Option<CTensor>)> {
         let p = Params::unpack(self.method, host_tensor(p1, "p1")?, host_tensor(p2, "p2")?)
             .map_err(lf)?;
-        let [dx, d1, d2] = self
-            .backward(host_tensor(x, "x")?, p, host_tensor(grad_res, "dy")?)
-            .map_err(lf)?;
+        let [dx, d1, d2] = self.backward(p, host_tensor(grad_res, "dy")?).map_err(lf)?;
         Ok((
             Some(to_candle(dx)?),
             Some(to_candle(d1)?),
