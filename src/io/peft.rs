@@ -41,6 +41,7 @@ pub use config_for::{
     AdaLoraOptions, MethodOptions, VeraOptions, adapter_config_for, adapter_config_for_method,
     rank_pattern_json,
 };
+#[cfg(feature = "candle")]
 pub(crate) use methods::drop_masked_ranks;
 pub use methods::{
     AdaLoraMask, AdapterExport, AdapterLayers, VERA_A_KEY, VERA_B_KEY, adapter_layers_from_adapter,
