@@ -4,8 +4,10 @@
 //! name without `_kernel`, and receives its arguments already checked: `Backend`'s methods
 //! are all provided, run the checks of [`super::check`] and then call these, and `Backend` is
 //! implemented for every `Kernels` type by one blanket impl, so no backend can skip, reorder
-//! or re-implement a check. A kernel handed arguments outside its contract (only possible by
-//! calling it directly) may return any error but must not panic or write out of bounds.
+//! or re-implement a check. Every kernel takes a [`Checked`] token, which only lorafuse can
+//! make, so no caller outside the crate can reach a kernel around those checks. A kernel handed
+//! arguments outside its contract (only possible from inside the crate) may return any error
+//! but must not panic or write out of bounds.
 //!
 //! Kernels with a default body are compositions of others that a backend may fuse.
 
@@ -17,6 +19,13 @@ use super::{
 use crate::error::Result;
 use crate::quant::nf4::Nf4Tensor;
 
+/// Passed by every call of a [`Kernels`] method. Only lorafuse can make one (its field is
+/// private to the crate), so code outside the crate can name these unchecked kernels but not
+/// call them: it goes through [`Backend`](super::Backend)'s methods, which run the checks of
+/// [`super::check`] first.
+#[derive(Clone, Copy, Debug)]
+pub struct Checked(pub(crate) ());
+
 pub trait Kernels: Clone + Send + Sync + Sized + 'static {
     /// Device storage of one tensor.
     type Buf: Clone + Send + Sync;
@@ -25,38 +34,52 @@ pub trait Kernels: Clone + Send + Sync + Sized + 'static {
     type Nf4Buf: Clone + Send + Sync;
 
     /// Short backend name (`cpu`, `cuda`, `wgpu`).
-    fn name_kernel(&self) -> &'static str;
+    fn name_kernel(&self, _: Checked) -> &'static str;
 
     /// Waits until every queued kernel has finished (a no-op on synchronous backends).
-    fn synchronize_kernel(&self) -> Result<()> {
+    fn synchronize_kernel(&self, _: Checked) -> Result<()> {
         Ok(())
     }
 
     // ---- memory ---------------------------------------------------------------------------------
 
-    fn upload_kernel(&self, data: &[f32], shape: &[usize]) -> Result<Tensor<Self>>;
-    fn upload_frozen_kernel(&self, data: &[f32], shape: &[usize]) -> Result<Tensor<Self>> {
-        self.upload_kernel(data, shape)
+    fn upload_kernel(&self, _: Checked, data: &[f32], shape: &[usize]) -> Result<Tensor<Self>>;
+    fn upload_frozen_kernel(
+        &self,
+        _: Checked,
+        data: &[f32],
+        shape: &[usize],
+    ) -> Result<Tensor<Self>> {
+        self.upload_kernel(Checked(()), data, shape)
     }
-    fn freeze_kernel(&self, t: Tensor<Self>) -> Result<Tensor<Self>> {
+    fn freeze_kernel(&self, _: Checked, t: Tensor<Self>) -> Result<Tensor<Self>> {
         Ok(t)
     }
     /// Bytes `t` occupies on the device.
-    fn stored_bytes_kernel(t: &Tensor<Self>) -> usize {
+    fn stored_bytes_kernel(_: Checked, t: &Tensor<Self>) -> usize {
         4 * t.len()
     }
-    fn download_kernel(&self, t: &Tensor<Self>) -> Result<Vec<f32>>;
-    fn download_many_kernel(&self, ts: &[&Tensor<Self>]) -> Result<Vec<Vec<f32>>> {
-        ts.iter().map(|t| self.download_kernel(t)).collect()
+    fn download_kernel(&self, _: Checked, t: &Tensor<Self>) -> Result<Vec<f32>>;
+    fn download_many_kernel(&self, _: Checked, ts: &[&Tensor<Self>]) -> Result<Vec<Vec<f32>>> {
+        ts.iter()
+            .map(|t| self.download_kernel(Checked(()), t))
+            .collect()
     }
-    fn zeros_kernel(&self, shape: &[usize]) -> Result<Tensor<Self>>;
-    fn copy_into_kernel(&self, src: &Tensor<Self>, dst: &mut Tensor<Self>) -> Result<()> {
+    fn zeros_kernel(&self, _: Checked, shape: &[usize]) -> Result<Tensor<Self>>;
+    fn copy_into_kernel(
+        &self,
+        _: Checked,
+        src: &Tensor<Self>,
+        dst: &mut Tensor<Self>,
+    ) -> Result<()> {
         *dst = src.clone();
         Ok(())
     }
-    fn gather_rows_kernel(&self, t: &Tensor<Self>, idx: &[u32]) -> Result<Tensor<Self>>;
+    fn gather_rows_kernel(&self, _: Checked, t: &Tensor<Self>, idx: &[u32])
+    -> Result<Tensor<Self>>;
     fn scatter_add_rows_kernel(
         &self,
+        _: Checked,
         dst: &mut Tensor<Self>,
         idx: &[u32],
         src: &Tensor<Self>,
@@ -67,6 +90,7 @@ pub trait Kernels: Clone + Send + Sync + Sized + 'static {
     /// A column scale, if present, comes with its `weight_norm`.
     fn linear_lowrank_kernel(
         &self,
+        _: Checked,
         x: &Tensor<Self>,
         base: Base<'_, Self>,
         bias: Option<&Tensor<Self>>,
@@ -79,18 +103,24 @@ pub trait Kernels: Clone + Send + Sync + Sized + 'static {
     /// the norm's pass over W in the forward's.
     fn linear_lowrank_with_norm_kernel(
         &self,
+        _: Checked,
         x: &Tensor<Self>,
         base: Base<'_, Self>,
         base_row_sq: &Tensor<Self>,
         bias: Option<&Tensor<Self>>,
         term: &LowRank<'_, Self>,
     ) -> Result<LowRankOut<Self>> {
-        let n = self.lowrank_row_norms_kernel(base, base_row_sq, &term.without_col_scale())?;
+        let n = self.lowrank_row_norms_kernel(
+            Checked(()),
+            base,
+            base_row_sq,
+            &term.without_col_scale(),
+        )?;
         let mut t = *term;
         if let Some(c) = &mut t.col_scale {
             c.weight_norm = Some(&n);
         }
-        let mut out = self.linear_lowrank_kernel(x, base, bias, Some(&t))?;
+        let mut out = self.linear_lowrank_kernel(Checked(()), x, base, bias, Some(&t))?;
         out.weight_norm = Some(n);
         Ok(out)
     }
@@ -99,6 +129,7 @@ pub trait Kernels: Clone + Send + Sync + Sized + 'static {
     /// `g = ((dy ⊙ col_scale) ⊙ out_scale) B` `[T, r]`, which the gradients reuse.
     fn backward_input_kernel(
         &self,
+        _: Checked,
         dy: &Tensor<Self>,
         base: Base<'_, Self>,
         term: Option<&LowRank<'_, Self>>,
@@ -110,6 +141,7 @@ pub trait Kernels: Clone + Send + Sync + Sized + 'static {
     #[allow(clippy::too_many_arguments)]
     fn lowrank_grads_kernel(
         &self,
+        _: Checked,
         dy: &Tensor<Self>,
         x: &Tensor<Self>,
         h: &Tensor<Self>,
@@ -123,6 +155,7 @@ pub trait Kernels: Clone + Send + Sync + Sized + 'static {
     /// a column scale comes with its `weight_norm`.
     fn lowrank_merge_kernel(
         &self,
+        _: Checked,
         w: &mut Tensor<Self>,
         term: &LowRank<'_, Self>,
         sign: f32,
@@ -133,25 +166,31 @@ pub trait Kernels: Clone + Send + Sync + Sized + 'static {
     /// the low-rank identity and then merges; a backend may do it in one pass over W.
     fn lowrank_merge_with_norm_kernel(
         &self,
+        _: Checked,
         w: &mut Tensor<Self>,
         w_row_sq: &Tensor<Self>,
         term: &LowRank<'_, Self>,
     ) -> Result<Tensor<Self>> {
-        let n =
-            self.lowrank_row_norms_kernel(Base::Dense(w), w_row_sq, &term.without_col_scale())?;
+        let n = self.lowrank_row_norms_kernel(
+            Checked(()),
+            Base::Dense(w),
+            w_row_sq,
+            &term.without_col_scale(),
+        )?;
         let mut t = *term;
         if let Some(c) = &mut t.col_scale {
             c.weight_norm = Some(&n);
         }
-        self.lowrank_merge_kernel(w, &t, 1.0)?;
+        self.lowrank_merge_kernel(Checked(()), w, &t, 1.0)?;
         Ok(n)
     }
 
-    fn row_sq_norms_kernel(&self, base: Base<'_, Self>) -> Result<Tensor<Self>>;
+    fn row_sq_norms_kernel(&self, _: Checked, base: Base<'_, Self>) -> Result<Tensor<Self>>;
 
     /// `||W + ΔW||_row` of a term without column scale.
     fn lowrank_row_norms_kernel(
         &self,
+        _: Checked,
         base: Base<'_, Self>,
         base_row_sq: &Tensor<Self>,
         term: &LowRank<'_, Self>,
@@ -159,6 +198,7 @@ pub trait Kernels: Clone + Send + Sync + Sized + 'static {
 
     fn linear_backward_weight_kernel(
         &self,
+        _: Checked,
         dy: &Tensor<Self>,
         x: &Tensor<Self>,
         dw: &mut Tensor<Self>,
@@ -168,25 +208,33 @@ pub trait Kernels: Clone + Send + Sync + Sized + 'static {
     /// `-1..K`). Rows of -1 or of a rank-0 adapter are left as they are.
     fn lowrank_multi_add_kernel(
         &self,
+        _: Checked,
         x: &Tensor<Self>,
         pool: &LowRankPool<Self>,
         adapter_of_row: &[i32],
         y: &mut Tensor<Self>,
     ) -> Result<()>;
 
-    fn axpy_kernel(&self, a: &mut Tensor<Self>, alpha: f32, b: &Tensor<Self>) -> Result<()>;
-    fn scale_kernel(&self, a: &mut Tensor<Self>, alpha: f32) -> Result<()>;
-    fn sum_squares_kernel(&self, a: &Tensor<Self>) -> Result<f64>;
+    fn axpy_kernel(
+        &self,
+        _: Checked,
+        a: &mut Tensor<Self>,
+        alpha: f32,
+        b: &Tensor<Self>,
+    ) -> Result<()>;
+    fn scale_kernel(&self, _: Checked, a: &mut Tensor<Self>, alpha: f32) -> Result<()>;
+    fn sum_squares_kernel(&self, _: Checked, a: &Tensor<Self>) -> Result<f64>;
 
     // ---- NF4 --------------------------------------------------------------------------------------
 
-    fn upload_nf4_kernel(&self, w: &Nf4Tensor) -> Result<Nf4Weight<Self>>;
-    fn nf4_dequantize_kernel(&self, w: &Nf4Weight<Self>) -> Result<Tensor<Self>>;
+    fn upload_nf4_kernel(&self, _: Checked, w: &Nf4Tensor) -> Result<Nf4Weight<Self>>;
+    fn nf4_dequantize_kernel(&self, _: Checked, w: &Nf4Weight<Self>) -> Result<Tensor<Self>>;
 
     // ---- AdaLoRA's rank allocator and orthogonal regularizer ----------------------------------------
 
     fn adalora_update_ipt_kernel(
         &self,
+        _: Checked,
         param: &Tensor<Self>,
         grad: &Tensor<Self>,
         exp_avg_ipt: &mut Tensor<Self>,
@@ -195,24 +243,33 @@ pub trait Kernels: Clone + Send + Sync + Sized + 'static {
     ) -> Result<()>;
     fn adalora_triplet_scores_kernel(
         &self,
+        _: Checked,
         ema: &AdaLoraIpt<Self>,
         scores: &mut Tensor<Self>,
         offset: usize,
     ) -> Result<()>;
-    fn adalora_threshold_kernel(&self, scores: &Tensor<Self>, k: usize) -> Result<Tensor<Self>>;
+    fn adalora_threshold_kernel(
+        &self,
+        _: Checked,
+        scores: &Tensor<Self>,
+        k: usize,
+    ) -> Result<Tensor<Self>>;
     fn adalora_rank_mask_kernel(
         &self,
+        _: Checked,
         scores: &Tensor<Self>,
         threshold: &Tensor<Self>,
     ) -> Result<Tensor<Self>>;
     fn adalora_apply_mask_kernel(
         &self,
+        _: Checked,
         lora_e: &mut Tensor<Self>,
         keep: &Tensor<Self>,
         offset: usize,
     ) -> Result<()>;
     fn adalora_orth_reg_kernel(
         &self,
+        _: Checked,
         factors: &[(&Tensor<Self>, &Tensor<Self>)],
         grads: &mut [(&mut Tensor<Self>, &mut Tensor<Self>)],
         orth_reg_weight: f32,
@@ -222,12 +279,14 @@ pub trait Kernels: Clone + Send + Sync + Sized + 'static {
 
     fn rmsnorm_kernel(
         &self,
+        _: Checked,
         x: &Tensor<Self>,
         weight: &Tensor<Self>,
         eps: f32,
     ) -> Result<(Tensor<Self>, Tensor<Self>)>;
     fn rmsnorm_backward_kernel(
         &self,
+        _: Checked,
         dy: &Tensor<Self>,
         x: &Tensor<Self>,
         weight: &Tensor<Self>,
@@ -236,6 +295,7 @@ pub trait Kernels: Clone + Send + Sync + Sized + 'static {
     ) -> Result<Tensor<Self>>;
     fn rope_kernel(
         &self,
+        _: Checked,
         x: &mut Tensor<Self>,
         positions: &[u32],
         head_dim: usize,
@@ -245,6 +305,7 @@ pub trait Kernels: Clone + Send + Sync + Sized + 'static {
     #[allow(clippy::too_many_arguments)]
     fn attention_kernel(
         &self,
+        _: Checked,
         q: &Tensor<Self>,
         k: &Tensor<Self>,
         v: &Tensor<Self>,
@@ -256,6 +317,7 @@ pub trait Kernels: Clone + Send + Sync + Sized + 'static {
     #[allow(clippy::too_many_arguments)]
     fn attention_backward_kernel(
         &self,
+        _: Checked,
         d_out: &Tensor<Self>,
         q: &Tensor<Self>,
         k: &Tensor<Self>,
@@ -269,6 +331,7 @@ pub trait Kernels: Clone + Send + Sync + Sized + 'static {
     #[allow(clippy::too_many_arguments)]
     fn attention_cached_kernel(
         &self,
+        _: Checked,
         q: &Tensor<Self>,
         k: &Tensor<Self>,
         v: &Tensor<Self>,
@@ -278,21 +341,29 @@ pub trait Kernels: Clone + Send + Sync + Sized + 'static {
         n_kv_heads: usize,
         scale: f32,
     ) -> Result<Tensor<Self>>;
-    fn swiglu_kernel(&self, gate: &Tensor<Self>, up: &Tensor<Self>) -> Result<Tensor<Self>>;
+    fn swiglu_kernel(
+        &self,
+        _: Checked,
+        gate: &Tensor<Self>,
+        up: &Tensor<Self>,
+    ) -> Result<Tensor<Self>>;
     fn swiglu_backward_kernel(
         &self,
+        _: Checked,
         d: &Tensor<Self>,
         gate: &Tensor<Self>,
         up: &Tensor<Self>,
     ) -> Result<(Tensor<Self>, Tensor<Self>)>;
     fn cross_entropy_kernel(
         &self,
+        _: Checked,
         logits: &Tensor<Self>,
         labels: &[i32],
         grad_scale: f32,
     ) -> Result<(f64, Tensor<Self>)>;
     fn cross_entropy_stats_kernel(
         &self,
+        _: Checked,
         logits: &Tensor<Self>,
         labels: &[i32],
         grad_scale: f32,
@@ -302,33 +373,44 @@ pub trait Kernels: Clone + Send + Sync + Sized + 'static {
 
     fn mul_vector_kernel(
         &self,
+        _: Checked,
         x: &Tensor<Self>,
         v: &Tensor<Self>,
         axis: Axis,
     ) -> Result<Tensor<Self>>;
     fn sum_product_kernel(
         &self,
+        _: Checked,
         a: &Tensor<Self>,
         b: Option<&Tensor<Self>>,
         axis: Axis,
     ) -> Result<Tensor<Self>>;
-    fn activation_kernel(&self, x: &Tensor<Self>, act: Activation) -> Result<Tensor<Self>>;
+    fn activation_kernel(
+        &self,
+        _: Checked,
+        x: &Tensor<Self>,
+        act: Activation,
+    ) -> Result<Tensor<Self>>;
     fn activation_backward_kernel(
         &self,
+        _: Checked,
         dy: &Tensor<Self>,
         x: &Tensor<Self>,
         act: Activation,
     ) -> Result<Tensor<Self>>;
-    fn softmax_rows_kernel(&self, x: &Tensor<Self>) -> Result<Tensor<Self>>;
+    fn softmax_rows_kernel(&self, _: Checked, x: &Tensor<Self>) -> Result<Tensor<Self>>;
     fn softmax_rows_backward_kernel(
         &self,
+        _: Checked,
         dy: &Tensor<Self>,
         p: &Tensor<Self>,
     ) -> Result<Tensor<Self>>;
     // ---- optimizer ---------------------------------------------------------------------------------
 
+    #[allow(clippy::too_many_arguments)]
     fn adamw_step_kernel(
         &self,
+        _: Checked,
         param: &mut Tensor<Self>,
         grad: &Tensor<Self>,
         m: &mut Tensor<Self>,

@@ -28,7 +28,7 @@ pub mod wgpu;
 use crate::error::{Error, Result};
 use crate::quant::nf4::Nf4Tensor;
 
-pub use kernels::Kernels;
+pub use kernels::{Checked, Kernels};
 pub use lowrank::{
     Base, ColScale, GradWants, InputGrad, LowRank, LowRankGrads, LowRankOut, ParamGrads,
 };
@@ -47,20 +47,20 @@ pub use tensor::{
 pub trait Backend: Kernels {
     /// Short backend name (`cpu`, `cuda`, `wgpu`).
     fn name(&self) -> &'static str {
-        self.name_kernel()
+        self.name_kernel(Checked(()))
     }
 
     /// Waits until every kernel queued so far has finished. GPU backends run asynchronously;
     /// code that times kernels calls this before reading the clock. Errors: a device failure
     /// reported while waiting. The CPU reference runs synchronously (a no-op).
     fn synchronize(&self) -> Result<()> {
-        self.synchronize_kernel()
+        self.synchronize_kernel(Checked(()))
     }
 
     /// Bytes `t` occupies on its backend: `4 len` for f32, `2 len` for a frozen weight the
     /// backend stores as f16.
     fn stored_bytes(t: &Tensor<Self>) -> usize {
-        Self::stored_bytes_kernel(t)
+        Self::stored_bytes_kernel(Checked(()), t)
     }
 
     // ---- memory ---------------------------------------------------------------------------------
@@ -69,30 +69,30 @@ pub trait Backend: Kernels {
     /// element count.
     fn upload(&self, data: &[f32], shape: &[usize]) -> Result<Tensor<Self>> {
         check::upload(data.len(), shape)?;
-        self.upload_kernel(data, shape)
+        self.upload_kernel(Checked(()), data, shape)
     }
     /// Uploads a frozen weight: a backend may store it in a narrower type (the wgpu backend
     /// stores f16 where the device has SHADER_F16), which only read-only kernels accept.
     /// Errors: as [`Backend::upload`].
     fn upload_frozen(&self, data: &[f32], shape: &[usize]) -> Result<Tensor<Self>> {
         check::upload(data.len(), shape)?;
-        self.upload_frozen_kernel(data, shape)
+        self.upload_frozen_kernel(Checked(()), data, shape)
     }
     /// The tensor as a frozen weight (see [`Backend::upload_frozen`]); a no-op on the CPU.
     fn freeze(&self, t: Tensor<Self>) -> Result<Tensor<Self>> {
-        self.freeze_kernel(t)
+        self.freeze_kernel(Checked(()), t)
     }
     /// Downloads a tensor as f32, row-major.
     fn download(&self, t: &Tensor<Self>) -> Result<Vec<f32>> {
-        self.download_kernel(t)
+        self.download_kernel(Checked(()), t)
     }
     /// Downloads several tensors at once (one readback on GPU backends).
     fn download_many(&self, ts: &[&Tensor<Self>]) -> Result<Vec<Vec<f32>>> {
-        self.download_many_kernel(ts)
+        self.download_many_kernel(Checked(()), ts)
     }
     /// A zero tensor of `shape`.
     fn zeros(&self, shape: &[usize]) -> Result<Tensor<Self>> {
-        self.zeros_kernel(shape)
+        self.zeros_kernel(Checked(()), shape)
     }
     /// `dst = src`, a copy within the device's memory (no host round trip); every byte of
     /// `src` read once and of `dst` written once (`adapter::bench::measure_peak` times it for the
@@ -100,14 +100,14 @@ pub trait Backend: Kernels {
     /// frozen `dst`, which no kernel modifies).
     fn copy_into(&self, src: &Tensor<Self>, dst: &mut Tensor<Self>) -> Result<()> {
         same_shape("dst", dst, src)?;
-        self.copy_into_kernel(src, dst)
+        self.copy_into_kernel(Checked(()), src, dst)
     }
     /// Rows `idx` of a 2-D tensor `[n, d]`, gathered into `[idx.len(), d]` (also the embedding
     /// lookup). Errors: not 2-D, an index `>= n`.
     fn gather_rows(&self, t: &Tensor<Self>, idx: &[u32]) -> Result<Tensor<Self>> {
         let (n, _) = t.dims2("t")?;
         check::row_indices(idx, n)?;
-        self.gather_rows_kernel(t, idx)
+        self.gather_rows_kernel(Checked(()), t, idx)
     }
     /// `dst[idx[i]] += src[i]` row by row (the backward of [`Backend::gather_rows`]); nothing
     /// is written when an argument is bad. Errors: `src` not `[idx.len(), d]` for `dst [n, d]`,
@@ -119,7 +119,7 @@ pub trait Backend: Kernels {
         src: &Tensor<Self>,
     ) -> Result<()> {
         check::scatter_add_rows(dst, idx, src)?;
-        self.scatter_add_rows_kernel(dst, idx, src)
+        self.scatter_add_rows_kernel(Checked(()), dst, idx, src)
     }
 
     // ---- the fused product: x W^T + bias + low-rank term, W dense or NF4 -----------------------------
@@ -149,7 +149,7 @@ pub trait Backend: Kernels {
         term: Option<&LowRank<'_, Self>>,
     ) -> Result<LowRankOut<Self>> {
         check::linear_lowrank(x, base, bias, term, true)?;
-        self.linear_lowrank_kernel(x, base, bias, term)
+        self.linear_lowrank_kernel(Checked(()), x, base, bias, term)
     }
 
     /// [`Backend::linear_lowrank`] for a term whose column scale has no `weight_norm`: also
@@ -168,7 +168,7 @@ pub trait Backend: Kernels {
         check::linear_lowrank(x, base, bias, Some(term), false)?;
         check::col_norm_wanted(term)?;
         base_row_sq.expect_shape("w0_row_sq", &[base.dims().0])?;
-        self.linear_lowrank_with_norm_kernel(x, base, base_row_sq, bias, term)
+        self.linear_lowrank_with_norm_kernel(Checked(()), x, base, base_row_sq, bias, term)
     }
 
     /// `dx = dy W` for a dense w `[out, in]`, dy `[T, out]` → dx `[T, in]`; with `acc`, adds
@@ -195,7 +195,7 @@ pub trait Backend: Kernels {
         acc: Option<&mut Tensor<Self>>,
     ) -> Result<InputGrad<Self>> {
         check::backward_input(dy, base, term, acc.as_deref())?;
-        self.backward_input_kernel(dy, base, term, acc)
+        self.backward_input_kernel(Checked(()), dy, base, term, acc)
     }
 
     /// Backward of [`Backend::linear_lowrank`] from `dy [T, out]` and what the forward kept
@@ -218,11 +218,11 @@ pub trait Backend: Kernels {
         wants: GradWants,
     ) -> Result<LowRankGrads<Self>> {
         check::linear_lowrank_backward(dy, x, h, z, base, term, wants)?;
-        let (dx, g) = self.backward_input_kernel(dy, base, Some(term), None)?;
+        let (dx, g) = self.backward_input_kernel(Checked(()), dy, base, Some(term), None)?;
         let dx = dx.ok_or_else(|| Error::arg("dx", "backward_input returned no dx"))?;
         let g = g.ok_or_else(|| Error::arg("g", "backward_input returned no g"))?;
         Ok(self
-            .lowrank_grads_kernel(dy, x, h, z, &g, term, wants)?
+            .lowrank_grads_kernel(Checked(()), dy, x, h, z, &g, term, wants)?
             .with_dx(dx))
     }
 
@@ -240,7 +240,7 @@ pub trait Backend: Kernels {
         sign: f32,
     ) -> Result<()> {
         check::lowrank_merge(w, term, sign)?;
-        self.lowrank_merge_kernel(w, term, sign)
+        self.lowrank_merge_kernel(Checked(()), w, term, sign)
     }
 
     /// DoRA's merge as PEFT's `merge` does it: forms `W' = W + ΔW`, takes `n = ||W'||_row` of
@@ -257,14 +257,14 @@ pub trait Backend: Kernels {
         check::lowrank_merge(w, term, 1.0)?;
         check::col_norm_wanted(term)?;
         w_row_sq.expect_shape("w_row_sq", &[w.dim(0)])?;
-        self.lowrank_merge_with_norm_kernel(w, w_row_sq, term)
+        self.lowrank_merge_with_norm_kernel(Checked(()), w, w_row_sq, term)
     }
 
     /// Squared L2 norm of each row of a dense or NF4 weight `[out, in]` → `[out]`,
     /// accumulated in f64. DoRA computes `||W0||_row^2` once per frozen base.
     fn row_sq_norms(&self, base: Base<'_, Self>) -> Result<Tensor<Self>> {
         check::base(base)?;
-        self.row_sq_norms_kernel(base)
+        self.row_sq_norms_kernel(Checked(()), base)
     }
 
     /// DoRA's weight norm `n = ||W + ΔW||_row` (one per OUTPUT row, PEFT's `dim=1`) `[out]`
@@ -291,7 +291,7 @@ pub trait Backend: Kernels {
             ));
         }
         base_row_sq.expect_shape("w0_row_sq", &[dout])?;
-        self.lowrank_row_norms_kernel(base, base_row_sq, term)
+        self.lowrank_row_norms_kernel(Checked(()), base, base_row_sq, term)
     }
 
     /// `dW += dy^T x`: dy `[T, out]`, x `[T, in]`, dw `[out, in]` (full fine-tuning's weight
@@ -303,7 +303,7 @@ pub trait Backend: Kernels {
         dw: &mut Tensor<Self>,
     ) -> Result<()> {
         check::linear_backward_weight(dy, x, dw)?;
-        self.linear_backward_weight_kernel(dy, x, dw)
+        self.linear_backward_weight_kernel(Checked(()), dy, x, dw)
     }
     // ---- many adapters in one batch (SGMV / BGMV, [`multi`]) ---------------------------------------
 
@@ -320,18 +320,18 @@ pub trait Backend: Kernels {
     ) -> Result<LowRankPool<Self>> {
         check::lowrank_pool(din, dout, terms)?;
         let (a, b, ranks, a_rows, b_offsets) =
-            multi::fold_terms(din, dout, terms, |t| self.download_kernel(t))?;
+            multi::fold_terms(din, dout, terms, |t| self.download_kernel(Checked(()), t))?;
         let rows = a.len() / din.max(1);
         let a = if a.is_empty() {
-            self.zeros_kernel(&[1, din.max(1)])?
+            self.zeros_kernel(Checked(()), &[1, din.max(1)])?
         } else {
-            self.upload_kernel(&a, &[rows, din])?
+            self.upload_kernel(Checked(()), &a, &[rows, din])?
         };
         let b = if b.is_empty() {
-            self.zeros_kernel(&[1])?
+            self.zeros_kernel(Checked(()), &[1])?
         } else {
             let n = b.len();
-            self.upload_kernel(&b, &[n])?
+            self.upload_kernel(Checked(()), &b, &[n])?
         };
         Ok(multi::pool_from_parts(
             a,
@@ -360,9 +360,11 @@ pub trait Backend: Kernels {
         adapter_of_row: &[i32],
     ) -> Result<Tensor<Self>> {
         check::linear_multi(x, base, bias, pool, adapter_of_row)?;
-        let mut y = self.linear_lowrank_kernel(x, base, bias, None)?.y;
+        let mut y = self
+            .linear_lowrank_kernel(Checked(()), x, base, bias, None)?
+            .y;
         if multi::any_term(pool, adapter_of_row) {
-            self.lowrank_multi_add_kernel(x, pool, adapter_of_row, &mut y)?;
+            self.lowrank_multi_add_kernel(Checked(()), x, pool, adapter_of_row, &mut y)?;
         }
         Ok(y)
     }
@@ -370,15 +372,15 @@ pub trait Backend: Kernels {
     /// `a += alpha * b`, elementwise. Errors: shapes that differ.
     fn axpy(&self, a: &mut Tensor<Self>, alpha: f32, b: &Tensor<Self>) -> Result<()> {
         same_shape("b", b, a)?;
-        self.axpy_kernel(a, alpha, b)
+        self.axpy_kernel(Checked(()), a, alpha, b)
     }
     /// `a *= alpha`, elementwise.
     fn scale(&self, a: &mut Tensor<Self>, alpha: f32) -> Result<()> {
-        self.scale_kernel(a, alpha)
+        self.scale_kernel(Checked(()), a, alpha)
     }
     /// Sum of squares of all elements (gradient-norm reporting and clipping), in f64.
     fn sum_squares(&self, a: &Tensor<Self>) -> Result<f64> {
-        self.sum_squares_kernel(a)
+        self.sum_squares_kernel(Checked(()), a)
     }
 
     // ---- NF4 base weights (QLoRA, Dettmers et al. 2023) ----------------------------------------------
@@ -391,12 +393,12 @@ pub trait Backend: Kernels {
     /// Uploads an NF4 tensor as a frozen linear weight `[out, in]`. Errors: not 2-D.
     fn upload_nf4(&self, w: &Nf4Tensor) -> Result<Nf4Weight<Self>> {
         check::nf4_weight(w)?;
-        self.upload_nf4_kernel(w)
+        self.upload_nf4_kernel(Checked(()), w)
     }
     /// Dequantizes the whole weight to a dense `[out, in]` tensor. This DOES materialize the
     /// f32 weight: it is for merging and exporting, never for the forward or backward.
     fn nf4_dequantize(&self, w: &Nf4Weight<Self>) -> Result<Tensor<Self>> {
-        self.nf4_dequantize_kernel(w)
+        self.nf4_dequantize_kernel(Checked(()), w)
     }
     // ---- AdaLoRA's rank allocator and orthogonal regularizer (PEFT `RankAllocator`) ----------
     //
@@ -424,7 +426,7 @@ pub trait Backend: Kernels {
         beta2: f64,
     ) -> Result<()> {
         let coefs = check::adalora_update_ipt(param, grad, exp_avg_ipt, exp_avg_unc, beta1, beta2)?;
-        self.adalora_update_ipt_kernel(param, grad, exp_avg_ipt, exp_avg_unc, &coefs)
+        self.adalora_update_ipt_kernel(Checked(()), param, grad, exp_avg_ipt, exp_avg_unc, &coefs)
     }
 
     /// The triplet scores of one layer (PEFT `mask_to_budget` + `_combine_ipt`), written to
@@ -443,7 +445,7 @@ pub trait Backend: Kernels {
         offset: usize,
     ) -> Result<()> {
         check::adalora_triplet_scores(ema, scores, offset)?;
-        self.adalora_triplet_scores_kernel(ema, scores, offset)
+        self.adalora_triplet_scores_kernel(Checked(()), ema, scores, offset)
     }
 
     /// The masking threshold: `torch.kthvalue(scores, k)` for a 1-based `k`, the k-th smallest
@@ -452,7 +454,7 @@ pub trait Backend: Kernels {
     /// `k = init_bgt - budget`. Errors: scores not 1-D, `k` outside `1..=n`.
     fn adalora_threshold(&self, scores: &Tensor<Self>, k: usize) -> Result<Tensor<Self>> {
         check::adalora_threshold(scores, k)?;
-        self.adalora_threshold_kernel(scores, k)
+        self.adalora_threshold_kernel(Checked(()), scores, k)
     }
 
     /// The keep-mask of every rank at once: `keep [n]` with `0.0` where `scores[i] <=
@@ -465,7 +467,7 @@ pub trait Backend: Kernels {
         threshold: &Tensor<Self>,
     ) -> Result<Tensor<Self>> {
         check::adalora_rank_mask(scores, threshold)?;
-        self.adalora_rank_mask_kernel(scores, threshold)
+        self.adalora_rank_mask_kernel(Checked(()), scores, threshold)
     }
 
     /// PEFT's `lora_E.masked_fill_(~keep, 0.0)` for one layer: `lora_e[i] = 0` where
@@ -478,7 +480,7 @@ pub trait Backend: Kernels {
         offset: usize,
     ) -> Result<()> {
         check::adalora_apply_mask(lora_e, keep, offset)?;
-        self.adalora_apply_mask_kernel(lora_e, keep, offset)
+        self.adalora_apply_mask_kernel(Checked(()), lora_e, keep, offset)
     }
 
     /// AdaLoRA's orthogonal regularizer over every layer, as `AdaLoraModel.forward` adds it to
@@ -500,7 +502,7 @@ pub trait Backend: Kernels {
         orth_reg_weight: f32,
     ) -> Result<Tensor<Self>> {
         check::adalora_orth_reg(factors, grads, orth_reg_weight)?;
-        self.adalora_orth_reg_kernel(factors, grads, orth_reg_weight)
+        self.adalora_orth_reg_kernel(Checked(()), factors, grads, orth_reg_weight)
     }
 
     // ---- Llama block ops ---------------------------------------------------------------------------
@@ -514,7 +516,7 @@ pub trait Backend: Kernels {
         eps: f32,
     ) -> Result<(Tensor<Self>, Tensor<Self>)> {
         check::rmsnorm(x, weight)?;
-        self.rmsnorm_kernel(x, weight, eps)
+        self.rmsnorm_kernel(Checked(()), x, weight, eps)
     }
 
     /// RMSNorm backward: returns `dx [T, d]` and adds `dweight [d]` into `dweight` if given.
@@ -530,7 +532,7 @@ pub trait Backend: Kernels {
         if let Some(dw) = dweight.as_deref() {
             same_shape("dweight", dw, weight)?;
         }
-        self.rmsnorm_backward_kernel(dy, x, weight, rstd, dweight)
+        self.rmsnorm_backward_kernel(Checked(()), dy, x, weight, rstd, dweight)
     }
 
     /// Rotary embedding in place, transformers' `rotate_half` convention: within each head of
@@ -547,7 +549,7 @@ pub trait Backend: Kernels {
     ) -> Result<()> {
         let (t, width) = x.dims2("x")?;
         check::rope(width, t, positions, head_dim)?;
-        self.rope_kernel(x, positions, head_dim, theta, inverse)
+        self.rope_kernel(Checked(()), x, positions, head_dim, theta, inverse)
     }
 
     /// Causal grouped-query attention over packed sequences, online softmax, no `T x T` matrix
@@ -565,7 +567,7 @@ pub trait Backend: Kernels {
         scale: f32,
     ) -> Result<AttentionSaved<Self>> {
         check::attention(q, k, v, seqs, n_heads, n_kv_heads)?;
-        self.attention_kernel(q, k, v, seqs, n_heads, n_kv_heads, scale)
+        self.attention_kernel(Checked(()), q, k, v, seqs, n_heads, n_kv_heads, scale)
     }
 
     /// Backward of [`Backend::attention`] from `d_out [T, Hq*hd]`; recomputes the softmax from
@@ -584,7 +586,18 @@ pub trait Backend: Kernels {
         scale: f32,
     ) -> Result<(Tensor<Self>, Tensor<Self>, Tensor<Self>)> {
         check::attention_backward(d_out, q, k, v, saved, seqs, n_heads, n_kv_heads)?;
-        self.attention_backward_kernel(d_out, q, k, v, saved, seqs, n_heads, n_kv_heads, scale)
+        self.attention_backward_kernel(
+            Checked(()),
+            d_out,
+            q,
+            k,
+            v,
+            saved,
+            seqs,
+            n_heads,
+            n_kv_heads,
+            scale,
+        )
     }
 
     /// Attention of each sequence's NEW tokens over its whole context (the KV cache of
@@ -609,13 +622,23 @@ pub trait Backend: Kernels {
         scale: f32,
     ) -> Result<Tensor<Self>> {
         check::attention_cached(q, k, v, q_seqs, kv_seqs, n_heads, n_kv_heads)?;
-        self.attention_cached_kernel(q, k, v, q_seqs, kv_seqs, n_heads, n_kv_heads, scale)
+        self.attention_cached_kernel(
+            Checked(()),
+            q,
+            k,
+            v,
+            q_seqs,
+            kv_seqs,
+            n_heads,
+            n_kv_heads,
+            scale,
+        )
     }
 
     /// SwiGLU: `silu(gate) * up`, elementwise, gate and up `[T, inter]`.
     fn swiglu(&self, gate: &Tensor<Self>, up: &Tensor<Self>) -> Result<Tensor<Self>> {
         check::swiglu(gate, up, None)?;
-        self.swiglu_kernel(gate, up)
+        self.swiglu_kernel(Checked(()), gate, up)
     }
 
     /// SwiGLU backward: `(dgate, dup)` from `d [T, inter]`.
@@ -626,7 +649,7 @@ pub trait Backend: Kernels {
         up: &Tensor<Self>,
     ) -> Result<(Tensor<Self>, Tensor<Self>)> {
         check::swiglu(gate, up, Some(d))?;
-        self.swiglu_backward_kernel(d, gate, up)
+        self.swiglu_backward_kernel(Checked(()), d, gate, up)
     }
 
     /// Cross-entropy of `logits [N, V]` against `labels [N]`; label `-100` (or any negative)
@@ -641,7 +664,7 @@ pub trait Backend: Kernels {
     ) -> Result<(f64, Tensor<Self>)> {
         let (n, vocab) = logits.dims2("logits")?;
         check::labels(labels, n, vocab)?;
-        self.cross_entropy_kernel(logits, labels, grad_scale)
+        self.cross_entropy_kernel(Checked(()), logits, labels, grad_scale)
     }
 
     /// [`Backend::cross_entropy`] with the loss left on the device: returns
@@ -659,7 +682,7 @@ pub trait Backend: Kernels {
     ) -> Result<(Tensor<Self>, Tensor<Self>)> {
         let (n, vocab) = logits.dims2("logits")?;
         check::labels(labels, n, vocab)?;
-        self.cross_entropy_stats_kernel(logits, labels, grad_scale)
+        self.cross_entropy_stats_kernel(Checked(()), logits, labels, grad_scale)
     }
 
     // ---- per-axis scales and sums, activations, small softmaxes ----------------------------------
@@ -675,7 +698,7 @@ pub trait Backend: Kernels {
     /// per-token weights). Returns `[n, d]`. Errors: x not 2-D, v of the wrong length.
     fn mul_vector(&self, x: &Tensor<Self>, v: &Tensor<Self>, axis: Axis) -> Result<Tensor<Self>> {
         check::axis_vector(x, v, axis)?;
-        self.mul_vector_kernel(x, v, axis)
+        self.mul_vector_kernel(Checked(()), x, v, axis)
     }
 
     /// Sum of `a ⊙ b` (of `a` alone when `b` is `None`) down the other axis: `[d]` with
@@ -693,12 +716,12 @@ pub trait Backend: Kernels {
         if let Some(b) = b {
             same_shape("b", b, a)?;
         }
-        self.sum_product_kernel(a, b, axis)
+        self.sum_product_kernel(Checked(()), a, b, axis)
     }
 
     /// `y = act(x)` element-wise, any shape ([`Activation`]).
     fn activation(&self, x: &Tensor<Self>, act: Activation) -> Result<Tensor<Self>> {
-        self.activation_kernel(x, act)
+        self.activation_kernel(Checked(()), x, act)
     }
 
     /// `dx = dy ⊙ act'(x)` from the activation's INPUT x (same shape as dy). Errors: shapes
@@ -710,14 +733,14 @@ pub trait Backend: Kernels {
         act: Activation,
     ) -> Result<Tensor<Self>> {
         same_shape("x", x, dy)?;
-        self.activation_backward_kernel(dy, x, act)
+        self.activation_backward_kernel(Checked(()), dy, x, act)
     }
 
     /// Softmax of each row of x `[n, k]` (max-subtracted, f32): AdapterFusion's weights over
     /// its k adapters for every token. Errors: x not 2-D or with no column.
     fn softmax_rows(&self, x: &Tensor<Self>) -> Result<Tensor<Self>> {
         check::softmax_rows(x)?;
-        self.softmax_rows_kernel(x)
+        self.softmax_rows_kernel(Checked(()), x)
     }
 
     /// Backward of [`Backend::softmax_rows`] from its output `p [n, k]`:
@@ -725,7 +748,7 @@ pub trait Backend: Kernels {
     fn softmax_rows_backward(&self, dy: &Tensor<Self>, p: &Tensor<Self>) -> Result<Tensor<Self>> {
         check::softmax_rows(p)?;
         same_shape("dy", dy, p)?;
-        self.softmax_rows_backward_kernel(dy, p)
+        self.softmax_rows_backward_kernel(Checked(()), dy, p)
     }
 
     // ---- optimizer ---------------------------------------------------------------------------------
@@ -740,7 +763,7 @@ pub trait Backend: Kernels {
         p: &AdamWParams,
     ) -> Result<()> {
         let factors = check::adamw(param, grad, m, v, p)?;
-        self.adamw_step_kernel(param, grad, m, v, &factors, p)
+        self.adamw_step_kernel(Checked(()), param, grad, m, v, &factors, p)
     }
 }
 

@@ -13,6 +13,7 @@ mod ops;
 mod pointwise;
 
 use super::check::{AdamWFactors, EmaCoefs};
+use super::kernels::Checked;
 use super::{
     Activation, AdaLoraIpt, AdamWParams, AttentionSaved, Axis, Base, GradWants, InputGrad, Kernels,
     LowRank, LowRankOut, LowRankPool, Nf4Weight, ParamGrads, SeqSpan, Tensor,
@@ -69,24 +70,30 @@ impl Kernels for Cpu {
     /// The quantized tensor itself, shared: uploading copies it once, clones are cheap.
     type Nf4Buf = Arc<Nf4Tensor>;
 
-    fn name_kernel(&self) -> &'static str {
+    fn name_kernel(&self, _: Checked) -> &'static str {
         "cpu"
     }
 
-    fn upload_kernel(&self, data: &[f32], shape: &[usize]) -> Result<Tensor<Self>> {
+    fn upload_kernel(&self, _: Checked, data: &[f32], shape: &[usize]) -> Result<Tensor<Self>> {
         Ok(new(data.to_vec(), shape))
     }
-    fn download_kernel(&self, t: &Tensor<Self>) -> Result<Vec<f32>> {
+    fn download_kernel(&self, _: Checked, t: &Tensor<Self>) -> Result<Vec<f32>> {
         Ok(t.buf.clone())
     }
-    fn zeros_kernel(&self, shape: &[usize]) -> Result<Tensor<Self>> {
+    fn zeros_kernel(&self, _: Checked, shape: &[usize]) -> Result<Tensor<Self>> {
         Ok(new(vec![0.0; shape.iter().product()], shape))
     }
-    fn gather_rows_kernel(&self, t: &Tensor<Self>, idx: &[u32]) -> Result<Tensor<Self>> {
+    fn gather_rows_kernel(
+        &self,
+        _: Checked,
+        t: &Tensor<Self>,
+        idx: &[u32],
+    ) -> Result<Tensor<Self>> {
         Ok(memory::gather_rows(t, idx))
     }
     fn scatter_add_rows_kernel(
         &self,
+        _: Checked,
         dst: &mut Tensor<Self>,
         idx: &[u32],
         src: &Tensor<Self>,
@@ -97,6 +104,7 @@ impl Kernels for Cpu {
 
     fn linear_lowrank_kernel(
         &self,
+        _: Checked,
         x: &Tensor<Self>,
         base: Base<'_, Self>,
         bias: Option<&Tensor<Self>>,
@@ -106,6 +114,7 @@ impl Kernels for Cpu {
     }
     fn linear_lowrank_with_norm_kernel(
         &self,
+        _: Checked,
         x: &Tensor<Self>,
         base: Base<'_, Self>,
         base_row_sq: &Tensor<Self>,
@@ -116,6 +125,7 @@ impl Kernels for Cpu {
     }
     fn backward_input_kernel(
         &self,
+        _: Checked,
         dy: &Tensor<Self>,
         base: Base<'_, Self>,
         term: Option<&LowRank<'_, Self>>,
@@ -125,6 +135,7 @@ impl Kernels for Cpu {
     }
     fn lowrank_grads_kernel(
         &self,
+        _: Checked,
         dy: &Tensor<Self>,
         x: &Tensor<Self>,
         h: &Tensor<Self>,
@@ -137,6 +148,7 @@ impl Kernels for Cpu {
     }
     fn lowrank_merge_kernel(
         &self,
+        _: Checked,
         w: &mut Tensor<Self>,
         term: &LowRank<'_, Self>,
         sign: f32,
@@ -145,17 +157,19 @@ impl Kernels for Cpu {
     }
     fn lowrank_merge_with_norm_kernel(
         &self,
+        _: Checked,
         w: &mut Tensor<Self>,
         _w_row_sq: &Tensor<Self>,
         term: &LowRank<'_, Self>,
     ) -> Result<Tensor<Self>> {
         lowrank::merge_with_norm(w, term)
     }
-    fn row_sq_norms_kernel(&self, base: Base<'_, Self>) -> Result<Tensor<Self>> {
+    fn row_sq_norms_kernel(&self, _: Checked, base: Base<'_, Self>) -> Result<Tensor<Self>> {
         dense::row_sq_norms(base)
     }
     fn lowrank_row_norms_kernel(
         &self,
+        _: Checked,
         base: Base<'_, Self>,
         base_row_sq: &Tensor<Self>,
         term: &LowRank<'_, Self>,
@@ -164,6 +178,7 @@ impl Kernels for Cpu {
     }
     fn linear_backward_weight_kernel(
         &self,
+        _: Checked,
         dy: &Tensor<Self>,
         x: &Tensor<Self>,
         dw: &mut Tensor<Self>,
@@ -173,6 +188,7 @@ impl Kernels for Cpu {
     }
     fn lowrank_multi_add_kernel(
         &self,
+        _: Checked,
         x: &Tensor<Self>,
         pool: &LowRankPool<Self>,
         adapter_of_row: &[i32],
@@ -180,27 +196,34 @@ impl Kernels for Cpu {
     ) -> Result<()> {
         multi::add(x, pool, adapter_of_row, y)
     }
-    fn axpy_kernel(&self, a: &mut Tensor<Self>, alpha: f32, b: &Tensor<Self>) -> Result<()> {
+    fn axpy_kernel(
+        &self,
+        _: Checked,
+        a: &mut Tensor<Self>,
+        alpha: f32,
+        b: &Tensor<Self>,
+    ) -> Result<()> {
         dense::axpy(a, alpha, b);
         Ok(())
     }
-    fn scale_kernel(&self, a: &mut Tensor<Self>, alpha: f32) -> Result<()> {
+    fn scale_kernel(&self, _: Checked, a: &mut Tensor<Self>, alpha: f32) -> Result<()> {
         dense::scale(a, alpha);
         Ok(())
     }
-    fn sum_squares_kernel(&self, a: &Tensor<Self>) -> Result<f64> {
+    fn sum_squares_kernel(&self, _: Checked, a: &Tensor<Self>) -> Result<f64> {
         Ok(dense::sum_squares(a))
     }
 
-    fn upload_nf4_kernel(&self, w: &Nf4Tensor) -> Result<Nf4Weight<Self>> {
+    fn upload_nf4_kernel(&self, _: Checked, w: &Nf4Tensor) -> Result<Nf4Weight<Self>> {
         nf4::upload(w)
     }
-    fn nf4_dequantize_kernel(&self, w: &Nf4Weight<Self>) -> Result<Tensor<Self>> {
+    fn nf4_dequantize_kernel(&self, _: Checked, w: &Nf4Weight<Self>) -> Result<Tensor<Self>> {
         nf4::dequantize(w)
     }
 
     fn adalora_update_ipt_kernel(
         &self,
+        _: Checked,
         param: &Tensor<Self>,
         grad: &Tensor<Self>,
         exp_avg_ipt: &mut Tensor<Self>,
@@ -212,6 +235,7 @@ impl Kernels for Cpu {
     }
     fn adalora_triplet_scores_kernel(
         &self,
+        _: Checked,
         ema: &AdaLoraIpt<Self>,
         scores: &mut Tensor<Self>,
         offset: usize,
@@ -219,11 +243,17 @@ impl Kernels for Cpu {
         adalora::triplet_scores_kernel(ema, scores, offset);
         Ok(())
     }
-    fn adalora_threshold_kernel(&self, scores: &Tensor<Self>, k: usize) -> Result<Tensor<Self>> {
+    fn adalora_threshold_kernel(
+        &self,
+        _: Checked,
+        scores: &Tensor<Self>,
+        k: usize,
+    ) -> Result<Tensor<Self>> {
         Ok(adalora::threshold_kernel(scores, k))
     }
     fn adalora_rank_mask_kernel(
         &self,
+        _: Checked,
         scores: &Tensor<Self>,
         threshold: &Tensor<Self>,
     ) -> Result<Tensor<Self>> {
@@ -231,6 +261,7 @@ impl Kernels for Cpu {
     }
     fn adalora_apply_mask_kernel(
         &self,
+        _: Checked,
         lora_e: &mut Tensor<Self>,
         keep: &Tensor<Self>,
         offset: usize,
@@ -240,6 +271,7 @@ impl Kernels for Cpu {
     }
     fn adalora_orth_reg_kernel(
         &self,
+        _: Checked,
         factors: &[(&Tensor<Self>, &Tensor<Self>)],
         grads: &mut [(&mut Tensor<Self>, &mut Tensor<Self>)],
         orth_reg_weight: f32,
@@ -249,6 +281,7 @@ impl Kernels for Cpu {
 
     fn rmsnorm_kernel(
         &self,
+        _: Checked,
         x: &Tensor<Self>,
         weight: &Tensor<Self>,
         eps: f32,
@@ -257,6 +290,7 @@ impl Kernels for Cpu {
     }
     fn rmsnorm_backward_kernel(
         &self,
+        _: Checked,
         dy: &Tensor<Self>,
         x: &Tensor<Self>,
         weight: &Tensor<Self>,
@@ -267,6 +301,7 @@ impl Kernels for Cpu {
     }
     fn rope_kernel(
         &self,
+        _: Checked,
         x: &mut Tensor<Self>,
         positions: &[u32],
         head_dim: usize,
@@ -278,6 +313,7 @@ impl Kernels for Cpu {
     }
     fn attention_kernel(
         &self,
+        _: Checked,
         q: &Tensor<Self>,
         k: &Tensor<Self>,
         v: &Tensor<Self>,
@@ -290,6 +326,7 @@ impl Kernels for Cpu {
     }
     fn attention_backward_kernel(
         &self,
+        _: Checked,
         d_out: &Tensor<Self>,
         q: &Tensor<Self>,
         k: &Tensor<Self>,
@@ -306,6 +343,7 @@ impl Kernels for Cpu {
     }
     fn attention_cached_kernel(
         &self,
+        _: Checked,
         q: &Tensor<Self>,
         k: &Tensor<Self>,
         v: &Tensor<Self>,
@@ -321,6 +359,7 @@ impl Kernels for Cpu {
     }
     fn mul_vector_kernel(
         &self,
+        _: Checked,
         x: &Tensor<Self>,
         v: &Tensor<Self>,
         axis: Axis,
@@ -329,38 +368,52 @@ impl Kernels for Cpu {
     }
     fn sum_product_kernel(
         &self,
+        _: Checked,
         a: &Tensor<Self>,
         b: Option<&Tensor<Self>>,
         axis: Axis,
     ) -> Result<Tensor<Self>> {
         Ok(pointwise::sum_product(a, b, axis))
     }
-    fn activation_kernel(&self, x: &Tensor<Self>, act: Activation) -> Result<Tensor<Self>> {
+    fn activation_kernel(
+        &self,
+        _: Checked,
+        x: &Tensor<Self>,
+        act: Activation,
+    ) -> Result<Tensor<Self>> {
         Ok(pointwise::activation(x, act))
     }
     fn activation_backward_kernel(
         &self,
+        _: Checked,
         dy: &Tensor<Self>,
         x: &Tensor<Self>,
         act: Activation,
     ) -> Result<Tensor<Self>> {
         Ok(pointwise::activation_backward(dy, x, act))
     }
-    fn softmax_rows_kernel(&self, x: &Tensor<Self>) -> Result<Tensor<Self>> {
+    fn softmax_rows_kernel(&self, _: Checked, x: &Tensor<Self>) -> Result<Tensor<Self>> {
         Ok(pointwise::softmax_rows(x))
     }
     fn softmax_rows_backward_kernel(
         &self,
+        _: Checked,
         dy: &Tensor<Self>,
         p: &Tensor<Self>,
     ) -> Result<Tensor<Self>> {
         Ok(pointwise::softmax_rows_backward(dy, p))
     }
-    fn swiglu_kernel(&self, gate: &Tensor<Self>, up: &Tensor<Self>) -> Result<Tensor<Self>> {
+    fn swiglu_kernel(
+        &self,
+        _: Checked,
+        gate: &Tensor<Self>,
+        up: &Tensor<Self>,
+    ) -> Result<Tensor<Self>> {
         Ok(ops::swiglu(gate, up))
     }
     fn swiglu_backward_kernel(
         &self,
+        _: Checked,
         d: &Tensor<Self>,
         gate: &Tensor<Self>,
         up: &Tensor<Self>,
@@ -369,6 +422,7 @@ impl Kernels for Cpu {
     }
     fn cross_entropy_kernel(
         &self,
+        _: Checked,
         logits: &Tensor<Self>,
         labels: &[i32],
         grad_scale: f32,
@@ -377,6 +431,7 @@ impl Kernels for Cpu {
     }
     fn cross_entropy_stats_kernel(
         &self,
+        _: Checked,
         logits: &Tensor<Self>,
         labels: &[i32],
         grad_scale: f32,
@@ -386,6 +441,7 @@ impl Kernels for Cpu {
 
     fn adamw_step_kernel(
         &self,
+        _: Checked,
         param: &mut Tensor<Self>,
         grad: &Tensor<Self>,
         m: &mut Tensor<Self>,

@@ -37,6 +37,7 @@ mod ops;
 mod pointwise;
 
 use super::check::{AdamWFactors, EmaCoefs};
+use super::kernels::Checked;
 use super::{
     Activation, AdaLoraIpt, AdamWParams, AttentionSaved, Axis, Base, GradWants, Kernels, LowRank,
     LowRankOut, LowRankPool, Nf4Weight, ParamGrads, SeqSpan, Tensor,
@@ -578,34 +579,45 @@ impl Kernels for Cuda {
     type Buf = CudaBuf;
     type Nf4Buf = CudaNf4;
 
-    fn name_kernel(&self) -> &'static str {
+    fn name_kernel(&self, _: Checked) -> &'static str {
         "cuda"
     }
-    fn synchronize_kernel(&self) -> Result<()> {
+    fn synchronize_kernel(&self, _: Checked) -> Result<()> {
         Cuda::synchronize(self)
     }
 
-    fn upload_kernel(&self, data: &[f32], shape: &[usize]) -> Result<Tensor<Self>> {
+    fn upload_kernel(&self, _: Checked, data: &[f32], shape: &[usize]) -> Result<Tensor<Self>> {
         memory::upload(self, data, shape)
     }
     /// The bytes of the storage dtype (2 per element in f16/bf16).
-    fn stored_bytes_kernel(t: &Tensor<Self>) -> usize {
+    fn stored_bytes_kernel(_: Checked, t: &Tensor<Self>) -> usize {
         memory::stored_bytes(t)
     }
-    fn download_kernel(&self, t: &Tensor<Self>) -> Result<Vec<f32>> {
+    fn download_kernel(&self, _: Checked, t: &Tensor<Self>) -> Result<Vec<f32>> {
         memory::download(self, t)
     }
-    fn zeros_kernel(&self, shape: &[usize]) -> Result<Tensor<Self>> {
+    fn zeros_kernel(&self, _: Checked, shape: &[usize]) -> Result<Tensor<Self>> {
         self.alloc(shape)
     }
-    fn copy_into_kernel(&self, src: &Tensor<Self>, dst: &mut Tensor<Self>) -> Result<()> {
+    fn copy_into_kernel(
+        &self,
+        _: Checked,
+        src: &Tensor<Self>,
+        dst: &mut Tensor<Self>,
+    ) -> Result<()> {
         memory::copy_into(self, src, dst)
     }
-    fn gather_rows_kernel(&self, t: &Tensor<Self>, idx: &[u32]) -> Result<Tensor<Self>> {
+    fn gather_rows_kernel(
+        &self,
+        _: Checked,
+        t: &Tensor<Self>,
+        idx: &[u32],
+    ) -> Result<Tensor<Self>> {
         memory::gather_rows(self, t, idx)
     }
     fn scatter_add_rows_kernel(
         &self,
+        _: Checked,
         dst: &mut Tensor<Self>,
         idx: &[u32],
         src: &Tensor<Self>,
@@ -615,6 +627,7 @@ impl Kernels for Cuda {
 
     fn linear_lowrank_kernel(
         &self,
+        _: Checked,
         x: &Tensor<Self>,
         base: Base<'_, Self>,
         bias: Option<&Tensor<Self>>,
@@ -624,6 +637,7 @@ impl Kernels for Cuda {
     }
     fn backward_input_kernel(
         &self,
+        _: Checked,
         dy: &Tensor<Self>,
         base: Base<'_, Self>,
         term: Option<&LowRank<'_, Self>>,
@@ -633,6 +647,7 @@ impl Kernels for Cuda {
     }
     fn lowrank_grads_kernel(
         &self,
+        _: Checked,
         dy: &Tensor<Self>,
         x: &Tensor<Self>,
         h: &Tensor<Self>,
@@ -645,17 +660,19 @@ impl Kernels for Cuda {
     }
     fn lowrank_merge_kernel(
         &self,
+        _: Checked,
         w: &mut Tensor<Self>,
         term: &LowRank<'_, Self>,
         sign: f32,
     ) -> Result<()> {
         lowrank::merge(self, w, term, sign)
     }
-    fn row_sq_norms_kernel(&self, base: Base<'_, Self>) -> Result<Tensor<Self>> {
+    fn row_sq_norms_kernel(&self, _: Checked, base: Base<'_, Self>) -> Result<Tensor<Self>> {
         dense::row_sq_norms(self, base)
     }
     fn lowrank_row_norms_kernel(
         &self,
+        _: Checked,
         base: Base<'_, Self>,
         base_row_sq: &Tensor<Self>,
         term: &LowRank<'_, Self>,
@@ -664,6 +681,7 @@ impl Kernels for Cuda {
     }
     fn linear_backward_weight_kernel(
         &self,
+        _: Checked,
         dy: &Tensor<Self>,
         x: &Tensor<Self>,
         dw: &mut Tensor<Self>,
@@ -672,6 +690,7 @@ impl Kernels for Cuda {
     }
     fn lowrank_multi_add_kernel(
         &self,
+        _: Checked,
         x: &Tensor<Self>,
         pool: &LowRankPool<Self>,
         adapter_of_row: &[i32],
@@ -679,25 +698,32 @@ impl Kernels for Cuda {
     ) -> Result<()> {
         multi::add(self, x, pool, adapter_of_row, y)
     }
-    fn axpy_kernel(&self, a: &mut Tensor<Self>, alpha: f32, b: &Tensor<Self>) -> Result<()> {
+    fn axpy_kernel(
+        &self,
+        _: Checked,
+        a: &mut Tensor<Self>,
+        alpha: f32,
+        b: &Tensor<Self>,
+    ) -> Result<()> {
         dense::axpy(self, a, alpha, b)
     }
-    fn scale_kernel(&self, a: &mut Tensor<Self>, alpha: f32) -> Result<()> {
+    fn scale_kernel(&self, _: Checked, a: &mut Tensor<Self>, alpha: f32) -> Result<()> {
         dense::scale(self, a, alpha)
     }
-    fn sum_squares_kernel(&self, a: &Tensor<Self>) -> Result<f64> {
+    fn sum_squares_kernel(&self, _: Checked, a: &Tensor<Self>) -> Result<f64> {
         dense::sum_squares(self, a)
     }
 
-    fn upload_nf4_kernel(&self, w: &Nf4Tensor) -> Result<Nf4Weight<Self>> {
+    fn upload_nf4_kernel(&self, _: Checked, w: &Nf4Tensor) -> Result<Nf4Weight<Self>> {
         nf4::upload(self, w)
     }
-    fn nf4_dequantize_kernel(&self, w: &Nf4Weight<Self>) -> Result<Tensor<Self>> {
+    fn nf4_dequantize_kernel(&self, _: Checked, w: &Nf4Weight<Self>) -> Result<Tensor<Self>> {
         nf4::dequantize(self, w)
     }
 
     fn adalora_update_ipt_kernel(
         &self,
+        _: Checked,
         param: &Tensor<Self>,
         grad: &Tensor<Self>,
         exp_avg_ipt: &mut Tensor<Self>,
@@ -708,17 +734,24 @@ impl Kernels for Cuda {
     }
     fn adalora_triplet_scores_kernel(
         &self,
+        _: Checked,
         ema: &AdaLoraIpt<Self>,
         scores: &mut Tensor<Self>,
         offset: usize,
     ) -> Result<()> {
         adalora::triplet_scores(self, ema, scores, offset)
     }
-    fn adalora_threshold_kernel(&self, scores: &Tensor<Self>, k: usize) -> Result<Tensor<Self>> {
+    fn adalora_threshold_kernel(
+        &self,
+        _: Checked,
+        scores: &Tensor<Self>,
+        k: usize,
+    ) -> Result<Tensor<Self>> {
         adalora::threshold(self, scores, k)
     }
     fn adalora_rank_mask_kernel(
         &self,
+        _: Checked,
         scores: &Tensor<Self>,
         threshold: &Tensor<Self>,
     ) -> Result<Tensor<Self>> {
@@ -726,6 +759,7 @@ impl Kernels for Cuda {
     }
     fn adalora_apply_mask_kernel(
         &self,
+        _: Checked,
         lora_e: &mut Tensor<Self>,
         keep: &Tensor<Self>,
         offset: usize,
@@ -734,6 +768,7 @@ impl Kernels for Cuda {
     }
     fn adalora_orth_reg_kernel(
         &self,
+        _: Checked,
         factors: &[(&Tensor<Self>, &Tensor<Self>)],
         grads: &mut [(&mut Tensor<Self>, &mut Tensor<Self>)],
         orth_reg_weight: f32,
@@ -743,6 +778,7 @@ impl Kernels for Cuda {
 
     fn rmsnorm_kernel(
         &self,
+        _: Checked,
         x: &Tensor<Self>,
         weight: &Tensor<Self>,
         eps: f32,
@@ -751,6 +787,7 @@ impl Kernels for Cuda {
     }
     fn rmsnorm_backward_kernel(
         &self,
+        _: Checked,
         dy: &Tensor<Self>,
         x: &Tensor<Self>,
         weight: &Tensor<Self>,
@@ -761,6 +798,7 @@ impl Kernels for Cuda {
     }
     fn rope_kernel(
         &self,
+        _: Checked,
         x: &mut Tensor<Self>,
         positions: &[u32],
         head_dim: usize,
@@ -771,6 +809,7 @@ impl Kernels for Cuda {
     }
     fn attention_kernel(
         &self,
+        _: Checked,
         q: &Tensor<Self>,
         k: &Tensor<Self>,
         v: &Tensor<Self>,
@@ -783,6 +822,7 @@ impl Kernels for Cuda {
     }
     fn attention_backward_kernel(
         &self,
+        _: Checked,
         d_out: &Tensor<Self>,
         q: &Tensor<Self>,
         k: &Tensor<Self>,
@@ -799,6 +839,7 @@ impl Kernels for Cuda {
     }
     fn attention_cached_kernel(
         &self,
+        _: Checked,
         q: &Tensor<Self>,
         k: &Tensor<Self>,
         v: &Tensor<Self>,
@@ -812,6 +853,7 @@ impl Kernels for Cuda {
     }
     fn mul_vector_kernel(
         &self,
+        _: Checked,
         x: &Tensor<Self>,
         v: &Tensor<Self>,
         axis: Axis,
@@ -820,38 +862,52 @@ impl Kernels for Cuda {
     }
     fn sum_product_kernel(
         &self,
+        _: Checked,
         a: &Tensor<Self>,
         b: Option<&Tensor<Self>>,
         axis: Axis,
     ) -> Result<Tensor<Self>> {
         pointwise::sum_product(self, a, b, axis)
     }
-    fn activation_kernel(&self, x: &Tensor<Self>, act: Activation) -> Result<Tensor<Self>> {
+    fn activation_kernel(
+        &self,
+        _: Checked,
+        x: &Tensor<Self>,
+        act: Activation,
+    ) -> Result<Tensor<Self>> {
         pointwise::activation(self, x, act)
     }
     fn activation_backward_kernel(
         &self,
+        _: Checked,
         dy: &Tensor<Self>,
         x: &Tensor<Self>,
         act: Activation,
     ) -> Result<Tensor<Self>> {
         pointwise::activation_backward(self, dy, x, act)
     }
-    fn softmax_rows_kernel(&self, x: &Tensor<Self>) -> Result<Tensor<Self>> {
+    fn softmax_rows_kernel(&self, _: Checked, x: &Tensor<Self>) -> Result<Tensor<Self>> {
         pointwise::softmax_rows(self, x)
     }
     fn softmax_rows_backward_kernel(
         &self,
+        _: Checked,
         dy: &Tensor<Self>,
         p: &Tensor<Self>,
     ) -> Result<Tensor<Self>> {
         pointwise::softmax_rows_backward(self, dy, p)
     }
-    fn swiglu_kernel(&self, gate: &Tensor<Self>, up: &Tensor<Self>) -> Result<Tensor<Self>> {
+    fn swiglu_kernel(
+        &self,
+        _: Checked,
+        gate: &Tensor<Self>,
+        up: &Tensor<Self>,
+    ) -> Result<Tensor<Self>> {
         ops::swiglu(self, gate, up)
     }
     fn swiglu_backward_kernel(
         &self,
+        _: Checked,
         d: &Tensor<Self>,
         gate: &Tensor<Self>,
         up: &Tensor<Self>,
@@ -860,6 +916,7 @@ impl Kernels for Cuda {
     }
     fn cross_entropy_kernel(
         &self,
+        _: Checked,
         logits: &Tensor<Self>,
         labels: &[i32],
         grad_scale: f32,
@@ -868,6 +925,7 @@ impl Kernels for Cuda {
     }
     fn cross_entropy_stats_kernel(
         &self,
+        _: Checked,
         logits: &Tensor<Self>,
         labels: &[i32],
         grad_scale: f32,
@@ -877,6 +935,7 @@ impl Kernels for Cuda {
 
     fn adamw_step_kernel(
         &self,
+        _: Checked,
         param: &mut Tensor<Self>,
         grad: &Tensor<Self>,
         m: &mut Tensor<Self>,

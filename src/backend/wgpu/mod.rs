@@ -36,6 +36,7 @@ mod pointwise;
 
 use self::ctx::{Ctx, DType, GpuBuf};
 use super::check::{AdamWFactors, EmaCoefs};
+use super::kernels::Checked;
 use super::{
     Activation, AdaLoraIpt, AdamWParams, AttentionSaved, Axis, Base, GradWants, Kernels, LowRank,
     LowRankOut, LowRankPool, Nf4Weight, ParamGrads, SeqSpan, Tensor,
@@ -176,47 +177,63 @@ impl Kernels for Wgpu {
     /// Packed indices and absmax statistics on the device, shared between clones (frozen).
     type Nf4Buf = Arc<Nf4Gpu>;
 
-    fn name_kernel(&self) -> &'static str {
+    fn name_kernel(&self, _: Checked) -> &'static str {
         "wgpu"
     }
-    fn synchronize_kernel(&self) -> Result<()> {
+    fn synchronize_kernel(&self, _: Checked) -> Result<()> {
         self.ctx.wait()
     }
 
-    fn upload_kernel(&self, data: &[f32], shape: &[usize]) -> Result<Tensor<Self>> {
+    fn upload_kernel(&self, _: Checked, data: &[f32], shape: &[usize]) -> Result<Tensor<Self>> {
         memory::upload(self, data, shape)
     }
     /// With f16 enabled ([`Wgpu::has_f16`]), stores the values rounded to f16 (round to
     /// nearest even); else as an ordinary upload.
-    fn upload_frozen_kernel(&self, data: &[f32], shape: &[usize]) -> Result<Tensor<Self>> {
+    fn upload_frozen_kernel(
+        &self,
+        _: Checked,
+        data: &[f32],
+        shape: &[usize],
+    ) -> Result<Tensor<Self>> {
         memory::upload_frozen(self, data, shape)
     }
     /// With f16 enabled, an f32 tensor is read back and uploaded again as f16 (done once per
     /// weight, when training is prepared); otherwise `t` is returned as is.
-    fn freeze_kernel(&self, t: Tensor<Self>) -> Result<Tensor<Self>> {
+    fn freeze_kernel(&self, _: Checked, t: Tensor<Self>) -> Result<Tensor<Self>> {
         memory::freeze(self, t)
     }
-    fn stored_bytes_kernel(t: &Tensor<Self>) -> usize {
+    fn stored_bytes_kernel(_: Checked, t: &Tensor<Self>) -> usize {
         memory::stored_bytes(t)
     }
-    fn download_kernel(&self, t: &Tensor<Self>) -> Result<Vec<f32>> {
+    fn download_kernel(&self, _: Checked, t: &Tensor<Self>) -> Result<Vec<f32>> {
         Ok(memory::download_many(self, &[t])?.pop().unwrap_or_default())
     }
     /// One staging buffer and one wait for all of `ts` (one readback).
-    fn download_many_kernel(&self, ts: &[&Tensor<Self>]) -> Result<Vec<Vec<f32>>> {
+    fn download_many_kernel(&self, _: Checked, ts: &[&Tensor<Self>]) -> Result<Vec<Vec<f32>>> {
         memory::download_many(self, ts)
     }
-    fn zeros_kernel(&self, shape: &[usize]) -> Result<Tensor<Self>> {
+    fn zeros_kernel(&self, _: Checked, shape: &[usize]) -> Result<Tensor<Self>> {
         memory::zeros(self, shape)
     }
-    fn copy_into_kernel(&self, src: &Tensor<Self>, dst: &mut Tensor<Self>) -> Result<()> {
+    fn copy_into_kernel(
+        &self,
+        _: Checked,
+        src: &Tensor<Self>,
+        dst: &mut Tensor<Self>,
+    ) -> Result<()> {
         memory::copy_into(self, src, dst)
     }
-    fn gather_rows_kernel(&self, t: &Tensor<Self>, idx: &[u32]) -> Result<Tensor<Self>> {
+    fn gather_rows_kernel(
+        &self,
+        _: Checked,
+        t: &Tensor<Self>,
+        idx: &[u32],
+    ) -> Result<Tensor<Self>> {
         memory::gather_rows(self, t, idx)
     }
     fn scatter_add_rows_kernel(
         &self,
+        _: Checked,
         dst: &mut Tensor<Self>,
         idx: &[u32],
         src: &Tensor<Self>,
@@ -226,6 +243,7 @@ impl Kernels for Wgpu {
 
     fn linear_lowrank_kernel(
         &self,
+        _: Checked,
         x: &Tensor<Self>,
         base: Base<'_, Self>,
         bias: Option<&Tensor<Self>>,
@@ -235,6 +253,7 @@ impl Kernels for Wgpu {
     }
     fn linear_lowrank_with_norm_kernel(
         &self,
+        _: Checked,
         x: &Tensor<Self>,
         base: Base<'_, Self>,
         base_row_sq: &Tensor<Self>,
@@ -245,6 +264,7 @@ impl Kernels for Wgpu {
     }
     fn backward_input_kernel(
         &self,
+        _: Checked,
         dy: &Tensor<Self>,
         base: Base<'_, Self>,
         term: Option<&LowRank<'_, Self>>,
@@ -254,6 +274,7 @@ impl Kernels for Wgpu {
     }
     fn lowrank_grads_kernel(
         &self,
+        _: Checked,
         dy: &Tensor<Self>,
         x: &Tensor<Self>,
         h: &Tensor<Self>,
@@ -266,17 +287,19 @@ impl Kernels for Wgpu {
     }
     fn lowrank_merge_kernel(
         &self,
+        _: Checked,
         w: &mut Tensor<Self>,
         term: &LowRank<'_, Self>,
         sign: f32,
     ) -> Result<()> {
         lowrank::merge(self, w, term, sign)
     }
-    fn row_sq_norms_kernel(&self, base: Base<'_, Self>) -> Result<Tensor<Self>> {
+    fn row_sq_norms_kernel(&self, _: Checked, base: Base<'_, Self>) -> Result<Tensor<Self>> {
         dense::row_sq_norms(self, base)
     }
     fn lowrank_row_norms_kernel(
         &self,
+        _: Checked,
         base: Base<'_, Self>,
         base_row_sq: &Tensor<Self>,
         term: &LowRank<'_, Self>,
@@ -285,6 +308,7 @@ impl Kernels for Wgpu {
     }
     fn linear_backward_weight_kernel(
         &self,
+        _: Checked,
         dy: &Tensor<Self>,
         x: &Tensor<Self>,
         dw: &mut Tensor<Self>,
@@ -293,6 +317,7 @@ impl Kernels for Wgpu {
     }
     fn lowrank_multi_add_kernel(
         &self,
+        _: Checked,
         x: &Tensor<Self>,
         pool: &LowRankPool<Self>,
         adapter_of_row: &[i32],
@@ -300,25 +325,32 @@ impl Kernels for Wgpu {
     ) -> Result<()> {
         multi::add(self, x, pool, adapter_of_row, y)
     }
-    fn axpy_kernel(&self, a: &mut Tensor<Self>, alpha: f32, b: &Tensor<Self>) -> Result<()> {
+    fn axpy_kernel(
+        &self,
+        _: Checked,
+        a: &mut Tensor<Self>,
+        alpha: f32,
+        b: &Tensor<Self>,
+    ) -> Result<()> {
         dense::axpy(self, a, alpha, b)
     }
-    fn scale_kernel(&self, a: &mut Tensor<Self>, alpha: f32) -> Result<()> {
+    fn scale_kernel(&self, _: Checked, a: &mut Tensor<Self>, alpha: f32) -> Result<()> {
         dense::scale(self, a, alpha)
     }
-    fn sum_squares_kernel(&self, a: &Tensor<Self>) -> Result<f64> {
+    fn sum_squares_kernel(&self, _: Checked, a: &Tensor<Self>) -> Result<f64> {
         dense::sum_squares(self, a)
     }
 
-    fn upload_nf4_kernel(&self, w: &Nf4Tensor) -> Result<Nf4Weight<Self>> {
+    fn upload_nf4_kernel(&self, _: Checked, w: &Nf4Tensor) -> Result<Nf4Weight<Self>> {
         nf4::upload(self, w)
     }
-    fn nf4_dequantize_kernel(&self, w: &Nf4Weight<Self>) -> Result<Tensor<Self>> {
+    fn nf4_dequantize_kernel(&self, _: Checked, w: &Nf4Weight<Self>) -> Result<Tensor<Self>> {
         nf4::dequantize(self, w)
     }
 
     fn adalora_update_ipt_kernel(
         &self,
+        _: Checked,
         param: &Tensor<Self>,
         grad: &Tensor<Self>,
         exp_avg_ipt: &mut Tensor<Self>,
@@ -329,17 +361,24 @@ impl Kernels for Wgpu {
     }
     fn adalora_triplet_scores_kernel(
         &self,
+        _: Checked,
         ema: &AdaLoraIpt<Self>,
         scores: &mut Tensor<Self>,
         offset: usize,
     ) -> Result<()> {
         adalora::triplet_scores(self, ema, scores, offset)
     }
-    fn adalora_threshold_kernel(&self, scores: &Tensor<Self>, k: usize) -> Result<Tensor<Self>> {
+    fn adalora_threshold_kernel(
+        &self,
+        _: Checked,
+        scores: &Tensor<Self>,
+        k: usize,
+    ) -> Result<Tensor<Self>> {
         adalora::threshold(self, scores, k)
     }
     fn adalora_rank_mask_kernel(
         &self,
+        _: Checked,
         scores: &Tensor<Self>,
         threshold: &Tensor<Self>,
     ) -> Result<Tensor<Self>> {
@@ -347,6 +386,7 @@ impl Kernels for Wgpu {
     }
     fn adalora_apply_mask_kernel(
         &self,
+        _: Checked,
         lora_e: &mut Tensor<Self>,
         keep: &Tensor<Self>,
         offset: usize,
@@ -355,6 +395,7 @@ impl Kernels for Wgpu {
     }
     fn adalora_orth_reg_kernel(
         &self,
+        _: Checked,
         factors: &[(&Tensor<Self>, &Tensor<Self>)],
         grads: &mut [(&mut Tensor<Self>, &mut Tensor<Self>)],
         orth_reg_weight: f32,
@@ -364,6 +405,7 @@ impl Kernels for Wgpu {
 
     fn rmsnorm_kernel(
         &self,
+        _: Checked,
         x: &Tensor<Self>,
         weight: &Tensor<Self>,
         eps: f32,
@@ -372,6 +414,7 @@ impl Kernels for Wgpu {
     }
     fn rmsnorm_backward_kernel(
         &self,
+        _: Checked,
         dy: &Tensor<Self>,
         x: &Tensor<Self>,
         weight: &Tensor<Self>,
@@ -382,6 +425,7 @@ impl Kernels for Wgpu {
     }
     fn rope_kernel(
         &self,
+        _: Checked,
         x: &mut Tensor<Self>,
         positions: &[u32],
         head_dim: usize,
@@ -392,6 +436,7 @@ impl Kernels for Wgpu {
     }
     fn attention_kernel(
         &self,
+        _: Checked,
         q: &Tensor<Self>,
         k: &Tensor<Self>,
         v: &Tensor<Self>,
@@ -404,6 +449,7 @@ impl Kernels for Wgpu {
     }
     fn attention_backward_kernel(
         &self,
+        _: Checked,
         d_out: &Tensor<Self>,
         q: &Tensor<Self>,
         k: &Tensor<Self>,
@@ -420,6 +466,7 @@ impl Kernels for Wgpu {
     }
     fn attention_cached_kernel(
         &self,
+        _: Checked,
         q: &Tensor<Self>,
         k: &Tensor<Self>,
         v: &Tensor<Self>,
@@ -433,6 +480,7 @@ impl Kernels for Wgpu {
     }
     fn mul_vector_kernel(
         &self,
+        _: Checked,
         x: &Tensor<Self>,
         v: &Tensor<Self>,
         axis: Axis,
@@ -441,38 +489,52 @@ impl Kernels for Wgpu {
     }
     fn sum_product_kernel(
         &self,
+        _: Checked,
         a: &Tensor<Self>,
         b: Option<&Tensor<Self>>,
         axis: Axis,
     ) -> Result<Tensor<Self>> {
         pointwise::sum_product(self, a, b, axis)
     }
-    fn activation_kernel(&self, x: &Tensor<Self>, act: Activation) -> Result<Tensor<Self>> {
+    fn activation_kernel(
+        &self,
+        _: Checked,
+        x: &Tensor<Self>,
+        act: Activation,
+    ) -> Result<Tensor<Self>> {
         pointwise::activation(self, x, act)
     }
     fn activation_backward_kernel(
         &self,
+        _: Checked,
         dy: &Tensor<Self>,
         x: &Tensor<Self>,
         act: Activation,
     ) -> Result<Tensor<Self>> {
         pointwise::activation_backward(self, dy, x, act)
     }
-    fn softmax_rows_kernel(&self, x: &Tensor<Self>) -> Result<Tensor<Self>> {
+    fn softmax_rows_kernel(&self, _: Checked, x: &Tensor<Self>) -> Result<Tensor<Self>> {
         pointwise::softmax_rows(self, x)
     }
     fn softmax_rows_backward_kernel(
         &self,
+        _: Checked,
         dy: &Tensor<Self>,
         p: &Tensor<Self>,
     ) -> Result<Tensor<Self>> {
         pointwise::softmax_rows_backward(self, dy, p)
     }
-    fn swiglu_kernel(&self, gate: &Tensor<Self>, up: &Tensor<Self>) -> Result<Tensor<Self>> {
+    fn swiglu_kernel(
+        &self,
+        _: Checked,
+        gate: &Tensor<Self>,
+        up: &Tensor<Self>,
+    ) -> Result<Tensor<Self>> {
         ops::swiglu(self, gate, up)
     }
     fn swiglu_backward_kernel(
         &self,
+        _: Checked,
         d: &Tensor<Self>,
         gate: &Tensor<Self>,
         up: &Tensor<Self>,
@@ -481,6 +543,7 @@ impl Kernels for Wgpu {
     }
     fn cross_entropy_kernel(
         &self,
+        _: Checked,
         logits: &Tensor<Self>,
         labels: &[i32],
         grad_scale: f32,
@@ -489,6 +552,7 @@ impl Kernels for Wgpu {
     }
     fn cross_entropy_stats_kernel(
         &self,
+        _: Checked,
         logits: &Tensor<Self>,
         labels: &[i32],
         grad_scale: f32,
@@ -498,6 +562,7 @@ impl Kernels for Wgpu {
 
     fn adamw_step_kernel(
         &self,
+        _: Checked,
         param: &mut Tensor<Self>,
         grad: &Tensor<Self>,
         m: &mut Tensor<Self>,
