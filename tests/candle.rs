@@ -3,8 +3,11 @@
 //! AdamW steps, and PEFT folders saved and loaded from candle.
 #![cfg(feature = "candle")]
 
+mod common;
+
 use candle_core::{DType, Device, Module, Tensor, Var};
 use candle_nn::{AdamW, Optimizer, ParamsAdamW, VarBuilder, VarMap};
+use common::candle::{max_abs, max_abs_diff};
 use lorafuse::adapter::LoraConfig;
 use lorafuse::candle::{
     AdaLoraLinear, AdaptedLinear, DoraLinear, FrozenLinear, LoraLinear, VeraLinear,
@@ -29,31 +32,6 @@ fn randn(shape: &[usize], std: f64, seed: u64) -> Tensor {
         })
         .collect();
     Tensor::from_vec(v, shape, &DEV).unwrap()
-}
-
-fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
-    assert_eq!(a.dims(), b.dims());
-    (a - b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap()
-}
-
-fn max_abs(a: &Tensor) -> f32 {
-    a.abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap()
 }
 
 /// `|a - b| <= tol * max(1, max|b|)`, naming `what`.
@@ -163,6 +141,36 @@ fn lora_layer(base: FrozenLinear, rslora: bool) -> (VarMap, LoraLinear, Var, Var
     (vm, l, a, b)
 }
 
+/// `x W^T + b + s (x A^T) B^T` in candle ops.
+fn lora_ref(
+    x: &Tensor,
+    (w, bias): (&Tensor, Option<&Tensor>),
+    a: &Tensor,
+    b: &Tensor,
+    s: f64,
+) -> Tensor {
+    let lo = x
+        .broadcast_matmul(&a.t().unwrap())
+        .unwrap()
+        .broadcast_matmul(&b.t().unwrap())
+        .unwrap();
+    (dense(x, w, bias) + (lo * s).unwrap()).unwrap()
+}
+
+/// [`check_grads`] of a LoRA layer against [`lora_ref`] over the base `(W, bias)` with the
+/// reference Vars `(A, B)`.
+fn check_lora(what: &str, l: &LoraLinear, base: (&Tensor, Option<&Tensor>), (a, b): (&Var, &Var)) {
+    let s = l.scaling() as f64;
+    check_grads(
+        what,
+        &|x| l.forward(x).unwrap(),
+        &[l.lora_a.clone(), l.lora_b.clone()],
+        &|x| lora_ref(x, base, a.as_tensor(), b.as_tensor(), s),
+        &[a.as_tensor().clone(), b.as_tensor().clone()],
+        2e-5,
+    );
+}
+
 #[test]
 fn lora_and_rslora_match_candle_composition() {
     for (bias, rslora) in [(false, false), (true, false), (true, true)] {
@@ -177,21 +185,11 @@ fn lora_and_rslora_match_candle_composition() {
                 7.0 / R as f64
             } as f32 as f64
         );
-        let theirs = |x: &Tensor| {
-            let lo = x
-                .broadcast_matmul(&a.t().unwrap())
-                .unwrap()
-                .broadcast_matmul(&b.t().unwrap())
-                .unwrap();
-            (dense(x, lin.weight(), lin.bias()) + (lo * s).unwrap()).unwrap()
-        };
-        check_grads(
+        check_lora(
             &format!("lora bias={bias} rslora={rslora}"),
-            &|x| l.forward(x).unwrap(),
-            &[l.lora_a.clone(), l.lora_b.clone()],
-            &theirs,
-            &[a.as_tensor().clone(), b.as_tensor().clone()],
-            2e-5,
+            &l,
+            (lin.weight(), lin.bias()),
+            (&a, &b),
         );
     }
 }
@@ -212,22 +210,11 @@ fn qlora_matches_candle_composition_over_the_dequantized_weight() {
         let d = max_abs_diff(&wq, lin.weight());
         assert!(d > 0.0 && d < 0.2, "NF4 round trip error {d}");
         let (_vm, l, a, b) = lora_layer(q, false);
-        let s = l.scaling() as f64;
-        let theirs = |x: &Tensor| {
-            let lo = x
-                .broadcast_matmul(&a.t().unwrap())
-                .unwrap()
-                .broadcast_matmul(&b.t().unwrap())
-                .unwrap();
-            (dense(x, &wq, bq.as_ref()) + (lo * s).unwrap()).unwrap()
-        };
-        check_grads(
+        check_lora(
             &format!("qlora dq={double_quant}"),
-            &|x| l.forward(x).unwrap(),
-            &[l.lora_a.clone(), l.lora_b.clone()],
-            &theirs,
-            &[a.as_tensor().clone(), b.as_tensor().clone()],
-            2e-5,
+            &l,
+            (&wq, bq.as_ref()),
+            (&a, &b),
         );
     }
 }
@@ -414,12 +401,13 @@ fn adamw_steps_follow_candle_composition() {
             .mean_all()
             .unwrap();
         opt.backward_step(&loss).unwrap();
-        let lo = x
-            .broadcast_matmul(&a.t().unwrap())
-            .unwrap()
-            .broadcast_matmul(&b.t().unwrap())
-            .unwrap();
-        let y = (dense(&x, lin.weight(), lin.bias()) + (lo * s).unwrap()).unwrap();
+        let y = lora_ref(
+            &x,
+            (lin.weight(), lin.bias()),
+            a.as_tensor(),
+            b.as_tensor(),
+            s,
+        );
         let loss_ref = (y - &target).unwrap().sqr().unwrap().mean_all().unwrap();
         let (lv, rv) = (
             loss.to_scalar::<f32>().unwrap(),

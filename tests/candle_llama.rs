@@ -15,6 +15,7 @@ use std::path::Path;
 
 use candle_core::{DType, Device, Tensor};
 use candle_nn::{AdamW, Optimizer, ParamsAdamW, VarBuilder, VarMap};
+use common::candle::max_abs_diff;
 use lorafuse::Backend;
 use lorafuse::candle::{AdaptedLinear, Llama, LoraLinear, causal_lm_loss, load_peft, save_peft};
 use lorafuse::io::hf::HfFolder;
@@ -36,19 +37,6 @@ fn multi_lora_io() -> (Tensor, Tensor, Vec<i64>, Tensor) {
     let ids = t["input_ids"].to_dtype(DType::U32).unwrap();
     let idx = t["adapter_index"].to_vec1::<i64>().unwrap();
     (ids, t["attention_mask"].clone(), idx, t["logits"].clone())
-}
-
-fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
-    (a - b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar()
-        .unwrap()
 }
 
 /// The model with LoRA layers (the adapter folder's r, alpha, rsLoRA and targets) over every

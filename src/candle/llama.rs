@@ -9,7 +9,8 @@
 use candle_core::{D, DType, Device, Module, Tensor};
 use candle_nn::VarBuilder;
 
-use super::layers::{AdaptedLinear, FrozenLinear};
+use super::adapted::AdaptedLinear;
+use super::frozen::FrozenLinear;
 use super::op::{lf, to_candle};
 use crate::Cpu;
 use crate::model::config::LlamaConfig;

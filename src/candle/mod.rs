@@ -45,13 +45,21 @@
 //! # }
 //! ```
 
-mod layers;
+mod adalora;
+mod adapted;
+mod dora;
+mod frozen;
 mod llama;
+mod lora;
 mod op;
 mod peft;
+mod vera;
 
-pub use layers::{
-    AdaLoraLinear, AdaptedLinear, DoraLinear, FrozenLinear, LoraLinear, VeraLinear, VeraProjections,
-};
+pub use adalora::AdaLoraLinear;
+pub use adapted::AdaptedLinear;
+pub use dora::DoraLinear;
+pub use frozen::FrozenLinear;
 pub use llama::{Llama, causal_lm_loss, load_llama};
+pub use lora::LoraLinear;
 pub use peft::{load_peft, save_peft};
+pub use vera::{VeraLinear, VeraProjections};

@@ -5,7 +5,8 @@
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 
-use super::layers::{AdaptedLinear, assign};
+use super::adapted::AdaptedLinear;
+use super::frozen::assign;
 use super::op::{host_tensor, lf, to_candle};
 use crate::adapter::{Adapter, Linear, LoraConfig, MethodKind};
 use crate::io::peft::{

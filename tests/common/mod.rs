@@ -11,6 +11,9 @@
 
 #![allow(dead_code)] // each test binary uses a different subset
 
+#[cfg(feature = "candle")]
+pub mod candle;
+
 use std::path::{Path, PathBuf};
 
 /// The golden folder: `$LORAFUSE_GOLDEN_DIR`, else `<crate>/tests/golden`.
