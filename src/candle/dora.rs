@@ -5,7 +5,7 @@ use std::sync::Arc;
 use candle_core::Module;
 use candle_nn::{Init, VarBuilder};
 
-use super::frozen::{FrozenLinear, assign, fused};
+use super::frozen::{FrozenLinear, assign, fused, merged_by};
 use super::lora::LoraLinear;
 use super::op::{CTensor, Method, host_tensor, lf, to_candle};
 use crate::Cpu;
@@ -92,16 +92,11 @@ impl DoraLinear {
             host_tensor(&self.lora.lora_b, "lora_B")?,
             host_tensor(&self.lora_magnitude_vector, "lora_magnitude_vector")?,
         );
-        let mut d = self.lora.base.base.dequantized(&Cpu).map_err(lf)?;
-        let w = d.weight.dense_mut_or_err("merge").map_err(lf)?;
         let term = LowRank::dora(&a, &b, self.lora.scaling(), &m, None);
-        Cpu.lowrank_merge_with_norm(w, &self.row_sq, &term)
-            .map_err(lf)?;
-        let w = w.clone();
-        Ok(candle_nn::Linear::new(
-            to_candle(w)?,
-            d.bias.take().map(to_candle).transpose()?,
-        ))
+        merged_by(&self.lora.base, |w| {
+            Cpu.lowrank_merge_with_norm(w, &self.row_sq, &term)
+                .map(drop)
+        })
     }
 }
 

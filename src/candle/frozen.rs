@@ -230,9 +230,18 @@ pub(super) fn merged_with(
     base: &FrozenLinear,
     term: &LowRank<'_, Cpu>,
 ) -> candle_core::Result<candle_nn::Linear> {
+    merged_by(base, |w| Cpu.lowrank_merge(w, term, 1.0))
+}
+
+/// The base dequantized to f32, changed in place by `merge` (`W0 [out, in]`), as a candle
+/// Linear with the base's bias.
+pub(super) fn merged_by(
+    base: &FrozenLinear,
+    merge: impl FnOnce(&mut crate::Tensor<Cpu>) -> crate::Result<()>,
+) -> candle_core::Result<candle_nn::Linear> {
     let mut d = base.base.dequantized(&Cpu).map_err(lf)?;
     let w = d.weight.dense_mut_or_err("merge").map_err(lf)?;
-    Cpu.lowrank_merge(w, term, 1.0).map_err(lf)?;
+    merge(w).map_err(lf)?;
     let w = w.clone();
     Ok(candle_nn::Linear::new(
         to_candle(w)?,

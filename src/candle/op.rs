@@ -141,8 +141,10 @@ impl Params {
 /// What a forward keeps for its backward: `h = x A^T [T, r]`, and for DoRA the unscaled
 /// output `z [T, out]` and the detached weight norm `n [out]`.
 struct Saved {
-    /// The forward's copy of `x [T, in]`, kept so the backward needs no second copy.
+    /// The forward's copies of `x [T, in]` and of the parameters, kept so the backward needs no
+    /// second copy.
     x: Tensor<Cpu>,
+    p: Params,
     h: Tensor<Cpu>,
     z: Option<Tensor<Cpu>>,
     weight_norm: Option<Tensor<Cpu>>,
@@ -195,15 +197,17 @@ impl FusedLinear {
     fn forward(&self, x: Tensor<Cpu>, p: Params) -> crate::Result<Tensor<Cpu>> {
         let be = Cpu;
         let bias = self.frozen.base.bias.as_ref();
-        let term = self.term(&p, None)?;
-        let out = match self.method {
-            Method::Dora { .. } => {
-                let row_sq = self.frozen.row_sq.as_deref().ok_or_else(|| {
-                    Error::arg("row_sq", "a DoRA layer without its cached ||W0||_row^2")
-                })?;
-                be.linear_lowrank_with_norm(&x, self.base(), row_sq, bias, &term)?
+        let out = {
+            let term = self.term(&p, None)?;
+            match self.method {
+                Method::Dora { .. } => {
+                    let row_sq = self.frozen.row_sq.as_deref().ok_or_else(|| {
+                        Error::arg("row_sq", "a DoRA layer without its cached ||W0||_row^2")
+                    })?;
+                    be.linear_lowrank_with_norm(&x, self.base(), row_sq, bias, &term)?
+                }
+                _ => be.linear_lowrank(&x, self.base(), bias, Some(&term))?,
             }
-            _ => be.linear_lowrank(&x, self.base(), bias, Some(&term))?,
         };
         let h = out
             .h
@@ -211,6 +215,7 @@ impl FusedLinear {
         // One forward per op: a second set (never made by the layers) keeps the first.
         let _ = self.saved.set(Saved {
             x,
+            p,
             h,
             z: out.z,
             weight_norm: out.weight_norm,
@@ -219,12 +224,13 @@ impl FusedLinear {
     }
 
     /// `(dx [T, in], d p1, d p2)`, the parameter gradients packed as the inputs are.
-    fn backward(&self, p: Params, dy: Tensor<Cpu>) -> crate::Result<[Tensor<Cpu>; 3]> {
+    fn backward(&self, dy: Tensor<Cpu>) -> crate::Result<[Tensor<Cpu>; 3]> {
         let saved = self
             .saved
             .get()
             .ok_or_else(|| Error::arg("saved", "backward before the forward ran"))?;
-        let term = self.term(&p, saved.weight_norm.as_ref())?;
+        let p = &saved.p;
+        let term = self.term(p, saved.weight_norm.as_ref())?;
         let wants = match self.method {
             Method::Lora { .. } => GradWants::LORA,
             Method::Dora { .. } => GradWants::DORA,
@@ -243,7 +249,7 @@ impl FusedLinear {
         let need = |t: Option<Tensor<Cpu>>, what: &str| {
             t.ok_or_else(|| Error::arg("grads", format!("the backward gave no d{what}")))
         };
-        Ok(match &p {
+        Ok(match p {
             Params::Lora { .. } => [
                 g.dx,
                 need(g.d_lora_a, "lora_A")?,
@@ -342,14 +348,13 @@ impl CustomOp3 for FusedLinear {
     fn bwd(
         &self,
         _x: &CTensor,
-        p1: &CTensor,
-        p2: &CTensor,
+        _p1: &CTensor,
+        _p2: &CTensor,
         _res: &CTensor,
         grad_res: &CTensor,
     ) -> candle_core::Result<(Option<CTensor>, Option<CTensor>, Option<CTensor>)> {
-        let p = Params::unpack(self.method, host_tensor(p1, "p1")?, host_tensor(p2, "p2")?)
-            .map_err(lf)?;
-        let [dx, d1, d2] = self.backward(p, host_tensor(grad_res, "dy")?).map_err(lf)?;
+        // x and the parameters are the forward's own copies, kept in `saved`.
+        let [dx, d1, d2] = self.backward(host_tensor(grad_res, "dy")?).map_err(lf)?;
         Ok((
             Some(to_candle(dx)?),
             Some(to_candle(d1)?),
