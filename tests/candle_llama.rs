@@ -145,7 +145,7 @@ fn adamw_fine_tuning_lowers_the_loss_and_saves_a_peft_adapter_lorafuse_reads_the
     // lorafuse's own model (its transformers-folder loader and fused forward) with the adapter.
     let be = lorafuse::Cpu;
     let mut folder = HfFolder::open(&common::golden_dir().join("seeds/base")).unwrap();
-    let mut lf_model = lorafuse::model::load::llama_from_hf(&be, &mut folder, None).unwrap();
+    let mut lf_model = lorafuse::io::load::llama_from_hf(&be, &mut folder, None).unwrap();
     let (cfg, tensors) = load_adapter(&dir).unwrap();
     lorafuse::io::peft::apply_adapter(&be, &mut lf_model, &cfg, &tensors).unwrap();
     let (_, t) = ids.dims2().unwrap();

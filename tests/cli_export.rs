@@ -9,7 +9,7 @@ use std::sync::OnceLock;
 
 use lorafuse::Cpu;
 use lorafuse::io::gguf::{GgmlType, GgufFile};
-use lorafuse::model::load::llama_from_gguf;
+use lorafuse::io::load::llama_from_gguf;
 
 #[path = "common/tiny_gguf.rs"]
 mod tiny_gguf;

@@ -14,8 +14,8 @@ use std::sync::OnceLock;
 use lorafuse::Cpu;
 use lorafuse::backend::Backend;
 use lorafuse::io::gguf::GgufFile;
+use lorafuse::io::load::llama_from_gguf;
 use lorafuse::model::llama::{Llama, PackedBatch};
-use lorafuse::model::load::llama_from_gguf;
 use lorafuse::model::tokenizer::Tokenizer;
 use lorafuse::train::data::{
     Example, Record, SPEC_MAX_LEN, default_records, render_chatml, split_train_eval,

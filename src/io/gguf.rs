@@ -35,6 +35,7 @@ mod encode;
 mod names;
 mod permute;
 mod quant;
+mod tokenizer;
 mod value;
 mod write;
 

@@ -9,6 +9,7 @@ pub mod fetch;
 pub mod gguf;
 pub mod hf;
 pub mod llama_cpp;
+pub mod load;
 pub mod peft;
 
 use crate::backend::Backend;

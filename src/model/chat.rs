@@ -102,15 +102,6 @@ impl ChatTemplate {
         &self.source
     }
 
-    /// The template a GGUF stores (`tokenizer.chat_template`), with the tokenizer's BOS and EOS
-    /// tokens; `None` when the file has none. Errors: a template that does not parse.
-    pub fn from_gguf(g: &crate::io::gguf::GgufFile, tok: &Tokenizer) -> Result<Option<Self>> {
-        match g.get_str("tokenizer.chat_template") {
-            Ok(src) => Self::for_tokenizer(src, tok).map(Some),
-            Err(_) => Ok(None),
-        }
-    }
-
     /// `source` with `tok`'s BOS and EOS token strings. Errors: see [`ChatTemplate::new`].
     pub fn for_tokenizer(source: &str, tok: &Tokenizer) -> Result<Self> {
         let name = |id: u32| tok.id_to_token(id).unwrap_or_default();

@@ -8,7 +8,6 @@ pub mod generate;
 pub mod heads;
 pub mod inject;
 pub mod llama;
-pub mod load;
 pub mod multi;
 pub mod tokenizer;
 

@@ -8,9 +8,9 @@ use std::path::{Path, PathBuf};
 
 use lorafuse::backend::Backend;
 use lorafuse::io::hf::HfFolder;
+use lorafuse::io::load::llama_from_hf;
 use lorafuse::io::peft::{apply_adapter, load_adapter};
 use lorafuse::model::llama::{Llama, PackedBatch};
-use lorafuse::model::load::llama_from_hf;
 use safetensors::{Dtype, SafeTensors};
 
 use super::common;
