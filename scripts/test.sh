@@ -48,6 +48,8 @@ trap summary EXIT
 
 cargo fmt --all -- --check
 cargo clippy --release --all-targets -- -D warnings
+# The API docs, with every intra-doc link resolved (a broken link is a doc that lies).
+RUSTDOCFLAGS="-D warnings" cargo doc --no-deps --quiet
 cargo build --release --bin lorafuse
 if [ -z "${LORAFUSE_MODEL:-}" ]; then
   if LORAFUSE_MODEL="$(target/release/lorafuse fetch)"; then

@@ -113,7 +113,7 @@ impl<B: Kernels> Nf4Weight<B> {
         (self.out, self.in_)
     }
     /// Bytes of the quantized data as stored: packed 4-bit indices plus the absmax statistics
-    /// ([`Nf4Tensor::bytes`]).
+    /// ([`Nf4Tensor::bytes`](crate::quant::nf4::Nf4Tensor::bytes)).
     pub fn bytes(&self) -> usize {
         self.bytes
     }

@@ -91,7 +91,7 @@ impl<B: Backend> Llama<B> {
 
     /// Injects LoRA adapters (PEFT's default init, seeded) into every projection named in
     /// `cfg.target_modules`. Errors: invalid config, or a target name that is not one of
-    /// [`PROJ_NAMES`].
+    /// [`PROJ_NAMES`](super::llama::PROJ_NAMES).
     pub fn add_lora(&mut self, be: &B, cfg: &LoraConfig, seed: u64) -> Result<()> {
         self.add_adapters(be, MethodKind::Lora, cfg, seed)
     }

@@ -2,7 +2,7 @@
 //! written against [`Backend`]; the adapters injected into its projections are in
 //! [`super::inject`], packed batches in [`super::batch`].
 //!
-//! Batches are packed without padding ([`SeqSpan`]s over one token axis): attention is causal
+//! Batches are packed without padding ([`SeqSpan`](crate::backend::SeqSpan)s over one token axis): attention is causal
 //! within a sequence, so every real position gets the logits a right-padded batch would give,
 //! and no compute is spent on padding. The LM head runs only on the rows whose next token is a
 //! target, which is all the loss needs.

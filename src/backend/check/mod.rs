@@ -804,7 +804,7 @@ pub fn attention_cached<B: Backend>(
     Ok((tq, hd, n_heads / n_kv_heads))
 }
 
-/// [`Backend::mul_vector`]: x 2-D, v `[d]` (columns) or `[n]` (rows). Returns `(n, d)`.
+/// [`Backend::mul_vector`](crate::backend::Backend::mul_vector): x 2-D, v `[d]` (columns) or `[n]` (rows). Returns `(n, d)`.
 pub fn axis_vector<B: Backend>(x: &Tensor<B>, v: &Tensor<B>, axis: Axis) -> Result<(usize, usize)> {
     let (n, d) = x.dims2("x")?;
     let want = match axis {
@@ -815,7 +815,7 @@ pub fn axis_vector<B: Backend>(x: &Tensor<B>, v: &Tensor<B>, axis: Axis) -> Resu
     Ok((n, d))
 }
 
-/// [`Backend::softmax_rows`]: x 2-D with at least one column. Returns `(n, k)`.
+/// [`Backend::softmax_rows`](crate::backend::Backend::softmax_rows): x 2-D with at least one column. Returns `(n, k)`.
 pub fn softmax_rows<B: Backend>(x: &Tensor<B>) -> Result<(usize, usize)> {
     let (n, k) = x.dims2("x")?;
     if k == 0 {

@@ -17,7 +17,7 @@
 //! variants; the in-place kernels refuse one with an error; every other kernel refuses an f16
 //! binding at dispatch rather than misread it. All dense products go through one tiled matmul
 //! whose epilogue adds the low-rank term in the same pass over the output
-//! (`shaders/matmul.wgsl`, [`matmul`]); the rest are small elementwise and reduction kernels.
+//! (`shaders/matmul.wgsl`, the `matmul` module); the rest are small elementwise and reduction kernels.
 //! Dispatches are batched into few command buffers and nothing is read back inside a step
 //! except what the caller asks for. Results equal the CPU reference ([`crate::Cpu`]) up to f32
 //! summation order; the tests in `tests/wgpu_*.rs` check every kernel against it.
@@ -89,7 +89,7 @@ impl Wgpu {
     /// Opens the first Vulkan, Metal or DX12 adapter wgpu finds (hardware preferred; Mesa's
     /// lavapipe where it is the only one).
     ///
-    /// Errors: [`Error::BackendUnavailable`] when no adapter or device can be had.
+    /// Errors: [`Error::BackendUnavailable`](crate::error::Error::BackendUnavailable) when no adapter or device can be had.
     pub fn new() -> Result<Wgpu> {
         Self::with_options(&WgpuOptions::default())
     }

@@ -41,6 +41,9 @@ pub(super) fn suffix_match(path: &str, name: &str) -> bool {
             .is_some_and(|head| head.ends_with('.'))
 }
 
+/// PEFT's task type of a sequence-classification model (a reward model).
+pub const SEQ_CLS: &str = "SEQ_CLS";
+
 /// The contents of a PEFT `adapter_config.json`.
 ///
 /// The fields lorafuse reads are typed; every other key (and a `null` given for a typed key) is
@@ -55,9 +58,6 @@ pub(super) fn suffix_match(path: &str, name: &str) -> bool {
 ///
 /// [`rank`]: Self::rank
 /// [`alpha`]: Self::alpha
-/// PEFT's task type of a sequence-classification model (a reward model).
-pub const SEQ_CLS: &str = "SEQ_CLS";
-
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(try_from = "Map<String, Value>", into = "Map<String, Value>")]
 pub struct AdapterConfig {
