@@ -35,6 +35,8 @@ py="${PEERS_PYTHON:-python3}"
 out="${BENCH_OUT:-target/bench-vs-peft}"
 mkdir -p "$out"
 
+# Build before the watch starts: the compiler is not a neighbour of the timed run.
+cargo build --release --quiet --bin lorafuse
 load_before="$(cut -d' ' -f1-3 /proc/loadavg)"
 # Watch for other busy processes while we time (torch's OpenMP threads slow down 10x or more
 # when another process takes a core): every 2 s, any process above 20% CPU that is not ours.
@@ -47,7 +49,6 @@ load_before="$(cut -d' ' -f1-3 /proc/loadavg)"
 ) &
 watch_pid=$!
 trap 'kill $watch_pid 2>/dev/null || true' EXIT
-cargo build --release --quiet --bin lorafuse
 ./target/release/lorafuse bench --cases "$cases" --min-time "$min_time" "${filter[@]}" \
   --json "$out/ours.json"
 echo

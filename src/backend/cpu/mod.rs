@@ -11,6 +11,10 @@ mod multi;
 mod nf4;
 mod ops;
 mod pointwise;
+#[cfg(target_arch = "x86_64")]
+mod simd;
+#[cfg(target_arch = "x86_64")]
+mod small_m;
 
 use super::check::{AdamWFactors, EmaCoefs};
 use super::kernels::Checked;
