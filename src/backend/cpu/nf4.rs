@@ -105,6 +105,8 @@ fn dequant_tile(q: &Nf4Tensor, absmax: &[f32], o0: usize, o1: usize, tile: &mut 
     let end = start + tile.len();
     #[cfg(target_arch = "x86_64")]
     let avx512 = std::arch::is_x86_feature_detected!("avx512f");
+    #[cfg(target_arch = "x86_64")]
+    let avx2 = std::arch::is_x86_feature_detected!("avx2");
     // Blocks start at multiples of the (even) blocksize, so every segment starts even.
     let mut j = start;
     while j < end {
@@ -119,6 +121,9 @@ fn dequant_tile(q: &Nf4Tensor, absmax: &[f32], o0: usize, o1: usize, tile: &mut 
         if avx512 {
             // SAFETY: the CPU has AVX-512F (checked above); `bytes` holds the segment's bytes.
             done = unsafe { dequant_segment_avx512(&table, bytes, out) };
+        } else if avx2 {
+            // SAFETY: the CPU has AVX2 (checked above); `bytes` holds the segment's bytes.
+            done = unsafe { dequant_segment_avx2(&table, bytes, out) };
         }
         let (out, bytes) = (&mut out[done..], &bytes[done / 2..]);
         let pairs = out.len() / 2;
@@ -157,6 +162,48 @@ unsafe fn dequant_segment_avx512(table: &[f32; 16], bytes: &[u8], out: &mut [f32
             let o = out.as_mut_ptr().add(32 * c);
             _mm512_storeu_ps(o, _mm512_permutexvar_ps(first, t));
             _mm512_storeu_ps(o.add(16), _mm512_permutexvar_ps(second, t));
+        }
+    }
+    32 * chunks
+}
+
+/// [`dequant_segment_avx512`] with AVX2: the 16-entry table in two 8-lane registers, each
+/// index looked up in both (`vpermps` reads its low 3 bits) and the pair blended on bit 3.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn dequant_segment_avx2(table: &[f32; 16], bytes: &[u8], out: &mut [f32]) -> usize {
+    use std::arch::x86_64::*;
+    let chunks = (out.len() / 32).min(bytes.len() / 16);
+    // SAFETY: chunk c reads bytes[16c..16c + 16] and writes out[32c..32c + 32], both in bounds
+    // since c < chunks.
+    unsafe {
+        let (t_lo, t_hi) = (
+            _mm256_loadu_ps(table.as_ptr()),
+            _mm256_loadu_ps(table.as_ptr().add(8)),
+        );
+        let look = |idx: __m256i| {
+            let pick_hi = _mm256_castsi256_ps(_mm256_slli_epi32::<28>(idx));
+            _mm256_blendv_ps(
+                _mm256_permutevar8x32_ps(t_lo, idx),
+                _mm256_permutevar8x32_ps(t_hi, idx),
+                pick_hi,
+            )
+        };
+        let low = _mm_set1_epi8(0x0f);
+        for c in 0..chunks {
+            let b = _mm_loadu_si128(bytes.as_ptr().add(16 * c) as *const __m128i);
+            let hi = _mm_and_si128(_mm_srli_epi16::<4>(b), low);
+            let lo = _mm_and_si128(b, low);
+            let o = out.as_mut_ptr().add(32 * c);
+            for (h, u) in [_mm_unpacklo_epi8(hi, lo), _mm_unpackhi_epi8(hi, lo)]
+                .into_iter()
+                .enumerate()
+            {
+                let first = _mm256_cvtepu8_epi32(u);
+                let second = _mm256_cvtepu8_epi32(_mm_srli_si128::<8>(u));
+                _mm256_storeu_ps(o.add(16 * h), look(first));
+                _mm256_storeu_ps(o.add(16 * h + 8), look(second));
+            }
         }
     }
     32 * chunks
@@ -350,7 +397,7 @@ mod tests {
     use super::*;
     use crate::quant::nf4::quantize_nf4;
 
-    /// The tile dequantizer (vectorized where the CPU has AVX-512) gives the reference
+    /// The tile dequantizer (vectorized where the CPU has AVX-512 or AVX2) gives the reference
     /// `dequantize_rows` bit for bit: every blocksize class, rows starting at odd elements
     /// (the scalar fallback), segments shorter than, equal to and longer than 32.
     #[test]
@@ -379,6 +426,45 @@ mod tests {
                         "{rows}x{cols} blocksize {bs} rows {o0}..{o1} element {i}"
                     );
                 }
+            }
+        }
+    }
+
+    /// Each ISA's segment dequantizer against the scalar lookup, bit for bit, called directly
+    /// so that an AVX-512 machine also checks the AVX2 one: lengths around the 32-element
+    /// chunk, every byte value.
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn dequant_segments_match_scalar_on_every_isa() {
+        let table: [f32; 16] = std::array::from_fn(|k| NF4_CODE[k] * 0.37);
+        let bytes: Vec<u8> = (0..=255u8).chain((0..=255u8).rev()).collect();
+        type Segment = unsafe fn(&[f32; 16], &[u8], &mut [f32]) -> usize;
+        let mut isas: Vec<(&str, Segment)> = Vec::new();
+        if std::arch::is_x86_feature_detected!("avx2") {
+            isas.push(("avx2", dequant_segment_avx2));
+        } else {
+            eprintln!("SKIP avx2 NF4 dequantizer: this CPU has no AVX2");
+        }
+        if std::arch::is_x86_feature_detected!("avx512f") {
+            isas.push(("avx512", dequant_segment_avx512));
+        } else {
+            eprintln!("SKIP avx512 NF4 dequantizer: this CPU has no AVX-512F");
+        }
+        for (name, f) in isas {
+            for len in [0, 31, 32, 33, 64, 95, 512] {
+                let mut out = vec![f32::NAN; len];
+                // SAFETY: the CPU has the ISA (detected above).
+                let done = unsafe { f(&table, &bytes, &mut out) };
+                assert_eq!(done, len / 32 * 32, "{name} len {len}");
+                for (i, v) in out[..done].iter().enumerate() {
+                    let b = bytes[i / 2];
+                    let want = table[if i % 2 == 0 { b >> 4 } else { b & 15 } as usize];
+                    assert_eq!(v.to_bits(), want.to_bits(), "{name} len {len} element {i}");
+                }
+                assert!(
+                    out[done..].iter().all(|v| v.is_nan()),
+                    "{name} wrote past {done}"
+                );
             }
         }
     }
