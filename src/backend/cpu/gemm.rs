@@ -278,4 +278,43 @@ mod tests {
             eprintln!("SKIP avx512 few-row kernels: this CPU has no AVX-512F");
         }
     }
+
+    /// Each ISA's Op::N block kernel on its own (the dispatch may not take it), against the
+    /// naive product: ragged m, a block that starts inside b and ends before its last column.
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn nn_block_kernels_match_naive_on_every_isa() {
+        use super::super::simd::{Avx2, Avx512, Simd};
+        fn check<S: FewRow>(what: &str) {
+            let (n, k, j0, nb) = (301, 130, 37, 203);
+            let b: Vec<f32> = (0..k * n)
+                .map(|i| ((i * 104729) % 89) as f32 / 89.0 - 0.5)
+                .collect();
+            for m in 1..=9 {
+                let a: Vec<f32> = (0..m * k)
+                    .map(|i| ((i * 7919) % 97) as f32 / 97.0 - 0.5)
+                    .collect();
+                let want = naive(Op::N, Op::N, m, n, k, &a, &b);
+                let mut out = vec![0.0f32; m * nb];
+                // SAFETY: the caller checked the ISA; the slices hold what the kernel asserts.
+                unsafe { S::nn_block_entry(m, n, k, &a, &b, j0, nb, &mut out) };
+                for i in 0..m {
+                    for jj in 0..nb {
+                        let (g, w) = (out[i * nb + jj], want[i * n + j0 + jj]);
+                        assert!((g - w).abs() < 1e-4, "{what} m {m} col {jj}: {g} vs {w}");
+                    }
+                }
+            }
+        }
+        if Avx2::detected() {
+            check::<Avx2>("avx2");
+        } else {
+            eprintln!("SKIP avx2 nn_block: this CPU has no AVX2 + FMA");
+        }
+        if Avx512::detected() {
+            check::<Avx512>("avx512");
+        } else {
+            eprintln!("SKIP avx512 nn_block: this CPU has no AVX-512F");
+        }
+    }
 }

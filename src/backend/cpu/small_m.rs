@@ -35,13 +35,22 @@ const NT_ACC: usize = 4 * MAX_M;
 /// # Safety
 /// Callable only where [`Simd::detected`] is true; the slices hold what each body asserts.
 pub(super) trait FewRow: Simd {
-    /// Whether Op::N takes the token-lane kernel (else [`nn_block`]).
+    /// Whether Op::N takes the token-lane kernel at every m (else [`nn_block`]).
     const LANES_FOR_N: bool;
     /// Whether a product of `m` (<= MAX_M) tokens into `n` outputs is faster here than in
     /// `gemm` (measured per ISA).
     fn takes(tb: Op, m: usize, n: usize) -> bool;
-    /// [`lanes_rows`] with this ISA's row tile.
-    unsafe fn lanes_rows_entry(w: Weight<'_>, at: &[f32], j0: usize, rows: usize, out: &mut [f32]);
+    /// Most token registers of one pass of the token-lane kernel.
+    const MAX_TOKEN_VECS: usize;
+    /// [`lanes_rows`] with `tv` token registers (1..=MAX_TOKEN_VECS) and this ISA's row tile.
+    unsafe fn lanes_rows_entry(
+        w: Weight<'_>,
+        at: &[f32],
+        tv: usize,
+        j0: usize,
+        rows: usize,
+        out: &mut [f32],
+    );
     /// [`nt_block`] with this ISA's `MR x NR` tile.
     unsafe fn nt_block_entry(m: usize, k: usize, a: &[f32], w: &[f32], nb: usize, out: &mut [f32]);
     /// [`nn_block`] with this ISA's row tile.
@@ -64,10 +73,20 @@ impl FewRow for Avx512 {
     fn takes(_: Op, _: usize, _: usize) -> bool {
         true
     }
+    // Two 16-lane groups in one pass over b measured slower than two passes (315 vs 181 µs at
+    // 32 x 576 x 576).
+    const MAX_TOKEN_VECS: usize = 1;
     #[target_feature(enable = "avx512f")]
-    unsafe fn lanes_rows_entry(w: Weight<'_>, at: &[f32], j0: usize, rows: usize, out: &mut [f32]) {
+    unsafe fn lanes_rows_entry(
+        w: Weight<'_>,
+        at: &[f32],
+        _: usize,
+        j0: usize,
+        rows: usize,
+        out: &mut [f32],
+    ) {
         // 16 accumulators; the weight broadcasts are memory operands of the FMAs.
-        unsafe { lanes_rows::<Self, 16>(w, at, j0, rows, out) }
+        unsafe { lanes_rows::<Self, 16, 1>(w, at, j0, rows, out) }
     }
     #[target_feature(enable = "avx512f")]
     unsafe fn nt_block_entry(m: usize, k: usize, a: &[f32], w: &[f32], nb: usize, out: &mut [f32]) {
@@ -90,26 +109,41 @@ impl FewRow for Avx512 {
 
 impl FewRow for Avx2 {
     const LANES_FOR_N: bool = true;
-    /// On 2 Zen 3 cores, 1 <= m <= 32 (ms, ours / `gemm`): Op::T wins everywhere but level at
-    /// 32 x 1536 x 576 (16 x 4096 x 4096: 5.5 / 14.6; 3 x 1536 x 576: 0.09 / 0.26); Op::N only
-    /// from 4 tokens into n >= 2048 outputs (16 x 4096 x 11008: 30 / 53; 16 x 1536 x 576:
-    /// 0.35 / 0.34; 16 x 576 x 49152: 31 / 27), and [`nn_block`] never (0.2 / 0.08 at one
-    /// token).
+    /// On 2 Zen 3 cores, 1 <= m <= 32 (best of 5, ms, ours / `gemm`): Op::T wins everywhere
+    /// (16 x 4096 x 4096: 3.9 / 14.6; 16 x 1536 x 576: 0.26 / 0.45; 3 x 1536 x 576 on the
+    /// dot-product kernel: 0.09 / 0.26); Op::N with 16 tokens a pass (m > 8) wins or is level
+    /// (16 x 576 x 49152: 11.8 / 17.5; 16 x 576 x 1536: 0.26 / 0.26), with 8 only into n >= 2048
+    /// outputs (8 x 576 x 576: 0.070 / 0.066).
     fn takes(tb: Op, m: usize, n: usize) -> bool {
-        tb == Op::T || (m >= Self::LANES / 2 && n >= 2048)
+        tb == Op::T || m > Self::LANES || (m >= Self::LANES / 2 && n >= 2048)
     }
     // 16 registers, 8 accumulators: more rows alias in L1 when k is a multiple of 1024 (the
     // rows of w are then 4 KiB apart, in one set); 12 rows ran 1.8x slower at k = 4096.
+    const MAX_TOKEN_VECS: usize = 2;
     #[target_feature(enable = "avx2,fma")]
-    unsafe fn lanes_rows_entry(w: Weight<'_>, at: &[f32], j0: usize, rows: usize, out: &mut [f32]) {
-        unsafe { lanes_rows::<Self, 8>(w, at, j0, rows, out) }
+    unsafe fn lanes_rows_entry(
+        w: Weight<'_>,
+        at: &[f32],
+        tv: usize,
+        j0: usize,
+        rows: usize,
+        out: &mut [f32],
+    ) {
+        // With 16 tokens a pass, 6 x 2 accumulators, 2 token registers and one broadcast.
+        unsafe {
+            match tv {
+                1 => lanes_rows::<Self, 8, 1>(w, at, j0, rows, out),
+                _ => lanes_rows::<Self, 6, 2>(w, at, j0, rows, out),
+            }
+        }
     }
     // 2 x 4 accumulators, 4 vectors of w and one of a.
     #[target_feature(enable = "avx2,fma")]
     unsafe fn nt_block_entry(m: usize, k: usize, a: &[f32], w: &[f32], nb: usize, out: &mut [f32]) {
         unsafe { nt_block::<Self, 2, 4>(m, k, a, w, nb, out) }
     }
-    // 2 x 4 accumulators, 4 vectors of b and one broadcast.
+    // 2 x 4 accumulators, 4 vectors of b and one broadcast. Not taken by `sgemm` here
+    // (LANES_FOR_N: 0.2 vs `gemm`'s 0.08 ms at 1 x 1536 x 576); tested directly.
     #[target_feature(enable = "avx2,fma")]
     unsafe fn nn_block_entry(
         m: usize,
@@ -144,15 +178,15 @@ pub(super) unsafe fn sgemm<S: FewRow>(
 ) {
     assert!(m <= MAX_M && a.len() >= m * k && b.len() >= k * n && c.len() >= m * n);
     let lane_min = S::LANES / 2;
-    if (tb == Op::T || S::LANES_FOR_N) && m >= lane_min {
-        // The token-lane kernel, one register of tokens a pass (on AVX-512, two 16-lane groups
-        // in one pass over b measured slower than two passes: 315 vs 181 µs at 32 x 576 x 576).
-        for i0 in (0..m).step_by(S::LANES) {
-            let mm = (m - i0).min(S::LANES);
+    if (tb == Op::T && m >= lane_min) || (tb == Op::N && S::LANES_FOR_N) {
+        // The token-lane kernel, up to MAX_TOKEN_VECS registers of tokens a pass.
+        let per_pass = S::LANES * S::MAX_TOKEN_VECS;
+        for i0 in (0..m).step_by(per_pass) {
+            let mm = (m - i0).min(per_pass);
             let (a, c) = (&a[i0 * k..(i0 + mm) * k], &mut c[i0 * n..(i0 + mm) * n]);
             // SAFETY: the caller's guarantee is passed on.
             unsafe {
-                if mm >= lane_min {
+                if mm >= lane_min || tb == Op::N {
                     lanes::<S>(tb, mm, n, k, alpha, a, b, beta, c);
                 } else {
                     sgemm::<S>(tb, mm, n, k, alpha, a, b, beta, c);
@@ -237,8 +271,9 @@ unsafe fn lanes<S: FewRow>(
     beta: f32,
     c: &mut [f32],
 ) {
-    let l = S::LANES;
-    assert!((1..=l).contains(&m) && a.len() >= m * k && b.len() >= n * k);
+    let tv = m.div_ceil(S::LANES);
+    let l = S::LANES * tv;
+    assert!(tv <= S::MAX_TOKEN_VECS && m >= 1 && a.len() >= m * k && b.len() >= n * k);
     assert!(c.len() >= m * n);
     let mut at = vec![0.0f32; k * l];
     for (i, row) in a.chunks_exact(k.max(1)).take(m).enumerate() {
@@ -266,7 +301,7 @@ unsafe fn lanes<S: FewRow>(
             let cols = out.len() / l;
             // SAFETY: the caller guarantees the ISA; `at` holds k * l floats, columns
             // blk * bw..blk * bw + cols are within op(b)'s n, `out` holds cols * l.
-            unsafe { S::lanes_rows_entry(w, &at, blk * bw, cols, out) };
+            unsafe { S::lanes_rows_entry(w, &at, tv, blk * bw, cols, out) };
         });
     for (j, acc) in prod.chunks_exact(l).enumerate() {
         for i in 0..m {
@@ -287,14 +322,14 @@ const KC_LANES_N: usize = 256;
 /// `out[j, :] = sum_p op(b)[p, j0 + j] * at[p, :]` for j < `cols`: tiles of `R` columns, then
 /// single columns; over a `[k, n]` weight in k-tiles of [`KC_LANES_N`], accumulating in `out`.
 #[inline(always)]
-unsafe fn lanes_rows<S: Simd, const R: usize>(
+unsafe fn lanes_rows<S: Simd, const R: usize, const TV: usize>(
     w: Weight<'_>,
     at: &[f32],
     j0: usize,
     cols: usize,
     out: &mut [f32],
 ) {
-    let (l, k) = (S::LANES, w.k);
+    let (l, k) = (S::LANES * TV, w.k);
     assert!(at.len() >= k * l && out.len() >= cols * l);
     assert!(k == 0 || (j0 + cols - 1) * w.js + (k - 1) * w.ps < w.data.len());
     let kc = if w.ps == 1 { k.max(1) } else { KC_LANES_N };
@@ -306,20 +341,21 @@ unsafe fn lanes_rows<S: Simd, const R: usize>(
             // SAFETY (both): columns j0 + j..j0 + j + R (or 1) exist in op(b) and rows
             // j..j + R of out (asserted above); p0..p1 lie within k.
             if cols - j >= R {
-                unsafe { lanes_tile::<S, R>(w, base, at, p0, p1, &mut out[j * l..]) };
+                unsafe { lanes_tile::<S, R, TV>(w, base, at, p0, p1, &mut out[j * l..]) };
                 j += R;
             } else {
-                unsafe { lanes_tile::<S, 1>(w, base, at, p0, p1, &mut out[j * l..]) };
+                unsafe { lanes_tile::<S, 1, TV>(w, base, at, p0, p1, &mut out[j * l..]) };
                 j += 1;
             }
         }
     }
 }
 
-/// `out[r, :] (+)= sum_{p0 <= p < p1} w.data[base + r * js + p * ps] * at[p, :]`, r < R: R
-/// accumulators of LANES tokens each, starting from 0 at p0 = 0 and from `out` after.
+/// `out[r, :] (+)= sum_{p0 <= p < p1} w.data[base + r * js + p * ps] * at[p, :]`, r < R, with
+/// rows of `TV * LANES` tokens: R x TV accumulators, starting from 0 at p0 = 0 and from `out`
+/// after.
 #[inline(always)]
-unsafe fn lanes_tile<S: Simd, const R: usize>(
+unsafe fn lanes_tile<S: Simd, const R: usize, const TV: usize>(
     w: Weight<'_>,
     base: usize,
     at: &[f32],
@@ -327,28 +363,38 @@ unsafe fn lanes_tile<S: Simd, const R: usize>(
     p1: usize,
     out: &mut [f32],
 ) {
-    let l = S::LANES;
+    let (v, l) = (S::LANES, S::LANES * TV);
     assert!(p0 < p1 && at.len() >= p1 * l && out.len() >= R * l);
     assert!(base + (R - 1) * w.js + (p1 - 1) * w.ps < w.data.len());
     let (ap, wp, op) = (at.as_ptr(), w.data.as_ptr(), out.as_mut_ptr());
     // SAFETY: p0 <= p < p1 and r < R, so at[p * l..p * l + l], w.data[base + r * js + p * ps]
     // and out[r * l..r * l + l] are in bounds (asserted above).
     unsafe {
-        let mut acc = [S::zero(); R];
+        let mut acc = [[S::zero(); TV]; R];
         if p0 > 0 {
             for r in 0..R {
-                acc[r] = S::load(op.add(r * l));
+                for t in 0..TV {
+                    acc[r][t] = S::load(op.add(r * l + t * v));
+                }
             }
         }
         for p in p0..p1 {
-            let x = S::load(ap.add(p * l));
+            let mut x = [S::zero(); TV];
+            for t in 0..TV {
+                x[t] = S::load(ap.add(p * l + t * v));
+            }
             let wr = wp.add(base + p * w.ps);
             for r in 0..R {
-                acc[r] = S::fmadd(S::splat(*wr.add(r * w.js)), x, acc[r]);
+                let wv = S::splat(*wr.add(r * w.js));
+                for t in 0..TV {
+                    acc[r][t] = S::fmadd(wv, x[t], acc[r][t]);
+                }
             }
         }
         for r in 0..R {
-            S::store(op.add(r * l), acc[r]);
+            for t in 0..TV {
+                S::store(op.add(r * l + t * v), acc[r][t]);
+            }
         }
     }
 }
