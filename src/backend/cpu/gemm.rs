@@ -258,25 +258,20 @@ mod tests {
     #[cfg(target_arch = "x86_64")]
     #[test]
     fn small_m_kernels_match_naive_on_every_isa() {
-        use super::super::simd::{Avx2, Avx512, Simd};
-        if Avx2::detected() {
+        use super::super::simd::{Avx2, Avx512};
+        fn check<S: FewRow>(what: &str) {
+            if !S::detected() {
+                eprintln!("SKIP {what} few-row kernels: this CPU does not have them");
+                return;
+            }
             let f = |tb, m, n, k, alpha, a: &[f32], b: &[f32], beta, c: &mut [f32]| {
-                // SAFETY: the CPU has AVX2 and FMA (checked above).
-                unsafe { small_m::sgemm::<Avx2>(tb, m, n, k, alpha, a, b, beta, c) }
+                // SAFETY: the CPU has the ISA (checked above).
+                unsafe { small_m::sgemm::<S>(tb, m, n, k, alpha, a, b, beta, c) }
             };
-            check_few_rows(1..=small_m::MAX_M, &f, "avx2");
-        } else {
-            eprintln!("SKIP avx2 few-row kernels: this CPU has no AVX2 + FMA");
+            check_few_rows(1..=small_m::MAX_M, &f, what);
         }
-        if Avx512::detected() {
-            let f = |tb, m, n, k, alpha, a: &[f32], b: &[f32], beta, c: &mut [f32]| {
-                // SAFETY: the CPU has AVX-512F (checked above).
-                unsafe { small_m::sgemm::<Avx512>(tb, m, n, k, alpha, a, b, beta, c) }
-            };
-            check_few_rows(1..=small_m::MAX_M, &f, "avx512");
-        } else {
-            eprintln!("SKIP avx512 few-row kernels: this CPU has no AVX-512F");
-        }
+        check::<Avx2>("avx2");
+        check::<Avx512>("avx512");
     }
 
     /// Each ISA's Op::N block kernel on its own (the dispatch may not take it), against the
@@ -284,8 +279,12 @@ mod tests {
     #[cfg(target_arch = "x86_64")]
     #[test]
     fn nn_block_kernels_match_naive_on_every_isa() {
-        use super::super::simd::{Avx2, Avx512, Simd};
+        use super::super::simd::{Avx2, Avx512};
         fn check<S: FewRow>(what: &str) {
+            if !S::detected() {
+                eprintln!("SKIP {what} nn_block: this CPU does not have it");
+                return;
+            }
             let (n, k, j0, nb) = (301, 130, 37, 203);
             let b: Vec<f32> = (0..k * n)
                 .map(|i| ((i * 104729) % 89) as f32 / 89.0 - 0.5)
@@ -306,15 +305,7 @@ mod tests {
                 }
             }
         }
-        if Avx2::detected() {
-            check::<Avx2>("avx2");
-        } else {
-            eprintln!("SKIP avx2 nn_block: this CPU has no AVX2 + FMA");
-        }
-        if Avx512::detected() {
-            check::<Avx512>("avx512");
-        } else {
-            eprintln!("SKIP avx512 nn_block: this CPU has no AVX-512F");
-        }
+        check::<Avx2>("avx2");
+        check::<Avx512>("avx512");
     }
 }

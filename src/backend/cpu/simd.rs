@@ -28,6 +28,8 @@ pub(super) trait Simd: Copy {
     unsafe fn store(p: *mut f32, v: Self::V);
     /// `a * b + c`, one rounding.
     unsafe fn fmadd(a: Self::V, b: Self::V, c: Self::V) -> Self::V;
+    /// `a + b`.
+    unsafe fn add(a: Self::V, b: Self::V) -> Self::V;
     /// The sum of the lanes.
     unsafe fn reduce_add(v: Self::V) -> f32;
     /// The first `min(n, LANES)` lanes.
@@ -73,6 +75,10 @@ impl Simd for Avx512 {
     #[inline(always)]
     unsafe fn fmadd(a: __m512, b: __m512, c: __m512) -> __m512 {
         unsafe { _mm512_fmadd_ps(a, b, c) }
+    }
+    #[inline(always)]
+    unsafe fn add(a: __m512, b: __m512) -> __m512 {
+        unsafe { _mm512_add_ps(a, b) }
     }
     #[inline(always)]
     unsafe fn reduce_add(v: __m512) -> f32 {
@@ -122,6 +128,10 @@ impl Simd for Avx2 {
     #[inline(always)]
     unsafe fn fmadd(a: __m256, b: __m256, c: __m256) -> __m256 {
         unsafe { _mm256_fmadd_ps(a, b, c) }
+    }
+    #[inline(always)]
+    unsafe fn add(a: __m256, b: __m256) -> __m256 {
+        unsafe { _mm256_add_ps(a, b) }
     }
     #[inline(always)]
     unsafe fn reduce_add(v: __m256) -> f32 {

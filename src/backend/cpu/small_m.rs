@@ -315,12 +315,17 @@ unsafe fn lanes<S: FewRow>(
     }
 }
 
-/// Length of the k-tiles of the lane kernel over a `[k, n]` weight (Op::N): the tile's rows of
-/// a block of columns (256 x 240 floats, 240 KiB) stay in L2 while the column tiles pass.
-const KC_LANES_N: usize = 256;
+/// Length of the k-blocks of the lane kernel. Each block's sums start from zero and are added
+/// to the output at its end, so a long k is summed in blocks (as `gemm` does), not in one
+/// chain of k FMAs per output: the rounding error grows with the block length, not with k.
+/// Over a `[k, n]` weight (Op::N) the blocks are also the outer loop, so that a block's rows
+/// of a block of columns (256 x 240 floats, 240 KiB) stay in L2 while the column tiles pass;
+/// over `[n, k]` (Op::T) each tile of rows streams its whole k (k-blocks as the outer loop
+/// there ran 1.45x slower at 16 x 4096 x 11008).
+const KC_LANES: usize = 256;
 
 /// `out[j, :] = sum_p op(b)[p, j0 + j] * at[p, :]` for j < `cols`: tiles of `R` columns, then
-/// single columns; over a `[k, n]` weight in k-tiles of [`KC_LANES_N`], accumulating in `out`.
+/// single columns.
 #[inline(always)]
 unsafe fn lanes_rows<S: Simd, const R: usize, const TV: usize>(
     w: Weight<'_>,
@@ -332,7 +337,11 @@ unsafe fn lanes_rows<S: Simd, const R: usize, const TV: usize>(
     let (l, k) = (S::LANES * TV, w.k);
     assert!(at.len() >= k * l && out.len() >= cols * l);
     assert!(k == 0 || (j0 + cols - 1) * w.js + (k - 1) * w.ps < w.data.len());
-    let kc = if w.ps == 1 { k.max(1) } else { KC_LANES_N };
+    if k == 0 {
+        out[..cols * l].fill(0.0);
+        return;
+    }
+    let kc = if w.ps == 1 { k } else { KC_LANES };
     for p0 in (0..k).step_by(kc) {
         let p1 = (p0 + kc).min(k);
         let mut j = 0;
@@ -352,8 +361,8 @@ unsafe fn lanes_rows<S: Simd, const R: usize, const TV: usize>(
 }
 
 /// `out[r, :] (+)= sum_{p0 <= p < p1} w.data[base + r * js + p * ps] * at[p, :]`, r < R, with
-/// rows of `TV * LANES` tokens: R x TV accumulators, starting from 0 at p0 = 0 and from `out`
-/// after.
+/// rows of `TV * LANES` tokens: R x TV accumulators, from zero for each [`KC_LANES`] block,
+/// stored to `out` after the block at p = 0 and added to it after the others.
 #[inline(always)]
 unsafe fn lanes_tile<S: Simd, const R: usize, const TV: usize>(
     w: Weight<'_>,
@@ -370,31 +379,37 @@ unsafe fn lanes_tile<S: Simd, const R: usize, const TV: usize>(
     // SAFETY: p0 <= p < p1 and r < R, so at[p * l..p * l + l], w.data[base + r * js + p * ps]
     // and out[r * l..r * l + l] are in bounds (asserted above).
     unsafe {
-        let mut acc = [[S::zero(); TV]; R];
-        if p0 > 0 {
-            for r in 0..R {
+        let mut c0 = p0;
+        while c0 < p1 {
+            let c1 = (c0 + KC_LANES).min(p1);
+            let mut acc = [[S::zero(); TV]; R];
+            for p in c0..c1 {
+                let mut x = [S::zero(); TV];
                 for t in 0..TV {
-                    acc[r][t] = S::load(op.add(r * l + t * v));
+                    x[t] = S::load(ap.add(p * l + t * v));
+                }
+                let wr = wp.add(base + p * w.ps);
+                for r in 0..R {
+                    let wv = S::splat(*wr.add(r * w.js));
+                    for t in 0..TV {
+                        acc[r][t] = S::fmadd(wv, x[t], acc[r][t]);
+                    }
                 }
             }
-        }
-        for p in p0..p1 {
-            let mut x = [S::zero(); TV];
-            for t in 0..TV {
-                x[t] = S::load(ap.add(p * l + t * v));
-            }
-            let wr = wp.add(base + p * w.ps);
             for r in 0..R {
-                let wv = S::splat(*wr.add(r * w.js));
                 for t in 0..TV {
-                    acc[r][t] = S::fmadd(wv, x[t], acc[r][t]);
+                    let o = op.add(r * l + t * v);
+                    S::store(
+                        o,
+                        if c0 > 0 {
+                            S::add(S::load(o), acc[r][t])
+                        } else {
+                            acc[r][t]
+                        },
+                    );
                 }
             }
-        }
-        for r in 0..R {
-            for t in 0..TV {
-                S::store(op.add(r * l + t * v), acc[r][t]);
-            }
+            c0 = c1;
         }
     }
 }
