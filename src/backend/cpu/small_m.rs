@@ -246,16 +246,18 @@ pub(super) struct Weight<'a> {
     ps: usize,
 }
 
-/// `c = beta * c + alpha * a op(b)` for `a [m, k]`, 1 <= m <= LANES, with the tokens in the
-/// lanes of a register: `a` is transposed once into `at [k, LANES]` (lanes past m are 0), then
-/// each output column j gives one accumulator of all the tokens' outputs,
-/// `acc_j += op(b)[p, j] * at[p]` (a broadcast and an FMA), so no horizontal sums are needed
+/// `c = beta * c + alpha * a op(b)` for `a [m, k]`, 1 <= m <= `tv * LANES` with `tv` (token
+/// registers, at most MAX_TOKEN_VECS) = `ceil(m / LANES)`, with the tokens in the lanes of
+/// registers: `a` is transposed once into `at [k, tv * LANES]` (lanes past m are 0), then each
+/// output column j gives `tv` accumulators of all the tokens' outputs,
+/// `acc_j += op(b)[p, j] * at[p]` (one broadcast, `tv` FMAs), so no horizontal sums are needed
 /// (the dot-product kernel [`nt_block`] reduces each output across lanes). Columns are split
-/// into blocks across the threads; each block's outputs come out transposed (`[cols, LANES]`)
-/// and are scattered into c at the end. Measured on one AVX-512 thread against the dot-product
-/// kernel (Op::T): 2.4x at 16 x 576 x 576 (L2-resident w), 2x at 16 x 576 x 1536; on two
-/// threads 1.3x at 576 x 576, level at 1536 x 576 (there w streams from L3 either way). On two
-/// AVX2 (Zen 3) cores against `gemm`: 1.5x at 16 x 4096 x 4096 (Op::T).
+/// into blocks across the threads; each block's outputs come out transposed
+/// (`[cols, tv * LANES]`) and are scattered into c at the end. Measured on one AVX-512 thread
+/// against the dot-product kernel (Op::T): 2.4x at 16 x 576 x 576 (L2-resident w), 2x at
+/// 16 x 576 x 1536; on two threads 1.3x at 576 x 576, level at 1536 x 576 (there w streams from
+/// L3 either way). On two AVX2 (Zen 3) cores against `gemm` (Op::T, 16 tokens in two
+/// registers): 3.7x at 16 x 4096 x 4096, 1.7x at 16 x 576 x 1536.
 ///
 /// # Safety
 /// The CPU has `S`.
