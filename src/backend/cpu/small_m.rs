@@ -34,9 +34,13 @@ const NT_ACC: usize = 4 * MAX_M;
 ///
 /// # Safety
 /// Callable only where [`Simd::detected`] is true; the slices hold what each body asserts.
+/// An Op::N block kernel: `(m, n, k, a, b, j0, nb, out)` as [`nn_block`] takes them.
+pub(super) type NnBlock = unsafe fn(usize, usize, usize, &[f32], &[f32], usize, usize, &mut [f32]);
+
 pub(super) trait FewRow: Simd {
-    /// Whether Op::N takes the token-lane kernel at every m (else [`nn_block`]).
-    const LANES_FOR_N: bool;
+    /// The Op::N block kernel ([`nn_block`] with this ISA's row tile), or `None` where Op::N
+    /// takes the token-lane kernel at every m.
+    const NN_BLOCK: Option<NnBlock>;
     /// Whether a product of `m` (<= MAX_M) tokens into `n` outputs is faster here than in
     /// `gemm` (measured per ISA).
     fn takes(tb: Op, m: usize, n: usize) -> bool;
@@ -53,23 +57,11 @@ pub(super) trait FewRow: Simd {
     );
     /// [`nt_block`] with this ISA's `MR x NR` tile.
     unsafe fn nt_block_entry(m: usize, k: usize, a: &[f32], w: &[f32], nb: usize, out: &mut [f32]);
-    /// [`nn_block`] with this ISA's row tile.
-    #[allow(clippy::too_many_arguments)]
-    unsafe fn nn_block_entry(
-        m: usize,
-        n: usize,
-        k: usize,
-        a: &[f32],
-        b: &[f32],
-        j0: usize,
-        nb: usize,
-        out: &mut [f32],
-    );
 }
 
 impl FewRow for Avx512 {
     // Measured on AVX-512 before the lane kernel took Op::N; not re-measured since.
-    const LANES_FOR_N: bool = false;
+    const NN_BLOCK: Option<NnBlock> = Some(nn_block_avx512);
     fn takes(_: Op, _: usize, _: usize) -> bool {
         true
     }
@@ -92,23 +84,31 @@ impl FewRow for Avx512 {
     unsafe fn nt_block_entry(m: usize, k: usize, a: &[f32], w: &[f32], nb: usize, out: &mut [f32]) {
         unsafe { nt_block::<Self, 4, 4>(m, k, a, w, nb, out) }
     }
-    #[target_feature(enable = "avx512f")]
-    unsafe fn nn_block_entry(
-        m: usize,
-        n: usize,
-        k: usize,
-        a: &[f32],
-        b: &[f32],
-        j0: usize,
-        nb: usize,
-        out: &mut [f32],
-    ) {
-        unsafe { nn_block::<Self, 4>(m, n, k, a, b, j0, nb, out) }
-    }
+}
+
+/// [`nn_block`] on AVX-512, 4 x 4 accumulators.
+///
+/// # Safety
+/// The CPU has AVX-512F; the slices hold what [`nn_block`] asserts.
+#[target_feature(enable = "avx512f")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn nn_block_avx512(
+    m: usize,
+    n: usize,
+    k: usize,
+    a: &[f32],
+    b: &[f32],
+    j0: usize,
+    nb: usize,
+    out: &mut [f32],
+) {
+    unsafe { nn_block::<Avx512, 4>(m, n, k, a, b, j0, nb, out) }
 }
 
 impl FewRow for Avx2 {
-    const LANES_FOR_N: bool = true;
+    // An AVX2 nn_block (2 x 4 accumulators) ran 0.2 ms against `gemm`'s 0.08 at 1 x 1536 x 576
+    // and half `gemm`'s speed at 16 tokens; the lane kernel does better at every m.
+    const NN_BLOCK: Option<NnBlock> = None;
     /// On 2 Zen 3 cores, 1 <= m <= 32 (best of 5, ms, ours / `gemm`): Op::T wins everywhere
     /// (16 x 4096 x 4096: 3.9 / 14.6; 16 x 1536 x 576: 0.26 / 0.45; 3 x 1536 x 576 on the
     /// dot-product kernel: 0.09 / 0.26); Op::N with 16 tokens a pass (m > 8) wins or is level
@@ -142,21 +142,6 @@ impl FewRow for Avx2 {
     unsafe fn nt_block_entry(m: usize, k: usize, a: &[f32], w: &[f32], nb: usize, out: &mut [f32]) {
         unsafe { nt_block::<Self, 2, 4>(m, k, a, w, nb, out) }
     }
-    // 2 x 4 accumulators, 4 vectors of b and one broadcast. Not taken by `sgemm` here
-    // (LANES_FOR_N: 0.2 vs `gemm`'s 0.08 ms at 1 x 1536 x 576); tested directly.
-    #[target_feature(enable = "avx2,fma")]
-    unsafe fn nn_block_entry(
-        m: usize,
-        n: usize,
-        k: usize,
-        a: &[f32],
-        b: &[f32],
-        j0: usize,
-        nb: usize,
-        out: &mut [f32],
-    ) {
-        unsafe { nn_block::<Self, 2>(m, n, k, a, b, j0, nb, out) }
-    }
 }
 
 /// `c = beta * c + alpha * a op(b)` with `a [m, k]`, `op(b) [k, n]`, m <= MAX_M, on the ISA
@@ -178,7 +163,11 @@ pub(super) unsafe fn sgemm<S: FewRow>(
 ) {
     assert!(m <= MAX_M && a.len() >= m * k && b.len() >= k * n && c.len() >= m * n);
     let lane_min = S::LANES / 2;
-    if (tb == Op::T && m >= lane_min) || (tb == Op::N && S::LANES_FOR_N) {
+    let nn_block = match tb {
+        Op::T => None,
+        Op::N => S::NN_BLOCK,
+    };
+    if (tb == Op::T && m >= lane_min) || (tb == Op::N && nn_block.is_none()) {
         // The token-lane kernel, up to MAX_TOKEN_VECS registers of tokens a pass.
         let per_pass = S::LANES * S::MAX_TOKEN_VECS;
         for i0 in (0..m).step_by(per_pass) {
@@ -211,9 +200,9 @@ pub(super) unsafe fn sgemm<S: FewRow>(
             // SAFETY: the caller guarantees the ISA; the slice bounds asserted above cover every
             // index the kernels touch (each kernel asserts its own).
             unsafe {
-                match tb {
-                    Op::T => S::nt_block_entry(m, k, a, &b[j0 * k..(j0 + nb) * k], nb, out),
-                    Op::N => S::nn_block_entry(m, n, k, a, b, j0, nb, out),
+                match nn_block {
+                    None => S::nt_block_entry(m, k, a, &b[j0 * k..(j0 + nb) * k], nb, out),
+                    Some(nn) => nn(m, n, k, a, b, j0, nb, out),
                 }
             }
         });
