@@ -4,6 +4,7 @@
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use lorafuse::io::export::WeightDtype;
 use lorafuse::io::llama_cpp::GgufDtype;
+use lorafuse::model::llama::ComputeDtype;
 use lorafuse::train::recipe::Method;
 use std::path::PathBuf;
 
@@ -282,6 +283,24 @@ pub(crate) enum PromptInit {
     Text,
 }
 
+/// `--compute-dtype` ([`ComputeDtype`]).
+#[derive(Copy, Clone, PartialEq, Eq, ValueEnum)]
+pub(crate) enum ComputeDtypeArg {
+    #[value(alias = "float32")]
+    F32,
+    #[value(alias = "bfloat16")]
+    Bf16,
+}
+
+impl From<ComputeDtypeArg> for ComputeDtype {
+    fn from(a: ComputeDtypeArg) -> Self {
+        match a {
+            ComputeDtypeArg::F32 => ComputeDtype::F32,
+            ComputeDtypeArg::Bf16 => ComputeDtype::Bf16,
+        }
+    }
+}
+
 #[derive(Copy, Clone, PartialEq, Eq, ValueEnum)]
 pub(crate) enum BadRecords {
     /// Stop at the first malformed record, naming its line.
@@ -434,6 +453,11 @@ pub(crate) struct FinetuneArgs {
     /// Seed of the data order and the adapter init.
     #[arg(long, default_value_t = 42)]
     pub(crate) seed: u64,
+    /// Storage of the frozen base weights under an adapter: f32, or bf16 (half the memory;
+    /// products still accumulate in f32, adapters and AdamW stay f32). Not for --method full
+    /// (it trains the base) or qlora/qdora (their base is NF4).
+    #[arg(long, value_enum, default_value_t = ComputeDtypeArg::F32)]
+    pub(crate) compute_dtype: ComputeDtypeArg,
     /// Skip the eval-split loss before and after training.
     #[arg(long)]
     pub(crate) no_eval: bool,

@@ -192,6 +192,7 @@ fn recipe_from(a: &FinetuneArgs) -> Result<Recipe> {
         train,
         seed: a.seed,
         nf4: Nf4Spec::default(),
+        compute_dtype: a.compute_dtype.into(),
         additive: AdditiveSettings {
             feedforward_modules: a.feedforward_modules.clone(),
             num_virtual_tokens: a.num_virtual_tokens,

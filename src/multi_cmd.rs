@@ -381,6 +381,7 @@ pub(crate) fn finetune_multi<B: Backend>(be: B, a: &FinetuneArgs, config: &Path)
 /// (the mixed-batch path), each timed until `--min-time` (at least 5 runs), interleaved.
 pub(crate) fn bench_mixed<B: Backend>(be: B, a: &BenchArgs) -> Result<()> {
     use lorafuse::model::generate::KvCache;
+    use lorafuse::model::llama::ComputeDtype;
     use lorafuse::train::job::{load_model, save_trained};
     use lorafuse::train::recipe::{Method, Recipe};
     use rand::{RngExt, SeedableRng};
@@ -391,7 +392,7 @@ pub(crate) fn bench_mixed<B: Backend>(be: B, a: &BenchArgs) -> Result<()> {
         ));
     }
     let (_, _, mut model) = load_model(&be, a.model.as_deref(), None, &mut |l| eprintln!("{l}"))?;
-    model.freeze_bases(&be)?;
+    model.freeze_bases(&be, ComputeDtype::F32)?;
     let recipe = Recipe {
         method: Method::Lora,
         lora: LoraConfig {
@@ -407,6 +408,7 @@ pub(crate) fn bench_mixed<B: Backend>(be: B, a: &BenchArgs) -> Result<()> {
         seed: 0,
         nf4: Nf4Spec::default(),
         additive: Default::default(),
+        compute_dtype: ComputeDtype::F32,
     };
     // K adapters with lora_B drawn too (PEFT's zero init would make every term vanish).
     let mut sets = Vec::with_capacity(a.adapters);

@@ -44,6 +44,7 @@ macro_rules! backend_suite {
             lowrank: [lora, dora, vera, adalora],
             multi: [mixed, errors],
             nf4: [dequantize, golden_dequantize, linear],
+            bf16: [products, errors],
             attention: [attention, cached],
             model: [rmsnorm, rope, swiglu, cross_entropy, cross_entropy_stats],
             pointwise: [mul_vector, sum_product, activation, softmax],
@@ -83,8 +84,10 @@ macro_rules! backend_suite {
 }
 
 backend_suite!(cpu, crate::ops::harness::cpu, crate::ops::harness::Tol::cpu(), {
-    // `mixed` checks the CPU's mixed batch against its own per-row single-adapter product.
+    // `mixed` checks the CPU's mixed batch against its own per-row single-adapter product;
+    // `bf16` the tiled bf16 products against the plain GEMMs on the rounded weight.
     multi: [mixed, errors],
+    bf16: [products, errors],
     errors: [memory, dense, lowrank, nf4, model, attention, adamw, adalora, pointwise],
     determinism: [rmsnorm, attention],
 });
@@ -137,6 +140,7 @@ backend_suite!(
         lowrank: [lora, dora, vera, adalora],
         multi: [mixed, errors],
         nf4: [dequantize, golden_dequantize, linear],
+        bf16: [products, errors],
         attention: [attention, cached],
         model: [rmsnorm, rope, swiglu, cross_entropy, cross_entropy_stats],
         pointwise: [mul_vector, sum_product, activation, softmax],
@@ -158,6 +162,7 @@ backend_suite!(
         lowrank: [lora, dora, vera, adalora],
         multi: [mixed, errors],
         nf4: [dequantize, golden_dequantize, linear],
+        bf16: [products, errors],
         attention: [attention, cached],
         model: [rmsnorm, rope, swiglu, cross_entropy, cross_entropy_stats],
         pointwise: [mul_vector, sum_product, activation, softmax],

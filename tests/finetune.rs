@@ -207,6 +207,7 @@ fn quant_recipe(method: lorafuse::train::recipe::Method) -> lorafuse::train::rec
         },
         full: Default::default(),
         additive: Default::default(),
+        compute_dtype: Default::default(),
         train: TrainConfig {
             steps: 6,
             batch_size: 4,
@@ -279,4 +280,80 @@ fn quantized_base_methods_train_as_their_dense_method_on_the_dequantized_weights
         );
         assert_eq!(mq.trainable_params, md.trainable_params);
     }
+}
+
+/// `--compute-dtype bf16` stores the frozen dense bases in bf16 (half the bytes) and trains
+/// every adapter family over them as over the dense f32 weights of the rounded values (the
+/// same losses, to f32 summation order); full fine-tuning and the NF4 methods refuse it,
+/// naming the setting; a merge into a bf16 base is refused, and one after widening works.
+#[test]
+fn bf16_bases_train_as_the_dense_rounded_weights_and_halve_their_bytes() {
+    use lorafuse::adapter::BaseWeight;
+    use lorafuse::model::llama::ComputeDtype;
+    use lorafuse::train::recipe::{self, Method};
+    let cfg = tiny_cfg();
+    let data = examples(40);
+    let (tr, ev) = data.split_at(32);
+    for method in [
+        Method::Lora,
+        Method::Dora,
+        Method::Vera,
+        Method::AdaLora,
+        Method::Ia3,
+        Method::PromptTuning,
+    ] {
+        let mut rec = quant_recipe(method);
+        rec.lora.target_modules = method.default_target_modules();
+        rec.compute_dtype = ComputeDtype::Bf16;
+        let name = method.name();
+        let mut b = Llama::from_tensors(&Cpu, cfg.clone(), random_tensors(&cfg, 5)).unwrap();
+        let f32_bytes = b.base_weight_bytes();
+        let mb = recipe::run(&Cpu, &mut b, &rec, tr, ev, |_| {}).unwrap();
+        assert!(
+            matches!(b.layers[0].proj[0].base.weight, BaseWeight::Bf16(_)),
+            "{name}: the base is bf16"
+        );
+        assert_eq!(
+            2 * b.base_weight_bytes(),
+            f32_bytes,
+            "{name}: half the bytes"
+        );
+        // The dense twin: the same weights rounded to bf16 and widened back, kept f32.
+        let mut d = Llama::from_tensors(&Cpu, cfg.clone(), random_tensors(&cfg, 5)).unwrap();
+        d.freeze_bases(&Cpu, ComputeDtype::Bf16).unwrap();
+        for blk in &mut d.layers {
+            for p in &mut blk.proj {
+                p.base = p.base.dequantized(&Cpu).unwrap();
+            }
+        }
+        rec.compute_dtype = ComputeDtype::F32;
+        let md = recipe::run(&Cpu, &mut d, &rec, tr, ev, |_| {}).unwrap();
+        let (bb, db) = (mb.eval_loss_before.unwrap(), md.eval_loss_before.unwrap());
+        let (ba, da) = (mb.eval_loss_after.unwrap(), md.eval_loss_after.unwrap());
+        println!("{name}: bf16 eval {bb:.5} -> {ba:.5}; rounded f32 {db:.5} -> {da:.5}");
+        assert!((bb - db).abs() <= 1e-5 * db, "{name}: eval before");
+        assert!((ba - da).abs() <= 1e-3 * da, "{name}: eval after");
+        assert!(ba < bb, "{name}: training lowers the eval loss");
+    }
+
+    for method in [Method::Full, Method::Qlora] {
+        let mut rec = quant_recipe(method);
+        rec.compute_dtype = ComputeDtype::Bf16;
+        let err = rec.validate().unwrap_err().to_string();
+        assert!(
+            err.contains("compute_dtype") && err.contains(method.name()),
+            "{}: {err}",
+            method.name()
+        );
+    }
+
+    let mut m = Llama::from_tensors(&Cpu, cfg.clone(), random_tensors(&cfg, 5)).unwrap();
+    m.freeze_bases(&Cpu, ComputeDtype::Bf16).unwrap();
+    let p = &m.layers[0].proj[0];
+    let err = p.base.weight.dense_or_err("merge").unwrap_err().to_string();
+    assert!(err.contains("bf16"), "{err}");
+    assert!(matches!(
+        p.base.dequantized(&Cpu).unwrap().weight,
+        BaseWeight::Dense(_)
+    ));
 }

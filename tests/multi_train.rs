@@ -62,6 +62,7 @@ fn recipe(
         adalora: Default::default(),
         full: Default::default(),
         additive: Default::default(),
+        compute_dtype: Default::default(),
         train: TrainConfig {
             steps,
             batch_size,

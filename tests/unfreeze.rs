@@ -92,7 +92,9 @@ fn layer_data(m: &Llama<Cpu>, l: usize) -> Vec<Vec<f32>> {
     for p in &b.proj {
         match &p.base.weight {
             BaseWeight::Dense(w) => out.push(w.data().to_vec()),
-            BaseWeight::Nf4(_) => panic!("full fine-tuning runs over dense weights"),
+            BaseWeight::Nf4(_) | BaseWeight::Bf16(_) => {
+                panic!("full fine-tuning runs over dense weights")
+            }
         }
     }
     out

@@ -88,6 +88,7 @@ fn recipe(method: Method) -> Recipe {
         seed: 3,
         nf4: Nf4Spec::default(),
         additive: Default::default(),
+        compute_dtype: Default::default(),
     }
 }
 

@@ -7,7 +7,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use lorafuse::Cpu;
 use lorafuse::adapter::LoraConfig;
 use lorafuse::model::chat::LossOn;
-use lorafuse::model::llama::Nf4Spec;
+use lorafuse::model::llama::{ComputeDtype, Nf4Spec};
 use lorafuse::train::chat_data::Truncation;
 use lorafuse::train::data::BadRecordPolicy;
 use lorafuse::train::job::{ChatOptions, FinetuneJob, JobEvent, run_finetune};
@@ -50,8 +50,9 @@ use crate::run::{file_err, to_py};
 ///     (a list of trained Pfeiffer adapter folders); for ``messages`` conversations
 ///     ``chat_template`` (a Jinja file, or ``"chatml"`` for the default recipe's fixed ChatML;
 ///     ``None``: the model's own), ``loss_on`` (``"assistant"``, ``"all"`` or ``"last"``) and
-///     ``truncation`` (``"turns"``, ``"right"`` or ``"left"``); ``progress=False`` hides
-///     the bar.
+///     ``truncation`` (``"turns"``, ``"right"`` or ``"left"``); ``compute_dtype``
+///     (``"f32"``, or ``"bf16"`` to store the frozen base weights in bf16); ``progress=False``
+///     hides the bar.
 ///
 /// Returns:
 ///     the run's metrics as a dict (the contents of ``metrics.json``: per-step loss, eval
@@ -75,7 +76,7 @@ use crate::run::{file_err, to_py};
     feedforward_modules = None, num_virtual_tokens = 20, prompt_tuning_init_text = None,
     encoder_hidden_size = None, prefix_projection = false, reduction_factor = 16.0,
     non_linearity = None, adapter_name = "lorafuse", fuse = None, chat_template = None,
-    loss_on = "assistant", truncation = "turns", progress = true
+    loss_on = "assistant", truncation = "turns", compute_dtype = "f32", progress = true
 ))]
 pub(crate) fn finetune<'py>(
     py: Python<'py>,
@@ -120,6 +121,7 @@ pub(crate) fn finetune<'py>(
     chat_template: Option<std::path::PathBuf>,
     loss_on: &str,
     truncation: &str,
+    compute_dtype: &str,
     progress: bool,
 ) -> PyResult<Bound<'py, PyAny>> {
     use lorafuse::train::recipe::{
@@ -201,6 +203,7 @@ pub(crate) fn finetune<'py>(
         },
         seed,
         nf4: Nf4Spec::default(),
+        compute_dtype: compute_dtype.parse::<ComputeDtype>().map_err(to_py)?,
         additive: AdditiveSettings {
             feedforward_modules: feedforward_modules
                 .unwrap_or_else(|| AdditiveSettings::default().feedforward_modules),

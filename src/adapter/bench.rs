@@ -669,7 +669,7 @@ mod tests {
             let mut p = Prepared::new(&be, &case, 1).unwrap();
             let before = match &p.base.weight {
                 BaseWeight::Dense(w) => Some(be.download(w).unwrap()),
-                BaseWeight::Nf4(_) => None,
+                BaseWeight::Nf4(_) | BaseWeight::Bf16(_) => None,
             };
             assert!(p.run().unwrap() > Duration::ZERO, "{}", case.name());
             if let (Some(before), BaseWeight::Dense(w)) = (before, &p.base.weight) {

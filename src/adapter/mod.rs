@@ -37,12 +37,13 @@ pub use mlp::Mlp;
 pub use soft_prompt::{PromptMethod, SoftPrompt};
 pub use vera::{VeraLayer, VeraShared};
 
-use crate::backend::{Backend, Base, LowRank, Nf4Weight, Tensor};
+use crate::backend::{Backend, Base, Bf16Weight, LowRank, Nf4Weight, Tensor};
 use crate::error::{Error, Result};
 use crate::quant::nf4::Nf4Tensor;
 
 /// A frozen base weight `[out, in]`: dense (f32, or narrower where the backend stores frozen
-/// weights so, see [`Backend::freeze`]), or NF4-quantized (QLoRA).
+/// weights so, see [`Backend::freeze`]), NF4-quantized (QLoRA), or bf16 (`--compute-dtype
+/// bf16`).
 ///
 /// Every adapter works over both: the backend's fused op takes either ([`Base`]). An NF4 base
 /// is never dequantized whole by the forward or the backward; see [`Linear::dequantized`] for
@@ -54,6 +55,9 @@ pub enum BaseWeight<B: Backend> {
     /// bitsandbytes NF4 `[out, in]` (with or without double quantization), dequantized tile by
     /// tile inside the matmuls.
     Nf4(Nf4Weight<B>),
+    /// bf16 `[out, in]` (`--compute-dtype bf16`), widened to f32 tile by tile inside the
+    /// matmuls (see [`Bf16Weight`]).
+    Bf16(Bf16Weight<B>),
 }
 
 impl<B: Backend> BaseWeight<B> {
@@ -62,6 +66,7 @@ impl<B: Backend> BaseWeight<B> {
         match self {
             BaseWeight::Dense(w) => (w.dim(0), w.dim(1)),
             BaseWeight::Nf4(w) => w.dims(),
+            BaseWeight::Bf16(w) => w.dims(),
         }
     }
 
@@ -73,12 +78,13 @@ impl<B: Backend> BaseWeight<B> {
         match self {
             BaseWeight::Dense(w) => B::stored_bytes(w),
             BaseWeight::Nf4(w) => w.bytes(),
+            BaseWeight::Bf16(w) => w.bytes(),
         }
     }
 
-    /// Whether this is a quantized (not dense) weight.
+    /// Whether this is a quantized (NF4) weight.
     pub fn is_quantized(&self) -> bool {
-        !matches!(self, BaseWeight::Dense(_))
+        matches!(self, BaseWeight::Nf4(_))
     }
 
     /// The weight as the backend's fused op reads it.
@@ -86,6 +92,7 @@ impl<B: Backend> BaseWeight<B> {
         match self {
             BaseWeight::Dense(w) => Base::Dense(w),
             BaseWeight::Nf4(w) => Base::Nf4(w),
+            BaseWeight::Bf16(w) => Base::Bf16(w),
         }
     }
 
@@ -93,13 +100,7 @@ impl<B: Backend> BaseWeight<B> {
     pub fn dense_or_err(&self, what: &str) -> Result<&Tensor<B>> {
         match self {
             BaseWeight::Dense(w) => Ok(w),
-            BaseWeight::Nf4(_) => Err(Error::arg(
-                "base",
-                format!(
-                    "{what} needs a dense base weight but it is NF4; dequantize it first \
-                     (Linear::dequantized), or re-quantize the merged result"
-                ),
-            )),
+            w => Err(not_dense(what, w)),
         }
     }
 
@@ -107,15 +108,24 @@ impl<B: Backend> BaseWeight<B> {
     pub fn dense_mut_or_err(&mut self, what: &str) -> Result<&mut Tensor<B>> {
         match self {
             BaseWeight::Dense(w) => Ok(w),
-            BaseWeight::Nf4(_) => Err(Error::arg(
-                "base",
-                format!(
-                    "{what} needs a dense base weight but it is NF4; dequantize it first \
-                     (Linear::dequantized), or re-quantize the merged result"
-                ),
-            )),
+            w => Err(not_dense(what, w)),
         }
     }
+}
+
+/// The error of an op that needs a dense base weight, naming the format `w` has.
+fn not_dense<B: Backend>(what: &str, w: &BaseWeight<B>) -> Error {
+    let (format, way) = match w {
+        BaseWeight::Nf4(_) => ("NF4", "or re-quantize the merged result"),
+        _ => ("bf16", "or train with --compute-dtype f32"),
+    };
+    Error::arg(
+        "base",
+        format!(
+            "{what} needs a dense base weight but it is {format}; widen it first \
+             (Linear::dequantized), {way}"
+        ),
+    )
 }
 
 /// An `nn.Linear`-shaped layer: `y = x W^T + bias`, weight `[out, in]`, bias `[out]`.
@@ -177,7 +187,8 @@ impl<B: Backend> Linear<B> {
     ) -> Result<crate::backend::LowRankOut<B>> {
         be.linear_lowrank(x, self.weight.as_base(), self.bias.as_ref(), Some(term))
     }
-    /// A dense copy of this layer: itself for a dense base; for an NF4 base the dequantized
+    /// A dense copy of this layer: itself for a dense base; for a bf16 base its values in f32;
+    /// for an NF4 base the dequantized
     /// weight (bitsandbytes' `dequantize_4bit`, bit for bit). This materializes the f32 weight:
     /// use it to merge an adapter into a quantized base (merge, then keep f32/bf16 or
     /// re-quantize), never in training.
@@ -185,6 +196,7 @@ impl<B: Backend> Linear<B> {
         let weight = match &self.weight {
             BaseWeight::Dense(w) => w.clone(),
             BaseWeight::Nf4(w) => be.nf4_dequantize(w)?,
+            BaseWeight::Bf16(w) => be.bf16_to_f32(w)?,
         };
         Ok(Linear {
             weight: BaseWeight::Dense(weight),

@@ -14,7 +14,8 @@
 use super::lowrank::{Base, InputGrad, LowRank, LowRankOut, ParamGrads};
 use super::multi::LowRankPool;
 use super::{
-    Activation, AdaLoraIpt, AdamWParams, AttentionSaved, Axis, Nf4Weight, SeqSpan, Tensor,
+    Activation, AdaLoraIpt, AdamWParams, AttentionSaved, Axis, Bf16Weight, Nf4Weight, SeqSpan,
+    Tensor,
 };
 use crate::error::Result;
 use crate::quant::nf4::Nf4Tensor;
@@ -32,6 +33,8 @@ pub trait Kernels: Clone + Send + Sync + Sized + 'static {
     /// Device storage of one NF4-quantized weight (packed indices + absmax statistics, in
     /// bitsandbytes' layout); see [`Nf4Weight`].
     type Nf4Buf: Clone + Send + Sync;
+    /// Device storage of one bf16 frozen weight; see [`Bf16Weight`].
+    type Bf16Buf: Clone + Send + Sync;
 
     /// Short backend name (`cpu`, `cuda`, `wgpu`).
     fn name_kernel(&self, _: Checked) -> &'static str;
@@ -229,6 +232,17 @@ pub trait Kernels: Clone + Send + Sync + Sized + 'static {
 
     fn upload_nf4_kernel(&self, _: Checked, w: &Nf4Tensor) -> Result<Nf4Weight<Self>>;
     fn nf4_dequantize_kernel(&self, _: Checked, w: &Nf4Weight<Self>) -> Result<Tensor<Self>>;
+
+    // ---- bf16 frozen weights --------------------------------------------------------------------
+
+    fn upload_bf16_kernel(
+        &self,
+        _: Checked,
+        data: &[f32],
+        out: usize,
+        in_: usize,
+    ) -> Result<Bf16Weight<Self>>;
+    fn bf16_to_f32_kernel(&self, _: Checked, w: &Bf16Weight<Self>) -> Result<Tensor<Self>>;
 
     // ---- AdaLoRA's rank allocator and orthogonal regularizer ----------------------------------------
 

@@ -1,7 +1,7 @@
 //! The one description of what a fused epilogue adds to a base product.
 //!
 //! Every method of the reparameterization family is the same op over a frozen base weight
-//! `W [out, in]` (dense or NF4, [`Base`]):
+//! `W [out, in]` (dense, NF4 or bf16, [`Base`]):
 //!
 //! ```text
 //! h  = x A^T                                   [T, r]   (A = lora_a[:, :in])
@@ -27,7 +27,7 @@
 //! part the caller trains ([`GradWants`]), by the chain rule through this one formula; the
 //! merge folds the term into a dense W.
 
-use super::{Kernels, Nf4Weight, Tensor};
+use super::{Bf16Weight, Kernels, Nf4Weight, Tensor};
 
 /// A frozen base weight `[out, in]` as a fused product reads it.
 pub enum Base<'a, B: Kernels> {
@@ -35,6 +35,8 @@ pub enum Base<'a, B: Kernels> {
     Dense(&'a Tensor<B>),
     /// bitsandbytes NF4, dequantized tile by tile inside the product (QLoRA).
     Nf4(&'a Nf4Weight<B>),
+    /// bf16 storage (`--compute-dtype bf16`), widened to f32 inside the product.
+    Bf16(&'a Bf16Weight<B>),
 }
 
 impl<B: Kernels> Clone for Base<'_, B> {
@@ -49,6 +51,7 @@ impl<B: Kernels> std::fmt::Debug for Base<'_, B> {
         match self {
             Base::Dense(w) => write!(f, "Dense{:?}", w.shape()),
             Base::Nf4(w) => write!(f, "{w:?}"),
+            Base::Bf16(w) => write!(f, "{w:?}"),
         }
     }
 }
@@ -59,6 +62,7 @@ impl<'a, B: Kernels> Base<'a, B> {
         match self {
             Base::Dense(w) => (w.dim(0), w.dim(1)),
             Base::Nf4(w) => w.dims(),
+            Base::Bf16(w) => w.dims(),
         }
     }
 }

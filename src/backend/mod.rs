@@ -34,8 +34,8 @@ pub use lowrank::{
 };
 pub use multi::LowRankPool;
 pub use tensor::{
-    Activation, AdaLoraIpt, AdamWParams, AttentionSaved, Axis, Nf4Weight, SeqSpan, Tensor,
-    cross_entropy_loss, cross_entropy_terms,
+    Activation, AdaLoraIpt, AdamWParams, AttentionSaved, Axis, Bf16Weight, Nf4Weight, SeqSpan,
+    Tensor, cross_entropy_loss, cross_entropy_terms,
 };
 
 /// The ops every part of lorafuse computes with. Every method is provided: it checks its
@@ -400,6 +400,26 @@ pub trait Backend: Kernels {
     fn nf4_dequantize(&self, w: &Nf4Weight<Self>) -> Result<Tensor<Self>> {
         self.nf4_dequantize_kernel(Checked(()), w)
     }
+    // ---- bf16 frozen base weights (`--compute-dtype bf16`) ----------------------------------------
+    //
+    // A bf16 base is a `Base::Bf16` of the fused product: the products read the bf16 values
+    // (exactly representable in f32) and accumulate in f32, so results equal the dense product
+    // on the rounded weight up to f32 summation order.
+
+    /// Uploads `data` (`[out, in]` row-major f32) as a frozen bf16 weight, each value rounded
+    /// to the nearest bf16, ties to even (`torch.Tensor.to(torch.bfloat16)`, `half::bf16`;
+    /// NaN stays NaN). A checkpoint published in bf16 (SmolLM2 is) is held exactly. Errors:
+    /// `shape` not 2-D, or `data.len()` differs from its element count.
+    fn upload_bf16(&self, data: &[f32], shape: &[usize]) -> Result<Bf16Weight<Self>> {
+        let (out, in_) = check::bf16_weight(data.len(), shape)?;
+        self.upload_bf16_kernel(Checked(()), data, out, in_)
+    }
+    /// The weight as a dense f32 `[out, in]` tensor (each value exactly its bf16). This
+    /// materializes f32: for merging and exporting, not for the forward or backward.
+    fn bf16_to_f32(&self, w: &Bf16Weight<Self>) -> Result<Tensor<Self>> {
+        self.bf16_to_f32_kernel(Checked(()), w)
+    }
+
     // ---- AdaLoRA's rank allocator and orthogonal regularizer (PEFT `RankAllocator`) ----------
     //
     // The pieces of `RankAllocator.update_and_allocate` and of the regularizer of

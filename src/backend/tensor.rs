@@ -123,6 +123,52 @@ impl<B: Kernels> Nf4Weight<B> {
     }
 }
 
+/// A frozen base weight `[out, in]` stored as bfloat16 (`torch.bfloat16`: the top 16 bits of
+/// the f32, rounded to nearest even), the storage of `--compute-dtype bf16`: half the bytes of
+/// f32, products still accumulated in f32. Made by [`Backend::upload_bf16`]. The CPU holds the
+/// bf16 bits and widens them a tile of rows at a time inside each product (exact: every bf16
+/// is an f32); the GPU backends hold the rounded values in their frozen storage
+/// ([`Backend::upload_frozen`]), so every backend computes with the same weight values.
+pub struct Bf16Weight<B: Kernels> {
+    pub(crate) buf: B::Bf16Buf,
+    pub(crate) out: usize,
+    pub(crate) in_: usize,
+    pub(crate) bytes: usize,
+}
+
+impl<B: Kernels> Clone for Bf16Weight<B> {
+    fn clone(&self) -> Self {
+        Bf16Weight {
+            buf: self.buf.clone(),
+            out: self.out,
+            in_: self.in_,
+            bytes: self.bytes,
+        }
+    }
+}
+
+impl<B: Kernels> std::fmt::Debug for Bf16Weight<B> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Bf16Weight[{}, {}]", self.out, self.in_)
+    }
+}
+
+impl<B: Kernels> Bf16Weight<B> {
+    /// `(out, in)`.
+    pub fn dims(&self) -> (usize, usize) {
+        (self.out, self.in_)
+    }
+    /// Bytes as stored on the backend: `2 out in` on the CPU (and on wgpu's f16 frozen
+    /// storage), `4 out in` where a backend keeps frozen weights in f32.
+    pub fn bytes(&self) -> usize {
+        self.bytes
+    }
+    /// The backend buffer.
+    pub fn buf(&self) -> &B::Bf16Buf {
+        &self.buf
+    }
+}
+
 /// Saved state of a causal attention forward pass, needed by its backward.
 pub struct AttentionSaved<B: Kernels> {
     /// Attention output `[T, Hq*hd]` (before the output projection).

@@ -112,6 +112,7 @@ pub fn model_tensors<B: Backend>(
                 encode(name, t)
             }
             ModelWeight::Projection(BaseWeight::Nf4(q)) => encode(name, &be.nf4_dequantize(q)?),
+            ModelWeight::Projection(BaseWeight::Bf16(w)) => encode(name, &be.bf16_to_f32(w)?),
         })
         .collect()
 }
@@ -140,19 +141,25 @@ pub fn nf4_model_tensors(
                     .map_err(|e| Error::arg(name.clone(), e.to_string()))?;
                 tensors.extend(nf4_to_bnb_tensors(&name, &q));
             }
+            ModelWeight::Projection(BaseWeight::Bf16(w)) => {
+                let w = Cpu.bf16_to_f32(w)?;
+                let q = quantize_nf4(w.data(), w.shape(), spec.blocksize, spec.double_quant)
+                    .map_err(|e| Error::arg(name.clone(), e.to_string()))?;
+                tensors.extend(nf4_to_bnb_tensors(&name, &q));
+            }
         }
     }
     Ok(tensors)
 }
 
 /// Merges every adapter of `model` into its base (PEFT's `merge_and_unload`); an adapted NF4
-/// projection is dequantized first (bitsandbytes' values) and merged in f32. Returns how many
-/// projections were merged.
+/// projection is dequantized first (bitsandbytes' values), a bf16 one widened, and merged in
+/// f32. Returns how many projections were merged.
 pub fn merge_into_base<B: Backend>(be: &B, model: &mut Llama<B>) -> Result<usize> {
     let mut merged = 0;
     for block in &mut model.layers {
         for p in block.proj.iter_mut().filter(|p| p.adapter.is_some()) {
-            if p.base.weight.is_quantized() {
+            if !matches!(p.base.weight, BaseWeight::Dense(_)) {
                 p.base = p.base.dequantized(be)?;
             }
             merged += 1;

@@ -405,6 +405,10 @@ pub fn write_gguf_model<B: Backend>(
                 let t = be.nf4_dequantize(q)?;
                 (be.download(&t)?, t.shape().to_vec())
             }
+            ModelWeight::Projection(BaseWeight::Bf16(w)) => {
+                let t = be.bf16_to_f32(w)?;
+                (be.download(&t)?, t.shape().to_vec())
+            }
         };
         if let Some(h) = heads {
             permute_qk(&mut data, shape[0], shape[1], h)?;

@@ -2,7 +2,7 @@
 //! projection keeps its frozen base and gains an adapter of one method), which tensors train
 //! (adapters, or the base tensors in full fine-tuning), and merging the adapters back in.
 
-use super::llama::{Llama, Nf4Spec, proj_path, target_indices};
+use super::llama::{ComputeDtype, Llama, Nf4Spec, proj_path, target_indices};
 use crate::adapter::{
     AdaLoraLayer, Adapter, AdapterFusion, AdapterSaved, BaseWeight, BeftLayer, Bottleneck,
     DoraLayer, Ia3Layer, Linear, LnTuning, LoraConfig, LoraLayer, MethodKind, PromptMethod,
@@ -432,23 +432,30 @@ impl<B: Backend> Llama<B> {
         Ok(())
     }
 
-    /// Marks every dense projection weight frozen ([`Backend::freeze`]): on a backend that
-    /// stores frozen weights narrower (wgpu with `SHADER_F16`: f16) they are converted, halving
-    /// their memory; elsewhere nothing changes. For adapter training only: a frozen weight
-    /// cannot be trained (full fine-tuning) or merged into in place on such a backend.
-    pub fn freeze_bases(&mut self, be: &B) -> Result<()> {
+    /// Marks every dense projection weight frozen, stored as `dtype` says: f32 through
+    /// [`Backend::freeze`] (on a backend that stores frozen weights narrower, wgpu with
+    /// `SHADER_F16`, they become f16, halving their memory; elsewhere nothing changes), or bf16
+    /// ([`Backend::upload_bf16`], half the memory on every backend that holds bf16). For
+    /// adapter training only: a frozen weight cannot be trained (full fine-tuning) or merged
+    /// into in place.
+    pub fn freeze_bases(&mut self, be: &B, dtype: ComputeDtype) -> Result<()> {
         for b in &mut self.layers {
             for proj in &mut b.proj {
                 if let BaseWeight::Dense(w) = &mut proj.base.weight {
                     let t = std::mem::replace(w, be.zeros(&[0])?);
-                    *w = be.freeze(t)?;
+                    proj.base.weight = match dtype {
+                        ComputeDtype::F32 => BaseWeight::Dense(be.freeze(t)?),
+                        ComputeDtype::Bf16 => {
+                            BaseWeight::Bf16(be.upload_bf16(&be.download(&t)?, t.shape())?)
+                        }
+                    };
                 }
             }
         }
         Ok(())
     }
 
-    /// Bytes held by the projection base weights (NF4, f32 or f16).
+    /// Bytes held by the projection base weights (NF4, f32, f16 or bf16).
     pub fn base_weight_bytes(&self) -> usize {
         self.layers
             .iter()

@@ -70,6 +70,43 @@ impl Default for Nf4Spec {
     }
 }
 
+/// How the frozen dense projection weights are stored under adapters (`--compute-dtype`):
+/// f32 as loaded, or bf16 (half the bytes; [`crate::backend::Bf16Weight`]). In both the
+/// products accumulate in f32, and the adapter weights, their gradients and AdamW's moments
+/// stay f32, as under PEFT with `torch.autocast("cpu", torch.bfloat16)` over bf16 bases.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ComputeDtype {
+    #[default]
+    F32,
+    Bf16,
+}
+
+impl ComputeDtype {
+    /// The name the CLI and the job files use (`f32`, `bf16`).
+    pub fn name(self) -> &'static str {
+        match self {
+            ComputeDtype::F32 => "f32",
+            ComputeDtype::Bf16 => "bf16",
+        }
+    }
+}
+
+impl std::str::FromStr for ComputeDtype {
+    type Err = Error;
+    /// `f32` (also `float32`) or `bf16` (also `bfloat16`), as torch names them.
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "f32" | "float32" => Ok(ComputeDtype::F32),
+            "bf16" | "bfloat16" => Ok(ComputeDtype::Bf16),
+            _ => Err(Error::arg(
+                "compute_dtype",
+                format!("unknown compute dtype {s:?}: expected f32 or bf16"),
+            )),
+        }
+    }
+}
+
 /// Full fine-tuning: which base tensors are trained (Howard & Ruder 2018's gradual
 /// unfreezing is `trainable_from` moving down over training).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -181,7 +181,7 @@ fn continue_adapter<B: Backend>(
     if recipe.method.quantized_base() {
         model.quantize_bases(be, recipe.nf4)?;
     } else {
-        model.freeze_bases(be)?;
+        model.freeze_bases(be, recipe.compute_dtype)?;
     }
     peft::apply_adapter(be, model, &cfg, &tensors)?;
     Ok(cfg)

@@ -6,7 +6,7 @@ use crate::adapter::{
 };
 use crate::backend::{Activation, Backend};
 use crate::error::{Error, Result};
-use crate::model::llama::{FullFinetune, Llama, Nf4Spec};
+use crate::model::llama::{ComputeDtype, FullFinetune, Llama, Nf4Spec};
 use crate::train::data::Example;
 pub use crate::train::hooks::{AdaLoraHook, FusionHook, MethodHook};
 use crate::train::trainer::{Metrics, StepMetric, TrainConfig, train_with};
@@ -353,13 +353,35 @@ pub struct Recipe {
     /// IA3, soft prompt, bottleneck adapter and AdapterFusion settings.
     #[serde(default)]
     pub additive: AdditiveSettings,
+    /// Storage of the frozen dense bases under adapters (`--compute-dtype`, f32 by default).
+    #[serde(default)]
+    pub compute_dtype: ComputeDtype,
 }
 
 impl Recipe {
     /// Checks the settings that need no model: the LoRA config (r, alpha, known target
-    /// modules), the training config, and that the full-fine-tuning options (frozen
-    /// embeddings, gradual unfreezing) are used only with [`Method::Full`].
+    /// modules), the training config, that the full-fine-tuning options (frozen
+    /// embeddings, gradual unfreezing) are used only with [`Method::Full`], and that a bf16
+    /// compute dtype has frozen dense bases to store (not full fine-tuning, which trains them,
+    /// nor QLoRA/QDoRA, whose bases are NF4).
     pub fn validate(&self) -> Result<()> {
+        if self.compute_dtype == ComputeDtype::Bf16
+            && (!self.method.is_adapter() || self.method.quantized_base())
+        {
+            return Err(Error::arg(
+                "compute_dtype",
+                format!(
+                    "--compute-dtype bf16 stores the frozen dense base weights in bf16, and \
+                     --method {} has none: {}",
+                    self.method.name(),
+                    if self.method.quantized_base() {
+                        "its base is NF4 (dequantized to f32 in every product)"
+                    } else {
+                        "full fine-tuning trains the base in f32"
+                    }
+                ),
+            ));
+        }
         let targets = &self.lora.target_modules;
         match self.method {
             // Every module trains; the LoRA settings are unused.
@@ -461,7 +483,7 @@ pub fn prepare_with<B: Backend>(
         // The dense bases stay frozen under adapters: a backend may store them narrower (wgpu:
         // f16 where the adapter has SHADER_F16). Before the adapters' init, so that DoRA's
         // magnitude is the norm of the weight as stored.
-        model.freeze_bases(be)?;
+        model.freeze_bases(be, recipe.compute_dtype)?;
     }
     let add = &recipe.additive;
     let targets = &recipe.lora.target_modules;

@@ -8,6 +8,7 @@ pub mod harness;
 pub mod adalora_alloc;
 pub mod adamw;
 pub mod attention;
+pub mod bf16;
 pub mod dense;
 pub mod determinism;
 pub mod errors;

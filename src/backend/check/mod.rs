@@ -39,12 +39,31 @@ pub fn nf4_weight(w: &Nf4Tensor) -> Result<()> {
     }
 }
 
+/// A base weight's name in errors.
+fn base_name<B: Backend>(base: Base<'_, B>) -> &'static str {
+    match base {
+        Base::Dense(_) => "w",
+        Base::Nf4(_) => "nf4 weight",
+        Base::Bf16(_) => "bf16 weight",
+    }
+}
+
 /// Checks a base weight (2-D for a dense one) and returns `(out, in)`.
 pub fn base<B: Backend>(base: Base<'_, B>) -> Result<(usize, usize)> {
     match base {
         Base::Dense(w) => w.dims2("w"),
         Base::Nf4(w) => Ok(w.dims()),
+        Base::Bf16(w) => Ok(w.dims()),
     }
+}
+
+/// Checks a bf16 weight upload: `shape` is `[out, in]` and `len` its element count.
+pub fn bf16_weight(len: usize, shape: &[usize]) -> Result<(usize, usize)> {
+    let [out, in_] = shape[..] else {
+        return Err(Error::shape("bf16 weight", "2-D [out, in]", shape));
+    };
+    upload(len, shape)?;
+    Ok((out, in_))
 }
 
 /// The names a term's tensors go by in errors: PEFT's for the method the term describes.
@@ -172,11 +191,7 @@ pub fn linear_lowrank<B: Backend>(
     let (t, din) = x.dims2("x")?;
     let (dout, win) = self::base(base)?;
     if win != din {
-        let name = if matches!(base, Base::Nf4(_)) {
-            "nf4 weight"
-        } else {
-            "w"
-        };
+        let name = base_name(base);
         return Err(Error::shape(name, format!("[out, {din}]"), &[dout, win]));
     }
     if let Some(b) = bias {
@@ -201,11 +216,7 @@ pub fn backward_input<B: Backend>(
     let (t, dout) = dy.dims2("dy")?;
     let (wout, din) = self::base(base)?;
     if wout != dout {
-        let name = if matches!(base, Base::Nf4(_)) {
-            "nf4 weight"
-        } else {
-            "w"
-        };
+        let name = base_name(base);
         return Err(Error::shape(name, format!("[{dout}, in]"), &[wout, din]));
     }
     if let Some(term) = term {

@@ -1,14 +1,16 @@
-//! CPU dense linear algebra: the base products `x W^T + bias`, `dy W`, `dy^T x` over a dense or
-//! NF4 weight, elementwise updates and row norms. Plain calls of [`sgemm`]; the NF4 base goes
-//! through `nf4.rs`, tile by tile.
+//! CPU dense linear algebra: the base products `x W^T + bias`, `dy W`, `dy^T x` over a dense, NF4
+//! or bf16 weight, elementwise updates and row norms. Plain calls of [`sgemm`]; the NF4 and bf16
+//! bases go through `tiled.rs`, tile by tile.
 
+use super::bf16::Bf16Tiles;
 use super::gemm::{Op, sgemm};
-use super::{Cpu, new, nf4};
+use super::nf4::Nf4Tiles;
+use super::{Cpu, new, tiled};
 use crate::backend::{Base, Tensor};
 use crate::error::Result;
 use rayon::prelude::*;
 
-/// `x W^T (+ bias)` for x `[t, in]` over a dense or NF4 base → `[t, out]` data.
+/// `x W^T (+ bias)` for x `[t, in]` over a base → `[t, out]` data.
 pub(super) fn base_product(
     x: &Tensor<Cpu>,
     base: Base<'_, Cpu>,
@@ -16,7 +18,8 @@ pub(super) fn base_product(
 ) -> Result<Vec<f32>> {
     match base {
         Base::Dense(w) => Ok(linear(x.data(), w, bias, x.dim(0))),
-        Base::Nf4(w) => Ok(nf4::linear(x, w, bias)?.into_vec()),
+        Base::Nf4(w) => Ok(tiled::linear(x, &Nf4Tiles::new(w), bias)?.into_vec()),
+        Base::Bf16(w) => Ok(tiled::linear(x, &Bf16Tiles::new(w), bias)?.into_vec()),
     }
 }
 
@@ -34,7 +37,7 @@ pub(super) fn linear(x: &[f32], w: &Tensor<Cpu>, bias: Option<&Tensor<Cpu>>, t: 
     y
 }
 
-/// `dx (+)= dy W` for dy `[t, out]` over a dense or NF4 base; adds into `acc` when given,
+/// `dx (+)= dy W` for dy `[t, out]` over a base; adds into `acc` when given,
 /// else returns the new dx.
 pub(super) fn base_backward(
     dy: &[f32],
@@ -50,7 +53,8 @@ pub(super) fn base_backward(
     };
     match base {
         Base::Dense(w) => sgemm(Op::N, Op::N, t, din, dout, 1.0, dy, w.data(), beta, dx),
-        Base::Nf4(w) => nf4::backward_into(dy, w, t, dx),
+        Base::Nf4(w) => tiled::backward_into(dy, &Nf4Tiles::new(w), t, dx),
+        Base::Bf16(w) => tiled::backward_into(dy, &Bf16Tiles::new(w), t, dx),
     }
     fresh.map(|v| new(v, &[t, din]))
 }
@@ -98,7 +102,8 @@ pub(super) fn row_sq_norms(base: Base<'_, Cpu>) -> Result<Tensor<Cpu>> {
                 .collect();
             Ok(new(out, &[dout]))
         }
-        Base::Nf4(w) => nf4::row_sq_norms(w),
+        Base::Nf4(w) => tiled::row_sq_norms(&Nf4Tiles::new(w)),
+        Base::Bf16(w) => tiled::row_sq_norms(&Bf16Tiles::new(w)),
     }
 }
 

@@ -4,9 +4,11 @@
 //! norm) is avoided except in the merges, and the per-output scales are folded into the
 //! `[out, r]` factor rather than applied to `[T, out]` temporaries.
 
+use super::bf16::Bf16Tiles;
 use super::dense::{base_backward, base_product, scale_in_place, sum_sq_f64};
 use super::gemm::{Op, sgemm, sgemm_serial};
-use super::{Cpu, new, nf4};
+use super::nf4::Nf4Tiles;
+use super::{Cpu, new, tiled};
 use crate::backend::{Base, GradWants, InputGrad, LowRank, LowRankOut, ParamGrads, Tensor};
 use crate::error::{Error, Result};
 use rayon::prelude::*;
@@ -168,7 +170,7 @@ pub(super) fn forward(
 }
 
 /// The forward with its weight norm, one pass over a dense W for both: `[x; A] W^T` gives the
-/// base product (first T rows) and `P^T = A W^T` (last r rows) of [`row_norms`]. Over NF4,
+/// base product (first T rows) and `P^T = A W^T` (last r rows) of [`row_norms`]. Over NF4 or bf16,
 /// the norm's tiles and then the forward.
 pub(super) fn forward_with_norm(
     x: &Tensor<Cpu>,
@@ -212,7 +214,7 @@ pub(super) fn forward_with_norm(
             prod.truncate(t * dout);
             (prod, n)
         }
-        Base::Nf4(_) => (
+        Base::Nf4(_) | Base::Bf16(_) => (
             base_product(x, base, None)?,
             row_norms(base, base_row_sq, &bare)?.into_vec(),
         ),
@@ -498,7 +500,8 @@ pub(super) fn row_norms(
             let n = norm_from_p(&p, (r, 1), base_row_sq.data(), &a, &bf, term.scale, din, r);
             Ok(new(n, &[dout]))
         }
-        Base::Nf4(w) => nf4::lowrank_row_norms(w, base_row_sq, term),
+        Base::Nf4(w) => tiled::lowrank_row_norms(&Nf4Tiles::new(w), base_row_sq, term),
+        Base::Bf16(w) => tiled::lowrank_row_norms(&Bf16Tiles::new(w), base_row_sq, term),
     }
 }
 

@@ -1,8 +1,10 @@
-//! The CPU reference backend: f32, row-major `Vec<f32>` buffers, a fast GEMM ([`gemm`]) and
+//! The CPU reference backend: f32, row-major `Vec<f32>` buffers (frozen NF4 and bf16 bases in
+//! their own stores), a fast GEMM ([`gemm`]) and
 //! rayon for the rest. Every other backend is tested against these functions, so they favour
 //! plain, obviously-correct loops around the GEMMs.
 
 pub mod adalora;
+mod bf16;
 mod dense;
 pub mod gemm;
 mod lowrank;
@@ -15,12 +17,13 @@ mod pointwise;
 mod simd;
 #[cfg(target_arch = "x86_64")]
 mod small_m;
+mod tiled;
 
 use super::check::{AdamWFactors, EmaCoefs};
 use super::kernels::Checked;
 use super::{
-    Activation, AdaLoraIpt, AdamWParams, AttentionSaved, Axis, Base, GradWants, InputGrad, Kernels,
-    LowRank, LowRankOut, LowRankPool, Nf4Weight, ParamGrads, SeqSpan, Tensor,
+    Activation, AdaLoraIpt, AdamWParams, AttentionSaved, Axis, Base, Bf16Weight, GradWants,
+    InputGrad, Kernels, LowRank, LowRankOut, LowRankPool, Nf4Weight, ParamGrads, SeqSpan, Tensor,
 };
 use crate::error::{Error, Result};
 use crate::quant::nf4::Nf4Tensor;
@@ -73,6 +76,8 @@ impl Kernels for Cpu {
     type Buf = Vec<f32>;
     /// The quantized tensor itself, shared: uploading copies it once, clones are cheap.
     type Nf4Buf = Arc<Nf4Tensor>;
+    /// The bf16 bits, row-major, shared.
+    type Bf16Buf = Arc<Vec<u16>>;
 
     fn name_kernel(&self, _: Checked) -> &'static str {
         "cpu"
@@ -223,6 +228,18 @@ impl Kernels for Cpu {
     }
     fn nf4_dequantize_kernel(&self, _: Checked, w: &Nf4Weight<Self>) -> Result<Tensor<Self>> {
         nf4::dequantize(w)
+    }
+    fn upload_bf16_kernel(
+        &self,
+        _: Checked,
+        data: &[f32],
+        out: usize,
+        in_: usize,
+    ) -> Result<Bf16Weight<Self>> {
+        bf16::upload(data, out, in_)
+    }
+    fn bf16_to_f32_kernel(&self, _: Checked, w: &Bf16Weight<Self>) -> Result<Tensor<Self>> {
+        bf16::to_f32(w)
     }
 
     fn adalora_update_ipt_kernel(

@@ -115,6 +115,7 @@ pub(super) fn base_product(
 ) -> Result<Tensor<Cuda>> {
     let w = match base {
         Base::Dense(w) => w,
+        Base::Bf16(w) => &w.buf,
         Base::Nf4(w) => return nf4::linear(be, x, w, bias),
     };
     let (t, din, dout) = (x.dim(0), x.dim(1), w.dim(0));
@@ -152,23 +153,23 @@ pub(super) fn base_backward_into(
     dx: u64,
     beta: f32,
 ) -> Result<()> {
-    match base {
-        Base::Dense(w) => {
-            let (dout, din) = (w.dim(0), w.dim(1));
-            be.gemm_s(
-                t,
-                din,
-                dout,
-                1.0,
-                Mat::n(dy, dout),
-                Mat::n(be.ptr("w", w)?, din),
-                beta,
-                dx,
-                din,
-            )
-        }
-        Base::Nf4(w) => nf4::backward_into(be, dy, t, w, dx, beta),
-    }
+    let w = match base {
+        Base::Dense(w) => w,
+        Base::Bf16(w) => &w.buf,
+        Base::Nf4(w) => return nf4::backward_into(be, dy, t, w, dx, beta),
+    };
+    let (dout, din) = (w.dim(0), w.dim(1));
+    be.gemm_s(
+        t,
+        din,
+        dout,
+        1.0,
+        Mat::n(dy, dout),
+        Mat::n(be.ptr("w", w)?, din),
+        beta,
+        dx,
+        din,
+    )
 }
 
 /// `dW += dy^T x`.
@@ -249,6 +250,7 @@ pub(super) fn sum_squares(be: &Cuda, a: &Tensor<Cuda>) -> Result<f64> {
 pub(super) fn row_sq_norms(be: &Cuda, base: Base<'_, Cuda>) -> Result<Tensor<Cuda>> {
     let w = match base {
         Base::Dense(w) => w,
+        Base::Bf16(w) => &w.buf,
         Base::Nf4(w) => return nf4::row_sq_norms(be, w),
     };
     let (dout, din) = (w.dim(0), w.dim(1));

@@ -274,6 +274,11 @@ pub(super) fn forward(
     bias: Option<&Tensor<Cuda>>,
     term: Option<&LowRank<'_, Cuda>>,
 ) -> Result<LowRankOut<Cuda>> {
+    // A bf16 base is a frozen dense tensor here: the dense kernels (and their decode path) take it.
+    let base = match base {
+        Base::Bf16(w) => Base::Dense(&w.buf),
+        b => b,
+    };
     let Some(term) = term else {
         return Ok(LowRankOut {
             y: base_product(be, x, base, bias)?,
@@ -697,24 +702,26 @@ pub(super) fn row_norms(
     let lr = Term::new(be, term)?;
     let r = lr.r;
     // P = W A^T [out, r] (f32): W's one pass.
+    let dense_p = |w: &Tensor<Cuda>| -> Result<Tensor<Cuda>> {
+        let p = be.alloc_typed(&[dout, r], DType::F32)?;
+        be.gemm(
+            dout,
+            r,
+            din,
+            1.0,
+            Mat::n(be.ptr("w", w)?, din),
+            Mat::t(lr.a, lr.lda),
+            0.0,
+            be.ptr_f32("P", &p)?,
+            r,
+            be.dtype,
+            DType::F32,
+        )?;
+        Ok(p)
+    };
     let p = match base {
-        Base::Dense(w) => {
-            let p = be.alloc_typed(&[dout, r], DType::F32)?;
-            be.gemm(
-                dout,
-                r,
-                din,
-                1.0,
-                Mat::n(be.ptr("w", w)?, din),
-                Mat::t(lr.a, lr.lda),
-                0.0,
-                be.ptr_f32("P", &p)?,
-                r,
-                be.dtype,
-                DType::F32,
-            )?;
-            p
-        }
+        Base::Dense(w) => dense_p(w)?,
+        Base::Bf16(w) => dense_p(&w.buf)?,
         Base::Nf4(w) => nf4::project_f32(be, w, lr.a, lr.lda, r)?,
     };
     // G = A A^T [r, r], B' [out, r], Q = B' G [out, r], all f32.

@@ -39,8 +39,8 @@ mod pointwise;
 use super::check::{AdamWFactors, EmaCoefs};
 use super::kernels::Checked;
 use super::{
-    Activation, AdaLoraIpt, AdamWParams, AttentionSaved, Axis, Base, GradWants, Kernels, LowRank,
-    LowRankOut, LowRankPool, Nf4Weight, ParamGrads, SeqSpan, Tensor,
+    Activation, AdaLoraIpt, AdamWParams, AttentionSaved, Axis, Base, Bf16Weight, GradWants,
+    Kernels, LowRank, LowRankOut, LowRankPool, Nf4Weight, ParamGrads, SeqSpan, Tensor,
 };
 use crate::error::{Error, Result};
 use crate::quant::nf4::Nf4Tensor;
@@ -577,6 +577,8 @@ pub(crate) fn blocks(a: usize, b: usize) -> u32 {
 
 impl Kernels for Cuda {
     type Buf = CudaBuf;
+    /// A frozen dense tensor of the bf16-rounded values ([`memory::upload_bf16`]).
+    type Bf16Buf = Tensor<Self>;
     type Nf4Buf = CudaNf4;
 
     fn name_kernel(&self, _: Checked) -> &'static str {
@@ -719,6 +721,18 @@ impl Kernels for Cuda {
     }
     fn nf4_dequantize_kernel(&self, _: Checked, w: &Nf4Weight<Self>) -> Result<Tensor<Self>> {
         nf4::dequantize(self, w)
+    }
+    fn upload_bf16_kernel(
+        &self,
+        _: Checked,
+        data: &[f32],
+        out: usize,
+        in_: usize,
+    ) -> Result<Bf16Weight<Self>> {
+        memory::upload_bf16(self, data, out, in_)
+    }
+    fn bf16_to_f32_kernel(&self, _: Checked, w: &Bf16Weight<Self>) -> Result<Tensor<Self>> {
+        memory::bf16_to_f32(self, w)
     }
 
     fn adalora_update_ipt_kernel(

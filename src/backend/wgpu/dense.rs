@@ -113,8 +113,8 @@ impl Wgpu {
 
 // ---- the base products --------------------------------------------------------------------
 
-/// `y = x W^T (+ bias) (+ the low-rank term)` for x `[t, in]` over a dense or NF4 base, in one
-/// pass over y (an NF4 base: one per tile of W's rows, see [`nf4::linear`]; the term must then
+/// `y = x W^T (+ bias) (+ the low-rank term)` for x `[t, in]` over a dense, bf16 (held as
+/// frozen f32/f16) or NF4 base, in one pass over y (an NF4 base: one per tile of W's rows, see [`nf4::linear`]; the term must then
 /// have no per-output scale).
 pub(super) fn base_product(
     be: &Wgpu,
@@ -126,29 +126,32 @@ pub(super) fn base_product(
     let (t, din) = (x.dim(0), x.dim(1));
     let dout = base.dims().0;
     let y = be.alloc(&[t, dout]);
-    match base {
-        Base::Dense(w) => {
-            let mut mm = Matmul::new(
-                t,
-                dout,
-                din,
-                Operand::n(&x.buf, din),
-                Operand::t(&w.buf, din),
-                &y.buf,
-                1.0,
-                0.0,
-            );
-            mm.bias = bias.map(|b| &b.buf);
-            mm.lowrank = lowrank;
-            be.matmul(&mm)?;
+    let w = match base {
+        Base::Dense(w) => w,
+        Base::Bf16(w) => &w.buf,
+        Base::Nf4(w) => {
+            nf4::linear(be, x, w, bias, lowrank, &y.buf, None)?;
+            return Ok(y);
         }
-        Base::Nf4(w) => nf4::linear(be, x, w, bias, lowrank, &y.buf, None)?,
-    }
+    };
+    let mut mm = Matmul::new(
+        t,
+        dout,
+        din,
+        Operand::n(&x.buf, din),
+        Operand::t(&w.buf, din),
+        &y.buf,
+        1.0,
+        0.0,
+    );
+    mm.bias = bias.map(|b| &b.buf);
+    mm.lowrank = lowrank;
+    be.matmul(&mm)?;
     Ok(y)
 }
 
-/// `dx (+)= dy W (+ the low-rank term)` for dy `[t, out]` over a dense or NF4 base, in one
-/// pass over dx per product (an NF4 base: one per tile, the term on the first); adds into
+/// `dx (+)= dy W (+ the low-rank term)` for dy `[t, out]` over a dense, bf16 or NF4 base, in
+/// one pass over dx per product (an NF4 base: one per tile, the term on the first); adds into
 /// `acc` when given, else returns the new dx.
 pub(super) fn base_backward(
     be: &Wgpu,
@@ -164,23 +167,26 @@ pub(super) fn base_backward(
         Some(dx) => (&dx.buf, 1.0),
         None => (&fresh.insert(be.alloc(&[t, din])).buf, 0.0),
     };
-    match base {
-        Base::Dense(w) => {
-            let mut mm = Matmul::new(
-                t,
-                din,
-                dout,
-                Operand::n(dy, dout),
-                Operand::n(&w.buf, din),
-                dx,
-                1.0,
-                beta,
-            );
-            mm.lowrank = lowrank;
-            be.matmul(&mm)?;
+    let w = match base {
+        Base::Dense(w) => w,
+        Base::Bf16(w) => &w.buf,
+        Base::Nf4(w) => {
+            nf4::backward_into(be, dy, t, w, lowrank, dx, beta)?;
+            return Ok(fresh);
         }
-        Base::Nf4(w) => nf4::backward_into(be, dy, t, w, lowrank, dx, beta)?,
-    }
+    };
+    let mut mm = Matmul::new(
+        t,
+        din,
+        dout,
+        Operand::n(dy, dout),
+        Operand::n(&w.buf, din),
+        dx,
+        1.0,
+        beta,
+    );
+    mm.lowrank = lowrank;
+    be.matmul(&mm)?;
     Ok(fresh)
 }
 
@@ -308,18 +314,18 @@ pub(super) fn sum_squares(be: &Wgpu, a: &Tensor<Wgpu>) -> Result<f64> {
         .sum())
 }
 
-/// `||W||_row^2 [out]` of a dense (f32 or frozen f16) or NF4 base.
+/// `||W||_row^2 [out]` of a dense (f32 or frozen f16), bf16 or NF4 base.
 pub(super) fn row_sq_norms(be: &Wgpu, base: Base<'_, Wgpu>) -> Result<Tensor<Wgpu>> {
-    match base {
-        Base::Dense(w) => {
-            let (dout, din) = (w.dim(0), w.dim(1));
-            let out = be.alloc(&[dout]);
-            let rows = Rows::new(&w.buf, din);
-            rowdot(be, dout, din, rows, rows, None, Rows::vec(&out.buf, 0))?;
-            Ok(out)
-        }
-        Base::Nf4(w) => nf4::row_sq_norms(be, w),
-    }
+    let w = match base {
+        Base::Dense(w) => w,
+        Base::Bf16(w) => &w.buf,
+        Base::Nf4(w) => return nf4::row_sq_norms(be, w),
+    };
+    let (dout, din) = (w.dim(0), w.dim(1));
+    let out = be.alloc(&[dout]);
+    let rows = Rows::new(&w.buf, din);
+    rowdot(be, dout, din, rows, rows, None, Rows::vec(&out.buf, 0))?;
+    Ok(out)
 }
 
 // ---- reductions and row scalings (shaders/adapters.wgsl) ----------------------------------

@@ -128,7 +128,7 @@ pub(super) fn forward(
     let h = be.gemm(t, r, din, Operand::n(&x.buf, din), a_t(term), 1.0)?;
     let folded = match base {
         Base::Nf4(_) => scaled_b(be, term, dout)?,
-        Base::Dense(_) => None,
+        Base::Dense(_) | Base::Bf16(_) => None,
     };
     let epi = Epilogue {
         r,
@@ -479,15 +479,15 @@ pub(super) fn row_norms(
     base_row_sq: &Tensor<Wgpu>,
     term: &LowRank<'_, Wgpu>,
 ) -> Result<Tensor<Wgpu>> {
-    match base {
-        Base::Dense(w) => {
-            let (dout, din) = (w.dim(0), w.dim(1));
-            // P = W A^T [out, r]: W (f32 or frozen f16) is the matmul's A operand.
-            let p = be.gemm(dout, term.r(), din, Operand::n(&w.buf, din), a_t(term), 1.0)?;
-            norm_from_p(be, &p, base_row_sq, term, dout, din)
-        }
-        Base::Nf4(w) => nf4::lowrank_row_norms(be, w, base_row_sq, term),
-    }
+    let w = match base {
+        Base::Dense(w) => w,
+        Base::Bf16(w) => &w.buf,
+        Base::Nf4(w) => return nf4::lowrank_row_norms(be, w, base_row_sq, term),
+    };
+    let (dout, din) = (w.dim(0), w.dim(1));
+    // P = W A^T [out, r]: W (f32 or frozen f16) is the matmul's A operand.
+    let p = be.gemm(dout, term.r(), din, Operand::n(&w.buf, din), a_t(term), 1.0)?;
+    norm_from_p(be, &p, base_row_sq, term, dout, din)
 }
 
 /// DoRA's norm from `P = W A^T [out, r]` (however W is stored): with `B' = diag(o) B diag(ρ)`,

@@ -38,8 +38,8 @@ use self::ctx::{Ctx, DType, GpuBuf};
 use super::check::{AdamWFactors, EmaCoefs};
 use super::kernels::Checked;
 use super::{
-    Activation, AdaLoraIpt, AdamWParams, AttentionSaved, Axis, Base, GradWants, Kernels, LowRank,
-    LowRankOut, LowRankPool, Nf4Weight, ParamGrads, SeqSpan, Tensor,
+    Activation, AdaLoraIpt, AdamWParams, AttentionSaved, Axis, Base, Bf16Weight, GradWants,
+    Kernels, LowRank, LowRankOut, LowRankPool, Nf4Weight, ParamGrads, SeqSpan, Tensor,
 };
 use crate::error::Result;
 use crate::quant::nf4::Nf4Tensor;
@@ -175,6 +175,8 @@ impl Wgpu {
 impl Kernels for Wgpu {
     type Buf = GpuBuf;
     /// Packed indices and absmax statistics on the device, shared between clones (frozen).
+    /// A frozen dense tensor of the bf16-rounded values ([`memory::upload_bf16`]).
+    type Bf16Buf = Tensor<Self>;
     type Nf4Buf = Arc<Nf4Gpu>;
 
     fn name_kernel(&self, _: Checked) -> &'static str {
@@ -346,6 +348,18 @@ impl Kernels for Wgpu {
     }
     fn nf4_dequantize_kernel(&self, _: Checked, w: &Nf4Weight<Self>) -> Result<Tensor<Self>> {
         nf4::dequantize(self, w)
+    }
+    fn upload_bf16_kernel(
+        &self,
+        _: Checked,
+        data: &[f32],
+        out: usize,
+        in_: usize,
+    ) -> Result<Bf16Weight<Self>> {
+        memory::upload_bf16(self, data, out, in_)
+    }
+    fn bf16_to_f32_kernel(&self, _: Checked, w: &Bf16Weight<Self>) -> Result<Tensor<Self>> {
+        memory::bf16_to_f32(self, w)
     }
 
     fn adalora_update_ipt_kernel(
