@@ -14,8 +14,10 @@ skipped:
 
 lora/dora: LoraConfig(use_dora=...); vera: VeraConfig; adalora: AdaLoraConfig (init_r =
 target_r = r); qlora/qdora: LoraConfig over a bitsandbytes Linear4bit (nf4, double quant,
-blocksize 64, fp32 compute) when bitsandbytes runs on this CPU, otherwise skipped. Median of N
-(at least 3 runs, more until --min-time seconds).
+blocksize 64, fp32 compute) when bitsandbytes runs on this CPU, otherwise skipped. A case with
+"base_dtype": "bf16" holds the frozen base weight in bf16 (the adapter in fp32) and runs under
+torch.autocast("cpu", torch.bfloat16), PEFT's bf16 recipe. Median of N (at least 3 runs, more
+until --min-time seconds).
 
 Without torch/peft the script says so, and (with --markdown) still writes the table with our
 times only. Only the standard library is needed for that.
@@ -121,14 +123,20 @@ def build(torch, peft, case, seed):
         elif method == "adalora":
             layer.lora_E["default"].copy_(rand(r, 1))
             layer.lora_B["default"].copy_(rand(out, r, bound=0.05))
+    if case.get("base_dtype") == "bf16":
+        lin.weight.data = lin.weight.data.to(torch.bfloat16)
+        layer.base_layer.weight.data = layer.base_layer.weight.data.to(torch.bfloat16)
     pm.train()
     x = rand(t, inp).requires_grad_(True)
     dy = rand(t, out)
     return layer, x, dy
 
 
-def time_case(torch, layer, x, dy, op, min_time, min_reps=3, max_reps=50):
+def time_case(torch, layer, x, dy, op, min_time, min_reps=3, max_reps=50, bf16=False):
+    import contextlib
+
     params = [p for p in layer.parameters() if p.requires_grad]
+    cast = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if bf16 else contextlib.nullcontext
 
     def once():
         if op == "fwd_bwd":
@@ -136,8 +144,9 @@ def time_case(torch, layer, x, dy, op, min_time, min_reps=3, max_reps=50):
                 p.grad = None
             x.grad = None
             t0 = time.perf_counter()
-            y = layer(x)
-            y.backward(dy)
+            with cast():
+                y = layer(x)
+            y.backward(dy.to(y.dtype))
             return time.perf_counter() - t0
         with torch.no_grad():
             t0 = time.perf_counter()
@@ -213,7 +222,8 @@ def main():
         for i, case in enumerate(rows):
             try:
                 layer, x, dy = build(torch, peft, case, seed=1234 + i)
-                s, reps = time_case(torch, layer, x, dy, case["op"], a.min_time)
+                s, reps = time_case(torch, layer, x, dy, case["op"], a.min_time,
+                                    bf16=case.get("base_dtype") == "bf16")
                 case["peft_s"] = s
                 print(f"{case['case']:<36} {s * 1e3:>10.3f} {reps:>5} "
                       f"{s / case['ours_s']:>8.2f}x", flush=True)

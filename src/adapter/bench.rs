@@ -16,7 +16,9 @@
 //! * `fwd_bwd`: `layer.forward` then `layer.backward` (dx and every adapter gradient). DoRA's
 //!   forward recomputes its detached weight norm `||W0 + s B A||_row` on every call, as PEFT
 //!   does; `||W0||_row^2` is cached at layer creation (W0 is frozen), which PEFT does not do.
-//!   `qlora` / `qdora` run over an NF4 base (blocksize 64, double quantization).
+//!   `qlora` / `qdora` run over an NF4 base (blocksize 64, double quantization); a case with
+//!   `base_dtype: bf16` over a bf16 base (`--compute-dtype bf16`), which PEFT's side runs with
+//!   a bf16 base weight under `torch.autocast("cpu", torch.bfloat16)`.
 //! * `merge`: `layer.merge` into the dense base (DoRA's includes its weight norm), timed alone;
 //!   the untimed `unmerge` after it restores the base.
 
@@ -71,8 +73,18 @@ pub enum BenchOp {
     Merge,
 }
 
-/// One benchmark case: a method, an op and a shape (`out x in`, rank r, T tokens; T is unused
-/// by a merge and written as 0).
+/// How a case's dense base weight is stored (NF4 methods ignore it).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BaseDtype {
+    #[default]
+    F32,
+    /// A [`crate::backend::Bf16Weight`] base.
+    Bf16,
+}
+
+/// One benchmark case: a method, an op, a shape (`out x in`, rank r, T tokens; T is unused
+/// by a merge and written as 0) and the storage of the dense base.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct BenchCase {
     pub method: BenchMethod,
@@ -82,6 +94,8 @@ pub struct BenchCase {
     pub in_: usize,
     pub r: usize,
     pub tokens: usize,
+    #[serde(default)]
+    pub base_dtype: BaseDtype,
 }
 
 impl BenchCase {
@@ -94,6 +108,14 @@ impl BenchCase {
             in_,
             r,
             tokens,
+            base_dtype: BaseDtype::F32,
+        }
+    }
+    /// The case over a bf16 base.
+    pub fn bf16(self) -> Self {
+        BenchCase {
+            base_dtype: BaseDtype::Bf16,
+            ..self
         }
     }
     /// A merge case.
@@ -105,11 +127,21 @@ impl BenchCase {
             in_,
             r,
             tokens: 0,
+            base_dtype: BaseDtype::F32,
         }
     }
 
-    /// Short stable name, e.g. `lora fwd+bwd 4096x4096 r16 T512`, `dora merge 576x1536 r16`.
+    /// Short stable name, e.g. `lora fwd+bwd 4096x4096 r16 T512`, `dora merge 576x1536 r16`,
+    /// `lora fwd+bwd 4096x4096 r16 T512 bf16`.
     pub fn name(&self) -> String {
+        let name = self.name_f32();
+        match self.base_dtype {
+            BaseDtype::F32 => name,
+            BaseDtype::Bf16 => format!("{name} bf16"),
+        }
+    }
+
+    fn name_f32(&self) -> String {
         match self.op {
             BenchOp::FwdBwd => format!(
                 "{} fwd+bwd {}x{} r{} T{}",
@@ -148,6 +180,8 @@ impl BenchCase {
                 // NF4 with double quant at blocksize 64: 0.5 byte + ~1/64 byte per weight.
                 let w = if self.method.is_nf4() {
                     o * i * (0.5 + 1.0 / 64.0)
+                } else if self.base_dtype == BaseDtype::Bf16 {
+                    2.0 * o * i
                 } else {
                     4.0 * o * i
                 };
@@ -162,7 +196,8 @@ impl BenchCase {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum CaseSet {
     /// A few minutes on 2 cores: SmolLM2-135M's MLP up-projection (`1536x576`) and a
-    /// Llama-7B `4096x4096` projection, rank 16, T 16 and 512, every method; merges.
+    /// Llama-7B `4096x4096` projection, rank 16, T 16 and 512, every method, and LoRA over a
+    /// bf16 base; merges.
     Default,
     /// Default plus T 1 and 4096, ranks 8 and 64, the `4096x11008` and `14336x4096` MLP
     /// projections of Llama-7B / Llama-3-8B, and QDoRA. Long (tens of minutes on 2 cores).
@@ -201,9 +236,17 @@ pub fn cases(set: CaseSet) -> Vec<BenchCase> {
         }
     };
     match set {
-        CaseSet::Small => grid(&mut v, &[(256, 128)], &[16], 8),
+        CaseSet::Small => {
+            grid(&mut v, &[(256, 128)], &[16], 8);
+            v.push(BenchCase::fwd_bwd(BenchMethod::Lora, 256, 128, 8, 16).bf16());
+        }
         CaseSet::Default | CaseSet::Full => {
             grid(&mut v, &[(1536, 576), (4096, 4096)], &[16, 512], 16);
+            for (o, i) in [(1536, 576), (4096, 4096)] {
+                for t in [16, 512] {
+                    v.push(BenchCase::fwd_bwd(BenchMethod::Lora, o, i, 16, t).bf16());
+                }
+            }
         }
     }
     if set == CaseSet::Full {
@@ -270,16 +313,23 @@ impl<B: Backend> Prepared<B> {
                 format!("zero dimension in {}", case.name()),
             ));
         }
-        if case.op == BenchOp::Merge && case.method.is_nf4() {
+        if case.op == BenchOp::Merge && (case.method.is_nf4() || case.base_dtype == BaseDtype::Bf16)
+        {
             return Err(Error::arg(
                 "case",
-                "merge over an NF4 base is a dequantize then a dense merge; bench lora/dora",
+                "merge over an NF4 or bf16 base is a widening then a dense merge; bench the f32 \
+                 lora/dora merge",
             ));
         }
         let wb = 1.0 / (i as f32).sqrt();
         let w0 = random_vec(o * i, wb, seed);
         let base = if case.method.is_nf4() {
             Linear::nf4(be, &quantize_nf4(&w0, &[o, i], 64, true)?)?
+        } else if case.base_dtype == BaseDtype::Bf16 {
+            Linear {
+                weight: BaseWeight::Bf16(be.upload_bf16(&w0, &[o, i])?),
+                bias: None,
+            }
         } else {
             Linear::dense(be.upload(&w0, &[o, i])?)?
         };
