@@ -762,11 +762,34 @@ mod tests {
     #[test]
     fn case_sets_and_names() {
         let d = cases(CaseSet::Default);
-        assert_eq!(d.len(), 2 * (2 * 5 + 4));
+        assert_eq!(d.len(), 2 * (2 * 5 + 4) + 4);
         assert_eq!(d[0].name(), "lora fwd+bwd 1536x576 r16 T16");
+        let last = d.last().unwrap();
+        assert_eq!(last.name(), "lora fwd+bwd 4096x4096 r16 T512 bf16");
         assert!(cases(CaseSet::Full).len() > d.len());
         let json = serde_json::to_string(&d[0]).unwrap();
         assert!(json.contains("\"in\":576") && json.contains("\"op\":\"fwd_bwd\""));
+        assert!(json.contains("\"base_dtype\":\"f32\""), "{json}");
+        let json = serde_json::to_string(last).unwrap();
+        assert!(json.contains("\"base_dtype\":\"bf16\""), "{json}");
+        // An older case file, without base_dtype, reads as f32.
+        let old: BenchCase = serde_json::from_str(
+            r#"{"method":"lora","op":"fwd_bwd","out":8,"in":8,"r":2,"tokens":4}"#,
+        )
+        .unwrap();
+        assert_eq!(old.base_dtype, BaseDtype::F32);
+        // bf16 halves the weight's share of the minimum traffic.
+        let f = BenchCase::fwd_bwd(BenchMethod::Lora, 64, 64, 2, 1);
+        let w_bytes = f.min_bytes() - f.clone().bf16().min_bytes();
+        assert_eq!(w_bytes, 2.0 * 2.0 * 64.0 * 64.0);
         assert!(Prepared::new(&Cpu, &BenchCase::merge(BenchMethod::Qlora, 8, 8, 2), 0).is_err());
+        assert!(
+            Prepared::new(
+                &Cpu,
+                &BenchCase::merge(BenchMethod::Lora, 8, 8, 2).bf16(),
+                0
+            )
+            .is_err()
+        );
     }
 }
