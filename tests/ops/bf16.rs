@@ -12,7 +12,11 @@ use lorafuse::{Backend, Cpu, Error};
 /// `(t, in, out, r)`: T on both sides of the few-token kernels (<= 32) and of the many-token
 /// tiles (64); `in = 1030` makes 48-row tiles, so `out = 100` spans three and `out = 300`
 /// several waves; odd sizes everywhere.
-const CASES: [(usize, usize, usize, usize); 6] = [
+const CASES: [(usize, usize, usize, usize); 9] = [
+    // the CPU's few-row lane kernels read these straight from the bf16 bits (n, k >= 256)
+    (16, 300, 520, 4),
+    (1, 257, 300, 2),
+    (5, 260, 2100, 3),
     (1, 1030, 100, 3),
     (3, 67, 70, 1),
     (17, 130, 9, 7),

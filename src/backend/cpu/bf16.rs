@@ -3,6 +3,7 @@
 //! to f32 is exact (its 16 bits become the f32's top half), so a product over a bf16 base
 //! equals the f32 product over the rounded weight up to summation order.
 
+use super::gemm::{Op, sgemm_bf16_few};
 use super::tiled::Tiles;
 use super::{Cpu, new};
 use crate::backend::{Bf16Weight, Tensor};
@@ -29,6 +30,40 @@ pub(super) fn to_f32(w: &Bf16Weight<Cpu>) -> Result<Tensor<Cpu>> {
     let mut data = vec![0.0f32; w.out * w.in_];
     widen(&w.buf, &mut data);
     Ok(new(data, &[w.out, w.in_]))
+}
+
+/// `x W^T (+ bias)` for x `[t, in]` straight from the bf16 bits, on the few-row lane kernels
+/// where they take the product (a few tokens: the weight streams once at 2 bytes an element);
+/// `None` where the caller should use the tiled product.
+pub(super) fn linear_few(
+    x: &[f32],
+    t: usize,
+    w: &Bf16Weight<Cpu>,
+    bias: Option<&Tensor<Cpu>>,
+) -> Option<Vec<f32>> {
+    let (dout, din) = w.dims();
+    let mut y = vec![0.0f32; t * dout];
+    if let Some(b) = bias {
+        for row in y.chunks_mut(dout.max(1)) {
+            row.copy_from_slice(b.data());
+        }
+    }
+    let beta = if bias.is_some() { 1.0 } else { 0.0 };
+    sgemm_bf16_few(Op::T, t, dout, din, 1.0, x, &w.buf, beta, &mut y).then_some(y)
+}
+
+/// `dx (+)= dy W` (`beta` 0 or 1) for dy `[t, out]` straight from the bf16 bits where the
+/// few-row lane kernels take it; false, with dx untouched, where the caller should use the
+/// tiled product.
+pub(super) fn backward_few(
+    dy: &[f32],
+    t: usize,
+    w: &Bf16Weight<Cpu>,
+    beta: f32,
+    dx: &mut [f32],
+) -> bool {
+    let (dout, din) = w.dims();
+    sgemm_bf16_few(Op::N, t, din, dout, 1.0, dy, &w.buf, beta, dx)
 }
 
 /// A bf16 weight as the tiled products read it.

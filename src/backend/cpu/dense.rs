@@ -2,7 +2,7 @@
 //! or bf16 weight, elementwise updates and row norms. Plain calls of [`sgemm`]; the NF4 and bf16
 //! bases go through `tiled.rs`, tile by tile.
 
-use super::bf16::Bf16Tiles;
+use super::bf16::{self, Bf16Tiles};
 use super::gemm::{Op, sgemm};
 use super::nf4::Nf4Tiles;
 use super::{Cpu, new, tiled};
@@ -19,7 +19,10 @@ pub(super) fn base_product(
     match base {
         Base::Dense(w) => Ok(linear(x.data(), w, bias, x.dim(0))),
         Base::Nf4(w) => Ok(tiled::linear(x, &Nf4Tiles::new(w), bias)?.into_vec()),
-        Base::Bf16(w) => Ok(tiled::linear(x, &Bf16Tiles::new(w), bias)?.into_vec()),
+        Base::Bf16(w) => match bf16::linear_few(x.data(), x.dim(0), w, bias) {
+            Some(y) => Ok(y),
+            None => Ok(tiled::linear(x, &Bf16Tiles::new(w), bias)?.into_vec()),
+        },
     }
 }
 
@@ -54,7 +57,11 @@ pub(super) fn base_backward(
     match base {
         Base::Dense(w) => sgemm(Op::N, Op::N, t, din, dout, 1.0, dy, w.data(), beta, dx),
         Base::Nf4(w) => tiled::backward_into(dy, &Nf4Tiles::new(w), t, dx),
-        Base::Bf16(w) => tiled::backward_into(dy, &Bf16Tiles::new(w), t, dx),
+        Base::Bf16(w) => {
+            if !bf16::backward_few(dy, t, w, beta, dx) {
+                tiled::backward_into(dy, &Bf16Tiles::new(w), t, dx)
+            }
+        }
     }
     fresh.map(|v| new(v, &[t, din]))
 }

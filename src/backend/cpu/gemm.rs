@@ -129,6 +129,39 @@ fn sgemm_on(
     }
 }
 
+/// [`sgemm`] with `b` a bf16 weight (its bits), for few rows: runs where the few-row lane
+/// kernels take the product (`m <= 32`, `n, k >= 256`, on an ISA whose kernels are faster
+/// there than `gemm`) and returns true; returns false, leaving `c` alone, where the caller
+/// must widen `b` itself (the tiled products of `tiled.rs`).
+#[allow(clippy::too_many_arguments)]
+pub fn sgemm_bf16_few(
+    tb: Op,
+    m: usize,
+    n: usize,
+    k: usize,
+    alpha: f32,
+    a: &[f32],
+    b: &[u16],
+    beta: f32,
+    c: &mut [f32],
+) -> bool {
+    debug_assert!(a.len() >= m * k && b.len() >= k * n && c.len() >= m * n);
+    #[cfg(target_arch = "x86_64")]
+    if (1..=small_m::MAX_M).contains(&m) && n >= small_m::MIN_NK_SIDE && k >= small_m::MIN_NK_SIDE {
+        // SAFETY (both): the CPU has the ISA (checked in the same condition).
+        if Avx512::detected() && Avx512::takes(tb, m, n) {
+            unsafe { small_m::sgemm_bf16::<Avx512>(tb, m, n, k, alpha, a, b, beta, c) };
+            return true;
+        }
+        if Avx2::detected() && Avx2::takes(tb, m, n) {
+            unsafe { small_m::sgemm_bf16::<Avx2>(tb, m, n, k, alpha, a, b, beta, c) };
+            return true;
+        }
+    }
+    let _ = (tb, alpha, beta);
+    false
+}
+
 /// [`sgemm`] on the calling thread only: for callers that already split the work across
 /// rayon tasks (a nested parallel GEMM would only add hand-offs).
 #[allow(clippy::too_many_arguments)]
@@ -212,8 +245,10 @@ mod tests {
         what: &str,
     ) {
         for (n, k) in [(257, 1811), (1031, 263), (531, 1029)] {
+            // Multiples of 1/64 below 1: exact in bf16 too, so the bf16 kernels are checked
+            // on the same values.
             let b: Vec<f32> = (0..k * n)
-                .map(|i| ((i * 104729) % 89) as f32 / 89.0 - 0.5)
+                .map(|i| ((i * 104729) % 89) as f32 / 64.0 - 0.5)
                 .collect();
             for m in ms.clone() {
                 let a: Vec<f32> = (0..m * k)
@@ -272,6 +307,65 @@ mod tests {
         }
         check::<Avx2>("avx2");
         check::<Avx512>("avx512");
+    }
+
+    /// The bf16 lane kernels (reading the weight's bits) of each ISA, on the same products
+    /// and values (exact in bf16), and their dispatcher.
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn bf16_lane_kernels_match_naive_on_every_isa() {
+        use super::super::simd::{Avx2, Avx512};
+        fn bits(b: &[f32]) -> Vec<u16> {
+            let bits: Vec<u16> = b
+                .iter()
+                .map(|&v| half::bf16::from_f32(v).to_bits())
+                .collect();
+            for (&v, &u) in b.iter().zip(&bits) {
+                assert_eq!(
+                    f32::from_bits((u as u32) << 16),
+                    v,
+                    "test values are exact in bf16"
+                );
+            }
+            bits
+        }
+        fn check<S: FewRow>(what: &str) {
+            if !S::detected() {
+                eprintln!("SKIP {what} bf16 lane kernels: this CPU does not have them");
+                return;
+            }
+            let f = |tb, m, n, k, alpha, a: &[f32], b: &[f32], beta, c: &mut [f32]| {
+                // SAFETY: the CPU has the ISA (checked above).
+                unsafe { small_m::sgemm_bf16::<S>(tb, m, n, k, alpha, a, &bits(b), beta, c) }
+            };
+            check_few_rows(1..=small_m::MAX_M, &f, what);
+        }
+        check::<Avx2>("avx2");
+        check::<Avx512>("avx512");
+        // The dispatcher: where it takes a product it must be right; m = 33 it declines.
+        let f = |tb, m, n, k, alpha, a: &[f32], b: &[f32], beta, c: &mut [f32]| {
+            if !sgemm_bf16_few(tb, m, n, k, alpha, a, &bits(b), beta, c) {
+                sgemm(Op::N, tb, m, n, k, alpha, a, b, beta, c)
+            }
+        };
+        check_few_rows(1..=33, &f, "sgemm_bf16_few");
+        let mut c = vec![7.0f32; 33 * 300];
+        let (a, b) = (vec![1.0f32; 33 * 300], vec![0u16; 300 * 300]);
+        assert!(!sgemm_bf16_few(
+            Op::T,
+            33,
+            300,
+            300,
+            1.0,
+            &a,
+            &b,
+            0.0,
+            &mut c
+        ));
+        assert!(
+            c.iter().all(|&v| v == 7.0),
+            "a declined product leaves c alone"
+        );
     }
 
     /// Each ISA's Op::N block kernel on its own (where it has one), against the

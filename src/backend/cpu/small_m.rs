@@ -47,8 +47,8 @@ pub(super) trait FewRow: Simd {
     /// Most token registers of one pass of the token-lane kernel.
     const MAX_TOKEN_VECS: usize;
     /// [`lanes_rows`] with `tv` token registers (1..=MAX_TOKEN_VECS) and this ISA's row tile.
-    unsafe fn lanes_rows_entry(
-        w: Weight<'_>,
+    unsafe fn lanes_rows_entry<E: Widen>(
+        w: Weight<'_, E>,
         at: &[f32],
         tv: usize,
         j0: usize,
@@ -69,8 +69,8 @@ impl FewRow for Avx512 {
     // 32 x 576 x 576).
     const MAX_TOKEN_VECS: usize = 1;
     #[target_feature(enable = "avx512f")]
-    unsafe fn lanes_rows_entry(
-        w: Weight<'_>,
+    unsafe fn lanes_rows_entry<E: Widen>(
+        w: Weight<'_, E>,
         at: &[f32],
         _: usize,
         j0: usize,
@@ -78,7 +78,7 @@ impl FewRow for Avx512 {
         out: &mut [f32],
     ) {
         // 16 accumulators; the weight broadcasts are memory operands of the FMAs.
-        unsafe { lanes_rows::<Self, 16, 1>(w, at, j0, rows, out) }
+        unsafe { lanes_rows::<Self, E, 16, 1>(w, at, j0, rows, out) }
     }
     #[target_feature(enable = "avx512f")]
     unsafe fn nt_block_entry(m: usize, k: usize, a: &[f32], w: &[f32], nb: usize, out: &mut [f32]) {
@@ -121,8 +121,8 @@ impl FewRow for Avx2 {
     // rows of w are then 4 KiB apart, in one set); 12 rows ran 1.8x slower at k = 4096.
     const MAX_TOKEN_VECS: usize = 2;
     #[target_feature(enable = "avx2,fma")]
-    unsafe fn lanes_rows_entry(
-        w: Weight<'_>,
+    unsafe fn lanes_rows_entry<E: Widen>(
+        w: Weight<'_, E>,
         at: &[f32],
         tv: usize,
         j0: usize,
@@ -132,8 +132,8 @@ impl FewRow for Avx2 {
         // With 16 tokens a pass, 6 x 2 accumulators, 2 token registers and one broadcast.
         unsafe {
             match tv {
-                1 => lanes_rows::<Self, 8, 1>(w, at, j0, rows, out),
-                _ => lanes_rows::<Self, 6, 2>(w, at, j0, rows, out),
+                1 => lanes_rows::<Self, E, 8, 1>(w, at, j0, rows, out),
+                _ => lanes_rows::<Self, E, 6, 2>(w, at, j0, rows, out),
             }
         }
     }
@@ -176,7 +176,7 @@ pub(super) unsafe fn sgemm<S: FewRow>(
             // SAFETY: the caller's guarantee is passed on.
             unsafe {
                 if mm >= lane_min || tb == Op::N {
-                    lanes::<S>(tb, mm, n, k, alpha, a, b, beta, c);
+                    lanes::<S, f32>(tb, mm, n, k, alpha, a, b, beta, c);
                 } else {
                     sgemm::<S>(tb, mm, n, k, alpha, a, b, beta, c);
                 }
@@ -228,11 +228,59 @@ pub(super) unsafe fn sgemm<S: FewRow>(
 /// index p at `data[j * js + p * ps]` (`[n, k]` for Op::T: js = k, ps = 1; `[k, n]` for Op::N:
 /// js = 1, ps = n).
 #[derive(Clone, Copy)]
-pub(super) struct Weight<'a> {
-    data: &'a [f32],
+pub(super) struct Weight<'a, E: Widen = f32> {
+    data: &'a [E],
     k: usize,
     js: usize,
     ps: usize,
+}
+
+/// A stored weight element that the token-lane kernel widens to f32 as it reads it: f32
+/// itself, or `u16`, the bits of a bf16 (`half::bf16::to_bits`), whose widening is exact.
+pub(super) trait Widen: Copy + Send + Sync {
+    fn widen(self) -> f32;
+}
+
+impl Widen for f32 {
+    #[inline(always)]
+    fn widen(self) -> f32 {
+        self
+    }
+}
+
+impl Widen for u16 {
+    #[inline(always)]
+    fn widen(self) -> f32 {
+        f32::from_bits((self as u32) << 16)
+    }
+}
+
+/// [`sgemm`] over a bf16 weight `b` (its bits, `[n, k]` for Op::T, `[k, n]` for Op::N), always
+/// on the token-lane kernel, which widens each weight element as it broadcasts it: the weight
+/// streams from memory at 2 bytes an element and is never copied to f32.
+///
+/// # Safety
+/// The CPU has `S` ([`Simd::detected`]).
+#[allow(clippy::too_many_arguments)]
+pub(super) unsafe fn sgemm_bf16<S: FewRow>(
+    tb: Op,
+    m: usize,
+    n: usize,
+    k: usize,
+    alpha: f32,
+    a: &[f32],
+    b: &[u16],
+    beta: f32,
+    c: &mut [f32],
+) {
+    assert!(m <= MAX_M && a.len() >= m * k && b.len() >= k * n && c.len() >= m * n);
+    let per_pass = S::LANES * S::MAX_TOKEN_VECS;
+    for i0 in (0..m).step_by(per_pass) {
+        let mm = (m - i0).min(per_pass);
+        let (a, c) = (&a[i0 * k..(i0 + mm) * k], &mut c[i0 * n..(i0 + mm) * n]);
+        // SAFETY: the caller's guarantee is passed on; the slices hold what `lanes` asserts.
+        unsafe { lanes::<S, u16>(tb, mm, n, k, alpha, a, b, beta, c) };
+    }
 }
 
 /// `c = beta * c + alpha * a op(b)` for `a [m, k]`, 1 <= m <= `tv * LANES` with `tv` (token
@@ -251,14 +299,14 @@ pub(super) struct Weight<'a> {
 /// # Safety
 /// The CPU has `S`.
 #[allow(clippy::too_many_arguments)]
-unsafe fn lanes<S: FewRow>(
+unsafe fn lanes<S: FewRow, E: Widen>(
     tb: Op,
     m: usize,
     n: usize,
     k: usize,
     alpha: f32,
     a: &[f32],
-    b: &[f32],
+    b: &[E],
     beta: f32,
     c: &mut [f32],
 ) {
@@ -318,8 +366,8 @@ const KC_LANES: usize = 256;
 /// `out[j, :] = sum_p op(b)[p, j0 + j] * at[p, :]` for j < `cols`: tiles of `R` columns, then
 /// single columns.
 #[inline(always)]
-unsafe fn lanes_rows<S: Simd, const R: usize, const TV: usize>(
-    w: Weight<'_>,
+unsafe fn lanes_rows<S: Simd, E: Widen, const R: usize, const TV: usize>(
+    w: Weight<'_, E>,
     at: &[f32],
     j0: usize,
     cols: usize,
@@ -341,10 +389,10 @@ unsafe fn lanes_rows<S: Simd, const R: usize, const TV: usize>(
             // SAFETY (both): columns j0 + j..j0 + j + R (or 1) exist in op(b) and rows
             // j..j + R of out (asserted above); p0..p1 lie within k.
             if cols - j >= R {
-                unsafe { lanes_tile::<S, R, TV>(w, base, at, p0, p1, &mut out[j * l..]) };
+                unsafe { lanes_tile::<S, E, R, TV>(w, base, at, p0, p1, &mut out[j * l..]) };
                 j += R;
             } else {
-                unsafe { lanes_tile::<S, 1, TV>(w, base, at, p0, p1, &mut out[j * l..]) };
+                unsafe { lanes_tile::<S, E, 1, TV>(w, base, at, p0, p1, &mut out[j * l..]) };
                 j += 1;
             }
         }
@@ -355,8 +403,8 @@ unsafe fn lanes_rows<S: Simd, const R: usize, const TV: usize>(
 /// rows of `TV * LANES` tokens: R x TV accumulators, from zero for each [`KC_LANES`] block,
 /// stored to `out` after the block at p = 0 and added to it after the others.
 #[inline(always)]
-unsafe fn lanes_tile<S: Simd, const R: usize, const TV: usize>(
-    w: Weight<'_>,
+unsafe fn lanes_tile<S: Simd, E: Widen, const R: usize, const TV: usize>(
+    w: Weight<'_, E>,
     base: usize,
     at: &[f32],
     p0: usize,
@@ -381,7 +429,7 @@ unsafe fn lanes_tile<S: Simd, const R: usize, const TV: usize>(
                 }
                 let wr = wp.add(base + p * w.ps);
                 for r in 0..R {
-                    let wv = S::splat(*wr.add(r * w.js));
+                    let wv = S::splat((*wr.add(r * w.js)).widen());
                     for t in 0..TV {
                         acc[r][t] = S::fmadd(wv, x[t], acc[r][t]);
                     }
