@@ -162,6 +162,26 @@ def time_case(torch, layer, x, dy, op, min_time, min_reps=3, max_reps=50, bf16=F
     return statistics.median(ts), len(ts)
 
 
+def torch_peaks(torch, n=2048, reps=5):
+    """GFLOP/s of torch's own n^3 matmul in fp32 and bf16 (best of reps): the peaks torch
+    reaches on this CPU, the bf16 one through oneDNN's native kernels where the CPU has
+    avx512_bf16 or AMX and an emulation where it has neither."""
+    out = {}
+    for name, dt in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+        a = torch.rand(n, n).to(dt)
+        b = torch.rand(n, n).to(dt)
+        torch.matmul(a, b)
+        best = min(_timed(lambda: torch.matmul(a, b)) for _ in range(reps))
+        out[name] = 2 * n**3 / best / 1e9
+    return out
+
+
+def _timed(f):
+    t0 = time.perf_counter()
+    f()
+    return time.perf_counter() - t0
+
+
 def markdown(rows, peft_ok, note):
     peak = rows[0].get("peak_sgemm_gflops") if rows else None
     bw = rows[0].get("peak_copy_gbps") if rows else None
@@ -217,6 +237,13 @@ def main():
         print(f"peft_bench: SKIP: {note}. Set PEERS_PYTHON to a python with torch and peft.",
               file=sys.stderr)
 
+    if peft_ok and any(c.get("base_dtype") == "bf16" for c in rows):
+        peaks = torch_peaks(torch)
+        note += (
+            f"; torch's own 2048^3 matmul in the same run: fp32 {peaks['fp32']:.1f} GFLOP/s, "
+            f"bf16 {peaks['bf16']:.1f} GFLOP/s"
+        )
+        print(f"peft_bench: {note}", flush=True)
     if peft_ok:
         print(f"{'case':<36} {'PEFT ms':>10} {'reps':>5} {'PEFT/ours':>9}")
         for i, case in enumerate(rows):

@@ -307,6 +307,7 @@ def finetune(
     chat_template: Optional[str | os.PathLike[str]] = None,
     loss_on: str = "assistant",
     truncation: str = "turns",
+    compute_dtype: str = "f32",
     progress: bool = True,
 ) -> dict[str, Any]: ...
 

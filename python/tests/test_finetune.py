@@ -37,6 +37,14 @@ def test_finetune_writes_a_peft_adapter_and_returns_metrics(tmp_path):
     assert config["peft_type"] == "LORA" and config["r"] == 4
     assert any(k.endswith("lora_A.weight") for k in tensors)
     assert json.loads((out / "metrics.json").read_text())["steps"] == m["steps"]
+    # The same run over bf16 bases: the frozen weights move by bf16's rounding only.
+    b = lorafuse.finetune(
+        str(tmp_path / "bf16"), "lora", model_path(), str(data), steps=2, batch_size=2, r=4,
+        max_len=32, bad_records="skip", progress=False, compute_dtype="bf16",
+    )
+    assert abs(b["eval_loss_before"] - m["eval_loss_before"]) < 1e-2 * m["eval_loss_before"]
+    assert abs(b["steps"][0]["loss"] - m["steps"][0]["loss"]) < 1e-2 * m["steps"][0]["loss"]
+    assert b["peak_rss_bytes"] > 0
 
 
 def test_finetune_bad_settings_raise_before_anything_runs(tmp_path):
@@ -50,6 +58,10 @@ def test_finetune_bad_settings_raise_before_anything_runs(tmp_path):
         lorafuse.finetune(str(tmp_path / "a"), bad_records="maybe")
     with pytest.raises(ValueError, match="full"):
         lorafuse.finetune(str(tmp_path / "a"), "lora", freeze_embeddings=True)
+    with pytest.raises(ValueError, match="compute_dtype"):
+        lorafuse.finetune(str(tmp_path / "a"), compute_dtype="fp8")
+    with pytest.raises(ValueError, match="compute_dtype"):
+        lorafuse.finetune(str(tmp_path / "a"), "full", compute_dtype="bf16")
     with pytest.raises(FileNotFoundError, match="missing.gguf"):
         lorafuse.finetune(str(tmp_path / "a"), model=str(tmp_path / "missing.gguf"), steps=1)
     assert not (tmp_path / "a").exists()

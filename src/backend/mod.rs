@@ -2,7 +2,7 @@
 //!
 //! [`Backend`] describes op families, not variants: every adapter that adds a low-rank term
 //! (with per-rank, per-output or per-column scales) to a base product is ONE fused op over a
-//! dense or NF4 base ([`lowrank`]: LoRA, rsLoRA, DoRA, VeRA, AdaLoRA, and their quantized
+//! dense, NF4 or bf16 base ([`lowrank`]: LoRA, rsLoRA, DoRA, VeRA, AdaLoRA, and their quantized
 //! twins). Each method's contract (shapes, layout, what is fused) is written on the trait and
 //! its arguments are checked there, once ([`check`]); a backend implements the unchecked
 //! [`Kernels`], and the blanket `impl<K: Kernels> Backend for K` is the only implementation of
