@@ -83,22 +83,12 @@ impl<B: Kernels> Tensor<B> {
 /// backend's [`Kernels::Nf4Buf`] plus the logical shape and the stored size. Made by
 /// [`Backend::upload_nf4`]; consumed by the `nf4_*` kernels, which dequantize it tile by tile
 /// and never materialize the f32 `[out, in]` matrix.
+#[derive(Clone)]
 pub struct Nf4Weight<B: Kernels> {
     pub(crate) buf: B::Nf4Buf,
     pub(crate) out: usize,
     pub(crate) in_: usize,
     pub(crate) bytes: usize,
-}
-
-impl<B: Kernels> Clone for Nf4Weight<B> {
-    fn clone(&self) -> Self {
-        Nf4Weight {
-            buf: self.buf.clone(),
-            out: self.out,
-            in_: self.in_,
-            bytes: self.bytes,
-        }
-    }
 }
 
 impl<B: Kernels> std::fmt::Debug for Nf4Weight<B> {
@@ -129,22 +119,12 @@ impl<B: Kernels> Nf4Weight<B> {
 /// bf16 bits and widens them a tile of rows at a time inside each product (exact: every bf16
 /// is an f32); the GPU backends hold the rounded values in their frozen storage
 /// ([`Backend::upload_frozen`]), so every backend computes with the same weight values.
+#[derive(Clone)]
 pub struct Bf16Weight<B: Kernels> {
     pub(crate) buf: B::Bf16Buf,
     pub(crate) out: usize,
     pub(crate) in_: usize,
     pub(crate) bytes: usize,
-}
-
-impl<B: Kernels> Clone for Bf16Weight<B> {
-    fn clone(&self) -> Self {
-        Bf16Weight {
-            buf: self.buf.clone(),
-            out: self.out,
-            in_: self.in_,
-            bytes: self.bytes,
-        }
-    }
 }
 
 impl<B: Kernels> std::fmt::Debug for Bf16Weight<B> {
@@ -166,6 +146,30 @@ impl<B: Kernels> Bf16Weight<B> {
     /// The backend buffer.
     pub fn buf(&self) -> &B::Bf16Buf {
         &self.buf
+    }
+}
+
+#[cfg(any(feature = "wgpu", feature = "cuda"))]
+impl<B: Backend + Kernels<Bf16Buf = Tensor<B>>> Bf16Weight<B> {
+    /// A bf16 weight held as a frozen dense tensor of the rounded values, in the backend's
+    /// frozen storage (the GPU backends' [`Kernels::Bf16Buf`]): every backend then multiplies
+    /// the same weight values as the CPU's bf16 store.
+    pub(crate) fn held_frozen(be: &B, data: &[f32], out: usize, in_: usize) -> Result<Self> {
+        let rounded: Vec<f32> = data
+            .iter()
+            .map(|&v| half::bf16::from_f32(v).to_f32())
+            .collect();
+        let t = be.upload_frozen(&rounded, &[out, in_])?;
+        Ok(Bf16Weight {
+            bytes: B::stored_bytes(&t),
+            buf: t,
+            out,
+            in_,
+        })
+    }
+    /// The held values as an f32 tensor (through the host: for merging and exporting only).
+    pub(crate) fn held_to_f32(&self, be: &B) -> Result<Tensor<B>> {
+        be.upload(&be.download(&self.buf)?, &[self.out, self.in_])
     }
 }
 

@@ -577,7 +577,7 @@ pub(crate) fn blocks(a: usize, b: usize) -> u32 {
 
 impl Kernels for Cuda {
     type Buf = CudaBuf;
-    /// A frozen dense tensor of the bf16-rounded values ([`memory::upload_bf16`]).
+    /// A frozen dense tensor of the bf16-rounded values (see [`Bf16Weight`]).
     type Bf16Buf = Tensor<Self>;
     type Nf4Buf = CudaNf4;
 
@@ -729,10 +729,10 @@ impl Kernels for Cuda {
         out: usize,
         in_: usize,
     ) -> Result<Bf16Weight<Self>> {
-        memory::upload_bf16(self, data, out, in_)
+        Bf16Weight::held_frozen(self, data, out, in_)
     }
     fn bf16_to_f32_kernel(&self, _: Checked, w: &Bf16Weight<Self>) -> Result<Tensor<Self>> {
-        memory::bf16_to_f32(self, w)
+        w.held_to_f32(self)
     }
 
     fn adalora_update_ipt_kernel(

@@ -9,7 +9,7 @@
 
 use super::Wgpu;
 use super::ctx::{Bind, Ctx, DType, GpuBuf, Kernel};
-use crate::backend::{Backend, Bf16Weight, Tensor};
+use crate::backend::Tensor;
 use crate::error::{Error, Result};
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -473,30 +473,4 @@ pub(super) fn scatter_add_rows(
         )?;
     }
     Ok(())
-}
-
-/// A bf16 base held as a frozen dense tensor of the rounded values (this backend's frozen
-/// storage): every backend then multiplies the same weight values as the CPU's bf16 store.
-pub(super) fn upload_bf16(
-    be: &Wgpu,
-    data: &[f32],
-    out: usize,
-    in_: usize,
-) -> Result<Bf16Weight<Wgpu>> {
-    let rounded: Vec<f32> = data
-        .iter()
-        .map(|&v| half::bf16::from_f32(v).to_f32())
-        .collect();
-    let t = be.upload_frozen(&rounded, &[out, in_])?;
-    Ok(Bf16Weight {
-        bytes: Wgpu::stored_bytes(&t),
-        buf: t,
-        out,
-        in_,
-    })
-}
-
-/// The held values as an f32 tensor (through the host: for merging and exporting only).
-pub(super) fn bf16_to_f32(be: &Wgpu, w: &Bf16Weight<Wgpu>) -> Result<Tensor<Wgpu>> {
-    be.upload(&be.download(&w.buf)?, &[w.out, w.in_])
 }

@@ -175,7 +175,7 @@ impl Wgpu {
 impl Kernels for Wgpu {
     type Buf = GpuBuf;
     /// Packed indices and absmax statistics on the device, shared between clones (frozen).
-    /// A frozen dense tensor of the bf16-rounded values ([`memory::upload_bf16`]).
+    /// A frozen dense tensor of the bf16-rounded values (see [`Bf16Weight`]).
     type Bf16Buf = Tensor<Self>;
     type Nf4Buf = Arc<Nf4Gpu>;
 
@@ -356,10 +356,10 @@ impl Kernels for Wgpu {
         out: usize,
         in_: usize,
     ) -> Result<Bf16Weight<Self>> {
-        memory::upload_bf16(self, data, out, in_)
+        Bf16Weight::held_frozen(self, data, out, in_)
     }
     fn bf16_to_f32_kernel(&self, _: Checked, w: &Bf16Weight<Self>) -> Result<Tensor<Self>> {
-        memory::bf16_to_f32(self, w)
+        w.held_to_f32(self)
     }
 
     fn adalora_update_ipt_kernel(
