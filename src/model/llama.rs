@@ -82,16 +82,6 @@ pub enum ComputeDtype {
     Bf16,
 }
 
-impl ComputeDtype {
-    /// The name the CLI and the job files use (`f32`, `bf16`).
-    pub fn name(self) -> &'static str {
-        match self {
-            ComputeDtype::F32 => "f32",
-            ComputeDtype::Bf16 => "bf16",
-        }
-    }
-}
-
 impl std::str::FromStr for ComputeDtype {
     type Err = Error;
     /// `f32` (also `float32`) or `bf16` (also `bfloat16`), as torch names them.

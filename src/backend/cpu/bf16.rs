@@ -3,7 +3,7 @@
 //! to f32 is exact (its 16 bits become the f32's top half), so a product over a bf16 base
 //! equals the f32 product over the rounded weight up to summation order.
 
-use super::gemm::{Op, sgemm_bf16_few};
+use super::gemm::{Op, bf16_few_takes, sgemm_bf16_few};
 use super::tiled::Tiles;
 use super::{Cpu, new};
 use crate::backend::{Bf16Weight, Tensor};
@@ -42,6 +42,9 @@ pub(super) fn linear_few(
     bias: Option<&Tensor<Cpu>>,
 ) -> Option<Vec<f32>> {
     let (dout, din) = w.dims();
+    if !bf16_few_takes(Op::T, t, dout, din) {
+        return None;
+    }
     let mut y = vec![0.0f32; t * dout];
     if let Some(b) = bias {
         for row in y.chunks_mut(dout.max(1)) {

@@ -71,20 +71,18 @@ fn sgemm_on(
         return;
     }
     #[cfg(target_arch = "x86_64")]
-    if parallel
-        && ta == Op::N
-        && m <= small_m::MAX_M
-        && n >= small_m::MIN_NK_SIDE
-        && k >= small_m::MIN_NK_SIDE
-    {
-        // SAFETY (both): the CPU has the ISA (checked in the same condition).
-        if Avx512::detected() && Avx512::takes(tb, m, n) {
-            unsafe { small_m::sgemm::<Avx512>(tb, m, n, k, alpha, a, b, beta, c) };
-            return;
-        }
-        if Avx2::detected() && Avx2::takes(tb, m, n) {
-            unsafe { small_m::sgemm::<Avx2>(tb, m, n, k, alpha, a, b, beta, c) };
-            return;
+    if parallel && ta == Op::N {
+        // SAFETY (both): `few_row_isa` returns only an ISA the CPU has.
+        match few_row_isa(tb, m, n, k) {
+            Some(FewIsa::Avx512) => {
+                unsafe { small_m::sgemm::<Avx512>(tb, m, n, k, alpha, a, b, beta, c) };
+                return;
+            }
+            Some(FewIsa::Avx2) => {
+                unsafe { small_m::sgemm::<Avx2>(tb, m, n, k, alpha, a, b, beta, c) };
+                return;
+            }
+            None => {}
         }
     }
     // Row-major strides: (row stride, col stride) of op(x).
@@ -129,10 +127,45 @@ fn sgemm_on(
     }
 }
 
+/// The ISA whose few-row kernels take an `m x n x k` product with `a` as stored and `b` read
+/// as `tb`: `m <= 32`, `n, k >= 256`, on an ISA whose kernels are faster there than `gemm`
+/// (its `FewRow::takes`), AVX-512 before AVX2; `None` where `gemm` is the faster.
+#[cfg(target_arch = "x86_64")]
+fn few_row_isa(tb: Op, m: usize, n: usize, k: usize) -> Option<FewIsa> {
+    if !(1..=small_m::MAX_M).contains(&m) || n < small_m::MIN_NK_SIDE || k < small_m::MIN_NK_SIDE {
+        return None;
+    }
+    if Avx512::detected() && Avx512::takes(tb, m, n) {
+        Some(FewIsa::Avx512)
+    } else if Avx2::detected() && Avx2::takes(tb, m, n) {
+        Some(FewIsa::Avx2)
+    } else {
+        None
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[derive(Clone, Copy)]
+enum FewIsa {
+    Avx512,
+    Avx2,
+}
+
+/// Whether [`sgemm_bf16_few`] takes this product (see `few_row_isa`).
+pub fn bf16_few_takes(tb: Op, m: usize, n: usize, k: usize) -> bool {
+    #[cfg(target_arch = "x86_64")]
+    return few_row_isa(tb, m, n, k).is_some();
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        let _ = (tb, m, n, k);
+        false
+    }
+}
+
 /// [`sgemm`] with `b` a bf16 weight (its bits), for few rows: runs where the few-row lane
-/// kernels take the product (`m <= 32`, `n, k >= 256`, on an ISA whose kernels are faster
-/// there than `gemm`) and returns true; returns false, leaving `c` alone, where the caller
-/// must widen `b` itself (the tiled products of `tiled.rs`).
+/// kernels take the product (the same rule as the f32 few-row dispatch) and returns true;
+/// returns false, leaving `c` alone, where the caller must widen `b` itself (the tiled
+/// products of `tiled.rs`).
 #[allow(clippy::too_many_arguments)]
 pub fn sgemm_bf16_few(
     tb: Op,
@@ -147,16 +180,17 @@ pub fn sgemm_bf16_few(
 ) -> bool {
     debug_assert!(a.len() >= m * k && b.len() >= k * n && c.len() >= m * n);
     #[cfg(target_arch = "x86_64")]
-    if (1..=small_m::MAX_M).contains(&m) && n >= small_m::MIN_NK_SIDE && k >= small_m::MIN_NK_SIDE {
-        // SAFETY (both): the CPU has the ISA (checked in the same condition).
-        if Avx512::detected() && Avx512::takes(tb, m, n) {
+    // SAFETY (both): `few_row_isa` returns only an ISA the CPU has.
+    match few_row_isa(tb, m, n, k) {
+        Some(FewIsa::Avx512) => {
             unsafe { small_m::sgemm_bf16::<Avx512>(tb, m, n, k, alpha, a, b, beta, c) };
             return true;
         }
-        if Avx2::detected() && Avx2::takes(tb, m, n) {
+        Some(FewIsa::Avx2) => {
             unsafe { small_m::sgemm_bf16::<Avx2>(tb, m, n, k, alpha, a, b, beta, c) };
             return true;
         }
+        None => {}
     }
     let _ = (tb, alpha, beta);
     false
