@@ -3,7 +3,7 @@
 //! to f32 is exact (its 16 bits become the f32's top half), so a product over a bf16 base
 //! equals the f32 product over the rounded weight up to summation order.
 
-use super::gemm::{Op, bf16_few_takes, sgemm_bf16_few};
+use super::gemm::{Op, bf16_takes, sgemm_bf16};
 use super::tiled::Tiles;
 use super::{Cpu, new};
 use crate::backend::{Bf16Weight, Tensor};
@@ -32,17 +32,17 @@ pub(super) fn to_f32(w: &Bf16Weight<Cpu>) -> Result<Tensor<Cpu>> {
     Ok(new(data, &[w.out, w.in_]))
 }
 
-/// `x W^T (+ bias)` for x `[t, in]` straight from the bf16 bits, on the few-row lane kernels
-/// where they take the product (a few tokens: the weight streams once at 2 bytes an element);
-/// `None` where the caller should use the tiled product.
-pub(super) fn linear_few(
+/// `x W^T (+ bias)` for x `[t, in]` straight from the bf16 bits ([`sgemm_bf16`]: the few-row
+/// lane kernels, where the weight streams once at 2 bytes an element, or the packed kernels,
+/// which widen it as they pack it); `None` where the caller should use the tiled product.
+pub(super) fn linear_bits(
     x: &[f32],
     t: usize,
     w: &Bf16Weight<Cpu>,
     bias: Option<&Tensor<Cpu>>,
 ) -> Option<Vec<f32>> {
     let (dout, din) = w.dims();
-    if !bf16_few_takes(Op::T, t, dout, din) {
+    if !bf16_takes(Op::T, t, dout, din) {
         return None;
     }
     let mut y = vec![0.0f32; t * dout];
@@ -52,13 +52,13 @@ pub(super) fn linear_few(
         }
     }
     let beta = if bias.is_some() { 1.0 } else { 0.0 };
-    sgemm_bf16_few(Op::T, t, dout, din, 1.0, x, &w.buf, beta, &mut y).then_some(y)
+    sgemm_bf16(Op::T, t, dout, din, 1.0, x, &w.buf, beta, &mut y).then_some(y)
 }
 
-/// `dx (+)= dy W` (`beta` 0 or 1) for dy `[t, out]` straight from the bf16 bits where the
-/// few-row lane kernels take it; false, with dx untouched, where the caller should use the
-/// tiled product.
-pub(super) fn backward_few(
+/// `dx (+)= dy W` (`beta` 0 or 1) for dy `[t, out]` straight from the bf16 bits where
+/// [`sgemm_bf16`] takes it; false, with dx untouched, where the caller should use the tiled
+/// product.
+pub(super) fn backward_bits(
     dy: &[f32],
     t: usize,
     w: &Bf16Weight<Cpu>,
@@ -66,7 +66,7 @@ pub(super) fn backward_few(
     dx: &mut [f32],
 ) -> bool {
     let (dout, din) = w.dims();
-    sgemm_bf16_few(Op::N, t, din, dout, 1.0, dy, &w.buf, beta, dx)
+    sgemm_bf16(Op::N, t, din, dout, 1.0, dy, &w.buf, beta, dx)
 }
 
 /// A bf16 weight as the tiled products read it.

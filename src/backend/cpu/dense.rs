@@ -19,7 +19,7 @@ pub(super) fn base_product(
     match base {
         Base::Dense(w) => Ok(linear(x.data(), w, bias, x.dim(0))),
         Base::Nf4(w) => Ok(tiled::linear(x, &Nf4Tiles::new(w), bias)?.into_vec()),
-        Base::Bf16(w) => match bf16::linear_few(x.data(), x.dim(0), w, bias) {
+        Base::Bf16(w) => match bf16::linear_bits(x.data(), x.dim(0), w, bias) {
             Some(y) => Ok(y),
             None => Ok(tiled::linear(x, &Bf16Tiles::new(w), bias)?.into_vec()),
         },
@@ -58,7 +58,7 @@ pub(super) fn base_backward(
         Base::Dense(w) => sgemm(Op::N, Op::N, t, din, dout, 1.0, dy, w.data(), beta, dx),
         Base::Nf4(w) => tiled::backward_into(dy, &Nf4Tiles::new(w), t, dx),
         Base::Bf16(w) => {
-            if !bf16::backward_few(dy, t, w, beta, dx) {
+            if !bf16::backward_bits(dy, t, w, beta, dx) {
                 tiled::backward_into(dy, &Bf16Tiles::new(w), t, dx)
             }
         }

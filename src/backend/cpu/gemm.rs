@@ -7,7 +7,15 @@
 //! pthreads build, cblas_sgemm) in the same run: gemm 83-95 GFLOP/s, OpenBLAS 30-36 GFLOP/s;
 //! for the 49152-wide LM head 77 vs 32. It also needs no system library, so the crate builds
 //! anywhere with `cargo build` alone. Without `x86-v4` the same step was 1.4x slower.
+//!
+//! Products with few rows (m <= 32 tokens against a dense weight) take our lane kernels
+//! (`small_m.rs`), and products over a bf16 weight take ours at every m (the lane kernels, or
+//! the packed GEMM of `packed.rs`, which widens the weight as it packs it). Our packed GEMM can
+//! also take the many-row f32 products ([`ManyRows::Packed`]); it is not the default because
+//! `gemm` was measured level or faster there (`examples/sgemm_packed.rs`).
 
+#[cfg(target_arch = "x86_64")]
+use super::packed::{self, Strided};
 #[cfg(target_arch = "x86_64")]
 use super::simd::{Avx2, Avx512, Simd};
 #[cfg(target_arch = "x86_64")]
@@ -94,7 +102,25 @@ fn sgemm_on(
         Op::N => (n as isize, 1isize),
         Op::T => (1isize, k as isize),
     };
-    let par = if parallel && m * n * k >= PARALLEL_MIN_MACS {
+    let parallel = parallel && m * n * k >= PARALLEL_MIN_MACS;
+    #[cfg(target_arch = "x86_64")]
+    if m >= PACKED_MIN_SIDE && n >= PACKED_MIN_SIDE && many_rows() == ManyRows::Packed {
+        let a = Strided {
+            ptr: a.as_ptr(),
+            rs: a_rs,
+            cs: a_cs,
+        };
+        let b = Strided {
+            ptr: b.as_ptr(),
+            rs: b_rs,
+            cs: b_cs,
+        };
+        // SAFETY: the strided views address exactly the extents checked above.
+        if unsafe { packed::sgemm_detected(m, n, k, alpha, a, b, beta, c, parallel) } {
+            return;
+        }
+    }
+    let par = if parallel {
         Parallelism::Rayon(0)
     } else {
         Parallelism::None
@@ -127,6 +153,50 @@ fn sgemm_on(
     }
 }
 
+/// Smallest m and n that take the packed kernels: each packed element of b is reused m times
+/// and each of a n times, and below this the packing costs more than `gemm`'s unpacked
+/// kernels (measured on AVX2: the LoRA weight gradients 16 x 576 x 512 ran at 0.55x `gemm`).
+#[cfg(target_arch = "x86_64")]
+const PACKED_MIN_SIDE: usize = 64;
+
+/// Which kernels take the many-row f32 products (the few-row ones, and every product over a
+/// bf16 weight, are ours either way).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ManyRows {
+    /// The `gemm` crate's: the default, measured 3-7% faster than ours on the T512 layer
+    /// cases of a Zen 3 (AVX2) machine (BENCHMARKS.md, "Our packed GEMM").
+    GemmCrate,
+    /// Ours: the packed GEMM of `packed.rs` (AVX2 or AVX-512; `gemm` on other CPUs).
+    Packed,
+}
+
+/// 0: not chosen yet (the environment decides), else 1 + the `ManyRows` index.
+static MANY_ROWS: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new(0);
+
+/// Chooses the many-row f32 kernels for the whole process, so that benchmarks can time both
+/// in one run. Without a call the choice is [`ManyRows::GemmCrate`], unless the environment
+/// has `LORAFUSE_SGEMM=packed` (read at the first product).
+pub fn set_many_rows(k: ManyRows) {
+    MANY_ROWS.store(1 + k as u8, std::sync::atomic::Ordering::Relaxed);
+}
+
+/// The current [`ManyRows`] choice (see [`set_many_rows`]).
+pub fn many_rows() -> ManyRows {
+    use std::sync::atomic::Ordering::Relaxed;
+    match MANY_ROWS.load(Relaxed) {
+        1 => ManyRows::GemmCrate,
+        2 => ManyRows::Packed,
+        _ => {
+            let k = match std::env::var("LORAFUSE_SGEMM") {
+                Ok(v) if v == "packed" => ManyRows::Packed,
+                _ => ManyRows::GemmCrate,
+            };
+            MANY_ROWS.store(1 + k as u8, Relaxed);
+            k
+        }
+    }
+}
+
 /// The ISA whose few-row kernels take an `m x n x k` product with `a` as stored and `b` read
 /// as `tb`: `m <= 32`, `n, k >= 256`, on an ISA whose kernels are faster there than `gemm`
 /// (its `FewRow::takes`), AVX-512 before AVX2; `None` where `gemm` is the faster.
@@ -151,10 +221,11 @@ enum FewIsa {
     Avx2,
 }
 
-/// Whether [`sgemm_bf16_few`] takes this product (see `few_row_isa`).
-pub fn bf16_few_takes(tb: Op, m: usize, n: usize, k: usize) -> bool {
+/// Whether [`sgemm_bf16`] takes this product: the few-row lane kernels where they take it
+/// (see `few_row_isa`), else our packed kernels where the CPU has AVX2 or AVX-512.
+pub fn bf16_takes(tb: Op, m: usize, n: usize, k: usize) -> bool {
     #[cfg(target_arch = "x86_64")]
-    return few_row_isa(tb, m, n, k).is_some();
+    return few_row_isa(tb, m, n, k).is_some() || packed_takes_bf16(m, n, k);
     #[cfg(not(target_arch = "x86_64"))]
     {
         let _ = (tb, m, n, k);
@@ -162,12 +233,18 @@ pub fn bf16_few_takes(tb: Op, m: usize, n: usize, k: usize) -> bool {
     }
 }
 
-/// [`sgemm`] with `b` a bf16 weight (its bits), for few rows: runs where the few-row lane
-/// kernels take the product (the same rule as the f32 few-row dispatch) and returns true;
-/// returns false, leaving `c` alone, where the caller must widen `b` itself (the tiled
-/// products of `tiled.rs`).
+#[cfg(target_arch = "x86_64")]
+fn packed_takes_bf16(m: usize, n: usize, k: usize) -> bool {
+    m > 0 && n > 0 && k > 0 && (Avx512::detected() || Avx2::detected())
+}
+
+/// [`sgemm`] with `a` as stored and `b` a bf16 weight (its bits, `[k, n]` for Op::N, `[n, k]`
+/// for Op::T), never widened whole: few rows take the lane kernels, which widen each element
+/// as they broadcast it; more take the packed kernels, which widen it as they pack it. Returns
+/// true where it ran ([`bf16_takes`]); false, leaving `c` alone, where the caller must widen
+/// `b` itself (the tiled products of `tiled.rs`).
 #[allow(clippy::too_many_arguments)]
-pub fn sgemm_bf16_few(
+pub fn sgemm_bf16(
     tb: Op,
     m: usize,
     n: usize,
@@ -180,17 +257,41 @@ pub fn sgemm_bf16_few(
 ) -> bool {
     debug_assert!(a.len() >= m * k && b.len() >= k * n && c.len() >= m * n);
     #[cfg(target_arch = "x86_64")]
-    // SAFETY (both): `few_row_isa` returns only an ISA the CPU has.
-    match few_row_isa(tb, m, n, k) {
-        Some(FewIsa::Avx512) => {
-            unsafe { small_m::sgemm_bf16::<Avx512>(tb, m, n, k, alpha, a, b, beta, c) };
-            return true;
+    {
+        // SAFETY (all): `few_row_isa` returns only an ISA the CPU has; `sgemm_detected` checks
+        // its own; the views cover the slices' extents above.
+        match few_row_isa(tb, m, n, k) {
+            Some(FewIsa::Avx512) => {
+                unsafe { small_m::sgemm_bf16::<Avx512>(tb, m, n, k, alpha, a, b, beta, c) };
+                return true;
+            }
+            Some(FewIsa::Avx2) => {
+                unsafe { small_m::sgemm_bf16::<Avx2>(tb, m, n, k, alpha, a, b, beta, c) };
+                return true;
+            }
+            None => {}
         }
-        Some(FewIsa::Avx2) => {
-            unsafe { small_m::sgemm_bf16::<Avx2>(tb, m, n, k, alpha, a, b, beta, c) };
-            return true;
+        if packed_takes_bf16(m, n, k) {
+            let sa = Strided {
+                ptr: a.as_ptr(),
+                rs: k as isize,
+                cs: 1,
+            };
+            let sb = match tb {
+                Op::N => Strided {
+                    ptr: b.as_ptr(),
+                    rs: n as isize,
+                    cs: 1,
+                },
+                Op::T => Strided {
+                    ptr: b.as_ptr(),
+                    rs: 1,
+                    cs: k as isize,
+                },
+            };
+            let parallel = m * n * k >= PARALLEL_MIN_MACS;
+            return unsafe { packed::sgemm_detected(m, n, k, alpha, sa, sb, beta, c, parallel) };
         }
-        None => {}
     }
     let _ = (tb, alpha, beta);
     false
@@ -268,6 +369,121 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// The packed kernels of each ISA this CPU has against the naive product: ragged m, n, k
+    /// around the tile (MR, 2 LANES) and block (MC, KC, NC) edges, every transpose, beta 0
+    /// (c filled with NaN, which must not be read) and 1, on one thread and on the pool
+    /// (including m too small to give every thread a row block, so columns are split); `b` in
+    /// f32 and as bf16 bits.
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn packed_kernels_match_naive_on_every_isa() {
+        fn check<S: packed::Packed>(what: &str) {
+            if !S::detected() {
+                eprintln!("SKIP packed {what}: this CPU lacks it");
+                return;
+            }
+            let shapes = [
+                (1, 1, 1),
+                (5, 17, 3),
+                (7, 33, 257),
+                (13, 15, 513),
+                (3, 200, 50),
+                (150, 47, 300),
+                (290, 70, 40),
+                (20, 4100, 9),
+            ];
+            for (m, n, k) in shapes {
+                let a: Vec<f32> = (0..m * k)
+                    .map(|i| ((i * 7919) % 97) as f32 / 97.0 - 0.5)
+                    .collect();
+                // Multiples of 1/64 below 1: exact in bf16, so the bf16 b is checked on the
+                // same values.
+                let b: Vec<f32> = (0..k * n)
+                    .map(|i| ((i * 104729) % 89) as f32 / 64.0 - 0.5)
+                    .collect();
+                let bits: Vec<u16> = b
+                    .iter()
+                    .map(|&v| half::bf16::from_f32(v).to_bits())
+                    .collect();
+                for ta in [Op::N, Op::T] {
+                    for tb in [Op::N, Op::T] {
+                        let want = naive(ta, tb, m, n, k, &a, &b);
+                        let sa = match ta {
+                            Op::N => Strided {
+                                ptr: a.as_ptr(),
+                                rs: k as isize,
+                                cs: 1,
+                            },
+                            Op::T => Strided {
+                                ptr: a.as_ptr(),
+                                rs: 1,
+                                cs: m as isize,
+                            },
+                        };
+                        let sb = match tb {
+                            Op::N => Strided {
+                                ptr: b.as_ptr(),
+                                rs: n as isize,
+                                cs: 1,
+                            },
+                            Op::T => Strided {
+                                ptr: b.as_ptr(),
+                                rs: 1,
+                                cs: k as isize,
+                            },
+                        };
+                        let sbits = Strided {
+                            ptr: bits.as_ptr(),
+                            rs: sb.rs,
+                            cs: sb.cs,
+                        };
+                        let tol = 1e-6 * (k as f32).max(16.0);
+                        for parallel in [false, true] {
+                            let mut c = vec![f32::NAN; m * n];
+                            // SAFETY: detected above; the views cover the shapes.
+                            unsafe {
+                                packed::sgemm::<S, u16>(
+                                    m, n, k, 2.0, sa, sbits, 0.0, &mut c, parallel,
+                                )
+                            };
+                            for (x, w) in c.iter().zip(&want) {
+                                assert!(
+                                    (x - 2.0 * w).abs() < tol,
+                                    "{what} bf16 {m}x{n}x{k} {ta:?}{tb:?} par {parallel}: {x} vs {w}"
+                                );
+                            }
+                            let mut c = vec![1.0f32; m * n];
+                            // SAFETY: detected above; the views cover the shapes.
+                            unsafe {
+                                packed::sgemm::<S, f32>(
+                                    m, n, k, -1.5, sa, sb, 1.0, &mut c, parallel,
+                                )
+                            };
+                            for (x, w) in c.iter().zip(&want) {
+                                assert!(
+                                    (x - (1.0 - 1.5 * w)).abs() < tol,
+                                    "{what} {m}x{n}x{k} {ta:?}{tb:?} par {parallel}: {x} vs {w}"
+                                );
+                            }
+                            c.fill(f32::NAN);
+                            unsafe {
+                                packed::sgemm::<S, f32>(m, n, k, 0.5, sa, sb, 0.0, &mut c, parallel)
+                            };
+                            for (x, w) in c.iter().zip(&want) {
+                                assert!(
+                                    (x - 0.5 * w).abs() < tol,
+                                    "{what} {m}x{n}x{k} {ta:?}{tb:?} par {parallel}: {x} vs {w}"
+                                );
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        check::<Avx512>("avx512");
+        check::<Avx2>("avx2");
     }
 
     /// `f` (an `sgemm`) against the naive product on ragged few-row shapes: m in `ms`, large
@@ -378,24 +594,14 @@ mod tests {
         check::<Avx512>("avx512");
         // The dispatcher: where it takes a product it must be right; m = 33 it declines.
         let f = |tb, m, n, k, alpha, a: &[f32], b: &[f32], beta, c: &mut [f32]| {
-            if !sgemm_bf16_few(tb, m, n, k, alpha, a, &bits(b), beta, c) {
+            if !sgemm_bf16(tb, m, n, k, alpha, a, &bits(b), beta, c) {
                 sgemm(Op::N, tb, m, n, k, alpha, a, b, beta, c)
             }
         };
-        check_few_rows(1..=33, &f, "sgemm_bf16_few");
+        check_few_rows(1..=33, &f, "sgemm_bf16");
+        // k = 0: neither the lane nor the packed kernels take it.
         let mut c = vec![7.0f32; 33 * 300];
-        let (a, b) = (vec![1.0f32; 33 * 300], vec![0u16; 300 * 300]);
-        assert!(!sgemm_bf16_few(
-            Op::T,
-            33,
-            300,
-            300,
-            1.0,
-            &a,
-            &b,
-            0.0,
-            &mut c
-        ));
+        assert!(!sgemm_bf16(Op::T, 33, 300, 0, 1.0, &[], &[], 0.0, &mut c));
         assert!(
             c.iter().all(|&v| v == 7.0),
             "a declined product leaves c alone"

@@ -12,6 +12,8 @@ mod memory;
 mod multi;
 mod nf4;
 mod ops;
+#[cfg(target_arch = "x86_64")]
+mod packed;
 mod pointwise;
 #[cfg(target_arch = "x86_64")]
 mod simd;
