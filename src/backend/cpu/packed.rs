@@ -76,7 +76,7 @@ impl Packed for Avx2 {
     const MR: usize = 6;
     const NV: usize = 2;
     const KC: usize = 512;
-    const MC: usize = 144;
+    const MC: usize = 264;
     const NC: usize = 4080;
     #[target_feature(enable = "avx2,fma")]
     unsafe fn block_entry(job: &Block<'_>) {
@@ -246,33 +246,18 @@ pub(super) unsafe fn sgemm<S: Packed, E: Widen>(
 unsafe fn block<S: Packed, const MR: usize, const NV: usize>(job: &Block<'_>) {
     debug_assert!(MR == S::MR && NV == S::NV);
     let (rows, kc) = (job.rows, job.kc);
-    // A row-major `a` (rows contiguous along k) is read in place, MR row streams at a time;
-    // any other layout is packed into MR-row micro-panels first.
-    if job.a.cs == 1 {
-        // SAFETY: the rows of this block lie at `a.rs` apart, each kc long from pc.
-        unsafe {
-            let a0 = job.a.ptr.offset(job.i0 as isize * job.a.rs).add(job.pc);
-            tiles::<S, MR, NV, true>(job, a0, job.a.rs as usize);
-        }
-        return;
-    }
     let mut ap = take(&A_PACK, kc * rows.next_multiple_of(MR));
     unsafe {
         let ap = aligned(&mut ap);
         pack_a::<MR>(job.a, job.i0, rows, job.pc, kc, ap);
-        tiles::<S, MR, NV, false>(job, ap.as_ptr(), 0);
+        tiles::<S, MR, NV>(job, ap.as_ptr());
     }
     give(&A_PACK, ap);
 }
 
-/// The micro-kernel over the block's tiles, with `a` either in place (`DIRECT`: row i of the
-/// block at `a + i lda`) or packed (micro-panel q at `a + q MR kc`).
+/// The micro-kernel over the block's tiles, `a` packed (micro-panel q at `a + q MR kc`).
 #[inline(always)]
-unsafe fn tiles<S: Packed, const MR: usize, const NV: usize, const DIRECT: bool>(
-    job: &Block<'_>,
-    a: *const f32,
-    lda: usize,
-) {
+unsafe fn tiles<S: Packed, const MR: usize, const NV: usize>(job: &Block<'_>, a: *const f32) {
     let nr = NV * S::LANES;
     let (rows, kc) = (job.rows, job.kc);
     unsafe {
@@ -281,15 +266,9 @@ unsafe fn tiles<S: Packed, const MR: usize, const NV: usize, const DIRECT: bool>
             let cols = (job.n - j).min(nr);
             let bpanel = job.bpack.as_ptr().add(jp * kc * nr);
             for ir in (0..rows).step_by(MR) {
-                let at = if DIRECT {
-                    a.add(ir * lda)
-                } else {
-                    a.add(ir * kc)
-                };
-                kernel::<S, MR, NV, DIRECT>(
+                kernel::<S, MR, NV>(
                     kc,
-                    at,
-                    lda,
+                    a.add(ir * kc),
                     bpanel,
                     job.c.0.add((job.i0 + ir) * job.n + j),
                     job.n,
@@ -377,9 +356,14 @@ unsafe fn pack_b<E: Widen>(
         for j in 0..cols {
             col[j] = unsafe { b.ptr.add(p0).offset((j0 + j) as isize * b.cs) };
         }
-        for p in 0..kc {
+        // A cache line of each column at a time: columns k apart may share an L1 set, so
+        // each line is used whole once loaded.
+        const LINE: usize = 16;
+        for q in (0..kc).step_by(LINE) {
             for j in 0..cols {
-                unsafe { *d.add(p * nr + j) = (*col[j].add(p)).widen() };
+                for p in q..(q + LINE).min(kc) {
+                    unsafe { *d.add(p * nr + j) = (*col[j].add(p)).widen() };
+                }
             }
         }
     } else {
@@ -400,14 +384,13 @@ unsafe fn pack_b<E: Widen>(
 /// the first `rows x cols` are stored (row stride `ldc`); `beta` 0 (c is not read) or 1.
 ///
 /// # Safety
-/// `ap` holds the tile's a (packed: `kc MR` floats; direct: `rows` rows at `lda`), `bp`
+/// `ap` holds the tile's packed a (`kc MR` floats), `bp`
 /// `kc NV LANES` floats; c addresses `rows x cols` at stride ldc.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
-unsafe fn kernel<S: Simd, const MR: usize, const NV: usize, const DIRECT: bool>(
+unsafe fn kernel<S: Simd, const MR: usize, const NV: usize>(
     kc: usize,
     ap: *const f32,
-    lda: usize,
     bp: *const f32,
     c: *mut f32,
     ldc: usize,
@@ -424,14 +407,6 @@ unsafe fn kernel<S: Simd, const MR: usize, const NV: usize, const DIRECT: bool>(
             _mm_prefetch::<_MM_HINT_T0>(c.add(i * ldc) as *const i8);
             _mm_prefetch::<_MM_HINT_T0>(c.add(i * ldc + nr - 1) as *const i8);
         }
-        // Direct rows: row i of the tile, or the last live row again past `rows` (read, but
-        // its products are not stored).
-        let mut rp = [ap; MR];
-        if DIRECT {
-            for i in 0..MR {
-                rp[i] = ap.add(i.min(rows - 1) * lda);
-            }
-        }
         let mut acc = [[S::zero(); NV]; MR];
         for p in 0..kc {
             let mut b = [S::zero(); NV];
@@ -439,12 +414,7 @@ unsafe fn kernel<S: Simd, const MR: usize, const NV: usize, const DIRECT: bool>(
                 b[v] = S::load(bp.add(p * nr + v * l));
             }
             for i in 0..MR {
-                let x = if DIRECT {
-                    *rp[i].add(p)
-                } else {
-                    *ap.add(p * MR + i)
-                };
-                let av = S::splat(x);
+                let av = S::splat(*ap.add(p * MR + i));
                 for v in 0..NV {
                     acc[i][v] = S::fmadd(av, b[v], acc[i][v]);
                 }
