@@ -7,7 +7,7 @@
 //! slice of k, `b` is packed once into `NR`-column micro-panels (held in L3/L2); each
 //! `MC`-tall row block of `a` is packed into `MR`-row micro-panels (held in L2) by the task that
 //! uses it; a register-tiled micro-kernel then forms each `MR x NR` tile of c from one a
-//! micro-panel and one b micro-panel (held in L1), `KC` rank-1 updates long. Packing reads
+//! micro-panel and one b micro-panel (held in L1 or L2), `KC` rank-1 updates long. Packing reads
 //! either operand through its row and column strides, so one micro-kernel serves Op::N and
 //! Op::T for both. Edges are zero-padded in the packs and masked on the store.
 //!
@@ -61,7 +61,9 @@ pub(super) trait Packed: Simd {
     const MR: usize;
     /// Vectors per row of the register tile.
     const NV: usize;
-    /// Depth of a k slice: one b micro-panel (`KC x NR` floats) stays in L1.
+    /// Depth of a k slice (one b micro-panel is `KC x NR` floats, read from L1/L2 by every
+    /// tile of a row block). AVX2's 512 was measured level with 256 and 384 on Zen 3
+    /// (BENCHMARKS.md); AVX-512's is not measured yet.
     const KC: usize;
     /// Most rows of a packed a block (`MC x KC` floats, in L2); a multiple of `MR`.
     const MC: usize;
