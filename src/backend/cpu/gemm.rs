@@ -272,23 +272,8 @@ pub fn sgemm_bf16(
             None => {}
         }
         if packed_takes_bf16(m, n, k) {
-            let sa = Strided {
-                ptr: a.as_ptr(),
-                rs: k as isize,
-                cs: 1,
-            };
-            let sb = match tb {
-                Op::N => Strided {
-                    ptr: b.as_ptr(),
-                    rs: n as isize,
-                    cs: 1,
-                },
-                Op::T => Strided {
-                    ptr: b.as_ptr(),
-                    rs: 1,
-                    cs: k as isize,
-                },
-            };
+            let sa = Strided::op(a, Op::N, m, k);
+            let sb = Strided::op(b, tb, k, n);
             let parallel = m * n * k >= PARALLEL_MIN_MACS;
             return unsafe { packed::sgemm_detected(m, n, k, alpha, sa, sb, beta, c, parallel) };
         }
@@ -410,35 +395,9 @@ mod tests {
                 for ta in [Op::N, Op::T] {
                     for tb in [Op::N, Op::T] {
                         let want = naive(ta, tb, m, n, k, &a, &b);
-                        let sa = match ta {
-                            Op::N => Strided {
-                                ptr: a.as_ptr(),
-                                rs: k as isize,
-                                cs: 1,
-                            },
-                            Op::T => Strided {
-                                ptr: a.as_ptr(),
-                                rs: 1,
-                                cs: m as isize,
-                            },
-                        };
-                        let sb = match tb {
-                            Op::N => Strided {
-                                ptr: b.as_ptr(),
-                                rs: n as isize,
-                                cs: 1,
-                            },
-                            Op::T => Strided {
-                                ptr: b.as_ptr(),
-                                rs: 1,
-                                cs: k as isize,
-                            },
-                        };
-                        let sbits = Strided {
-                            ptr: bits.as_ptr(),
-                            rs: sb.rs,
-                            cs: sb.cs,
-                        };
+                        let sa = Strided::op(&a, ta, m, k);
+                        let sb = Strided::op(&b, tb, k, n);
+                        let sbits = Strided::op(&bits, tb, k, n);
                         let tol = 1e-6 * (k as f32).max(16.0);
                         for parallel in [false, true] {
                             let mut c = vec![f32::NAN; m * n];

@@ -22,6 +22,7 @@
 // The register tile is indexed in lockstep over arrays; index loops read plainest.
 #![allow(clippy::needless_range_loop)]
 
+use super::gemm::Op;
 use super::simd::{Avx2, Avx512, Simd};
 use super::small_m::Widen;
 use rayon::prelude::*;
@@ -40,6 +41,22 @@ pub(super) struct Strided<E = f32> {
 // SAFETY: a `Strided` is a read-only view of a slice the caller keeps borrowed for the call.
 unsafe impl<E: Sync> Send for Strided<E> {}
 unsafe impl<E: Sync> Sync for Strided<E> {}
+
+impl<E> Strided<E> {
+    /// The logical `[rows, cols]` operand of a row-major `x` stored `[rows, cols]` (Op::N) or
+    /// `[cols, rows]` (Op::T).
+    pub fn op(x: &[E], op: Op, rows: usize, cols: usize) -> Self {
+        let (rs, cs) = match op {
+            Op::N => (cols as isize, 1),
+            Op::T => (1, rows as isize),
+        };
+        Strided {
+            ptr: x.as_ptr(),
+            rs,
+            cs,
+        }
+    }
+}
 
 impl<E: Widen> Strided<E> {
     #[inline(always)]
