@@ -163,8 +163,8 @@ const PACKED_MIN_SIDE: usize = 64;
 /// bf16 weight, are ours either way).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum ManyRows {
-    /// The `gemm` crate's: the default, measured 3-7% faster than ours on the T512 layer
-    /// cases of a Zen 3 (AVX2) machine (BENCHMARKS.md, "Our packed GEMM").
+    /// The `gemm` crate's: the default, measured about 4% faster than ours on the T512 LoRA
+    /// layer cases of a Zen 3 (AVX2) machine (BENCHMARKS.md, "Our packed GEMM").
     GemmCrate,
     /// Ours: the packed GEMM of `packed.rs` (AVX2 or AVX-512; `gemm` on other CPUs).
     Packed,
