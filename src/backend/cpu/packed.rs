@@ -99,7 +99,7 @@ impl Packed for Avx2 {
     const NC: usize = 4080;
     #[target_feature(enable = "avx2,fma")]
     unsafe fn block_entry(job: &Block<'_>) {
-        unsafe { block::<Self, 6, 2>(job) }
+        unsafe { block::<Self, { <Avx2 as Packed>::MR }, { <Avx2 as Packed>::NV }>(job) }
     }
 }
 
@@ -111,7 +111,7 @@ impl Packed for Avx512 {
     const NC: usize = 4096;
     #[target_feature(enable = "avx512f")]
     unsafe fn block_entry(job: &Block<'_>) {
-        unsafe { block::<Self, 14, 2>(job) }
+        unsafe { block::<Self, { <Avx512 as Packed>::MR }, { <Avx512 as Packed>::NV }>(job) }
     }
 }
 
@@ -257,13 +257,13 @@ pub(super) unsafe fn sgemm<S: Packed, E: Widen>(
     give(&B_PACK, bp);
 }
 
-/// Packs the task's row block of `a` and runs the micro-kernel over its tiles.
+/// Packs the task's row block of `a` and runs the micro-kernel over its tiles. `MR` and `NV`
+/// are `S::MR` and `S::NV` (const parameters, so the register tile is a fixed-size array).
 ///
 /// # Safety
-/// As [`sgemm`]; `MR == S::MR`.
+/// As [`sgemm`].
 #[inline(always)]
 unsafe fn block<S: Packed, const MR: usize, const NV: usize>(job: &Block<'_>) {
-    debug_assert!(MR == S::MR && NV == S::NV);
     let (rows, kc) = (job.rows, job.kc);
     let mut ap = take(&A_PACK, kc * rows.next_multiple_of(MR));
     unsafe {
