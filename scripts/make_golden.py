@@ -1694,6 +1694,83 @@ def compare_dirs(a, b, only_present_in_a=False):
 
 
 # ------------------------------------------------------------------------------------------
+# torch's CPU summation order (the double-quant offset is torch's float32 mean)
+
+TORCH_SUM_SIZES = [1, 2, 3, 5, 7, 8, 9, 15, 16, 17, 31, 33, 37, 63, 64, 65, 100, 127, 128, 129,
+                   255, 256, 257, 300, 511, 512, 513, 1000, 1023, 1024, 1025, 2047, 4097, 8191,
+                   13824, 16094, 32767, 32768, 32769, 40000, 65536, 65537, 100000, 262144, 300001]
+TORCH_SUM_THREADS = [1, 2, 3, 4, 7, 16]
+
+
+def torch_sum_input(n, seed, signed, exp):
+    """The case's input, from an integer hash that lorafuse's test recomputes exactly
+    (tests/golden_torch_sum.rs): h = lowbias32(i + seed * 0x9E3779B9 mod 2^32), value = (h >> 8)
+    * 2^(exp - 24), negated when `signed` and h is odd."""
+    import numpy as np
+
+    with np.errstate(over="ignore"):
+        x = np.arange(n, dtype=np.uint32) + np.uint32((seed * 0x9E3779B9) % (1 << 32))
+        x ^= x >> np.uint32(16)
+        x *= np.uint32(0x7FEB352D)
+        x ^= x >> np.uint32(15)
+        x *= np.uint32(0x846CA68B)
+        x ^= x >> np.uint32(16)
+    v = (x >> np.uint32(8)).astype(np.float32) * np.float32(2.0 ** (exp - 24))
+    if signed:
+        v = np.where(x & np.uint32(1), -v, v).astype(np.float32)
+    return v
+
+
+def _torch_sum_child(capability):
+    """Runs in a child with ATEN_CPU_CAPABILITY set: prints the cases as JSON."""
+    import numpy as np
+    import torch
+
+    got = torch.backends.cpu.get_cpu_capability()
+    rows = []
+    for k, n in enumerate(TORCH_SUM_SIZES):
+        for signed in (False, True):
+            seed, exp = 11 * k + signed, (k % 7) * 3 - 9
+            x = torch.from_numpy(torch_sum_input(n, seed, signed, exp))
+            for threads in (TORCH_SUM_THREADS if n >= 32768 else [1]):
+                torch.set_num_threads(threads)
+                s, m = x.sum(), x.mean()
+                rows.append({"n": n, "seed": seed, "signed": signed, "exp": exp, "threads": threads,
+                             "sum_bits": int(np.float32(s.item()).view(np.uint32)),
+                             "mean_bits": int(np.float32(m.item()).view(np.uint32))})
+    print(json.dumps({"capability": got.lower(), "cases": rows}))
+
+
+def case_torch_sum(out):
+    """torch_sum/<capability>.json: torch.sum and torch.mean of hashed f32 vectors under each CPU
+    capability this machine can run (default and avx2 everywhere on x86-64, avx512 where the CPU
+    has it) and 1 to 16 threads for vectors of at least 32768 values."""
+    import torch
+
+    flags = set()
+    if os.path.exists("/proc/cpuinfo"):
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            flags = {w for line in f if line.startswith("flags") for w in line.split()}
+    for cap in ("default", "avx2", "avx512"):
+        # torch reports a capability it was asked for even where the CPU lacks it (and then
+        # runs its AVX2 kernels), so AVX-512 is taken only where the CPU has it.
+        if cap == "avx512" and not {"avx512f", "avx512vl", "avx512bw", "avx512dq"} <= flags:
+            print("  torch_sum: no AVX-512 on this CPU: avx512 skipped")
+            continue
+        env = dict(os.environ, ATEN_CPU_CAPABILITY=cap)
+        r = subprocess.run([sys.executable, os.path.abspath(__file__), "--torch-sum-child", cap],
+                           env=env, capture_output=True, text=True, check=True)
+        res = json.loads(r.stdout)
+        if res["capability"] != cap:
+            print(f"  torch_sum: this CPU cannot run torch's {cap} kernels (got {res['capability']}): skipped")
+            continue
+        res.update({"torch_version": torch.__version__, "generator": GENERATOR,
+                    "input": "tests/golden/README.md section 11"})
+        write_json(os.path.join(out, "torch_sum", f"{cap}.json"), res, indent=None)
+        print(f"  torch_sum/{cap}.json: {len(res['cases'])} cases")
+
+
+# ------------------------------------------------------------------------------------------
 # main
 
 CASES = {}
@@ -1704,11 +1781,14 @@ def register():
         "lora": case_lora, "dora": case_dora, "vera": case_vera, "adalora": case_adalora,
         "nf4": case_nf4, "qlora": case_qlora, "adapters": case_adapters, "seeds_peft": case_seeds_peft,
         "seeds_pairs": case_seeds_pairs, "seeds_multi": case_seeds_multi,
-        "seeds_adapters": case_seeds_adapters, "smollm2": case_smollm2, "chat": case_chat,
+        "seeds_adapters": case_seeds_adapters, "smollm2": case_smollm2, "chat": case_chat, "torch_sum": case_torch_sum,
     })
 
 
 def main():
+    if len(sys.argv) == 3 and sys.argv[1] == "--torch-sum-child":
+        _torch_sum_child(sys.argv[2])
+        return 0
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", help="write the golden files into this folder")
     ap.add_argument("--check", action="store_true", help="regenerate into a temp folder and compare with --golden")

@@ -7,6 +7,7 @@ mod common;
 use lorafuse::Error;
 use lorafuse::io::bnb::{nf4_from_bnb_tensors, nf4_to_bnb_tensors};
 use lorafuse::quant::nf4::{Absmax, NF4_CODE, Nf4Tensor, dynamic_map, quantize_nf4};
+use lorafuse::quant::torch_sum::{TorchCpuOrder, torch_mean_f32};
 use proptest::prelude::*;
 use safetensors::{Dtype, SafeTensors};
 use std::path::PathBuf;
@@ -102,6 +103,25 @@ fn offset_within_one_ulp(name: &str, key: &str, ours: f32, st: &SafeTensors) -> 
     ulps == 0
 }
 
+/// The set was made by torch's AVX-512 kernels on one thread (golden/README.md section 5): in
+/// that order, the mean of bnb's own single-quant absmax is the file's offset exactly.
+fn assert_offset_in_the_sets_order(name: &str, key: &str, single: &Nf4Tensor, st: &SafeTensors) {
+    let Absmax::F32(absmax) = single.absmax() else {
+        panic!("{name}: single quant gave double");
+    };
+    let avx512 = TorchCpuOrder {
+        lanes: 16,
+        threads: 1,
+    };
+    let ours = torch_mean_f32(absmax, avx512);
+    let theirs = f32s(st, key)[0];
+    assert_eq!(
+        ours.to_bits(),
+        theirs.to_bits(),
+        "{name} {key}: torch's 16-lane mean {ours:e} vs the file's {theirs:e}"
+    );
+}
+
 fn double_parts(t: &Nf4Tensor) -> (&[u8], &[f32], &[f32], f32, usize) {
     match t.absmax() {
         Absmax::Double {
@@ -186,6 +206,7 @@ fn nf4_golden_quantize_dequantize_serialize() {
         // bit for bit only when the offsets agree (the read-back below checks, from the file's
         // own bytes, every dequantized value bit for bit in any case).
         let same_offset = offset_within_one_ulp(&name, "double.offset", offset, &st);
+        assert_offset_in_the_sets_order(&name, "double.offset", &single, &st);
         assert_bytes(
             &format!("{name} double.absmax_q"),
             absmax_q,
@@ -323,6 +344,8 @@ fn qlora_golden_base_weight() {
             &u8s(&st, "weight.absmax_q"),
         );
         let same_offset = offset_within_one_ulp(&name, "weight.offset", offset, &st);
+        let single = quantize_nf4(&w, &shape, blocksize_of(&bytes), false).unwrap();
+        assert_offset_in_the_sets_order(&name, "weight.offset", &single, &st);
         assert_bits(
             &format!("{name} weight.nested_code"),
             nested_code,

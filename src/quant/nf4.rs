@@ -20,6 +20,7 @@
 //! including their rounding quirks (see the function's docs). The golden vectors in
 //! `tests/golden/nf4_*.safetensors` are matched bit for bit.
 
+use super::torch_sum::{TorchCpuOrder, torch_mean_f32};
 use crate::error::{Error, Result};
 use rayon::prelude::*;
 use std::sync::OnceLock;
@@ -353,8 +354,8 @@ fn nf4_bounds() -> [f32; 15] {
 ///   `v = clamp(w / am, -1, 1)` uses a true division.
 /// * `q = bucketize(v, midpoints)`: nearest code, a value exactly on a midpoint goes to the lower
 ///   index. Packed high nibble first; an odd `n` is padded with nibble 7.
-/// * With `double_quant`: `offset = mean(absmax)` in torch's order ([`mean_f32`]), then
-///   `absmax - offset` is quantized per block of 256 by bnb's C++ CPU kernel: `nested_absmax =
+/// * With `double_quant`: `offset = mean(absmax)` in torch's summation order
+///   ([`TorchCpuOrder::detected`]), then `absmax - offset` is quantized per block of 256 by bnb's C++ CPU kernel: `nested_absmax =
 ///   max|a|` (a block of all zeros gets index 0), `v = a * (1 / nested_absmax)`, and the index
 ///   comes from bnb's 65536-cell lookup table (see [`dynamic_lut`]), not exact nearest rounding.
 ///
@@ -365,6 +366,20 @@ pub fn quantize_nf4(
     shape: &[usize],
     blocksize: usize,
     double_quant: bool,
+) -> Result<Nf4Tensor> {
+    quantize_nf4_in_order(w, shape, blocksize, double_quant, TorchCpuOrder::detected())
+}
+
+/// [`quantize_nf4`] with the double-quant offset summed in torch's `order` (the CPU capability
+/// and thread count of the torch process to match, e.g. one that called
+/// `torch.set_num_threads`); the order matters from 32768 blocks on, and between AVX-512 and
+/// other CPUs at any size. Errors as [`quantize_nf4`].
+pub fn quantize_nf4_in_order(
+    w: &[f32],
+    shape: &[usize],
+    blocksize: usize,
+    double_quant: bool,
+    order: TorchCpuOrder,
 ) -> Result<Nf4Tensor> {
     check_blocksize(blocksize)?;
     let n: usize = shape.iter().product();
@@ -410,7 +425,7 @@ pub fn quantize_nf4(
         });
 
     let absmax = if double_quant {
-        double_quantize(&absmax)
+        double_quantize(&absmax, order)
     } else {
         Absmax::F32(absmax)
     };
@@ -422,119 +437,16 @@ pub fn quantize_nf4(
     })
 }
 
-/// torch's `x.mean()` for a 1-D f32 tensor on the CPU: `sum(x).div_(n)`, an f32 sum in torch's
-/// exact summation order ([`torch_sum_f32`]) divided by `n` in f32.
-///
-/// Note: accumulating in f64 and rounding once is *not* what torch does, and gives a different
-/// last bit for 4 of 6 bitsandbytes cases we tried (even with 5 or 9 blocks).
+/// torch's `absmax.mean()` as bitsandbytes takes it for the double-quant offset: the f32 mean
+/// in the summation order torch would use in this process ([`TorchCpuOrder::detected`]: 16
+/// lanes on AVX-512, 8 elsewhere; its thread count from 32768 blocks on).
 pub fn mean_f32(x: &[f32]) -> f32 {
-    torch_sum_f32(x) / x.len() as f32
-}
-
-/// Lanes of torch's `Vectorized<float>` in its AVX-512 kernels (the build that made the golden
-/// vectors). torch's AVX2 kernels (8 lanes) sum in another order and may differ in the last bit.
-const TORCH_LANES: usize = 16;
-
-/// torch 2.x's CPU `sum` of a contiguous f32 vector with fewer than 32768 elements (one
-/// thread), in its exact order (`vectorized_inner_sum` / `row_sum` / `multi_row_sum` in
-/// aten/src/ATen/native/cpu/SumKernel.cpp): 16-lane vectors summed by 4 interleaved
-/// accumulators with a 4-level cascade, the scalar tail added in order, then the lanes.
-/// Matches torch bit for bit on the golden files (512 and 37 values) and on extra bitsandbytes
-/// cases with 301, 15 and 5 values, but NOT on a 9-value and a 16094-value case (torch's result
-/// is 1-2 ulps away), so torch's order is not fully reproduced yet. Inputs >= 32768 values are
-/// split across threads by torch, which makes its result thread-count dependent anyway.
-pub fn torch_sum_f32(x: &[f32]) -> f32 {
-    if x.len() < TORCH_LANES {
-        // scalar_inner_sum: row_sum over scalars
-        return row_sum::<1>(x.len(), |i| [x[i]])[0];
-    }
-    let nvec = x.len() / TORCH_LANES;
-    let acc = row_sum::<TORCH_LANES>(nvec, |i| std::array::from_fn(|l| x[i * TORCH_LANES + l]));
-    let mut total = 0f32;
-    for &v in &x[nvec * TORCH_LANES..] {
-        total += v;
-    }
-    for v in acc {
-        total += v;
-    }
-    total
-}
-
-fn add_lanes<const L: usize>(a: &mut [f32; L], b: &[f32; L]) {
-    for (x, y) in a.iter_mut().zip(b) {
-        *x += y;
-    }
-}
-
-/// torch's `row_sum`: the `size` elements seen as `[size / 4, 4]`, summed by `multi_row_sum`,
-/// the leftovers added to column 0, then columns 1..4 added to column 0.
-fn row_sum<const L: usize>(size: usize, load: impl Fn(usize) -> [f32; L]) -> [f32; L] {
-    const ILP: usize = 4;
-    let size_ilp = size / ILP;
-    let mut partial = multi_row_sum::<L, ILP>(size_ilp, |i, k| load(i * ILP + k));
-    for i in size_ilp * ILP..size {
-        add_lanes(&mut partial[0], &load(i));
-    }
-    let [mut p0, rest @ ..] = partial;
-    for p in &rest {
-        add_lanes(&mut p0, p);
-    }
-    p0
-}
-
-/// torch's `multi_row_sum`: `NR` running sums with a 4-level cascade of partial sums.
-#[allow(clippy::needless_range_loop)] // mirrors torch's loops index for index
-fn multi_row_sum<const L: usize, const NR: usize>(
-    size: usize,
-    load: impl Fn(usize, usize) -> [f32; L],
-) -> [[f32; L]; NR] {
-    const LEVELS: usize = 4;
-    let ceil_log2 = if size <= 2 {
-        1
-    } else {
-        64 - ((size - 1) as u64).leading_zeros() as usize
-    };
-    let level_power = 4.max(ceil_log2 / LEVELS);
-    let level_step = 1usize << level_power;
-    let level_mask = level_step - 1;
-    let mut acc = [[[0f32; L]; NR]; LEVELS];
-    let mut i = 0;
-    while i + level_step <= size {
-        for _ in 0..level_step {
-            for k in 0..NR {
-                add_lanes(&mut acc[0][k], &load(i, k));
-            }
-            i += 1;
-        }
-        for j in 1..LEVELS {
-            for k in 0..NR {
-                let lower = acc[j - 1][k];
-                add_lanes(&mut acc[j][k], &lower);
-                acc[j - 1][k] = [0.0; L];
-            }
-            if i & (level_mask << (j * level_power)) != 0 {
-                break;
-            }
-        }
-    }
-    while i < size {
-        for k in 0..NR {
-            add_lanes(&mut acc[0][k], &load(i, k));
-        }
-        i += 1;
-    }
-    for j in 1..LEVELS {
-        for k in 0..NR {
-            let upper = acc[j][k];
-            add_lanes(&mut acc[0][k], &upper);
-        }
-    }
-    acc[0]
+    torch_mean_f32(x, TorchCpuOrder::detected())
 }
 
 /// Double quantization of the per-block absmax (bnb's `quantize_4bit(compress_statistics=True)`).
-fn double_quantize(absmax: &[f32]) -> Absmax {
-    let offset = mean_f32(absmax);
+fn double_quantize(absmax: &[f32], order: TorchCpuOrder) -> Absmax {
+    let offset = torch_mean_f32(absmax, order);
     let centered: Vec<f32> = absmax.iter().map(|&a| a - offset).collect();
     let code = dynamic_map();
     let lut = dynamic_lut();
