@@ -252,8 +252,11 @@ class Nf4Tensor:
 class _Nf4Module:
     Nf4Tensor: type[Nf4Tensor]
     @staticmethod
-    def quantize(w: F32, blocksize: int = 64, double_quant: bool = True) -> Nf4Tensor:
-        """bitsandbytes' CPU quantize_4bit(quant_type='nf4'), bit for bit."""
+    def quantize(
+        w: F32, blocksize: int = 64, double_quant: bool = True, torch_threads: int | None = None
+    ) -> Nf4Tensor:
+        """bitsandbytes' CPU quantize_4bit(quant_type='nf4'), bit for bit; the double-quant offset
+        summed as the torch in this process would (torch_threads: its get_num_threads())."""
 
 nf4: _Nf4Module
 

@@ -5,7 +5,8 @@ use std::sync::OnceLock;
 
 use lorafuse::backend::Nf4Weight;
 use lorafuse::io::bnb;
-use lorafuse::quant::nf4::{Absmax, NF4_CODE, Nf4Tensor as RsNf4, quantize_nf4};
+use lorafuse::quant::nf4::{Absmax, NF4_CODE, Nf4Tensor as RsNf4, quantize_nf4_in_order};
+use lorafuse::quant::torch_sum::TorchCpuOrder;
 use lorafuse::{Backend, Cpu};
 use numpy::{
     PyArray, PyArrayDescrMethods, PyArrayDyn, PyArrayMethods, PyUntypedArray, PyUntypedArrayMethods,
@@ -266,6 +267,12 @@ impl PyNf4 {
 ///     blocksize: power of two in 32..4096.
 ///     double_quant: also quantize the per-block absmax to 8 bits (bitsandbytes'
 ///         ``compress_statistics``).
+///     torch_threads: the ``torch.get_num_threads()`` of the torch to match. The double-quant
+///         offset is torch's float32 ``absmax.mean()``, whose summation order depends on torch's
+///         thread count from 32768 blocks on, and on its CPU capability (AVX-512 or not) at any
+///         size. Default: when torch is already imported, its own ``get_num_threads()`` and
+///         ``backends.cpu.get_cpu_capability()``; else what torch would start with here (the
+///         physical cores, ``OMP_NUM_THREADS`` / ``MKL_NUM_THREADS``, ``ATEN_CPU_CAPABILITY``).
 ///
 /// Returns:
 ///     Nf4Tensor.
@@ -274,13 +281,20 @@ impl PyNf4 {
 ///     TypeError: ``w`` is not a float32 numpy array.
 ///     ValueError: bad blocksize, empty, non-contiguous or non-finite ``w``.
 #[pyfunction(name = "quantize")]
-#[pyo3(signature = (w, blocksize=64, double_quant=true))]
+#[pyo3(signature = (w, blocksize=64, double_quant=true, torch_threads=None))]
 pub(crate) fn nf4_quantize(
     py: Python<'_>,
     w: &Bound<'_, PyAny>,
     blocksize: usize,
     double_quant: bool,
+    torch_threads: Option<usize>,
 ) -> PyResult<PyNf4> {
+    if torch_threads == Some(0) {
+        return Err(PyValueError::new_err(
+            "`torch_threads` must be at least 1, got 0",
+        ));
+    }
+    let order = torch_order(py, torch_threads)?;
     let w = array(w, "w", None)?;
     if w.shape().is_empty() || w.data().is_empty() {
         return Err(PyValueError::new_err(format!(
@@ -289,7 +303,30 @@ pub(crate) fn nf4_quantize(
         )));
     }
     let inner = run(py, |_| {
-        quantize_nf4(w.data(), w.shape(), blocksize, double_quant)
+        quantize_nf4_in_order(w.data(), w.shape(), blocksize, double_quant, order)
     })?;
     Ok(PyNf4::new(inner))
+}
+
+/// The summation order of the torch in this process if it is imported (its thread count and
+/// CPU capability), else of the torch that would start here; `threads` overrides the count.
+fn torch_order(py: Python<'_>, threads: Option<usize>) -> PyResult<TorchCpuOrder> {
+    let detected = TorchCpuOrder::detected();
+    let modules = py.import("sys")?.getattr("modules")?;
+    let Some(torch) = modules.get_item("torch").ok().filter(|t| !t.is_none()) else {
+        return Ok(TorchCpuOrder {
+            threads: threads.unwrap_or(detected.threads),
+            ..detected
+        });
+    };
+    let threads = match threads {
+        Some(t) => t,
+        None => torch.call_method0("get_num_threads")?.extract()?,
+    };
+    let capability: String = torch
+        .getattr("backends")?
+        .getattr("cpu")?
+        .call_method0("get_cpu_capability")?
+        .extract()?;
+    Ok(TorchCpuOrder::for_torch(&capability, threads))
 }

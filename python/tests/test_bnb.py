@@ -44,6 +44,15 @@ def test_to_bnb_layout_and_round_trip(shape, blocksize, double_quant):
     assert back.shape == q.shape and back.blocksize == q.blocksize
 
 
+def test_quantize_rejects_zero_torch_threads():
+    with pytest.raises(ValueError, match="torch_threads"):
+        nf4.quantize(np.ones((4, 64), np.float32), torch_threads=0)
+    # Any positive count is taken; below 32768 blocks it changes nothing.
+    w = np.random.default_rng(3).standard_normal((33, 70)).astype(np.float32)
+    one, many = nf4.quantize(w, torch_threads=1), nf4.quantize(w, torch_threads=7)
+    assert one.dequantize().tobytes() == many.dequantize().tobytes()
+
+
 def test_from_bnb_bad_input_raises_named_errors():
     q = nf4.quantize(np.ones((4, 64), np.float32))
     t = q.to_bnb(KEY)

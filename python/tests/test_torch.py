@@ -242,6 +242,58 @@ def test_nf4_base_from_quantize_and_from_bnb():
     close(from_bnb(x), l4(x), "Linear4bit y")
 
 
+@pytest.mark.parametrize("threads", [1, 3])
+def test_nf4_quantize_is_bitsandbytes_bit_for_bit_at_any_size(threads):
+    """nf4.quantize against bitsandbytes' own quantize_4bit on shapes and seeds of this test
+    (the double-quant offset is torch's mean of the absmax, whose summation order follows
+    torch's thread count from 32768 blocks on and its CPU capability at any size)."""
+    F = pytest.importorskip("bitsandbytes.functional")
+    rng = np.random.default_rng(40 + threads)
+    shapes = [(int(rng.integers(1, 70)), int(rng.integers(1, 300))) for _ in range(12)]
+    shapes += [(1024, 2176), (700, 6000)]  # 34816 and 32812+ blocks: the threaded sum
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for k, shape in enumerate(shapes):
+            bs = [64, 128, 32, 256][k % 4]
+            w = (rng.standard_normal(shape) * 10.0 ** rng.uniform(-3, 2)).astype(np.float32)
+            ours = lorafuse.nf4.quantize(w, blocksize=bs, double_quant=True)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                p, st = F.quantize_4bit(torch.from_numpy(w.copy()), blocksize=bs,
+                                        compress_statistics=True, quant_type="nf4")
+            assert np.array_equal(p.numpy().reshape(-1), ours.packed.reshape(-1)), (shape, bs)
+            t = ours.to_bnb("w")
+            assert np.array_equal(t["w.absmax"], st.absmax.numpy()), (shape, bs)
+            assert np.float32(st.offset.item()) == ours_offset(t), (shape, bs, threads)
+            absmax = F.dequantize_blockwise(st.absmax, st.state2) + st.offset
+            assert absmax.numpy().tobytes() == ours.absmax_f32().tobytes(), (shape, bs)
+    finally:
+        torch.set_num_threads(before)
+    # An explicit count is the order of a torch with that many threads, whatever this torch has.
+    w = np.random.default_rng(41).standard_normal((1024, 2176)).astype(np.float32)
+    theirs = {}
+    for n in (1, 4):
+        torch.set_num_threads(n)
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                _, st = F.quantize_4bit(torch.from_numpy(w.copy()), blocksize=64,
+                                        compress_statistics=True, quant_type="nf4")
+        finally:
+            torch.set_num_threads(before)
+        theirs[n] = np.float32(st.offset.item())
+    assert theirs[1] != theirs[4]  # this w tells the two orders apart
+    for n in (1, 4):
+        assert ours_offset(lorafuse.nf4.quantize(w, torch_threads=n).to_bnb("w")) == theirs[n], n
+
+
+def ours_offset(t):
+    import json
+
+    return np.float32(json.loads(bytes(t["w.quant_state.bitsandbytes__nf4"]).decode())["nested_offset"])
+
+
 @pytest.mark.parametrize("method", ["lora", "dora"])
 def test_restore_then_save_pretrained_round_trips(method, tmp_path):
     ref = peft_model(method)
