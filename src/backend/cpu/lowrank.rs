@@ -205,6 +205,7 @@ pub(super) fn forward_with_norm(
                 &prod[t * dout..],
                 (1, dout),
                 base_row_sq.data(),
+                w.data(),
                 &a,
                 &bf,
                 term.scale,
@@ -497,7 +498,17 @@ pub(super) fn row_norms(
             let bf = folded_b(term, b, r);
             // P = W A^T [out, r].
             let p = shrink(w.data(), &a, dout, din, r);
-            let n = norm_from_p(&p, (r, 1), base_row_sq.data(), &a, &bf, term.scale, din, r);
+            let n = norm_from_p(
+                &p,
+                (r, 1),
+                base_row_sq.data(),
+                w.data(),
+                &a,
+                &bf,
+                term.scale,
+                din,
+                r,
+            );
             Ok(new(n, &[dout]))
         }
         Base::Nf4(w) => tiled::lowrank_row_norms(&Nf4Tiles::new(w), base_row_sq, term),
@@ -507,13 +518,21 @@ pub(super) fn row_norms(
 
 /// The low-rank identity `n_o^2 = ||W_o||^2 + 2 s (P B'^T)_oo + s^2 (B' G B'^T)_oo` with
 /// `P = W A^T [rows, r]` (element `(o, j)` at `p[o * p_strides.0 + j * p_strides.1]`),
-/// `B' = diag(o) B diag(ρ)` (`bf`, `[rows, r]`), `G = A A^T [r, r]` (A `[r, din]`), in f64
-/// (cancellation between the terms stays small). `row_sq` holds `||W_o||^2` of the rows.
+/// `B' = diag(o) B diag(ρ)` (`bf`, `[rows, r]`), `G = A A^T [r, r]` (A `[r, din]`), combined in
+/// f64. `row_sq` holds `||W_o||^2` of the rows and `w` the rows themselves (`[rows, din]`).
+///
+/// P and G come from f32 products, so their rounding is relative to the terms, not to n^2: a
+/// row whose terms cancel (`n_o^2` below a quarter of `||W_o||^2 + 2|s| |P_o| |B'_o| + s^2
+/// |Q_o| |B'_o|`, which a trained adapter rarely reaches but a large random B at a small `din`
+/// does) would lose digits in proportion. Such rows are summed directly instead, `||W_o + s
+/// B'_o A||` in f64 from the f32 values (`O(r din)` per row), which is at least as accurate as
+/// PEFT's `torch.linalg.norm(W0 + s B A, dim=1)` in f32.
 #[allow(clippy::too_many_arguments)]
 pub(super) fn norm_from_p(
     p: &[f32],
     p_strides: (usize, usize),
     row_sq: &[f32],
+    w: &[f32],
     a: &[f32],
     bf: &[f32],
     s: f32,
@@ -531,13 +550,93 @@ pub(super) fn norm_from_p(
     (0..rows)
         .map(|o| {
             let br = &bf[o * r..(o + 1) * r];
-            let (mut cross, mut quad) = (0.0f64, 0.0f64);
+            let (mut cross, mut quad, mut cross_abs, mut quad_abs) = (0.0f64, 0.0, 0.0, 0.0);
             for j in 0..r {
-                cross += p[o * ps_o + j * ps_j] as f64 * br[j] as f64;
-                quad += q[o * r + j] as f64 * br[j] as f64;
+                let pc = p[o * ps_o + j * ps_j] as f64 * br[j] as f64;
+                let qc = q[o * r + j] as f64 * br[j] as f64;
+                cross += pc;
+                quad += qc;
+                cross_abs += pc.abs();
+                quad_abs += qc.abs();
             }
             let sq = row_sq[o] as f64 + 2.0 * s * cross + s * s * quad;
-            sq.max(0.0).sqrt() as f32
+            let size = row_sq[o] as f64 + 2.0 * s.abs() * cross_abs + s * s * quad_abs;
+            if 4.0 * sq >= size {
+                return sq.max(0.0).sqrt() as f32;
+            }
+            let wo = &w[o * din..(o + 1) * din];
+            let direct: f64 = (0..din)
+                .map(|i| {
+                    let ba: f64 = (0..r).map(|j| br[j] as f64 * a[j * din + i] as f64).sum();
+                    let v = wo[i] as f64 + s * ba;
+                    v * v
+                })
+                .sum();
+            direct.sqrt() as f32
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `||W_o + s B_o A||` in f64 from the f32 values.
+    fn direct(w: &[f32], a: &[f32], b: &[f32], s: f32, din: usize, r: usize) -> Vec<f64> {
+        w.chunks(din)
+            .zip(b.chunks(r))
+            .map(|(wo, bo)| {
+                (0..din)
+                    .map(|i| {
+                        let ba: f64 = (0..r).map(|j| bo[j] as f64 * a[j * din + i] as f64).sum();
+                        (wo[i] as f64 + s as f64 * ba).powi(2)
+                    })
+                    .sum::<f64>()
+                    .sqrt()
+            })
+            .collect()
+    }
+
+    #[test]
+    fn row_norms_stay_accurate_where_base_and_term_cancel() {
+        // Rows o < 6 nearly cancel (W_o = -s B_o A + a tiny part); rows 6.. do not.
+        let (dout, din, r, s) = (10usize, 3usize, 2usize, 1.5f32);
+        let a: Vec<f32> = (0..r * din).map(|i| 0.3 + 0.17 * i as f32).collect();
+        let b: Vec<f32> = (0..dout * r).map(|i| 0.9 - 0.13 * i as f32).collect();
+        let mut w = vec![0.0f32; dout * din];
+        for o in 0..dout {
+            for i in 0..din {
+                let ba: f32 = (0..r).map(|j| b[o * r + j] * a[j * din + i]).sum();
+                let tiny = 1e-3 * (1.0 + (o * din + i) as f32 * 0.37).sin();
+                w[o * din + i] = if o < 6 {
+                    -s * ba + tiny
+                } else {
+                    0.5 - 0.1 * i as f32
+                };
+            }
+        }
+        let row_sq: Vec<f32> = w
+            .chunks(din)
+            .map(|r| r.iter().map(|v| v * v).sum())
+            .collect();
+        let (wt, at, bt) = (
+            new(w.clone(), &[dout, din]),
+            new(a.clone(), &[r, din]),
+            new(b.clone(), &[dout, r]),
+        );
+        let term = LowRank::lora(&at, &bt, s);
+        let n = row_norms(Base::Dense(&wt), &new(row_sq, &[dout]), &term).unwrap();
+        for (o, (&got, want)) in n
+            .data()
+            .iter()
+            .zip(direct(&w, &a, &b, s, din, r))
+            .enumerate()
+        {
+            let rel = (got as f64 - want).abs() / want;
+            assert!(
+                rel < 1e-6,
+                "row {o}: {got} vs {want} (relative error {rel:e})"
+            );
+        }
+    }
 }

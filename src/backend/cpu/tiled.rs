@@ -242,6 +242,7 @@ pub(super) fn lowrank_row_norms(
                 &p,
                 (r, 1),
                 &w0_row_sq.data()[o0..o1],
+                &tile,
                 &a,
                 &bf[o0 * r..o1 * r],
                 term.scale,
