@@ -1721,12 +1721,11 @@ def torch_sum_input(n, seed, signed, exp):
     return v
 
 
-def _torch_sum_child(capability):
-    """Runs in a child with ATEN_CPU_CAPABILITY set: prints the cases as JSON."""
+def _torch_sum_child():
+    """torch.sum / torch.mean of every case under this process's capability and 1-16 threads."""
     import numpy as np
     import torch
 
-    got = torch.backends.cpu.get_cpu_capability()
     rows = []
     for k, n in enumerate(TORCH_SUM_SIZES):
         for signed in (False, True):
@@ -1738,13 +1737,57 @@ def _torch_sum_child(capability):
                 rows.append({"n": n, "seed": seed, "signed": signed, "exp": exp, "threads": threads,
                              "sum_bits": int(np.float32(s.item()).view(np.uint32)),
                              "mean_bits": int(np.float32(m.item()).view(np.uint32))})
-    print(json.dumps({"capability": got.lower(), "cases": rows}))
+    return rows
 
 
-def case_torch_sum(out):
-    """torch_sum/<capability>.json: torch.sum and torch.mean of hashed f32 vectors under each CPU
-    capability this machine can run (default and avx2 everywhere on x86-64, avx512 where the CPU
-    has it) and 1 to 16 threads for vectors of at least 32768 values."""
+TORCH_RNG_CASES = [(0, 8, 48, 48), (0, 16, 576, 1536), (1, 4, 7, 300), (42, 256, 576, 576),
+                   (123456789, 3, 5, 2), ((1 << 33) + 5, 8, 64, 32)]
+
+
+def fnv1a64(words):
+    h = 0xCBF29CE484222325
+    for w in words:
+        for k in range(4):
+            h ^= (int(w) >> (8 * k)) & 0xFF
+            h = (h * 0x100000001B3) & 0xFFFFFFFFFFFFFFFF
+    return h
+
+
+def _torch_rng_child():
+    """PEFT's VeRA init, `_kaiming_init((r, in))` then `_kaiming_init((out, r))` from one
+    torch.Generator().manual_seed(key), under this process's capability: the first 16 values of
+    each as f32 bits and an FNV-1a 64 hash of all their bits (little-endian bytes)."""
+    import numpy as np
+    import torch
+
+    rows = []
+    for key, r, din, dout in TORCH_RNG_CASES:
+        g = torch.Generator(device="cpu").manual_seed(key)
+        out = {"key": key, "r": r, "in": din, "out": dout}
+        for name, shape in (("a", (r, din)), ("b", (dout, r))):
+            bound = math.sqrt(3.0) * (math.sqrt(2) / math.sqrt(shape[1]))
+            t = torch.empty(shape).uniform_(-bound, bound, generator=g)
+            bits = t.numpy().reshape(-1).view(np.uint32)
+            out[f"{name}_head_bits"] = [int(b) for b in bits[:16]]
+            out[f"{name}_fnv1a64"] = str(fnv1a64(bits))
+        rows.append(out)
+    return rows
+
+
+TORCH_CHILDREN = {"sum": _torch_sum_child, "rng": _torch_rng_child}
+
+
+def _torch_child(what):
+    """Runs in a child with ATEN_CPU_CAPABILITY set: prints the cases as JSON."""
+    import torch
+
+    got = torch.backends.cpu.get_cpu_capability()
+    print(json.dumps({"capability": got.lower(), "cases": TORCH_CHILDREN[what]()}))
+
+
+def _per_capability(out, what, section):
+    """torch_<what>/<capability>.json for each CPU capability this machine can run (default and
+    avx2 everywhere on x86-64, avx512 where the CPU has it)."""
     import torch
 
     flags = set()
@@ -1755,20 +1798,30 @@ def case_torch_sum(out):
         # torch reports a capability it was asked for even where the CPU lacks it (and then
         # runs its AVX2 kernels), so AVX-512 is taken only where the CPU has it.
         if cap == "avx512" and not {"avx512f", "avx512vl", "avx512bw", "avx512dq"} <= flags:
-            print("  torch_sum: no AVX-512 on this CPU: avx512 skipped")
+            print(f"  torch_{what}: no AVX-512 on this CPU: avx512 skipped")
             continue
         env = dict(os.environ, ATEN_CPU_CAPABILITY=cap)
-        r = subprocess.run([sys.executable, os.path.abspath(__file__), "--torch-sum-child", cap],
+        r = subprocess.run([sys.executable, os.path.abspath(__file__), "--torch-child", what],
                            env=env, capture_output=True, text=True, check=True)
         res = json.loads(r.stdout)
         if res["capability"] != cap:
-            print(f"  torch_sum: this CPU cannot run torch's {cap} kernels (got {res['capability']}): skipped")
+            print(f"  torch_{what}: this CPU cannot run torch's {cap} kernels (got {res['capability']}): skipped")
             continue
         res.update({"torch_version": torch.__version__, "generator": GENERATOR,
-                    "input": "tests/golden/README.md section 11"})
-        write_json(os.path.join(out, "torch_sum", f"{cap}.json"), res, indent=None)
-        print(f"  torch_sum/{cap}.json: {len(res['cases'])} cases")
+                    "input": f"tests/golden/README.md section {section}"})
+        write_json(os.path.join(out, f"torch_{what}", f"{cap}.json"), res, indent=None)
+        print(f"  torch_{what}/{cap}.json: {len(res['cases'])} cases")
 
+
+def case_torch_sum(out):
+    """torch_sum/: torch.sum and torch.mean of hashed f32 vectors, 1 to 16 threads for vectors of
+    at least 32768 values."""
+    _per_capability(out, "sum", 11)
+
+
+def case_torch_rng(out):
+    """torch_rng/: PEFT's VeRA projection draws from torch's CPU generator."""
+    _per_capability(out, "rng", 12)
 
 # ------------------------------------------------------------------------------------------
 # main
@@ -1782,12 +1835,13 @@ def register():
         "nf4": case_nf4, "qlora": case_qlora, "adapters": case_adapters, "seeds_peft": case_seeds_peft,
         "seeds_pairs": case_seeds_pairs, "seeds_multi": case_seeds_multi,
         "seeds_adapters": case_seeds_adapters, "smollm2": case_smollm2, "chat": case_chat, "torch_sum": case_torch_sum,
+        "torch_rng": case_torch_rng,
     })
 
 
 def main():
-    if len(sys.argv) == 3 and sys.argv[1] == "--torch-sum-child":
-        _torch_sum_child(sys.argv[2])
+    if len(sys.argv) == 3 and sys.argv[1] == "--torch-child":
+        _torch_child(sys.argv[2])
         return 0
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", help="write the golden files into this folder")

@@ -40,6 +40,7 @@ pub mod instruct;
 pub mod io;
 pub mod model;
 pub mod quant;
+pub mod torch_cpu;
 pub mod train;
 
 #[cfg(feature = "wgpu")]

@@ -7,7 +7,8 @@ mod common;
 use lorafuse::Error;
 use lorafuse::io::bnb::{nf4_from_bnb_tensors, nf4_to_bnb_tensors};
 use lorafuse::quant::nf4::{Absmax, NF4_CODE, Nf4Tensor, dynamic_map, quantize_nf4};
-use lorafuse::quant::torch_sum::{TorchCpuOrder, torch_mean_f32};
+use lorafuse::torch_cpu::TorchCapability;
+use lorafuse::torch_cpu::sum::{TorchCpuOrder, torch_mean_f32};
 use proptest::prelude::*;
 use safetensors::{Dtype, SafeTensors};
 use std::path::PathBuf;
@@ -90,7 +91,7 @@ fn assert_bytes(what: &str, got: &[u8], want: &[u8]) {
 }
 
 /// Asserts our recomputed double-quant offset is the file's `key` or 1 ulp from it (the one
-/// difference torch's CPU dispatch can make, see `quant::nf4::torch_sum_f32`); returns whether
+/// difference torch's CPU dispatch can make, see `torch_cpu::sum`); returns whether
 /// they are equal.
 fn offset_within_one_ulp(name: &str, key: &str, ours: f32, st: &SafeTensors) -> bool {
     let theirs = f32s(st, key)[0];
@@ -110,7 +111,7 @@ fn assert_offset_in_the_sets_order(name: &str, key: &str, single: &Nf4Tensor, st
         panic!("{name}: single quant gave double");
     };
     let avx512 = TorchCpuOrder {
-        lanes: 16,
+        capability: TorchCapability::Avx512,
         threads: 1,
     };
     let ours = torch_mean_f32(absmax, avx512);

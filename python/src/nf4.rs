@@ -6,7 +6,7 @@ use std::sync::OnceLock;
 use lorafuse::backend::Nf4Weight;
 use lorafuse::io::bnb;
 use lorafuse::quant::nf4::{Absmax, NF4_CODE, Nf4Tensor as RsNf4, quantize_nf4_in_order};
-use lorafuse::quant::torch_sum::TorchCpuOrder;
+use lorafuse::torch_cpu::sum::TorchCpuOrder;
 use lorafuse::{Backend, Cpu};
 use numpy::{
     PyArray, PyArrayDescrMethods, PyArrayDyn, PyArrayMethods, PyUntypedArray, PyUntypedArrayMethods,

@@ -12,7 +12,8 @@ use super::Linear;
 use super::lora::{saved_h, wanted};
 use crate::backend::{Backend, GradWants, LowRank, Tensor};
 use crate::error::{Error, Result};
-use rand::{RngExt, SeedableRng};
+use crate::torch_cpu::TorchCapability;
+use crate::torch_cpu::rng::TorchGenerator;
 
 /// The frozen random projections shared by all VeRA layers of a model: `vera_A [r, max_in]`,
 /// `vera_B [max_out, r]` (state-dict keys `base_model.vera_A`, `base_model.vera_B`).
@@ -23,12 +24,15 @@ pub struct VeraShared<B: Backend> {
 }
 
 impl<B: Backend> VeraShared<B> {
-    /// lorafuse's own init of the projections: `vera_A` then `vera_B`, uniform in
-    /// `±sqrt(6 / fan_in)` with PEFT's fan_in (`max_in` for A, but `r` for B), drawn from
-    /// ChaCha8 seeded by `seed`. PEFT draws them from torch's CPU generator seeded by
-    /// `projection_prng_key`, whose stream cannot be reproduced here: to continue a PEFT
-    /// adapter, load the saved projections (`save_projection=True`) with
-    /// [`VeraShared::from_tensors`] instead.
+    /// PEFT's projections for `projection_prng_key = seed`, bit for bit
+    /// (`VeraModel._init_vera_A_vera_B`): one `torch.Generator().manual_seed(seed)` draws
+    /// `vera_A [r, max_in]` and then `vera_B [max_out, r]`, each by `_kaiming_init` (uniform in
+    /// `±sqrt(3) sqrt(2) / sqrt(fan_in)`, fan_in = `max_in` for A and `r` for B), through
+    /// [`TorchGenerator`] under the CPU capability torch would use here (its float sampler
+    /// rounds differently under `ATEN_CPU_CAPABILITY=default`). So a PEFT adapter saved with
+    /// `save_projection=False` gets the projections PEFT would regenerate.
+    ///
+    /// Errors: r, max_in or max_out of 0.
     pub fn init(be: &B, r: usize, max_in: usize, max_out: usize, seed: u64) -> Result<Self> {
         if r == 0 || max_in == 0 || max_out == 0 {
             return Err(Error::arg(
@@ -36,13 +40,10 @@ impl<B: Backend> VeraShared<B> {
                 format!("VeRA needs r, max_in, max_out >= 1, got {r}, {max_in}, {max_out}"),
             ));
         }
-        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
-        let mut draw = |n: usize, fan_in: usize| -> Vec<f32> {
-            let bound = (6.0 / fan_in as f32).sqrt();
-            (0..n).map(|_| rng.random_range(-bound..bound)).collect()
-        };
-        let a = draw(r * max_in, max_in);
-        let b = draw(max_out * r, r);
+        let cap = TorchCapability::detected();
+        let mut g = TorchGenerator::manual_seed(seed);
+        let a = g.peft_kaiming_uniform(r, max_in, cap);
+        let b = g.peft_kaiming_uniform(max_out, r, cap);
         Ok(VeraShared {
             vera_a: be.upload(&a, &[r, max_in])?,
             vera_b: be.upload(&b, &[max_out, r])?,

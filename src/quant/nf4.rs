@@ -20,8 +20,8 @@
 //! including their rounding quirks (see the function's docs). The golden vectors in
 //! `tests/golden/nf4_*.safetensors` are matched bit for bit.
 
-use super::torch_sum::{TorchCpuOrder, torch_mean_f32};
 use crate::error::{Error, Result};
+use crate::torch_cpu::sum::{TorchCpuOrder, torch_mean_f32};
 use rayon::prelude::*;
 use std::sync::OnceLock;
 

@@ -419,15 +419,26 @@ impl AdapterConfig {
         self.check_lora_family()
     }
 
+    /// VeRA's `projection_prng_key` (PEFT default 0) and whether the projections are in the
+    /// weights file (`save_projection`, default true).
+    pub fn vera_projection(&self) -> (u64, bool) {
+        let key = self
+            .extra
+            .get("projection_prng_key")
+            .and_then(Value::as_u64)
+            .unwrap_or(0);
+        let saved = self.extra.get("save_projection") != Some(&Value::Bool(false));
+        (key, saved)
+    }
+
     /// Which method this adapter is: `LORA` (DoRA with `use_dora: true`), `VERA` or `ADALORA`,
     /// after checking that lorafuse can apply it exactly as PEFT would.
     ///
     /// Errors, each naming the setting: another `peft_type`; for LoRA/DoRA/AdaLoRA those of
     /// [`check_lora_supported`](Self::check_lora_supported) other than the method itself
     /// (AdaLoRA may have a `rank_pattern`: its mask; `use_dora` with AdaLoRA is an error);
-    /// an AdaLoRA `init_r` of 0; for VeRA `save_projection: false` (the projections are then
-    /// regenerated from torch's PRNG, which lorafuse cannot reproduce), `fan_in_fan_out`, a
-    /// `bias` other than `none`, `layers_to_transform`, `modules_to_save`, r = 0.
+    /// an AdaLoRA `init_r` of 0; for VeRA `fan_in_fan_out`, a `bias` other than `none`,
+    /// `layers_to_transform`, `modules_to_save`, r = 0.
     pub fn check_supported(&self) -> Result<MethodKind> {
         match self.peft_type.as_str() {
             "LORA" => {
@@ -456,15 +467,6 @@ impl AdapterConfig {
                 Ok(MethodKind::AdaLora)
             }
             "VERA" => {
-                if self.extra.get("save_projection") == Some(&Value::Bool(false)) {
-                    return Err(Error::arg(
-                        "save_projection",
-                        "a VeRA adapter saved with save_projection: false holds no vera_A/vera_B; \
-                         PEFT regenerates them from projection_prng_key with torch's PRNG, which \
-                         lorafuse cannot reproduce (re-save it from PEFT with \
-                         save_projection=True)",
-                    ));
-                }
                 if self.fan_in_fan_out == Some(true) {
                     return Err(Error::arg(
                         "fan_in_fan_out",

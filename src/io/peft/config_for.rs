@@ -67,8 +67,9 @@ pub fn adapter_config_for(
 /// VeRA settings of [`MethodOptions`] (PEFT `VeraConfig`'s, with its defaults).
 #[derive(Clone, Debug, PartialEq)]
 pub struct VeraOptions {
-    /// Seed of PEFT's torch generator for the projections (PEFT default 0). lorafuse's own
-    /// projections come from another generator, so they are always saved.
+    /// Seed of PEFT's torch generator for the projections (PEFT default 0; lorafuse draws the
+    /// same projections from it). They are always saved (`save_projection: true`, PEFT's
+    /// default), so the file does not depend on the loader's CPU.
     pub projection_prng_key: u64,
     /// `lambda_d`'s initial value (PEFT default 0.1).
     pub d_initial: f64,

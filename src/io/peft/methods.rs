@@ -117,8 +117,10 @@ pub struct AdapterLayers<B: Backend> {
 /// tensor; a key that is not one of the method's (e.g. `lora_A.weight` in an AdaLoRA adapter);
 /// a path not in `modules`; a module not in a list `target_modules` or in `exclude_modules`; a
 /// key given twice; a module missing one of its tensors (DoRA without `lora_magnitude_vector`,
-/// ...); a shape other than the above; VeRA without `base_model.vera_A`/`vera_B`, or
-/// projections smaller than a module or of another rank than r; an AdaLoRA `rank_pattern`
+/// ...); a shape other than the above; VeRA without `base_model.vera_A`/`vera_B` (unless
+/// saved with `save_projection: false`: then they are regenerated from `projection_prng_key`
+/// as PEFT does, see [`VeraShared::init`]), or projections smaller than a module or of
+/// another rank than r; an AdaLoRA `rank_pattern`
 /// naming a module that is not in `modules`; a non-finite value.
 pub fn adapter_layers_from_adapter<B: Backend>(
     be: &B,
@@ -290,20 +292,6 @@ pub fn adapter_layers_from_adapter<B: Backend>(
         ));
     }
     let vera_shared = if method == MethodKind::Vera {
-        let missing = |key: &str| {
-            Error::arg(
-                key,
-                format!(
-                    "missing from {WEIGHTS_NAME}: a VeRA adapter needs its shared projections \
-                     `{VERA_A_KEY}` and `{VERA_B_KEY}` (saved with save_projection=True; \
-                     torch's PRNG that would regenerate them cannot be reproduced)"
-                ),
-            )
-        };
-        let ia = shared[0].ok_or_else(|| missing(VERA_A_KEY))?;
-        let ib = shared[1].ok_or_else(|| missing(VERA_B_KEY))?;
-        let (_, sa, da) = &tensors[ia];
-        let (_, sb, db) = &tensors[ib];
         let used = modules
             .iter()
             .zip(&slots)
@@ -314,24 +302,47 @@ pub fn adapter_layers_from_adapter<B: Backend>(
             .max()
             .unwrap_or(0);
         let max_out = used.map(|((_, l), _)| l.out_features()).max().unwrap_or(0);
-        if sa.len() != 2 || sa[0] != r || sa[1] < max_in {
-            return Err(Error::shape(
-                VERA_A_KEY,
-                format!("[r, max_in] with r = {r} from {CONFIG_NAME} and max_in >= {max_in}"),
-                sa,
-            ));
+        let (key, saved) = cfg.vera_projection();
+        if !saved && shared[0].is_none() && shared[1].is_none() {
+            // save_projection=False: PEFT regenerates the projections from the key over the
+            // largest targeted layer, and so does VeraShared::init, bit for bit.
+            Some(VeraShared::init(be, r, max_in, max_out, key)?)
+        } else {
+            let missing = |key: &str| {
+                Error::arg(
+                    key,
+                    format!(
+                        "missing from {WEIGHTS_NAME}: a VeRA adapter saved with \
+                         save_projection=True needs its shared projections `{VERA_A_KEY}` and \
+                         `{VERA_B_KEY}`"
+                    ),
+                )
+            };
+            let ia = shared[0].ok_or_else(|| missing(VERA_A_KEY))?;
+            let ib = shared[1].ok_or_else(|| missing(VERA_B_KEY))?;
+            let (_, sa, da) = &tensors[ia];
+            let (_, sb, db) = &tensors[ib];
+            if sa.len() != 2 || sa[0] != r || sa[1] < max_in {
+                return Err(Error::shape(
+                    VERA_A_KEY,
+                    format!("[r, max_in] with r = {r} from {CONFIG_NAME} and max_in >= {max_in}"),
+                    sa,
+                ));
+            }
+            if sb.len() != 2 || sb[1] != r || sb[0] < max_out {
+                return Err(Error::shape(
+                    VERA_B_KEY,
+                    format!(
+                        "[max_out, r] with r = {r} from {CONFIG_NAME} and max_out >= {max_out}"
+                    ),
+                    sb,
+                ));
+            }
+            Some(VeraShared::from_tensors(
+                be.upload(da, sa)?,
+                be.upload(db, sb)?,
+            )?)
         }
-        if sb.len() != 2 || sb[1] != r || sb[0] < max_out {
-            return Err(Error::shape(
-                VERA_B_KEY,
-                format!("[max_out, r] with r = {r} from {CONFIG_NAME} and max_out >= {max_out}"),
-                sb,
-            ));
-        }
-        Some(VeraShared::from_tensors(
-            be.upload(da, sa)?,
-            be.upload(db, sb)?,
-        )?)
     } else {
         None
     };

@@ -1,10 +1,13 @@
-//! torch's CPU `sum` and `mean` (the sum order behind bitsandbytes' double-quant offset) against
-//! torch 2.15 itself: `tests/golden/torch_sum/<capability>.json` (golden/README.md section 11),
-//! every case bit for bit under the order its file names.
+//! lorafuse's emulation of torch's CPU arithmetic against torch 2.15 itself, bit for bit under
+//! the capability each file names: `sum` and `mean` (the order behind bitsandbytes'
+//! double-quant offset; `tests/golden/torch_sum/`, golden/README.md section 11) and the CPU
+//! generator's `uniform_` as PEFT's VeRA init draws it (`tests/golden/torch_rng/`, section 12).
 
 mod common;
 
-use lorafuse::quant::torch_sum::{TorchCpuOrder, torch_mean_f32, torch_sum_f32};
+use lorafuse::torch_cpu::TorchCapability;
+use lorafuse::torch_cpu::rng::TorchGenerator;
+use lorafuse::torch_cpu::sum::{TorchCpuOrder, torch_mean_f32, torch_sum_f32};
 
 /// The generator's input (`torch_sum_input` in scripts/make_golden.py): an integer hash per
 /// index, scaled by a power of two, negated on odd hashes when `signed`.
@@ -40,7 +43,7 @@ fn sums_and_means_equal_torch_bit_for_bit() {
         let doc: serde_json::Value =
             serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
         assert_eq!(doc["capability"], cap, "{}", path.display());
-        let lanes = if cap == "avx512" { 16 } else { 8 };
+        let capability = capability_of(cap);
         let cases = doc["cases"].as_array().unwrap();
         assert!(
             cases.len() > 100,
@@ -58,7 +61,10 @@ fn sums_and_means_equal_torch_bit_for_bit() {
                 c["signed"].as_bool().unwrap(),
                 c["exp"].as_i64().unwrap() as i32,
             );
-            let order = TorchCpuOrder { lanes, threads };
+            let order = TorchCpuOrder {
+                capability,
+                threads,
+            };
             let (sum, mean) = (torch_sum_f32(&x, order), torch_mean_f32(&x, order));
             assert_eq!(
                 (sum.to_bits(), mean.to_bits()),
@@ -90,4 +96,75 @@ fn the_input_hash_is_the_generators() {
     let (p, s) = (input(64, 3, false, 0), input(64, 3, true, 0));
     assert!(p.iter().zip(&s).all(|(a, b)| a.abs() == b.abs()));
     assert!(s.iter().any(|&v| v < 0.0) && s.iter().any(|&v| v > 0.0));
+}
+
+fn capability_of(name: &str) -> TorchCapability {
+    match name {
+        "avx512" => TorchCapability::Avx512,
+        "avx2" => TorchCapability::Avx2,
+        _ => TorchCapability::Default,
+    }
+}
+
+/// The generator's FNV-1a 64 over the little-endian bytes of the values' bits.
+fn fnv1a64(v: &[f32]) -> u64 {
+    let mut h = 0xCBF2_9CE4_8422_2325u64;
+    for b in v.iter().flat_map(|x| x.to_bits().to_le_bytes()) {
+        h ^= b as u64;
+        h = h.wrapping_mul(0x0000_0100_0000_01B3);
+    }
+    h
+}
+
+#[test]
+fn vera_projection_draws_equal_torch_bit_for_bit() {
+    let mut files = 0;
+    for cap in ["default", "avx2", "avx512"] {
+        let path = common::golden_dir().join(format!("torch_rng/{cap}.json"));
+        if !path.is_file() {
+            println!("no {}: that capability is not in the set", path.display());
+            continue;
+        }
+        let path = common::golden_file(&format!("torch_rng/{cap}.json"));
+        let doc: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+        assert_eq!(doc["capability"], cap, "{}", path.display());
+        let capability = capability_of(cap);
+        for c in doc["cases"].as_array().unwrap() {
+            let u = |k: &str| c[k].as_u64().unwrap();
+            let (key, r, din, dout) = (
+                u("key"),
+                u("r") as usize,
+                u("in") as usize,
+                u("out") as usize,
+            );
+            let mut g = TorchGenerator::manual_seed(key);
+            for (name, rows, cols) in [("a", r, din), ("b", dout, r)] {
+                let v = g.peft_kaiming_uniform(rows, cols, capability);
+                let head: Vec<u64> = v.iter().take(16).map(|x| x.to_bits() as u64).collect();
+                let want: Vec<u64> = c[format!("{name}_head_bits")]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|b| b.as_u64().unwrap())
+                    .collect();
+                assert_eq!(
+                    head, want,
+                    "{cap} key {key} vera_{name} [{rows}, {cols}]: first values"
+                );
+                let hash: u64 = c[format!("{name}_fnv1a64")]
+                    .as_str()
+                    .unwrap()
+                    .parse()
+                    .unwrap();
+                assert_eq!(
+                    fnv1a64(&v),
+                    hash,
+                    "{cap} key {key} vera_{name} [{rows}, {cols}]: all values"
+                );
+            }
+        }
+        files += 1;
+    }
+    assert!(files > 0, "no torch_rng/*.json in the golden set");
 }

@@ -7,8 +7,8 @@
 //! `TensorIterator::parallel_reduce`). That order depends on two things of the process that
 //! runs torch, which [`TorchCpuOrder`] holds:
 //!
-//! * the width of torch's `Vectorized<float>` under the CPU capability it dispatched to: 16
-//!   lanes for AVX-512, 8 for AVX2 and for the `default` build (and on aarch64);
+//! * the width of torch's `Vectorized<float>` under its CPU capability
+//!   ([`TorchCapability::lanes`]): 16 lanes for AVX-512, 8 for AVX2 and `default`;
 //! * torch's intra-op thread count, once the vector has at least 32768 (`GRAIN_SIZE`) values:
 //!   torch then sums one chunk per thread and adds the per-thread sums in a second pass.
 //!
@@ -17,6 +17,7 @@
 //! `default` capabilities with 1 to 16 threads on vectors of 1 to 300001 values, and against
 //! the AVX-512 golden files (`tests/golden/nf4_*`).
 
+use super::TorchCapability;
 use std::sync::OnceLock;
 
 /// torch's `at::internal::GRAIN_SIZE`: vectors shorter than this are summed on one thread.
@@ -25,28 +26,24 @@ pub const GRAIN_SIZE: usize = 32768;
 /// The two properties of a torch process that fix its CPU summation order.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct TorchCpuOrder {
-    /// Lanes of `Vectorized<float>`: 16 (AVX-512) or 8 (AVX2, `default`, aarch64). Any other
-    /// value is read as 8.
-    pub lanes: usize,
+    /// The CPU capability torch dispatched to (its vector width).
+    pub capability: TorchCapability,
     /// torch's intra-op threads (`torch.get_num_threads()`), at least 1.
     pub threads: usize,
 }
 
 impl TorchCpuOrder {
-    /// The order torch would use in this process, found once:
-    ///
-    /// * lanes: 8 when `ATEN_CPU_CAPABILITY` is `default` or `avx2`, else 16 when the CPU has
-    ///   AVX-512 F, VL, BW and DQ with FMA (torch's test in `DispatchStub.cpp`), else 8;
-    /// * threads: the number of physical cores (as torch's `intraop_default_num_threads`
-    ///   counts them), or fewer where `MKL_NUM_THREADS`, else `OMP_NUM_THREADS`, asks for fewer
-    ///   (torch 2.15 caps either at the core count: measured).
+    /// The order torch would use in this process, found once: [`TorchCapability::detected`],
+    /// and as threads the number of physical cores (as torch's `intraop_default_num_threads`
+    /// counts them), or fewer where `MKL_NUM_THREADS`, else `OMP_NUM_THREADS`, asks for fewer
+    /// (torch 2.15 caps either at the core count: measured).
     ///
     /// A torch that called `torch.set_num_threads(n)` sums vectors of 32768 values or more in
     /// another order; [`torch_sum_f32`] takes the order explicitly for that case.
     pub fn detected() -> TorchCpuOrder {
         static ORDER: OnceLock<TorchCpuOrder> = OnceLock::new();
         *ORDER.get_or_init(|| TorchCpuOrder {
-            lanes: detect_lanes(std::env::var("ATEN_CPU_CAPABILITY").ok().as_deref()),
+            capability: TorchCapability::detected(),
             threads: {
                 let cores = physical_cores();
                 env_threads("MKL_NUM_THREADS")
@@ -55,45 +52,14 @@ impl TorchCpuOrder {
             },
         })
     }
-}
 
-impl TorchCpuOrder {
     /// The order of a torch process whose `torch.backends.cpu.get_cpu_capability()` is
-    /// `capability` (any case: `AVX512`, `AVX2`, `DEFAULT`, ...) and whose
-    /// `torch.get_num_threads()` is `threads`. torch may report `AVX512` on a CPU without it
-    /// (when asked through `ATEN_CPU_CAPABILITY`) and then runs its 8-lane kernels, so 16 lanes
-    /// need the CPU's AVX-512 as well.
+    /// `capability` (see [`TorchCapability::from_reported`]) and whose
+    /// `torch.get_num_threads()` is `threads`.
     pub fn for_torch(capability: &str, threads: usize) -> TorchCpuOrder {
-        let cap = capability.to_ascii_lowercase();
         TorchCpuOrder {
-            lanes: if cap == "avx512" {
-                detect_lanes(None)
-            } else {
-                8
-            },
+            capability: TorchCapability::from_reported(capability),
             threads: threads.max(1),
-        }
-    }
-}
-
-/// `ATEN_CPU_CAPABILITY` can only lower torch's choice: `default` and `avx2` give 8 lanes, and
-/// `avx512` on a CPU without AVX-512 runs torch's AVX2 kernels (measured with torch 2.15).
-fn detect_lanes(capability: Option<&str>) -> usize {
-    match capability {
-        Some("default" | "avx2") => 8,
-        _ => {
-            #[cfg(target_arch = "x86_64")]
-            {
-                let avx512 = std::arch::is_x86_feature_detected!("avx512f")
-                    && std::arch::is_x86_feature_detected!("avx512vl")
-                    && std::arch::is_x86_feature_detected!("avx512bw")
-                    && std::arch::is_x86_feature_detected!("avx512dq")
-                    && std::arch::is_x86_feature_detected!("fma");
-                if avx512 {
-                    return 16;
-                }
-            }
-            8
         }
     }
 }
@@ -152,7 +118,7 @@ pub fn torch_mean_f32(x: &[f32], order: TorchCpuOrder) -> f32 {
 /// ceil(n / GRAIN_SIZE))` chunks of `ceil(n / chunks)` values, each summed as above into its
 /// thread's slot of a `threads`-long buffer of zeros, and that buffer summed the same way.
 pub fn torch_sum_f32(x: &[f32], order: TorchCpuOrder) -> f32 {
-    let lanes = if order.lanes == 16 { 16 } else { 8 };
+    let lanes = order.capability.lanes();
     let threads = order.threads.max(1);
     if x.len() < GRAIN_SIZE || threads == 1 {
         return serial_sum(x, lanes);
@@ -271,24 +237,23 @@ mod tests {
     use super::*;
 
     fn order(lanes: usize, threads: usize) -> TorchCpuOrder {
-        TorchCpuOrder { lanes, threads }
+        let capability = if lanes == 16 {
+            TorchCapability::Avx512
+        } else {
+            TorchCapability::Avx2
+        };
+        TorchCpuOrder {
+            capability,
+            threads,
+        }
     }
 
     #[test]
-    fn capability_names_pick_lanes_as_torch() {
-        assert_eq!(detect_lanes(Some("avx2")), 8);
-        assert_eq!(detect_lanes(Some("avx512")), detect_lanes(None));
-        assert_eq!(detect_lanes(Some("default")), 8);
-        // An unknown name is ignored, as torch ignores it: the CPU decides.
-        assert_eq!(detect_lanes(Some("AVX2")), detect_lanes(None));
+    fn reported_capabilities_give_their_orders() {
         assert_eq!(TorchCpuOrder::for_torch("AVX2", 0), order(8, 1));
-        assert_eq!(TorchCpuOrder::for_torch("DEFAULT", 3), order(8, 3));
-        assert_eq!(
-            TorchCpuOrder::for_torch("AVX512", 2).lanes,
-            detect_lanes(None)
-        );
+        assert_eq!(TorchCpuOrder::for_torch("DEFAULT", 3).capability.lanes(), 8);
         let d = TorchCpuOrder::detected();
-        assert!(matches!(d.lanes, 8 | 16) && d.threads >= 1, "{d:?}");
+        assert!(d.threads >= 1, "{d:?}");
     }
 
     #[test]
