@@ -28,29 +28,37 @@ fn input(n: usize, seed: u64, signed: bool, exp: i32) -> Vec<f32> {
         .collect()
 }
 
-#[test]
-fn sums_and_means_equal_torch_bit_for_bit() {
-    let mut files = 0;
-    for cap in ["default", "avx2", "avx512"] {
-        let path = common::golden_dir().join(format!("torch_sum/{cap}.json"));
-        if !path.is_file() {
-            // avx512 is written only by a generator run on an AVX-512 CPU; its 16-lane order
-            // is checked against the NF4 golden offsets instead (tests/golden_nf4.rs).
-            println!("no {}: that capability is not in the set", path.display());
+/// The set's files under `folder` (`torch_sum`, `torch_rng`): one per capability the generating
+/// machine could run, with that capability. At least one must be there.
+fn capability_files(folder: &str) -> Vec<(&'static str, TorchCapability, serde_json::Value)> {
+    let mut out = Vec::new();
+    for (name, cap) in [
+        ("default", TorchCapability::Default),
+        ("avx2", TorchCapability::Avx2),
+        ("avx512", TorchCapability::Avx512),
+    ] {
+        let rel = format!("{folder}/{name}.json");
+        if !common::golden_dir().join(&rel).is_file() {
+            // avx512 is written only by a generator run on an AVX-512 CPU; its 16-lane sum order
+            // is checked against the NF4 golden offsets too (tests/golden_nf4.rs).
+            println!("no {rel}: that capability is not in the set");
             continue;
         }
-        let path = common::golden_file(&format!("torch_sum/{cap}.json"));
+        let path = common::golden_file(&rel);
         let doc: serde_json::Value =
             serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
-        assert_eq!(doc["capability"], cap, "{}", path.display());
-        let capability = capability_of(cap);
+        assert_eq!(doc["capability"], name, "{}", path.display());
+        out.push((name, cap, doc));
+    }
+    assert!(!out.is_empty(), "no {folder}/*.json in the golden set");
+    out
+}
+
+#[test]
+fn sums_and_means_equal_torch_bit_for_bit() {
+    for (cap, capability, doc) in capability_files("torch_sum") {
         let cases = doc["cases"].as_array().unwrap();
-        assert!(
-            cases.len() > 100,
-            "{}: {} cases",
-            path.display(),
-            cases.len()
-        );
+        assert!(cases.len() > 100, "{cap}: {} cases", cases.len());
         let mut multi_thread = 0;
         for c in cases {
             let n = c["n"].as_u64().unwrap() as usize;
@@ -80,9 +88,7 @@ fn sums_and_means_equal_torch_bit_for_bit() {
             multi_thread += usize::from(threads > 1);
         }
         assert!(multi_thread > 0, "{cap}: no multi-thread case");
-        files += 1;
     }
-    assert!(files > 0, "no torch_sum/*.json in the golden set");
 }
 
 #[test]
@@ -98,14 +104,6 @@ fn the_input_hash_is_the_generators() {
     assert!(s.iter().any(|&v| v < 0.0) && s.iter().any(|&v| v > 0.0));
 }
 
-fn capability_of(name: &str) -> TorchCapability {
-    match name {
-        "avx512" => TorchCapability::Avx512,
-        "avx2" => TorchCapability::Avx2,
-        _ => TorchCapability::Default,
-    }
-}
-
 /// The generator's FNV-1a 64 over the little-endian bytes of the values' bits.
 fn fnv1a64(v: &[f32]) -> u64 {
     let mut h = 0xCBF2_9CE4_8422_2325u64;
@@ -118,18 +116,7 @@ fn fnv1a64(v: &[f32]) -> u64 {
 
 #[test]
 fn vera_projection_draws_equal_torch_bit_for_bit() {
-    let mut files = 0;
-    for cap in ["default", "avx2", "avx512"] {
-        let path = common::golden_dir().join(format!("torch_rng/{cap}.json"));
-        if !path.is_file() {
-            println!("no {}: that capability is not in the set", path.display());
-            continue;
-        }
-        let path = common::golden_file(&format!("torch_rng/{cap}.json"));
-        let doc: serde_json::Value =
-            serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
-        assert_eq!(doc["capability"], cap, "{}", path.display());
-        let capability = capability_of(cap);
+    for (cap, capability, doc) in capability_files("torch_rng") {
         for c in doc["cases"].as_array().unwrap() {
             let u = |k: &str| c[k].as_u64().unwrap();
             let (key, r, din, dout) = (
@@ -164,7 +151,5 @@ fn vera_projection_draws_equal_torch_bit_for_bit() {
                 );
             }
         }
-        files += 1;
     }
-    assert!(files > 0, "no torch_rng/*.json in the golden set");
 }
