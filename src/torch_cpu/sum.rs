@@ -118,34 +118,37 @@ pub fn torch_mean_f32(x: &[f32], order: TorchCpuOrder) -> f32 {
 /// ceil(n / GRAIN_SIZE))` chunks of `ceil(n / chunks)` values, each summed as above into its
 /// thread's slot of a `threads`-long buffer of zeros, and that buffer summed the same way.
 pub fn torch_sum_f32(x: &[f32], order: TorchCpuOrder) -> f32 {
-    let lanes = order.capability.lanes();
-    let threads = order.threads.max(1);
+    match order.capability.lanes() {
+        16 => sum_in::<16>(x, order.threads),
+        _ => sum_in::<8>(x, order.threads),
+    }
+}
+
+/// [`torch_sum_f32`] with `L`-lane vectors.
+fn sum_in<const L: usize>(x: &[f32], threads: usize) -> f32 {
+    let threads = threads.max(1);
     if x.len() < GRAIN_SIZE || threads == 1 {
-        return serial_sum(x, lanes);
+        return serial_sum::<L>(x);
     }
     let chunks = threads.min(x.len().div_ceil(GRAIN_SIZE));
     let chunk = x.len().div_ceil(chunks);
     let mut slots = vec![0f32; threads];
     for (slot, part) in slots.iter_mut().zip(x.chunks(chunk)) {
-        *slot += serial_sum(part, lanes);
+        *slot += serial_sum::<L>(part);
     }
-    0.0 + serial_sum(&slots, lanes)
+    0.0 + serial_sum::<L>(&slots)
 }
 
 /// One thread's `cascade_sum` of a contiguous run (the loop body of `parallel_reduce`).
-fn serial_sum(x: &[f32], lanes: usize) -> f32 {
-    if x.len() < lanes {
+fn serial_sum<const L: usize>(x: &[f32]) -> f32 {
+    if x.len() < L {
         // No whole vector: the scalar row_sum.
         return row_sum::<1>(x.len(), |i| [x[i]])[0];
     }
-    let acc = if lanes == 16 {
-        lane_sums::<16>(x).to_vec()
-    } else {
-        lane_sums::<8>(x).to_vec()
-    };
-    let nvec = x.len() / lanes;
+    let acc = lane_sums::<L>(x);
+    let nvec = x.len() / L;
     let mut total = 0f32;
-    for &v in &x[nvec * lanes..] {
+    for &v in &x[nvec * L..] {
         total += v;
     }
     for v in acc {
